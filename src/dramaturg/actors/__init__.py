@@ -1,0 +1,175 @@
+"""``@dramaturg.actor``: Dramatiq actors that bind to the configured broker when it exists.
+
+::
+
+    import dramaturg
+
+    @dramaturg.actor(queue_name="imports", max_retries=5)
+    def import_user(row: dict) -> None: ...
+
+    import_user.send({"id": 1, "email": "ada@example.com"})   # checked against the signature
+
+The object returned *is* a :class:`dramatiq.Actor` (pipelines, groups and Dramatiq's
+own tools accept it); it differs only in when it meets its broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable
+from inspect import iscoroutinefunction
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
+
+import dramatiq
+from dramatiq.asyncio import async_to_sync
+from dramatiq.logging import get_logger
+
+from .. import app
+from ..errors import ActorError, did_you_mean
+
+__all__ = ["Actor", "actor"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+
+
+class Actor(dramatiq.Actor[P, R]):
+    """A Dramatiq actor whose broker is the one :func:`dramaturg.bootstrap` built.
+
+    Declaring it does not touch any broker; ``send()`` before any bootstrap bootstraps
+    from the configuration. ``actor(...)`` calls the function directly, in this process.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]] | Callable[P, R],
+        *,
+        actor_name: str,
+        queue_name: str,
+        priority: int,
+        options: dict[str, Any],
+    ) -> None:
+        # dramatiq.Actor.__init__ declares the actor on a broker at once; that is the
+        # import-order hazard this class exists to remove, so its fields are set here.
+        self.logger = get_logger(fn.__module__ or "_", actor_name)
+        self.fn = async_to_sync(fn) if iscoroutinefunction(fn) else fn  # type: ignore[assignment]
+        self.handler = fn
+        self.actor_name = actor_name
+        self.queue_name = queue_name
+        self.priority = priority
+        self.options = options
+        self._broker: dramatiq.Broker | None = None
+
+    @property
+    def broker(self) -> dramatiq.Broker:  # type: ignore[override]
+        """The broker this actor sends to (bootstrapping from the configuration if needed)."""
+        broker = self._broker
+        if broker is None:
+            app.get_broker()
+            broker = self._broker
+            assert broker is not None, f"{self.actor_name} was not bound by bootstrap()"
+        return broker
+
+    def _bind(self, broker: dramatiq.Broker) -> None:
+        if self._broker is broker:
+            return
+        broker.actors.pop(self.actor_name, None)
+        self._broker = broker
+        broker.declare_actor(self)
+
+    def _unbind(self) -> None:
+        self._broker = None
+
+    @property
+    def origin(self) -> str:
+        """``module:qualname`` of the handler."""
+        return f"{self.handler.__module__}:{self.handler.__qualname__}"
+
+
+class ActorDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Actor[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Actor[P, R]: ...
+
+
+@overload
+def actor(fn: Callable[P, Awaitable[R]]) -> Actor[P, R]: ...
+@overload
+def actor(fn: Callable[P, R]) -> Actor[P, R]: ...
+@overload
+def actor(
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    **options: Any,
+) -> ActorDecorator: ...
+
+
+def actor(
+    fn: Callable[..., Any] | None = None,
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    **options: Any,
+) -> Any:
+    """Declare a function as an actor: ``@dramaturg.actor`` or ``@dramaturg.actor(...)``.
+
+    ``actor_name`` defaults to the function's name; ``queue_name`` to ``"default"``;
+    ``priority`` (0 = most urgent) orders messages a worker already holds. Any option a
+    middleware of the stack declares is accepted (``max_retries``, ``min_backoff``,
+    ``time_limit``, ``max_age``, ...); anything else fails here, at decoration time,
+    with the closest valid name.
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Actor[Any, Any]:
+        name = actor_name or fn.__name__
+        where = f"@actor {name!r}"
+        if not isinstance(queue_name, str) or not _QUEUE_NAME.fullmatch(queue_name):
+            raise ActorError(
+                f"{where}: queue_name {queue_name!r} is not valid; start with a letter or '_',"
+                " then letters, digits, '.', '_' or '-'"
+            )
+        known = known_actor_options()
+        for option in options:
+            if option not in known:
+                hint = did_you_mean(option, known)
+                raise ActorError(
+                    f"{where}: unknown option {option!r}{hint}"
+                    + ("" if hint else f" (options: {', '.join(sorted(known))})")
+                )
+        declared = Actor(fn, actor_name=name, queue_name=queue_name, priority=priority, options=options)
+        previous = app.registered_actor(name)
+        if previous is not None and previous.origin != declared.origin:
+            raise ActorError(f"{where}: the name is taken by {previous.origin}; pass actor_name= to tell them apart")
+        functools.update_wrapper(declared, fn, updated=())
+        app.register(declared)
+        return declared
+
+    if fn is None:
+        return decorator
+    return decorator(fn)
+
+
+@functools.cache
+def _framework_actor_options() -> frozenset[str]:
+    from ..config import Settings
+    from ..middleware import framework_middleware
+
+    names: set[str] = set()
+    for middleware in framework_middleware(Settings.model_construct()):
+        names |= set(middleware.actor_options)
+    return frozenset(names)
+
+
+def known_actor_options() -> frozenset[str]:
+    """Options an actor may set: those of the current broker's middleware, else the stack's."""
+    broker = app.current_broker_or_none()
+    if broker is not None:
+        return frozenset(broker.actor_options) | _framework_actor_options()
+    return _framework_actor_options()

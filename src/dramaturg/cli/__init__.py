@@ -1,0 +1,107 @@
+"""The ``dramaturg`` command: ``worker``, ``send``, ``config``.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and
+``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
+traceback; secrets in URLs are masked in everything printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..__about__ import __version__
+from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
+from ..masking import install_log_masking, mask_text
+from . import config_cmd, send, worker
+
+__all__ = [
+    "EXIT_BROKER_UNREACHABLE",
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+    "run",
+]
+
+EXIT_OK = 0
+#: Something failed that is none of the below.
+EXIT_FAILURE = 1
+#: Bad command line or input (argparse's own code): unknown actor, invalid JSON, ...
+EXIT_USAGE = 2
+#: The broker did not answer (the same code Dramatiq's worker uses).
+EXIT_BROKER_UNREACHABLE = 3
+#: sysexits.h EX_CONFIG: the configuration is invalid.
+EXIT_CONFIG = 78
+
+EPILOG = """\
+examples:
+  # Run workers with the processes, threads and modules from dramaturg.toml
+  $ dramaturg worker
+
+  # Send one message to the built-in echo actor and print its id
+  $ dramaturg send default:echo:'["hello"]'
+
+  # Show the effective settings and where each came from; then test the broker
+  $ dramaturg config show
+  $ dramaturg config check
+
+  # Use another config file (or set DRAMATURG_CONFIG)
+  $ dramaturg --config deploy/dramaturg.toml worker --processes 4
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dramaturg",
+        description="Reliable background work on Dramatiq.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"dramaturg {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config file to read (default: $DRAMATURG_CONFIG, else the nearest dramaturg.toml"
+        " or pyproject.toml [tool.dramaturg])",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (worker, send, config_cmd):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    install_log_masking()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command != "worker":  # Dramatiq's CLI sets up logging for its processes
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+        return code
+    except ConfigError as error:
+        return fail(f"configuration error: {error}", EXIT_CONFIG)
+    except BrokerUnreachable as error:
+        return fail(str(error), EXIT_BROKER_UNREACHABLE)
+    except BrokerNotInstalled as error:
+        return fail(str(error), EXIT_CONFIG)
+    except DramaturgError as error:
+        return fail(str(error), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+
+
+def fail(message: str, code: int) -> int:
+    """Print ``dramaturg: <message>`` (masked) to stderr and return ``code``."""
+    print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
+    return code
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``dramaturg send QUEUE:ACTOR:JSON_ARGS``: enqueue one message and print its id.
+
+``JSON_ARGS`` is a JSON array of positional arguments or an object of keyword
+arguments. Everything is checked before anything is sent: the actor must be declared
+(the built-in ``echo``, or one in ``worker.modules``), the queue must be one the
+declared actors use, the JSON must parse, and the arguments must fit the handler's
+signature. Any failure prints one line and exits 2 with nothing sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from typing import Any
+
+from .. import app, brokers
+from ..config import load_settings, parse_duration_ms
+from ..errors import SendError, did_you_mean
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "send",
+        help="send one message",
+        description="Send one message to an actor and print its message id.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  $ dramaturg send default:echo:'[\"hello\"]'\n"
+        '  $ dramaturg send imports:import_user:\'{"row": {"id": 7}}\' --delay 30s\n',
+    )
+    parser.add_argument("spec", metavar="QUEUE:ACTOR:JSON_ARGS", help="where, to whom and with what")
+    parser.add_argument("--delay", help="run no earlier than this from now: 30s, 5m, 1500 (ms) (default: now)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (default: the id)")
+    parser.set_defaults(run=run)
+
+
+def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
+    """Split ``QUEUE:ACTOR:JSON_ARGS`` into queue, actor, args and kwargs."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise SendError(f"expected QUEUE:ACTOR:JSON_ARGS, e.g. default:echo:'[\"hello\"]'; got {spec!r}")
+    queue, actor_name, raw = parts
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise SendError(f"JSON_ARGS is not valid JSON: {error.msg} at column {error.colno}: {raw!r}") from None
+    if isinstance(payload, list):
+        return queue, actor_name, payload, {}
+    if isinstance(payload, dict):
+        return queue, actor_name, [], payload
+    raise SendError(
+        f"JSON_ARGS must be an array of positional arguments or an object of keyword arguments; got {raw!r}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    queue, actor_name, positional, keywords = parse_spec(args.spec)
+    delay = None
+    if args.delay is not None:
+        try:
+            delay = parse_duration_ms(args.delay)
+        except ValueError as error:
+            raise SendError(f"--delay: {error}") from None
+
+    settings = load_settings(args.config)
+    broker = app.bootstrap(settings)
+    app.import_actor_modules(settings.worker.modules)
+
+    actors = app.registered_actors()
+    actor = actors.get(actor_name)
+    if actor is None:
+        hint = did_you_mean(actor_name, actors)
+        raise SendError(
+            f"unknown actor {actor_name!r}{hint} (declared: {', '.join(sorted(actors))};"
+            " add the module that declares it to worker.modules)"
+        )
+    queues = {declared.queue_name for declared in actors.values()}
+    if queue not in queues:
+        hint = did_you_mean(queue, queues)
+        raise SendError(f"unknown queue {queue!r}{hint} (queues of declared actors: {', '.join(sorted(queues))})")
+    try:
+        inspect.signature(actor.handler).bind(*positional, **keywords)
+    except TypeError as error:
+        raise SendError(f"arguments do not fit {actor.actor_name}{inspect.signature(actor.handler)}: {error}") from None
+
+    brokers.ping(settings.broker)
+    message = actor.message_with_options(args=tuple(positional), kwargs=keywords)
+    if queue != actor.queue_name:
+        message = message.copy(queue_name=queue)
+    broker.enqueue(message, delay=delay)
+    if args.json:
+        print(json.dumps({"message_id": message.message_id, "queue": queue, "actor": actor.actor_name}))
+    else:
+        print(message.message_id)
+    app.shutdown()
+    return 0

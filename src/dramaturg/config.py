@@ -1,0 +1,439 @@
+"""Typed settings, read from a config file and ``DRAMATURG_*`` environment variables.
+
+Precedence, lowest first:
+
+1. defaults (below);
+2. the config file: ``DRAMATURG_CONFIG`` or ``--config`` when given, else the nearest
+   ``dramaturg.toml``, or ``[tool.dramaturg]`` of a ``pyproject.toml``, found from the
+   working directory upward (the search stops at the first directory holding a
+   ``pyproject.toml`` or ``.git``: the project root);
+3. environment variables: ``DRAMATURG_<SECTION>_<KEY>``, e.g. ``DRAMATURG_BROKER_URL``,
+   ``DRAMATURG_WORKER_THREADS``; lists as JSON or comma-separated
+   (``DRAMATURG_WORKER_MODULES=shop.tasks,shop.mail``).
+
+Example ``dramaturg.toml``::
+
+    [broker]
+    url = "redis://:secret@127.0.0.1:6379/0"   # the scheme picks the broker type
+
+    [worker]
+    modules = ["shop.tasks"]
+    threads = 8
+
+Durations are milliseconds in code (``*_ms`` properties) and may be written ``"30s"``,
+``"5m"``, ``"250ms"`` in files and variables. Relative embedded paths are resolved
+against the directory of the config file (or the project root when there is none).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError, did_you_mean
+from .masking import mask_url
+
+__all__ = [
+    "BROKER_TYPES",
+    "BrokerSettings",
+    "Settings",
+    "WorkerSettings",
+    "find_config_file",
+    "load_settings",
+    "parse_duration_ms",
+]
+
+BrokerType = Literal["rabbitmq", "redis", "embedded", "stub"]
+BROKER_TYPES: tuple[str, ...] = ("rabbitmq", "redis", "embedded", "stub")
+
+#: URL scheme -> broker type.
+SCHEMES: dict[str, str] = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+    "unix": "redis",
+    "embedded": "embedded",
+    "stub": "stub",
+}
+
+#: The URL used when only the broker type is configured.
+DEFAULT_URLS: dict[str, str] = {
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "redis": "redis://127.0.0.1:6379/0",
+    "embedded": "embedded://.dramaturg/embedded.db",
+    "stub": "stub://",
+}
+
+ENV_PREFIX = "DRAMATURG_"
+CONFIG_ENV = "DRAMATURG_CONFIG"
+CONFIG_FILENAME = "dramaturg.toml"
+
+_DURATION = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(value: Any) -> int:
+    """Milliseconds from ``int`` (already ms), ``timedelta`` or a string: ``"250ms"``,
+    ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1500"`` (ms).
+
+    >>> parse_duration_ms("5m")
+    300000
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, timedelta):
+        return int(value.total_seconds() * 1000)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(float(match["number"]) * _UNIT_MS[match["unit"] or "ms"])
+    raise ValueError(
+        f"{value!r} is not a duration; write milliseconds (30000) or a string such as '30s', '5m', '250ms'"
+    )
+
+
+def _split_list(value: Any) -> Any:
+    """Environment variables may give lists as JSON or as comma-separated text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+DurationMs = Annotated[int, BeforeValidator(parse_duration_ms), Field(ge=0)]
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+
+
+class BrokerSettings(BaseModel):
+    """``[broker]``: which broker, where, and its tuning.
+
+    ``type`` may be left out when the URL's scheme says it (``amqp://``, ``amqps://``
+    -> rabbitmq; ``redis://``, ``rediss://``, ``unix://`` -> redis; ``embedded://PATH``
+    -> embedded; ``stub://`` -> stub). With neither, the embedded broker is used, so a
+    fresh project runs with no server.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: BrokerType | None = None
+    url: str | None = None
+    #: Messages each worker process holds beyond those running (None: tuned per broker).
+    prefetch: int | None = Field(default=None, ge=1, le=65535)
+    #: How long to wait for a connection before saying the broker is unreachable.
+    connect_timeout: DurationMs = 5_000
+    # RabbitMQ
+    confirm_delivery: bool = True
+    max_priority: int | None = Field(default=None, ge=1, le=255)
+    heartbeat: DurationMs | None = None
+    # Redis and embedded
+    namespace: str = "dramaturg"
+    heartbeat_timeout: DurationMs = 60_000
+    # embedded: how often the server writes its append-only file to disk
+    fsync: Literal["always", "everysec", "no"] = "everysec"
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name == "url" else value)
+
+
+class WorkerSettings(BaseModel):
+    """``[worker]``: what a worker imports and how much it runs at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Modules holding the application's actors, imported by every worker process.
+    modules: StrList = []
+    processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    threads: int = Field(default=8, ge=1)
+    #: Queues to consume; empty means every declared queue.
+    queues: StrList = []
+    #: How long a stopping worker waits for running tasks before it gives up on them.
+    shutdown_timeout: DurationMs = 600_000
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Frozen; build it with :func:`load_settings`.
+
+    ``Settings()`` alone reads only defaults and ``DRAMATURG_*`` variables; keyword
+    arguments (or a mapping from a file) sit below the environment.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        frozen=True,
+    )
+
+    broker: BrokerSettings = BrokerSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides what a file (passed as init kwargs) says.
+        return (env_settings, init_settings)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The file these settings were read from, if any."""
+        return self._config_file
+
+    def source_of(self, key: str) -> str:
+        """Where the value of a dotted ``key`` came from: a file, a variable, or "default"."""
+        return self._sources.get(key, "default")
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as ``{"section.key": value}``, URLs masked."""
+        flat: dict[str, Any] = {}
+        for section_name in type(self).model_fields:
+            section = getattr(self, section_name)
+            for key in type(section).model_fields:
+                value = getattr(section, key)
+                flat[f"{section_name}.{key}"] = mask_url(value) if key == "url" else value
+        return flat
+
+
+def known_keys() -> list[str]:
+    """Every dotted settings key, e.g. ``broker.url``."""
+    return [
+        f"{section}.{key}"
+        for section, field in Settings.model_fields.items()
+        for key in field.annotation.model_fields  # type: ignore[union-attr]
+    ]
+
+
+def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:
+    """Find the nearest config file from ``start`` (the working directory) upward.
+
+    Returns ``(config_file or None, project_root)``. In each directory a
+    ``dramaturg.toml`` wins over a ``pyproject.toml`` with ``[tool.dramaturg]``; the
+    search stops at the project root (a directory with ``pyproject.toml`` or ``.git``).
+    """
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / CONFIG_FILENAME
+        if candidate.is_file():
+            return candidate, directory
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            if "dramaturg" in _read_toml(pyproject).get("tool", {}):
+                return pyproject, directory
+            return None, directory
+        if (directory / ".git").exists():
+            return None, directory
+    return None, here
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    cwd: Path | None = None,
+) -> Settings:
+    """Read the settings: defaults < config file < ``DRAMATURG_*`` variables.
+
+    ``config_file`` (or ``DRAMATURG_CONFIG``) names the file; without either the nearest
+    one is searched from ``cwd`` upward. Raises :class:`ConfigError` naming the key, the
+    bad value, where it came from and how to fix it.
+    """
+    env = os.environ
+    path: Path | None
+    explicit = config_file or env.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_absolute():
+            path = (cwd or Path.cwd()) / path
+        if not path.is_file():
+            how = f"{CONFIG_ENV}={explicit}" if not config_file else f"--config {explicit}"
+            raise ConfigError(f"config file not found: {path} (from {how})")
+        path = path.resolve()
+        root = path.parent
+    else:
+        found, root = find_config_file(cwd)
+        path = found
+
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        document = _read_toml(path)
+        file_data = document.get("tool", {}).get("dramaturg", {}) if path.name == "pyproject.toml" else document
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"{path}: [tool.dramaturg] must be a table")
+
+    env_keys = _check_environment(env)
+    sources = _sources(file_data, path, env_keys)
+
+    try:
+        settings = Settings(**file_data)
+    except ValidationError as error:
+        raise _translate(error, sources) from None
+
+    settings = resolve_broker(settings, root, sources)
+    settings._config_file = path
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+
+
+def _check_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Map dotted keys to the ``DRAMATURG_*`` variables that set them; reject unknown ones."""
+    names = {f"{ENV_PREFIX}{key.replace('.', '_').upper()}": key for key in known_keys()}
+    found: dict[str, str] = {}
+    for variable in env:
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+            continue
+        if upper not in names:
+            hint = did_you_mean(upper, [*names, CONFIG_ENV])
+            raise ConfigError(
+                f"environment variable {variable}: not a dramaturg setting{hint}"
+                + ("" if hint else f" (settings: {', '.join(sorted(names))})"),
+                source=f"env {variable}",
+            )
+        found[names[upper]] = f"env {variable}"
+    return found
+
+
+def _sources(file_data: dict[str, Any], path: Path | None, env_keys: dict[str, str]) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    for section, table in file_data.items():
+        if isinstance(table, dict):
+            for key in table:
+                sources[f"{section}.{key}"] = str(path)
+        else:
+            sources[section] = str(path)
+    sources.update(env_keys)
+    return sources
+
+
+def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
+    """The first problem, said the way a user can act on it."""
+    problem = error.errors()[0]
+    loc = [str(part) for part in problem["loc"]]
+    key = ".".join(loc)
+    source = sources.get(key) or (sources.get(loc[0]) if loc else None)
+    where = f" (from {source})" if source else ""
+    value = problem.get("input")
+    kind = problem["type"]
+
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            hint = did_you_mean(loc[0], Settings.model_fields)
+            sections = ", ".join(Settings.model_fields)
+            message = f"unknown section [{loc[0]}]" + (hint or f" (sections: {sections})")
+        else:
+            section_keys = [k.split(".", 1)[1] for k in known_keys() if k.startswith(loc[0] + ".")]
+            hint = did_you_mean(loc[-1], section_keys)
+            listed = ", ".join(section_keys)
+            message = f"{key}: unknown key" + (hint or f" (keys: {listed})")
+        return ConfigError(message + where, key=key, source=source)
+
+    if kind == "literal_error":
+        choices = [c.strip(" '") for c in re.split(r",| or ", problem.get("ctx", {}).get("expected", ""))]
+        choices = [c for c in choices if c]
+        hint = did_you_mean(str(value), choices)
+        listed = ", ".join(choices)
+        return ConfigError(
+            f"{key}: unknown {value!r}" + (hint or f"; choose one of {listed}") + where,
+            key=key,
+            source=source,
+        )
+
+    shown = mask_url(value) if isinstance(value, str) else value
+    reason = problem["msg"]
+    if reason.startswith("Value error, "):
+        reason = reason[len("Value error, ") :]
+    return ConfigError(f"{key}: {shown!r} is not valid: {reason}{where}", key=key, source=source)
+
+
+def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[str, str] | None = None) -> Settings:
+    """Fill in ``broker.type`` and ``broker.url`` from each other; make embedded paths
+    absolute (relative to ``root``, default the working directory).
+
+    :func:`load_settings` does this; :func:`dramaturg.bootstrap` does it for settings
+    built directly with ``Settings(...)``. Idempotent.
+    """
+    sources = dict(settings._sources if sources is None else sources)
+    broker = settings.broker
+    url, kind = broker.url, broker.type
+    if url is not None:
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        implied = SCHEMES.get(scheme)
+        if implied is None:
+            hint = did_you_mean(scheme, SCHEMES)
+            raise ConfigError(
+                f"broker.url: unknown scheme {scheme + '://' if scheme else 'in ' + repr(mask_url(url))}"
+                f"{hint or '; use one of ' + ', '.join(s + '://' for s in SCHEMES)}"
+                f" (from {sources.get('broker.url', 'default')})",
+                key="broker.url",
+                source=sources.get("broker.url"),
+            )
+        if kind is not None and kind != implied:
+            raise ConfigError(
+                f"broker.type {kind!r} does not match broker.url {mask_url(url)!r}, which is a {implied} URL;"
+                f" drop broker.type or change the URL",
+                key="broker.type",
+                source=sources.get("broker.type"),
+            )
+        if kind is None:
+            kind = implied  # type: ignore[assignment]
+            sources.setdefault("broker.type", "derived from broker.url")
+    else:
+        if kind is None:
+            kind = "embedded"
+        url = DEFAULT_URLS[kind]
+        sources.setdefault("broker.url", f"default for {kind}")
+
+    if kind == "embedded":
+        url = "embedded://" + str(embedded_path(url, root))
+    resolved = settings.model_copy(update={"broker": broker.model_copy(update={"type": kind, "url": url})})
+    resolved._sources = sources
+    resolved._config_file = settings._config_file
+    return resolved
+
+
+def embedded_path(url: str, root: Path | None = None) -> Path:
+    """The data file named by an ``embedded://`` URL; relative paths are under ``root``.
+
+    ``embedded:///var/lib/shop/queue.db`` is absolute; ``embedded://.dramaturg/q.db`` and
+    ``embedded://`` (the default ``.dramaturg/embedded.db``) are relative to the project.
+    """
+    rest = url.split("://", 1)[1] if "://" in url else url
+    path = Path(rest or ".dramaturg/embedded.db")
+    if not path.is_absolute():
+        path = (root or Path.cwd()) / path
+    return path.resolve()
