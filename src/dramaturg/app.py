@@ -49,6 +49,7 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
     """
     global _broker, _settings
     install_log_masking()
+    _refuse_pickle()
     settings = resolve_broker(settings if settings is not None else load_settings())
     with _lock:
         previous = _broker
@@ -66,6 +67,13 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
         settings.source_of("broker.url"),
     )
     return broker
+
+
+def _refuse_pickle() -> None:
+    # JSON only on the wire: a message from the network must never be able to run code.
+    if isinstance(dramatiq.get_encoder(), dramatiq.PickleEncoder):
+        logger.warning("dramaturg: replacing Dramatiq's PickleEncoder with its JSONEncoder (JSON only on the wire)")
+        dramatiq.set_encoder(dramatiq.JSONEncoder())
 
 
 def get_broker() -> dramatiq.Broker:

@@ -331,11 +331,10 @@ def _check_environment(env: Mapping[str, str]) -> dict[str, str]:
 def _sources(file_data: dict[str, Any], path: Path | None, env_keys: dict[str, str]) -> dict[str, str]:
     sources: dict[str, str] = {}
     for section, table in file_data.items():
+        sources[section] = str(path)
         if isinstance(table, dict):
             for key in table:
                 sources[f"{section}.{key}"] = str(path)
-        else:
-            sources[section] = str(path)
     sources.update(env_keys)
     return sources
 
@@ -405,7 +404,7 @@ def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[s
         if kind is not None and kind != implied:
             raise ConfigError(
                 f"broker.type {kind!r} does not match broker.url {mask_url(url)!r}, which is a {implied} URL;"
-                f" drop broker.type or change the URL",
+                f" drop broker.type or change the URL (from {sources.get('broker.type', 'default')})",
                 key="broker.type",
                 source=sources.get("broker.type"),
             )

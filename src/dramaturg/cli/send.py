@@ -79,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if queue not in queues:
         hint = did_you_mean(queue, queues)
         raise SendError(f"unknown queue {queue!r}{hint} (queues of declared actors: {', '.join(sorted(queues))})")
+    signature = inspect.signature(actor.handler)
     try:
-        inspect.signature(actor.handler).bind(*positional, **keywords)
+        signature.bind(*positional, **keywords)
     except TypeError as error:
-        raise SendError(f"arguments do not fit {actor.actor_name}{inspect.signature(actor.handler)}: {error}") from None
+        shown = signature.replace(return_annotation=inspect.Signature.empty)
+        raise SendError(f"arguments do not fit {actor.actor_name}{shown}: {error}") from None
 
     brokers.ping(settings.broker)
     message = actor.message_with_options(args=tuple(positional), kwargs=keywords)

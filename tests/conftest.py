@@ -1,0 +1,312 @@
+"""Fixtures: private brokers, settings per broker, in-process workers, CLI subprocesses.
+
+The behaviour suite runs on real brokers started for this test session only:
+RabbitMQ through pytest-rabbitmq (Debian's binaries, loopback only, its own config file
+so the system's listener settings are not picked up), Redis through pytest-redis, and
+the embedded broker in a temporary directory. A missing server binary skips those
+tests locally and fails them under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from pytest_rabbitmq import factories as rabbitmq_factories
+from pytest_redis import factories as redis_factories
+
+import dramaturg
+from dramaturg import app
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+BROKERS = ("rabbitmq", "redis", "embedded")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+rabbitmq_proc = rabbitmq_factories.rabbitmq_proc()
+redis_proc = redis_factories.redis_proc()
+
+
+def require(binary: str, what: str) -> None:
+    """Skip (locally) or fail (under CI=true) when a server binary is missing."""
+    if shutil.which(binary) or Path(binary).is_file():
+        return
+    message = f"{what} is not installed ({binary}); run: apt-get install -y rabbitmq-server redis-server"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# -- private brokers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A RabbitMQ node for this session, on 127.0.0.1 and a free port."""
+    require(RABBITMQ_SERVER, "RabbitMQ")
+    config = tmp_path_factory.mktemp("rabbitmq-config") / "rabbitmq.conf"
+    # Our own file, so a system-wide listeners.tcp setting (port 5672) is not inherited.
+    config.write_text("loopback_users.guest = true\n")
+    os.environ.update(
+        {
+            "RABBITMQ_CONFIG_FILE": str(config),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+    )
+    return request.getfixturevalue("rabbitmq_proc")
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest) -> Any:
+    """A Redis server for this session, on 127.0.0.1 and a free port."""
+    require("redis-server", "Redis")
+    return request.getfixturevalue("redis_proc")
+
+
+# -- settings and brokers ---------------------------------------------------------------
+
+
+def broker_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "rabbitmq":
+        server = request.getfixturevalue("rabbitmq_server")
+        return f"amqp://guest:guest@{server.host}:{server.port}/%2F"
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        return f"redis://{server.host}:{server.port}/0"
+    if kind == "embedded":
+        return f"embedded://{tmp_path / 'queue' / 'embedded.db'}"
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Each behaviour test runs once per real broker."""
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """Settings for the private broker of this run, with a namespace of this test's own."""
+    return dramaturg.Settings(
+        broker={
+            "url": broker_url(broker_kind, request, tmp_path),
+            "namespace": f"test-{uuid.uuid4().hex[:8]}",
+        },
+        worker={"threads": 4},
+    )
+
+
+@pytest.fixture(autouse=True)
+def isolated_app() -> Iterator[None]:
+    """Each test starts without a broker; actors it declares are forgotten afterwards."""
+    app.shutdown()
+    before = dict(app._actors)
+    yield
+    app.shutdown()
+    app._actors.clear()
+    app._actors.update(before)
+
+
+@pytest.fixture
+def broker(settings: dramaturg.Settings) -> Iterator[dramatiq.Broker]:
+    """The bootstrapped broker; on RabbitMQ its queues are deleted afterwards."""
+    built = dramaturg.bootstrap(settings)
+    yield built
+    if settings.broker.type == "rabbitmq":
+        delete_rabbitmq_queues(built)
+
+
+def delete_rabbitmq_queues(broker: Any) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(broker.parameters)
+    try:
+        channel = connection.channel()
+        for name in broker.get_declared_queues():
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(name + suffix)
+    finally:
+        connection.close()
+
+
+def pending_messages(broker: Any, queue_name: str) -> int:
+    """Messages of ``queue_name`` the broker still holds: ready, delayed or unacked.
+
+    On RabbitMQ unacked deliveries are only visible as ready again once their consumer
+    is gone, so call this after the worker stopped.
+    """
+    if broker.settings.type == "rabbitmq":
+        import pika
+
+        connection = pika.BlockingConnection(broker.parameters)
+        try:
+            channel = connection.channel()
+            total = 0
+            for name in (queue_name, queue_name + ".DQ"):
+                total += channel.queue_declare(name, passive=True).method.message_count
+            return total
+        finally:
+            connection.close()
+    namespace = broker.namespace
+    # Dramatiq's Redis layout: a message stays in <queue>.msgs until it is acked.
+    return int(broker.client.hlen(f"{namespace}:{queue_name}.msgs")) + int(
+        broker.client.hlen(f"{namespace}:{queue_name}.DQ.msgs")
+    )
+
+
+@pytest.fixture
+def start_worker(broker: dramatiq.Broker) -> Iterator[Callable[..., dramatiq.Worker]]:
+    """Start a Dramatiq worker in this process; it is stopped at the end of the test."""
+    started: list[dramatiq.Worker] = []
+
+    def start(threads: int = 4, queues: set[str] | None = None) -> dramatiq.Worker:
+        worker = dramatiq.Worker(broker, worker_threads=threads, queues=queues, worker_timeout=100)
+        worker.start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+# -- subprocesses -----------------------------------------------------------------------
+
+
+class Process:
+    """A CLI subprocess whose merged output is read line by line as it arrives."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+        self.argv = argv
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for_line(self, needle: str, timeout: float = 30.0) -> str:
+        """Block until a line containing ``needle`` is printed; fail with the output if not."""
+        for line in self.lines:
+            if needle in line:
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                line = None
+                remaining = 0
+            if line is None:
+                if remaining <= 0 or self.popen.poll() is not None:
+                    pytest.fail(f"{needle!r} never appeared in the output of {self.argv}:\n" + self.output)
+                continue
+            self.lines.append(line)
+            if needle in line:
+                return line
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send ``sig`` to the main process only and wait for it to exit."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        code = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        self._drain()
+        return code
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self.lines.append(line)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+    @property
+    def output(self) -> str:
+        self._drain()
+        return "\n".join(self.lines)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: no inherited DRAMATURG_* settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DRAMATURG_")}
+    env.update(extra)
+    return env
+
+
+def bin_path(name: str) -> str:
+    """A console script installed beside this interpreter."""
+    return str(Path(sys.executable).with_name(name))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Start CLI processes in ``tmp_path``; any still running at the end are killed."""
+    processes: list[Process] = []
+
+    def start(argv: list[str], *, cwd: Path | None = None, **env: str) -> Process:
+        process = Process(argv, cwd=cwd or tmp_path, env=cli_env(**env))
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()
+
+
+def run_cli(argv: list[str], *, cwd: Path, timeout: float = 60.0, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a short CLI command to completion and capture its output."""
+    return subprocess.run(
+        argv, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def write_config(directory: Path, settings: dramaturg.Settings, **worker: Any) -> Path:
+    """A dramaturg.toml for ``settings`` (broker url and namespace) in ``directory``."""
+    lines = [
+        "[broker]",
+        f'url = "{settings.broker.url}"',
+        f'namespace = "{settings.broker.namespace}"',
+        "",
+        "[worker]",
+    ]
+    for key, value in worker.items():
+        rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]" if isinstance(value, list) else repr(value)
+        lines.append(f"{key} = {rendered}")
+    path = directory / "dramaturg.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

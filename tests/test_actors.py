@@ -1,0 +1,97 @@
+"""@dramaturg.actor: declaration-time checks and binding, on the stub broker (pure logic)."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+
+import dramaturg
+from dramaturg import app
+
+
+@pytest.fixture
+def stub_settings() -> dramaturg.Settings:
+    return dramaturg.Settings(broker={"type": "stub"})
+
+
+def test_unknown_option_fails_at_decoration_with_the_closest_name() -> None:
+    expected = r"@actor 'job': unknown option 'max_retrys'; did you mean 'max_retries'\?"
+    with pytest.raises(dramaturg.ActorError, match=expected):
+
+        @dramaturg.actor(max_retrys=3)
+        def job() -> None: ...
+
+
+def test_options_of_the_middleware_stack_are_accepted() -> None:
+    @dramaturg.actor(queue_name="q", priority=5, max_retries=2, min_backoff=100, time_limit=1000, max_age=60_000)
+    def job() -> None: ...
+
+    assert job.options == {"max_retries": 2, "min_backoff": 100, "time_limit": 1000, "max_age": 60_000}
+    assert job.priority == 5
+
+
+def test_invalid_queue_name_fails_at_decoration() -> None:
+    with pytest.raises(dramaturg.ActorError, match="queue_name 'my queue' is not valid"):
+
+        @dramaturg.actor(queue_name="my queue")
+        def job() -> None: ...
+
+
+def test_a_name_taken_by_another_function_is_refused() -> None:
+    @dramaturg.actor(actor_name="shared")
+    def first() -> None: ...
+
+    with pytest.raises(dramaturg.ActorError, match=r"the name is taken by .*first; pass actor_name="):
+
+        @dramaturg.actor(actor_name="shared")
+        def second() -> None: ...
+
+
+def test_bare_decorator_and_direct_call() -> None:
+    @dramaturg.actor
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    assert isinstance(add, dramatiq.Actor)
+    assert add.actor_name == "add"
+    assert add.queue_name == "default"
+    assert add(2, 3) == 5
+    assert add.__doc__ is None and add.__name__ == "add"
+
+
+def test_send_without_bootstrap_uses_the_configured_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a process that declared an actor and never called bootstrap()
+    monkeypatch.setenv("DRAMATURG_BROKER_TYPE", "stub")
+
+    @dramaturg.actor(queue_name="lazy")
+    def job(n: int) -> None: ...
+
+    # When it sends
+    message = job.send(1)
+
+    # Then the configured broker took the message, and Dramatiq's global broker is that one
+    broker = dramatiq.get_broker()
+    assert broker is dramaturg.get_broker()
+    assert type(broker).__module__ == "dramaturg.brokers.stub"
+    assert broker.queues["lazy"].qsize() == 1
+    assert message.actor_name == "job"
+
+
+def test_bootstrap_again_rebinds_every_actor(stub_settings: dramaturg.Settings) -> None:
+    @dramaturg.actor(queue_name="rebind")
+    def job() -> None: ...
+
+    first = dramaturg.bootstrap(stub_settings)
+    second = dramaturg.bootstrap(stub_settings)
+
+    assert job.broker is second is not first
+    assert second.get_actor("job") is job
+    assert "echo" in app.registered_actors()
+
+
+def test_pickle_is_never_the_encoder(stub_settings: dramaturg.Settings) -> None:
+    dramatiq.set_encoder(dramatiq.PickleEncoder())
+
+    dramaturg.bootstrap(stub_settings)
+
+    assert isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder)

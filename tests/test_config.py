@@ -1,0 +1,218 @@
+"""Settings: where they are read from, in which order, and what a mistake looks like."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+import dramaturg
+from dramaturg.config import find_config_file, load_settings, parse_duration_ms
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("DRAMATURG_"):
+            monkeypatch.delenv(name)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_give_an_embedded_broker_under_the_project(tmp_path: Path) -> None:
+    # Given a project with no configuration at all
+    write(tmp_path / "pyproject.toml", "[project]\nname = 'shop'\n")
+
+    # When settings are loaded from inside it
+    settings = load_settings(cwd=tmp_path)
+
+    # Then the broker needs no server: embedded, in .dramaturg/ of the project
+    assert settings.broker.type == "embedded"
+    assert settings.broker.url == f"embedded://{tmp_path.resolve() / '.dramaturg' / 'embedded.db'}"
+    assert settings.source_of("broker.url") == "default for embedded"
+    assert settings.worker.threads == 8
+
+
+def test_file_overrides_defaults_and_environment_overrides_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a dramaturg.toml that sets the broker and the worker
+    config = write(
+        tmp_path / "dramaturg.toml",
+        '[broker]\nurl = "redis://127.0.0.1:6379/3"\n\n[worker]\nthreads = 3\nmodules = ["shop.tasks"]\n',
+    )
+    # and an environment variable that overrides one of them
+    monkeypatch.setenv("DRAMATURG_WORKER_THREADS", "12")
+    monkeypatch.setenv("DRAMATURG_WORKER_QUEUES", "imports, emails")
+
+    settings = load_settings(cwd=tmp_path)
+
+    # Then each value comes from the highest source that sets it, and says so
+    assert settings.config_file == config.resolve()
+    assert settings.broker.url == "redis://127.0.0.1:6379/3"
+    assert settings.source_of("broker.url") == str(config.resolve())
+    assert settings.broker.type == "redis"
+    assert settings.source_of("broker.type") == "derived from broker.url"
+    assert settings.worker.threads == 12
+    assert settings.source_of("worker.threads") == "env DRAMATURG_WORKER_THREADS"
+    assert settings.worker.modules == ["shop.tasks"]
+    assert settings.worker.queues == ["imports", "emails"]
+    assert settings.source_of("worker.processes") == "default"
+
+
+def test_broker_url_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "dramaturg.toml", '[broker]\nurl = "redis://127.0.0.1:6379/0"\n')
+    monkeypatch.setenv("DRAMATURG_BROKER_URL", "amqp://shop:pw@mq.internal:5672/%2F")
+
+    settings = load_settings(cwd=tmp_path)
+
+    assert settings.broker.type == "rabbitmq"
+    assert settings.broker.url == "amqp://shop:pw@mq.internal:5672/%2F"
+
+
+def test_pyproject_tool_section_is_read(tmp_path: Path) -> None:
+    pyproject = write(
+        tmp_path / "pyproject.toml",
+        "[project]\nname = 'shop'\n\n[tool.dramaturg.broker]\ntype = 'rabbitmq'\n\n"
+        "[tool.dramaturg.worker]\nprocesses = 3\n",
+    )
+    nested = tmp_path / "src" / "shop"
+    nested.mkdir(parents=True)
+
+    # When loaded from a subdirectory of the project
+    settings = load_settings(cwd=nested)
+
+    assert settings.config_file == pyproject.resolve()
+    assert settings.broker.type == "rabbitmq"
+    assert settings.broker.url == "amqp://guest:guest@127.0.0.1:5672/%2F"
+    assert settings.worker.processes == 3
+
+
+def test_dramaturg_toml_wins_over_pyproject_in_the_same_directory(tmp_path: Path) -> None:
+    write(tmp_path / "pyproject.toml", "[tool.dramaturg.broker]\ntype = 'rabbitmq'\n")
+    config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'redis'\n")
+
+    found, root = find_config_file(tmp_path)
+
+    assert found == config.resolve()
+    assert root == tmp_path.resolve()
+
+
+def test_search_stops_at_the_project_root(tmp_path: Path) -> None:
+    # Given a config file above a project that has none
+    write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'redis'\n")
+    project = tmp_path / "project"
+    write(project / "pyproject.toml", "[project]\nname = 'other'\n")
+
+    found, root = find_config_file(project)
+
+    # Then the outer file is not used: it belongs to somebody else
+    assert found is None
+    assert root == project.resolve()
+
+
+def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path / "deploy" / "queue.toml", "[broker]\nurl = 'embedded://data/q.db'\n")
+    monkeypatch.setenv("DRAMATURG_CONFIG", str(config))
+
+    settings = load_settings(cwd=tmp_path)
+
+    # Relative embedded paths are resolved against the config file's directory
+    assert settings.broker.url == f"embedded://{(tmp_path / 'deploy' / 'data' / 'q.db').resolve()}"
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(dramaturg.ConfigError, match=r"config file not found: .*nope\.toml \(from --config"):
+        load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[broker]\ntype = 'rabit'\n", "broker.type: unknown 'rabit'; did you mean 'rabbitmq'?"),
+        ("[broker]\ntyep = 'redis'\n", "broker.tyep: unknown key; did you mean 'type'?"),
+        ("[brokr]\ntype = 'redis'\n", "unknown section [brokr]; did you mean 'broker'?"),
+        ("[worker]\nthreads = 'eight'\n", "worker.threads: 'eight' is not valid: Input should be a valid integer"),
+        (
+            "[worker]\nshutdown_timeout = '5 minutes'\n",
+            "worker.shutdown_timeout: '5 minutes' is not valid: '5 minutes' is not a duration;"
+            " write milliseconds (30000) or a string such as '30s', '5m', '250ms'",
+        ),
+        ("[broker]\nurl = 'rdis://x'\n", "broker.url: unknown scheme rdis://; did you mean 'redis'?"),
+        (
+            "[broker]\ntype = 'redis'\nurl = 'amqp://u:secret@h/'\n",
+            "broker.type 'redis' does not match broker.url 'amqp://u:***@h/', which is a rabbitmq URL",
+        ),
+        ("[broker\n", "not valid TOML"),
+    ],
+)
+def test_bad_configuration_names_the_key_the_value_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "dramaturg.toml", text)
+
+    with pytest.raises(dramaturg.ConfigError) as caught:
+        load_settings(cwd=tmp_path)
+
+    assert message in str(caught.value)
+    assert "secret" not in str(caught.value)
+    if "TOML" in message:
+        assert str(config.resolve()) in str(caught.value)
+    else:
+        assert f"(from {config.resolve()})" in str(caught.value)
+
+
+def test_a_mistyped_environment_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAMATURG_BROKER_URLL", "redis://x")
+
+    with pytest.raises(dramaturg.ConfigError, match="DRAMATURG_BROKER_URLL: not a dramaturg setting; did you mean "):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAMATURG_BROKER_TYPE", "rabit")
+
+    with pytest.raises(dramaturg.ConfigError) as caught:
+        load_settings(cwd=tmp_path)
+
+    assert str(caught.value) == (
+        "broker.type: unknown 'rabit'; did you mean 'rabbitmq'? (from env DRAMATURG_BROKER_TYPE)"
+    )
+
+
+def test_passwords_are_masked_in_repr_and_flat_view(tmp_path: Path) -> None:
+    write(tmp_path / "dramaturg.toml", '[broker]\nurl = "amqp://shop:hunter2@mq:5672/%2F"\n')
+
+    settings = load_settings(cwd=tmp_path)
+
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings)
+    assert settings.flat()["broker.url"] == "amqp://shop:***@mq:5672/%2F"
+    # while the broker itself still gets the real URL
+    assert settings.broker.url == "amqp://shop:hunter2@mq:5672/%2F"
+
+
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [
+        (250, 250),
+        ("250ms", 250),
+        ("30s", 30_000),
+        ("5m", 300_000),
+        ("2h", 7_200_000),
+        ("1500", 1500),
+        (timedelta(seconds=1.5), 1500),
+        ("0.5s", 500),
+    ],
+)
+def test_durations(value: object, ms: int) -> None:
+    assert parse_duration_ms(value) == ms
+
+
+def test_durations_in_files(tmp_path: Path) -> None:
+    write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'redis'\nheartbeat_timeout = '15s'\n")
+
+    assert load_settings(cwd=tmp_path).broker.heartbeat_timeout == 15_000
