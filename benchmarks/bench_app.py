@@ -1,0 +1,116 @@
+"""The benchmark's application, set up either on bare Dramatiq or on dramaturg.
+
+Imported by ``dramatiq bench_app`` in the worker processes, and run as a script to
+enqueue: ``python bench_app.py enqueue N``. The system and broker come from the
+environment (set by throughput.py):
+
+- ``BENCH_SYSTEM``: ``dramatiq`` (Dramatiq's own broker and default middleware) or
+  ``dramaturg`` (``dramaturg.bootstrap`` with its defaults);
+- ``BENCH_URL``: the broker URL; ``BENCH_CONFIRM``: "1" for publisher confirms on bare
+  Dramatiq's RabbitMQ broker (dramaturg always confirms);
+- ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed.
+
+Both systems get the same counting middleware, so its cost is the same on both sides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+
+SYSTEM = os.environ.get("BENCH_SYSTEM", "dramatiq")
+URL = os.environ["BENCH_URL"]
+QUEUE = "bench"
+NAMESPACE = f"bench-{SYSTEM}"
+
+
+class Counter(dramatiq.Middleware):
+    """Counts processed messages; a thread writes the count to a file every 10 ms.
+
+    Messages sent with a negative number are latency probes: their end-to-end latency
+    (sent -> processed) is recorded too.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.processed = itertools.count(1)
+        self.done = 0
+        self.latencies_ms: list[float] = []
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        self.done = next(self.processed)
+        if message.args and message.args[0] < 0:
+            self.latencies_ms.append(time.time() * 1000 - message.message_timestamp)
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        threading.Thread(target=self._report, daemon=True).start()
+
+    def _report(self) -> None:
+        path = self.directory / f"{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        while True:
+            tmp.write_text(json.dumps({"processed": self.done, "latencies_ms": self.latencies_ms}))
+            os.replace(tmp, path)
+            time.sleep(0.01)
+
+
+def _setup() -> Any:
+    if SYSTEM == "dramaturg":
+        import dramaturg
+
+        broker = dramaturg.bootstrap(dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE}))
+
+        @dramaturg.actor(queue_name=QUEUE)
+        def noop(number: int) -> None:
+            pass
+
+        return broker, noop
+
+    if URL.startswith("amqp"):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = RabbitmqBroker(url=URL, confirm_delivery=os.environ.get("BENCH_CONFIRM") == "1")
+    else:
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(url=URL, namespace=NAMESPACE)
+    dramatiq.set_broker(broker)
+
+    @dramatiq.actor(queue_name=QUEUE, broker=broker)
+    def noop(number: int) -> None:
+        pass
+
+    return broker, noop
+
+
+broker, noop = _setup()
+if os.environ.get("BENCH_COUNT_DIR"):
+    broker.add_middleware(Counter(Path(os.environ["BENCH_COUNT_DIR"])))
+
+
+def enqueue(count: int) -> float:
+    """Send ``count`` messages one by one; return the seconds it took."""
+    started = time.perf_counter()
+    for number in range(count):
+        noop.send(number)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "enqueue":
+        print(json.dumps({"seconds": enqueue(int(sys.argv[2]))}))
+    elif sys.argv[1] == "probe":
+        # Latency probes: one message every `interval` seconds, negative numbers.
+        count, interval = int(sys.argv[2]), float(sys.argv[3])
+        for number in range(1, count + 1):
+            noop.send(-number)
+            time.sleep(interval)
+    broker.close()

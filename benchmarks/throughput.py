@@ -1,0 +1,306 @@
+"""Throughput, latency and memory: dramaturg vs bare Dramatiq, same broker, same run.
+
+For each broker and each configuration below, in interleaved rounds:
+
+1. enqueue N no-op messages one by one from a fresh process (msgs/s);
+2. start ``dramatiq bench_app -p 2 -t 8`` and time the drain from the first processed
+   message to the last (msgs/s; worker start-up is excluded);
+3. with the worker idle, send latency probes (one every 10 ms) and take the end-to-end
+   latency from send to processed (p50, p95, ms);
+4. read the peak RSS of the worker processes (MB), then stop the worker with SIGTERM.
+
+Medians over the rounds are printed as a Markdown table, with the ratio of dramaturg to
+bare Dramatiq configured like it (same prefetch, same publisher confirms) and to bare
+Dramatiq with its defaults. ``--write FILE`` also writes the table with the machine and
+versions. Brokers default to the machine's own (127.0.0.1:6379, 127.0.0.1:5672).
+
+    python benchmarks/throughput.py                         # both brokers, 20,000 msgs, 3 rounds
+    python benchmarks/throughput.py --brokers redis --count 5000 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from dramaturg.middleware.worker_config import DEFAULT_PREFETCH  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    system: str
+    env: dict[str, str] = field(default_factory=dict)
+    role: str = ""  # "baseline" (configured like dramaturg), "default", "subject"
+
+
+def configs(broker: str) -> list[Config]:
+    prefetch = str(DEFAULT_PREFETCH[broker])
+    if broker == "redis":
+        return [
+            Config("Dramatiq, defaults", "dramatiq", {}, "default"),
+            Config(f"Dramatiq, prefetch {prefetch}", "dramatiq", {"dramatiq_queue_prefetch": prefetch}, "baseline"),
+            Config("dramaturg, defaults", "dramaturg", {}, "subject"),
+        ]
+    return [
+        Config("Dramatiq, defaults (no confirms)", "dramatiq", {}, "default"),
+        Config(
+            f"Dramatiq, confirms, prefetch {prefetch}",
+            "dramatiq",
+            {"BENCH_CONFIRM": "1", "dramatiq_queue_prefetch": prefetch},
+            "baseline",
+        ),
+        Config("dramaturg, defaults (confirms)", "dramaturg", {}, "subject"),
+    ]
+
+
+@dataclass
+class Result:
+    enqueue: float
+    drain: float
+    p50_ms: float
+    p95_ms: float
+    rss_mb: float
+
+
+def reset(url: str) -> None:
+    """Remove the benchmark's queues and keys from the broker."""
+    if url.startswith("amqp"):
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        for name in ("bench", "bench.DQ", "bench.XQ"):
+            channel.queue_delete(name)
+        connection.close()
+    else:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter("bench-*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def counts(directory: Path) -> tuple[int, list[float]]:
+    processed, latencies = 0, []
+    for path in directory.glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        processed += data["processed"]
+        latencies += data["latencies_ms"]
+    return processed, latencies
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
+    reset(url)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DRAMATURG_", "dramatiq_"))},
+        **config.env,
+        "BENCH_SYSTEM": config.system,
+        "BENCH_URL": url,
+        "PYTHONPATH": str(HERE),
+    }
+    enqueued = subprocess.run(
+        [sys.executable, str(HERE / "bench_app.py"), "enqueue", str(args.count)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    enqueue_rate = args.count / json.loads(enqueued.stdout.strip().splitlines()[-1])["seconds"]
+
+    with tempfile.TemporaryDirectory() as directory:
+        count_dir = Path(directory)
+        worker = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("dramatiq")),
+                "bench_app",
+                "--path",
+                str(HERE),
+                "--processes",
+                str(args.processes),
+                "--threads",
+                str(args.threads),
+            ],
+            env={**env, "BENCH_COUNT_DIR": str(count_dir)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            first = wait_for(lambda: counts(count_dir)[0] > 0, 60, "the worker never started")
+            last = wait_for(lambda: counts(count_dir)[0] >= args.count, 600, "the drain never finished")
+            drain_rate = args.count / (last - first)
+
+            subprocess.run(
+                [sys.executable, str(HERE / "bench_app.py"), "probe", str(args.probes), "0.01"],
+                env=env,
+                check=True,
+            )
+            wait_for(lambda: counts(count_dir)[0] >= args.count + args.probes, 60, "probes never arrived")
+            latencies = sorted(counts(count_dir)[1])
+            rss = max((peak_rss_mb(pid) for pid in children(worker.pid)), default=0.0)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    return Result(
+        enqueue=enqueue_rate,
+        drain=drain_rate,
+        p50_ms=statistics.median(latencies),
+        p95_ms=latencies[int(len(latencies) * 0.95) - 1],
+        rss_mb=rss,
+    )
+
+
+def median_result(results: list[Result]) -> Result:
+    return Result(
+        *(
+            statistics.median(getattr(r, name) for r in results)
+            for name in ("enqueue", "drain", "p50_ms", "p95_ms", "rss_mb")
+        )
+    )
+
+
+def machine() -> list[str]:
+    import dramatiq
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return [
+        f"- machine: {os.cpu_count()} cores, {cpu}, {platform.platform()}",
+        f"- Python {platform.python_version()}, Dramatiq {dramatiq.__version__}",
+    ]
+
+
+def server_versions(urls: dict[str, str]) -> list[str]:
+    lines = []
+    if "redis" in urls:
+        import redis
+
+        client = redis.Redis.from_url(urls["redis"])
+        lines.append(f"- Redis {client.info()['redis_version']} at {urls['redis']}")
+        client.close()
+    if "rabbitmq" in urls:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(urls["rabbitmq"]))
+        version = connection._impl.server_properties.get("version", b"?")
+        lines.append(f"- RabbitMQ {version.decode() if isinstance(version, bytes) else version}")
+        connection.close()
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--brokers", nargs="+", default=["redis", "rabbitmq"], choices=["redis", "rabbitmq"])
+    parser.add_argument("--count", type=int, default=20_000, help="messages per run (default: 20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default: 8)")
+    parser.add_argument("--probes", type=int, default=200, help="latency probes per run (default: 200)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="(default: %(default)s)")
+    parser.add_argument(
+        "--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)"
+    )
+    parser.add_argument("--write", metavar="FILE", help="also write the table to FILE (e.g. benchmarks/RESULTS.md)")
+    args = parser.parse_args()
+    urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}
+    urls = {broker: urls[broker] for broker in args.brokers}
+
+    results: dict[tuple[str, str], list[Result]] = {}
+    for round_number in range(args.rounds):
+        for broker, url in urls.items():
+            order = configs(broker)
+            order = order[round_number % len(order) :] + order[: round_number % len(order)]
+            for config in order:
+                result = run_once(config, url, args)
+                results.setdefault((broker, config.label), []).append(result)
+                print(
+                    f"round {round_number + 1} {broker:8} {config.label:38} enqueue {result.enqueue:8,.0f}/s"
+                    f"  drain {result.drain:8,.0f}/s  p50 {result.p50_ms:5.1f} ms  rss {result.rss_mb:5.1f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    lines = [
+        f"{args.count:,} no-op messages per run, worker {args.processes} processes x {args.threads} threads,"
+        f" medians of {args.rounds} interleaved rounds; latency from {args.probes} probes sent 10 ms apart"
+        " to an idle worker.",
+        "",
+        "| broker | system | enqueue msgs/s | drain msgs/s | latency p50 / p95 ms | worker peak RSS MB |"
+        " enqueue vs like-configured Dramatiq | drain vs like-configured Dramatiq | drain vs Dramatiq defaults |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for broker in urls:
+        by_role = {c.role: median_result(results[(broker, c.label)]) for c in configs(broker)}
+        for config in configs(broker):
+            r = median_result(results[(broker, config.label)])
+            ratios = ["", "", ""]
+            if config.role == "subject":
+                ratios = [
+                    f"{r.enqueue / by_role['baseline'].enqueue:.2f}x",
+                    f"{r.drain / by_role['baseline'].drain:.2f}x",
+                    f"{r.drain / by_role['default'].drain:.2f}x",
+                ]
+            lines.append(
+                f"| {broker} | {config.label} | {r.enqueue:,.0f} | {r.drain:,.0f} | {r.p50_ms:.1f} / {r.p95_ms:.1f}"
+                f" | {r.rss_mb:.0f} | {' | '.join(ratios)} |"
+            )
+    lines += ["", *machine(), *server_versions(urls)]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        Path(args.write).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
