@@ -44,6 +44,7 @@ from .masking import mask_url
 __all__ = [
     "BROKER_TYPES",
     "BrokerSettings",
+    "RetrySettings",
     "Settings",
     "WorkerSettings",
     "find_config_file",
@@ -168,6 +169,23 @@ class WorkerSettings(BaseModel):
     shutdown_timeout: DurationMs = 600_000
 
 
+class RetrySettings(BaseModel):
+    """``[retries]``: what happens to a failing task, for actors that do not say.
+
+    A failed task runs again after an exponential backoff with jitter between
+    ``min_backoff`` and ``max_backoff``; after ``max_retries`` retries it is held with
+    the reason "retries exhausted". Actors override each with the option of the same name.
+    The default ``max_backoff`` stays under RabbitMQ's default ``consumer_timeout`` (30 min),
+    because a delayed message waits unacknowledged in a worker until it is due.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: int = Field(default=20, ge=0)
+    min_backoff: DurationMs = 15_000
+    max_backoff: DurationMs = 600_000
+
+
 class Settings(BaseSettings):
     """The whole configuration. Frozen; build it with :func:`load_settings`.
 
@@ -185,6 +203,7 @@ class Settings(BaseSettings):
 
     broker: BrokerSettings = BrokerSettings()
     worker: WorkerSettings = WorkerSettings()
+    retries: RetrySettings = RetrySettings()
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _config_file: Path | None = PrivateAttr(default=None)

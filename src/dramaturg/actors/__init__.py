@@ -16,6 +16,7 @@ own tools accept it); it differs only in when it meets its broker.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections.abc import Awaitable, Callable
 from inspect import iscoroutinefunction
@@ -27,6 +28,7 @@ from dramatiq.logging import get_logger
 
 from .. import app
 from ..errors import ActorError, did_you_mean
+from ..task import Hold, Success, Task, _current
 
 __all__ = ["Actor", "actor"]
 
@@ -55,7 +57,7 @@ class Actor(dramatiq.Actor[P, R]):
         # dramatiq.Actor.__init__ declares the actor on a broker at once; that is the
         # import-order hazard this class exists to remove, so its fields are set here.
         self.logger = get_logger(fn.__module__ or "_", actor_name)
-        self.fn = async_to_sync(fn) if iscoroutinefunction(fn) else fn  # type: ignore[assignment]
+        self.fn = _runner(fn, actor_name)
         self.handler = fn
         self.actor_name = actor_name
         self.queue_name = queue_name
@@ -87,6 +89,58 @@ class Actor(dramatiq.Actor[P, R]):
     def origin(self) -> str:
         """``module:qualname`` of the handler."""
         return f"{self.handler.__module__}:{self.handler.__qualname__}"
+
+
+def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
+    """Wrap ``handler`` so that outcomes and bad arguments are settled at the call.
+
+    - ``success()`` inside the handler returns normally (Dramatiq's callbacks, pipelines
+      and results see a success);
+    - arguments that do not fit the signature become ``Hold`` with a reason that says so
+      (checked only after a TypeError, so the happy path pays nothing);
+    - an ``async def`` handler runs on Dramatiq's event loop thread, with the task handle
+      carried over (contextvars do not cross to that thread by themselves).
+    """
+    if iscoroutinefunction(handler):
+
+        async def with_task(task: Task | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            _current.set(task)  # this coroutine runs in a Task with a context of its own
+            return await handler(*args, **kwargs)
+
+        run_async = async_to_sync(with_task)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run_async(_current.get(), args, kwargs)
+
+    else:
+        call = handler
+
+    @functools.wraps(handler)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except Success as outcome:
+            return outcome.value
+        except TypeError as error:
+            problem = _misfit(handler, args, kwargs)
+            if problem is not None:
+                raise Hold(f"arguments do not fit {actor_name}{problem}") from error
+            raise
+
+    return run
+
+
+def _misfit(handler: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """``"(sig): why"`` when the arguments cannot bind to ``handler``'s signature, else None."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        return f"{signature.replace(return_annotation=inspect.Signature.empty)}: {error}"
+    return None
 
 
 class ActorDecorator(Protocol):

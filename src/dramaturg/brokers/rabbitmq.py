@@ -7,19 +7,32 @@ They cost a round trip per message; bulk sending (a later feature) pipelines the
 
 from __future__ import annotations
 
+import builtins
+
+import contextlib
+import threading
 import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pika
 import pika.exceptions
-from dramatiq import Middleware
+from dramatiq import Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
+from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.common import q_name
+from dramatiq.errors import ConnectionClosed, DecodeError
 
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
+from ..held import HeldStore, HeldTask
 from ..masking import mask_url
+from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..task import canonical_queue
 
-__all__ = ["RabbitmqBroker", "create_broker", "ping"]
+__all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_broker", "ping"]
 
 
 class RabbitmqBroker(_DramatiqRabbitmqBroker):
@@ -38,9 +51,62 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         )
         self.parameters = connection_parameters(settings)
         self.settings = settings
+        self.held = RabbitmqHeldStore(self)
+
+    @property
+    def consumer_class(self) -> type[RabbitmqConsumer]:
+        return RabbitmqConsumer
+
+    def close(self) -> None:
+        self.held.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"<RabbitmqBroker {mask_url(self.settings.url)}>"
+
+
+class RabbitmqConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer, holding poison messages instead of dead-lettering them.
+
+    Dramatiq rejects a body it cannot decode into the dead-letter queue, where it
+    expires after a week without a word of why. Here it is held with its reason, and so
+    is a message for an actor this worker does not know; then it is acknowledged. If
+    the held store cannot be written, the message is rejected as before (not lost).
+    ``__next__`` mirrors Dramatiq 2.x's, with those two checks added.
+    """
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                method, properties, body = next(self.iterator)
+                if method is None:
+                    return None
+            except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+                if getattr(e, "reply_code", None) == 404:
+                    self.broker.queues_pending.add(q_name(self.queue_name))
+                raise ConnectionClosed(e) from None
+
+            queue = canonical_queue(self.queue_name)
+            try:
+                message = Message.decode(body)
+            except DecodeError as error:
+                message_id = (properties.message_id if properties else None) or f"undecodable-{uuid.uuid4()}"
+                reason = f"undecodable message: {error.error!r}"
+                self._settle_poison(HeldTask.from_raw(body, reason, queue_name=queue, message_id=message_id), method)
+                continue
+            if message.actor_name not in self.broker.actors:
+                reason = unknown_actor_reason(message.actor_name, self.broker)
+                self._settle_poison(HeldTask.from_message(message, reason, queue_name=queue), method)
+                continue
+
+            self.known_tags.add(method.delivery_tag)
+            return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)
+
+    def _settle_poison(self, task: HeldTask, method: Any) -> None:
+        if hold_poison(self.broker, task):
+            self.channel.basic_ack(method.delivery_tag)
+        else:
+            self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
 
 
 def connection_parameters(settings: BrokerSettings) -> pika.URLParameters:
@@ -94,3 +160,212 @@ def _reason(error: BaseException) -> str:
 
 def _unreachable(settings: BrokerSettings, reason: str) -> BrokerUnreachable:
     return BrokerUnreachable(f"cannot reach RabbitMQ at {mask_url(settings.url)}: {reason}")
+
+
+# -- held tasks -------------------------------------------------------------------------
+
+
+def held_queue(queue: str) -> str:
+    """The durable queue holding ``queue``'s held tasks (no consumer ever reads it)."""
+    return f"{queue}.HQ"
+
+
+class RabbitmqHeldStore(HeldStore):
+    """Held tasks as persistent messages in a durable ``<queue>.HQ`` per queue, no TTL.
+
+    Writes use publisher confirms whatever ``broker.confirm_delivery`` says. Reading
+    takes messages with ``basic_get`` without acknowledging them and then closes the
+    channel, so RabbitMQ puts every one back in its place: listing removes nothing, and
+    a kicker that dies before it acknowledges leaves its tasks held. Holding the same
+    task twice (a worker killed between holding and acknowledging) keeps two copies;
+    kick and purge act on every copy of an id.
+
+    Only the queues the broker knows (those of declared actors) can be listed without
+    naming them: AMQP cannot enumerate queues.
+    """
+
+    def __init__(self, broker: RabbitmqBroker) -> None:
+        super().__init__(broker)
+        self.parameters = broker.parameters
+        self._lock = threading.RLock()
+        self._connection: pika.BlockingConnection | None = None
+        self._publisher: Any = None
+        self._declared: set[str] = set()
+
+    # One connection per store, used under a lock: holds are rare, and pika's
+    # connections must not be shared between threads without one.
+    def _channel(self, *, confirmed: bool) -> Any:
+        if self._connection is None or not self._connection.is_open:
+            self._connection = pika.BlockingConnection(self.parameters)
+            self._publisher = None
+            self._declared.clear()
+        if not confirmed:
+            return self._connection.channel()
+        if self._publisher is None or not self._publisher.is_open:
+            self._publisher = self._connection.channel()
+            self._publisher.confirm_delivery()
+        return self._publisher
+
+    def _reset(self) -> None:
+        connection, self._connection, self._publisher = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _retrying(self, operation: Any) -> Any:
+        """Run ``operation()`` under the lock, once more on a fresh connection if it broke."""
+        with self._lock:
+            try:
+                return operation()
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+                self._reset()
+                return operation()
+
+    def hold(self, task: HeldTask) -> None:
+        def publish() -> None:
+            channel = self._channel(confirmed=True)
+            name = held_queue(task.queue_name)
+            if name not in self._declared:
+                channel.queue_declare(name, durable=True)
+                self._declared.add(name)
+            channel.basic_publish(
+                exchange="",
+                routing_key=name,
+                body=task.to_json().encode(),
+                properties=pika.BasicProperties(
+                    delivery_mode=2, content_type="application/json", message_id=task.message_id
+                ),
+                mandatory=True,
+            )
+
+        self._retrying(publish)
+
+    def _read(self, channel: Any, queue: str) -> Iterator[tuple[int, HeldTask]]:
+        """Every held task of ``queue``, unacknowledged on ``channel`` (closing it puts them back)."""
+        while True:
+            method, _, body = channel.basic_get(held_queue(queue), auto_ack=False)
+            if method is None:
+                return
+            yield method.delivery_tag, HeldTask.from_json(body)
+
+    def _exists(self, queue: str) -> bool:
+        channel = self._channel(confirmed=False)
+        try:
+            channel.queue_declare(held_queue(queue), passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:
+                return False
+            raise
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
+        def read() -> list[HeldTask]:
+            found: list[HeldTask] = []
+            skip = offset
+            for name in [queue] if queue else self.queues():
+                if len(found) >= limit or not self._exists(name):
+                    continue
+                channel = self._channel(confirmed=False)
+                try:
+                    for _, task in self._read(channel, name):
+                        if skip:
+                            skip -= 1
+                        elif len(found) < limit:
+                            found.append(task)
+                        else:
+                            break
+                finally:
+                    channel.close()
+            return found
+
+        result: list[HeldTask] = self._retrying(read)
+        return result
+
+    def count(self, queue: str | None = None) -> int:
+        def read() -> int:
+            total = 0
+            for name in [queue] if queue else self.queues():
+                channel = self._channel(confirmed=False)
+                try:
+                    total += channel.queue_declare(held_queue(name), passive=True).method.message_count
+                except pika.exceptions.ChannelClosedByBroker as error:
+                    if error.reply_code != 404:
+                        raise
+                finally:
+                    if channel.is_open:
+                        channel.close()
+            return total
+
+        result: int = self._retrying(read)
+        return result
+
+    def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
+        def read() -> HeldTask | None:
+            for name in [queue] if queue else self.queues():
+                if not self._exists(name):
+                    continue
+                channel = self._channel(confirmed=False)
+                try:
+                    for _, task in self._read(channel, name):
+                        if task.message_id == message_id:
+                            return task
+                finally:
+                    channel.close()
+            return None
+
+        result: HeldTask | None = self._retrying(read)
+        return result
+
+    @contextmanager
+    def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
+        with self._lock:
+            if not self._retrying(lambda: self._exists(queue)):
+                yield iter(())
+                return
+            channel = self._channel(confirmed=False)
+            wanted = set(message_ids) if message_ids is not None else None
+            try:
+                taken = [
+                    (task, (channel, tag))
+                    for tag, task in self._read(channel, queue)
+                    if wanted is None or task.message_id in wanted
+                ]
+                yield iter(taken)
+            finally:
+                if channel.is_open:
+                    channel.close()  # every task not acknowledged goes back, in its place
+
+    def forget(self, queue: str, receipt: Any) -> None:
+        channel, tag = receipt
+        channel.basic_ack(tag)
+
+    def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        if message_ids is None:
+
+            def purge_all() -> int:
+                if not self._exists(queue):
+                    return 0
+                channel = self._channel(confirmed=False)
+                try:
+                    return int(channel.queue_purge(held_queue(queue)).method.message_count)
+                finally:
+                    channel.close()
+
+            result: int = self._retrying(purge_all)
+            return result
+        purged = 0
+        with self.taking(queue, message_ids) as taken:
+            for _, receipt in taken:
+                self.forget(queue, receipt)
+                purged += 1
+        return purged
+
+    def queues(self) -> builtins.list[str]:
+        return sorted(name for name in self.broker.get_declared_queues() if not name.endswith((".DQ", ".XQ")))
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()

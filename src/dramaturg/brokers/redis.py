@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import builtins
+
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import redis
 from dramatiq import Middleware
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
+from dramatiq.brokers.redis import _RedisConsumer
+from dramatiq.errors import DecodeError
 
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
+from ..held import HeldStore, HeldTask
 from ..masking import mask_url
+from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..task import canonical_queue
 
-__all__ = ["RedisBroker", "create_broker", "ping"]
+__all__ = ["RedisBroker", "RedisConsumer", "RedisHeldStore", "create_broker", "ping"]
 
 
 class RedisBroker(_DramatiqRedisBroker):
@@ -36,6 +46,11 @@ class RedisBroker(_DramatiqRedisBroker):
             client=client or make_client(settings),
         )
         self.settings = settings
+        self.held = RedisHeldStore(self)
+
+    @property
+    def consumer_class(self) -> type[RedisConsumer]:
+        return RedisConsumer
 
     def close(self) -> None:
         super().close()
@@ -43,6 +58,49 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.settings.url)}>"
+
+
+class RedisConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, holding poison messages instead of stalling on them.
+
+    Dramatiq's own consumer lets a body it cannot decode escape as an exception: the
+    consumer restarts, and the messages it had prefetched stay claimed by a worker that
+    is still alive, so nothing moves them back until it restarts. Here an undecodable
+    body, or a message for an actor this worker does not know, is held with its reason
+    and acknowledged, and the consumer goes on with the next message.
+    """
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                message = super().__next__()  # type: ignore[no-untyped-call]
+            except DecodeError as error:
+                self._hold_undecodable(error)
+                continue
+            if message is None or message.actor_name in self.broker.actors:
+                return message
+            task = HeldTask.from_message(
+                message._message, unknown_actor_reason(message.actor_name, self.broker), queue_name=self._queue()
+            )
+            if hold_poison(self.broker, task):
+                self.ack(message)  # type: ignore[no-untyped-call]
+
+    def _queue(self) -> str:
+        return canonical_queue(self.queue_name)
+
+    def _hold_undecodable(self, error: DecodeError) -> None:
+        # The fetch script returns bodies without their ids: find this one among the
+        # ids this consumer has claimed (at most its prefetch).
+        broker = self.broker
+        claimed = f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"
+        bodies = f"{broker.namespace}:{self.queue_name}.msgs"
+        for redis_id in broker.client.smembers(claimed):
+            if broker.client.hget(bodies, redis_id) == error.data:
+                reason = f"undecodable message: {error.error!r}"
+                task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id.decode())
+                if hold_poison(broker, task):
+                    broker.do_ack(self.queue_name, redis_id)
+                return
 
 
 def make_client(settings: BrokerSettings) -> redis.Redis:
@@ -78,3 +136,159 @@ def ping_client(client: redis.Redis, what: str) -> float:
     except redis.RedisError as error:
         raise BrokerUnreachable(f"cannot reach {what}: {error}") from None
     return (time.perf_counter() - start) * 1000
+
+
+# -- held tasks -------------------------------------------------------------------------
+
+# Keys, under <namespace>:__held__: (queue names cannot contain ':' or '#', so none of
+# these can collide with Dramatiq's own keys or with another queue's):
+#   <q>                  hash  message id -> HeldTask JSON
+#   <q>#order            zset  message id, scored by held_at (listing order)
+#   <q>#kicking          hash  tasks taken by a kicker that has not requeued them yet
+#   <q>#kicking-order    zset  scored by when they were taken (stale ones go back)
+#   #queues              set   queues that have held tasks
+_TAKE = """
+local now = ARGV[1]
+local ids = {}
+if ARGV[2] == "*" then
+    ids = redis.call("zrange", KEYS[2], 0, -1)
+else
+    for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local taken = {}
+for _, id in ipairs(ids) do
+    local task = redis.call("hget", KEYS[1], id)
+    if task then
+        redis.call("hdel", KEYS[1], id)
+        redis.call("zrem", KEYS[2], id)
+        redis.call("hset", KEYS[3], id, task)
+        redis.call("zadd", KEYS[4], now, id)
+        taken[#taken + 1] = task
+    end
+end
+return taken
+"""
+
+_GIVE_BACK = """
+local ids = {}
+if ARGV[1] == "stale" then
+    ids = redis.call("zrangebyscore", KEYS[4], 0, ARGV[2])
+else
+    for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+for _, id in ipairs(ids) do
+    local task = redis.call("hget", KEYS[3], id)
+    redis.call("hdel", KEYS[3], id)
+    redis.call("zrem", KEYS[4], id)
+    if task then
+        redis.call("hset", KEYS[1], id, task)
+        redis.call("zadd", KEYS[2], cjson.decode(task)["held_at"], id)
+    end
+end
+return #ids
+"""
+
+_PURGE = """
+if ARGV[1] == "*" then
+    local count = redis.call("hlen", KEYS[1])
+    redis.call("del", KEYS[1], KEYS[2])
+    return count
+end
+local count = 0
+for i = 1, #ARGV do
+    count = count + redis.call("hdel", KEYS[1], ARGV[i])
+    redis.call("zrem", KEYS[2], ARGV[i])
+end
+return count
+"""
+
+#: A kicker that took tasks this long ago and did not finish is presumed dead.
+STALE_KICK_MS = 60_000
+
+
+class RedisHeldStore(HeldStore):
+    """Held tasks in Redis hashes beside the broker's keys (see the key layout above).
+
+    Taking is one Lua script, so two kickers never requeue the same task; tasks taken by
+    a kicker that died are given back after :data:`STALE_KICK_MS`.
+    """
+
+    def __init__(self, broker: RedisBroker) -> None:
+        super().__init__(broker)
+        self.client = broker.client
+        self.prefix = f"{broker.namespace}:__held__"
+        self._take = self.client.register_script(_TAKE)
+        self._give_back = self.client.register_script(_GIVE_BACK)
+        self._purge = self.client.register_script(_PURGE)
+
+    def _keys(self, queue: str) -> list[str]:
+        base = f"{self.prefix}:{queue}"
+        return [base, f"{base}#order", f"{base}#kicking", f"{base}#kicking-order"]
+
+    def hold(self, task: HeldTask) -> None:
+        held, order, _, _ = self._keys(task.queue_name)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(held, task.message_id, task.to_json())
+            pipe.zadd(order, {task.message_id: task.held_at})
+            pipe.sadd(f"{self.prefix}:#queues", task.queue_name)
+            pipe.execute()
+
+    def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
+        found: list[HeldTask] = []
+        for name in [queue] if queue else self.queues():
+            self._recover(name)
+            held, order, _, _ = self._keys(name)
+            total = self.client.zcard(order)
+            if offset >= total:
+                offset -= total
+                continue
+            ids: builtins.list[bytes] = self.client.zrange(order, offset, offset + limit - len(found) - 1)  # type: ignore[assignment]
+            offset = 0
+            if ids:
+                found += [HeldTask.from_json(data) for data in self.client.hmget(held, ids) if data]
+            if len(found) >= limit:
+                break
+        return found
+
+    def count(self, queue: str | None = None) -> int:
+        return sum(int(self.client.hlen(self._keys(name)[0])) for name in ([queue] if queue else self.queues()))
+
+    def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
+        for name in [queue] if queue else self.queues():
+            data = self.client.hget(self._keys(name)[0], message_id)
+            if data:
+                return HeldTask.from_json(data)
+        return None
+
+    @contextmanager
+    def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
+        self._recover(queue)
+        keys = self._keys(queue)
+        now = int(time.time() * 1000)
+        taken = [HeldTask.from_json(data) for data in self._take(keys=keys, args=[now, *(message_ids or ["*"])])]
+        try:
+            yield ((task, task.message_id) for task in taken)
+        finally:
+            leftover = [task.message_id for task in taken]
+            if leftover:
+                self._give_back(keys=keys, args=["ids", *leftover])
+
+    def forget(self, queue: str, receipt: Any) -> None:
+        _, _, kicking, kicking_order = self._keys(queue)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(kicking, receipt)
+            pipe.zrem(kicking_order, receipt)
+            pipe.execute()
+
+    def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        return int(self._purge(keys=self._keys(queue)[:2], args=list(message_ids) if message_ids else ["*"]))
+
+    def queues(self) -> builtins.list[str]:
+        members: set[bytes] = self.client.smembers(f"{self.prefix}:#queues")  # type: ignore[assignment]
+        stored = {name.decode() for name in members}
+        declared = {name for name in self.broker.get_declared_queues() if not name.endswith((".DQ", ".XQ"))}
+        return sorted(stored | declared)
+
+    def _recover(self, queue: str) -> None:
+        cutoff = int(time.time() * 1000) - STALE_KICK_MS
+        self._give_back(keys=self._keys(queue), args=["stale", cutoff])

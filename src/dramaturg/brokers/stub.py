@@ -6,18 +6,27 @@ real brokers, this one only tests code that does not depend on one.
 
 from __future__ import annotations
 
+import builtins
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 from dramatiq import Middleware
 from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 
 from ..config import BrokerSettings
+from ..held import HeldStore, HeldTask
 
-__all__ = ["StubBroker", "create_broker", "ping"]
+__all__ = ["StubBroker", "StubHeldStore", "create_broker", "ping"]
 
 
 class StubBroker(_DramatiqStubBroker):
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
         super().__init__(middleware=middleware)
         self.settings = settings
+        self.held = StubHeldStore(self)
 
     def __repr__(self) -> str:
         return "<StubBroker>"
@@ -29,3 +38,62 @@ def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> Stu
 
 def ping(settings: BrokerSettings) -> float:
     return 0.0
+
+
+class StubHeldStore(HeldStore):
+    """Held tasks in a dict, for unit tests; same behaviour as the durable stores."""
+
+    def __init__(self, broker: StubBroker) -> None:
+        super().__init__(broker)
+        self._tasks: dict[str, dict[str, HeldTask]] = {}
+        self._taken: dict[str, dict[str, HeldTask]] = {}
+        self._lock = threading.RLock()
+
+    def hold(self, task: HeldTask) -> None:
+        with self._lock:
+            self._tasks.setdefault(task.queue_name, {})[task.message_id] = task
+
+    def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
+        with self._lock:
+            tasks = [t for name in ([queue] if queue else self.queues()) for t in self._tasks.get(name, {}).values()]
+        return tasks[offset : offset + limit]
+
+    def count(self, queue: str | None = None) -> int:
+        with self._lock:
+            return sum(len(self._tasks.get(name, {})) for name in ([queue] if queue else self.queues()))
+
+    def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
+        with self._lock:
+            for name in [queue] if queue else self.queues():
+                if message_id in self._tasks.get(name, {}):
+                    return self._tasks[name][message_id]
+        return None
+
+    @contextmanager
+    def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
+        with self._lock:
+            held = self._tasks.get(queue, {})
+            ids = list(held) if message_ids is None else [i for i in message_ids if i in held]
+            taken = {i: held.pop(i) for i in ids}
+            self._taken[queue] = taken
+        try:
+            yield ((task, task.message_id) for task in list(taken.values()))
+        finally:
+            with self._lock:
+                self._tasks.setdefault(queue, {}).update(self._taken.pop(queue, {}))
+
+    def forget(self, queue: str, receipt: Any) -> None:
+        with self._lock:
+            self._taken.get(queue, {}).pop(receipt, None)
+
+    def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        with self._lock:
+            held = self._tasks.get(queue, {})
+            ids = list(held) if message_ids is None else [i for i in message_ids if i in held]
+            for i in ids:
+                del held[i]
+            return len(ids)
+
+    def queues(self) -> builtins.list[str]:
+        with self._lock:
+            return sorted(set(self._tasks) | {q for q in self.broker.get_declared_queues() if not q.endswith(".DQ")})

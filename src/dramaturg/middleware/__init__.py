@@ -2,7 +2,8 @@
 
 :func:`framework_middleware` is the stack :func:`dramaturg.bootstrap` installs:
 Dramatiq's defaults (age limit, time limit, shutdown notifications, callbacks,
-pipelines, retries), its AsyncIO support for ``async def`` actors, and dramaturg's own.
+pipelines) with its retries replaced by :class:`Outcomes`, its AsyncIO support for
+``async def`` actors, and dramaturg's own.
 """
 
 from __future__ import annotations
@@ -15,29 +16,30 @@ from dramatiq.middleware import (
     AsyncIO,
     Callbacks,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
+from .outcomes import Outcomes
 from .worker_config import WorkerConfig
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["WorkerConfig", "framework_middleware"]
+__all__ = ["Outcomes", "WorkerConfig", "framework_middleware"]
 
 
 def framework_middleware(settings: Settings) -> list[Middleware]:
     """A fresh instance of every middleware in the stack, configured from ``settings``."""
     broker_type = settings.broker.type or "embedded"
+    retries = settings.retries
     return [
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(),
+        Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         AsyncIO(),
         WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
     ]

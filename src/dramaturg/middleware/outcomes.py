@@ -1,0 +1,230 @@
+"""What a handler did becomes what happens to its message: done, retried, or held.
+
+Dramatiq's ``Retries`` middleware is replaced, not extended, because its semantics
+cannot give ours: it dead-letters a task whose retries are exhausted (where it expires
+after a week), cannot hold one on purpose, and publishes the retry copy in an
+after-hook whose failure Dramatiq logs and then acknowledges the original anyway, so a
+failed publish loses the task. Here:
+
+- a normal return (or ``success()``) acknowledges the message;
+- ``retry(delay)``, Dramatiq's ``Retry``, or any other exception publishes a copy with
+  ``retries`` + 1 after the delay (or an exponential backoff with jitter), and the
+  original is acknowledged only once the copy is published (with confirms on RabbitMQ);
+- ``hold(reason)``, an exception listed in the actor's ``hold_on``, or a failure after
+  ``max_retries`` retries stores the task in the held store with its reason, traceback
+  and attempts, and only then acknowledges the original;
+- if the copy cannot be published or the held store cannot be written (after a few
+  tries), the original is *not* acknowledged: it is rejected into the broker's
+  dead-letter queue, and a CRITICAL line says so.
+
+Every failure logs one line: actor, message id, attempt, exception type and message,
+the file:line where it was raised, and what happens next. Dramatiq's own multi-line
+"Failed to process message" error for the same failure is filtered out.
+
+Actor options: ``max_retries``, ``min_backoff``, ``max_backoff`` (ms), ``hold_on``
+(exception classes held at once). Per message: the same names in ``send_with_options``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+from dramatiq.common import compute_backoff
+from dramatiq.errors import Retry as DramatiqRetry
+
+from ..held import HeldTask, describe
+from ..task import Hold, Retry, Task, _current, canonical_queue
+
+__all__ = ["Outcomes", "hold_poison", "unknown_actor_reason"]
+
+logger = logging.getLogger("dramaturg.outcomes")
+
+#: How often a retry publish or a held-store write is tried before the message is rejected.
+WRITE_ATTEMPTS = 3
+_WRITE_PAUSES_S = (0.1, 0.5)
+
+
+class Outcomes(dramatiq.Middleware):
+    """Decides each message's outcome (see the module docstring)."""
+
+    def __init__(self, *, max_retries: int = 20, min_backoff: int = 15_000, max_backoff: int = 600_000) -> None:
+        self.max_retries = max_retries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        _silence_dramatiq_failure_lines()
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"max_retries", "min_backoff", "max_backoff", "hold_on"}
+
+    def option(self, message: Any, actor: Any, name: str, default: Any) -> Any:
+        """An option resolved as message > actor > this middleware's default."""
+        value = message.options.get(name)
+        if value is None:
+            value = actor.options.get(name, default)
+        return value
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _current.set(Task(message))
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _current.set(None)
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        _current.set(None)
+        if exception is not None:
+            self.settle(broker, message, exception)
+
+    def settle(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
+        """Retry or hold a message whose handler raised ``exception``."""
+        actor = broker.get_actor(message.actor_name)
+        retries = int(message.options.get("retries", 0))
+        max_retries = int(self.option(message, actor, "max_retries", self.max_retries))
+        hold_on = self.option(message, actor, "hold_on", ())
+        queue = canonical_queue(message.queue_name)
+
+        if isinstance(exception, Hold):
+            reason = exception.reason
+        elif hold_on and isinstance(exception, hold_on):
+            reason = f"{type(exception).__name__}: {exception}"
+        elif retries >= max_retries:
+            reason = "retries exhausted"
+        else:
+            delay = self.delay_ms(message, actor, exception, retries)
+            copy = message.copy(
+                queue_name=queue,
+                options={"retries": retries + 1, "dramaturg_last_error": _summary(exception)},
+            )
+            if _durably(lambda: broker.enqueue(copy, delay=delay)):
+                _log_failure(logging.WARNING, message, exception, retries, max_retries, f"retrying in {delay} ms")
+            else:
+                message.fail()
+                _log_failure(
+                    logging.CRITICAL,
+                    message,
+                    exception,
+                    retries,
+                    max_retries,
+                    "the retry could not be published; the message is rejected into the dead-letter queue",
+                )
+            return
+
+        task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
+        if _durably(lambda: broker.held.hold(task)):  # type: ignore[attr-defined]
+            level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
+            _log_failure(level, message, exception, retries, max_retries, f"held: {reason}")
+        else:
+            message.fail()
+            _log_failure(
+                logging.CRITICAL,
+                message,
+                exception,
+                retries,
+                max_retries,
+                f"could not be held ({reason}); the message is rejected into the dead-letter queue",
+            )
+
+    def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
+        """The explicit delay of a retry, else the backoff for this retry."""
+        if isinstance(exception, Retry) and exception.delay_ms is not None:
+            return exception.delay_ms
+        if isinstance(exception, DramatiqRetry) and exception.delay is not None:
+            return int(exception.delay)
+        min_backoff = int(self.option(message, actor, "min_backoff", self.min_backoff))
+        max_backoff = int(self.option(message, actor, "max_backoff", self.max_backoff))
+        _, backoff = compute_backoff(retries, factor=min_backoff, max_backoff=max_backoff)
+        return int(backoff)
+
+
+def hold_poison(broker: dramatiq.Broker, task: HeldTask) -> bool:
+    """Hold a message that cannot be run at all; logs one line. False if it could not be stored."""
+    if _durably(lambda: broker.held.hold(task)):  # type: ignore[attr-defined]
+        logger.error(
+            "poison message %s on queue %r: %s; held",
+            task.message_id,
+            task.queue_name,
+            task.reason,
+            extra={"dramaturg": {"message_id": task.message_id, "queue": task.queue_name, "next": "held"}},
+        )
+        return True
+    logger.critical(
+        "poison message %s on queue %r: %s; it could not be held and stays on the queue",
+        task.message_id,
+        task.queue_name,
+        task.reason,
+    )
+    return False
+
+
+def unknown_actor_reason(actor_name: str, broker: dramatiq.Broker) -> str:
+    known = ", ".join(sorted(broker.actors)) or "none"
+    return (
+        f"unknown actor {actor_name!r}: no actor of that name is declared in this worker (it has: {known});"
+        " add the module that declares it to worker.modules, then kick the task"
+    )
+
+
+def _durably(write: Callable[[], object]) -> bool:
+    """Run a durable write, trying again after a short pause when it fails."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            write()
+            return True
+        except Exception:
+            logger.warning("durable write failed (try %d of %d)", attempt + 1, WRITE_ATTEMPTS, exc_info=True)
+            if attempt < len(_WRITE_PAUSES_S):
+                time.sleep(_WRITE_PAUSES_S[attempt])
+    return False
+
+
+def _summary(exception: BaseException) -> str:
+    return f"{type(exception).__name__}: {exception}"[:500]
+
+
+def _log_failure(
+    level: int, message: Any, exception: BaseException, retries: int, max_retries: int, next_step: str
+) -> None:
+    details = describe(exception)
+    fields = {
+        "actor": message.actor_name,
+        "message_id": message.message_id,
+        "queue": canonical_queue(message.queue_name),
+        "attempt": retries + 1,
+        "max_attempts": max_retries + 1,
+        "exception_type": details["exception_type"],
+        "exception_message": details["exception_message"],
+        "origin": details["origin"],
+        "next": next_step,
+    }
+    logger.log(
+        level,
+        "%s failed (message %s, attempt %d of %d): %s: %s at %s; %s",
+        fields["actor"],
+        fields["message_id"],
+        fields["attempt"],
+        fields["max_attempts"],
+        fields["exception_type"],
+        fields["exception_message"],
+        fields["origin"],
+        next_step,
+        extra={"dramaturg": fields},
+    )
+
+
+class _DramatiqFailureFilter(logging.Filter):
+    """Drops Dramatiq's own per-failure lines: Outcomes logs one line for each failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Failed to process message"))
+
+
+def _silence_dramatiq_failure_lines() -> None:
+    worker_logger = logging.getLogger("dramatiq.worker.WorkerThread")
+    if not any(isinstance(f, _DramatiqFailureFilter) for f in worker_logger.filters):
+        worker_logger.addFilter(_DramatiqFailureFilter())
