@@ -21,7 +21,6 @@ forgets it; a kicker that dies half-way leaves its tasks held, never lost.
 from __future__ import annotations
 
 import builtins
-
 import json
 import os
 import socket

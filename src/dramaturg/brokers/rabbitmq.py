@@ -8,7 +8,6 @@ They cost a round trip per message; bulk sending (a later feature) pipelines the
 from __future__ import annotations
 
 import builtins
-
 import contextlib
 import threading
 import time

@@ -7,7 +7,6 @@ real brokers, this one only tests code that does not depend on one.
 from __future__ import annotations
 
 import builtins
-
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
