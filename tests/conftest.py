@@ -125,7 +125,7 @@ def broker(settings: dramaturg.Settings) -> Iterator[dramatiq.Broker]:
     """The bootstrapped broker; on RabbitMQ its queues are deleted afterwards."""
     built = dramaturg.bootstrap(settings)
     yield built
-    if settings.broker.type == "rabbitmq":
+    if built.settings.type == "rabbitmq":  # type: ignore[attr-defined]
         delete_rabbitmq_queues(built)
 
 
@@ -136,7 +136,7 @@ def delete_rabbitmq_queues(broker: Any) -> None:
     try:
         channel = connection.channel()
         for name in broker.get_declared_queues():
-            for suffix in ("", ".DQ", ".XQ"):
+            for suffix in ("", ".DQ", ".XQ", ".HQ"):
                 channel.queue_delete(name + suffix)
     finally:
         connection.close()

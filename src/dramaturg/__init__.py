@@ -18,7 +18,7 @@ from .__about__ import __version__
 from .actors import Actor, actor
 from .actors.builtin import echo
 from .app import bootstrap, get_broker, shutdown
-from .config import BrokerSettings, Settings, WorkerSettings, load_settings
+from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .errors import (
     ActorError,
     BrokerNotInstalled,
@@ -27,6 +27,8 @@ from .errors import (
     DramaturgError,
     SendError,
 )
+from .held import HeldStore, HeldTask, KickError, held_tasks
+from .task import Hold, NotInTask, Retry, Success, Task, TaskOutcome, current_task
 
 __all__ = [
     "Actor",
@@ -36,14 +38,26 @@ __all__ = [
     "BrokerUnreachable",
     "ConfigError",
     "DramaturgError",
+    "HeldStore",
+    "HeldTask",
+    "Hold",
+    "KickError",
+    "NotInTask",
+    "Retry",
+    "RetrySettings",
     "SendError",
     "Settings",
+    "Success",
+    "Task",
+    "TaskOutcome",
     "WorkerSettings",
     "__version__",
     "actor",
     "bootstrap",
+    "current_task",
     "echo",
     "get_broker",
+    "held_tasks",
     "load_settings",
     "shutdown",
 ]

@@ -28,12 +28,12 @@ Actor options: ``max_retries``, ``min_backoff``, ``max_backoff`` (ms), ``hold_on
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
-from dramatiq.common import compute_backoff
 from dramatiq.errors import Retry as DramatiqRetry
 
 from ..held import HeldTask, describe
@@ -138,8 +138,16 @@ class Outcomes(dramatiq.Middleware):
             return int(exception.delay)
         min_backoff = int(self.option(message, actor, "min_backoff", self.min_backoff))
         max_backoff = int(self.option(message, actor, "max_backoff", self.max_backoff))
-        _, backoff = compute_backoff(retries, factor=min_backoff, max_backoff=max_backoff)
-        return int(backoff)
+        return backoff_ms(retries, min_backoff, max_backoff)
+
+
+def backoff_ms(retries: int, min_backoff: int, max_backoff: int) -> int:
+    """``min_backoff * 2**retries`` plus up to half again of jitter, within [min, max].
+
+    Unlike Dramatiq's (which may halve the delay), ``min_backoff`` is a real minimum.
+    """
+    base = min_backoff * 2 ** min(retries, 32)
+    return max(min_backoff, min(max_backoff, int(base * (1 + random.random() / 2))))
 
 
 def hold_poison(broker: dramatiq.Broker, task: HeldTask) -> bool:
