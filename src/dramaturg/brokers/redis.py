@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,30 +77,53 @@ class RedisConsumer(_RedisConsumer):
             except DecodeError as error:
                 self._hold_undecodable(error)
                 continue
-            if message is None or message.actor_name in self.broker.actors:
+            if message is None:
+                return None
+            if "redis_message_id" not in message.options:
+                # Put here by another client; Dramatiq needs this id to acknowledge it.
+                redis_id = self._claimed_id(lambda body, wanted=message.message_id: _message_id(body) == wanted)
+                if redis_id is None:
+                    continue
+                message.options["redis_message_id"] = redis_id
+            if message.actor_name in self.broker.actors:
                 return message
-            task = HeldTask.from_message(
-                message._message, unknown_actor_reason(message.actor_name, self.broker), queue_name=self._queue()
-            )
-            if hold_poison(self.broker, task):
+            reason = unknown_actor_reason(message.actor_name, self.broker)
+            if hold_poison(self.broker, HeldTask.from_message(message._message, reason, queue_name=self._queue())):
                 self.ack(message)  # type: ignore[no-untyped-call]
 
     def _queue(self) -> str:
         return canonical_queue(self.queue_name)
 
-    def _hold_undecodable(self, error: DecodeError) -> None:
-        # The fetch script returns bodies without their ids: find this one among the
-        # ids this consumer has claimed (at most its prefetch).
+    def _claimed_id(self, matches: Callable[[bytes], bool]) -> str | None:
+        """The Redis id of a message this consumer has claimed, found by its body.
+
+        The fetch script returns bodies without their ids, so look among the ids this
+        consumer has claimed (at most its prefetch). Only poison messages come here.
+        """
         broker = self.broker
         claimed = f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"
         bodies = f"{broker.namespace}:{self.queue_name}.msgs"
         for redis_id in broker.client.smembers(claimed):
-            if broker.client.hget(bodies, redis_id) == error.data:
-                reason = f"undecodable message: {error.error!r}"
-                task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id.decode())
-                if hold_poison(broker, task):
-                    broker.do_ack(self.queue_name, redis_id)
-                return
+            body = broker.client.hget(bodies, redis_id)
+            if body is not None and matches(body):
+                return str(redis_id.decode())
+        return None
+
+    def _hold_undecodable(self, error: DecodeError) -> None:
+        redis_id = self._claimed_id(lambda body: body == error.data)
+        if redis_id is None:
+            return
+        reason = f"undecodable message: {error.error!r}"
+        task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id)
+        if hold_poison(self.broker, task):
+            self.broker.do_ack(self.queue_name, redis_id)
+
+
+def _message_id(body: bytes) -> str | None:
+    try:
+        return str(json.loads(body)["message_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def make_client(settings: BrokerSettings) -> redis.Redis:

@@ -1,0 +1,301 @@
+"""The held-task store on every broker: list, get, kick, purge; poison messages; nothing lost."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import pytest
+
+import dramaturg
+from dramaturg.held import HeldTask
+
+from .conftest import pending_messages
+
+WAIT_S = 20
+
+
+def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTask:
+    return HeldTask(
+        message_id=f"m-{number:03d}-{uuid.uuid4().hex[:6]}",
+        queue_name=queue,
+        actor_name=actor,
+        args=[{"id": number}],
+        kwargs={},
+        reason=f"row {number} has no email",
+        attempts=1,
+        enqueued_at=1_700_000_000_000 + number,
+        held_at=1_700_000_100_000 + number,
+        host="worker-1",
+        pid=4242,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    """Poll a condition held by a broker (no event reaches this process), with a bound."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def imports_actor(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
+    ran: list[int] = []
+
+    @dramaturg.actor(queue_name="imports")
+    def import_user(row: dict[str, Any]) -> None:
+        ran.append(row["id"])
+
+    import_user.ran = ran  # type: ignore[attr-defined]
+    return import_user
+
+
+def test_listing_is_paged_oldest_first_and_removes_nothing(
+    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+) -> None:
+    store = dramaturg.held_tasks()
+    tasks = [held_task("imports", n) for n in range(7)]
+    for task in tasks:
+        store.hold(task)
+
+    first = store.list("imports", limit=3)
+    second = store.list("imports", offset=3, limit=3)
+    third = store.list("imports", offset=6, limit=3)
+
+    assert [t.message_id for t in first + second + third] == [t.message_id for t in tasks]
+    assert store.count("imports") == 7
+    assert store.list(limit=2) == first[:2]  # every queue
+    assert store.get(tasks[4].message_id) == tasks[4]
+    assert store.get("no-such-id") is None
+    assert store.count() == 7
+
+
+def test_purge_one_several_or_all(broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]) -> None:
+    store = dramaturg.held_tasks()
+    tasks = [held_task("imports", n) for n in range(5)]
+    for task in tasks:
+        store.hold(task)
+
+    assert store.purge("imports", [tasks[0].message_id]) == 1
+    assert store.purge("imports", [tasks[1].message_id, tasks[2].message_id, "unknown"]) == 2
+    assert [t.message_id for t in store.list("imports")] == [tasks[3].message_id, tasks[4].message_id]
+    assert store.purge("imports") == 2
+    assert store.count("imports") == 0
+
+
+def test_kick_requeues_with_a_fresh_budget_and_counts_kicks(
+    broker: dramatiq.Broker,
+    imports_actor: dramaturg.Actor[..., None],
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    store = dramaturg.held_tasks()
+    tasks = [held_task("imports", n) for n in range(4)]
+    for task in tasks:
+        store.hold(task)
+
+    # One by id, then the rest of the queue
+    assert store.kick("imports", [tasks[0].message_id]) == 1
+    assert store.count("imports") == 3
+    assert store.kick("imports") == 3
+    assert store.count("imports") == 0
+    assert pending_messages(broker, "imports") == 4
+
+    worker = start_worker()
+    wait_until(lambda: len(imports_actor.ran) == 4, "the kicked tasks to run")  # type: ignore[attr-defined]
+    worker.join()
+    assert sorted(imports_actor.ran) == [0, 1, 2, 3]  # type: ignore[attr-defined]
+
+
+def test_kick_with_a_delay(broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]) -> None:
+    store = dramaturg.held_tasks()
+    store.hold(held_task("imports", 1))
+
+    assert store.kick("imports", delay_ms=60_000) == 1
+
+    assert pending_messages(broker, "imports") == 1  # waiting on the delay queue
+
+
+def test_an_undecodable_message_is_held_and_the_worker_goes_on(
+    broker: dramatiq.Broker,
+    imports_actor: dramaturg.Actor[..., None],
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    # Given a body that is not a message, put straight onto the queue by another client
+    raw_publish(broker, "imports", b"\x80not json at all")
+    # and a good message behind it
+    imports_actor.send({"id": 1})
+
+    worker = start_worker()
+
+    # Then the good one runs, and the bad one is held with a reason that says why
+    wait_until(lambda: imports_actor.ran == [1], "the good message to run")  # type: ignore[attr-defined]
+    wait_until(lambda: dramaturg.held_tasks().count("imports") == 1, "the poison message to be held")
+    worker.join()
+    [held] = dramaturg.held_tasks().list("imports")
+    assert held.reason.startswith("undecodable message: ")
+    assert held.raw is not None and "not json at all" in held.raw
+    worker.stop()
+    assert pending_messages(broker, "imports") == 0
+
+
+def test_a_message_for_an_unknown_actor_is_held(
+    broker: dramatiq.Broker,
+    imports_actor: dramaturg.Actor[..., None],
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(1,), kwargs={}, options={})
+    raw_publish(broker, "imports", message.encode())
+    imports_actor.send({"id": 2})
+
+    worker = start_worker()
+
+    wait_until(lambda: imports_actor.ran == [2], "the good message to run")  # type: ignore[attr-defined]
+    wait_until(lambda: dramaturg.held_tasks().count("imports") == 1, "the unknown actor's message to be held")
+    worker.join()
+    held = dramaturg.held_tasks().get(message.message_id, "imports")
+    assert held is not None
+    assert held.reason.startswith("unknown actor 'export_user': no actor of that name is declared in this worker")
+    assert held.args == [1]
+
+
+def test_arguments_that_do_not_fit_are_held_with_the_signature(
+    broker: dramatiq.Broker,
+    imports_actor: dramaturg.Actor[..., None],
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    message = dramatiq.Message(queue_name="imports", actor_name="import_user", args=(), kwargs={"rows": []}, options={})
+    raw_publish(broker, "imports", message.encode())
+
+    worker = start_worker()
+
+    wait_until(lambda: dramaturg.held_tasks().count("imports") == 1, "the misfit message to be held")
+    worker.join()
+    held = dramaturg.held_tasks().get(message.message_id, "imports")
+    assert held is not None
+    assert held.reason == (
+        "arguments do not fit import_user(row: 'dict[str, Any]'): missing a required argument: 'row'"
+    )
+
+
+@pytest.mark.parametrize("fails", ["retry publish", "held store write"])
+def test_a_failed_durable_write_never_acks_the_message(
+    fails: str,
+    broker: dramatiq.Broker,
+    start_worker: Callable[..., dramatiq.Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the write that should make the outcome durable fails every time
+    ran = threading.Event()
+
+    @dramaturg.actor(queue_name="fragile", max_retries=1 if fails == "retry publish" else 0)
+    def fragile() -> None:
+        ran.set()
+        raise RuntimeError("the mail server is down")
+
+    message = fragile.send()
+    if fails == "retry publish":
+        original = broker.enqueue
+
+        def enqueue(msg: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+            if msg.options.get("retries"):
+                raise ConnectionError("the broker refused the retry")
+            return original(msg, delay=delay)
+
+        monkeypatch.setattr(broker, "enqueue", enqueue)
+    else:
+
+        def hold(task: HeldTask) -> None:
+            raise ConnectionError("the held store is unreachable")
+
+        monkeypatch.setattr(broker.held, "hold", hold)  # type: ignore[attr-defined]
+    monkeypatch.setattr("dramaturg.middleware.outcomes._WRITE_PAUSES_S", (0.0, 0.0))
+
+    worker = start_worker()
+    assert ran.wait(WAIT_S)
+    worker.join()
+    worker.stop()
+
+    # Then the message was not acknowledged: it waits in the broker's dead-letter queue
+    assert dead_letters(broker, "fragile") == [message.message_id]
+    assert dramaturg.held_tasks().count("fragile") == 0
+
+
+def test_a_transient_write_failure_is_retried(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = threading.Event()
+
+    @dramaturg.actor(queue_name="fragile")
+    def parked() -> None:
+        ran.set()
+        dramaturg.current_task().hold("wait for a human")
+
+    message = parked.send()
+    store = broker.held  # type: ignore[attr-defined]
+    real_hold, calls = store.hold, []
+
+    def hold_once_failing(task: HeldTask) -> None:
+        calls.append(task.message_id)
+        if len(calls) == 1:
+            raise ConnectionError("blip")
+        real_hold(task)
+
+    monkeypatch.setattr(store, "hold", hold_once_failing)
+    monkeypatch.setattr("dramaturg.middleware.outcomes._WRITE_PAUSES_S", (0.0, 0.0))
+
+    worker = start_worker()
+    assert ran.wait(WAIT_S)
+    worker.join()
+
+    assert calls == [message.message_id, message.message_id]
+    assert dramaturg.held_tasks().get(message.message_id, "fragile") is not None
+    assert dead_letters(broker, "fragile") == []
+
+
+# -- raw access to the brokers, as another client would have -----------------------------
+
+
+def raw_publish(broker: Any, queue: str, body: bytes) -> None:
+    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would."""
+    if broker.settings.type == "rabbitmq":
+        import pika
+
+        broker.declare_queue(queue, ensure=True)
+        connection = pika.BlockingConnection(broker.parameters)
+        try:
+            connection.channel().basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()
+        return
+    broker.declare_queue(queue)
+    redis_id = str(uuid.uuid4())
+    # Dramatiq's Redis layout: the body in <queue>.msgs, the id on the <queue> list.
+    broker.client.hset(f"{broker.namespace}:{queue}.msgs", redis_id, body)
+    broker.client.rpush(f"{broker.namespace}:{queue}", redis_id)
+
+
+def dead_letters(broker: Any, queue: str) -> list[str]:
+    """Message ids in Dramatiq's dead-letter queue for ``queue``."""
+    if broker.settings.type == "rabbitmq":
+        import pika
+
+        connection = pika.BlockingConnection(broker.parameters)
+        try:
+            channel = connection.channel()
+            ids = []
+            while True:
+                method, _, body = channel.basic_get(f"{queue}.XQ", auto_ack=False)
+                if method is None:
+                    return ids
+                ids.append(json.loads(body)["message_id"])
+        finally:
+            connection.close()
+    bodies = broker.client.hvals(f"{broker.namespace}:{queue}.XQ.msgs")
+    return [json.loads(body)["message_id"] for body in bodies]
