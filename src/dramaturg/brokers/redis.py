@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -81,7 +82,7 @@ class RedisConsumer(_RedisConsumer):
                 return None
             if "redis_message_id" not in message.options:
                 # Put here by another client; Dramatiq needs this id to acknowledge it.
-                redis_id = self._claimed_id(lambda body, wanted=message.message_id: _message_id(body) == wanted)
+                redis_id = self._claimed_id(functools.partial(_has_id, message.message_id))
                 if redis_id is None:
                     continue
                 message.options["redis_message_id"] = redis_id
@@ -119,11 +120,11 @@ class RedisConsumer(_RedisConsumer):
             self.broker.do_ack(self.queue_name, redis_id)
 
 
-def _message_id(body: bytes) -> str | None:
+def _has_id(message_id: str, body: bytes) -> bool:
     try:
-        return str(json.loads(body)["message_id"])
+        return bool(json.loads(body)["message_id"] == message_id)
     except (ValueError, KeyError, TypeError):
-        return None
+        return False
 
 
 def make_client(settings: BrokerSettings) -> redis.Redis:
