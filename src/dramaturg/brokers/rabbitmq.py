@@ -247,25 +247,24 @@ class RabbitmqHeldStore(HeldStore):
                 return
             yield method.delivery_tag, HeldTask.from_json(body)
 
-    def _exists(self, queue: str) -> bool:
+    def _size(self, queue: str) -> int:
+        """Declare ``queue``'s held queue (durable; declaring is idempotent) and count it.
+
+        Declaring instead of a passive check keeps a missing queue from closing the
+        channel with a 404 (and pika from logging a warning for it).
+        """
         channel = self._channel(confirmed=False)
         try:
-            channel.queue_declare(held_queue(queue), passive=True)
-            return True
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code == 404:
-                return False
-            raise
+            return int(channel.queue_declare(held_queue(queue), durable=True).method.message_count)
         finally:
-            if channel.is_open:
-                channel.close()
+            channel.close()
 
     def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
         def read() -> list[HeldTask]:
             found: list[HeldTask] = []
             skip = offset
             for name in [queue] if queue else self.queues():
-                if len(found) >= limit or not self._exists(name):
+                if len(found) >= limit or not self._size(name):
                     continue
                 channel = self._channel(confirmed=False)
                 try:
@@ -285,18 +284,7 @@ class RabbitmqHeldStore(HeldStore):
 
     def count(self, queue: str | None = None) -> int:
         def read() -> int:
-            total = 0
-            for name in [queue] if queue else self.queues():
-                channel = self._channel(confirmed=False)
-                try:
-                    total += channel.queue_declare(held_queue(name), passive=True).method.message_count
-                except pika.exceptions.ChannelClosedByBroker as error:
-                    if error.reply_code != 404:
-                        raise
-                finally:
-                    if channel.is_open:
-                        channel.close()
-            return total
+            return sum(self._size(name) for name in ([queue] if queue else self.queues()))
 
         result: int = self._retrying(read)
         return result
@@ -304,7 +292,7 @@ class RabbitmqHeldStore(HeldStore):
     def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
         def read() -> HeldTask | None:
             for name in [queue] if queue else self.queues():
-                if not self._exists(name):
+                if not self._size(name):
                     continue
                 channel = self._channel(confirmed=False)
                 try:
@@ -321,7 +309,7 @@ class RabbitmqHeldStore(HeldStore):
     @contextmanager
     def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
         with self._lock:
-            if not self._retrying(lambda: self._exists(queue)):
+            if not self._retrying(lambda: self._size(queue)):
                 yield iter(())
                 return
             channel = self._channel(confirmed=False)
@@ -345,7 +333,7 @@ class RabbitmqHeldStore(HeldStore):
         if message_ids is None:
 
             def purge_all() -> int:
-                if not self._exists(queue):
+                if not self._size(queue):
                     return 0
                 channel = self._channel(confirmed=False)
                 try:

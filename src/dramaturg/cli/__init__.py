@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``send``, ``config``.
+"""The ``dramaturg`` command: ``worker``, ``send``, ``held``, ``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..__about__ import __version__
 from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
 from ..masking import install_log_masking, mask_text
-from . import config_cmd, send, worker
+from . import config_cmd, held, send, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -45,6 +45,11 @@ examples:
   # Send one message to the built-in echo actor and print its id
   $ dramaturg send default:echo:'["hello"]'
 
+  # List held tasks, look at one, requeue a queue's held tasks
+  $ dramaturg held list
+  $ dramaturg held show 1f0c2d7e-...
+  $ dramaturg held kick imports --all
+
   # Show the effective settings and where each came from; then test the broker
   $ dramaturg config show
   $ dramaturg config check
@@ -69,7 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
         " or pyproject.toml [tool.dramaturg])",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, send, config_cmd):
+    for module in (worker, send, held, config_cmd):
         module.add_parser(subparsers)
     return parser
 

@@ -1,0 +1,180 @@
+"""``dramaturg held list|show|kick|purge``: examine and act on held tasks.
+
+The command reads the configuration and imports ``worker.modules``, so it knows the
+queues of the application's actors (RabbitMQ cannot list queues; name one to be sure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from .. import app
+from ..config import load_settings, parse_duration_ms
+from ..errors import SendError
+from ..held import HeldStore, HeldTask, held_tasks
+
+EPILOG = """\
+examples:
+  $ dramaturg held list                      # every queue, oldest first
+  $ dramaturg held list imports --limit 20 --offset 20
+  $ dramaturg held show 1f0c...              # everything, traceback included
+  $ dramaturg held kick imports 1f0c... 9a2b...
+  $ dramaturg held kick imports --all --delay 5m
+  $ dramaturg held purge imports --all --yes
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "held",
+        help="list, show, kick (requeue) or purge held tasks",
+        description="Examine held tasks and requeue or delete them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="a table of held tasks: id, queue, actor, reason, attempts, held at")
+    listing.add_argument("queue", nargs="?", help="only this queue (default: every queue)")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    listing.add_argument("--offset", type=int, default=0, help="skip this many first (default: 0)")
+    listing.add_argument("--json", action="store_true", help="print JSON lines (default: a table)")
+    listing.set_defaults(run=run_list)
+
+    show = actions.add_parser("show", help="everything about one held task, traceback included")
+    show.add_argument("message_id", metavar="ID")
+    show.add_argument("--queue", help="look only in this queue (default: every queue)")
+    show.add_argument("--json", action="store_true", help="print JSON (default: text)")
+    show.set_defaults(run=run_show)
+
+    for name, verb in (("kick", "requeue"), ("purge", "delete")):
+        action = actions.add_parser(name, help=f"{verb} held tasks of a queue")
+        action.add_argument("queue", metavar="QUEUE")
+        action.add_argument("message_ids", nargs="*", metavar="ID", help=f"the tasks to {verb}")
+        action.add_argument("--all", action="store_true", help=f"{verb} every held task of the queue")
+        if name == "kick":
+            action.add_argument("--delay", help="run them no earlier than this from now: 30s, 5m (default: now)")
+            action.set_defaults(run=run_kick)
+        else:
+            action.add_argument("--yes", "-y", action="store_true", help="do not ask before purging --all")
+            action.set_defaults(run=run_purge)
+
+
+def _store(args: argparse.Namespace) -> HeldStore:
+    settings = load_settings(args.config)
+    broker = app.bootstrap(settings)
+    app.import_actor_modules(settings.worker.modules)
+    return held_tasks(broker)
+
+
+def _millis(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ids(args: argparse.Namespace) -> list[str] | None:
+    if args.all and args.message_ids:
+        raise SendError("give message ids or --all, not both")
+    if not args.all and not args.message_ids:
+        raise SendError("give the message ids to act on, or --all")
+    return None if args.all else list(args.message_ids)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    tasks = store.list(args.queue, offset=args.offset, limit=args.limit)
+    if args.json:
+        for task in tasks:
+            print(json.dumps(asdict(task)))
+        return 0
+    if not tasks:
+        print(f"no held tasks{' in ' + args.queue if args.queue else ''}")
+        return 0
+    header = ("id", "queue", "actor", "reason", "attempts", "held at")
+    rows = [
+        (t.message_id, t.queue_name, t.actor_name or "?", _shorten(t.reason, 60), str(t.attempts), _millis(t.held_at))
+        for t in tasks
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    total = store.count(args.queue)
+    if total > args.offset + len(tasks):
+        print(f"({len(tasks)} of {total} shown; next page: --offset {args.offset + len(tasks)})")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    task = _store(args).get(args.message_id, args.queue)
+    if task is None:
+        raise SendError(f"no held task with id {args.message_id!r}")
+    if args.json:
+        print(json.dumps(asdict(task), indent=2))
+        return 0
+    print(describe(task))
+    return 0
+
+
+def describe(task: HeldTask) -> str:
+    lines = [
+        f"id:          {task.message_id}",
+        f"queue:       {task.queue_name}",
+        f"actor:       {task.actor_name or '? (undecodable)'}",
+        f"reason:      {task.reason}",
+        f"attempts:    {task.attempts} (kicked {task.kicks} times)",
+        f"enqueued at: {_millis(task.enqueued_at)}",
+        f"held at:     {_millis(task.held_at)} on {task.host} (pid {task.pid})",
+    ]
+    if task.raw is None:
+        lines += [f"args:        {json.dumps(task.args)}", f"kwargs:      {json.dumps(task.kwargs)}"]
+    if task.context:
+        lines.append(f"context:     {json.dumps(task.context)}")
+    if task.exception_type:
+        lines.append(f"error:       {task.exception_type}: {task.exception_message}")
+        lines.append(f"raised at:   {task.origin}")
+    if task.raw is not None:
+        lines += ["body:", task.raw]
+    if task.traceback:
+        lines += ["traceback:", task.traceback.rstrip()]
+    return "\n".join(lines)
+
+
+def run_kick(args: argparse.Namespace) -> int:
+    ids = _ids(args)
+    delay = None
+    if args.delay is not None:
+        try:
+            delay = parse_duration_ms(args.delay)
+        except ValueError as error:
+            raise SendError(f"--delay: {error}") from None
+    kicked = _store(args).kick(args.queue, ids, delay_ms=delay)
+    print(f"requeued {kicked} held task{'s' if kicked != 1 else ''} of {args.queue}")
+    if ids is not None and kicked < len(ids):
+        print(f"({len(ids) - kicked} of the given ids were not held in {args.queue})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    ids = _ids(args)
+    store = _store(args)
+    if ids is None and not args.yes:
+        count = store.count(args.queue)
+        if not sys.stdin.isatty():
+            raise SendError(f"purging all {count} held tasks of {args.queue} needs --yes when not asked at a terminal")
+        answer = input(f"Delete all {count} held tasks of {args.queue}? This cannot be undone. [y/N] ")
+        if answer.strip().lower() not in {"y", "yes"}:
+            print("nothing purged")
+            return 1
+    purged = store.purge(args.queue, ids)
+    print(f"purged {purged} held task{'s' if purged != 1 else ''} of {args.queue}")
+    return 0
