@@ -95,3 +95,47 @@ def test_pickle_is_never_the_encoder(stub_settings: dramaturg.Settings) -> None:
     dramaturg.bootstrap(stub_settings)
 
     assert isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder)
+
+
+def test_a_pipeline_built_before_bootstrap_uses_the_configured_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a process that never called bootstrap() and a configured stub broker
+    monkeypatch.setenv("DRAMATURG_BROKER_TYPE", "stub")
+    monkeypatch.setattr(dramatiq.broker, "global_broker", None)
+
+    @dramaturg.actor(queue_name="piped")
+    def step(n: int) -> int:
+        return n
+
+    # When a pipeline is built and run through Dramatiq's own API
+    dramatiq.pipeline([step.message(1), step.message()]).run()
+
+    # Then the configured broker got it, not Dramatiq's localhost RabbitMQ fallback
+    assert type(dramatiq.get_broker()).__module__ == "dramaturg.brokers.stub"
+    assert dramatiq.get_broker().queues["piped"].qsize() == 1
+
+
+def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: dramaturg.Settings) -> None:
+    import threading
+
+    @dramaturg.actor(queue_name="race")
+    def job(n: int) -> None: ...
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def send_forever() -> None:
+        while not stop.is_set():
+            try:
+                job.send(1)
+            except BaseException as error:
+                errors.append(error)
+                return
+
+    dramaturg.bootstrap(stub_settings)
+    sender = threading.Thread(target=send_forever)
+    sender.start()
+    for _ in range(50):
+        dramaturg.bootstrap(stub_settings)
+    stop.set()
+    sender.join()
+    assert errors == []

@@ -110,3 +110,116 @@ def test_the_default_data_file_is_under_the_project(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert (tmp_path / ".dramaturg" / "embedded.db.aof").is_file()
+
+
+def wait_for_exit(pid: int, timeout: float = 10.0) -> bool:
+    """Poll until process ``pid`` is gone (it is not our child: no event to wait on)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _process_exists(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_forked_child_does_not_keep_the_parents_claim(embedded_settings: dramaturg.Settings) -> None:
+    # Given a process using the server that forks a long-lived child (gunicorn --preload)
+    import os
+
+    dramaturg.bootstrap(embedded_settings)
+    server_pid = server_of(embedded_settings).pid
+    assert server_pid is not None
+    release_read, release_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child never uses the broker; it waits, then leaves without cleanup
+        os.read(release_read, 1)
+        os._exit(0)
+    try:
+        # When the parent closes while the child still runs
+        dramaturg.shutdown()
+
+        # Then the server stops at once: the child inherited no claim
+        assert not _process_exists(server_pid)
+    finally:
+        os.write(release_write, b"x")
+        os.waitpid(child, 0)
+
+
+def test_a_process_that_exits_without_closing_lets_the_server_stop(embedded_settings: dramaturg.Settings) -> None:
+    # Given a worker-like process that uses the server and ends with os._exit (no atexit)
+    script = textwrap.dedent(
+        f"""
+        import os, dramaturg
+        dramaturg.bootstrap(dramaturg.Settings(broker={{"url": {embedded_settings.broker.url!r}}}))
+        dramaturg.echo.send("left behind")
+        print(dramaturg.get_broker().server.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    server_pid = int(result.stdout.strip())
+
+    # Then the server's watchdog stops it, and the message is still there on the next start
+    assert wait_for_exit(server_pid), "the embedded server outlived its last user"
+    broker = dramaturg.bootstrap(embedded_settings)
+    assert pending_messages(broker, "default") == 1
+
+
+def test_a_stale_pid_file_never_harms_another_process(embedded_settings: dramaturg.Settings) -> None:
+    # Given a pid file left by a dead server whose pid now belongs to an unrelated process
+    bystander = subprocess.Popen(["sleep", "30"])
+    server = server_of(embedded_settings)
+    server.path.parent.mkdir(parents=True)
+    server.pid_path.write_text(str(bystander.pid))
+    try:
+        # When the broker starts and stops
+        dramaturg.bootstrap(embedded_settings)
+        assert server.pid not in (None, bystander.pid)
+        dramaturg.shutdown()
+
+        # Then the bystander was left alone
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_busy_server_is_waited_for_not_replaced(embedded_settings: dramaturg.Settings) -> None:
+    import threading
+
+    broker = dramaturg.bootstrap(embedded_settings)
+    server = server_of(embedded_settings)
+    server_pid = server.pid
+    # Given the server is busy for 2 s (a long script: it answers nobody meanwhile)
+    busy = threading.Thread(
+        target=broker.client.eval,
+        args=("local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 2 do end return 1", 0),
+    )
+    busy.start()
+    try:
+        # When another process attaches meanwhile
+        script = f"""
+import dramaturg
+dramaturg.bootstrap(dramaturg.Settings(broker={{"url": {embedded_settings.broker.url!r}}}))
+print(dramaturg.get_broker().server.pid)
+"""
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    finally:
+        busy.join()
+
+    # Then it waited and used the same server: no second server on the same file
+    assert int(result.stdout.strip()) == server_pid
+    assert server.pid == server_pid
+
+
+def test_data_files_are_private(embedded_settings: dramaturg.Settings) -> None:
+    dramaturg.bootstrap(embedded_settings)
+    dramaturg.echo.send("secret payload")
+    server = server_of(embedded_settings)
+
+    for path in server.path.parent.iterdir():
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+    assert stat.S_IMODE(server.path.parent.stat().st_mode) == 0o700

@@ -54,10 +54,12 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
     with _lock:
         previous = _broker
         broker = brokers.create_broker(settings.broker, framework_middleware(settings))
-        _broker, _settings = broker, settings
-        dramatiq.set_broker(broker)
+        # Bind every actor before publishing the broker: get_broker()'s lock-free fast
+        # path must never hand out a broker whose actors are not declared on it yet.
         for actor in list(_actors.values()):
             actor._bind(broker)
+        dramatiq.set_broker(broker)
+        _settings, _broker = settings, broker
         if previous is not None:
             previous.close()
     logger.debug(

@@ -75,6 +75,14 @@ class Actor(dramatiq.Actor[P, R]):
             assert broker is not None, f"{self.actor_name} was not bound by bootstrap()"
         return broker
 
+    def message_with_options(
+        self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> dramatiq.Message[R]:
+        """Build a message (see Dramatiq). Bootstraps first, so that a pipeline or group
+        built from it finds the configured broker as Dramatiq's global one."""
+        self.broker  # noqa: B018 (bootstraps when needed)
+        return super().message_with_options(args=args, kwargs=kwargs, **options)
+
     def _bind(self, broker: dramatiq.Broker) -> None:
         if self._broker is broker:
             return

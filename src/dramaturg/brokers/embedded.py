@@ -31,10 +31,13 @@ import importlib.util
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import IO
 
@@ -93,6 +96,7 @@ class EmbeddedServer:
         self._owner_pid: int | None = None
         self._mutex = threading.Lock()
         self._exit_hook = False
+        _servers.add(self)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -101,41 +105,61 @@ class EmbeddedServer:
         with self._mutex:
             if self._users is not None and self._owner_pid == os.getpid():
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._exclusive(self.lock_path):
-                if not self._alive():
-                    self._start()
-                users = self.users_path.open("ab")
-                fcntl.flock(users, fcntl.LOCK_SH)
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with self._exclusive(self.lock_path):
+                    started = self.pid is None
+                    if started:
+                        self._start()
+                    self._wait_until_answering(started)
+                    users = _private_file(self.users_path)
+                    fcntl.flock(users, fcntl.LOCK_SH)
+            except OSError as error:
+                raise BrokerUnreachable(
+                    f"the embedded broker cannot use {self.path}: {error.strerror or error}"
+                    f"{' (' + error.filename + ')' if error.filename else ''}"
+                ) from None
             self._users, self._owner_pid = users, os.getpid()
             if not self._exit_hook:
                 atexit.register(self.detach)
                 self._exit_hook = True
 
     def detach(self) -> None:
-        """Stop being a user; stop the server if this process was the last one."""
+        """Stop being a user; stop the server if this process was the last one.
+
+        Processes that exit without detaching lose their claim anyway; the server's
+        watchdog then stops it (see ``_embedded_watchdog.py``).
+        """
         with self._mutex:
-            # A forked child inherits the parent's open lock file but is not a user.
             if self._users is None or self._owner_pid != os.getpid():
                 return
             users, self._users = self._users, None
             with self._exclusive(self.lock_path):
                 users.close()  # drops this process's shared lock
-                with self.users_path.open("ab") as probe:
+                with _private_file(self.users_path) as probe:
                     try:
                         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return  # another process still uses the server
                     self._stop()
 
+    def _forget_after_fork(self) -> None:
+        # A forked child shares the parent's open lock file; the parent's claim must stay
+        # the parent's. Closing the child's copy leaves the lock held by the parent.
+        if self._users is not None:
+            with contextlib.suppress(OSError):
+                self._users.close()
+        self._users = self._owner_pid = None
+        self._mutex = threading.Lock()
+
     @property
     def pid(self) -> int | None:
-        """The server's pid, if it runs."""
+        """The pid of this data file's server, if it runs (a stale pid file is ignored)."""
         try:
             pid = int(self.pid_path.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _process_exists(pid) else None
+        return pid if _is_server(pid, self.socket_path) else None
 
     def client(self, **options: object) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.socket_path), **options)  # type: ignore[arg-type]
@@ -144,47 +168,68 @@ class EmbeddedServer:
 
     @contextlib.contextmanager
     def _exclusive(self, path: Path):  # type: ignore[no-untyped-def]
-        with path.open("ab") as handle:
+        with _private_file(path) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _alive(self) -> bool:
-        if self.pid is None or not self.socket_path.exists():
-            return False
+    def _answers(self) -> bool:
         client = self.client(socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
         try:
             return bool(client.ping())
-        except redis.RedisError:
+        except redis.RedisError:  # not yet listening, still loading its data, or busy
             return False
         finally:
             client.close()
 
+    def _wait_until_answering(self, just_started: bool) -> None:
+        # A running server that does not answer (loading a large file, or a long script)
+        # is waited for, never replaced: two servers on one file would corrupt it.
+        began = time.monotonic()
+        deadline = began + START_TIMEOUT_S
+        delay = 0.002
+        while not self._answers():
+            # A server just started may not have written its pid file yet.
+            if self.pid is None and (not just_started or time.monotonic() - began > 2):
+                raise BrokerUnreachable(f"the embedded Redis server for {self.path} exited; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"the embedded Redis server for {self.path} (pid {self.pid}) did not answer within"
+                    f" {START_TIMEOUT_S:.0f} s; see {self.log_path}"
+                )
+            time.sleep(delay)  # polling a process; there is no event to wait on
+            delay = min(delay * 2, 0.05)
+
     def _start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        self.conf_path.write_text(self._config())
-        self.conf_path.chmod(0o600)
-        binary = redis_server_binary()
-        result = subprocess.run([binary, str(self.conf_path)], capture_output=True, text=True, check=False)
+        with _private_file(self.conf_path, truncate=True) as conf:
+            conf.write(self._config().encode())
+        result = subprocess.run(
+            [redis_server_binary(), str(self.conf_path)], capture_output=True, text=True, check=False, umask=0o077
+        )
         if result.returncode != 0:
             raise BrokerUnreachable(
                 f"the embedded Redis server for {self.path} did not start: "
                 f"{(result.stderr or result.stdout).strip() or 'exit code ' + str(result.returncode)}"
                 f" (log: {self.log_path})"
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        delay = 0.002
-        while not self._alive():
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(
-                    f"the embedded Redis server for {self.path} did not answer within"
-                    f" {START_TIMEOUT_S:.0f} s; see {self.log_path}"
-                )
-            time.sleep(delay)  # polling a process we just started; there is no event to wait on
-            delay = min(delay * 2, 0.05)
+        subprocess.Popen(  # stops the server when the last user is gone, whoever forgot to
+            [
+                sys.executable,
+                "-I",
+                str(Path(__file__).with_name("_embedded_watchdog.py")),
+                str(self.path),
+                str(self.socket_path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
 
     def _stop(self) -> None:
         pid = self.pid
@@ -201,9 +246,9 @@ class EmbeddedServer:
         finally:
             client.close()
         deadline = time.monotonic() + START_TIMEOUT_S
-        while _process_exists(pid) and time.monotonic() < deadline:
+        while _is_server(pid, self.socket_path) and time.monotonic() < deadline:
             time.sleep(0.005)
-        if _process_exists(pid):
+        if _is_server(pid, self.socket_path):
             os.kill(pid, signal.SIGKILL)
 
     def _config(self) -> str:
@@ -227,6 +272,17 @@ class EmbeddedServer:
                 "",
             ]
         )
+
+
+_servers: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for server in list(_servers):
+        server._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class EmbeddedBroker(RedisBroker):
@@ -266,10 +322,22 @@ def ping(settings: BrokerSettings) -> float:
 
 def _socket_path(path: Path) -> Path:
     beside = path.with_name(path.name + ".sock")
-    if len(str(beside)) <= _MAX_SOCKET_PATH:
+    if len(os.fsencode(beside)) <= _MAX_SOCKET_PATH:
         return beside
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"dramaturg-{digest}.sock"
+    # Too long for a Unix socket: use a directory only this user can enter.
+    private = Path(tempfile.gettempdir()) / f"dramaturg-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    info = private.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise BrokerUnreachable(f"{private} must belong to this user and be private (mode 700) to hold sockets")
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    return private / f"{digest}.sock"
+
+
+def _private_file(path: Path, *, truncate: bool = False) -> IO[bytes]:
+    """Open ``path`` for appending (or rewriting), created readable by this user only."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+    return os.fdopen(os.open(path, flags, 0o600), "wb" if truncate else "ab")
 
 
 def _quote(value: object) -> str:
@@ -277,6 +345,19 @@ def _quote(value: object) -> str:
     if any(c in text for c in ' "\\'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+def _is_server(pid: int, socket_path: Path) -> bool:
+    """True if ``pid`` is a live redis-server listening on ``socket_path`` (not a reused pid).
+
+    Redis sets its process title to ``redis-server unixsocket:<path>``.
+    """
+    if not _process_exists(pid):
+        return False
+    try:
+        return b"unixsocket:" + os.fsencode(socket_path) in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _process_exists(pid: int) -> bool:
