@@ -152,3 +152,21 @@ def test_a_worker_with_bad_configuration_exits_78_naming_the_key(tmp_path: Path)
         result = run_cli(argv, cwd=tmp_path)
         assert result.returncode == 78, result.stderr
         assert "broker.type: unknown 'rabit'; did you mean 'rabbitmq'?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expected", "code"),
+    [
+        ('[broker]\nurl = "amqp://guest:hunter2@127.0.0.1:5672/%2F?heartbeat=often"\n', "is not a valid AMQP URL", 78),
+        ('[broker]\ntype = "stub"\n\n[worker]\nmodules = ["no_such_module"]\n', "cannot import 'no_such_module'", 78),
+    ],
+    ids=["bad amqp url", "missing actor module"],
+)
+def test_send_explains_a_broken_setup_in_one_line(config: str, expected: str, code: int, tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text(config)
+
+    result = run_cli([bin_path("dramaturg"), "send", 'default:echo:["x"]'], cwd=tmp_path)
+
+    assert result.returncode == code, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr

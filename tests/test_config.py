@@ -216,3 +216,23 @@ def test_durations_in_files(tmp_path: Path) -> None:
     write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'redis'\nheartbeat_timeout = '15s'\n")
 
     assert load_settings(cwd=tmp_path).broker.heartbeat_timeout == 15_000
+
+
+def test_a_bad_list_item_names_the_variable_that_set_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "dramaturg.toml", "[worker]\nmodules = ['shop.tasks']\n")
+    monkeypatch.setenv("DRAMATURG_WORKER_MODULES", '["ok", 1]')
+
+    with pytest.raises(
+        dramaturg.ConfigError, match=r"^worker\.modules\.1: 1 is not valid: .*\(from env DRAMATURG_WORKER_MODULES\)$"
+    ):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_secret_in_a_value_of_the_wrong_type_is_masked(tmp_path: Path) -> None:
+    write(tmp_path / "dramaturg.toml", "[broker]\nurl = ['redis://:s3cret@cache/0']\n")
+
+    with pytest.raises(dramaturg.ConfigError) as caught:
+        load_settings(cwd=tmp_path)
+
+    assert "s3cret" not in str(caught.value)
+    assert "redis://:***@cache/0" in str(caught.value)

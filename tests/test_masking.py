@@ -18,6 +18,10 @@ from dramaturg.masking import install_log_masking, mask_text, mask_url
         ("redis://cache:6379/0?password=s3cret&db=1", "redis://cache:6379/0?password=***&db=1"),
         ("connecting to 'amqp://a:b@h/' failed", "connecting to 'amqp://a:***@h/' failed"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:it's secret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ('redis://:say "hi"@cache/0', "redis://:***@cache/0"),
+        ("amqp://shop:p@ss@mq:5672/", "amqp://shop:***@mq:5672/"),
+        ("url='amqp://shop:pw@mq'", "url='amqp://shop:***@mq'"),
         ("no url here", "no url here"),
     ],
 )

@@ -123,6 +123,25 @@ def import_actor_modules(modules: Iterable[str]) -> None:
         importlib.import_module(name)
 
 
+def import_actor_modules_or_explain(modules: Iterable[str]) -> None:
+    """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError."""
+    from .errors import ConfigError
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(
+                f"worker.modules: cannot import {name!r}: {error}; check the name and that its directory is on"
+                " sys.path (run from the project root, or set PYTHONPATH)",
+                key="worker.modules",
+            ) from None
+        except Exception as error:
+            raise ConfigError(
+                f"worker.modules: importing {name!r} failed: {type(error).__name__}: {error}", key="worker.modules"
+            ) from None
+
+
 def register(actor: Actor[..., object]) -> None:
     """Record a newly declared actor; bind it now if a broker is already built."""
     with _lock:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, did_you_mean
-from .masking import mask_url
+from .masking import mask_text, mask_url
 
 __all__ = [
     "BROKER_TYPES",
@@ -363,7 +363,8 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
     problem = error.errors()[0]
     loc = [str(part) for part in problem["loc"]]
     key = ".".join(loc)
-    source = sources.get(key) or (sources.get(loc[0]) if loc else None)
+    # worker.modules.1 -> worker.modules -> worker: the most precise key with a known source
+    source = next((sources[".".join(loc[:n])] for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in sources), None)
     where = f" (from {source})" if source else ""
     value = problem.get("input")
     kind = problem["type"]
@@ -391,11 +392,10 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
             source=source,
         )
 
-    shown = mask_url(value) if isinstance(value, str) else value
     reason = problem["msg"]
     if reason.startswith("Value error, "):
         reason = reason[len("Value error, ") :]
-    return ConfigError(f"{key}: {shown!r} is not valid: {reason}{where}", key=key, source=source)
+    return ConfigError(mask_text(f"{key}: {value!r} is not valid: {reason}{where}"), key=key, source=source)
 
 
 def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[str, str] | None = None) -> Settings:

@@ -15,8 +15,10 @@ from typing import Any
 
 __all__ = ["install_log_masking", "mask_text", "mask_url"]
 
-# scheme://user:password@  (user may be empty, as in redis://:password@host)
-_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"/]+)@")
+# scheme://AUTHORITY: the authority runs to the next '/', '?', '#' or line end; its
+# userinfo (user:password) runs to its *last* '@', since passwords may hold '@', quotes
+# or spaces that a careless URL did not encode.
+_AUTHORITY = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<authority>[^/?#\r\n]*)")
 # ?password=... in a query string (redis-py accepts it)
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s'\"]+)", re.IGNORECASE)
 
@@ -27,8 +29,17 @@ def mask_text(text: str) -> str:
     """Replace every password inside URLs found in ``text`` with ``***``."""
     if "://" not in text and "password=" not in text.lower():
         return text
-    text = _CREDENTIALS.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    text = _AUTHORITY.sub(_mask_authority, text)
     return _QUERY_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def _mask_authority(match: re.Match[str]) -> str:
+    authority = match["authority"]
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return match[0]
+    user = userinfo.split(":", 1)[0]
+    return f"{match['scheme']}{user}:{MASK}@{host}"
 
 
 def mask_url(url: str | None) -> str | None:

@@ -21,6 +21,7 @@ from . import brokers
 from .app import bootstrap, import_actor_modules
 from .config import load_settings
 from .errors import ConfigError
+from .masking import install_log_masking
 
 __all__ = ["broker"]
 
@@ -31,6 +32,7 @@ logger = logging.getLogger("dramaturg.worker")
 
 
 def _boot() -> dramatiq.Broker:
+    install_log_masking()  # before anything can log a URL
     try:
         settings = load_settings()
         booted = bootstrap(settings)

@@ -41,14 +41,13 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
     """
 
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
-        assert settings.url is not None
+        parameters = connection_parameters(settings)  # a clear error for a bad URL, before pika's
         super().__init__(
-            url=settings.url,
             middleware=middleware,
             confirm_delivery=settings.confirm_delivery,
             max_priority=settings.max_priority,
         )
-        self.parameters = connection_parameters(settings)
+        self.parameters = parameters
         self.settings = settings
         self.held = RabbitmqHeldStore(self)
 
@@ -108,20 +107,27 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
 
 
-def connection_parameters(settings: BrokerSettings) -> pika.URLParameters:
-    """pika's parameters for ``broker.url``, with the configured timeouts and heartbeat."""
+def connection_parameters(settings: BrokerSettings) -> Any:
+    """pika's parameters for ``broker.url``, with the configured timeouts and heartbeat.
+
+    A URL holding several, separated by ``;``, gives a list: pika tries them in turn.
+    """
     assert settings.url is not None
-    try:
-        parameters = pika.URLParameters(settings.url)
-    except Exception as error:  # pika raises ValueError, TypeError or its own errors
-        raise ConfigError(
-            f"broker.url: {mask_url(settings.url)!r} is not a valid AMQP URL: {error}", key="broker.url"
-        ) from None
-    parameters.socket_timeout = settings.connect_timeout / 1000
-    parameters.blocked_connection_timeout = 30
-    if settings.heartbeat is not None:
-        parameters.heartbeat = max(1, round(settings.heartbeat / 1000))
-    return parameters
+    urls = [url for url in settings.url.split(";") if url.strip()]
+    parsed = []
+    for url in urls:
+        try:
+            parameters = pika.URLParameters(url.strip())
+        except Exception as error:  # pika raises ValueError, TypeError or its own errors
+            raise ConfigError(
+                f"broker.url: {mask_url(url)!r} is not a valid AMQP URL: {mask_url(str(error))}", key="broker.url"
+            ) from None
+        parameters.socket_timeout = settings.connect_timeout / 1000
+        parameters.blocked_connection_timeout = 30
+        if settings.heartbeat is not None:  # 0 turns heartbeats off; round up, never down to 0
+            parameters.heartbeat = -(-settings.heartbeat // 1000)
+        parsed.append(parameters)
+    return parsed[0] if len(parsed) == 1 else parsed
 
 
 def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> RabbitmqBroker:
@@ -130,7 +136,8 @@ def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> Rab
 
 def ping(settings: BrokerSettings) -> float:
     parameters = connection_parameters(settings)
-    parameters.connection_attempts = 1
+    for each in parameters if isinstance(parameters, list) else [parameters]:
+        each.connection_attempts = 1
     start = time.perf_counter()
     try:
         connection = pika.BlockingConnection(parameters)

@@ -68,7 +68,7 @@ def add_parser(subparsers: Any) -> None:
 def _store(args: argparse.Namespace) -> HeldStore:
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
-    app.import_actor_modules(settings.worker.modules)
+    app.import_actor_modules_or_explain(settings.worker.modules)
     return held_tasks(broker)
 
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
-    app.import_actor_modules(settings.worker.modules)
+    app.import_actor_modules_or_explain(settings.worker.modules)
 
     actors = app.registered_actors()
     actor = actors.get(actor_name)
