@@ -29,6 +29,7 @@ from pytest_redis import factories as redis_factories
 
 import dramaturg
 from dramaturg import app
+from dramaturg.queues import lanes
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -161,9 +162,12 @@ def pending_messages(broker: Any, queue_name: str) -> int:
         finally:
             connection.close()
     namespace = broker.namespace
-    # Dramatiq's Redis layout: a message stays in <queue>.msgs until it is acked.
-    return int(broker.client.hlen(f"{namespace}:{queue_name}.msgs")) + int(
-        broker.client.hlen(f"{namespace}:{queue_name}.DQ.msgs")
+    # Dramatiq's Redis layout: a message stays in <queue>.msgs until it is acked; each
+    # priority lane of the queue is a queue of its own.
+    return sum(
+        int(broker.client.hlen(f"{namespace}:{name}{suffix}.msgs"))
+        for name in lanes(queue_name)
+        for suffix in ("", ".DQ")
     )
 
 

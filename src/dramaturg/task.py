@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DramaturgError
+from .queues import canonical_queue
 
 if TYPE_CHECKING:
     from dramatiq import Message
@@ -154,8 +155,3 @@ def current_task() -> Task:
     if task is None:
         raise NotInTask("current_task() was called outside a task handler; call it inside an actor's function")
     return task
-
-
-def canonical_queue(queue_name: str) -> str:
-    """``imports.DQ`` -> ``imports``: the queue a delayed message belongs to."""
-    return queue_name[:-3] if queue_name.endswith((".DQ", ".XQ")) else queue_name

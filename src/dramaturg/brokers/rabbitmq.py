@@ -29,7 +29,7 @@ from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
-from ..task import canonical_queue
+from ..queues import canonical_queue
 
 __all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_broker", "ping"]
 
@@ -358,7 +358,7 @@ class RabbitmqHeldStore(HeldStore):
         return purged
 
     def queues(self) -> builtins.list[str]:
-        return sorted(name for name in self.broker.get_declared_queues() if not name.endswith((".DQ", ".XQ")))
+        return sorted({canonical_queue(name) for name in self.broker.get_declared_queues()})
 
     def close(self) -> None:
         with self._lock:

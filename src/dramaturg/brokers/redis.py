@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from dramatiq import Middleware
+from dramatiq import Message, Middleware
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.errors import DecodeError
@@ -21,7 +21,8 @@ from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
-from ..task import canonical_queue
+from ..middleware.priority import message_priority
+from ..queues import canonical_queue, lane_queue, lanes
 
 __all__ = ["RedisBroker", "RedisConsumer", "RedisHeldStore", "create_broker", "ping"]
 
@@ -52,6 +53,22 @@ class RedisBroker(_DramatiqRedisBroker):
     @property
     def consumer_class(self) -> type[RedisConsumer]:
         return RedisConsumer
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare a queue with its priority lanes (see :mod:`dramaturg.queues`)."""
+        if queue_name.endswith(".DQ") or canonical_queue(queue_name) != queue_name:
+            super().declare_queue(queue_name)
+            return
+        for lane in lanes(queue_name):
+            super().declare_queue(lane)
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Enqueue on the lane of the message's priority."""
+        lane = lane_queue(canonical_queue(message.queue_name), message_priority(self, message))
+        if lane != message.queue_name:
+            message = message.copy(queue_name=lane)
+        result: Message[Any] = super().enqueue(message, delay=delay)
+        return result
 
     def close(self) -> None:
         super().close()
@@ -310,7 +327,7 @@ class RedisHeldStore(HeldStore):
     def queues(self) -> builtins.list[str]:
         members: set[bytes] = self.client.smembers(f"{self.prefix}:#queues")  # type: ignore[assignment]
         stored = {name.decode() for name in members}
-        declared = {name for name in self.broker.get_declared_queues() if not name.endswith((".DQ", ".XQ"))}
+        declared = {canonical_queue(name) for name in self.broker.get_declared_queues()}
         return sorted(stored | declared)
 
     def _recover(self, queue: str) -> None:

@@ -17,6 +17,7 @@ from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 
 from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
+from ..queues import canonical_queue
 
 __all__ = ["StubBroker", "StubHeldStore", "create_broker", "ping"]
 
@@ -95,4 +96,4 @@ class StubHeldStore(HeldStore):
 
     def queues(self) -> builtins.list[str]:
         with self._lock:
-            return sorted(set(self._tasks) | {q for q in self.broker.get_declared_queues() if not q.endswith(".DQ")})
+            return sorted(set(self._tasks) | {canonical_queue(q) for q in self.broker.get_declared_queues()})

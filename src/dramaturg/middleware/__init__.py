@@ -21,12 +21,13 @@ from dramatiq.middleware import (
 )
 
 from .outcomes import Outcomes
+from .priority import Priority
 from .worker_config import WorkerConfig
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Outcomes", "WorkerConfig", "framework_middleware"]
+__all__ = ["Outcomes", "Priority", "WorkerConfig", "framework_middleware"]
 
 
 def framework_middleware(settings: Settings) -> list[Middleware]:
@@ -42,4 +43,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         AsyncIO(),
         WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
+        Priority(
+            max_priority=settings.broker.max_priority if broker_type == "rabbitmq" else None,
+            lanes=broker_type in {"redis", "embedded"},
+        ),
     ]

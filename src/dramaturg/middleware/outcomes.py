@@ -37,7 +37,8 @@ import dramatiq
 from dramatiq.errors import Retry as DramatiqRetry
 
 from ..held import HeldTask, describe
-from ..task import Hold, Retry, Task, _current, canonical_queue
+from ..queues import canonical_queue
+from ..task import Hold, Retry, Task, _current
 
 __all__ = ["Outcomes", "hold_poison", "unknown_actor_reason"]
 

@@ -1,0 +1,61 @@
+"""Per-message priority on every broker (see :mod:`dramaturg.queues` for the mapping).
+
+A message's priority is its ``priority`` option (``send_with_options(priority=3)``),
+else its actor's ``priority``; 0 is the most urgent. This middleware
+
+- publishes it as RabbitMQ's ``broker_priority`` (reversed onto 0..``max_priority``),
+- makes each worker run the messages it holds by their own priority: Dramatiq orders
+  its in-memory work queue by the *actor's* priority only, so an urgent message of a
+  busy actor would otherwise wait behind everything that actor had prefetched;
+- on Redis, extends a worker's queue selection to the lanes of the selected queues
+  (the broker routes each message to the lane of its priority).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from queue import PriorityQueue
+from typing import Any
+
+import dramatiq
+
+from ..queues import lanes
+
+__all__ = ["MessagePriorityQueue", "Priority", "message_priority"]
+
+
+def message_priority(broker: dramatiq.Broker, message: Any) -> int:
+    """The message's own priority, else its actor's, else 0."""
+    priority = message.options.get("priority")
+    if priority is None:
+        actor = broker.actors.get(message.actor_name)
+        priority = actor.priority if actor is not None else 0
+    return int(priority)
+
+
+class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
+    """Dramatiq's work queue, ordered by each message's priority rather than its actor's."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        priority = getattr(item, "message", None) and item.message.options.get("priority")
+        if priority is not None and priority != item.priority:
+            item = dataclasses.replace(item, priority=int(priority))
+        super().put(item, block, timeout)
+
+
+class Priority(dramatiq.Middleware):
+    """Carries message priorities to the broker and through the worker."""
+
+    def __init__(self, *, max_priority: int | None = None, lanes: bool = False) -> None:
+        self.max_priority = max_priority
+        self.lanes = lanes
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if self.max_priority:
+            priority = min(max(message_priority(broker, message), 0), self.max_priority)
+            message.options["broker_priority"] = self.max_priority - priority
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        worker.work_queue = MessagePriorityQueue()
+        if self.lanes and worker.consumer_whitelist:
+            worker.consumer_whitelist = {lane for queue in worker.consumer_whitelist for lane in lanes(queue)}
