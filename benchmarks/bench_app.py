@@ -7,7 +7,8 @@ environment (set by throughput.py):
 - ``BENCH_SYSTEM``: ``dramatiq`` (Dramatiq's own broker and default middleware) or
   ``dramaturg`` (``dramaturg.bootstrap`` with its defaults);
 - ``BENCH_URL``: the broker URL; ``BENCH_CONFIRM``: "1" for publisher confirms on bare
-  Dramatiq's RabbitMQ broker (dramaturg always confirms);
+  Dramatiq's RabbitMQ broker (dramaturg always confirms); ``BENCH_MAX_PRIORITY``: its
+  queues' ``x-max-priority``; ``BENCH_SETTINGS``: JSON overrides of dramaturg's settings;
 - ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed.
 
 Both systems get the same counting middleware, so its cost is the same on both sides.
@@ -66,7 +67,10 @@ def _setup() -> Any:
     if SYSTEM == "dramaturg":
         import dramaturg
 
-        broker = dramaturg.bootstrap(dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE}))
+        overrides = json.loads(os.environ.get("BENCH_SETTINGS", "{}"))
+        broker = dramaturg.bootstrap(
+            dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE, **overrides.get("broker", {})})
+        )
 
         @dramaturg.actor(queue_name=QUEUE)
         def noop(number: int) -> None:
@@ -77,7 +81,10 @@ def _setup() -> Any:
     if URL.startswith("amqp"):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-        broker = RabbitmqBroker(url=URL, confirm_delivery=os.environ.get("BENCH_CONFIRM") == "1")
+        max_priority = int(os.environ.get("BENCH_MAX_PRIORITY", "0")) or None
+        broker = RabbitmqBroker(
+            url=URL, confirm_delivery=os.environ.get("BENCH_CONFIRM") == "1", max_priority=max_priority
+        )
     else:
         from dramatiq.brokers.redis import RedisBroker
 

@@ -45,26 +45,29 @@ class Config:
     label: str
     system: str
     env: dict[str, str] = field(default_factory=dict)
-    role: str = ""  # "baseline" (configured like dramaturg), "default", "subject"
+    role: str = ""  # "baseline" (configured like dramaturg), "default", "subject", "variant"
 
 
 def configs(broker: str) -> list[Config]:
     prefetch = str(DEFAULT_PREFETCH[broker])
+    no_priorities = {"BENCH_SETTINGS": json.dumps({"broker": {"priorities": False}})}
     if broker == "redis":
         return [
             Config("Dramatiq, defaults", "dramatiq", {}, "default"),
             Config(f"Dramatiq, prefetch {prefetch}", "dramatiq", {"dramatiq_queue_prefetch": prefetch}, "baseline"),
-            Config("dramaturg, defaults", "dramaturg", {}, "subject"),
+            Config("dramaturg, defaults (3 lanes)", "dramaturg", {}, "subject"),
+            Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
         ]
     return [
         Config("Dramatiq, defaults (no confirms)", "dramatiq", {}, "default"),
         Config(
-            f"Dramatiq, confirms, prefetch {prefetch}",
+            f"Dramatiq, confirms, prefetch {prefetch}, x-max-priority 2",
             "dramatiq",
-            {"BENCH_CONFIRM": "1", "dramatiq_queue_prefetch": prefetch},
+            {"BENCH_CONFIRM": "1", "dramatiq_queue_prefetch": prefetch, "BENCH_MAX_PRIORITY": "2"},
             "baseline",
         ),
-        Config("dramaturg, defaults (confirms)", "dramaturg", {}, "subject"),
+        Config("dramaturg, defaults (confirms, 3 bands)", "dramaturg", {}, "subject"),
+        Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
     ]
 
 
@@ -264,7 +267,7 @@ def main() -> int:
                 result = run_once(config, url, args)
                 results.setdefault((broker, config.label), []).append(result)
                 print(
-                    f"round {round_number + 1} {broker:8} {config.label:38} enqueue {result.enqueue:8,.0f}/s"
+                    f"round {round_number + 1} {broker:8} {config.label:52} enqueue {result.enqueue:8,.0f}/s"
                     f"  drain {result.drain:8,.0f}/s  p50 {result.p50_ms:5.1f} ms  rss {result.rss_mb:5.1f} MB",
                     file=sys.stderr,
                     flush=True,
@@ -284,7 +287,7 @@ def main() -> int:
         for config in configs(broker):
             r = median_result(results[(broker, config.label)])
             ratios = ["", "", ""]
-            if config.role == "subject":
+            if config.role in {"subject", "variant"}:
                 ratios = [
                     f"{r.enqueue / by_role['baseline'].enqueue:.2f}x",
                     f"{r.drain / by_role['baseline'].drain:.2f}x",

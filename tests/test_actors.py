@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import dramatiq
 import pytest
 
@@ -139,3 +141,16 @@ def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: d
     stop.set()
     sender.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hold_on": "ValueError"}, "hold_on must be an exception class or a tuple of them, not 'ValueError'"),
+        ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
+        ({"min_backoff": 1.5}, "min_backoff must be a whole number >= 0 (milliseconds for backoffs), not 1.5"),
+    ],
+)
+def test_bad_option_values_fail_at_decoration(options: dict[str, object], message: str) -> None:
+    with pytest.raises(dramaturg.ActorError, match=re.escape(message)):
+        dramaturg.actor(**options)(lambda: None)

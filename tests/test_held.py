@@ -184,7 +184,7 @@ def test_arguments_that_do_not_fit_are_held_with_the_signature(
     )
 
 
-@pytest.mark.parametrize("fails", ["retry publish", "held store write"])
+@pytest.mark.parametrize("fails", ["retry publish", "held store write", "settling itself"])
 def test_a_failed_durable_write_never_acks_the_message(
     fails: str,
     broker: dramatiq.Broker,
@@ -209,6 +209,12 @@ def test_a_failed_durable_write_never_acks_the_message(
             return original(msg, delay=delay)
 
         monkeypatch.setattr(broker, "enqueue", enqueue)
+    elif fails == "settling itself":
+
+        def settle(*args: Any) -> None:
+            raise AttributeError("a bug in settling")
+
+        monkeypatch.setattr("dramaturg.middleware.outcomes.Outcomes.settle", settle)
     else:
 
         def hold(task: HeldTask) -> None:

@@ -58,8 +58,8 @@ def test_a_message_priority_overrides_its_actors(broker: dramatiq.Broker) -> Non
     urgent = notify.send_with_options(args=(2,), priority=0)
 
     if broker.settings.type == "rabbitmq":  # type: ignore[attr-defined]
-        # published with RabbitMQ priorities, reversed: 0 is the highest (9)
-        assert (low.options["broker_priority"], urgent.options["broker_priority"]) == (2, 9)
+        # published as RabbitMQ priorities of their bands: 0 is the highest (2)
+        assert (low.options["broker_priority"], urgent.options["broker_priority"]) == (0, 2)
     else:
         # routed to the Redis lanes of their priorities
         assert (low.queue_name, urgent.queue_name) == ("mail.P2", "mail")

@@ -141,8 +141,8 @@ class BrokerSettings(BaseModel):
     connect_timeout: DurationMs = 5_000
     # RabbitMQ
     confirm_delivery: bool = True
-    #: RabbitMQ x-max-priority of every queue; priorities 0..max_priority map onto it reversed.
-    max_priority: int | None = Field(default=9, ge=1, le=255)
+    #: Priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
+    priorities: bool = True
     heartbeat: DurationMs | None = None
     # Redis and embedded
     namespace: str = "dramaturg"

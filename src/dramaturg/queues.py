@@ -3,25 +3,39 @@
 ``priority`` is an int, 0 the most urgent (as in beanstalkd and Dramatiq), set per actor
 (``@actor(priority=...)``) or per message (``send_with_options(priority=...)``).
 
-- RabbitMQ has priorities of its own: queues are declared with ``x-max-priority``
-  (``broker.max_priority``, default 9) and priority ``p`` is published as
-  ``max_priority - min(p, max_priority)``, so 0..9 map onto 9..0; larger values count as 9.
-- Redis has none, so each queue has three lanes, separate Dramatiq queues that every
-  worker consumes: ``imports`` (priority 0), ``imports.P1`` (1 to 4) and ``imports.P2``
-  (5 and above). Order inside a lane is first in, first out.
-- On both, a worker runs the messages it holds most urgent first (by their own
-  priority, not only their actor's), so an urgent message overtakes the prefetched ones.
+The broker orders messages in three bands: priority 0 (urgent, the default), 1 to 4,
+and 5 and above; first in, first out within a band.
+
+- RabbitMQ: queues are declared with ``x-max-priority`` 2 and the bands are published
+  as RabbitMQ priorities 2, 1 and 0. (Ten levels cost 20-30% of the drain rate in
+  ``benchmarks/throughput.py``; three cost less, and match Redis.)
+- Redis: each queue has three lanes, separate Dramatiq queues that every worker
+  consumes: ``imports``, ``imports.P1`` and ``imports.P2``.
+- On both, a worker runs the messages it holds most urgent first by their exact
+  priority (not only their actor's), so an urgent message overtakes the prefetched ones.
+
+``broker.priorities = false`` turns the bands off (plain queues, no lanes); workers
+still order what they hold.
 
 The suffixes ``.DQ``, ``.XQ``, ``.HQ``, ``.P1`` and ``.P2`` are reserved.
 """
 
 from __future__ import annotations
 
-__all__ = ["REDIS_LANES", "canonical_queue", "lane_queue", "lanes"]
+__all__ = ["BANDS", "band", "canonical_queue", "lane_queue", "lanes"]
 
-#: (lowest priority of the lane, suffix), most urgent first.
-REDIS_LANES: tuple[tuple[int, str], ...] = ((0, ""), (1, ".P1"), (5, ".P2"))
-_LANE_SUFFIXES = tuple(suffix for _, suffix in REDIS_LANES if suffix)
+#: (lowest priority of the band, Redis lane suffix), most urgent first.
+BANDS: tuple[tuple[int, str], ...] = ((0, ""), (1, ".P1"), (5, ".P2"))
+_LANE_SUFFIXES = tuple(suffix for _, suffix in BANDS if suffix)
+
+
+def band(priority: int) -> int:
+    """The band of ``priority``: 0 (most urgent) to ``len(BANDS) - 1``."""
+    index = 0
+    for position, (lowest, _) in enumerate(BANDS):
+        if priority >= lowest:
+            index = position
+    return index
 
 
 def canonical_queue(queue_name: str) -> str:
@@ -35,13 +49,9 @@ def canonical_queue(queue_name: str) -> str:
 
 def lane_queue(queue_name: str, priority: int) -> str:
     """The Redis lane of ``queue_name`` for ``priority``."""
-    suffix = ""
-    for lowest, lane_suffix in REDIS_LANES:
-        if priority >= lowest:
-            suffix = lane_suffix
-    return queue_name + suffix
+    return queue_name + BANDS[band(priority)][1]
 
 
 def lanes(queue_name: str) -> list[str]:
     """Every lane of a canonical queue, most urgent first."""
-    return [queue_name + suffix for _, suffix in REDIS_LANES]
+    return [queue_name + suffix for _, suffix in BANDS]

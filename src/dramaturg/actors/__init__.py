@@ -205,6 +205,7 @@ def actor(
                     f"{where}: unknown option {option!r}{hint}"
                     + ("" if hint else f" (options: {', '.join(sorted(known))})")
                 )
+        _check_option_values(where, options)
         declared = Actor(fn, actor_name=name, queue_name=queue_name, priority=priority, options=options)
         previous = app.registered_actor(name)
         if previous is not None and previous.origin != declared.origin:
@@ -216,6 +217,19 @@ def actor(
     if fn is None:
         return decorator
     return decorator(fn)
+
+
+def _check_option_values(where: str, options: dict[str, Any]) -> None:
+    hold_on = options.get("hold_on")
+    if hold_on is not None:
+        classes = hold_on if isinstance(hold_on, tuple) else (hold_on,)
+        if not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+            raise ActorError(f"{where}: hold_on must be an exception class or a tuple of them, not {hold_on!r}")
+        options["hold_on"] = classes
+    for name in ("max_retries", "min_backoff", "max_backoff"):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ActorError(f"{where}: {name} must be a whole number >= 0 (milliseconds for backoffs), not {value!r}")
 
 
 @functools.cache

@@ -29,7 +29,7 @@ from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
-from ..queues import canonical_queue
+from ..queues import BANDS, canonical_queue
 
 __all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_broker", "ping"]
 
@@ -45,7 +45,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         super().__init__(
             middleware=middleware,
             confirm_delivery=settings.confirm_delivery,
-            max_priority=settings.max_priority,
+            max_priority=len(BANDS) - 1 if settings.priorities else None,
         )
         self.parameters = parameters
         self.settings = settings

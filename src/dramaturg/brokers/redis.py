@@ -56,7 +56,7 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def declare_queue(self, queue_name: str) -> None:
         """Declare a queue with its priority lanes (see :mod:`dramaturg.queues`)."""
-        if queue_name.endswith(".DQ") or canonical_queue(queue_name) != queue_name:
+        if not self.settings.priorities or queue_name.endswith(".DQ") or canonical_queue(queue_name) != queue_name:
             super().declare_queue(queue_name)
             return
         for lane in lanes(queue_name):
@@ -64,7 +64,9 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue on the lane of the message's priority."""
-        lane = lane_queue(canonical_queue(message.queue_name), message_priority(self, message))
+        lane = message.queue_name
+        if self.settings.priorities:
+            lane = lane_queue(canonical_queue(message.queue_name), message_priority(self, message))
         if lane != message.queue_name:
             message = message.copy(queue_name=lane)
         result: Message[Any] = super().enqueue(message, delay=delay)

@@ -44,7 +44,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         AsyncIO(),
         WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
         Priority(
-            max_priority=settings.broker.max_priority if broker_type == "rabbitmq" else None,
-            lanes=broker_type in {"redis", "embedded"},
+            broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",
+            lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},
         ),
     ]

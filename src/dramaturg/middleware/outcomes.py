@@ -79,8 +79,19 @@ class Outcomes(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         _current.set(None)
-        if exception is not None:
+        if exception is None:
+            return
+        try:
             self.settle(broker, message, exception)
+        except Exception:
+            # Dramatiq would log this and acknowledge the message anyway: reject it instead.
+            message.fail()
+            logger.critical(
+                "could not settle message %s (%s); it is rejected into the dead-letter queue, not acknowledged",
+                message.message_id,
+                message.actor_name,
+                exc_info=True,
+            )
 
     def settle(self, broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
         """Retry or hold a message whose handler raised ``exception``."""

@@ -3,7 +3,7 @@
 A message's priority is its ``priority`` option (``send_with_options(priority=3)``),
 else its actor's ``priority``; 0 is the most urgent. This middleware
 
-- publishes it as RabbitMQ's ``broker_priority`` (reversed onto 0..``max_priority``),
+- publishes its band as RabbitMQ's ``broker_priority`` (2 for the most urgent band),
 - makes each worker run the messages it holds by their own priority: Dramatiq orders
   its in-memory work queue by the *actor's* priority only, so an urgent message of a
   busy actor would otherwise wait behind everything that actor had prefetched;
@@ -19,7 +19,7 @@ from typing import Any
 
 import dramatiq
 
-from ..queues import lanes
+from ..queues import BANDS, band, lanes
 
 __all__ = ["MessagePriorityQueue", "Priority", "message_priority"]
 
@@ -46,14 +46,13 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
 class Priority(dramatiq.Middleware):
     """Carries message priorities to the broker and through the worker."""
 
-    def __init__(self, *, max_priority: int | None = None, lanes: bool = False) -> None:
-        self.max_priority = max_priority
+    def __init__(self, *, broker_priorities: bool = False, lanes: bool = False) -> None:
+        self.broker_priorities = broker_priorities
         self.lanes = lanes
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        if self.max_priority:
-            priority = min(max(message_priority(broker, message), 0), self.max_priority)
-            message.options["broker_priority"] = self.max_priority - priority
+        if self.broker_priorities:
+            message.options["broker_priority"] = len(BANDS) - 1 - band(message_priority(broker, message))
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         worker.work_queue = MessagePriorityQueue()
