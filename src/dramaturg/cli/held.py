@@ -14,9 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from .. import app
-from ..config import load_settings, parse_duration_ms
+from ..config import load_settings
 from ..errors import SendError
 from ..held import HeldStore, HeldTask, held_tasks
+from .common import delay_ms
 
 EPILOG = """\
 examples:
@@ -150,13 +151,7 @@ def describe(task: HeldTask) -> str:
 
 def run_kick(args: argparse.Namespace) -> int:
     ids = _ids(args)
-    delay = None
-    if args.delay is not None:
-        try:
-            delay = parse_duration_ms(args.delay)
-        except ValueError as error:
-            raise SendError(f"--delay: {error}") from None
-    kicked = _store(args).kick(args.queue, ids, delay_ms=delay)
+    kicked = _store(args).kick(args.queue, ids, delay_ms=delay_ms(args.delay))
     print(f"requeued {kicked} held task{'s' if kicked != 1 else ''} of {args.queue}")
     if ids is not None and kicked < len(ids):
         print(f"({len(ids) - kicked} of the given ids were not held in {args.queue})", file=sys.stderr)

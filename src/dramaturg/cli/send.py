@@ -15,8 +15,9 @@ import json
 from typing import Any
 
 from .. import app, brokers
-from ..config import load_settings, parse_duration_ms
+from ..config import load_settings
 from ..errors import SendError, did_you_mean
+from .common import delay_ms
 
 
 def add_parser(subparsers: Any) -> None:
@@ -56,12 +57,7 @@ def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     queue, actor_name, positional, keywords = parse_spec(args.spec)
-    delay = None
-    if args.delay is not None:
-        try:
-            delay = parse_duration_ms(args.delay)
-        except ValueError as error:
-            raise SendError(f"--delay: {error}") from None
+    delay = delay_ms(args.delay)
 
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)

@@ -102,45 +102,32 @@ class Outcomes(dramatiq.Middleware):
         queue = canonical_queue(message.queue_name)
 
         if isinstance(exception, Hold):
-            reason = exception.reason
+            reason: str | None = exception.reason
         elif hold_on and isinstance(exception, hold_on):
             reason = f"{type(exception).__name__}: {exception}"
         elif retries >= max_retries:
             reason = "retries exhausted"
         else:
+            reason = None  # retry
+
+        if reason is None:
             delay = self.delay_ms(message, actor, exception, retries)
             copy = message.copy(
                 queue_name=queue,
                 options={"retries": retries + 1, "dramaturg_last_error": _summary(exception)},
             )
-            if _durably(lambda: broker.enqueue(copy, delay=delay)):
-                _log_failure(logging.WARNING, message, exception, retries, max_retries, f"retrying in {delay} ms")
-            else:
-                message.fail()
-                _log_failure(
-                    logging.CRITICAL,
-                    message,
-                    exception,
-                    retries,
-                    max_retries,
-                    "the retry could not be published; the message is rejected into the dead-letter queue",
-                )
-            return
-
-        task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
-        if _durably(lambda: broker.held.hold(task)):  # type: ignore[attr-defined]
-            level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
-            _log_failure(level, message, exception, retries, max_retries, f"held: {reason}")
+            done = _durably(lambda: broker.enqueue(copy, delay=delay))
+            next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
+            level = logging.WARNING
         else:
-            message.fail()
-            _log_failure(
-                logging.CRITICAL,
-                message,
-                exception,
-                retries,
-                max_retries,
-                f"could not be held ({reason}); the message is rejected into the dead-letter queue",
-            )
+            task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
+            done = _durably(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
+            next_step = f"held: {reason}" if done else f"could not be held ({reason})"
+            level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
+        if not done:
+            message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
+            level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
+        _log_failure(level, message, exception, retries, max_retries, next_step)
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
         """The explicit delay of a retry, else the backoff for this retry."""
