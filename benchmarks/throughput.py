@@ -4,7 +4,9 @@ For each broker and each configuration below, in interleaved rounds:
 
 1. enqueue N no-op messages one by one from a fresh process (msgs/s);
 2. start ``dramatiq bench_app -p 2 -t 8`` and time the drain from the first processed
-   message to the last (msgs/s; worker start-up is excluded);
+   message to the last (msgs/s; worker start-up is excluded), and the CPU time the
+   worker processes spent meanwhile (us/msg: steadier than the rate on a machine whose
+   brokers share the cores);
 3. with the worker idle, send latency probes (one every 10 ms) and take the end-to-end
    latency from send to processed (p50, p95, ms);
 4. read the peak RSS of the worker processes (MB), then stop the worker with SIGTERM.
@@ -75,6 +77,7 @@ def configs(broker: str) -> list[Config]:
 class Result:
     enqueue: float
     drain: float
+    cpu_us: float
     p50_ms: float
     p95_ms: float
     rss_mb: float
@@ -117,6 +120,19 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -173,7 +189,10 @@ def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
         )
         try:
             first = wait_for(lambda: counts(count_dir)[0] > 0, 60, "the worker never started")
+            processes = children(worker.pid)
+            cpu_before, processed_before = cpu_seconds(processes), counts(count_dir)[0]
             last = wait_for(lambda: counts(count_dir)[0] >= args.count, 600, "the drain never finished")
+            cpu_us = (cpu_seconds(processes) - cpu_before) / max(args.count - processed_before, 1) * 1e6
             drain_rate = args.count / (last - first)
 
             subprocess.run(
@@ -194,6 +213,7 @@ def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
     return Result(
         enqueue=enqueue_rate,
         drain=drain_rate,
+        cpu_us=cpu_us,
         p50_ms=statistics.median(latencies),
         p95_ms=latencies[int(len(latencies) * 0.95) - 1],
         rss_mb=rss,
@@ -201,12 +221,8 @@ def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
 
 
 def median_result(results: list[Result]) -> Result:
-    return Result(
-        *(
-            statistics.median(getattr(r, name) for r in results)
-            for name in ("enqueue", "drain", "p50_ms", "p95_ms", "rss_mb")
-        )
-    )
+    names = ("enqueue", "drain", "cpu_us", "p50_ms", "p95_ms", "rss_mb")
+    return Result(*(statistics.median(getattr(r, name) for r in results) for name in names))
 
 
 def machine() -> list[str]:
@@ -268,7 +284,8 @@ def main() -> int:
                 results.setdefault((broker, config.label), []).append(result)
                 print(
                     f"round {round_number + 1} {broker:8} {config.label:52} enqueue {result.enqueue:8,.0f}/s"
-                    f"  drain {result.drain:8,.0f}/s  p50 {result.p50_ms:5.1f} ms  rss {result.rss_mb:5.1f} MB",
+                    f"  drain {result.drain:8,.0f}/s  cpu {result.cpu_us:5.0f} us/msg  p50 {result.p50_ms:5.1f} ms"
+                    f"  rss {result.rss_mb:5.1f} MB",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -278,24 +295,26 @@ def main() -> int:
         f" medians of {args.rounds} interleaved rounds; latency from {args.probes} probes sent 10 ms apart"
         " to an idle worker.",
         "",
-        "| broker | system | enqueue msgs/s | drain msgs/s | latency p50 / p95 ms | worker peak RSS MB |"
-        " enqueue vs like-configured Dramatiq | drain vs like-configured Dramatiq | drain vs Dramatiq defaults |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| broker | system | enqueue msgs/s | drain msgs/s | worker CPU us/msg | latency p50 / p95 ms |"
+        " worker peak RSS MB | enqueue vs like-configured Dramatiq | drain vs like-configured Dramatiq |"
+        " CPU/msg vs like-configured Dramatiq | drain vs Dramatiq defaults |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for broker in urls:
         by_role = {c.role: median_result(results[(broker, c.label)]) for c in configs(broker)}
         for config in configs(broker):
             r = median_result(results[(broker, config.label)])
-            ratios = ["", "", ""]
+            ratios = ["", "", "", ""]
             if config.role in {"subject", "variant"}:
                 ratios = [
                     f"{r.enqueue / by_role['baseline'].enqueue:.2f}x",
                     f"{r.drain / by_role['baseline'].drain:.2f}x",
+                    f"{r.cpu_us / by_role['baseline'].cpu_us:.2f}x",
                     f"{r.drain / by_role['default'].drain:.2f}x",
                 ]
             lines.append(
-                f"| {broker} | {config.label} | {r.enqueue:,.0f} | {r.drain:,.0f} | {r.p50_ms:.1f} / {r.p95_ms:.1f}"
-                f" | {r.rss_mb:.0f} | {' | '.join(ratios)} |"
+                f"| {broker} | {config.label} | {r.enqueue:,.0f} | {r.drain:,.0f} | {r.cpu_us:.0f}"
+                f" | {r.p50_ms:.1f} / {r.p95_ms:.1f} | {r.rss_mb:.0f} | {' | '.join(ratios)} |"
             )
     lines += ["", *machine(), *server_versions(urls)]
     table = "\n".join(lines)
