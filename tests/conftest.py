@@ -28,6 +28,7 @@ from pytest_rabbitmq import factories as rabbitmq_factories
 from pytest_redis import factories as redis_factories
 
 import dramaturg
+import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
 from dramaturg import app
 from dramaturg.queues import lanes
 

@@ -305,3 +305,20 @@ def dead_letters(broker: Any, queue: str) -> list[str]:
             connection.close()
     bodies = broker.client.hvals(f"{broker.namespace}:{queue}.XQ.msgs")
     return [json.loads(body)["message_id"] for body in bodies]
+
+
+def test_flushing_the_queues_never_touches_held_tasks(
+    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+) -> None:
+    # Given a held task and a message waiting on the same queue
+    store = dramaturg.held_tasks()
+    task = held_task("imports", 1)
+    store.hold(task)
+    imports_actor.send({"id": 2})
+
+    # When Dramatiq's flush empties the queues (as `flush_all` in a deploy script would)
+    broker.flush_all()
+
+    # Then the waiting message is gone, and the held task is not
+    assert pending_messages(broker, "imports") == 0
+    assert store.get(task.message_id, "imports") == task

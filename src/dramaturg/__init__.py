@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from .actors import Actor, actor
-from .actors.builtin import echo
 from .app import bootstrap, get_broker, shutdown
 from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .errors import (
@@ -61,3 +60,13 @@ __all__ = [
     "load_settings",
     "shutdown",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The built-in echo actor is declared only when asked for, so that an application's
+    # workers do not consume its queue (idle queues cost workers CPU; see worker.py).
+    if name == "echo":
+        from .actors.builtin import echo
+
+        return echo
+    raise AttributeError(f"module 'dramaturg' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 ``JSON_ARGS`` is a JSON array of positional arguments or an object of keyword
 arguments. Everything is checked before anything is sent: the actor must be declared
-(the built-in ``echo``, or one in ``worker.modules``), the queue must be one the
+(the built-in ``echo``, or one in ``worker.modules``; a worker runs ``echo`` when
+``worker.modules`` is empty or lists ``dramaturg.actors.builtin``), the queue must be one the
 declared actors use, the JSON must parse, and the arguments must fit the handler's
 signature. Any failure prints one line and exits 2 with nothing sent.
 """
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain(settings.worker.modules)
+    app.import_actor_modules_or_explain([*settings.worker.modules, "dramaturg.actors.builtin"])
 
     actors = app.registered_actors()
     actor = actors.get(actor_name)
