@@ -62,13 +62,14 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
         _settings, _broker = settings, broker
         if previous is not None:
             previous.close()
-    logger.debug(
-        "dramaturg bootstrapped a %s broker at %s (%s)",
-        settings.broker.type,
-        mask_url(settings.broker.url),
-        settings.source_of("broker.url"),
-    )
+    logger.debug("dramaturg bootstrapped %s", _describe(settings))
     return broker
+
+
+def _describe(settings: Settings) -> str:
+    """``a redis broker at redis://:***@host/0 (from /srv/shop/dramaturg.toml)``"""
+    broker = settings.broker
+    return f"a {broker.type} broker at {mask_url(broker.url)} ({settings.source_of('broker.url')})"
 
 
 def _refuse_pickle() -> None:
@@ -87,12 +88,7 @@ def get_broker() -> dramatiq.Broker:
         if _broker is None:
             broker = bootstrap()
             assert _settings is not None
-            logger.info(
-                "dramaturg: bootstrap() was not called; using the configured %s broker at %s (%s)",
-                _settings.broker.type,
-                mask_url(_settings.broker.url),
-                _settings.source_of("broker.url"),
-            )
+            logger.info("dramaturg: bootstrap() was not called; using the configured one: %s", _describe(_settings))
             return broker
         return _broker
 
