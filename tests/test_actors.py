@@ -25,11 +25,18 @@ def test_unknown_option_fails_at_decoration_with_the_closest_name() -> None:
 
 
 def test_options_of_the_middleware_stack_are_accepted() -> None:
-    @dramaturg.actor(queue_name="q", priority=5, max_retries=2, min_backoff=100, time_limit=1000, max_age=60_000)
+    @dramaturg.actor(queue_name="q", priority=5, max_retries=2, min_backoff=100, ttr=1000, max_age=60_000)
     def job() -> None: ...
 
-    assert job.options == {"max_retries": 2, "min_backoff": 100, "time_limit": 1000, "max_age": 60_000}
+    assert job.options == {"max_retries": 2, "min_backoff": 100, "ttr": 1000, "max_age": 60_000}
     assert job.priority == 5
+
+
+def test_dramatiq_options_dramaturg_replaces_point_to_their_replacement() -> None:
+    with pytest.raises(dramaturg.ActorError, match=r"unknown option 'time_limit'; dramaturg's time limit is ttr"):
+        dramaturg.actor(time_limit=1000)(lambda: None)
+    with pytest.raises(dramaturg.ActorError, match=r"unknown option 'throws'; .* use hold_on="):
+        dramaturg.actor(throws=(ValueError,))(lambda: None)
 
 
 def test_invalid_queue_name_fails_at_decoration() -> None:

@@ -44,8 +44,10 @@ from .masking import mask_text, mask_url
 __all__ = [
     "BROKER_TYPES",
     "BrokerSettings",
+    "QueueSettings",
     "RetrySettings",
     "Settings",
+    "TaskSettings",
     "WorkerSettings",
     "find_config_file",
     "load_settings",
@@ -187,6 +189,23 @@ class RetrySettings(BaseModel):
     max_backoff: DurationMs = 600_000
 
 
+class TaskSettings(BaseModel):
+    """``[tasks]``: defaults for every task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Time to run: how long a task may run (without ``touch()``) before it is interrupted.
+    ttr: DurationMs = Field(default=600_000, gt=0)
+
+
+class QueueSettings(BaseModel):
+    """``[queues.<name>]``: defaults for the tasks of one queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttr: DurationMs | None = Field(default=None, gt=0)
+
+
 class Settings(BaseSettings):
     """The whole configuration. Frozen; build it with :func:`load_settings`.
 
@@ -205,6 +224,9 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     worker: WorkerSettings = WorkerSettings()
     retries: RetrySettings = RetrySettings()
+    tasks: TaskSettings = TaskSettings()
+    #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
+    queues: dict[str, QueueSettings] = {}
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _config_file: Path | None = PrivateAttr(default=None)
@@ -228,26 +250,37 @@ class Settings(BaseSettings):
 
     def source_of(self, key: str) -> str:
         """Where the value of a dotted ``key`` came from: a file, a variable, or "default"."""
-        return self._sources.get(key, "default")
+        parts = key.split(".")
+        for n in range(len(parts), 1, -1):  # queues.imports.ttr falls back to queues.imports
+            source = self._sources.get(".".join(parts[:n]))
+            if source is not None:
+                return source
+        return "default"
 
     def flat(self) -> dict[str, Any]:
-        """Every setting as ``{"section.key": value}``, URLs masked."""
+        """Every setting as ``{"section.key": value}`` (``queues.<name>.key`` too), URLs masked."""
         flat: dict[str, Any] = {}
         for section_name in type(self).model_fields:
             section = getattr(self, section_name)
-            for key in type(section).model_fields:
-                value = getattr(section, key)
-                flat[f"{section_name}.{key}"] = mask_url(value) if key == "url" else value
+            tables = (
+                {f"{section_name}.{name}": table for name, table in section.items()}
+                if isinstance(section, dict)
+                else {section_name: section}
+            )
+            for prefix, table in tables.items():
+                for key in type(table).model_fields:
+                    value = getattr(table, key)
+                    flat[f"{prefix}.{key}"] = mask_url(value) if key == "url" else value
         return flat
 
 
 def known_keys() -> list[str]:
-    """Every dotted settings key, e.g. ``broker.url``."""
-    return [
-        f"{section}.{key}"
-        for section, field in Settings.model_fields.items()
-        for key in field.annotation.model_fields  # type: ignore[union-attr]
-    ]
+    """Every dotted settings key, e.g. ``broker.url`` (``queues`` as a whole: it is a table of tables)."""
+    keys = []
+    for section, field in Settings.model_fields.items():
+        fields = getattr(field.annotation, "model_fields", None)
+        keys += [f"{section}.{key}" for key in fields] if fields else [section]
+    return keys
 
 
 def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:

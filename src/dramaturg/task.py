@@ -34,6 +34,8 @@ from .queues import canonical_queue
 if TYPE_CHECKING:
     from dramatiq import Message
 
+    from .middleware.ttr import Deadline
+
 __all__ = ["Hold", "NotInTask", "Retry", "Success", "Task", "TaskOutcome", "current_task"]
 
 
@@ -86,12 +88,12 @@ class Task:
     again at 1 (``kicks`` counts how often it was kicked).
     """
 
-    __slots__ = ("_message", "started_at", "touched_at")
+    __slots__ = ("_deadline", "_message", "started_at")
 
     def __init__(self, message: Message[Any]) -> None:
         self._message = message
+        self._deadline: Deadline | None = None
         self.started_at = time.monotonic()
-        self.touched_at = self.started_at
 
     @property
     def message_id(self) -> str:
@@ -135,9 +137,19 @@ class Task:
         """Park the task for examination with ``reason``; it is not run again until kicked."""
         raise Hold(reason)
 
-    def touch(self) -> None:
-        """Say the task is still working (moves its time-to-run deadline, when it has one)."""
-        self.touched_at = time.monotonic()
+    def touch(self, ms: int | timedelta | None = None) -> bool:
+        """Say the task is still working: its deadline moves to now + its ttr (or + ``ms``).
+
+        Returns False, and logs a warning, when the deadline had already passed (the task
+        is being interrupted); True otherwise.
+        """
+        if self._deadline is None:
+            return True
+        return self._deadline.touch(None if ms is None else to_ms(ms))
+
+    def time_left(self) -> int | None:
+        """Milliseconds before the task's time to run is up (None when it has no deadline)."""
+        return None if self._deadline is None else self._deadline.time_left_ms()
 
     def __repr__(self) -> str:
         return f"<Task {self.actor_name} {self.message_id} attempt {self.attempt}>"

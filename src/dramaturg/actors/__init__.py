@@ -28,6 +28,7 @@ from dramatiq.logging import get_logger
 
 from .. import app
 from ..errors import ActorError, did_you_mean
+from ..middleware.ttr import TimeToRunExceeded
 from ..task import Hold, Success, Task, _current
 
 __all__ = ["Actor", "actor"]
@@ -126,16 +127,35 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
     @functools.wraps(handler)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
         except Success as outcome:
-            return outcome.value
+            result = outcome.value
+        except TimeToRunExceeded as interrupt:
+            # Raised at the end of the call above, once the handler's frame had returned
+            # (its traceback then holds this frame only): the task finished in time.
+            if interrupt.__traceback__ is None or interrupt.__traceback__.tb_next is not None:
+                raise
+            result = None
         except TypeError as error:
             problem = _misfit(handler, args, kwargs)
             if problem is not None:
                 raise Hold(f"arguments do not fit {actor_name}{problem}") from error
             raise
+        # Disarm the deadline first thing, so a finished task is not interrupted. (Not
+        # contextlib.suppress: an interrupt could land in its __enter__, outside it.)
+        try:  # noqa: SIM105
+            _disarm_current_deadline()
+        except TimeToRunExceeded:
+            pass  # delivered while disarming: the handler had returned
+        return result
 
     return run
+
+
+def _disarm_current_deadline() -> None:
+    task = _current.get()
+    if task is not None and task._deadline is not None:
+        task._deadline.disarm()
 
 
 def _misfit(handler: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -200,7 +220,7 @@ def actor(
         known = known_actor_options()
         for option in options:
             if option not in known:
-                hint = did_you_mean(option, known)
+                hint = _RENAMED.get(option) or did_you_mean(option, known)
                 raise ActorError(
                     f"{where}: unknown option {option!r}{hint}"
                     + ("" if hint else f" (options: {', '.join(sorted(known))})")
@@ -219,6 +239,13 @@ def actor(
     return decorator(fn)
 
 
+#: Dramatiq options dramaturg replaces, with the hint to give.
+_RENAMED = {
+    "time_limit": "; dramaturg's time limit is ttr (it moves with touch()): use ttr=",
+    "throws": "; to stop retrying on an exception, hold it: use hold_on=",
+}
+
+
 def _check_option_values(where: str, options: dict[str, Any]) -> None:
     hold_on = options.get("hold_on")
     if hold_on is not None:
@@ -226,7 +253,7 @@ def _check_option_values(where: str, options: dict[str, Any]) -> None:
         if not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
             raise ActorError(f"{where}: hold_on must be an exception class or a tuple of them, not {hold_on!r}")
         options["hold_on"] = classes
-    for name in ("max_retries", "min_backoff", "max_backoff"):
+    for name in ("max_retries", "min_backoff", "max_backoff", "ttr"):
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ActorError(f"{where}: {name} must be a whole number >= 0 (milliseconds for backoffs), not {value!r}")

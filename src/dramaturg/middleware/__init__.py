@@ -1,9 +1,9 @@
 """The framework's middleware stack, one middleware per module.
 
 :func:`framework_middleware` is the stack :func:`dramaturg.bootstrap` installs:
-Dramatiq's defaults (age limit, time limit, shutdown notifications, callbacks,
-pipelines) with its retries replaced by :class:`Outcomes`, its AsyncIO support for
-``async def`` actors, and dramaturg's own.
+Dramatiq's defaults (age limit, shutdown notifications, callbacks, pipelines) with its
+retries replaced by :class:`Outcomes` and its time limit by :class:`TimeToRun`, its
+AsyncIO support for ``async def`` actors, and dramaturg's own.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from dramatiq.middleware import (
     Callbacks,
     Pipelines,
     ShutdownNotifications,
-    TimeLimit,
 )
 
 from .outcomes import Outcomes
 from .priority import Priority
+from .ttr import TimeToRun, TimeToRunExceeded
 from .worker_config import WorkerConfig
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Outcomes", "Priority", "WorkerConfig", "framework_middleware"]
+__all__ = ["Outcomes", "Priority", "TimeToRun", "TimeToRunExceeded", "WorkerConfig", "framework_middleware"]
 
 
 def framework_middleware(settings: Settings) -> list[Middleware]:
@@ -36,11 +36,12 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
     retries = settings.retries
     return [
         AgeLimit(),
-        TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
+        # After Outcomes, so that its task handle exists when the deadline is armed.
+        TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
         AsyncIO(),
         WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
         Priority(

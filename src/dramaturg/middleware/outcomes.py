@@ -39,6 +39,7 @@ from dramatiq.errors import Retry as DramatiqRetry
 from ..held import HeldTask, describe
 from ..queues import canonical_queue
 from ..task import Hold, Retry, Task, _current
+from .ttr import TimeToRunExceeded
 
 __all__ = ["Outcomes", "hold_poison", "unknown_actor_reason"]
 
@@ -106,7 +107,7 @@ class Outcomes(dramatiq.Middleware):
         elif hold_on and isinstance(exception, hold_on):
             reason = f"{type(exception).__name__}: {exception}"
         elif retries >= max_retries:
-            reason = "retries exhausted"
+            reason = "TTR exceeded" if isinstance(exception, TimeToRunExceeded) else "retries exhausted"
         else:
             reason = None  # retry
 
