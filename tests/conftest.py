@@ -30,7 +30,6 @@ from pytest_redis import factories as redis_factories
 import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
 from dramaturg import app
-from dramaturg.queues import lanes
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -150,26 +149,7 @@ def pending_messages(broker: Any, queue_name: str) -> int:
     On RabbitMQ unacked deliveries are only visible as ready again once their consumer
     is gone, so call this after the worker stopped.
     """
-    if broker.settings.type == "rabbitmq":
-        import pika
-
-        connection = pika.BlockingConnection(broker.parameters)
-        try:
-            channel = connection.channel()
-            total = 0
-            for name in (queue_name, queue_name + ".DQ"):
-                total += channel.queue_declare(name, passive=True).method.message_count
-            return total
-        finally:
-            connection.close()
-    namespace = broker.namespace
-    # Dramatiq's Redis layout: a message stays in <queue>.msgs until it is acked; each
-    # priority lane of the queue is a queue of its own.
-    return sum(
-        int(broker.client.hlen(f"{namespace}:{name}{suffix}.msgs"))
-        for name in lanes(queue_name)
-        for suffix in ("", ".DQ")
-    )
+    return int(broker.pending(queue_name))
 
 
 @pytest.fixture

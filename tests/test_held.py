@@ -286,7 +286,9 @@ def raw_publish(broker: Any, queue: str, body: bytes) -> None:
         broker.declare_queue(queue, ensure=True)
         connection = pika.BlockingConnection(broker.parameters)
         try:
-            connection.channel().basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+            channel = connection.channel()
+            channel.confirm_delivery()  # on the queue before anything sent after it
+            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
         finally:
             connection.close()
         return

@@ -18,6 +18,7 @@ from .__about__ import __version__
 from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
 from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
+from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
     BrokerNotInstalled,
@@ -36,6 +37,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerUnreachable",
     "ConfigError",
+    "DrainSummary",
     "DramaturgError",
     "HeldStore",
     "HeldTask",
@@ -54,6 +56,7 @@ __all__ = [
     "actor",
     "bootstrap",
     "current_task",
+    "drain",
     "echo",
     "get_broker",
     "held_tasks",

@@ -51,6 +51,24 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         self.settings = settings
         self.held = RabbitmqHeldStore(self)
 
+    def pending(self, queue_name: str) -> int:
+        """Messages of a queue waiting, ready or delayed. RabbitMQ does not count the ones a
+        consumer holds unacknowledged here; they come back when their consumer goes."""
+        connection = pika.BlockingConnection(self.parameters)
+        try:
+            channel = connection.channel()
+            total = 0
+            for name in (queue_name, f"{queue_name}.DQ"):
+                try:
+                    total += channel.queue_declare(name, passive=True).method.message_count
+                except pika.exceptions.ChannelClosedByBroker as error:
+                    if error.reply_code != 404:
+                        raise
+                    channel = connection.channel()
+            return total
+        finally:
+            connection.close()
+
     @property
     def consumer_class(self) -> type[RabbitmqConsumer]:
         return RabbitmqConsumer

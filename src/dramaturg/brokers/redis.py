@@ -62,6 +62,16 @@ class RedisBroker(_DramatiqRedisBroker):
         for lane in lanes(queue_name):
             super().declare_queue(lane)
 
+    def pending(self, queue_name: str) -> int:
+        """Messages of a queue not yet acknowledged: ready, delayed or being processed."""
+        # Dramatiq keeps a body in <queue>.msgs until it is acknowledged, for every lane.
+        names = lanes(queue_name) if self.settings.priorities else [queue_name]
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hlen(f"{self.namespace}:{name}.msgs")
+                pipe.hlen(f"{self.namespace}:{name}.DQ.msgs")
+            return sum(int(n) for n in pipe.execute())
+
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue on the lane of the message's priority."""
         lane = message.queue_name

@@ -28,6 +28,10 @@ class StubBroker(_DramatiqStubBroker):
         self.settings = settings
         self.held = StubHeldStore(self)
 
+    def pending(self, queue_name: str) -> int:
+        """Messages waiting in a queue and its delay queue."""
+        return sum(self.queues[name].qsize() for name in (queue_name, f"{queue_name}.DQ") if name in self.queues)
+
     def __repr__(self) -> str:
         return "<StubBroker>"
 

@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``send``, ``held``, ``config``.
+"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..__about__ import __version__
 from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
 from ..masking import install_log_masking, mask_text
-from . import config_cmd, held, send, worker
+from . import config_cmd, drain, held, send, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -44,6 +44,9 @@ examples:
 
   # Send one message to the built-in echo actor and print its id
   $ dramaturg send default:echo:'["hello"]'
+
+  # From cron: process the imports queue for 50 seconds, then exit
+  $ dramaturg drain imports --budget 50s
 
   # List held tasks, look at one, requeue a queue's held tasks
   $ dramaturg held list
@@ -74,7 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
         " or pyproject.toml [tool.dramaturg])",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, send, held, config_cmd):
+    for module in (worker, drain, send, held, config_cmd):
         module.add_parser(subparsers)
     return parser
 

@@ -35,13 +35,14 @@ from typing import Any
 
 import dramatiq
 from dramatiq.errors import Retry as DramatiqRetry
+from dramatiq.middleware import Interrupt
 
 from ..held import HeldTask, describe
 from ..queues import canonical_queue
 from ..task import Hold, Retry, Task, _current
 from .ttr import TimeToRunExceeded
 
-__all__ = ["Outcomes", "hold_poison", "unknown_actor_reason"]
+__all__ = ["Outcomes", "StopRequested", "hold_poison", "outcome_of", "unknown_actor_reason"]
 
 logger = logging.getLogger("dramaturg.outcomes")
 
@@ -102,6 +103,22 @@ class Outcomes(dramatiq.Middleware):
         hold_on = self.option(message, actor, "hold_on", ())
         queue = canonical_queue(message.queue_name)
 
+        if isinstance(exception, StopRequested):
+            # Interrupted because the worker stops: not the task's fault, not an attempt.
+            copy = message.copy(queue_name=queue)
+            done = _durably(lambda: broker.enqueue(copy))
+            message._dramaturg_outcome = "released"
+            next_step = "interrupted as its worker stopped; requeued untouched, it will run again"
+            if not done:
+                message.fail()
+                next_step = (
+                    "interrupted as its worker stopped; could not be requeued, rejected into the dead-letter queue"
+                )
+            _log_failure(
+                logging.WARNING if done else logging.CRITICAL, message, exception, retries, max_retries, next_step
+            )
+            return
+
         if isinstance(exception, Hold):
             reason: str | None = exception.reason
         elif hold_on and isinstance(exception, hold_on):
@@ -120,13 +137,16 @@ class Outcomes(dramatiq.Middleware):
             done = _durably(lambda: broker.enqueue(copy, delay=delay))
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
             level = logging.WARNING
+            message._dramaturg_outcome = "retried"
         else:
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
             done = _durably(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
             level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
+            message._dramaturg_outcome = "held"
         if not done:
             message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
+            message._dramaturg_outcome = "rejected"
             level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
         _log_failure(level, message, exception, retries, max_retries, next_step)
 
@@ -139,6 +159,18 @@ class Outcomes(dramatiq.Middleware):
         min_backoff = int(self.option(message, actor, "min_backoff", self.min_backoff))
         max_backoff = int(self.option(message, actor, "max_backoff", self.max_backoff))
         return backoff_ms(retries, min_backoff, max_backoff)
+
+
+class StopRequested(Interrupt):
+    """Raised in a task still running when its worker stops and the grace period is over.
+
+    The task is requeued untouched (not counted as an attempt) and runs again later.
+    """
+
+
+def outcome_of(message: Any) -> str:
+    """What became of a processed message: done, retried, held, released or rejected."""
+    return str(getattr(message, "_dramaturg_outcome", "done"))
 
 
 def backoff_ms(retries: int, min_backoff: int, max_backoff: int) -> int:
