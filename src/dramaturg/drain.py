@@ -28,12 +28,12 @@ from datetime import timedelta
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import raise_thread_exception
 from dramatiq.worker import _WorkerMiddleware
 
 from . import app
 from .errors import DramaturgError
-from .middleware.outcomes import Outcomes, StopRequested, outcome_of
+from .middleware.outcomes import Outcomes, outcome_of
+from .middleware.shutdown import finish_running
 from .task import to_ms
 
 __all__ = ["DrainSummary", "drain"]
@@ -155,14 +155,5 @@ def _empty(broker: dramatiq.Broker, worker: dramatiq.Worker, tally: _Tally, queu
 
 def _stop(worker: dramatiq.Worker, grace_s: float) -> None:
     """Stop taking tasks, give running ones ``grace_s``, then interrupt and requeue them."""
-    for thread in worker.workers:
-        thread.stop()  # finishes its current task, then leaves
-    deadline = time.monotonic() + grace_s
-    for thread in worker.workers:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    late = [thread for thread in worker.workers if thread.is_alive()]
-    for thread in late:
-        raise_thread_exception(thread.ident, StopRequested)  # a class: CPython raises a fresh one
-    for thread in late:
-        thread.join(10)
+    finish_running(worker, grace_s)
     worker.stop(timeout=1_000)  # consumers: stop, put back what was prefetched, close

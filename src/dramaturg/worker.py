@@ -14,7 +14,10 @@ thread counts taken from the configuration.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import time
+from typing import Any
 
 import dramatiq
 
@@ -33,12 +36,38 @@ EXIT_CONFIG = 78
 #: not consumed otherwise, since every queue a worker consumes but never uses costs it
 #: CPU (about 10% of the drain rate with two processes on Redis, benchmarks/).
 BUILTIN_ACTORS = "dramaturg.actors.builtin"
+#: Seconds within which a repeated SIGTERM counts as the same request.
+DUPLICATE_SIGNAL_S = 2.0
 
 logger = logging.getLogger("dramaturg.worker")
 
 
+def _debounce_sigterm() -> None:
+    """Treat a second SIGTERM within :data:`DUPLICATE_SIGNAL_S` of the first as the same request.
+
+    systemd (KillMode=control-group) and ``timeout`` signal the whole process group, and
+    Dramatiq's main process forwards the signal to its workers as well: each worker
+    process gets SIGTERM twice at once, and Dramatiq takes the second as "kill now",
+    cutting the graceful shutdown short. A later SIGTERM still means "kill now".
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or "worker_process" not in getattr(handler, "__qualname__", ""):
+        return  # not a Dramatiq worker process
+    first: list[float] = []
+
+    def debounced(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if first and now - first[0] < DUPLICATE_SIGNAL_S:
+            return
+        first[:] = [now]
+        handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, debounced)
+
+
 def _boot() -> dramatiq.Broker:
     install_log_masking()  # before anything can log a URL
+    _debounce_sigterm()
     try:
         settings = load_settings()
         booted = bootstrap(settings)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from dramatiq import Middleware
 from dramatiq.middleware import (
     AgeLimit,
-    AsyncIO,
     Callbacks,
     Pipelines,
     ShutdownNotifications,
@@ -21,13 +20,22 @@ from dramatiq.middleware import (
 
 from .outcomes import Outcomes
 from .priority import Priority
+from .shutdown import DaemonAsyncIO, GracefulShutdown
 from .ttr import TimeToRun, TimeToRunExceeded
 from .worker_config import WorkerConfig
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Outcomes", "Priority", "TimeToRun", "TimeToRunExceeded", "WorkerConfig", "framework_middleware"]
+__all__ = [
+    "GracefulShutdown",
+    "Outcomes",
+    "Priority",
+    "TimeToRun",
+    "TimeToRunExceeded",
+    "WorkerConfig",
+    "framework_middleware",
+]
 
 
 def framework_middleware(settings: Settings) -> list[Middleware]:
@@ -42,7 +50,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
-        AsyncIO(),
+        DaemonAsyncIO(),
+        GracefulShutdown(settings.worker.shutdown_timeout),
         WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
         Priority(
             broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",

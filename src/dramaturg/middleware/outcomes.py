@@ -73,6 +73,19 @@ class Outcomes(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         _current.set(Task(message))
+        if message.options.get("dramaturg_rerun"):
+            logger.warning(
+                "%s (message %s) runs again: it was interrupted when a worker stopped",
+                message.actor_name,
+                message.message_id,
+            )
+        elif getattr(message, "redelivered", False):
+            logger.warning(
+                "%s (message %s) was delivered again: a worker that had it did not acknowledge it"
+                " (it died, lost its connection, or held it past RabbitMQ's consumer_timeout); it may have run before",
+                message.actor_name,
+                message.message_id,
+            )
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         _current.set(None)
@@ -105,7 +118,7 @@ class Outcomes(dramatiq.Middleware):
 
         if isinstance(exception, StopRequested):
             # Interrupted because the worker stops: not the task's fault, not an attempt.
-            copy = message.copy(queue_name=queue)
+            copy = message.copy(queue_name=queue, options={"dramaturg_rerun": True})
             done = _durably(lambda: broker.enqueue(copy))
             message._dramaturg_outcome = "released"
             next_step = "interrupted as its worker stopped; requeued untouched, it will run again"
@@ -132,7 +145,7 @@ class Outcomes(dramatiq.Middleware):
             delay = self.delay_ms(message, actor, exception, retries)
             copy = message.copy(
                 queue_name=queue,
-                options={"retries": retries + 1, "dramaturg_last_error": _summary(exception)},
+                options={"retries": retries + 1, "dramaturg_last_error": _summary(exception), "dramaturg_rerun": False},
             )
             done = _durably(lambda: broker.enqueue(copy, delay=delay))
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"

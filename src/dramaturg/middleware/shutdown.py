@@ -1,0 +1,69 @@
+"""Stopping a worker without losing or silently repeating work.
+
+When a worker stops (SIGTERM or SIGINT to ``dramaturg worker``, or the end of a drain),
+it stops taking tasks, lets the running ones finish for up to a grace period
+(``worker.shutdown_timeout``), then interrupts those still running with
+:class:`~dramaturg.middleware.outcomes.StopRequested`: each is requeued untouched (not
+counted as an attempt) and logged; when it runs again, that is logged too. Dramatiq then
+puts back what the worker had prefetched or was holding for a delay, and closes.
+
+Dramatiq's own ``Worker.stop`` waits for running tasks and then simply moves on,
+leaving them running in threads that die with the process: on Redis their messages
+stay claimed until the worker's heartbeat times out.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import EventLoopThread, set_event_loop_thread
+from dramatiq.middleware import AsyncIO, raise_thread_exception
+
+from .outcomes import StopRequested
+
+__all__ = ["DaemonAsyncIO", "GracefulShutdown", "finish_running"]
+
+
+def finish_running(worker: Any, grace_s: float) -> int:
+    """Stop ``worker``'s threads: running tasks get ``grace_s``, then are interrupted.
+
+    Returns how many were interrupted. Idempotent: threads already stopped are skipped.
+    """
+    threads = [thread for thread in worker.workers if thread.is_alive()]
+    for thread in threads:
+        thread.stop()  # finishes its current task, then leaves
+    deadline = time.monotonic() + grace_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    late = [thread for thread in threads if thread.is_alive()]
+    for thread in late:
+        raise_thread_exception(thread.ident, StopRequested)  # a class: CPython raises a fresh one
+    for thread in late:
+        thread.join(10)
+    return len(late)
+
+
+class GracefulShutdown(dramatiq.Middleware):
+    """Runs :func:`finish_running` when a worker starts shutting down."""
+
+    def __init__(self, grace_ms: int) -> None:
+        self.grace_ms = grace_ms
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        finish_running(worker, self.grace_ms / 1000)
+
+
+class DaemonAsyncIO(AsyncIO):
+    """Dramatiq's AsyncIO middleware with a daemon event loop thread.
+
+    Dramatiq's worker process exits with ``sys.exit`` when it gets a second SIGTERM; a
+    non-daemon event loop thread then keeps the process alive forever.
+    """
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        event_loop_thread = EventLoopThread(self.logger)
+        event_loop_thread.daemon = True
+        event_loop_thread.start(timeout=1.0)
+        set_event_loop_thread(event_loop_thread)
