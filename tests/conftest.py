@@ -29,7 +29,7 @@ from pytest_redis import factories as redis_factories
 
 import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
-from dramaturg import app
+from dramaturg import app, suspension
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -112,13 +112,15 @@ def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
 
 @pytest.fixture(autouse=True)
 def isolated_app() -> Iterator[None]:
-    """Each test starts without a broker; actors it declares are forgotten afterwards."""
+    """Each test starts without a broker; actors it declares are forgotten afterwards,
+    and so are the queues it suspended."""
     app.shutdown()
     before = dict(app._actors)
     yield
     app.shutdown()
     app._actors.clear()
     app._actors.update(before)
+    suspension.resume_all()
 
 
 @pytest.fixture

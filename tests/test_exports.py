@@ -23,6 +23,7 @@ PUBLIC = {
     "SendError",
     "Settings",
     "Success",
+    "SuspendQueue",
     "Task",
     "TaskOutcome",
     "WorkerSettings",

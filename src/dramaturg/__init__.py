@@ -28,7 +28,7 @@ from .errors import (
     SendError,
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
-from .task import Hold, NotInTask, Retry, Success, Task, TaskOutcome, current_task
+from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 
 __all__ = [
     "Actor",
@@ -49,6 +49,7 @@ __all__ = [
     "SendError",
     "Settings",
     "Success",
+    "SuspendQueue",
     "Task",
     "TaskOutcome",
     "WorkerSettings",

@@ -44,7 +44,8 @@ _TICK_S = 0.05
 
 @dataclass(frozen=True)
 class DrainSummary:
-    """What a drain did. ``released``: interrupted at the grace limit and requeued."""
+    """What a drain did. ``released``: requeued untouched (interrupted at the grace limit,
+    or its queue was suspended)."""
 
     queues: tuple[str, ...]
     processed: int
@@ -83,7 +84,7 @@ class _Tally(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         with self._lock:
             self.running -= 1
-            self.counts["skipped"] += 1
+            self.counts["released" if outcome_of(message) == "released" else "skipped"] += 1
 
 
 def drain(

@@ -19,6 +19,7 @@ They derive from :class:`BaseException`, not :class:`Exception`, so a handler's 
      +-- Success     the task is done; code after success() does not run
      +-- Retry       run again after ``delay_ms`` (counts toward max_retries)
      +-- Hold        park it with a reason until someone kicks it
+     +-- SuspendQueue  put it back untouched; this worker leaves its queue alone for a while
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .config import parse_duration_ms
 from .errors import DramaturgError
 from .queues import canonical_queue
 
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
     from .middleware.ttr import Deadline
 
-__all__ = ["Hold", "NotInTask", "Retry", "Success", "Task", "TaskOutcome", "current_task"]
+__all__ = ["Hold", "NotInTask", "Retry", "Success", "SuspendQueue", "Task", "TaskOutcome", "current_task"]
 
 
 class NotInTask(DramaturgError):
@@ -68,6 +70,25 @@ class Hold(TaskOutcome):
     """Park the task durably with ``reason``; it runs again only when kicked."""
 
     def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SuspendQueue(TaskOutcome):
+    """Every task of this queue would fail for now: stop taking them for ``delay``.
+
+    The task is put back untouched (not counted as an attempt), and this worker process
+    takes nothing from the task's queue until ``delay`` (ms, a timedelta, or ``"30s"``,
+    ``"5m"``) is over; its other queues go on. See :mod:`dramaturg.suspension`.
+    """
+
+    def __init__(self, delay: int | timedelta | str, reason: str = "queue suspended") -> None:
+        try:
+            self.delay_ms = parse_duration_ms(delay)
+        except ValueError as error:
+            raise ValueError(f"SuspendQueue: {error}") from None
+        if self.delay_ms <= 0:
+            raise ValueError(f"SuspendQueue: the delay must be more than 0, got {delay!r}")
         super().__init__(reason)
         self.reason = reason
 

@@ -24,6 +24,7 @@ from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 
+from .. import suspension
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
@@ -89,10 +90,26 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     is a message for an actor this worker does not know; then it is acknowledged. If
     the held store cannot be written, the message is rejected as before (not lost).
     ``__next__`` mirrors Dramatiq 2.x's, with those two checks added.
+
+    While its queue is suspended (:mod:`dramaturg.suspension`) the consumer is cancelled
+    on its channel: RabbitMQ takes back the deliveries it had sent but this worker had
+    not started (they go to other consumers, flagged as redelivered), while the ones
+    being processed stay unacknowledged on the open channel and are acknowledged as
+    they finish. Closing the channel instead would hand those back too, and they would
+    run twice. When the suspension ends it consumes again.
     """
+
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        self.timeout_s = timeout / 1000
+        self.cancelled = False
 
     def __next__(self) -> Any:
         while True:
+            if not self.queue_name.endswith(".DQ"):  # delay queues only move messages on
+                wait = suspension.remaining_s(canonical_queue(self.queue_name))
+                if (wait > 0 or self.cancelled) and not self._follow_suspension(wait):
+                    return None
             try:
                 method, properties, body = next(self.iterator)
                 if method is None:
@@ -117,6 +134,22 @@ class RabbitmqConsumer(_RabbitmqConsumer):
 
             self.known_tags.add(method.delivery_tag)
             return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)
+
+    def _follow_suspension(self, wait: float) -> bool:
+        """Cancel while suspended (idling up to ``wait``), consume again after; True once consuming."""
+        try:
+            if wait > 0:
+                if not self.cancelled:
+                    self.channel.cancel()  # rejects the unstarted deliveries back to the queue, one by one
+                    self.cancelled = True
+                # Serve heartbeats and the acknowledgements of running tasks while idle.
+                self.connection.process_data_events(time_limit=min(wait, self.timeout_s))
+                return False
+            self.iterator = self.channel.consume(self.queue_name, inactivity_timeout=self.timeout_s)
+            self.cancelled = False
+            return True
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            raise ConnectionClosed(e) from None
 
     def _settle_poison(self, task: HeldTask, method: Any) -> None:
         if hold_poison(self.broker, task):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import functools
 import json
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.errors import DecodeError
 
+from .. import suspension
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
@@ -98,10 +100,18 @@ class RedisConsumer(_RedisConsumer):
     is still alive, so nothing moves them back until it restarts. Here an undecodable
     body, or a message for an actor this worker does not know, is held with its reason
     and acknowledged, and the consumer goes on with the next message.
+
+    While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
+    pushes what it had prefetched back onto the queue.
     """
 
     def __next__(self) -> Any:
         while True:
+            wait = suspension.remaining_s(self._queue())
+            if wait > 0 and not self.queue_name.endswith(".DQ"):  # delay queues only move messages on
+                self._give_back_prefetched()
+                time.sleep(min(wait, self.timeout / 1000))  # idle, as Dramatiq's consumer is between fetches
+                return None
             try:
                 message = super().__next__()  # type: ignore[no-untyped-call]
             except DecodeError as error:
@@ -123,6 +133,18 @@ class RedisConsumer(_RedisConsumer):
 
     def _queue(self) -> str:
         return canonical_queue(self.queue_name)
+
+    def _give_back_prefetched(self) -> None:
+        if not self.message_cache:
+            return
+        cached, self.message_cache = self.message_cache, []
+        redis_ids = []
+        for body in cached:
+            redis_id = _redis_id(body) or self._claimed_id(functools.partial(operator.eq, body))
+            if redis_id is not None:
+                redis_ids.append(redis_id)
+        if redis_ids:
+            self.broker.do_requeue(self.queue_name, *redis_ids)
 
     def _claimed_id(self, matches: Callable[[bytes], bool]) -> str | None:
         """The Redis id of a message this consumer has claimed, found by its body.
@@ -147,6 +169,13 @@ class RedisConsumer(_RedisConsumer):
         task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id)
         if hold_poison(self.broker, task):
             self.broker.do_ack(self.queue_name, redis_id)
+
+
+def _redis_id(body: bytes) -> str | None:
+    try:
+        return str(json.loads(body)["options"]["redis_message_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _has_id(message_id: str, body: bytes) -> bool:

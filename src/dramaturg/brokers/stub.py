@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import builtins
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from dramatiq import Middleware
+from dramatiq import Consumer, Middleware
 from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 
+from .. import suspension
 from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
 from ..queues import canonical_queue
@@ -32,8 +34,35 @@ class StubBroker(_DramatiqStubBroker):
         """Messages waiting in a queue and its delay queue."""
         return sum(self.queues[name].qsize() for name in (queue_name, f"{queue_name}.DQ") if name in self.queues)
 
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
+        consumer = super().consume(queue_name, prefetch, timeout)
+        if queue_name.endswith(".DQ"):
+            return consumer
+        return StubConsumer(consumer, canonical_queue(queue_name))
+
     def __repr__(self) -> str:
         return "<StubBroker>"
+
+
+class StubConsumer(Consumer):
+    """Dramatiq's stub consumer, taking nothing while its queue is suspended."""
+
+    def __init__(self, inner: Any, queue: str) -> None:
+        self.inner = inner
+        self.queue = queue
+
+    def ack(self, message: Any) -> None:
+        self.inner.ack(message)
+
+    def nack(self, message: Any) -> None:
+        self.inner.nack(message)
+
+    def __next__(self) -> Any:
+        wait = suspension.remaining_s(self.queue)
+        if wait > 0:
+            time.sleep(min(wait, self.inner.timeout / 1000))  # idle, as between fetches
+            return None
+        return next(self.inner)
 
 
 def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> StubBroker:

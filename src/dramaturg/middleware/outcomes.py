@@ -35,11 +35,12 @@ from typing import Any
 
 import dramatiq
 from dramatiq.errors import Retry as DramatiqRetry
-from dramatiq.middleware import Interrupt
+from dramatiq.middleware import Interrupt, SkipMessage
 
+from .. import suspension
 from ..held import HeldTask, describe
 from ..queues import canonical_queue
-from ..task import Hold, Retry, Task, _current
+from ..task import Hold, Retry, SuspendQueue, Task, _current
 from .ttr import TimeToRunExceeded
 
 __all__ = ["Outcomes", "StopRequested", "hold_poison", "outcome_of", "unknown_actor_reason"]
@@ -73,6 +74,12 @@ class Outcomes(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         _current.set(Task(message))
+        if suspension.remaining_s(canonical_queue(message.queue_name)) > 0:
+            # Taken before its queue was suspended: back it goes, unstarted.
+            if not self.release(broker, message):
+                message.fail()  # not requeued: rejected into the dead-letter queue, not acknowledged
+                logger.critical("message %s could not be requeued; rejected into the dead-letter queue", message)
+            raise SkipMessage("its queue is suspended on this worker")
         if message.options.get("dramaturg_rerun"):
             logger.warning(
                 "%s (message %s) runs again: it was interrupted when a worker stopped",
@@ -80,9 +87,10 @@ class Outcomes(dramatiq.Middleware):
                 message.message_id,
             )
         elif getattr(message, "redelivered", False):
-            logger.warning(
-                "%s (message %s) was delivered again: a worker that had it did not acknowledge it"
-                " (it died, lost its connection, or held it past RabbitMQ's consumer_timeout); it may have run before",
+            logger.info(
+                "%s (message %s) was delivered again: a consumer that had it let go without acknowledging it"
+                " (a worker stopped, died or lost its connection, a queue was suspended, or RabbitMQ's"
+                " consumer_timeout closed the channel); if it had started, this run repeats it",
                 message.actor_name,
                 message.message_id,
             )
@@ -118,9 +126,7 @@ class Outcomes(dramatiq.Middleware):
 
         if isinstance(exception, StopRequested):
             # Interrupted because the worker stops: not the task's fault, not an attempt.
-            copy = message.copy(queue_name=queue, options={"dramaturg_rerun": True})
-            done = _durably(lambda: broker.enqueue(copy))
-            message._dramaturg_outcome = "released"
+            done = self.release(broker, message, rerun=True)
             next_step = "interrupted as its worker stopped; requeued untouched, it will run again"
             if not done:
                 message.fail()
@@ -129,6 +135,26 @@ class Outcomes(dramatiq.Middleware):
                 )
             _log_failure(
                 logging.WARNING if done else logging.CRITICAL, message, exception, retries, max_retries, next_step
+            )
+            return
+
+        if isinstance(exception, SuspendQueue):
+            suspension.suspend(queue, exception.delay_ms)
+            done = self.release(broker, message)
+            if not done:
+                message.fail()
+            logger.log(
+                logging.WARNING if done else logging.CRITICAL,
+                "%s (message %s) suspended queue %r on this worker for %d ms: %s; %s",
+                message.actor_name,
+                message.message_id,
+                queue,
+                exception.delay_ms,
+                exception.reason,
+                "the task is requeued untouched"
+                if done
+                else "the task could not be requeued and is rejected into the dead-letter queue",
+                extra={"dramaturg": {"actor": message.actor_name, "message_id": message.message_id, "queue": queue}},
             )
             return
 
@@ -162,6 +188,16 @@ class Outcomes(dramatiq.Middleware):
             message._dramaturg_outcome = "rejected"
             level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
         _log_failure(level, message, exception, retries, max_retries, next_step)
+
+    def release(self, broker: dramatiq.Broker, message: Any, *, rerun: bool = False) -> bool:
+        """Put ``message`` back on its queue untouched (the attempt is not counted).
+
+        ``rerun`` marks a task that had started, so that its next run is logged.
+        False when the copy could not be published.
+        """
+        copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
+        message._dramaturg_outcome = "released"
+        return _durably(lambda: broker.enqueue(copy))
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
         """The explicit delay of a retry, else the backoff for this retry."""
@@ -271,10 +307,17 @@ def _log_failure(
 
 
 class _DramatiqFailureFilter(logging.Filter):
-    """Drops Dramatiq's own per-failure lines: Outcomes logs one line for each failure."""
+    """Drops Dramatiq's own per-failure lines (Outcomes logs one line for each failure),
+    and its "was skipped" line for a message released because its queue is suspended."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith("Failed to process message"))
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith("Failed to process message"):
+            return False
+        if record.msg.startswith("Message %s was skipped") and isinstance(record.args, tuple) and record.args:
+            return outcome_of(record.args[0]) != "released"
+        return True
 
 
 def _silence_dramatiq_failure_lines() -> None:
