@@ -170,6 +170,10 @@ class WorkerSettings(BaseModel):
     queues: StrList = []
     #: How long a stopping worker waits for running tasks before it gives up on them.
     shutdown_timeout: DurationMs = 600_000
+    #: A worker process that has run this many tasks starts afresh (None: never).
+    max_tasks_per_child: int | None = Field(default=None, ge=1)
+    #: A worker process whose resident memory is over this many MiB starts afresh (None: never).
+    max_memory_mb: int | None = Field(default=None, ge=1)
 
 
 class RetrySettings(BaseModel):

@@ -26,6 +26,7 @@ from .app import bootstrap, import_actor_modules
 from .config import load_settings
 from .errors import ConfigError
 from .masking import install_log_masking
+from .middleware import recycle
 
 __all__ = ["broker"]
 
@@ -53,9 +54,12 @@ def _debounce_sigterm() -> None:
     handler = signal.getsignal(signal.SIGTERM)
     if not callable(handler) or "worker_process" not in getattr(handler, "__qualname__", ""):
         return  # not a Dramatiq worker process
+    recycle.stop_process = handler
     first: list[float] = []
 
     def debounced(signum: int, frame: Any) -> None:
+        if recycle.on_outside_stop():
+            return  # stopping already, to recycle: now it exits instead
         now = time.monotonic()
         if first and now - first[0] < DUPLICATE_SIGNAL_S:
             return

@@ -34,6 +34,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--queues", "-Q", nargs="+", metavar="QUEUE", help="queues to consume (default: worker.queues, else all)"
     )
+    parser.add_argument(
+        "--max-tasks-per-child",
+        type=int,
+        metavar="N",
+        help="a worker process that has run N tasks starts afresh (default: worker.max_tasks_per_child, else never)",
+    )
+    parser.add_argument(
+        "--max-memory-mb",
+        type=int,
+        metavar="MIB",
+        help="a worker process using more than MIB MiB starts afresh (default: worker.max_memory_mb, else never)",
+    )
     parser.add_argument("--pid-file", help="write the main process's pid here (default: none)")
     parser.add_argument("--log-file", help="write logs here (default: stderr)")
     parser.add_argument("--verbose", "-v", action="count", default=0, help="debug logging (default: info)")
@@ -43,6 +55,13 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from dramatiq import cli as dramatiq_cli
 
+    # Flags reach the worker processes as the environment variables they stand for.
+    for flag, variable in (
+        ("max_tasks_per_child", "DRAMATURG_WORKER_MAX_TASKS_PER_CHILD"),
+        ("max_memory_mb", "DRAMATURG_WORKER_MAX_MEMORY_MB"),
+    ):
+        if getattr(args, flag) is not None:
+            os.environ[variable] = str(getattr(args, flag))
     settings = load_settings(args.config)
     brokers.ping(settings.broker)
     if settings.config_file is not None:

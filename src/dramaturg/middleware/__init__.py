@@ -20,6 +20,7 @@ from dramatiq.middleware import (
 
 from .outcomes import Outcomes
 from .priority import Priority
+from .recycle import Recycle
 from .shutdown import DaemonAsyncIO, GracefulShutdown
 from .ttr import TimeToRun, TimeToRunExceeded
 from .worker_config import WorkerConfig
@@ -31,6 +32,7 @@ __all__ = [
     "GracefulShutdown",
     "Outcomes",
     "Priority",
+    "Recycle",
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
@@ -57,4 +59,6 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
             broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",
             lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},
         ),
+        # Last, so that it counts a task once every other middleware is done with it.
+        Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
     ]
