@@ -146,6 +146,9 @@ class BrokerSettings(BaseModel):
     #: Priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
     priorities: bool = True
     heartbeat: DurationMs | None = None
+    #: The RabbitMQ server's consumer_timeout, as it is configured there (dramaturg cannot
+    #: change it): workers warn about ttrs and delays that exceed it.
+    consumer_timeout: DurationMs = Field(default=1_800_000, gt=0)
     # Redis and embedded
     namespace: str = "dramaturg"
     heartbeat_timeout: DurationMs = 60_000

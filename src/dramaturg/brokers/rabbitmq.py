@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -29,10 +30,13 @@ from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
+from ..middleware.consumer_timeout import fmt_ms
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..queues import BANDS, canonical_queue
 
 __all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_broker", "ping"]
+
+logger = logging.getLogger("dramaturg.rabbitmq")
 
 
 class RabbitmqBroker(_DramatiqRabbitmqBroker):
@@ -51,6 +55,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         self.parameters = parameters
         self.settings = settings
         self.held = RabbitmqHeldStore(self)
+        self._warned: set[str] = set()  # actors already warned about a delay past consumer_timeout
 
     def pending(self, queue_name: str) -> int:
         """Messages of a queue waiting, ready or delayed. RabbitMQ does not count the ones a
@@ -73,6 +78,21 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
     @property
     def consumer_class(self) -> type[RabbitmqConsumer]:
         return RabbitmqConsumer
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        if delay is not None and delay > self.settings.consumer_timeout and message.actor_name not in self._warned:
+            self._warned.add(message.actor_name)
+            logger.warning(
+                "%s: a delay of %s exceeds RabbitMQ's consumer_timeout (%s, broker.consumer_timeout): a worker"
+                " holds a delayed message unacknowledged until it is due, so RabbitMQ will close its channel"
+                " (the message is not lost, but the channel's other messages are redelivered); send it later"
+                " instead, or raise consumer_timeout on the server",
+                message.actor_name,
+                fmt_ms(delay),
+                fmt_ms(self.settings.consumer_timeout),
+            )
+        result: Message[Any] = super().enqueue(message, delay=delay)
+        return result
 
     def close(self) -> None:
         self.held.close()
@@ -97,6 +117,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     being processed stay unacknowledged on the open channel and are acknowledged as
     they finish. Closing the channel instead would hand those back too, and they would
     run twice. When the suspension ends it consumes again.
+
+    A message remembers the consumer it came from. When RabbitMQ closed that consumer's
+    channel (``consumer_timeout``, a lost connection), the delivery went back to the
+    queue, and Dramatiq would acknowledge or reject it on the next consumer's channel,
+    where the same delivery number names another message; here it is left alone and
+    logged (see :mod:`dramaturg.middleware.consumer_timeout`).
     """
 
     def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -117,6 +143,8 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
                 if getattr(e, "reply_code", None) == 404:
                     self.broker.queues_pending.add(q_name(self.queue_name))
+                if _is_consumer_timeout(e):
+                    self._log_consumer_timeout()
                 raise ConnectionClosed(e) from None
 
             queue = canonical_queue(self.queue_name)
@@ -133,7 +161,41 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 continue
 
             self.known_tags.add(method.delivery_tag)
-            return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)
+            proxy = _RabbitmqMessage(method.redelivered, method.delivery_tag, message)
+            proxy._dramaturg_consumer = self  # type: ignore[attr-defined]
+            return proxy
+
+    def ack(self, message: Any) -> None:
+        if self._came_from_here(message, "finished"):
+            super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if self._came_from_here(message, "was rejected"):
+            super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _came_from_here(self, message: Any, what: str) -> bool:
+        source = getattr(message, "_dramaturg_consumer", self)
+        if source is self:
+            return True
+        logger.warning(
+            "%s (message %s) %s after RabbitMQ closed the channel it came on: RabbitMQ has given it back to"
+            " the queue, so it runs again (its delivery is not settled on the new channel)",
+            message.actor_name,
+            message.message_id,
+            what,
+        )
+        return False
+
+    def _log_consumer_timeout(self) -> None:
+        logger.error(
+            "RabbitMQ closed the channel of queue %r: a delivery was not acknowledged within the server's"
+            " consumer_timeout (broker.consumer_timeout = %s); the %d messages this worker had taken from it go"
+            " back to the queue, and those already started will run again (each is logged as delivered again)."
+            " Raise consumer_timeout on the server, lower the ttr of long tasks, or lower broker.prefetch",
+            self.queue_name,
+            fmt_ms(self.broker.settings.consumer_timeout),
+            len(self.known_tags),
+        )
 
     def _follow_suspension(self, wait: float) -> bool:
         """Cancel while suspended (idling up to ``wait``), consume again after; True once consuming."""
@@ -156,6 +218,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.channel.basic_ack(method.delivery_tag)
         else:
             self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+def _is_consumer_timeout(error: BaseException) -> bool:
+    """A channel closed by RabbitMQ because a delivery outlived its consumer_timeout."""
+    text = str(getattr(error, "reply_text", ""))
+    return getattr(error, "reply_code", None) == 406 and "acknowledgement" in text and "timed out" in text
 
 
 def connection_parameters(settings: BrokerSettings) -> Any:

@@ -18,6 +18,7 @@ from dramatiq.middleware import (
     ShutdownNotifications,
 )
 
+from .consumer_timeout import ConsumerTimeoutCheck
 from .outcomes import Outcomes
 from .priority import Priority
 from .recycle import Recycle
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = [
+    "ConsumerTimeoutCheck",
     "GracefulShutdown",
     "Outcomes",
     "Priority",
@@ -59,6 +61,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
             broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",
             lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},
         ),
+        *([ConsumerTimeoutCheck(settings.broker.consumer_timeout)] if broker_type == "rabbitmq" else []),
         # Last, so that it counts a task once every other middleware is done with it.
         Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
     ]
