@@ -29,7 +29,7 @@ from pytest_redis import factories as redis_factories
 
 import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
-from dramaturg import app, suspension
+from dramaturg import app, suspension, task_context
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -113,14 +113,16 @@ def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
 @pytest.fixture(autouse=True)
 def isolated_app() -> Iterator[None]:
     """Each test starts without a broker; actors it declares are forgotten afterwards,
-    and so are the queues it suspended."""
+    and so are the queues it suspended and the context providers it registered."""
     app.shutdown()
     before = dict(app._actors)
+    providers, restorers = list(task_context._providers), list(task_context._restorers)
     yield
     app.shutdown()
     app._actors.clear()
     app._actors.update(before)
     suspension.resume_all()
+    task_context._providers[:], task_context._restorers[:] = providers, restorers
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
+from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
 __all__ = [
     "Actor",
@@ -55,7 +56,12 @@ __all__ = [
     "WorkerSettings",
     "__version__",
     "actor",
+    "bind_contextvar",
     "bootstrap",
+    "context",
+    "context_provider",
+    "context_restorer",
+    "current_context",
     "current_task",
     "drain",
     "echo",

@@ -205,6 +205,19 @@ class TaskSettings(BaseModel):
     ttr: DurationMs = Field(default=600_000, gt=0)
 
 
+class ContextSettings(BaseModel):
+    """``[context]``: the context tasks carry (see :mod:`dramaturg.task_context`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Values for tasks sent without them: ``default = { store = "default" }``.
+    default: dict[str, Any] = {}
+    #: ``module:function`` names of providers, called at send time.
+    providers: StrList = []
+    #: ``module:function`` names of restorers, called around each handler.
+    restorers: StrList = []
+
+
 class QueueSettings(BaseModel):
     """``[queues.<name>]``: defaults for the tasks of one queue."""
 
@@ -232,6 +245,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     retries: RetrySettings = RetrySettings()
     tasks: TaskSettings = TaskSettings()
+    context: ContextSettings = ContextSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
 

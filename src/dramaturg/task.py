@@ -25,8 +25,10 @@ They derive from :class:`BaseException`, not :class:`Exception`, so a handler's 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import parse_duration_ms
@@ -136,6 +138,11 @@ class Task:
     @property
     def kicks(self) -> int:
         return int(self._message.options.get("dramaturg_kicks", 0))
+
+    @property
+    def context(self) -> Mapping[str, Any]:
+        """The context the task was sent in (read-only; see :mod:`dramaturg.task_context`)."""
+        return MappingProxyType(dict(self._message.options.get("dramaturg_context") or {}))
 
     @property
     def message(self) -> Message[Any]:

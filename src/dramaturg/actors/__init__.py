@@ -15,6 +15,7 @@ own tools accept it); it differs only in when it meets its broker.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import re
@@ -29,7 +30,7 @@ from dramatiq.logging import get_logger
 from .. import app
 from ..errors import ActorError, did_you_mean
 from ..middleware.ttr import TimeToRunExceeded
-from ..task import Hold, Success, Task, _current
+from ..task import Hold, Success, _current
 
 __all__ = ["Actor", "actor"]
 
@@ -107,19 +108,23 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
       and results see a success);
     - arguments that do not fit the signature become ``Hold`` with a reason that says so
       (checked only after a TypeError, so the happy path pays nothing);
-    - an ``async def`` handler runs on Dramatiq's event loop thread, with the task handle
-      carried over (contextvars do not cross to that thread by themselves).
+    - an ``async def`` handler runs on Dramatiq's event loop thread, with the worker
+      thread's contextvars carried over (the task handle, the task's context, what
+      restorers set): they do not cross to that thread by themselves.
     """
     if iscoroutinefunction(handler):
 
-        async def with_task(task: Task | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            _current.set(task)  # this coroutine runs in a Task with a context of its own
+        async def in_context(carried: contextvars.Context, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            # This coroutine runs in an asyncio Task with a context of its own: set in it
+            # what the worker thread had (the task handle, its context, restored contextvars).
+            for var, value in carried.items():
+                var.set(value)
             return await handler(*args, **kwargs)
 
-        run_async = async_to_sync(with_task)
+        run_async = async_to_sync(in_context)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return run_async(_current.get(), args, kwargs)
+            return run_async(contextvars.copy_context(), args, kwargs)
 
     else:
         call = handler

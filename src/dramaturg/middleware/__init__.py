@@ -18,6 +18,7 @@ from dramatiq.middleware import (
     ShutdownNotifications,
 )
 
+from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .outcomes import Outcomes
 from .priority import Priority
@@ -52,6 +53,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         Callbacks(),
         Pipelines(),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
+        ContextMiddleware(settings.context.default, settings.context.providers, settings.context.restorers),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
         DaemonAsyncIO(),
