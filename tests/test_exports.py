@@ -25,6 +25,7 @@ PUBLIC = {
     "Success",
     "SuspendQueue",
     "Task",
+    "TaskHeld",
     "TaskOutcome",
     "WorkerSettings",
     "__version__",

@@ -26,6 +26,7 @@ from .errors import (
     ConfigError,
     DramaturgError,
     SendError,
+    TaskHeld,
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
@@ -52,6 +53,7 @@ __all__ = [
     "Success",
     "SuspendQueue",
     "Task",
+    "TaskHeld",
     "TaskOutcome",
     "WorkerSettings",
     "__version__",

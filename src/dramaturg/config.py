@@ -54,8 +54,8 @@ __all__ = [
     "parse_duration_ms",
 ]
 
-BrokerType = Literal["rabbitmq", "redis", "embedded", "stub"]
-BROKER_TYPES: tuple[str, ...] = ("rabbitmq", "redis", "embedded", "stub")
+BrokerType = Literal["rabbitmq", "redis", "embedded", "stub", "eager"]
+BROKER_TYPES: tuple[str, ...] = ("rabbitmq", "redis", "embedded", "stub", "eager")
 
 #: URL scheme -> broker type.
 SCHEMES: dict[str, str] = {
@@ -66,6 +66,7 @@ SCHEMES: dict[str, str] = {
     "unix": "redis",
     "embedded": "embedded",
     "stub": "stub",
+    "eager": "eager",
 }
 
 #: The URL used when only the broker type is configured.
@@ -74,6 +75,7 @@ DEFAULT_URLS: dict[str, str] = {
     "redis": "redis://127.0.0.1:6379/0",
     "embedded": "embedded://.dramaturg/embedded.db",
     "stub": "stub://",
+    "eager": "eager://",
 }
 
 ENV_PREFIX = "DRAMATURG_"
@@ -129,7 +131,8 @@ class BrokerSettings(BaseModel):
 
     ``type`` may be left out when the URL's scheme says it (``amqp://``, ``amqps://``
     -> rabbitmq; ``redis://``, ``rediss://``, ``unix://`` -> redis; ``embedded://PATH``
-    -> embedded; ``stub://`` -> stub). With neither, the embedded broker is used, so a
+    -> embedded; ``stub://`` -> stub; ``eager://`` -> eager, the queue switched off: tasks run
+    inline in ``send()``). With neither, the embedded broker is used, so a
     fresh project runs with no server.
     """
 

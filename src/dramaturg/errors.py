@@ -9,7 +9,8 @@
      +-- BrokerNotInstalled     the broker's extra is missing (pip install 'dramaturg[redis]')
      +-- ActorError             a bad @actor declaration (unknown option, duplicate name)
      +-- SendError              a message that cannot be sent (unknown actor or queue,
-                                arguments that do not fit the handler, non-JSON arguments)
+     |                          arguments that do not fit the handler, non-JSON arguments)
+     +-- TaskHeld               eager mode: a task sent with send() was held (its reason)
 
 Messages say what was wrong and how to fix it; library errors are translated at the
 boundary (``raise ConfigError(...) from None``) so that no traceback from deep inside
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 from dramatiq.errors import ConnectionFailed
 
@@ -30,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DramaturgError",
     "SendError",
+    "TaskHeld",
     "did_you_mean",
 ]
 
@@ -65,6 +68,18 @@ class BrokerNotInstalled(DramaturgError):
 
 class ActorError(DramaturgError):
     """An actor was declared wrongly (unknown option, name already taken)."""
+
+
+class TaskHeld(DramaturgError):
+    """Eager mode: a task sent with ``send()`` was held (``reason``); nothing is lost.
+
+    ``task`` is the :class:`~dramaturg.HeldTask`, also in ``dramaturg.held_tasks()``.
+    """
+
+    def __init__(self, reason: str, task: Any = None) -> None:
+        super().__init__(f"task held: {reason}")
+        self.reason = reason
+        self.task = task
 
 
 class SendError(DramaturgError):

@@ -204,6 +204,7 @@ class ContextMiddleware(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         values = MappingProxyType(dict(message.options.get(OPTION) or {}))
+        message._dramaturg_context_outside = _explicit.get()  # eager mode runs in the sender's thread
         _explicit.set(values)
         undo: list[Undo] = []
         message._dramaturg_context_undo = undo
@@ -221,6 +222,6 @@ class ContextMiddleware(dramatiq.Middleware):
             except Exception:
                 logger.exception("undoing the context of message %s failed", message.message_id)
         message._dramaturg_context_undo = ()
-        _explicit.set(_EMPTY)
+        _explicit.set(getattr(message, "_dramaturg_context_outside", _EMPTY))
 
     after_skip_message = after_process_message

@@ -74,6 +74,10 @@ def _boot() -> dramatiq.Broker:
     _debounce_sigterm()
     try:
         settings = load_settings()
+        if settings.broker.type == "eager":
+            from .brokers.eager import NO_WORKERS
+
+            raise ConfigError(f"broker.type: {NO_WORKERS}", key="broker.type")
         booted = bootstrap(settings)
     except ConfigError as error:
         logger.critical("dramaturg: configuration error: %s", error)

@@ -27,6 +27,7 @@ _BACKENDS = {
     "redis": ("redis", "redis"),
     "embedded": ("embedded", "embedded"),
     "stub": ("stub", None),
+    "eager": ("eager", None),
 }
 
 

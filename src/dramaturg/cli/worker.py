@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             os.environ[variable] = str(getattr(args, flag))
     settings = load_settings(args.config)
+    if settings.broker.type == "eager":
+        from ..brokers.eager import NO_WORKERS
+        from ..errors import ConfigError
+
+        raise ConfigError(f"broker.type: {NO_WORKERS}", key="broker.type")
     brokers.ping(settings.broker)
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
