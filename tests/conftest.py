@@ -29,7 +29,7 @@ from pytest_redis import factories as redis_factories
 
 import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
-from dramaturg import app, suspension, task_context
+from dramaturg import app, resources, suspension, task_context
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -113,16 +113,18 @@ def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
 @pytest.fixture(autouse=True)
 def isolated_app() -> Iterator[None]:
     """Each test starts without a broker; actors it declares are forgotten afterwards,
-    and so are the queues it suspended and the context providers it registered."""
+    and so are the queues it suspended, its context providers, resources and hooks."""
     app.shutdown()
     before = dict(app._actors)
     providers, restorers = list(task_context._providers), list(task_context._restorers)
+    declared, before_hooks, after_hooks = list(resources._registry), list(resources._before), list(resources._after)
     yield
     app.shutdown()
     app._actors.clear()
     app._actors.update(before)
     suspension.resume_all()
     task_context._providers[:], task_context._restorers[:] = providers, restorers
+    resources._registry[:], resources._before[:], resources._after[:] = declared, before_hooks, after_hooks
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ PUBLIC = {
     "Hold",
     "KickError",
     "NotInTask",
+    "Resource",
     "Retry",
     "RetrySettings",
     "SendError",
@@ -30,8 +31,11 @@ PUBLIC = {
     "WorkerSettings",
     "__version__",
     "actor",
+    "after_task",
+    "before_task",
     "bind_contextvar",
     "bootstrap",
+    "close_resources",
     "context",
     "context_provider",
     "context_restorer",
@@ -42,6 +46,7 @@ PUBLIC = {
     "get_broker",
     "held_tasks",
     "load_settings",
+    "resource",
     "shutdown",
 }
 

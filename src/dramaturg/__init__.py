@@ -29,6 +29,7 @@ from .errors import (
     TaskHeld,
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
+from .resources import Resource, after_task, before_task, close_resources, resource
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
@@ -46,6 +47,7 @@ __all__ = [
     "Hold",
     "KickError",
     "NotInTask",
+    "Resource",
     "Retry",
     "RetrySettings",
     "SendError",
@@ -58,8 +60,11 @@ __all__ = [
     "WorkerSettings",
     "__version__",
     "actor",
+    "after_task",
+    "before_task",
     "bind_contextvar",
     "bootstrap",
+    "close_resources",
     "context",
     "context_provider",
     "context_restorer",
@@ -70,6 +75,7 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "resource",
     "shutdown",
 ]
 

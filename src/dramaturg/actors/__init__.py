@@ -27,7 +27,7 @@ import dramatiq
 from dramatiq.asyncio import async_to_sync
 from dramatiq.logging import get_logger
 
-from .. import app
+from .. import app, resources
 from ..errors import ActorError, did_you_mean
 from ..middleware.ttr import TimeToRunExceeded
 from ..task import Hold, Success, _current
@@ -106,6 +106,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
 
     - ``success()`` inside the handler returns normally (Dramatiq's callbacks, pipelines
       and results see a success);
+    - ``before_task`` / ``after_task`` hooks run around it (see :mod:`dramaturg.resources`);
     - arguments that do not fit the signature become ``Hold`` with a reason that says so
       (checked only after a TypeError, so the happy path pays nothing);
     - an ``async def`` handler runs on Dramatiq's event loop thread, with the worker
@@ -129,10 +130,29 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
     else:
         call = handler
 
+    def call_with_hooks(*args: Any, **kwargs: Any) -> Any:
+        task = _current.get()
+        if task is None:
+            return call(*args, **kwargs)
+        before, after = resources.hooks_for(task.queue_name)
+        for hook in before:
+            hook(task)
+        error: BaseException | None = None
+        try:
+            return call(*args, **kwargs)
+        except Success:
+            raise
+        except BaseException as exception:
+            error = exception
+            raise
+        finally:
+            for hook in after:
+                hook(task, error)
+
     @functools.wraps(handler)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = call(*args, **kwargs)
+            result = (call_with_hooks if resources.any_hooks() else call)(*args, **kwargs)
         except Success as outcome:
             result = outcome.value
         except TimeToRunExceeded as interrupt:

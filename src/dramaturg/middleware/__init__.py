@@ -18,6 +18,7 @@ from dramatiq.middleware import (
     ShutdownNotifications,
 )
 
+from ..resources import Resources
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .outcomes import Outcomes
@@ -64,6 +65,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
             lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},
         ),
         *([ConsumerTimeoutCheck(settings.broker.consumer_timeout)] if broker_type == "rabbitmq" else []),
+        Resources(),
         # Last, so that it counts a task once every other middleware is done with it.
         Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
     ]

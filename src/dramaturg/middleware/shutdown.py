@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import dramatiq
-from dramatiq.asyncio import EventLoopThread, set_event_loop_thread
+from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_loop_thread
 from dramatiq.middleware import AsyncIO, raise_thread_exception
 
 from .outcomes import StopRequested
@@ -67,3 +67,7 @@ class DaemonAsyncIO(AsyncIO):
         event_loop_thread.daemon = True
         event_loop_thread.start(timeout=1.0)
         set_event_loop_thread(event_loop_thread)
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if get_event_loop_thread() is not None:  # a worker stopped twice stops its loop once
+            super().after_worker_shutdown(broker, worker)  # type: ignore[no-untyped-call]
