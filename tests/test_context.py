@@ -4,6 +4,7 @@ holds, kicks and delays, isolated between threads; on RabbitMQ, Redis and embedd
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -219,3 +220,21 @@ def test_a_failing_provider_stops_the_send_instead_of_sending_without_context(br
     with pytest.raises(dramaturg.SendError, match=r"context provider .*broken_tenant failed: LookupError: no tenant"):
         anything.send()
     assert broker.pending("ctx") == 0  # type: ignore[attr-defined]
+
+
+def test_context_survives_a_ttr_interrupt(broker: dramatiq.Broker, start_worker: Callable[..., Any]) -> None:
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="ctx", ttr=200, max_retries=1, min_backoff=10, max_backoff=20)
+    def slow_once() -> None:
+        task = dramaturg.current_task()
+        runs.record(attempt=task.attempt, context=dict(task.context))
+        while task.attempt == 1:
+            time.sleep(0.01)  # simulated work past the ttr: the interrupt lands here
+
+    with dramaturg.context(store="se"):
+        slow_once.send()
+    worker = start_worker()
+    seen = runs.wait(2)
+    worker.join()
+    assert seen == [{"attempt": 1, "context": {"store": "se"}}, {"attempt": 2, "context": {"store": "se"}}]
