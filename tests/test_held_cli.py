@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def test_held_list_show_kick_purge(settings: dramaturg.Settings, broker: dramati
     write_config(tmp_path, settings, modules=["tests.apps.shop_tasks"])
     store = dramaturg.held_tasks()
     tasks = [held_task("imports", n) for n in range(3)]
+    tasks[1] = dataclasses.replace(tasks[1], context={"store": "fr", "locale": "fr_FR"})
     for task in tasks:
         store.hold(task)
 
@@ -45,6 +47,7 @@ def test_held_list_show_kick_purge(settings: dramaturg.Settings, broker: dramati
     assert f"id:          {tasks[1].message_id}" in out
     assert "reason:      row 1 has no email" in out
     assert 'args:        [{"id": 1}]' in out
+    assert 'context:     {"store": "fr", "locale": "fr_FR"}' in out
 
     # kick one: it is requeued and no longer held
     code, out, _ = cli(tmp_path, "kick", "imports", tasks[0].message_id)
