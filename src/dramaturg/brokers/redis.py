@@ -9,6 +9,7 @@ import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -26,7 +27,16 @@ from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
 
-__all__ = ["RedisBroker", "RedisConsumer", "RedisHeldStore", "create_broker", "ping"]
+__all__ = [
+    "DeadWorker",
+    "RecoveredWorker",
+    "RedisBroker",
+    "RedisConsumer",
+    "RedisHeldStore",
+    "RedisRecoverer",
+    "create_broker",
+    "ping",
+]
 
 
 class RedisBroker(_DramatiqRedisBroker):
@@ -374,3 +384,171 @@ class RedisHeldStore(HeldStore):
     def _recover(self, queue: str) -> None:
         cutoff = int(time.time() * 1000) - STALE_KICK_MS
         self._give_back(keys=self._keys(queue), args=["stale", cutoff])
+
+
+# -- recovering the messages of dead workers --------------------------------------------
+
+# Dramatiq's keys (see dramatiq/brokers/redis/dispatch.lua):
+#   __heartbeats__               zset  worker (broker) id, scored by its last heartbeat (ms)
+#   __acks__.<worker id>.<queue> set   ids that worker fetched and has not acknowledged
+#   <queue>                      list  ids ready to run: rpush to enqueue, lpop to fetch
+#   <queue>.msgs                 hash  id -> body, until acknowledged
+#
+# Moves the ids of one claim set whose bodies still exist back to the head of the queue,
+# oldest first, and deletes the set. One script, so a claim set is taken whole by one
+# recoverer (this one on another worker, or Dramatiq's maintenance): no id is pushed twice.
+# KEYS: heartbeats, claim set, queue list, queue bodies
+# ARGV: worker id, cutoff (ms: dead while its heartbeat is at or before it), "1" to keep order
+# Returns how many ids went back, or -1 if the worker has beaten since it was found dead.
+_RECOVER_CLAIMS = """
+local beat = redis.call("zscore", KEYS[1], ARGV[1])
+if beat and tonumber(beat) > tonumber(ARGV[2]) then
+    return -1
+end
+local found = {}
+for _, id in ipairs(redis.call("smembers", KEYS[2])) do
+    local body = redis.call("hget", KEYS[4], id)
+    if body then
+        local sent = 0
+        if ARGV[3] == "1" then
+            sent = math.huge  -- undecodable bodies go behind the others
+            local ok, message = pcall(cjson.decode, body)
+            if ok and type(message) == "table" and type(message["message_timestamp"]) == "number" then
+                sent = message["message_timestamp"]
+            end
+        end
+        found[#found + 1] = {id, sent}
+    end
+end
+-- Newest first: each lpush goes in front of the last, so the oldest ends at the head.
+table.sort(found, function(a, b) return a[2] > b[2] end)
+for _, entry in ipairs(found) do
+    redis.call("lpush", KEYS[3], entry[1])
+end
+redis.call("del", KEYS[2])
+return #found
+"""
+
+# Forgets a dead worker, unless it has beaten since it was found dead.
+# KEYS: heartbeats; ARGV: worker id, cutoff (ms)
+_FORGET_WORKER = """
+local beat = redis.call("zscore", KEYS[1], ARGV[1])
+if beat and tonumber(beat) <= tonumber(ARGV[2]) then
+    redis.call("zrem", KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class DeadWorker:
+    """A worker whose last heartbeat (ms since the epoch) is older than the heartbeat timeout."""
+
+    worker_id: str
+    last_heartbeat_ms: int
+
+
+@dataclass(frozen=True)
+class RecoveredWorker:
+    """What :meth:`RedisRecoverer.recover` did for one dead worker.
+
+    ``messages`` maps each queue (exact name: lane or delay queue) to how many of the
+    worker's claimed messages went back on it; ``revived`` is true when the worker wrote
+    a heartbeat while it was being recovered (it is alive, and was left alone from then on).
+    """
+
+    worker: DeadWorker
+    messages: dict[str, int] = field(default_factory=dict)
+    revived: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.messages.values())
+
+
+class RedisRecoverer:
+    """Writes one broker's heartbeat and puts back what dead workers had claimed.
+
+    Used by :class:`dramaturg.middleware.recovery.RedisRecovery`, which explains why.
+    ``broker`` is any Dramatiq Redis broker (its ``client``, ``namespace``, ``broker_id``
+    and ``heartbeat_timeout`` in ms are read).
+
+    >>> recoverer = RedisRecoverer(broker)
+    >>> dead = recoverer.beat(now_ms)          # one round trip
+    >>> recovered = recoverer.recover(dead, now_ms) if dead else []
+    """
+
+    def __init__(self, broker: _DramatiqRedisBroker, heartbeat_timeout_ms: int | None = None) -> None:
+        self.client: redis.Redis = broker.client
+        self.namespace: str = broker.namespace
+        self.worker_id: str = broker.broker_id
+        self.heartbeat_timeout_ms = int(
+            broker.heartbeat_timeout if heartbeat_timeout_ms is None else heartbeat_timeout_ms
+        )
+        self.heartbeats = f"{self.namespace}:__heartbeats__"
+        self.claims_prefix = f"{self.namespace}:__acks__."
+        self._recover_claims = self.client.register_script(_RECOVER_CLAIMS)
+        self._forget_worker = self.client.register_script(_FORGET_WORKER)
+
+    def beat(self, now_ms: int) -> list[DeadWorker]:
+        """Write this broker's heartbeat; return the other workers that are dead at ``now_ms``."""
+        cutoff = now_ms - self.heartbeat_timeout_ms
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.heartbeats, {self.worker_id: now_ms})
+            pipe.zrangebyscore(self.heartbeats, 0, cutoff, withscores=True)
+            _, stale = pipe.execute()
+        dead = [DeadWorker(_text(member), int(score)) for member, score in stale]
+        return [worker for worker in dead if worker.worker_id != self.worker_id]
+
+    def recover(self, dead: Sequence[DeadWorker], now_ms: int) -> list[RecoveredWorker]:
+        """Move each dead worker's claimed messages back to their queues, then forget it.
+
+        ``now_ms`` must be the time ``dead`` was found at (the cutoff is derived from it).
+        """
+        cutoff = now_ms - self.heartbeat_timeout_ms
+        claims = self._claim_sets([worker.worker_id for worker in dead])
+        recovered = []
+        for worker in dead:
+            result = RecoveredWorker(worker)
+            prefix = f"{self.claims_prefix}{worker.worker_id}.".encode()
+            for key in sorted(claims.get(worker.worker_id, ())):
+                queue = key[len(prefix) :]
+                base = self.namespace.encode() + b":" + queue
+                keep_order = "0" if queue.endswith(b".DQ") else "1"  # delayed ones are run by eta anyway
+                moved = int(
+                    self._recover_claims(
+                        keys=[self.heartbeats, key, base, base + b".msgs"],
+                        args=[worker.worker_id, cutoff, keep_order],
+                    )
+                )
+                if moved < 0:
+                    result = RecoveredWorker(worker, result.messages, revived=True)
+                    break
+                if moved:
+                    result.messages[_text(queue)] = moved
+            if not result.revived:
+                self._forget_worker(keys=[self.heartbeats], args=[worker.worker_id, cutoff])
+            recovered.append(result)
+        return recovered
+
+    def _claim_sets(self, worker_ids: Sequence[str]) -> dict[str, list[bytes]]:
+        """The claim sets of ``worker_ids``, found with SCAN (never KEYS, which blocks Redis)."""
+        wanted = {f"{self.claims_prefix}{worker_id}.".encode(): worker_id for worker_id in worker_ids}
+        # One worker: a pattern naming it; several: one pass over every claim set.
+        only = f"{worker_ids[0]}." if len(worker_ids) == 1 else ""
+        pattern = _glob_escape(f"{self.claims_prefix}{only}") + "*"
+        found: dict[str, list[bytes]] = {}
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            for prefix, worker_id in wanted.items():
+                if key.startswith(prefix) and len(key) > len(prefix):
+                    found.setdefault(worker_id, []).append(key)
+        return found
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis MATCH pattern (namespaces may hold ``*?[]``)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)

@@ -23,6 +23,7 @@ from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .outcomes import Outcomes
 from .priority import Priority
+from .recovery import RedisRecovery
 from .recycle import Recycle
 from .shutdown import DaemonAsyncIO, GracefulShutdown
 from .ttr import TimeToRun, TimeToRunExceeded
@@ -37,6 +38,7 @@ __all__ = [
     "Outcomes",
     "Priority",
     "Recycle",
+    "RedisRecovery",
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
@@ -64,6 +66,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
             broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",
             lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},
         ),
+        *([RedisRecovery(settings.broker.heartbeat_timeout)] if broker_type in {"redis", "embedded"} else []),
         *([ConsumerTimeoutCheck(settings.broker.consumer_timeout)] if broker_type == "rabbitmq" else []),
         Resources(),
         # Last, so that it counts a task once every other middleware is done with it.

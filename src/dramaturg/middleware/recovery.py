@@ -1,0 +1,189 @@
+"""Recovering the messages of workers that died, on the Redis and embedded brokers.
+
+A Redis worker claims each message it fetches in a set,
+``<namespace>:__acks__.<worker id>.<queue>``, until it acknowledges it, and shows it is
+alive with a heartbeat: its id, scored by the time, in ``<namespace>:__heartbeats__``.
+A worker that stops cleanly puts back what it claimed. One that dies (``kill -9``, the
+OOM killer, a lost machine) leaves its claims behind, and Dramatiq moves them back only
+in its "maintenance", which runs on one random Redis call in a thousand and only for the
+queue of that call: with idle workers that takes minutes to tens of minutes
+(``benchmarks/recovery.py``).
+
+:class:`RedisRecovery` runs a thread in each worker process that, every tick
+(``broker.heartbeat_timeout`` / 5, at least 100 ms; the first one at boot):
+
+1. writes this worker's heartbeat;
+2. takes every worker whose heartbeat is ``heartbeat_timeout`` old for dead, finds its
+   claim sets with SCAN, and moves the claimed messages whose bodies still exist back to
+   the queue each set names (a lane such as ``imports.P1`` or a delay queue such as
+   ``imports.DQ`` included), one Lua script per set, so two workers recovering at once
+   never push a message twice; then forgets the dead worker. Each dead worker that had
+   messages gets one WARNING: how many, on which queues, how long since its last heartbeat;
+3. on a Redis error, logs it and tries again at the next tick.
+
+**Bound.** A dead worker's last heartbeat is at most one tick before it died. Its
+messages are back on their queues within ``heartbeat_timeout`` + one tick
+(<= 1.2 x ``heartbeat_timeout``) after that heartbeat, and are taken at the next fetch
+(an idle worker polls at least once per ``worker_timeout``, 1 s), whatever the traffic,
+provided one dramaturg worker on the namespace is alive. A replacement worker recovers
+its dead predecessor at boot, once the predecessor's heartbeat is stale.
+
+**Head, not tail.** Dramatiq fetches from the head of a queue's list (``lpop``) and
+enqueues at its tail (``rpush``). Recovered messages go back to the head, oldest first:
+they had already waited their turn, and behind a backlog the tail could mean hours, which
+would undo the bound above. RabbitMQ does the same with a message whose consumer died (it
+returns to its original position). Delay queues are ordered by ``eta`` in the worker, so
+their order is not kept. A message that kills every worker that runs it (a crash, not an
+exception) comes back at once either way.
+
+**Heartbeats.** Dramatiq writes a worker's heartbeat only when one of its consumers calls
+Redis. A consumer whose prefetch is full makes no call, so a worker whose tasks all run
+long lives on the idle polling of its other consumers (delay queues, other lanes), once
+every 0.5-1 s (``worker_timeout``): not at all while consumers are paused or restarting
+after a connection error, and too rarely for a ``heartbeat_timeout`` near a second. Then
+another worker takes it for dead and its messages run twice. The heartbeat written every
+tick here does not depend on the consumers: only a process that cannot run this thread
+for ``heartbeat_timeout`` (stopped, swapping, a C extension holding the GIL, cut off from
+Redis) can be taken for dead, and the recovery script leaves alone a worker whose
+heartbeat moved after it was found dead. As in Dramatiq, the clocks of the machines must
+agree to well within ``heartbeat_timeout``.
+
+**Dramatiq's maintenance** stays on, as a backstop (it also expires dead-lettered
+messages). Its script and this one each take a claim set whole, atomically, so a message
+goes back once whichever gets to the set first.
+
+**Cost.** Nothing on the message path; one round trip per tick per worker process, and a
+SCAN only when a worker is dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import dramatiq
+
+if TYPE_CHECKING:
+    from ..brokers.redis import RecoveredWorker, RedisRecoverer
+
+__all__ = ["MIN_TICK_MS", "RedisRecovery"]
+
+logger = logging.getLogger("dramaturg.recovery")
+
+#: The shortest tick: heartbeats and recovery at most ten times a second.
+MIN_TICK_MS = 100
+#: A stopping worker waits this long for a tick in progress (the thread is a daemon).
+_JOIN_TIMEOUT_S = 5.0
+
+
+class RedisRecovery(dramatiq.Middleware):
+    """Heartbeats and dead-worker recovery in each worker process (see the module docstring).
+
+    ``heartbeat_timeout_ms`` is the broker's (``broker.heartbeat_timeout``, which
+    Dramatiq's own maintenance uses too).
+
+    >>> RedisRecovery(heartbeat_timeout_ms=60_000).tick_ms
+    12000
+    """
+
+    def __init__(self, heartbeat_timeout_ms: int) -> None:
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self._threads: dict[int, _RecoveryThread] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def tick_ms(self) -> int:
+        """Milliseconds between ticks: a fifth of the heartbeat timeout, at least :data:`MIN_TICK_MS`."""
+        return max(self.heartbeat_timeout_ms // 5, MIN_TICK_MS)
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from ..brokers.redis import RedisRecoverer
+
+        if self.heartbeat_timeout_ms < 5 * MIN_TICK_MS:
+            logger.warning(
+                "broker.heartbeat_timeout is %d ms: under %d ms a live worker can be taken for dead"
+                " between two heartbeats (one every %d ms); raise it",
+                self.heartbeat_timeout_ms,
+                5 * MIN_TICK_MS,
+                MIN_TICK_MS,
+            )
+        recoverer = RedisRecoverer(broker, self.heartbeat_timeout_ms)  # type: ignore[arg-type]
+        thread = _RecoveryThread(recoverer, self.tick_ms / 1000)
+        with self._lock:
+            self._threads[id(worker)] = thread
+        thread.start()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Not before_worker_shutdown: running tasks may take worker.shutdown_timeout to
+        # finish, and their worker must not look dead meanwhile.
+        with self._lock:
+            thread = self._threads.pop(id(worker), None)
+        if thread is not None:
+            thread.stop()
+
+
+class _RecoveryThread(threading.Thread):
+    def __init__(self, recoverer: RedisRecoverer, tick_s: float) -> None:
+        super().__init__(name="dramaturg-recovery", daemon=True)
+        self.recoverer = recoverer
+        self.tick_s = tick_s
+        self.stopped = threading.Event()
+        self.failing = False
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self is not threading.current_thread():
+            self.join(_JOIN_TIMEOUT_S)
+
+    def run(self) -> None:
+        while True:
+            self.tick()
+            if self.stopped.wait(self.tick_s):
+                return
+
+    def tick(self) -> None:
+        from redis import RedisError
+
+        try:
+            now_ms = int(time.time() * 1000)  # the clock Dramatiq's heartbeats use
+            dead = self.recoverer.beat(now_ms)
+            for recovered in self.recoverer.recover(dead, now_ms) if dead else []:
+                _report(recovered, now_ms)
+        except Exception as error:
+            # Logged once per outage (with a traceback if it is not Redis's): the next
+            # ticks try again quietly.
+            level = logging.DEBUG if self.failing else logging.WARNING
+            logger.log(
+                level,
+                "heartbeat and recovery failed (%s); trying again every %.1f s",
+                error,
+                self.tick_s,
+                exc_info=not isinstance(error, RedisError),
+            )
+            self.failing = True
+            return
+        if self.failing:
+            logger.info("heartbeat and recovery work again")
+            self.failing = False
+
+
+def _report(recovered: RecoveredWorker, now_ms: int) -> None:
+    worker = recovered.worker
+    silent_s = (now_ms - worker.last_heartbeat_ms) / 1000
+    if recovered.total:
+        logger.warning(
+            "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s",
+            recovered.total,
+            "" if recovered.total == 1 else "s",
+            worker.worker_id,
+            silent_s,
+            ", ".join(f"{queue} ({count})" for queue, count in sorted(recovered.messages.items())),
+        )
+    if recovered.revived:
+        logger.warning(
+            "worker %s wrote a heartbeat after %.1f s of silence: alive, left alone", worker.worker_id, silent_s
+        )
+    elif not recovered.total:
+        logger.debug("forgot worker %s: no heartbeat for %.1f s and no messages claimed", worker.worker_id, silent_s)
