@@ -207,6 +207,7 @@ def test_recovery_puts_claimed_messages_back_at_the_head_of_their_exact_queue_in
     # Then each went back to its own queue, the lane's at the head in their first order
     assert recovered.worker.worker_id == dead.broker_id
     assert recovered.messages == {"imports.P1": 3, "imports.P1.DQ": 2}
+    assert sorted(recovered.message_ids) == sorted(m.message_id for m in sent[:3] + delayed)
     assert queue_ids(broker, "imports.P1") == lane_ids
     assert sorted(queue_ids(broker, "imports.P1.DQ")) == sorted(m.options["redis_message_id"] for m in delayed)
     # and the dead worker is forgotten, with no claims left
@@ -303,7 +304,7 @@ def test_a_worker_recovers_its_dead_predecessor_when_it_boots(
     def work(n: int) -> None:
         ran.set()
 
-    work.send(1)
+    message = work.send(1)
     dead = dead_worker(broker, {"imports": 1}, silent_ms=61_000)
 
     # When a worker boots
@@ -314,7 +315,7 @@ def test_a_worker_recovers_its_dead_predecessor_when_it_boots(
         assert ran.wait(WAIT_S)
     (line,) = [r.getMessage() for r in caplog.records if r.name == "dramaturg.recovery"]
     assert f"recovered 1 message of dead worker {dead.broker_id} (no heartbeat for 61." in line
-    assert line.endswith("back at the head of imports (1)")
+    assert line.endswith(f"back at the head of imports (1); those it had started run again: {message.message_id}")
 
 
 def test_only_the_redis_brokers_get_the_recovery_middleware() -> None:

@@ -154,7 +154,7 @@ class BrokerSettings(BaseModel):
     consumer_timeout: DurationMs = Field(default=1_800_000, gt=0)
     # Redis and embedded
     namespace: str = "dramaturg"
-    heartbeat_timeout: DurationMs = 60_000
+    heartbeat_timeout: DurationMs = Field(default=60_000, ge=100)
     # embedded: how often the server writes its append-only file to disk
     fsync: Literal["always", "everysec", "no"] = "everysec"
 

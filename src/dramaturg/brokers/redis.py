@@ -399,34 +399,43 @@ class RedisHeldStore(HeldStore):
 # recoverer (this one on another worker, or Dramatiq's maintenance): no id is pushed twice.
 # KEYS: heartbeats, claim set, queue list, queue bodies
 # ARGV: worker id, cutoff (ms: dead while its heartbeat is at or before it), "1" to keep order
-# Returns how many ids went back, or -1 if the worker has beaten since it was found dead.
+# Returns {-1} if the worker has beaten since it was found dead, else the message ids
+# (Dramatiq's, for the log) of what went back, "?" for a body that does not decode.
 _RECOVER_CLAIMS = """
 local beat = redis.call("zscore", KEYS[1], ARGV[1])
 if beat and tonumber(beat) > tonumber(ARGV[2]) then
-    return -1
+    return {-1}
 end
 local found = {}
 for _, id in ipairs(redis.call("smembers", KEYS[2])) do
     local body = redis.call("hget", KEYS[4], id)
     if body then
-        local sent = 0
-        if ARGV[3] == "1" then
-            sent = math.huge  -- undecodable bodies go behind the others
-            local ok, message = pcall(cjson.decode, body)
-            if ok and type(message) == "table" and type(message["message_timestamp"]) == "number" then
+        local sent = math.huge  -- undecodable bodies go behind the others
+        local message_id = "?"
+        local ok, message = pcall(cjson.decode, body)
+        if ok and type(message) == "table" then
+            if type(message["message_timestamp"]) == "number" then
                 sent = message["message_timestamp"]
             end
+            if type(message["message_id"]) == "string" then
+                message_id = message["message_id"]
+            end
         end
-        found[#found + 1] = {id, sent}
+        if ARGV[3] ~= "1" then
+            sent = 0
+        end
+        found[#found + 1] = {id, sent, message_id}
     end
 end
 -- Newest first: each lpush goes in front of the last, so the oldest ends at the head.
 table.sort(found, function(a, b) return a[2] > b[2] end)
+local moved = {}
 for _, entry in ipairs(found) do
     redis.call("lpush", KEYS[3], entry[1])
+    moved[#moved + 1] = entry[3]
 end
 redis.call("del", KEYS[2])
-return #found
+return moved
 """
 
 # Forgets a dead worker, unless it has beaten since it was found dead.
@@ -460,6 +469,8 @@ class RecoveredWorker:
     worker: DeadWorker
     messages: dict[str, int] = field(default_factory=dict)
     revived: bool = False
+    #: The Dramatiq message ids of what went back ("?" where a body did not decode).
+    message_ids: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -515,17 +526,16 @@ class RedisRecoverer:
                 queue = key[len(prefix) :]
                 base = self.namespace.encode() + b":" + queue
                 keep_order = "0" if queue.endswith(b".DQ") else "1"  # delayed ones are run by eta anyway
-                moved = int(
-                    self._recover_claims(
-                        keys=[self.heartbeats, key, base, base + b".msgs"],
-                        args=[worker.worker_id, cutoff, keep_order],
-                    )
+                moved = self._recover_claims(
+                    keys=[self.heartbeats, key, base, base + b".msgs"],
+                    args=[worker.worker_id, cutoff, keep_order],
                 )
-                if moved < 0:
-                    result = RecoveredWorker(worker, result.messages, revived=True)
+                if moved and moved[0] == -1:
+                    result = RecoveredWorker(worker, result.messages, revived=True, message_ids=result.message_ids)
                     break
                 if moved:
-                    result.messages[_text(queue)] = moved
+                    result.messages[_text(queue)] = len(moved)
+                    result.message_ids.extend(_text(message_id) for message_id in moved)
             if not result.revived:
                 self._forget_worker(keys=[self.heartbeats], args=[worker.worker_id, cutoff])
             recovered.append(result)

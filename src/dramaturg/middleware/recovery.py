@@ -74,6 +74,8 @@ logger = logging.getLogger("dramaturg.recovery")
 
 #: The shortest tick: heartbeats and recovery at most ten times a second.
 MIN_TICK_MS = 100
+#: How many recovered message ids the WARNING names (the rest are counted).
+SHOWN_IDS = 20
 #: A stopping worker waits this long for a tick in progress (the thread is a daemon).
 _JOIN_TIMEOUT_S = 5.0
 
@@ -173,13 +175,18 @@ def _report(recovered: RecoveredWorker, now_ms: int) -> None:
     worker = recovered.worker
     silent_s = (now_ms - worker.last_heartbeat_ms) / 1000
     if recovered.total:
+        shown = recovered.message_ids[:SHOWN_IDS]
+        more = len(recovered.message_ids) - len(shown)
         logger.warning(
-            "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s",
+            "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s;"
+            " those it had started run again: %s%s",
             recovered.total,
             "" if recovered.total == 1 else "s",
             worker.worker_id,
             silent_s,
             ", ".join(f"{queue} ({count})" for queue, count in sorted(recovered.messages.items())),
+            ", ".join(shown),
+            f" and {more} more" if more else "",
         )
     if recovered.revived:
         logger.warning(
