@@ -238,3 +238,56 @@ def test_context_survives_a_ttr_interrupt(broker: dramatiq.Broker, start_worker:
     seen = runs.wait(2)
     worker.join()
     assert seen == [{"attempt": 1, "context": {"store": "se"}}, {"attempt": 2, "context": {"store": "se"}}]
+
+
+def test_pipeline_steps_and_callbacks_inherit_the_context(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="ctx")
+    def first() -> int:
+        runs.record(step="first", context=dict(dramaturg.current_task().context))
+        return 1
+
+    @dramaturg.actor(queue_name="ctx")
+    def second(value: int) -> None:
+        runs.record(step="second", context=dict(dramaturg.current_task().context))
+
+    @dramaturg.actor(queue_name="ctx")
+    def done(message_data: dict[str, Any], result: Any) -> None:
+        runs.record(step="callback", context=dict(dramaturg.current_task().context))
+
+    with dramaturg.context(store="pt"):
+        dramatiq.pipeline([first.message(), second.message()]).run()
+        first.send_with_options(on_success=done)
+    worker = start_worker()
+    seen = runs.wait(4)
+    worker.join()
+    assert all(run["context"] == {"store": "pt"} for run in seen), seen
+    assert sorted(run["step"] for run in seen) == ["callback", "first", "first", "second"]
+
+
+def test_a_failing_restorer_fails_the_task_instead_of_running_it_in_the_wrong_context(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    failures = [1]
+
+    def flaky_restorer(values: Any) -> None:
+        if failures:
+            failures.pop()
+            raise RuntimeError("tenant database unreachable")
+
+    dramaturg.context_restorer(flaky_restorer)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="ctx", max_retries=2, min_backoff=10, max_backoff=20)
+    def work() -> None:
+        runs.record(attempt=dramaturg.current_task().attempt)
+
+    with dramaturg.context(store="fi"):
+        work.send()
+    worker = start_worker()
+    seen = runs.wait(1)
+    worker.join()
+    assert seen == [{"attempt": 2}]  # attempt 1 never reached the handler

@@ -114,6 +114,20 @@ def test_follow_up_tasks_run_and_inherit_the_context(dramaturg_worker: Any, wait
     assert ran == ["import ada@example.com", "welcome ada@example.com in de"]
 
 
+def test_an_async_actor_runs_in_its_context(dramaturg_worker: Any, wait_for_tasks: Runner) -> None:
+    ran: list[str] = []
+
+    @dramaturg.actor(queue_name="shop")
+    async def notify(email: str) -> None:
+        ran.append(f"{email} in {dramaturg.current_task().context['store']}")
+
+    with dramaturg.context(store="at"):
+        notify.send("ada@example.com")
+    wait_for_tasks("shop")
+
+    assert ran == ["ada@example.com in at"]
+
+
 def test_switching_modes_is_configuration_only(dramaturg_broker: dramatiq.Broker, dramaturg_worker: Any) -> None:
     eager = isinstance(dramaturg_broker, EagerBroker)
     assert (dramaturg_worker is None) == eager

@@ -53,10 +53,9 @@ def test_a_per_thread_resource_gives_each_thread_its_own(
 
     @dramaturg.resource(per_thread=True)
     def connection() -> Iterator[int]:
-        mine = threading.get_ident()
-        opened.append(mine)
-        yield mine
-        closed.append(mine)  # closed at shutdown, from the thread stopping the worker
+        opened.append(threading.get_ident())
+        yield threading.get_ident()
+        closed.append(threading.get_ident())  # in the thread that made it, as it stops
 
     @dramaturg.actor(queue_name="res")
     def use() -> None:

@@ -95,3 +95,20 @@ def test_suspensions_end_and_a_longer_one_wins() -> None:
         pass
     assert suspension.remaining_s("brief") == 0.0
     assert set(suspension.suspended()) == {"mail"}
+
+
+def test_in_eager_mode_a_suspended_queue_holds_the_task_instead() -> None:
+    # Given the queue switched off: there is no queue to leave alone, and the caller waits
+    dramaturg.bootstrap(dramaturg.Settings(broker={"url": "eager://"}))
+
+    @dramaturg.actor(queue_name="mail")
+    def send_mail() -> None:
+        raise dramaturg.SuspendQueue("5m", reason="mail server down")
+
+    # When it suspends its queue, then the caller learns it at once, and nothing is lost
+    started = time.monotonic()
+    with pytest.raises(dramaturg.TaskHeld, match="queue 'mail' suspended for 300000 ms: mail server down"):
+        send_mail.send()
+    assert time.monotonic() - started < 5
+    assert dramaturg.held_tasks().count("mail") == 1
+    assert suspension.suspended() == {}

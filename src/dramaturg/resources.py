@@ -18,8 +18,9 @@ never in a process that only sends. Creation is locked, so threads racing for it
 one instance; the instance itself is shared by the process's threads, so it must be
 thread-safe (a pool, a session). For things that are not (an sqlite3 connection),
 ``@dramaturg.resource(per_thread=True)`` gives each thread its own. At worker shutdown
-each is torn down (the code after ``yield``, or nothing for a plain function); a forked
-child creates its own instead of using its parent's.
+each is torn down (the code after ``yield``, or nothing for a plain function), a
+per-thread one in its own thread; a forked child creates its own instead of using its
+parent's.
 
 Around every task, or every task of some queues::
 
@@ -68,14 +69,11 @@ class Resource(Generic[T]):
         self.per_thread = per_thread
         self.name = f"{factory.__module__}.{factory.__qualname__}"
         self._lock = threading.RLock()  # _make takes it too, inside __call__'s
-        self._pid = 0
         self._shared: tuple[T, Iterator[T] | None] | None = None
         self._local = threading.local()
         self._made: list[tuple[T, Iterator[T] | None]] = []  # every instance, for closing
 
     def __call__(self) -> T:
-        if self._pid != os.getpid():
-            self._forget()  # a forked child: the parent's instances are not ours to use
         if self.per_thread:
             made = getattr(self._local, "made", None)
             if made is None:
@@ -99,11 +97,21 @@ class Resource(Generic[T]):
         return made
 
     def _forget(self) -> None:
+        """In a forked child: the parent's instances (and lock) are not ours to use."""
+        self._lock = threading.RLock()
+        self._shared = None
+        self._local = threading.local()
+        self._made = []
+
+    def close_this_thread(self) -> None:
+        """Tear down the calling thread's instance (per-thread resources), in that thread."""
+        made = getattr(self._local, "made", None)
+        if made is None:
+            return
+        del self._local.made
         with self._lock:
-            self._pid = os.getpid()
-            self._shared = None
-            self._local = threading.local()
-            self._made = []
+            self._made = [other for other in self._made if other is not made]
+        _teardown(self.name, made[1])
 
     def close(self) -> None:
         """Tear down every instance this process made (the code after ``yield``)."""
@@ -111,19 +119,8 @@ class Resource(Generic[T]):
             made, self._made = self._made, []
             self._shared = None
             self._local = threading.local()
-        if self._pid != os.getpid():
-            return
         for _, generator in made:
-            if generator is None:
-                continue
-            try:
-                next(generator)
-            except StopIteration:
-                pass
-            except Exception:
-                logger.exception("closing resource %s failed", self.name)
-            else:
-                logger.warning("resource %s yielded more than once; its teardown stops at the second yield", self.name)
+            _teardown(self.name, generator)
 
     def __repr__(self) -> str:
         return f"<Resource {self.name}{' per thread' if self.per_thread else ''}>"
@@ -144,6 +141,27 @@ def resource(factory: Callable[[], Any] | None = None, /, *, per_thread: bool = 
         return declared
 
     return declare(factory) if factory is not None else declare
+
+
+def _teardown(name: str, generator: Iterator[Any] | None) -> None:
+    if generator is None:
+        return
+    try:
+        next(generator)
+    except StopIteration:
+        pass
+    except Exception:
+        logger.exception("closing resource %s failed", name)
+    else:
+        logger.warning("resource %s yielded more than once; its teardown stops at the second yield", name)
+
+
+def _after_fork_in_child() -> None:
+    for declared in _registry:
+        declared._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def close_resources() -> None:
@@ -186,7 +204,14 @@ def any_hooks() -> bool:
 
 
 class Resources(dramatiq.Middleware):
-    """Tears the process's resources down when its worker shuts down."""
+    """Tears the process's resources down when its worker shuts down: per-thread ones in
+    their own thread as it stops (an sqlite3 connection may only be closed there), the
+    rest after the worker stopped."""
+
+    def before_worker_thread_shutdown(self, broker: dramatiq.Broker, thread: Any) -> None:
+        for declared in _registry:
+            if declared.per_thread:
+                declared.close_this_thread()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         close_resources()

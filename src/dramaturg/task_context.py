@@ -209,7 +209,13 @@ class ContextMiddleware(dramatiq.Middleware):
         undo: list[Undo] = []
         message._dramaturg_context_undo = undo
         for restorer in _restorers:
-            done = restorer(values)
+            try:
+                done = restorer(values)
+            except Exception as error:
+                # A MiddlewareError: the task fails (and is retried or held) instead of
+                # running in a half-restored context; the after-hook undoes the rest.
+                name = getattr(restorer, "__qualname__", repr(restorer))
+                raise ContextError(f"context restorer {name} failed: {type(error).__name__}: {error}") from error
             if done is not None:
                 undo.append(done)
 

@@ -39,7 +39,7 @@ from typing import Any
 import dramatiq
 import pytest
 
-from . import app
+from . import app, suspension
 from .config import Settings, load_settings
 from .errors import TaskHeld
 from .held import HeldStore, held_tasks
@@ -76,10 +76,13 @@ def dramaturg_settings(request: pytest.FixtureRequest) -> Settings:
 
 @pytest.fixture
 def dramaturg_broker(dramaturg_settings: Settings) -> Iterator[dramatiq.Broker]:
-    """The test's broker, bootstrapped for this test and shut down after it."""
+    """The test's broker, bootstrapped for this test and shut down after it (queues a
+    task suspended are resumed, so the next test starts clean)."""
+    suspension.resume_all()
     broker = app.bootstrap(dramaturg_settings)
     yield broker
     app.shutdown()
+    suspension.resume_all()
 
 
 class _Failures(dramatiq.Middleware):

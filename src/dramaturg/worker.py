@@ -50,6 +50,7 @@ def _debounce_sigterm() -> None:
     Dramatiq's main process forwards the signal to its workers as well: each worker
     process gets SIGTERM twice at once, and Dramatiq takes the second as "kill now",
     cutting the graceful shutdown short. A later SIGTERM still means "kill now".
+    SIGHUP (Dramatiq's reload, which stops the worker the same way) shares the timer.
     """
     handler = signal.getsignal(signal.SIGTERM)
     if not callable(handler) or "worker_process" not in getattr(handler, "__qualname__", ""):
@@ -58,15 +59,18 @@ def _debounce_sigterm() -> None:
     first: list[float] = []
 
     def debounced(signum: int, frame: Any) -> None:
-        if recycle.on_outside_stop():
-            return  # stopping already, to recycle: now it exits instead
         now = time.monotonic()
+        if recycle.on_outside_stop():
+            first[:] = [now]
+            return  # stopping already, to recycle: now it exits instead
         if first and now - first[0] < DUPLICATE_SIGNAL_S:
             return
         first[:] = [now]
         handler(signum, frame)
 
     signal.signal(signal.SIGTERM, debounced)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is handler:
+        signal.signal(signal.SIGHUP, debounced)
 
 
 def _boot() -> dramatiq.Broker:

@@ -29,7 +29,7 @@ from dramatiq.logging import get_logger
 
 from .. import app, resources
 from ..errors import ActorError, did_you_mean
-from ..middleware.ttr import TimeToRunExceeded
+from ..middleware.ttr import StopRequested, TimeToRunExceeded
 from ..task import Hold, Success, _current
 
 __all__ = ["Actor", "actor"]
@@ -130,7 +130,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
     else:
         call = handler
 
-    def call_with_hooks(*args: Any, **kwargs: Any) -> Any:
+    def call_with_hooks(finished: list[bool], *args: Any, **kwargs: Any) -> Any:
         task = _current.get()
         if task is None:
             return call(*args, **kwargs)
@@ -148,17 +148,22 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
         finally:
             for hook in after:
                 hook(task, error)
+            finished[0] = True  # an interrupt landing after this point is too late
 
     @functools.wraps(handler)
     def run(*args: Any, **kwargs: Any) -> Any:
+        finished = [False]
         try:
-            result = (call_with_hooks if resources.any_hooks() else call)(*args, **kwargs)
+            hooked = resources.any_hooks()
+            result = call_with_hooks(finished, *args, **kwargs) if hooked else call(*args, **kwargs)
         except Success as outcome:
             result = outcome.value
-        except TimeToRunExceeded as interrupt:
-            # Raised at the end of the call above, once the handler's frame had returned
-            # (its traceback then holds this frame only): the task finished in time.
-            if interrupt.__traceback__ is None or interrupt.__traceback__.tb_next is not None:
+        except (TimeToRunExceeded, StopRequested) as interrupt:
+            # Raised once the handler (and its hooks) had returned: at the end of the call
+            # above (the traceback then holds this frame only), or after the hooks: the
+            # task finished in time.
+            late = interrupt.__traceback__ is not None and interrupt.__traceback__.tb_next is None
+            if not (late or finished[0]):
                 raise
             result = None
         except TypeError as error:
@@ -170,7 +175,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
         # contextlib.suppress: an interrupt could land in its __enter__, outside it.)
         try:  # noqa: SIM105
             _disarm_current_deadline()
-        except TimeToRunExceeded:
+        except (TimeToRunExceeded, StopRequested):
             pass  # delivered while disarming: the handler had returned
         return result
 

@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any
 
 from dramatiq import Consumer, Message, Middleware
+from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_loop_thread
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import SkipMessage
 
@@ -46,6 +47,9 @@ NO_WORKERS = (
 
 class EagerBroker(StubBroker):
     """A broker whose ``enqueue`` runs the message through the middleware and its actor."""
+
+    #: Outcomes holds a task that suspends its queue instead (there is no queue to leave alone).
+    runs_inline = True
 
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
         super().__init__(settings, middleware=middleware)
@@ -75,6 +79,7 @@ class EagerBroker(StubBroker):
     def _run(self, message: Message[Any]) -> HeldTask | None:
         """Process one message as a worker thread would; the held task, if it was held."""
         proxy = MessageProxy(message)
+        _ensure_event_loop()  # async def handlers run on Dramatiq's loop thread, started by workers elsewhere
         try:
             self.emit_before("process_message", proxy)
             actor = self.get_actor(message.actor_name)
@@ -103,6 +108,20 @@ class EagerBroker(StubBroker):
 
     def __repr__(self) -> str:
         return "<EagerBroker>"
+
+
+_loop_lock = threading.Lock()
+
+
+def _ensure_event_loop() -> None:
+    if get_event_loop_thread() is not None:
+        return
+    with _loop_lock:
+        if get_event_loop_thread() is None:
+            loop_thread = EventLoopThread(logger)
+            loop_thread.daemon = True
+            loop_thread.start(timeout=1.0)
+            set_event_loop_thread(loop_thread)
 
 
 def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> EagerBroker:

@@ -8,7 +8,7 @@ AsyncIO support for ``async def`` actors, and dramaturg's own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 from dramatiq.middleware import (
@@ -21,7 +21,7 @@ from dramatiq.middleware import (
 from ..resources import Resources
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
-from .outcomes import Outcomes
+from .outcomes import Outcomes, outcome_of
 from .priority import Priority
 from .recovery import RedisRecovery
 from .recycle import Recycle
@@ -50,13 +50,18 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
     """A fresh instance of every middleware in the stack, configured from ``settings``."""
     broker_type = settings.broker.type or "embedded"
     retries = settings.retries
+    # Dramatiq runs before-hooks in this order and after-hooks in reverse.
     return [
+        # First, so that its after-hook counts a task once every other one is done with it.
+        Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
         AgeLimit(),
         ShutdownNotifications(),
-        Callbacks(),
+        # Before Callbacks and Pipelines: the messages they send from their after-hooks
+        # still see the task's context.
+        ContextMiddleware(settings.context.default, settings.context.providers, settings.context.restorers),
+        OutcomeCallbacks(),
         Pipelines(),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
-        ContextMiddleware(settings.context.default, settings.context.providers, settings.context.restorers),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
         DaemonAsyncIO(),
@@ -69,6 +74,16 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         *([RedisRecovery(settings.broker.heartbeat_timeout)] if broker_type in {"redis", "embedded"} else []),
         *([ConsumerTimeoutCheck(settings.broker.consumer_timeout)] if broker_type == "rabbitmq" else []),
         Resources(),
-        # Last, so that it counts a task once every other middleware is done with it.
-        Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
     ]
+
+
+class OutcomeCallbacks(Callbacks):
+    """Dramatiq's ``on_success``/``on_failure`` callbacks, not called for a task that was
+    only released (put back untouched by a stopping worker or a suspended queue)."""
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        if exception is not None and outcome_of(message) == "released":
+            return
+        super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]

@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.errors import Retry as DramatiqRetry
-from dramatiq.middleware import Interrupt, SkipMessage
+from dramatiq.middleware import SkipMessage
 
 from .. import suspension
 from ..held import HeldTask, describe
 from ..queues import canonical_queue
 from ..task import Hold, Retry, SuspendQueue, Task, _current
-from .ttr import TimeToRunExceeded
+from .shutdown import stopping
+from .ttr import StopRequested, TimeToRunExceeded
 
 __all__ = ["Outcomes", "StopRequested", "hold_poison", "outcome_of", "unknown_actor_reason"]
 
@@ -74,19 +76,22 @@ class Outcomes(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         _current.set(Task(message))
-        if suspension.remaining_s(canonical_queue(message.queue_name)) > 0:
-            # Taken before its queue was suspended: back it goes, unstarted.
+        if (stopping and threading.get_ident() in stopping) or suspension.remaining_s(
+            canonical_queue(message.queue_name)
+        ) > 0:
+            # Taken by a thread told to stop, or before its queue was suspended: back it goes, unstarted.
             if not self.release(broker, message):
                 message.fail()  # not requeued: rejected into the dead-letter queue, not acknowledged
+                message._dramaturg_outcome = "rejected"
                 logger.critical("message %s could not be requeued; rejected into the dead-letter queue", message)
-            raise SkipMessage("its queue is suspended on this worker")
+            raise SkipMessage("its worker is stopping, or its queue is suspended on this worker")
         if message.options.get("dramaturg_rerun"):
             logger.warning(
                 "%s (message %s) runs again: it was interrupted when a worker stopped",
                 message.actor_name,
                 message.message_id,
             )
-        elif getattr(message, "redelivered", False):
+        elif message.__dict__.get("redelivered"):  # RabbitMQ's flag (getattr costs 1.3 us elsewhere)
             logger.info(
                 "%s (message %s) was delivered again: a consumer that had it let go without acknowledging it"
                 " (a worker stopped, died or lost its connection, a queue was suspended, or RabbitMQ's"
@@ -130,6 +135,7 @@ class Outcomes(dramatiq.Middleware):
             next_step = "interrupted as its worker stopped; requeued untouched, it will run again"
             if not done:
                 message.fail()
+                message._dramaturg_outcome = "rejected"
                 next_step = (
                     "interrupted as its worker stopped; could not be requeued, rejected into the dead-letter queue"
                 )
@@ -138,11 +144,15 @@ class Outcomes(dramatiq.Middleware):
             )
             return
 
+        if isinstance(exception, SuspendQueue) and getattr(broker, "runs_inline", False):
+            # Eager mode: there is no queue to leave alone, and the caller is waiting.
+            exception = Hold(f"queue {queue!r} suspended for {exception.delay_ms} ms: {exception.reason}")
         if isinstance(exception, SuspendQueue):
             suspension.suspend(queue, exception.delay_ms)
             done = self.release(broker, message)
             if not done:
                 message.fail()
+                message._dramaturg_outcome = "rejected"
             logger.log(
                 logging.WARNING if done else logging.CRITICAL,
                 "%s (message %s) suspended queue %r on this worker for %d ms: %s; %s",
@@ -195,6 +205,8 @@ class Outcomes(dramatiq.Middleware):
         ``rerun`` marks a task that had started, so that its next run is logged.
         False when the copy could not be published.
         """
+        # A copy put back unstarted keeps the mark of a task that had started before.
+        rerun = rerun or bool(message.options.get("dramaturg_rerun"))
         copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
         message._dramaturg_outcome = "released"
         return _durably(lambda: broker.enqueue(copy))
@@ -208,13 +220,6 @@ class Outcomes(dramatiq.Middleware):
         min_backoff = int(self.option(message, actor, "min_backoff", self.min_backoff))
         max_backoff = int(self.option(message, actor, "max_backoff", self.max_backoff))
         return backoff_ms(retries, min_backoff, max_backoff)
-
-
-class StopRequested(Interrupt):
-    """Raised in a task still running when its worker stops and the grace period is over.
-
-    The task is requeued untouched (not counted as an attempt) and runs again later.
-    """
 
 
 def outcome_of(message: Any) -> str:

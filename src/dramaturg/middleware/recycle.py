@@ -58,11 +58,12 @@ _recycling = {"requested": False, "cancelled": False, "stopping": False}
 
 
 def on_outside_stop() -> bool:
-    """A stop request (SIGTERM) arrived. True if a recycle was under way: it becomes a
-    plain exit, and the request needs no more handling (the worker is already stopping)."""
+    """A stop request (SIGTERM, SIGHUP) arrived. True the first time one comes while a
+    recycle is under way: the recycle becomes a plain exit, and the request needs no more
+    handling (the worker is already stopping). A later one is handled as usual ("kill now")."""
     with _lock:
         _recycling["stopping"] = True
-        if _recycling["requested"]:
+        if _recycling["requested"] and not _recycling["cancelled"]:
             _recycling["cancelled"] = True
             return True
         return False
@@ -149,7 +150,10 @@ class Recycle(dramatiq.Middleware):
             self.shutdown_timeout_ms,
         )
         assert stop_process is not None
-        stop_process(signal.SIGTERM, None)  # Dramatiq's graceful stop, as if it had been signalled
+        # Dramatiq's graceful stop, as if it had been signalled. (SystemExit: a stop had begun
+        # meanwhile and Dramatiq took this for a second one; it stops anyway.)
+        with contextlib.suppress(SystemExit):
+            stop_process(signal.SIGTERM, None)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if not _recycling["requested"] or self.launch is None:

@@ -19,30 +19,39 @@ from typing import Any
 
 import dramatiq
 from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_loop_thread
-from dramatiq.middleware import AsyncIO, raise_thread_exception
+from dramatiq.middleware import AsyncIO
 
-from .outcomes import StopRequested
+from .ttr import StopRequested, monitor
 
-__all__ = ["DaemonAsyncIO", "GracefulShutdown", "finish_running"]
+__all__ = ["DaemonAsyncIO", "GracefulShutdown", "finish_running", "stopping"]
+
+#: Worker threads told to stop. Dramatiq's thread may still take one more message (one
+#: that arrives while it waits for work); Outcomes puts such a message back unstarted.
+stopping: set[int] = set()
 
 
 def finish_running(worker: Any, grace_s: float) -> int:
     """Stop ``worker``'s threads: running tasks get ``grace_s``, then are interrupted.
 
     Returns how many were interrupted. Idempotent: threads already stopped are skipped.
+    The interrupt is delivered like a passed deadline (see :meth:`ttr._Monitor.interrupt`),
+    so it never lands after a handler returned.
     """
     threads = [thread for thread in worker.workers if thread.is_alive()]
+    stopping.update(thread.ident for thread in threads if thread.ident)
     for thread in threads:
         thread.stop()  # finishes its current task, then leaves
     deadline = time.monotonic() + grace_s
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     late = [thread for thread in threads if thread.is_alive()]
-    for thread in late:
-        raise_thread_exception(thread.ident, StopRequested)  # a class: CPython raises a fresh one
+    # Through the task's deadline, and only into a handler still running: a thread that
+    # is past its handler (settling the outcome, acknowledging) is let finish.
+    interrupted = sum(monitor().interrupt(thread.ident, StopRequested) for thread in late if thread.ident)
     for thread in late:
         thread.join(10)
-    return len(late)
+    stopping.difference_update(thread.ident for thread in threads if not thread.is_alive())
+    return interrupted
 
 
 class GracefulShutdown(dramatiq.Middleware):

@@ -40,13 +40,20 @@ from dramatiq.middleware import Interrupt
 
 from ..queues import canonical_queue
 
-__all__ = ["Deadline", "TimeToRun", "TimeToRunExceeded"]
+__all__ = ["Deadline", "StopRequested", "TimeToRun", "TimeToRunExceeded"]
 
 logger = logging.getLogger("dramaturg.ttr")
 
 
 class TimeToRunExceeded(Interrupt):
     """Raised in a handler whose time to run has passed."""
+
+
+class StopRequested(Interrupt):
+    """Raised in a task still running when its worker stops and the grace period is over.
+
+    The task is requeued untouched (not counted as an attempt) and runs again later.
+    """
 
 
 class Deadline:
@@ -118,6 +125,21 @@ class _Monitor(threading.Thread):
         heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
         if earliest is None or deadline.at < earliest:
             self._wakeup.notify()  # it sleeps until `earliest`: too late for this one
+
+    def interrupt(self, thread_id: int, exception: type[BaseException]) -> bool:
+        """Raise ``exception`` in the task running in ``thread_id``, only while its deadline
+        is armed (its handler still running); False when it has none armed.
+
+        Delivered like a passed deadline, so a handler that returns meanwhile is not hit:
+        disarming cancels an exception that has not landed yet.
+        """
+        with self.lock:
+            for at, _, deadline in self._heap:
+                if deadline.thread_id == thread_id and deadline.at == at and not deadline.fired:
+                    deadline.fired = True
+                    dramatiq.middleware.raise_thread_exception(thread_id, exception)
+                    return True
+        return False
 
     def forget_one(self) -> None:
         """A deadline was disarmed (lock held): sweep the heap once half of it is stale."""
