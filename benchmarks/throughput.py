@@ -159,7 +159,7 @@ def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
         **config.env,
         "BENCH_SYSTEM": config.system,
         "BENCH_URL": url,
-        "PYTHONPATH": str(HERE),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")]),  # this checkout, not the installed one
     }
     enqueued = subprocess.run(
         [sys.executable, str(HERE / "bench_app.py"), "enqueue", str(args.count)],
