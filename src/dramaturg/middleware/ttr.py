@@ -27,8 +27,6 @@ finished is never run again because of its TTR.
 from __future__ import annotations
 
 import ctypes
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -57,20 +55,25 @@ class StopRequested(Interrupt):
 
 
 class Deadline:
-    """The deadline of one running task. States: armed -> fired or disarmed."""
+    """The deadline of one running task. States: armed -> fired or disarmed.
 
-    __slots__ = ("at", "fired", "monitor", "thread_id", "ttr_ms")
+    Its own lock orders the two parties that can change it, its task's thread (touch,
+    disarm) and the monitor (fire), so threads running other tasks never wait on it.
+    """
+
+    __slots__ = ("at", "fired", "lock", "monitor", "thread_id", "ttr_ms")
 
     def __init__(self, monitor: _Monitor, thread_id: int, ttr_ms: int) -> None:
         self.monitor = monitor
         self.thread_id = thread_id
         self.ttr_ms = ttr_ms
+        self.lock = threading.Lock()
         self.at: float | None = time.monotonic() + ttr_ms / 1000  # None once disarmed
         self.fired = False
 
     def touch(self, ms: int | None = None) -> bool:
         """Move the deadline to now + ``ms`` (default: the task's ttr). False if it already fired."""
-        with self.monitor.lock:
+        with self.lock:
             if self.fired:
                 logger.warning(
                     "touch() came after the time to run (%d ms) had passed; the task is being interrupted",
@@ -80,51 +83,66 @@ class Deadline:
             if self.at is None:
                 return True
             self.at = time.monotonic() + (self.ttr_ms if ms is None else ms) / 1000
-            self.monitor.stale += 1  # its earlier heap entry
-            self.monitor.schedule(self)
-            return True
+            at = self.at
+        self.monitor.wake_for(at)
+        return True
 
     def time_left_ms(self) -> int:
         """Milliseconds before the deadline (0 once it passed)."""
         at = self.at
         return 0 if at is None or self.fired else max(0, int((at - time.monotonic()) * 1000))
 
+    def fire(self, exception: type[BaseException], due_by: float | None = None) -> bool:
+        """Raise ``exception`` in the task's thread if still armed (and due by ``due_by``)."""
+        with self.lock:
+            if self.at is None or self.fired or (due_by is not None and self.at > due_by):
+                return False
+            self.fired = True
+            dramatiq.middleware.raise_thread_exception(self.thread_id, exception)
+            return True
+
     def disarm(self) -> None:
         """Forget the deadline; cancel its interrupt if it was raised but has not landed yet."""
-        with self.monitor.lock:
+        with self.lock:
             if self.at is None:
                 return
             self.at = None
-            self.monitor.forget_one()
             if self.fired:
                 # PyThreadState_SetAsyncExc with NULL clears a pending async exception.
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+        armed = self.monitor.armed
+        if armed.get(self.thread_id) is self:
+            armed.pop(self.thread_id, None)
 
 
 class _Monitor(threading.Thread):
-    """Sleeps until the earliest deadline, then interrupts the threads whose deadline passed.
+    """Sleeps until the earliest armed deadline (at most :data:`POLL_S`), then interrupts
+    the threads whose deadline passed.
 
-    It is woken only when a deadline earlier than every other arrives: waking it for each
-    task (thousands a second) cost more CPU than the rest of the middleware together.
-    Disarmed and touched deadlines leave stale heap entries, dropped lazily: when the
-    earliest one comes up, or in one sweep once they are half the heap.
+    A worker thread runs one task at a time, so the armed deadlines are a dict by thread,
+    written without a shared lock; the monitor scans it (a few entries) when it wakes. It
+    is woken early only for a deadline earlier than the one it sleeps until: waking it, or
+    sharing one lock, for every task (thousands a second) cost more CPU than the rest of
+    the middleware together (benchmarks/throughput.py).
     """
 
     def __init__(self) -> None:
         super().__init__(name="dramaturg-ttr", daemon=True)
-        self.lock = threading.Lock()
-        self._wakeup = threading.Condition(self.lock)
-        self._heap: list[tuple[float, int, Deadline]] = []
-        self._order = itertools.count()
-        self.stale = 0  # heap entries whose deadline was disarmed or moved
+        self.armed: dict[int, Deadline] = {}
+        self._wakeup = threading.Condition()
+        self._wake_at = float("inf")  # when it looks next (inf while it looks: any arm wakes it)
 
-    def schedule(self, deadline: Deadline) -> None:
-        """Called with the lock held."""
+    def arm(self, ttr_ms: int) -> Deadline:
+        deadline = Deadline(self, threading.get_ident(), ttr_ms)
+        self.armed[deadline.thread_id] = deadline
         assert deadline.at is not None
-        earliest = self._heap[0][0] if self._heap else None
-        heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
-        if earliest is None or deadline.at < earliest:
-            self._wakeup.notify()  # it sleeps until `earliest`: too late for this one
+        self.wake_for(deadline.at)
+        return deadline
+
+    def wake_for(self, at: float) -> None:
+        if at < self._wake_at:
+            with self._wakeup:
+                self._wakeup.notify()
 
     def interrupt(self, thread_id: int, exception: type[BaseException]) -> bool:
         """Raise ``exception`` in the task running in ``thread_id``, only while its deadline
@@ -133,42 +151,29 @@ class _Monitor(threading.Thread):
         Delivered like a passed deadline, so a handler that returns meanwhile is not hit:
         disarming cancels an exception that has not landed yet.
         """
-        with self.lock:
-            for at, _, deadline in self._heap:
-                if deadline.thread_id == thread_id and deadline.at == at and not deadline.fired:
-                    deadline.fired = True
-                    dramatiq.middleware.raise_thread_exception(thread_id, exception)
-                    return True
-        return False
-
-    def forget_one(self) -> None:
-        """A deadline was disarmed (lock held): sweep the heap once half of it is stale."""
-        self.stale += 1
-        if self.stale > 1_000 and self.stale * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if entry[2].at == entry[0]]
-            heapq.heapify(self._heap)
-            self.stale = 0
-
-    def arm(self, ttr_ms: int) -> Deadline:
-        deadline = Deadline(self, threading.get_ident(), ttr_ms)
-        with self.lock:
-            self.schedule(deadline)
-        return deadline
+        deadline = self.armed.get(thread_id)
+        return deadline is not None and deadline.fire(exception)
 
     def run(self) -> None:
-        with self.lock:
+        with self._wakeup:
             while True:
+                self._wake_at = float("inf")  # a deadline armed while it looks wakes it again
                 now = time.monotonic()
-                while self._heap and (self._heap[0][0] <= now or self._heap[0][2].at != self._heap[0][0]):
-                    at, _, deadline = heapq.heappop(self._heap)
-                    if deadline.at == at and not deadline.fired:
-                        deadline.fired = True
-                        dramatiq.middleware.raise_thread_exception(deadline.thread_id, TimeToRunExceeded)
-                    elif self.stale:
-                        self.stale -= 1  # touched or disarmed since
-                self._wakeup.wait(timeout=(self._heap[0][0] - now) if self._heap else None)
+                earliest = now + POLL_S
+                for deadline in list(self.armed.values()):
+                    at = deadline.at
+                    if at is None or deadline.fired:
+                        continue
+                    if at <= now:
+                        deadline.fire(TimeToRunExceeded, due_by=now)
+                    elif at < earliest:
+                        earliest = at
+                self._wake_at = earliest
+                self._wakeup.wait(earliest - now)
 
 
+#: The longest the monitor sleeps without looking (it also wakes for any earlier deadline).
+POLL_S = 1.0
 _monitor: _Monitor | None = None
 _monitor_lock = threading.Lock()
 
@@ -176,6 +181,9 @@ _monitor_lock = threading.Lock()
 def monitor() -> _Monitor:
     """The process's deadline monitor (started on first use, and again after a fork)."""
     global _monitor
+    current = _monitor
+    if current is not None and current.is_alive():
+        return current
     with _monitor_lock:
         if _monitor is None or not _monitor.is_alive():
             _monitor = _Monitor()
