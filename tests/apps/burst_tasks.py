@@ -6,23 +6,18 @@ Each start and end is recorded with one O_APPEND write to the file named by
 
 from __future__ import annotations
 
-import os
 import time
 
 import dramaturg
+
+from . import event_log
 
 #: Numbers that ran to the end in this process.
 ENDED: list[int] = []
 
 
 def record(event: str, n: int) -> None:
-    path = os.environ.get("BURST_LOG")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, f"{event} {n}\n".encode())
-        finally:
-            os.close(fd)
+    event_log.append("BURST_LOG", f"{event} {n}")
 
 
 @dramaturg.actor(queue_name="burst", ttr=120_000)

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import dramaturg
 
+from . import event_log
+
 
 def record(event: str) -> None:
-    path = os.environ.get("CRASH_LOG")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, f"{event} {os.getpid()} {os.getppid()} {time.time():.3f}\n".encode())
-        finally:
-            os.close(fd)
+    event_log.append("CRASH_LOG", f"{event} {os.getpid()} {os.getppid()} {time.time():.3f}")
 
 
 def started_before() -> bool:

@@ -13,18 +13,15 @@ import uuid
 import dramaturg
 from dramaturg.middleware.recycle import resident_mb
 
+from . import event_log
+
 #: Differs in every interpreter that imports this module.
 INCARNATION = uuid.uuid4().hex[:12]
 _kept: list[bytes] = []
 
 
 def record(event: str, n: int) -> None:
-    path = os.environ["LEAK_LOG"]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, f"{event} {n} {INCARNATION} {os.getpid()} {resident_mb():.1f}\n".encode())
-    finally:
-        os.close(fd)
+    event_log.append("LEAK_LOG", f"{event} {n} {INCARNATION} {os.getpid()} {resident_mb():.1f}")
 
 
 @dramaturg.actor(queue_name="leaky")
