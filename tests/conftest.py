@@ -252,6 +252,22 @@ class Process:
         return "\n".join(self.lines)
 
 
+def poll_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Return ``check()`` once it is truthy, looking every 10 ms, or fail naming ``what``.
+
+    Only for state another process changes (a file a worker appends to, a queue's count):
+    no event reaches this one. Anything in this process waits on an event instead.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a CLI subprocess: no inherited DRAMATURG_* settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DRAMATURG_")}

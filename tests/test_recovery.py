@@ -25,7 +25,7 @@ from dramaturg.brokers.redis import RedisRecoverer
 from dramaturg.middleware import RedisRecovery, framework_middleware
 from dramaturg.middleware.recovery import _RecoveryThread
 
-from .conftest import Process, bin_path, pending_messages, write_config
+from .conftest import Process, bin_path, pending_messages, poll_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 READY = "Worker process is ready for action."
@@ -60,14 +60,11 @@ def events(path: Path) -> list[Event]:
 
 
 def wait_for_event(path: Path, matches: Callable[[Event], bool], timeout: float = WAIT_S) -> Event:
-    """Poll a file written by worker processes (no event reaches this one), with a bound."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for event in events(path):
-            if matches(event):
-                return event
-        assert time.monotonic() < deadline, f"no such event in {path} within {timeout} s: {events(path)}"
-        time.sleep(0.01)
+    """The first event in a file written by worker processes that ``matches``."""
+    found: Event = poll_until(
+        lambda: next((event for event in events(path) if matches(event)), None), f"such an event in {path}", timeout
+    )
+    return found
 
 
 def start_workers(spawn: Callable[..., Process], count: int, **env: str) -> list[Process]:
@@ -158,10 +155,8 @@ def test_a_busy_live_worker_is_not_taken_for_dead(
     wait_for_event(crash_log, lambda e: e.event == "end")
 
     # Then the other never took it back: it ran once and was acknowledged
-    deadline = time.monotonic() + WAIT_S
-    while pending_messages(broker, "crash"):  # the end line is written just before the ack
-        assert time.monotonic() < deadline, "the task was never acknowledged"
-        time.sleep(0.01)
+    # the end line is written just before the ack
+    poll_until(lambda: pending_messages(broker, "crash") == 0, "the task acknowledged", WAIT_S)
     assert [e.event for e in events(crash_log)] == ["start", "end"]
 
 

@@ -14,19 +14,18 @@ import pytest
 import dramaturg
 from dramaturg import app
 
-from .conftest import Process, bin_path, pending_messages, write_config
+from .conftest import Process, bin_path, pending_messages, poll_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_for_lines(path: Path, prefix: str, count: int, timeout: float = 30.0) -> None:
-    """Poll a file written by another process (no event reaches this one), with a bound."""
-    import time
+    """Wait until a worker process has written ``count`` lines starting with ``prefix``."""
 
-    deadline = time.monotonic() + timeout
-    while not path.exists() or sum(line.startswith(prefix) for line in path.read_text().splitlines()) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} {prefix!r} lines in {path}"
-        time.sleep(0.02)
+    def enough() -> bool:
+        return path.exists() and sum(line.startswith(prefix) for line in path.read_text().splitlines()) >= count
+
+    poll_until(enough, f"{count} {prefix!r} lines in {path}", timeout)
 
 
 def test_sigterm_mid_burst_loses_nothing_and_reruns_only_interrupted_tasks(
