@@ -19,7 +19,7 @@ import contextvars
 import functools
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from inspect import iscoroutinefunction
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
@@ -27,7 +27,7 @@ import dramatiq
 from dramatiq.asyncio import async_to_sync
 from dramatiq.logging import get_logger
 
-from .. import app, resources
+from .. import app, bulk, resources
 from ..errors import ActorError, did_you_mean
 from ..middleware.ttr import StopRequested, TimeToRunExceeded
 from ..task import Hold, Success, _current
@@ -84,6 +84,12 @@ class Actor(dramatiq.Actor[P, R]):
         built from it finds the configured broker as Dramatiq's global one."""
         self.broker  # noqa: B018 (bootstraps when needed)
         return super().message_with_options(args=args, kwargs=kwargs, **options)
+
+    def send_many(
+        self, items: Iterable[Any], *, chunk_size: int = bulk.DEFAULT_CHUNK, **options: Any
+    ) -> bulk.BulkResult:
+        """Send one message per item, pipelined in chunks (see :mod:`dramaturg.bulk`)."""
+        return bulk.send_many(self, items, chunk_size=chunk_size, **options)
 
     def _bind(self, broker: dramatiq.Broker) -> None:
         if self._broker is broker:

@@ -22,7 +22,7 @@ import pika.exceptions
 from dramatiq import Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
-from dramatiq.common import q_name
+from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 
 from .. import suspension
@@ -56,6 +56,9 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         self.settings = settings
         self.held = RabbitmqHeldStore(self)
         self._warned: set[str] = set()  # actors already warned about a delay past consumer_timeout
+        self._windows = threading.local()  # bulk sends: a confirm window per thread
+        self._windows_lock = threading.Lock()
+        self._all_windows: list[_ConfirmWindow] = []
 
     def pending(self, queue_name: str) -> int:
         """Messages of a queue waiting, ready or delayed. RabbitMQ does not count the ones a
@@ -94,7 +97,57 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         result: Message[Any] = super().enqueue(message, delay=delay)
         return result
 
+    def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
+        """Publish ``messages`` as one window, then wait for all their confirms.
+
+        pika's blocking channel waits for each confirm before the next publish (one round
+        trip per message); this publishes through its underlying asynchronous channel and
+        collects the confirms afterwards, so a window costs about one round trip. Never
+        without confirms: a message is counted sent only once RabbitMQ acknowledged it,
+        and a nacked, returned (unroutable) or unconfirmed one is reported as not sent.
+        Used by :func:`dramaturg.bulk.send_many`.
+        """
+        from ..bulk import BulkSendError
+
+        window = self._confirm_window()
+        try:
+            prepared = []
+            for message in messages:
+                canonical = message.queue_name
+                queue_name = canonical
+                if delay is not None:
+                    queue_name = dq_name(canonical)
+                    message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
+                self.declare_queue(canonical, ensure=True)
+                self.emit_before("enqueue", message, delay)
+                window.publish(queue_name, message)
+                prepared.append(message)
+            failed, reason = window.wait(timeout_s=max(30.0, self.settings.connect_timeout / 1000))
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
+            window.close()
+            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
+        if failed:
+            window.close()
+            sent = len(prepared) - len(failed)
+            raise BulkSendError(reason, sent, failed)
+        for message in prepared:
+            self.emit_after("enqueue", message, delay)
+        return prepared
+
+    def _confirm_window(self) -> _ConfirmWindow:
+        """This thread's confirm window, opened on first use and kept while it is open."""
+        window: _ConfirmWindow | None = getattr(self._windows, "window", None)
+        if window is None or not window.connection.is_open:
+            window = self._windows.window = _ConfirmWindow(self)
+            with self._windows_lock:
+                self._all_windows.append(window)
+        return window
+
     def close(self) -> None:
+        with self._windows_lock:
+            windows, self._all_windows = self._all_windows, []
+        for window in windows:
+            window.close()
         self.held.close()
         super().close()
 
@@ -218,6 +271,67 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.channel.basic_ack(method.delivery_tag)
         else:
             self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+class _ConfirmWindow:
+    """A connection of its own whose publishes are confirmed as a batch."""
+
+    def __init__(self, broker: RabbitmqBroker) -> None:
+        self.connection = pika.BlockingConnection(broker.parameters)
+        self.channel = self.connection.channel()
+        self.impl = self.channel._impl  # pika's asynchronous channel under the blocking one
+        self.pending: dict[int, Message[Any]] = {}
+        self.failed: list[Message[Any]] = []
+        self.reasons: list[str] = []
+        self.next_tag = 1
+        ready: list[bool] = []
+        self.impl.add_on_return_callback(self._returned)
+        self.impl.confirm_delivery(ack_nack_callback=self._confirmed, callback=lambda _frame: ready.append(True))
+        while not ready:
+            self.connection.process_data_events(time_limit=1)
+
+    def publish(self, queue_name: str, message: Message[Any]) -> None:
+        properties = pika.BasicProperties(
+            delivery_mode=2, priority=message.options.get("broker_priority"), message_id=message.message_id
+        )
+        self.impl.basic_publish("", queue_name, message.encode(), properties, mandatory=True)
+        self.pending[self.next_tag] = message
+        self.next_tag += 1
+        if len(self.pending) % 256 == 0:
+            self.connection.process_data_events(time_limit=0)  # take in confirms as they come
+
+    def wait(self, timeout_s: float) -> tuple[list[Message[Any]], str]:
+        deadline = time.monotonic() + timeout_s
+        while self.pending and time.monotonic() < deadline:
+            self.connection.process_data_events(time_limit=0.05)
+        failed = self.failed + list(self.pending.values())
+        reasons = self.reasons + ([f"no confirm within {timeout_s:.0f} s"] if self.pending else [])
+        self.pending.clear()
+        self.failed, self.reasons = [], []
+        return failed, "; ".join(dict.fromkeys(reasons))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.connection.is_open:
+                self.connection.close()
+
+    def _confirmed(self, frame: Any) -> None:
+        method = frame.method
+        tags = [t for t in self.pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        for tag in tags:
+            message = self.pending.pop(tag, None)
+            if message is not None and nacked:
+                self.failed.append(message)
+                self.reasons.append("RabbitMQ refused it (nack)")
+
+    def _returned(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        for tag, message in list(self.pending.items()):
+            if message.message_id == properties.message_id:
+                self.failed.append(message)
+                self.reasons.append(f"unroutable: {method.reply_text}")
+                del self.pending[tag]  # its confirm (an ack) follows; it was not delivered
+                break
 
 
 def _is_consumer_timeout(error: BaseException) -> bool:

@@ -7,6 +7,7 @@ import functools
 import json
 import operator
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import redis
 from dramatiq import Message, Middleware
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
+from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import DecodeError
 
 from .. import suspension
@@ -93,6 +95,41 @@ class RedisBroker(_DramatiqRedisBroker):
             message = message.copy(queue_name=lane)
         result: Message[Any] = super().enqueue(message, delay=delay)
         return result
+
+    def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
+        """Enqueue ``messages`` in one MULTI/EXEC round trip: all of them, or none.
+
+        The same steps as :meth:`enqueue` for each (priority lane, Redis id, delay queue,
+        the enqueue hooks); used by :func:`dramaturg.bulk.send_many`.
+        """
+        from ..bulk import BulkSendError
+
+        dispatch = self.scripts["dispatch"]
+        now = current_millis()
+        unpack_size = self._max_unpack_size()  # type: ignore[no-untyped-call]
+        prepared = []
+        with self.client.pipeline(transaction=True) as pipe:
+            for message in messages:
+                queue_name = message.queue_name
+                if self.settings.priorities:
+                    queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
+                options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
+                if delay is not None:
+                    queue_name = dq_name(queue_name)
+                    options["eta"] = now + delay
+                message = message.copy(queue_name=queue_name, options=options)
+                self.emit_before("enqueue", message, delay)
+                args = ["enqueue", now, queue_name, self.broker_id, self.heartbeat_timeout, self.dead_message_ttl, 0]
+                args += [unpack_size, options["redis_message_id"], message.encode()]
+                dispatch(keys=[self.namespace], args=args, client=pipe)
+                prepared.append(message)
+            try:
+                pipe.execute()
+            except redis.RedisError as error:
+                raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
+        for message in prepared:
+            self.emit_after("enqueue", message, delay)
+        return prepared
 
     def close(self) -> None:
         super().close()
