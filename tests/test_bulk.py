@@ -90,18 +90,18 @@ def test_a_failing_chunk_is_reported_with_what_was_not_sent(
 
         monkeypatch.setattr(rabbitmq._ConfirmWindow, "publish", failing_publish)
     else:
-        import redis.client
+        import redis
 
-        execute = redis.client.Pipeline.execute
+        enqueue = broker._enqueue_script  # type: ignore[attr-defined]
         calls = [0]
 
-        def failing_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        def failing_enqueue(*args: Any, **kwargs: Any) -> Any:
             calls[0] += 1
             if calls[0] == 3:
                 raise redis.ConnectionError("connection lost")
-            return execute(self, *args, **kwargs)
+            return enqueue(*args, **kwargs)
 
-        monkeypatch.setattr(redis.client.Pipeline, "execute", failing_execute)
+        monkeypatch.setattr(broker, "_enqueue_script", failing_enqueue)
 
     # When 5,000 are sent in chunks of 1,000
     with pytest.raises(BulkSendError) as raised:

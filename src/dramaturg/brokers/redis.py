@@ -41,6 +41,19 @@ __all__ = [
 ]
 
 
+# Enqueues many messages as Dramatiq's dispatch script enqueues one: the body in
+# <ns>:<queue>.msgs, the id at the tail of <ns>:<queue>.
+# KEYS: namespace; ARGV: (queue name, Redis message id, body) per message.
+_ENQUEUE_MANY = """
+for i = 1, #ARGV, 3 do
+    local queue = KEYS[1] .. ":" .. ARGV[i]
+    redis.call("hset", queue .. ".msgs", ARGV[i + 1], ARGV[i + 2])
+    redis.call("rpush", queue, ARGV[i + 1])
+end
+return #ARGV / 3
+"""
+
+
 class RedisBroker(_DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
 
@@ -63,6 +76,7 @@ class RedisBroker(_DramatiqRedisBroker):
         )
         self.settings = settings
         self.held = RedisHeldStore(self)
+        self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
 
     @property
     def consumer_class(self) -> type[RedisConsumer]:
@@ -97,36 +111,37 @@ class RedisBroker(_DramatiqRedisBroker):
         return result
 
     def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
-        """Enqueue ``messages`` in one MULTI/EXEC round trip: all of them, or none.
+        """Enqueue ``messages`` with one script call: all of them, or none.
 
         The same steps as :meth:`enqueue` for each (priority lane, Redis id, delay queue,
-        the enqueue hooks); used by :func:`dramaturg.bulk.send_many`.
+        the enqueue hooks) and the same keys as Dramatiq's enqueue command, in one Lua
+        script per call (Dramatiq's dispatch script takes 14 arguments per message, and
+        packing them was a third of the time). Used by :func:`dramaturg.bulk.send_many`.
+        If the connection is lost after Redis ran the script, the messages were enqueued
+        but are reported as not sent.
         """
         from ..bulk import BulkSendError
 
-        dispatch = self.scripts["dispatch"]
         now = current_millis()
-        unpack_size = self._max_unpack_size()  # type: ignore[no-untyped-call]
         prepared = []
-        with self.client.pipeline(transaction=True) as pipe:
-            for message in messages:
-                queue_name = message.queue_name
-                if self.settings.priorities:
-                    queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
-                options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
-                if delay is not None:
-                    queue_name = dq_name(queue_name)
-                    options["eta"] = now + delay
-                message = message.copy(queue_name=queue_name, options=options)
-                self.emit_before("enqueue", message, delay)
-                args = ["enqueue", now, queue_name, self.broker_id, self.heartbeat_timeout, self.dead_message_ttl, 0]
-                args += [unpack_size, options["redis_message_id"], message.encode()]
-                dispatch(keys=[self.namespace], args=args, client=pipe)
-                prepared.append(message)
-            try:
-                pipe.execute()
-            except redis.RedisError as error:
-                raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
+        args: list[Any] = []
+        for message in messages:
+            queue_name = message.queue_name
+            if self.settings.priorities:
+                queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
+            redis_id = str(uuid.uuid4())
+            options: dict[str, Any] = {"redis_message_id": redis_id}
+            if delay is not None:
+                queue_name = dq_name(queue_name)
+                options["eta"] = now + delay
+            message = message.copy(queue_name=queue_name, options=options)
+            self.emit_before("enqueue", message, delay)
+            args += (queue_name, redis_id, message.encode())
+            prepared.append(message)
+        try:
+            self._enqueue_script(keys=[self.namespace], args=args)
+        except redis.RedisError as error:
+            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
         for message in prepared:
             self.emit_after("enqueue", message, delay)
         return prepared
