@@ -115,11 +115,9 @@ def main() -> int:
             if broker_kind == kind:
                 rate = statistics.median(values)
                 lines.append(f"| {kind} | {system} | {rate:,.0f} | {rate / base:.1f}x |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        Path(args.write).write_text(table + "\n")
-    return 0
+    from throughput import publish
+
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

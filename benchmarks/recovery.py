@@ -281,11 +281,9 @@ def main() -> int:
         cells = [cell(value) for value in results[system]]
         lines.append(f"| {labels[system]} | " + " | ".join(cells) + f" | {median(results[system])} |")
     lines += ["", *machine(), f"- Redis {redis_version}, private server on 127.0.0.1"]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        Path(args.write).write_text(table + "\n")
-    return 0
+    from throughput import publish
+
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,15 @@ def median_result(results: list[Result]) -> Result:
     return Result(*(statistics.median(getattr(r, name) for r in results) for name in names))
 
 
+def publish(lines: list[str], write: str | None) -> int:
+    """Print the table, and write it to ``write`` when given (the benchmarks' last step)."""
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        Path(write).write_text(table + "\n")
+    return 0
+
+
 def machine() -> list[str]:
     import dramatiq
 
@@ -317,11 +326,7 @@ def main() -> int:
                 f" | {r.p50_ms:.1f} / {r.p95_ms:.1f} | {r.rss_mb:.0f} | {' | '.join(ratios)} |"
             )
     lines += ["", *machine(), *server_versions(urls)]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        Path(args.write).write_text(table + "\n")
-    return 0
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":
