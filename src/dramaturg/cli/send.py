@@ -1,4 +1,5 @@
-"""``dramaturg send QUEUE:ACTOR:JSON_ARGS``: enqueue one message and print its id.
+"""``dramaturg send QUEUE:ACTOR:JSON_ARGS``: enqueue one message and print its id;
+``dramaturg send ACTOR --file rows.jsonl|rows.csv``: one message per row, in bulk.
 
 ``JSON_ARGS`` is a JSON array of positional arguments or an object of keyword
 arguments. Everything is checked before anything is sent: the actor must be declared
@@ -6,6 +7,14 @@ arguments. Everything is checked before anything is sent: the actor must be decl
 ``worker.modules`` is empty or lists ``dramaturg.actors.builtin``), the queue must be one the
 declared actors use, the JSON must parse, and the arguments must fit the handler's
 signature. Any failure prints one line and exits 2 with nothing sent.
+
+With ``--file``, the file is streamed (constant memory) and sent with
+:func:`dramaturg.bulk.send_many`. Each JSON line (or CSV row, as an object keyed by the
+header) is, by ``--as``: the one argument (``arg``, the default), a JSON array of
+positional arguments (``args``) or an object of keyword arguments (``kwargs``). A row
+that does not parse or does not fit the handler is reported on stderr with its line
+number and why, and the others are sent; the exit code is then 2. A summary line says
+how many were sent and how fast. (A progress bar is still to come.)
 """
 
 from __future__ import annotations
@@ -31,7 +40,23 @@ def add_parser(subparsers: Any) -> None:
         "  $ dramaturg send default:echo:'[\"hello\"]'\n"
         '  $ dramaturg send imports:import_user:\'{"row": {"id": 7}}\' --delay 30s\n',
     )
-    parser.add_argument("spec", metavar="QUEUE:ACTOR:JSON_ARGS", help="where, to whom and with what")
+    parser.add_argument(
+        "spec", metavar="QUEUE:ACTOR:JSON_ARGS", help="where, to whom and with what (with --file: [QUEUE:]ACTOR)"
+    )
+    parser.add_argument("--file", metavar="PATH", help="send one message per row of a .jsonl or .csv file")
+    parser.add_argument(
+        "--as",
+        dest="row_as",
+        choices=["arg", "args", "kwargs"],
+        default="arg",
+        help="with --file, each row is: the one argument, positional arguments, or keyword arguments (default: arg)",
+    )
+    parser.add_argument("--priority", type=int, help="with --file: the messages' priority (default: the actor's)")
+    parser.add_argument("--ttr", help="with --file: the messages' time to run: 30s, 5m (default: the actor's)")
+    parser.add_argument(
+        "--context", action="append", default=[], metavar="KEY=VALUE", help="with --file: context for every message"
+    )
+    parser.add_argument("--chunk-size", type=int, default=1_000, help="with --file: messages per round trip")
     parser.add_argument("--delay", help="run no earlier than this from now: 30s, 5m, 1500 (ms) (default: now)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (default: the id)")
     parser.set_defaults(run=run)
@@ -57,6 +82,10 @@ def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.file:
+        from .send_file import run_file
+
+        return run_file(args)
     queue, actor_name, positional, keywords = parse_spec(args.spec)
     delay = delay_ms(args.delay)
 
