@@ -60,3 +60,48 @@ def test_a_csv_file_as_keyword_arguments(settings: dramaturg.Settings, broker: d
     code, out, err = send(tmp_path, "import_user", "--file", "bad.csv", "--as", "kwargs")
     assert code == 2 and "bad.csv:2: arguments do not fit import_user" in err
     assert out.startswith("sent 0 tasks")
+
+
+def test_a_terminal_gets_a_progress_bar(settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    from .conftest import cli_env
+
+    # Given a terminal 100 columns wide (a pseudo-terminal; tqdm draws nothing at width 0)
+    broker.declare_queue("imports")
+    write_config(tmp_path, settings, modules=["tests.apps.shop_tasks"])
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps({"id": n}) + "\n" for n in range(500)))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+
+    # When the file is sent with stderr on it
+    process = subprocess.run(
+        [bin_path("dramaturg"), "send", "import_user", "--file", "users.jsonl"],
+        cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        timeout=120,
+        check=False,
+    )
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: everything has been read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+
+    # Then the bar was drawn up to 100%, and the summary printed as without a terminal
+    assert process.returncode == 0
+    assert b"sending users.jsonl: 100%" in drawn, drawn[-500:]
+    assert process.stdout.decode().startswith("sent 500 tasks to import_user in ")

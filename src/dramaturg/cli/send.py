@@ -13,8 +13,8 @@ With ``--file``, the file is streamed (constant memory) and sent with
 header) is, by ``--as``: the one argument (``arg``, the default), a JSON array of
 positional arguments (``args``) or an object of keyword arguments (``kwargs``). A row
 that does not parse or does not fit the handler is reported on stderr with its line
-number and why, and the others are sent; the exit code is then 2. A summary line says
-how many were sent and how fast. (A progress bar is still to come.)
+number and why, and the others are sent; the exit code is then 2. A progress bar with
+rate and ETA (tqdm) is shown when stderr is a terminal; a summary line always.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ class Rows:
         self.signature = signature
         self.actor_name = actor_name
         self.bad = 0
+        self.on_line: Any = None  # called with each line's size in bytes (the progress bar)
 
     def __iter__(self) -> Iterator[Call]:
         with self.path.open(encoding="utf-8", newline="") as stream:
@@ -42,6 +43,8 @@ class Rows:
 
     def _jsonl(self, stream: IO[str]) -> Iterator[tuple[int, Any]]:
         for number, line in enumerate(stream, start=1):
+            if self.on_line is not None:
+                self.on_line(len(line.encode()))
             if not line.strip():
                 continue
             try:
@@ -53,6 +56,8 @@ class Rows:
         reader = csv.DictReader(stream)
         for row in reader:
             number = reader.line_num
+            if self.on_line is not None:
+                self.on_line(sum(len(value or "") + 1 for value in row.values()))  # about its size
             if None in row or any(value is None for value in row.values()):
                 self._report(number, f"{len(reader.fieldnames or [])} columns expected, the row has another number")
                 continue
@@ -118,6 +123,9 @@ def run_file(args: argparse.Namespace) -> int:
     brokers.ping(settings.broker)
 
     rows = Rows(path, args.row_as, inspect.signature(actor.handler), actor.actor_name)
+    bar = _progress_bar(path)
+    if bar is not None:
+        rows.on_line = bar.update
     try:
         with context(**values):
             result = actor.send_many(rows, chunk_size=args.chunk_size, **options)
@@ -125,6 +133,8 @@ def run_file(args: argparse.Namespace) -> int:
         print(f"dramaturg: {error}", file=sys.stderr)
         return 1
     finally:
+        if bar is not None:
+            bar.close()
         app.shutdown()
     summary = {
         "actor": actor.actor_name,
@@ -146,3 +156,13 @@ def _context_pair(pair: str) -> tuple[str, str]:
     if not sep or not key:
         raise SendError(f"--context: expected KEY=VALUE, got {pair!r}")
     return key, value
+
+
+def _progress_bar(path: Path) -> Any:
+    """A progress bar on stderr when it is a terminal, by bytes read (so its ETA needs no
+    first pass over the file), or None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sending {path.name}", file=sys.stderr)
