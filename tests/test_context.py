@@ -4,7 +4,6 @@ holds, kicks and delays, isolated between threads; on RabbitMQ, Redis and embedd
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 import dramaturg
 
 from .test_outcomes import Runs
+from .test_ttr import busy
 
 store_var: ContextVar[str] = ContextVar("store_var")
 
@@ -229,8 +229,8 @@ def test_context_survives_a_ttr_interrupt(broker: dramatiq.Broker, start_worker:
     def slow_once() -> None:
         task = dramaturg.current_task()
         runs.record(attempt=task.attempt, context=dict(task.context))
-        while task.attempt == 1:
-            time.sleep(0.01)  # simulated work past the ttr: the interrupt lands here
+        if task.attempt == 1:
+            busy(60)  # simulated work past the ttr: the interrupt lands here
 
     with dramaturg.context(store="se"):
         slow_once.send()

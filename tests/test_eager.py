@@ -4,7 +4,6 @@ pytest plugin (dramaturg.testing) as a user would write them."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import dramaturg
 from dramaturg.brokers.eager import EagerBroker
 
 from .conftest import broker_url, delete_rabbitmq_queues
+from .test_ttr import busy
 
 MODES = ("eager", "rabbitmq", "redis", "embedded")
 
@@ -87,8 +87,7 @@ def test_a_held_task_is_reported_not_lost(dramaturg_worker: Any, wait_for_tasks:
 def test_a_task_past_its_ttr_is_interrupted_and_held(dramaturg_worker: Any, wait_for_tasks: Runner) -> None:
     @dramaturg.actor(queue_name="shop", ttr=200, max_retries=0)
     def stuck() -> None:
-        while True:
-            time.sleep(0.01)  # simulated work that never ends; the ttr interrupts it
+        busy(3_600)  # simulated work that does not end in time; the ttr interrupts it
 
     with pytest.raises(dramaturg.TaskHeld, match="TTR exceeded"):
         stuck.send()

@@ -62,27 +62,29 @@ class DrainSummary:
         )
 
 
-class _Tally(dramatiq.Middleware):
-    """Counts outcomes; placed before Outcomes so its after-hook runs after Outcomes'."""
+class Tally(dramatiq.Middleware):
+    """Counts tasks running and their outcomes. Add it before Outcomes, so that its
+    after-hook runs after Outcomes' (Dramatiq runs them in reverse) and sees the outcome.
+    Also used by :mod:`dramaturg.testing`."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.running = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        with self._lock:
+        with self.lock:
             self.running += 1
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        with self._lock:
+        with self.lock:
             self.running -= 1
             self.counts["done" if exception is None else outcome_of(message)] += 1
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        with self._lock:
+        with self.lock:
             self.running -= 1
             self.counts["released" if outcome_of(message) == "released" else "skipped"] += 1
 
@@ -109,7 +111,7 @@ def drain(
     broker = broker or app.get_broker()
     names = tuple(queues)
 
-    tally = _Tally()
+    tally = Tally()
     broker.add_middleware(tally, before=Outcomes)
     worker = dramatiq.Worker(broker, queues=set(names), worker_threads=threads, worker_timeout=100)
     started = time.monotonic()
@@ -119,7 +121,7 @@ def drain(
             time.sleep(_TICK_S)  # the budget is a clock; the queues have no event to wait on
             if budget_s is not None and time.monotonic() - started >= budget_s:
                 break
-            if until_empty and _empty(broker, worker, tally, names):
+            if until_empty and not tally.running and worker_idle(broker, worker, names):
                 break
         _stop(worker, grace_s)
     finally:
@@ -146,8 +148,9 @@ def _pending(broker: dramatiq.Broker, queue: str) -> int:
     return int(broker.pending(queue))  # type: ignore[attr-defined]
 
 
-def _empty(broker: dramatiq.Broker, worker: dramatiq.Worker, tally: _Tally, queues: Sequence[str]) -> bool:
-    if tally.running or worker.work_queue.unfinished_tasks:
+def worker_idle(broker: dramatiq.Broker, worker: dramatiq.Worker, queues: Sequence[str]) -> bool:
+    """Nothing waits in ``worker``'s memory or on ``queues`` (tasks running are not seen here)."""
+    if worker.work_queue.unfinished_tasks:
         return False
     if any(consumer.delay_queue.unfinished_tasks for consumer in worker.consumers.values()):
         return False

@@ -31,7 +31,6 @@ Fixtures:
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +40,7 @@ import pytest
 
 from . import app, suspension
 from .config import Settings, load_settings
+from .drain import Tally, worker_idle
 from .errors import TaskHeld
 from .held import HeldStore, held_tasks
 from .middleware.outcomes import Outcomes, outcome_of
@@ -85,8 +85,9 @@ def dramaturg_broker(dramaturg_settings: Settings) -> Iterator[dramatiq.Broker]:
     suspension.resume_all()
 
 
-class _Failures(dramatiq.Middleware):
-    """Keeps the exceptions handlers raised, and counts what is unsettled, for wait_for_tasks.
+class _Failures(Tally):
+    """A :class:`~dramaturg.drain.Tally` that also keeps the exceptions handlers raised and
+    counts what is unsettled, for wait_for_tasks.
 
     ``outstanding`` counts messages this process enqueued and no worker acknowledged or
     rejected yet: RabbitMQ does not count the deliveries a consumer holds, so an empty
@@ -94,10 +95,9 @@ class _Failures(dramatiq.Middleware):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.errors: list[tuple[Any, BaseException, str]] = []
-        self.running = 0
         self.outstanding = 0
-        self.lock = threading.Lock()
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         with self.lock:
@@ -109,21 +109,13 @@ class _Failures(dramatiq.Middleware):
 
     after_nack = after_ack
 
-    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        with self.lock:
-            self.running += 1
-
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        with self.lock:
-            self.running -= 1
-            if exception is not None:
+        super().after_process_message(broker, message, result=result, exception=exception)
+        if exception is not None:
+            with self.lock:
                 self.errors.append((message, exception, outcome_of(message)))
-
-    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        with self.lock:
-            self.running -= 1
 
 
 @pytest.fixture
@@ -159,7 +151,7 @@ def wait_for_tasks(dramaturg_broker: dramatiq.Broker, dramaturg_worker: dramatiq
             with failures.lock:
                 _raise_settled_failures(failures, fail_fast)
                 busy = failures.running or failures.outstanding > 0
-            if not busy and _idle(dramaturg_broker, dramaturg_worker, names):
+            if not busy and worker_idle(dramaturg_broker, dramaturg_worker, names):
                 return
             if time.monotonic() >= deadline:
                 last = f"; the last handler error: {failures.errors[-1][1]!r}" if failures.errors else ""
@@ -178,14 +170,6 @@ def _raise_settled_failures(failures: _Failures, fail_fast: bool) -> None:
         if outcome == "rejected" or fail_fast:
             del failures.errors[index]
             raise TaskFailed(f"{message.actor_name} (message {message.message_id}) raised {error!r}") from error
-
-
-def _idle(broker: dramatiq.Broker, worker: dramatiq.Worker, queues: Any) -> bool:
-    if worker.work_queue.unfinished_tasks:
-        return False
-    if any(consumer.delay_queue.unfinished_tasks for consumer in worker.consumers.values()):
-        return False
-    return all(int(broker.pending(name)) == 0 for name in queues)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
