@@ -314,6 +314,8 @@ def write_config(directory: Path, settings: dramaturg.Settings, **worker: Any) -
     for key, value in worker.items():
         rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]" if isinstance(value, list) else repr(value)
         lines.append(f"{key} = {rendered}")
+    if settings.state.url:
+        lines += ["", "[state]", f'url = "{settings.state.url}"']
     path = directory / "dramaturg.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

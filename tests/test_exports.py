@@ -23,11 +23,13 @@ PUBLIC = {
     "RetrySettings",
     "SendError",
     "Settings",
+    "StateUnavailable",
     "Success",
     "SuspendQueue",
     "Task",
     "TaskHeld",
     "TaskOutcome",
+    "TaskStatus",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -48,6 +50,7 @@ PUBLIC = {
     "load_settings",
     "resource",
     "shutdown",
+    "task_status",
 }
 
 

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
+from .state import StateUnavailable, TaskStatus, task_status
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
@@ -52,11 +53,13 @@ __all__ = [
     "RetrySettings",
     "SendError",
     "Settings",
+    "StateUnavailable",
     "Success",
     "SuspendQueue",
     "Task",
     "TaskHeld",
     "TaskOutcome",
+    "TaskStatus",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -77,6 +80,7 @@ __all__ = [
     "load_settings",
     "resource",
     "shutdown",
+    "task_status",
 ]
 
 

@@ -20,6 +20,7 @@ from . import brokers
 from .config import Settings, load_settings, resolve_broker
 from .masking import install_log_masking, mask_url
 from .middleware import framework_middleware
+from .state import close_stores
 
 if TYPE_CHECKING:
     from .actors import Actor
@@ -61,6 +62,7 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
         dramatiq.set_broker(broker)
         _settings, _broker = settings, broker
         if previous is not None:
+            close_stores(previous.middleware)
             previous.close()
     logger.debug("dramaturg bootstrapped %s", _describe(settings))
     return broker
@@ -108,6 +110,7 @@ def shutdown() -> None:
         for actor in _actors.values():
             actor._unbind()
         if broker is not None:
+            close_stores(broker.middleware)
             broker.close()
             if dramatiq.broker.global_broker is broker:
                 dramatiq.broker.global_broker = None

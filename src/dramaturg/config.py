@@ -47,6 +47,7 @@ __all__ = [
     "QueueSettings",
     "RetrySettings",
     "Settings",
+    "StateSettings",
     "TaskSettings",
     "WorkerSettings",
     "find_config_file",
@@ -221,6 +222,23 @@ class ContextSettings(BaseModel):
     restorers: StrList = []
 
 
+class StateSettings(BaseModel):
+    """``[state]``: the task status store (see :mod:`dramaturg.state`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Record task states and per-minute counts (needs a store: the broker's Redis, or ``url``).
+    enabled: bool = True
+    #: A Redis URL for the store; unset: the broker's own Redis (Redis and embedded brokers).
+    url: str | None = None
+    #: How long a task's record is kept after its last change.
+    ttl: DurationMs = Field(default=86_400_000, gt=0)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name == "url" else value)
+
+
 class QueueSettings(BaseModel):
     """``[queues.<name>]``: defaults for the tasks of one queue."""
 
@@ -249,6 +267,7 @@ class Settings(BaseSettings):
     retries: RetrySettings = RetrySettings()
     tasks: TaskSettings = TaskSettings()
     context: ContextSettings = ContextSettings()
+    state: StateSettings = StateSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
 

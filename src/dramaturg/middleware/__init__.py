@@ -19,6 +19,7 @@ from dramatiq.middleware import (
 )
 
 from ..resources import Resources
+from ..state import TaskState
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .outcomes import Outcomes, outcome_of
@@ -39,6 +40,7 @@ __all__ = [
     "Priority",
     "Recycle",
     "RedisRecovery",
+    "TaskState",
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
@@ -50,6 +52,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
     """A fresh instance of every middleware in the stack, configured from ``settings``."""
     broker_type = settings.broker.type or "embedded"
     retries = settings.retries
+    state = settings.state
+    track_state = state.enabled and bool(state.url or broker_type in {"redis", "embedded"})
     # Dramatiq runs before-hooks in this order and after-hooks in reverse.
     return [
         # First, so that its after-hook counts a task once every other one is done with it.
@@ -61,6 +65,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         ContextMiddleware(settings.context.default, settings.context.providers, settings.context.restorers),
         OutcomeCallbacks(),
         Pipelines(),
+        # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
+        *([TaskState(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),

@@ -39,9 +39,9 @@ from dramatiq.errors import Retry as DramatiqRetry
 from dramatiq.middleware import SkipMessage
 
 from .. import suspension
-from ..held import HeldTask, describe
+from ..held import HeldTask, describe, origin
 from ..queues import canonical_queue
-from ..task import Hold, Retry, SuspendQueue, Task, _current
+from ..task import Hold, Retry, SuspendQueue, Task, TaskOutcome, _current
 from .shutdown import stopping
 from .ttr import StopRequested, TimeToRunExceeded
 
@@ -168,6 +168,8 @@ class Outcomes(dramatiq.Middleware):
             )
             return
 
+        if not isinstance(exception, TaskOutcome):  # an error, not retry()/hold() (for the state store)
+            message._dramaturg_error = _error_line(exception)
         if isinstance(exception, Hold):
             reason: str | None = exception.reason
         elif hold_on and isinstance(exception, hold_on):
@@ -181,7 +183,11 @@ class Outcomes(dramatiq.Middleware):
             delay = self.delay_ms(message, actor, exception, retries)
             copy = message.copy(
                 queue_name=queue,
-                options={"retries": retries + 1, "dramaturg_last_error": _summary(exception), "dramaturg_rerun": False},
+                options={
+                    "retries": retries + 1,
+                    "dramaturg_last_error": _error_line(exception),
+                    "dramaturg_rerun": False,
+                },
             )
             done = _durably(lambda: broker.enqueue(copy, delay=delay))
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
@@ -193,6 +199,7 @@ class Outcomes(dramatiq.Middleware):
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
             level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
             message._dramaturg_outcome = "held"
+            message._dramaturg_reason = reason
         if not done:
             message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
             message._dramaturg_outcome = "rejected"
@@ -279,6 +286,12 @@ def _durably(write: Callable[[], object]) -> bool:
 
 def _summary(exception: BaseException) -> str:
     return f"{type(exception).__name__}: {exception}"[:500]
+
+
+def _error_line(exception: BaseException) -> str:
+    """``Type: message (at file:line)`` for an error, ``Type: message`` for retry()."""
+    where = None if isinstance(exception, TaskOutcome) else origin(exception)
+    return _summary(exception) + (f" (at {where})" if where else "")
 
 
 def _log_failure(

@@ -1,0 +1,203 @@
+"""Task status by message id: every state a task goes through, on RabbitMQ (with a Redis
+state store), Redis and embedded, through the Python call and `dramaturg status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+import dramaturg
+from dramaturg.config import StateSettings
+from dramaturg.state import COUNTERS, StateStore, state_store
+
+from .conftest import bin_path, poll_until, run_cli, write_config
+from .test_held import held_task
+
+REPO = Path(__file__).resolve().parents[1]
+LATER_MS = 600_000  # under RabbitMQ's consumer_timeout
+
+
+@pytest.fixture
+def settings(settings: dramaturg.Settings, broker_kind: str, request: pytest.FixtureRequest) -> dramaturg.Settings:
+    """The behaviour suite's settings; RabbitMQ has no store of its own, so it gets the private Redis."""
+    if broker_kind != "rabbitmq":
+        return settings
+    server = request.getfixturevalue("redis_server")
+    return settings.model_copy(update={"state": StateSettings(url=f"redis://{server.host}:{server.port}/0")})
+
+
+def status_when(message_id: str, state: str) -> dramaturg.TaskStatus:
+    """The task's status once it is ``state`` (the store lags its tasks by a flush interval)."""
+    found: list[dramaturg.TaskStatus] = []
+
+    def check() -> bool:
+        found[:] = [dramaturg.task_status(message_id)]
+        return found[0].state == state
+
+    poll_until(check, f"task {message_id} {state} (last seen: {found[-1] if found else None})", timeout=15)
+    return found[0]
+
+
+def test_every_state_of_a_task_is_told(broker: dramatiq.Broker, start_worker: Any) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    @dramaturg.actor(queue_name="status")
+    def ok() -> None:
+        pass
+
+    @dramaturg.actor(queue_name="status", min_backoff=LATER_MS, max_backoff=LATER_MS)
+    def flaky() -> None:
+        raise ValueError("the shop's API said 503")
+
+    @dramaturg.actor(queue_name="status")
+    def picky() -> None:
+        dramaturg.current_task().hold("row 7 has no email")
+
+    @dramaturg.actor(queue_name="status")
+    def slow() -> None:
+        started.set()
+        release.wait(30)
+
+    # Before any worker runs: queued, and delayed until when it was asked for
+    sent_at = time.time() * 1000
+    first = ok.send()
+    later = ok.send_with_options(delay=LATER_MS)
+    queued = status_when(first.message_id, "queued")
+    assert (queued.queue, queued.actor, queued.attempt) == ("status", "ok", 1)
+    assert queued.enqueued_at == first.message_timestamp
+    delayed = status_when(later.message_id, "delayed")
+    assert delayed.eta is not None and sent_at + LATER_MS <= delayed.eta <= time.time() * 1000 + LATER_MS
+
+    # With a worker: running (on which worker, since when), then succeeded (when, how long)
+    start_worker(threads=2)
+    running_task = slow.send()
+    assert started.wait(15)
+    running = status_when(running_task.message_id, "running")
+    assert running.worker is not None and running.worker.split()[0].endswith(f":{os.getpid()}")
+    assert running.started_at is not None and running.started_at >= running_task.message_timestamp
+    release.set()
+    done = status_when(running_task.message_id, "succeeded")
+    assert done.finished_at is not None and done.started_at == running.started_at
+    assert done.duration_ms is not None and 0 <= done.duration_ms <= done.finished_at - done.started_at + 1
+    assert status_when(first.message_id, "succeeded").attempt == 1
+
+    # A failure: retrying, attempt 2 due in an hour, with the error and where it was raised
+    failing = flaky.send()
+    retrying = status_when(failing.message_id, "retrying")
+    assert retrying.attempt == 2
+    assert retrying.eta is not None and retrying.eta >= time.time() * 1000 + LATER_MS - 30_000
+    assert retrying.last_error is not None
+    assert retrying.last_error.startswith("ValueError: the shop's API said 503 (at ")
+    assert "test_status.py:" in retrying.last_error
+
+    # hold(): held with its reason; the held store answers even without the state store
+    parked = picky.send()
+    held = status_when(parked.message_id, "held")
+    assert (held.reason, held.attempt, held.last_error) == ("row 7 has no email", 1, None)
+
+    # Never sent: unknown
+    assert dramaturg.task_status(str(uuid.uuid4())).state == "unknown"
+
+    # And the per-minute counts stats shows: 3 ran to an end (ok, slow, picky) plus the failed attempt
+    counts = poll_until(
+        lambda: (c := state_store().minute_counts(["status"])["status"])["processed"] == 4 and c,
+        "four attempts counted",
+    )
+    assert counts == {"processed": 4, "failed": 1, "retried": 1, "held": 1}
+
+
+def status_cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:
+    result = run_cli([bin_path("dramaturg"), "status", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_status_command(settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path) -> None:
+    # Given a queued task, a delayed one and a held one, written by this process
+    write_config(tmp_path, settings, modules=["tests.apps.shop_tasks"])
+
+    @dramaturg.actor(queue_name="imports")
+    def import_user(row: dict[str, Any]) -> None:
+        pass
+
+    queued = import_user.send({"id": 1})
+    delayed = import_user.send_with_options(args=({"id": 2},), delay=LATER_MS)
+    parked = held_task("imports", 3)
+    dramaturg.held_tasks().hold(parked)
+    state_store().flush()
+
+    # Then `dramaturg status` in another process tells each
+    code, out, err = status_cli(tmp_path, queued.message_id)
+    assert code == 0, err
+    headline, *details = out.splitlines()
+    assert headline == f"{queued.message_id}: queued"
+    assert "  actor:       import_user" in details and "  attempt:     1" in details
+
+    code, out, _ = status_cli(tmp_path, delayed.message_id, "--json")
+    status = json.loads(out)
+    assert (code, status["state"], status["actor"], status["queue"]) == (0, "delayed", "import_user", "imports")
+    assert status["eta"] >= delayed.message_timestamp + LATER_MS
+
+    code, out, _ = status_cli(tmp_path, parked.message_id)
+    assert (code, out.splitlines()[0]) == (0, f"{parked.message_id}: held: row 3 has no email")
+
+    code, out, _ = status_cli(tmp_path, "no-such-task", "--json")
+    assert (code, json.loads(out)) == (1, {"message_id": "no-such-task", "state": "unknown"})
+
+
+def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any, tmp_path: Path) -> None:
+    url = f"amqp://guest:secret@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    write_config(tmp_path, dramaturg.Settings(broker={"url": url}))
+    code, out, err = status_cli(tmp_path, "some-id")
+    assert (code, out) == (78, "")
+    assert "task status needs a state store" in err and "[state] url" in err
+    assert "secret" not in err
+
+
+def test_the_newest_news_wins_whatever_order_the_writers_flush_in(redis_server: Any) -> None:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    sender = StateStore(client, namespace=namespace, ttl_ms=60_000)
+    worker = StateStore(client, namespace=namespace, ttl_ms=60_000)
+    # The worker ran and finished the task before the sender's buffer was written
+    sender.record("m1", {"state": "queued", "queue": "q"}, at=100.0)
+    worker.record("m1", {"state": "running", "worker": "w:1"}, at=101.0)
+    worker.record("m1", {"state": "succeeded"}, at=102.0)
+    worker.flush()
+    sender.flush()
+    record = worker.get("m1")
+    assert record is not None and (record["state"], record["worker"]) == ("succeeded", "w:1")
+    # Each record expires after the ttl from its last change
+    assert 0 < client.pttl(f"{namespace}:__state__:m1") <= 60_000
+    sender.close()
+    worker.close()
+
+
+def test_changes_wait_in_the_buffer_while_the_store_is_down(redis_server: Any) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    store = StateStore(down, namespace=namespace, ttl_ms=60_000, flush_interval_s=3600)
+    store.record("m1", {"state": "running"}, at=1.0)
+    store.count("q", "processed")
+    store.flush()  # fails: kept, and logged once
+    store.record("m1", {"state": "succeeded"}, at=2.0)
+
+    # When the store answers again, everything buffered is written
+    store.client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    store.flush()
+    record = store.get("m1")
+    assert record is not None and record["state"] == "succeeded"
+    assert store.minute_counts(["q"])["q"] == dict.fromkeys(COUNTERS, 0) | {"processed": 1}
+    store.close()
