@@ -69,7 +69,7 @@ def _setup() -> Any:
 
         overrides = json.loads(os.environ.get("BENCH_SETTINGS", "{}"))
         broker = dramaturg.bootstrap(
-            dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE, **overrides.get("broker", {})})
+            dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE, **overrides.pop("broker", {})}, **overrides)
         )
 
         @dramaturg.actor(queue_name=QUEUE)

@@ -50,15 +50,21 @@ class Config:
     role: str = ""  # "baseline" (configured like dramaturg), "default", "subject", "variant"
 
 
-def configs(broker: str) -> list[Config]:
+def configs(broker: str, redis_url: str) -> list[Config]:
     prefetch = str(DEFAULT_PREFETCH[broker])
     no_priorities = {"BENCH_SETTINGS": json.dumps({"broker": {"priorities": False}})}
     if broker == "redis":
         return [
             Config("Dramatiq, defaults", "dramatiq", {}, "default"),
             Config(f"Dramatiq, prefetch {prefetch}", "dramatiq", {"dramatiq_queue_prefetch": prefetch}, "baseline"),
-            Config("dramaturg, defaults (3 lanes)", "dramaturg", {}, "subject"),
+            Config("dramaturg, defaults (3 lanes, task states)", "dramaturg", {}, "subject"),
             Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
+            Config(
+                "dramaturg, [state] enabled = false",
+                "dramaturg",
+                {"BENCH_SETTINGS": json.dumps({"state": {"enabled": False}})},
+                "variant",
+            ),
         ]
     return [
         Config("Dramatiq, defaults (no confirms)", "dramatiq", {}, "default"),
@@ -70,6 +76,12 @@ def configs(broker: str) -> list[Config]:
         ),
         Config("dramaturg, defaults (confirms, 3 bands)", "dramaturg", {}, "subject"),
         Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
+        Config(
+            "dramaturg, task states in Redis ([state] url)",
+            "dramaturg",
+            {"BENCH_SETTINGS": json.dumps({"state": {"url": redis_url}})},
+            "variant",
+        ),
     ]
 
 
@@ -266,6 +278,15 @@ def server_versions(urls: dict[str, str]) -> list[str]:
     return lines
 
 
+def selected(broker: str, args: argparse.Namespace) -> list[Config]:
+    """The configurations to run: all, or those ``--only`` names (baselines always)."""
+    return [
+        config
+        for config in configs(broker, args.redis_url)
+        if not args.only or config.role in {"baseline", "default"} or any(text in config.label for text in args.only)
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--brokers", nargs="+", default=["redis", "rabbitmq"], choices=["redis", "rabbitmq"])
@@ -278,6 +299,7 @@ def main() -> int:
     parser.add_argument(
         "--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)"
     )
+    parser.add_argument("--only", metavar="TEXT", nargs="+", help="only the configurations whose label has TEXT")
     parser.add_argument("--write", metavar="FILE", help="also write the table to FILE (e.g. benchmarks/RESULTS.md)")
     args = parser.parse_args()
     urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}
@@ -286,7 +308,7 @@ def main() -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     for round_number in range(args.rounds):
         for broker, url in urls.items():
-            order = configs(broker)
+            order = selected(broker, args)
             order = order[round_number % len(order) :] + order[: round_number % len(order)]
             for config in order:
                 result = run_once(config, url, args)
@@ -310,11 +332,11 @@ def main() -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for broker in urls:
-        by_role = {c.role: median_result(results[(broker, c.label)]) for c in configs(broker)}
-        for config in configs(broker):
+        by_role = {c.role: median_result(results[(broker, c.label)]) for c in selected(broker, args)}
+        for config in selected(broker, args):
             r = median_result(results[(broker, config.label)])
             ratios = ["", "", "", ""]
-            if config.role in {"subject", "variant"}:
+            if config.role in {"subject", "variant"} and {"baseline", "default"} <= by_role.keys():
                 ratios = [
                     f"{r.enqueue / by_role['baseline'].enqueue:.2f}x",
                     f"{r.drain / by_role['baseline'].drain:.2f}x",

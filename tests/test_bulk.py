@@ -82,11 +82,11 @@ def test_a_failing_chunk_is_reported_with_what_was_not_sent(
         publish = rabbitmq._ConfirmWindow.publish
         published = [0]
 
-        def failing_publish(self: Any, queue_name: str, message: Any) -> None:
+        def failing_publish(self: Any, queue_name: str, message: Any, body: bytes) -> None:
             published[0] += 1
             if published[0] == 2_500:
                 raise pika.exceptions.StreamLostError("connection lost")
-            publish(self, queue_name, message)
+            publish(self, queue_name, message, body)
 
         monkeypatch.setattr(rabbitmq._ConfirmWindow, "publish", failing_publish)
     else:
@@ -117,3 +117,25 @@ def test_a_failing_chunk_is_reported_with_what_was_not_sent(
     monkeypatch.undo()
     if broker_kind != "rabbitmq":
         assert pending_messages(broker, "bulk") == 2_000  # the failing chunk was all or nothing
+
+
+def test_bulk_ids_are_uuid4s_and_a_forked_sender_does_not_repeat_its_parents() -> None:
+    import os
+    import uuid
+
+    from dramaturg.bulk import new_ids
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, " ".join(new_ids(100)).encode())
+        os._exit(0)
+    os.close(write)
+    parent = new_ids(100)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    assert status == 0 and len(child) == 100
+    assert not set(parent) & set(child)
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in parent + child)
+    assert all(str(uuid.UUID(i)) == i for i in parent)

@@ -161,6 +161,23 @@ class StateStore:
         if full:
             self._wake.set()
 
+    def record_many(self, changes: Iterable[tuple[str, Mapping[str, Any]]], at: float | None = None) -> None:
+        """:meth:`record` for many tasks at once."""
+        at = time.time() if at is None else at
+        with self._lock:
+            pending = self._pending
+            for message_id, fields in changes:
+                entry = pending.get(message_id)
+                if entry is None:
+                    pending[message_id] = [at, dict(fields)]
+                else:
+                    entry[0] = max(entry[0], at)
+                    entry[1].update(fields)
+            full = len(pending) >= BATCH
+        self._ensure_thread()
+        if full:
+            self._wake.set()
+
     def count(self, queue: str, name: str, n: int = 1) -> None:
         """Add ``n`` to the count ``name`` (one of :data:`COUNTERS`) of ``queue``, now."""
         bucket = int(time.time() // BUCKET_S)
@@ -326,22 +343,11 @@ class TaskState(dramatiq.Middleware):
         return store
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        options = message.options
-        attempt = int(options.get("retries", 0)) + 1
-        fields: dict[str, Any] = {
-            "state": "queued",
-            "queue": canonical_queue(message.queue_name),
-            "actor": message.actor_name,
-            "attempt": attempt,
-            "enqueued_at": message.message_timestamp,
-        }
-        if delay:
-            fields["state"] = "retrying" if attempt > 1 else "delayed"
-            fields["eta"] = options.get("eta") or int(time.time() * 1000) + delay
-        last_error = options.get("dramaturg_last_error")
-        if last_error:
-            fields["last_error"] = last_error
-        self.store(broker).record(message.message_id, fields)
+        self.store(broker).record(message.message_id, _enqueued(message, delay))
+
+    def after_enqueue_many(self, broker: dramatiq.Broker, messages: Sequence[Any], delay: int | None) -> None:
+        """The after-hook of a bulk send (:mod:`dramaturg.bulk`): one buffer update for all."""
+        self.store(broker).record_many([(message.message_id, _enqueued(message, delay)) for message in messages])
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         now = time.time()
@@ -395,6 +401,25 @@ class TaskState(dramatiq.Middleware):
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+def _enqueued(message: Any, delay: int | None) -> dict[str, Any]:
+    options = message.options
+    attempt = int(options.get("retries", 0)) + 1
+    fields: dict[str, Any] = {
+        "state": "queued",
+        "queue": canonical_queue(message.queue_name),
+        "actor": message.actor_name,
+        "attempt": attempt,
+        "enqueued_at": message.message_timestamp,
+    }
+    if delay:
+        fields["state"] = "retrying" if attempt > 1 else "delayed"
+        fields["eta"] = options.get("eta") or int(time.time() * 1000) + delay
+    last_error = options.get("dramaturg_last_error")
+    if last_error:
+        fields["last_error"] = last_error
+    return fields
 
 
 def _make_store(broker: dramatiq.Broker, url: str | None, ttl_ms: int, namespace: str) -> StateStore:

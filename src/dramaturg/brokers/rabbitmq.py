@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -107,20 +108,29 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         and a nacked, returned (unroutable) or unconfirmed one is reported as not sent.
         Used by :func:`dramaturg.bulk.send_many`.
         """
-        from ..bulk import BulkSendError
+        from ..bulk import BulkSendError, EnqueueHooks, message_encoder
 
+        hooks = EnqueueHooks(self)
+        encode = message_encoder()
+        eta = current_millis() + delay if delay is not None else None
         window = self._confirm_window()
         try:
+            for canonical in dict.fromkeys(message.queue_name for message in messages):
+                self.declare_queue(canonical, ensure=True)
             prepared = []
             for message in messages:
-                canonical = message.queue_name
-                queue_name = canonical
-                if delay is not None:
-                    queue_name = dq_name(canonical)
-                    message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
-                self.declare_queue(canonical, ensure=True)
-                self.emit_before("enqueue", message, delay)
-                window.publish(queue_name, message)
+                if eta is not None:
+                    message = Message(
+                        queue_name=dq_name(message.queue_name),
+                        actor_name=message.actor_name,
+                        args=message.args,
+                        kwargs=message.kwargs,
+                        options={**message.options, "eta": eta},
+                        message_id=message.message_id,
+                        message_timestamp=message.message_timestamp,
+                    )
+                hooks.emit_before(message, delay)
+                window.publish(message.queue_name, message, encode(message))
                 prepared.append(message)
             failed, reason = window.wait(timeout_s=max(30.0, self.settings.connect_timeout / 1000))
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
@@ -130,8 +140,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
             window.close()
             sent = len(prepared) - len(failed)
             raise BulkSendError(reason, sent, failed)
-        for message in prepared:
-            self.emit_after("enqueue", message, delay)
+        hooks.emit_after(prepared, delay)
         return prepared
 
     def _confirm_window(self) -> _ConfirmWindow:
@@ -290,11 +299,11 @@ class _ConfirmWindow:
         while not ready:
             self.connection.process_data_events(time_limit=1)
 
-    def publish(self, queue_name: str, message: Message[Any]) -> None:
+    def publish(self, queue_name: str, message: Message[Any], body: bytes) -> None:
         properties = pika.BasicProperties(
             delivery_mode=2, priority=message.options.get("broker_priority"), message_id=message.message_id
         )
-        self.impl.basic_publish("", queue_name, message.encode(), properties, mandatory=True)
+        self.impl.basic_publish("", queue_name, body, properties, mandatory=True)
         self.pending[self.next_tag] = message
         self.next_tag += 1
         if len(self.pending) % 256 == 0:
@@ -317,7 +326,10 @@ class _ConfirmWindow:
 
     def _confirmed(self, frame: Any) -> None:
         method = frame.method
-        tags = [t for t in self.pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        if method.multiple:  # every pending tag up to this one: the oldest, since tags grow
+            tags = list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self.pending))
+        else:
+            tags = [method.delivery_tag]
         nacked = isinstance(method, pika.spec.Basic.Nack)
         for tag in tags:
             message = self.pending.pop(tag, None)

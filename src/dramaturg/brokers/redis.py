@@ -7,7 +7,6 @@ import functools
 import json
 import operator
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,30 +119,39 @@ class RedisBroker(_DramatiqRedisBroker):
         If the connection is lost after Redis ran the script, the messages were enqueued
         but are reported as not sent.
         """
-        from ..bulk import BulkSendError
+        from ..bulk import BulkSendError, EnqueueHooks, message_encoder, new_ids
 
-        now = current_millis()
+        hooks = EnqueueHooks(self)
+        encode = message_encoder()
+        eta = current_millis() + delay if delay is not None else None
+        priorities = self.settings.priorities
         prepared = []
         args: list[Any] = []
-        for message in messages:
+        for message, redis_id in zip(messages, new_ids(len(messages)), strict=True):
             queue_name = message.queue_name
-            if self.settings.priorities:
+            if priorities:
                 queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
-            redis_id = str(uuid.uuid4())
-            options: dict[str, Any] = {"redis_message_id": redis_id}
-            if delay is not None:
+            options = {**message.options, "redis_message_id": redis_id}
+            if eta is not None:
                 queue_name = dq_name(queue_name)
-                options["eta"] = now + delay
-            message = message.copy(queue_name=queue_name, options=options)
-            self.emit_before("enqueue", message, delay)
-            args += (queue_name, redis_id, message.encode())
+                options["eta"] = eta
+            message = Message(
+                queue_name=queue_name,
+                actor_name=message.actor_name,
+                args=message.args,
+                kwargs=message.kwargs,
+                options=options,
+                message_id=message.message_id,
+                message_timestamp=message.message_timestamp,
+            )
+            hooks.emit_before(message, delay)
+            args += (queue_name, redis_id, encode(message))
             prepared.append(message)
         try:
             self._enqueue_script(keys=[self.namespace], args=args)
         except redis.RedisError as error:
             raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
-        for message in prepared:
-            self.emit_after("enqueue", message, delay)
+        hooks.emit_after(prepared, delay)
         return prepared
 
     def close(self) -> None:
