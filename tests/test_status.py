@@ -17,6 +17,7 @@ import pytest
 import redis
 
 import dramaturg
+from dramaturg.bulk import new_ids
 from dramaturg.config import StateSettings
 from dramaturg.state import COUNTERS, StateStore, state_store
 
@@ -38,14 +39,17 @@ def settings(settings: dramaturg.Settings, broker_kind: str, request: pytest.Fix
 
 def status_when(message_id: str, state: str) -> dramaturg.TaskStatus:
     """The task's status once it is ``state`` (the store lags its tasks by a flush interval)."""
-    found: list[dramaturg.TaskStatus] = []
+    seen: list[dramaturg.TaskStatus] = []
 
     def check() -> bool:
-        found[:] = [dramaturg.task_status(message_id)]
-        return found[0].state == state
+        seen[:] = [dramaturg.task_status(message_id)]
+        return seen[0].state == state
 
-    poll_until(check, f"task {message_id} {state} (last seen: {found[-1] if found else None})", timeout=15)
-    return found[0]
+    try:
+        poll_until(check, f"task {message_id} {state}", timeout=15)
+    except pytest.fail.Exception:
+        pytest.fail(f"task {message_id} was never {state}; last seen: {seen[0] if seen else None}")
+    return seen[0]
 
 
 def test_every_state_of_a_task_is_told(broker: dramatiq.Broker, start_worker: Any) -> None:
@@ -201,3 +205,36 @@ def test_changes_wait_in_the_buffer_while_the_store_is_down(redis_server: Any) -
     assert record is not None and record["state"] == "succeeded"
     assert store.minute_counts(["q"])["q"] == dict.fromkeys(COUNTERS, 0) | {"processed": 1}
     store.close()
+
+
+def test_tasks_sent_in_bulk_are_told_too(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis finds them in the broker by id (no record is written per task); RabbitMQ writes one per chunk
+    @dramaturg.actor(queue_name="status-bulk")
+    def import_row(row: int) -> None:
+        pass
+
+    generated: list[str] = []
+
+    def recording_new_ids(count: int) -> list[str]:
+        ids = new_ids(count)
+        generated.extend(ids)
+        return ids
+
+    monkeypatch.setattr(dramaturg.bulk, "new_ids", recording_new_ids)
+    now = time.time() * 1000
+    import_row.send_many(range(1_500), chunk_size=1_000)
+    first, last = generated[0], generated[1_499]
+    import_row.send_many([1_500], delay=LATER_MS)
+    later = generated[1_500]
+
+    for message_id in (first, last):
+        status = status_when(message_id, "queued")
+        assert (status.actor, status.queue, status.attempt) == ("import_row", "status-bulk", 1)
+        assert status.enqueued_at is not None and status.enqueued_at >= now - 1
+    delayed = status_when(later, "delayed")
+    assert delayed.eta is not None and delayed.eta >= now + LATER_MS
+
+    start_worker(threads=2)
+    assert status_when(last, "succeeded").duration_ms is not None

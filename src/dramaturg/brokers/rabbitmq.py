@@ -117,21 +117,25 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         try:
             for canonical in dict.fromkeys(message.queue_name for message in messages):
                 self.declare_queue(canonical, ensure=True)
+            window.gather()
             prepared = []
-            for message in messages:
-                if eta is not None:
-                    message = Message(
-                        queue_name=dq_name(message.queue_name),
-                        actor_name=message.actor_name,
-                        args=message.args,
-                        kwargs=message.kwargs,
-                        options={**message.options, "eta": eta},
-                        message_id=message.message_id,
-                        message_timestamp=message.message_timestamp,
-                    )
-                hooks.emit_before(message, delay)
-                window.publish(message.queue_name, message, encode(message))
-                prepared.append(message)
+            try:
+                for message in messages:
+                    if eta is not None:
+                        message = Message(
+                            queue_name=dq_name(message.queue_name),
+                            actor_name=message.actor_name,
+                            args=message.args,
+                            kwargs=message.kwargs,
+                            options={**message.options, "eta": eta},
+                            message_id=message.message_id,
+                            message_timestamp=message.message_timestamp,
+                        )
+                    hooks.emit_before(message, delay)
+                    window.publish(message.queue_name, message, encode(message))
+                    prepared.append(message)
+            finally:
+                window.write_gathered(stop=True)  # also what was published before a failure
             failed, reason = window.wait(timeout_s=max(30.0, self.settings.connect_timeout / 1000))
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
             window.close()
@@ -283,12 +287,36 @@ class RabbitmqConsumer(_RabbitmqConsumer):
 
 
 class _ConfirmWindow:
-    """A connection of its own whose publishes are confirmed as a batch."""
+    """A connection of its own whose publishes are confirmed as a batch.
+
+    pika writes each frame with a system call of its own (three per message); while a
+    window is being published its frames are gathered and written ``FRAMES_PER_WRITE``
+    at a time instead (a third of the time went to ``send``). Outside a window, frames
+    (heartbeats, closing) go out as pika writes them.
+    """
+
+    #: Frames gathered before they are written: ~85 messages.
+    FRAMES_PER_WRITE = 256
 
     def __init__(self, broker: RabbitmqBroker) -> None:
         self.connection = pika.BlockingConnection(broker.parameters)
         self.channel = self.connection.channel()
         self.impl = self.channel._impl  # pika's asynchronous channel under the blocking one
+        self._gathered: list[bytes] | None = None
+        impl_connection = self.impl.connection
+        self._emit = getattr(impl_connection, "_adapter_emit_data", None)
+        if self._emit is not None and hasattr(impl_connection, "_output_marshaled_frames"):
+            original = impl_connection._output_marshaled_frames
+
+            def output(frames: Sequence[bytes]) -> None:
+                if self._gathered is None:
+                    original(frames)
+                else:
+                    self._gathered.extend(frames)
+                    if len(self._gathered) >= self.FRAMES_PER_WRITE:
+                        self.write_gathered()
+
+            impl_connection._output_marshaled_frames = output
         self.pending: dict[int, Message[Any]] = {}
         self.failed: list[Message[Any]] = []
         self.reasons: list[str] = []
@@ -299,6 +327,24 @@ class _ConfirmWindow:
         while not ready:
             self.connection.process_data_events(time_limit=1)
 
+    def gather(self) -> None:
+        """Gather frames from now until :meth:`write_gathered` (when pika's internals allow)."""
+        if self._emit is not None:
+            self._gathered = []
+
+    def write_gathered(self, *, stop: bool = False) -> None:
+        gathered = self._gathered
+        if gathered:
+            self._gathered = []
+            data = b"".join(gathered)
+            connection = self.impl.connection
+            connection.bytes_sent += len(data)
+            connection.frames_sent += len(gathered)
+            assert self._emit is not None
+            self._emit(data)
+        if stop:
+            self._gathered = None
+
     def publish(self, queue_name: str, message: Message[Any], body: bytes) -> None:
         properties = pika.BasicProperties(
             delivery_mode=2, priority=message.options.get("broker_priority"), message_id=message.message_id
@@ -307,9 +353,11 @@ class _ConfirmWindow:
         self.pending[self.next_tag] = message
         self.next_tag += 1
         if len(self.pending) % 256 == 0:
+            self.write_gathered()
             self.connection.process_data_events(time_limit=0)  # take in confirms as they come
 
     def wait(self, timeout_s: float) -> tuple[list[Message[Any]], str]:
+        self.write_gathered(stop=True)
         deadline = time.monotonic() + timeout_s
         while self.pending and time.monotonic() < deadline:
             self.connection.process_data_events(time_limit=0.05)
@@ -320,6 +368,7 @@ class _ConfirmWindow:
         return failed, "; ".join(dict.fromkeys(reasons))
 
     def close(self) -> None:
+        self._gathered = None
         with contextlib.suppress(Exception):
             if self.connection.is_open:
                 self.connection.close()

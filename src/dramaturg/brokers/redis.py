@@ -41,15 +41,35 @@ __all__ = [
 
 
 # Enqueues many messages as Dramatiq's dispatch script enqueues one: the body in
-# <ns>:<queue>.msgs, the id at the tail of <ns>:<queue>.
-# KEYS: namespace; ARGV: (queue name, Redis message id, body) per message.
+# <ns>:<queue>.msgs, the id at the tail of <ns>:<queue>. The messages of a queue come as
+# one argument of netstrings ("<length>:<bytes>"), Redis id then body for each: one
+# argument per message costs the client more to pack than building the message.
+# KEYS: namespace; ARGV: (queue name, framed ids and bodies) per queue.
 _ENQUEUE_MANY = """
-for i = 1, #ARGV, 3 do
-    local queue = KEYS[1] .. ":" .. ARGV[i]
-    redis.call("hset", queue .. ".msgs", ARGV[i + 1], ARGV[i + 2])
-    redis.call("rpush", queue, ARGV[i + 1])
+local count = 0
+for a = 1, #ARGV, 2 do
+    local queue = KEYS[1] .. ":" .. ARGV[a]
+    local blob = ARGV[a + 1]
+    local pos, size = 1, #blob
+    local fields, ids = {}, {}
+    while pos <= size do
+        local colon = string.find(blob, ":", pos, true)
+        local stop = colon + tonumber(string.sub(blob, pos, colon - 1))
+        local id = string.sub(blob, colon + 1, stop)
+        colon = string.find(blob, ":", stop + 1, true)
+        pos = colon + tonumber(string.sub(blob, stop + 1, colon - 1)) + 1
+        fields[#fields + 1] = id
+        fields[#fields + 1] = string.sub(blob, colon + 1, pos - 1)
+        ids[#ids + 1] = id
+        if #ids == 500 or pos > size then
+            redis.call("hset", queue .. ".msgs", unpack(fields))
+            redis.call("rpush", queue, unpack(ids))
+            count = count + #ids
+            fields, ids = {}, {}
+        end
+    end
 end
-return #ARGV / 3
+return count
 """
 
 
@@ -126,8 +146,13 @@ class RedisBroker(_DramatiqRedisBroker):
         eta = current_millis() + delay if delay is not None else None
         priorities = self.settings.priorities
         prepared = []
-        args: list[Any] = []
-        for message, redis_id in zip(messages, new_ids(len(messages)), strict=True):
+        framed: dict[str, list[bytes]] = {}
+        fresh_ids = iter(new_ids(sum(1 for message in messages if not _is_new(message))))
+        for message in messages:
+            # A new message's Redis id is its own id, so that find_message() finds it by
+            # that (its state store record is left out); a message enqueued before (a
+            # retry, a release, a kick) may still have a body under its id: a fresh one.
+            redis_id = message.message_id if _is_new(message) else next(fresh_ids)
             queue_name = message.queue_name
             if priorities:
                 queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
@@ -145,14 +170,42 @@ class RedisBroker(_DramatiqRedisBroker):
                 message_timestamp=message.message_timestamp,
             )
             hooks.emit_before(message, delay)
-            args += (queue_name, redis_id, encode(message))
+            body = encode(message)
+            parts = framed.get(queue_name)
+            if parts is None:
+                parts = framed[queue_name] = []
+            rid = redis_id.encode()
+            parts.append(b"%d:%s%d:%s" % (len(rid), rid, len(body), body))
             prepared.append(message)
+        args: list[Any] = []
+        for queue_name, parts in framed.items():
+            args += (queue_name, b"".join(parts))
         try:
             self._enqueue_script(keys=[self.namespace], args=args)
         except redis.RedisError as error:
             raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
         hooks.emit_after(prepared, delay)
         return prepared
+
+    #: find_message() finds a message sent with send_many by its id (see dramaturg.state).
+    finds_messages = True
+
+    def find_message(self, message_id: str) -> tuple[Message[Any], bool] | None:
+        """A message sent with ``send_many`` that waits in a declared queue: the message,
+        and whether it is in a delay queue. None when it is not there (any more)."""
+        names = sorted(self.get_declared_queues())
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(f"{self.namespace}:{name}.msgs", message_id)
+                pipe.hget(f"{self.namespace}:{dq_name(name)}.msgs", message_id)
+            replies = pipe.execute()
+        for n, body in enumerate(replies):
+            if body is not None:
+                try:
+                    return Message.decode(body), n % 2 == 1
+                except DecodeError:
+                    return None
+        return None
 
     def close(self) -> None:
         super().close()
@@ -239,6 +292,12 @@ class RedisConsumer(_RedisConsumer):
         task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id)
         if hold_poison(self.broker, task):
             self.broker.do_ack(self.queue_name, redis_id)
+
+
+def _is_new(message: Message[Any]) -> bool:
+    """Never enqueued before: no Redis id yet, never held and kicked."""
+    options = message.options
+    return "redis_message_id" not in options and "dramaturg_kicks" not in options and not options.get("retries")
 
 
 def _redis_id(body: bytes) -> str | None:
