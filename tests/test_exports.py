@@ -18,6 +18,7 @@ PUBLIC = {
     "Hold",
     "KickError",
     "NotInTask",
+    "QueueStats",
     "Resource",
     "Retry",
     "RetrySettings",
@@ -46,6 +47,7 @@ PUBLIC = {
     "get_broker",
     "held_tasks",
     "load_settings",
+    "queue_stats",
     "resource",
     "shutdown",
 }

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .held import HeldStore, HeldTask, KickError, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
+from .stats import QueueStats, queue_stats
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
@@ -47,6 +48,7 @@ __all__ = [
     "Hold",
     "KickError",
     "NotInTask",
+    "QueueStats",
     "Resource",
     "Retry",
     "RetrySettings",
@@ -75,6 +77,7 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "queue_stats",
     "resource",
     "shutdown",
 ]

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message, Middleware
@@ -28,6 +28,9 @@ from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
+
+if TYPE_CHECKING:
+    from .redis_stats import RedisStatsReader
 
 __all__ = [
     "DeadWorker",
@@ -77,6 +80,13 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+
+    @functools.cached_property
+    def stats(self) -> RedisStatsReader:
+        """Queue statistics (see :mod:`dramaturg.stats`)."""
+        from .redis_stats import RedisStatsReader
+
+        return RedisStatsReader(self)
 
     @property
     def consumer_class(self) -> type[RedisConsumer]:
