@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``config``.
+"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..__about__ import __version__
 from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
 from ..masking import install_log_masking, mask_text
-from . import config_cmd, drain, held, send, worker
+from . import config_cmd, drain, held, send, stats, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -53,6 +53,10 @@ examples:
   $ dramaturg held show 1f0c2d7e-...
   $ dramaturg held kick imports --all
 
+  # How many tasks are ready, delayed, in flight, held, dead; how many workers, per queue
+  $ dramaturg stats
+  $ dramaturg stats imports --watch 2s
+
   # Show the effective settings and where each came from; then test the broker
   $ dramaturg config show
   $ dramaturg config check
@@ -77,7 +81,7 @@ def make_parser() -> argparse.ArgumentParser:
         " or pyproject.toml [tool.dramaturg])",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, drain, send, held, config_cmd):
+    for module in (worker, drain, send, held, stats, config_cmd):
         module.add_parser(subparsers)
     return parser
 
