@@ -255,13 +255,13 @@ def test_rabbitmq_without_its_management_api_shows_what_amqp_can_tell(
     assert worker.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])  # the embedded broker starts its own server
 def test_an_unreachable_broker_is_one_line_and_exit_3(broker_kind: str, tmp_path: Path) -> None:
     # Given a config whose broker does not answer (RabbitMQ's management API neither)
     port = free_port()
     url = {
         "rabbitmq": f"amqp://shop:s3cret@127.0.0.1:{port}/%2F",
         "redis": f"redis://:s3cret@127.0.0.1:{port}/0",
-        "embedded": f"redis://:s3cret@127.0.0.1:{port}/0",
     }[broker_kind]
     lines = ["[broker]", f'url = "{url}"', 'connect_timeout = "2s"']
     if broker_kind == "rabbitmq":
