@@ -2,7 +2,8 @@
 
 The behaviour suite runs on real brokers started for this test session only:
 RabbitMQ through pytest-rabbitmq (Debian's binaries, loopback only, its own config file
-so the system's listener settings are not picked up), Redis through pytest-redis, and
+so the system's listener settings are not picked up, the management plugin on a port of
+its own for the statistics tests), Redis through pytest-redis, and
 the embedded broker in a temporary directory. A missing server binary skips those
 tests locally and fails them under ``CI=true``.
 """
@@ -13,6 +14,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,11 +56,23 @@ def require(binary: str, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def rabbitmq_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A RabbitMQ node for this session, on 127.0.0.1 and a free port."""
+    """A RabbitMQ node for this session, on 127.0.0.1 and a free port, with the management
+    plugin on 127.0.0.1 and another free port (``server.management_url``)."""
     require(RABBITMQ_SERVER, "RabbitMQ")
-    config = tmp_path_factory.mktemp("rabbitmq-config") / "rabbitmq.conf"
+    directory = tmp_path_factory.mktemp("rabbitmq-config")
+    config = directory / "rabbitmq.conf"
+    management_port = free_port()
     # Our own file, so a system-wide listeners.tcp setting (port 5672) is not inherited.
-    config.write_text("loopback_users.guest = true\n")
+    # Statistics every 500 ms instead of 5 s: the management API's counts follow sooner.
+    config.write_text(
+        "loopback_users.guest = true\n"
+        f"management.tcp.port = {management_port}\n"
+        "management.tcp.ip = 127.0.0.1\n"
+        "collect_statistics_interval = 500\n"
+    )
+    # pytest-rabbitmq sets RABBITMQ_ENABLED_PLUGINS_FILE to <its plugindir>/plugins itself.
+    (directory / "plugins").write_text("[rabbitmq_management].\n")
+    request.config.option.rabbitmq_plugindir = str(directory)
     os.environ.update(
         {
             "RABBITMQ_CONFIG_FILE": str(config),
@@ -67,7 +81,16 @@ def rabbitmq_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
     )
-    return request.getfixturevalue("rabbitmq_proc")
+    server = request.getfixturevalue("rabbitmq_proc")
+    server.management_url = f"http://guest:guest@127.0.0.1:{management_port}"
+    return server
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +123,16 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
-    """Settings for the private broker of this run, with a namespace of this test's own."""
+    """Settings for the private broker of this run, with a namespace of this test's own
+    (and on RabbitMQ the private node's management API)."""
+    broker: dict[str, Any] = {
+        "url": broker_url(broker_kind, request, tmp_path),
+        "namespace": f"test-{uuid.uuid4().hex[:8]}",
+    }
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
     return dramaturg.Settings(
-        broker={
-            "url": broker_url(broker_kind, request, tmp_path),
-            "namespace": f"test-{uuid.uuid4().hex[:8]}",
-        },
+        broker=broker,
         worker={"threads": 4},
     )
 
@@ -308,6 +335,7 @@ def write_config(directory: Path, settings: dramaturg.Settings, **worker: Any) -
         "[broker]",
         f'url = "{settings.broker.url}"',
         f'namespace = "{settings.broker.namespace}"',
+        *([f'management_url = "{settings.broker.management_url}"'] if settings.broker.management_url else []),
         "",
         "[worker]",
     ]

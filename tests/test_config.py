@@ -148,6 +148,10 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
             "[broker]\ntype = 'redis'\nurl = 'amqp://u:secret@h/'\n",
             "broker.type 'redis' does not match broker.url 'amqp://u:***@h/', which is a rabbitmq URL",
         ),
+        (
+            "[broker]\nmanagement_url = 'ftp://u:secret@mq:15672'\n",
+            "broker.management_url: 'ftp://u:***@mq:15672' is not valid: write an http:// or https:// URL",
+        ),
         ("[broker\n", "not valid TOML"),
     ],
 )
@@ -184,13 +188,17 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path, monkeypatch:
 
 
 def test_passwords_are_masked_in_repr_and_flat_view(tmp_path: Path) -> None:
-    write(tmp_path / "dramaturg.toml", '[broker]\nurl = "amqp://shop:hunter2@mq:5672/%2F"\n')
+    write(
+        tmp_path / "dramaturg.toml",
+        '[broker]\nurl = "amqp://shop:hunter2@mq:5672/%2F"\nmanagement_url = "http://shop:hunter2@mq:15672"\n',
+    )
 
     settings = load_settings(cwd=tmp_path)
 
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in str(settings)
     assert settings.flat()["broker.url"] == "amqp://shop:***@mq:5672/%2F"
+    assert settings.flat()["broker.management_url"] == "http://shop:***@mq:15672"
     # while the broker itself still gets the real URL
     assert settings.broker.url == "amqp://shop:hunter2@mq:5672/%2F"
 

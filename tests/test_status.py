@@ -118,6 +118,8 @@ def test_every_state_of_a_task_is_told(broker: dramatiq.Broker, start_worker: An
         "four attempts counted",
     )
     assert counts == {"processed": 4, "failed": 1, "retried": 1, "held": 1}
+    row = dramaturg.queue_stats(["status"])[0]  # what `dramaturg stats` shows
+    assert (row.processed_per_min, row.failed_per_min, row.retried_per_min, row.held_per_min) == (4, 1, 1, 1)
 
 
 def status_cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:

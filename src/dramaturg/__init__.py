@@ -31,6 +31,7 @@ from .errors import (
 from .held import HeldStore, HeldTask, KickError, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .state import StateUnavailable, TaskStatus, task_status
+from .stats import QueueStats, queue_stats
 from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
@@ -48,6 +49,7 @@ __all__ = [
     "Hold",
     "KickError",
     "NotInTask",
+    "QueueStats",
     "Resource",
     "Retry",
     "RetrySettings",
@@ -78,6 +80,7 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "queue_stats",
     "resource",
     "shutdown",
     "task_status",

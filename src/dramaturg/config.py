@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, did_you_mean
@@ -123,6 +123,9 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+#: Settings that are URLs, and may hold a password: masked wherever they are shown.
+_URL_KEYS = frozenset({"url", "management_url"})
+
 DurationMs = Annotated[int, BeforeValidator(parse_duration_ms), Field(ge=0)]
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
@@ -153,15 +156,25 @@ class BrokerSettings(BaseModel):
     #: The RabbitMQ server's consumer_timeout, as it is configured there (dramaturg cannot
     #: change it): workers warn about ttrs and delays that exceed it.
     consumer_timeout: DurationMs = Field(default=1_800_000, gt=0)
+    #: RabbitMQ's management HTTP API, for ``dramaturg stats`` (in-flight counts). None:
+    #: ``http://<the AMQP host>:15672`` with the AMQP URL's user and password.
+    management_url: str | None = None
     # Redis and embedded
     namespace: str = "dramaturg"
     heartbeat_timeout: DurationMs = Field(default=60_000, ge=100)
     # embedded: how often the server writes its append-only file to disk
     fsync: Literal["always", "everysec", "no"] = "everysec"
 
+    @field_validator("management_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("write an http:// or https:// URL, e.g. 'http://mq.internal:15672'")
+        return value
+
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield name, (mask_url(value) if name == "url" else value)
+            yield name, (mask_url(value) if name in _URL_KEYS else value)
 
 
 class WorkerSettings(BaseModel):
@@ -313,7 +326,7 @@ class Settings(BaseSettings):
             for prefix, table in tables.items():
                 for key in type(table).model_fields:
                     value = getattr(table, key)
-                    flat[f"{prefix}.{key}"] = mask_url(value) if key == "url" else value
+                    flat[f"{prefix}.{key}"] = mask_url(value) if key in _URL_KEYS else value
         return flat
 
 

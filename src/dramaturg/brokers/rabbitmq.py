@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -16,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions
@@ -34,6 +35,9 @@ from ..masking import mask_url
 from ..middleware.consumer_timeout import fmt_ms
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..queues import BANDS, canonical_queue
+
+if TYPE_CHECKING:
+    from .rabbitmq_stats import RabbitmqStatsReader
 
 __all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_broker", "ping"]
 
@@ -78,6 +82,13 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
             return total
         finally:
             connection.close()
+
+    @functools.cached_property
+    def stats(self) -> RabbitmqStatsReader:
+        """Queue statistics (see :mod:`dramaturg.stats`)."""
+        from .rabbitmq_stats import RabbitmqStatsReader
+
+        return RabbitmqStatsReader(self)
 
     @property
     def consumer_class(self) -> type[RabbitmqConsumer]:

@@ -7,10 +7,10 @@ import functools
 import json
 import operator
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message, Middleware
@@ -27,6 +27,9 @@ from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
+
+if TYPE_CHECKING:
+    from .redis_stats import RedisStatsReader
 
 __all__ = [
     "DeadWorker",
@@ -96,6 +99,13 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+
+    @functools.cached_property
+    def stats(self) -> RedisStatsReader:
+        """Queue statistics (see :mod:`dramaturg.stats`)."""
+        from .redis_stats import RedisStatsReader
+
+        return RedisStatsReader(self)
 
     @property
     def consumer_class(self) -> type[RedisConsumer]:
@@ -508,10 +518,14 @@ class RedisHeldStore(HeldStore):
 # -- recovering the messages of dead workers --------------------------------------------
 
 # Dramatiq's keys (see dramatiq/brokers/redis/dispatch.lua):
-#   __heartbeats__               zset  worker (broker) id, scored by its last heartbeat (ms)
+#   __heartbeats__               zset  worker (broker) id, scored by its last heartbeat (ms);
+#                                      a process that only sends writes one too
 #   __acks__.<worker id>.<queue> set   ids that worker fetched and has not acknowledged
 #   <queue>                      list  ids ready to run: rpush to enqueue, lpop to fetch
 #   <queue>.msgs                 hash  id -> body, until acknowledged
+# and dramaturg's:
+#   __workers__:<queue>          zset  the worker processes consuming a (canonical) queue,
+#                                      scored by their last heartbeat (ms); see dramaturg.stats
 #
 # Moves the ids of one claim set whose bodies still exist back to the head of the queue,
 # oldest first, and deletes the set. One script, so a claim set is taken whole by one
@@ -608,8 +622,16 @@ class RedisRecoverer:
     >>> recovered = recoverer.recover(dead, now_ms) if dead else []
     """
 
-    def __init__(self, broker: _DramatiqRedisBroker, heartbeat_timeout_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        broker: _DramatiqRedisBroker,
+        heartbeat_timeout_ms: int | None = None,
+        queues: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.client: redis.Redis = broker.client
+        #: The queues this worker consumes (canonical names), read at each heartbeat.
+        self.queues = queues
+        self.workers_prefix = f"{broker.namespace}:__workers__:"
         self.namespace: str = broker.namespace
         self.worker_id: str = broker.broker_id
         self.heartbeat_timeout_ms = int(
@@ -621,14 +643,29 @@ class RedisRecoverer:
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
-        """Write this broker's heartbeat; return the other workers that are dead at ``now_ms``."""
+        """Write this broker's heartbeat, for itself and for each of its queues (dropping
+        the dead workers' entries there); return the other workers that are dead at ``now_ms``."""
         cutoff = now_ms - self.heartbeat_timeout_ms
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zadd(self.heartbeats, {self.worker_id: now_ms})
             pipe.zrangebyscore(self.heartbeats, 0, cutoff, withscores=True)
-            _, stale = pipe.execute()
+            for queue in self.queues():
+                workers = self.workers_prefix + queue
+                pipe.zadd(workers, {self.worker_id: now_ms})
+                pipe.zremrangebyscore(workers, 0, cutoff)
+                pipe.pexpire(workers, 2 * self.heartbeat_timeout_ms)  # gone once no worker beats there
+            stale = pipe.execute()[1]
         dead = [DeadWorker(_text(member), int(score)) for member, score in stale]
         return [worker for worker in dead if worker.worker_id != self.worker_id]
+
+    def leave(self) -> None:
+        """Stop counting as a worker of its queues (a clean shutdown)."""
+        queues = list(self.queues())
+        if queues:
+            with self.client.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.zrem(self.workers_prefix + queue, self.worker_id)
+                pipe.execute()
 
     def recover(self, dead: Sequence[DeadWorker], now_ms: int) -> list[RecoveredWorker]:
         """Move each dead worker's claimed messages back to their queues, then forget it.

@@ -7,6 +7,7 @@ real brokers, this one only tests code that does not depend on one.
 from __future__ import annotations
 
 import builtins
+import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,8 +21,9 @@ from .. import suspension
 from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
 from ..queues import canonical_queue
+from ..stats import QueueStats, StatsReader
 
-__all__ = ["StubBroker", "StubHeldStore", "create_broker", "ping"]
+__all__ = ["StubBroker", "StubHeldStore", "StubStatsReader", "create_broker", "ping"]
 
 
 class StubBroker(_DramatiqStubBroker):
@@ -29,6 +31,11 @@ class StubBroker(_DramatiqStubBroker):
         super().__init__(middleware=middleware)
         self.settings = settings
         self.held = StubHeldStore(self)
+
+    @functools.cached_property
+    def stats(self) -> StubStatsReader:
+        """Queue statistics (see :mod:`dramaturg.stats`); no worker counts."""
+        return StubStatsReader(self)
 
     def pending(self, queue_name: str) -> int:
         """Messages waiting in a queue and its delay queue."""
@@ -130,3 +137,34 @@ class StubHeldStore(HeldStore):
     def queues(self) -> builtins.list[str]:
         with self._lock:
             return sorted(set(self._tasks) | {canonical_queue(q) for q in self.broker.get_declared_queues()})
+
+
+class StubStatsReader(StatsReader):
+    """Counts from the stub broker's in-memory queues; worker processes are unknown (``None``)."""
+
+    broker: StubBroker
+
+    def read(self, queues: Sequence[str] | None = None) -> builtins.list[QueueStats]:
+        names = list(queues) if queues is not None else sorted(self.known_queues())
+        return [self._row(name) for name in names]
+
+    def _row(self, queue: str) -> QueueStats:
+        ready, taken = self._sizes(queue)
+        delayed, delayed_taken = self._sizes(f"{queue}.DQ")
+        return QueueStats(
+            queue=queue,
+            ready=ready,
+            delayed=delayed + delayed_taken,
+            in_flight=taken,
+            held=self.broker.held.count(queue),
+            dead=len(self.broker.dead_letters_by_queue.get(queue, ())),
+            workers=None,
+        )
+
+    def _sizes(self, name: str) -> tuple[int, int]:
+        """(waiting, taken and not yet acknowledged) in one of Dramatiq's stub queues."""
+        queue = self.broker.queues.get(name)
+        if queue is None:
+            return 0, 0
+        waiting = queue.qsize()
+        return waiting, max(queue.unfinished_tasks - waiting, 0)

@@ -1,4 +1,5 @@
-"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``status``, ``config``.
+"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
+``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from ..__about__ import __version__
 from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
 from ..masking import install_log_masking, mask_text
-from . import config_cmd, drain, held, send, status, worker
+from . import config_cmd, drain, held, send, stats, status, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -53,6 +54,10 @@ examples:
   $ dramaturg held show 1f0c2d7e-...
   $ dramaturg held kick imports --all
 
+  # How many tasks are ready, delayed, in flight, held, dead; how many workers, per queue
+  $ dramaturg stats
+  $ dramaturg stats imports --watch 2s
+
   # What became of a task: queued, running, succeeded, retrying, held, ...
   $ dramaturg status 1f0c2d7e-...
 
@@ -80,7 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
         " or pyproject.toml [tool.dramaturg])",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, drain, send, held, status, config_cmd):
+    for module in (worker, drain, send, held, stats, status, config_cmd):
         module.add_parser(subparsers)
     return parser
 

@@ -12,7 +12,8 @@ queue of that call: with idle workers that takes minutes to tens of minutes
 :class:`RedisRecovery` runs a thread in each worker process that, every tick
 (``broker.heartbeat_timeout`` / 5, at least 100 ms; the first one at boot):
 
-1. writes this worker's heartbeat;
+1. writes this worker's heartbeat, also under each queue it consumes
+   (``<namespace>:__workers__:<queue>``, which ``dramaturg stats`` counts);
 2. takes every worker whose heartbeat is ``heartbeat_timeout`` old for dead, finds its
    claim sets with SCAN, and moves the claimed messages whose bodies still exist back to
    the queue each set names (a lane such as ``imports.P1`` or a delay queue such as
@@ -65,6 +66,8 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
+from ..queues import canonical_queue
+
 if TYPE_CHECKING:
     from ..brokers.redis import RecoveredWorker, RedisRecoverer
 
@@ -111,7 +114,12 @@ class RedisRecovery(dramatiq.Middleware):
                 5 * MIN_TICK_MS,
                 MIN_TICK_MS,
             )
-        recoverer = RedisRecoverer(broker, self.heartbeat_timeout_ms)  # type: ignore[arg-type]
+
+        def queues() -> list[str]:
+            # Consumers are added while the worker runs (actors declared late); list() copies at once.
+            return sorted({canonical_queue(name) for name in list(getattr(worker, "consumers", {}))})
+
+        recoverer = RedisRecoverer(broker, self.heartbeat_timeout_ms, queues)  # type: ignore[arg-type]
         thread = _RecoveryThread(recoverer, self.tick_ms / 1000)
         with self._lock:
             self._threads[id(worker)] = thread
@@ -124,6 +132,10 @@ class RedisRecovery(dramatiq.Middleware):
             thread = self._threads.pop(id(worker), None)
         if thread is not None:
             thread.stop()
+            try:
+                thread.recoverer.leave()
+            except Exception as error:  # its entries expire after 2 x heartbeat_timeout anyway
+                logger.debug("could not leave the workers of its queues: %s", error)
 
 
 class _RecoveryThread(threading.Thread):
