@@ -152,6 +152,8 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
             "[broker]\nmanagement_url = 'ftp://u:secret@mq:15672'\n",
             "broker.management_url: 'ftp://u:***@mq:15672' is not valid: write an http:// or https:// URL",
         ),
+        ("[state]\nttl = '1 day'\n", "state.ttl: '1 day' is not valid: '1 day' is not a duration;"),
+        ("[state]\nurll = 'redis://x'\n", "state.urll: unknown key; did you mean 'url'?"),
         ("[broker\n", "not valid TOML"),
     ],
 )
@@ -190,7 +192,8 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path, monkeypatch:
 def test_passwords_are_masked_in_repr_and_flat_view(tmp_path: Path) -> None:
     write(
         tmp_path / "dramaturg.toml",
-        '[broker]\nurl = "amqp://shop:hunter2@mq:5672/%2F"\nmanagement_url = "http://shop:hunter2@mq:15672"\n',
+        '[broker]\nurl = "amqp://shop:hunter2@mq:5672/%2F"\nmanagement_url = "http://shop:hunter2@mq:15672"\n'
+        '[state]\nurl = "redis://:hunter2@cache:6379/3"\n',
     )
 
     settings = load_settings(cwd=tmp_path)
@@ -199,6 +202,7 @@ def test_passwords_are_masked_in_repr_and_flat_view(tmp_path: Path) -> None:
     assert "hunter2" not in str(settings)
     assert settings.flat()["broker.url"] == "amqp://shop:***@mq:5672/%2F"
     assert settings.flat()["broker.management_url"] == "http://shop:***@mq:15672"
+    assert settings.flat()["state.url"] == "redis://:***@cache:6379/3"
     # while the broker itself still gets the real URL
     assert settings.broker.url == "amqp://shop:hunter2@mq:5672/%2F"
 
