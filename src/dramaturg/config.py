@@ -44,6 +44,7 @@ from .masking import mask_text, mask_url
 __all__ = [
     "BROKER_TYPES",
     "BrokerSettings",
+    "LogSettings",
     "QueueSettings",
     "RetrySettings",
     "Settings",
@@ -221,6 +222,20 @@ class ContextSettings(BaseModel):
     restorers: StrList = []
 
 
+class LogSettings(BaseModel):
+    """``[log]``: how every dramaturg command and worker process writes its log lines.
+
+    A section of its own, not a worker key: it applies to every command (``send``,
+    ``held``, ``drain``, ...) as well as to workers. ``dramaturg --log-format`` overrides it;
+    ``DRAMATURG_LOG_FORMAT`` sets it from the environment (see :mod:`dramaturg.logs`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``text`` (readable lines) or ``json`` (one JSON object per line).
+    format: Literal["text", "json"] = "text"
+
+
 class QueueSettings(BaseModel):
     """``[queues.<name>]``: defaults for the tasks of one queue."""
 
@@ -249,6 +264,7 @@ class Settings(BaseSettings):
     retries: RetrySettings = RetrySettings()
     tasks: TaskSettings = TaskSettings()
     context: ContextSettings = ContextSettings()
+    log: LogSettings = LogSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
 

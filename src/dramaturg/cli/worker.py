@@ -5,6 +5,8 @@ instead of a wall of tracebacks from every process), then hands over to Dramatiq
 with ``dramaturg.worker`` as the broker module. Children read the same config file:
 its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
+The log format (``dramaturg --log-format``) reaches the worker processes in
+``DRAMATURG_LOG_FORMAT``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import os
 from typing import Any
 
-from .. import brokers
+from .. import brokers, logs
 from ..config import CONFIG_ENV, load_settings
 
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             os.environ[variable] = str(getattr(args, flag))
+    os.environ[logs.LOG_FORMAT_ENV] = logs.current_format()  # --log-format wins over the config file there too
     settings = load_settings(args.config)
     if settings.broker.type == "eager":
         from ..brokers.eager import NO_WORKERS
@@ -91,5 +94,6 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
+    logs.apply_to_dramatiq_cli()
     code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
     return code
