@@ -181,6 +181,12 @@ class WorkerSettings(BaseModel):
     max_tasks_per_child: int | None = Field(default=None, ge=1)
     #: A worker process whose resident memory is over this many MiB starts afresh (None: never).
     max_memory_mb: int | None = Field(default=None, ge=1)
+    #: Serve Prometheus metrics at ``http://<metrics_host>:<metrics_port>/metrics`` (None: off).
+    #: Needs the ``metrics`` extra: ``pip install 'dramaturg[metrics]'``.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: The address the metrics server listens on: loopback unless you mean to expose it
+    #: (``0.0.0.0`` for every interface, e.g. in a container scraped from outside).
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
 
 
 class RetrySettings(BaseModel):

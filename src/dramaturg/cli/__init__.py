@@ -64,8 +64,8 @@ examples:
   # Use another config file (or set DRAMATURG_CONFIG)
   $ dramaturg --config deploy/dramaturg.toml worker --processes 4
 
-  # Log one JSON object per line
-  $ dramaturg --log-format json worker
+  # Log one JSON object per line; serve Prometheus metrics on 127.0.0.1:9191
+  $ dramaturg --log-format json worker --metrics-port 9191
 """
 
 
