@@ -4,6 +4,7 @@ processes and served on loopback, on RabbitMQ, Redis and embedded."""
 from __future__ import annotations
 
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -95,7 +96,7 @@ def test_a_worker_group_counts_each_outcome_per_actor_and_serves_the_sums_on_loo
 
     # Then both processes did work, and the one endpoint sums what each counted
     pids = [line.split()[1] for line in log.read_text().splitlines()]
-    assert len(set(pids)) == 2, pids
+    assert len(set(pids)) == 2, (pids, worker.output)
     outcomes = {
         (dict(labels)["actor"], dict(labels)["outcome"]): count
         for labels, count in select(samples, "dramaturg_tasks_total", queue="observed").items()
@@ -108,7 +109,7 @@ def test_a_worker_group_counts_each_outcome_per_actor_and_serves_the_sums_on_loo
         ("parked", "held"): 2,
         ("stuck", "held"): 1,
         ("toucher", "succeeded"): 2,
-    }
+    }, worker.output
     failures = {
         (dict(labels)["actor"], dict(labels)["exception"]): count
         for labels, count in select(samples, "dramaturg_task_failures_total").items()
@@ -148,7 +149,7 @@ def test_metrics_under_dramatiqs_own_cli(
     for n in range(3):
         observed_tasks.ok.send(n)
     port = free_port()
-    spawn(
+    worker = spawn(
         [bin_path("dramatiq"), "dramaturg.worker", "-p", "1", "-t", "2"],
         PYTHONPATH=str(REPO),
         DRAMATURG_WORKER_METRICS_PORT=str(port),
@@ -161,6 +162,11 @@ def test_metrics_under_dramatiqs_own_cli(
         timeout=60,
     )
     assert value(samples, "dramaturg_tasks_total", actor="ok", outcome="succeeded") == 3
+    # counted in a directory of this worker group's own, removed when it stops
+    directory = Path(tempfile.gettempdir()) / f"dramaturg-metrics-{worker.popen.pid}"
+    assert any(directory.glob("counter_*.db"))
+    assert worker.stop() == 0, worker.output
+    poll_until(lambda: not directory.exists(), f"{directory} removed")
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
