@@ -18,6 +18,7 @@ versions. Brokers default to the machine's own (127.0.0.1:6379, 127.0.0.1:5672).
 
     python benchmarks/throughput.py                         # both brokers, 20,000 msgs, 3 rounds
     python benchmarks/throughput.py --brokers redis --count 5000 --rounds 1
+    python benchmarks/throughput.py --brokers redis --metrics   # also dramaturg with metrics on
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,15 +52,27 @@ class Config:
     role: str = ""  # "baseline" (configured like dramaturg), "default", "subject", "variant"
 
 
-def configs(broker: str) -> list[Config]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+#: Where the metrics variant serves its metrics (nothing scrapes them: counting is what costs).
+METRICS = {"DRAMATURG_WORKER_METRICS_PORT": str(free_port())}
+
+
+def configs(broker: str, metrics: bool = False) -> list[Config]:
     prefetch = str(DEFAULT_PREFETCH[broker])
     no_priorities = {"BENCH_SETTINGS": json.dumps({"broker": {"priorities": False}})}
+    with_metrics = [Config("dramaturg, metrics on", "dramaturg", METRICS, "variant")] if metrics else []
     if broker == "redis":
         return [
             Config("Dramatiq, defaults", "dramatiq", {}, "default"),
             Config(f"Dramatiq, prefetch {prefetch}", "dramatiq", {"dramatiq_queue_prefetch": prefetch}, "baseline"),
             Config("dramaturg, defaults (3 lanes)", "dramaturg", {}, "subject"),
             Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
+            *with_metrics,
         ]
     return [
         Config("Dramatiq, defaults (no confirms)", "dramatiq", {}, "default"),
@@ -70,6 +84,7 @@ def configs(broker: str) -> list[Config]:
         ),
         Config("dramaturg, defaults (confirms, 3 bands)", "dramaturg", {}, "subject"),
         Config("dramaturg, priorities = false", "dramaturg", no_priorities, "variant"),
+        *with_metrics,
     ]
 
 
@@ -278,6 +293,7 @@ def main() -> int:
     parser.add_argument(
         "--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)"
     )
+    parser.add_argument("--metrics", action="store_true", help="also run dramaturg with its Prometheus metrics on")
     parser.add_argument("--write", metavar="FILE", help="also write the table to FILE (e.g. benchmarks/RESULTS.md)")
     args = parser.parse_args()
     urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}
@@ -286,7 +302,7 @@ def main() -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     for round_number in range(args.rounds):
         for broker, url in urls.items():
-            order = configs(broker)
+            order = configs(broker, args.metrics)
             order = order[round_number % len(order) :] + order[: round_number % len(order)]
             for config in order:
                 result = run_once(config, url, args)
@@ -310,8 +326,8 @@ def main() -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for broker in urls:
-        by_role = {c.role: median_result(results[(broker, c.label)]) for c in configs(broker)}
-        for config in configs(broker):
+        by_role = {c.role: median_result(results[(broker, c.label)]) for c in configs(broker, args.metrics)}
+        for config in configs(broker, args.metrics):
             r = median_result(results[(broker, config.label)])
             ratios = ["", "", "", ""]
             if config.role in {"subject", "variant"}:
