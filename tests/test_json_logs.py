@@ -20,6 +20,7 @@ import dramaturg
 from dramaturg.logs import JsonFormatter
 
 from .conftest import Process, bin_path, run_cli, write_config
+from .test_metrics import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "apps" / "observed_tasks.py"
@@ -59,9 +60,11 @@ def test_a_worker_in_json_mode_writes_only_json_lines_and_says_what_failed_and_w
     message = observed_tasks.fails.send(7)
 
     # When a worker in json mode runs it until it is held, and stops
-    argv = [bin_path("dramaturg"), "--log-format", "json", "worker", "-p", "1", "-t", "2"]
+    port = free_port()
+    argv = [bin_path("dramaturg"), "--log-format", "json", "worker", "-p", "1", "-t", "2", "--metrics-port", str(port)]
     worker = spawn(argv, PYTHONPATH=str(REPO))
     worker.wait_for_line("held: retries exhausted", timeout=60)
+    worker.wait_for_line(f"serving http://127.0.0.1:{port}/metrics")
     assert worker.stop() == 0, worker.output
 
     # Then every line it wrote is a JSON object, Dramatiq's own lines too
@@ -69,6 +72,13 @@ def test_a_worker_in_json_mode_writes_only_json_lines_and_says_what_failed_and_w
     messages = {entry["message"]: entry for entry in entries}
     assert messages["Worker process is ready for action."]["logger"].startswith("dramatiq.WorkerProcess")
     assert any(m.startswith("Dramatiq ") and "is booting up" in m for m in messages)  # its main process
+    assert messages[f"metrics server: serving http://127.0.0.1:{port}/metrics"]["logger"] == "dramaturg.metrics"
+    # and what the handler logs carries the task's fields
+    handler_lines = [entry for entry in entries if entry["logger"] == "tests.observed"]
+    assert [(e["actor"], e["message_id"], e["queue"], e["attempt"]) for e in handler_lines] == [
+        ("fails", message.message_id, "observed", 1),
+        ("fails", message.message_id, "observed", 2),
+    ]
     # and each failure is one line with its facts, the password masked in every field
     failures = [entry for entry in entries if entry["logger"] == "dramaturg.outcomes"]
     assert [(f["level"], f["attempt"]) for f in failures] == [("WARNING", 1), ("ERROR", 2)]
@@ -163,7 +173,7 @@ def test_drain_in_json_mode_logs_its_task_failures_as_json(
     # Then its summary is on stdout, and stderr holds its two failure lines as JSON, masked
     assert result.returncode == 0, result.stderr
     assert "1 held" in result.stdout
-    entries = parse_lines(result.stderr)
+    entries = [entry for entry in parse_lines(result.stderr) if entry["logger"] == "dramaturg.outcomes"]
     assert [(e["attempt"], e["next"].split(" (at ")[0]) for e in entries] == [
         (1, "retrying in 10 ms"),
         (2, "held: retries exhausted"),

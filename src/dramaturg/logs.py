@@ -36,7 +36,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from .masking import mask_text
 
@@ -51,7 +51,6 @@ __all__ = [
     "json_line",
 ]
 
-LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 #: The environment variable that carries the choice to worker processes (the same as ``[log] format``).
 LOG_FORMAT_ENV = "DRAMATURG_LOG_FORMAT"
@@ -91,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             if key == "dramaturg" and isinstance(value, dict):
                 entry.update(value)
             elif key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                entry.setdefault(key, value)  # an application's extra= never hides the fields above
         if record.exc_info and record.exc_info[0] is not None and "traceback" not in entry:
             # exc_text: the masked text masking.py may have set already
             entry["traceback"] = record.exc_text or self.formatException(record.exc_info)

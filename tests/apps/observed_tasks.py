@@ -7,6 +7,7 @@ and a prefetch of 1, two of them prove that two processes did work.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ def toucher(n: int) -> None:
 
 @dramaturg.actor(queue_name="observed", max_retries=1, min_backoff=10, max_backoff=10)
 def fails(row: int) -> None:
+    logging.getLogger("tests.observed").warning("row %d: sending the welcome mail", row)
     # FAILS_HERE: the JSON log test finds this line (and that the password is masked in every field)
     raise ValueError(f"row {row}: cannot reach smtp://mailer:hunter2@mail.invalid/")
 
