@@ -201,6 +201,7 @@ def test_the_json_formatter_masks_every_field_and_adds_extras() -> None:
             logger.exception("gave up")
     finally:
         logger.removeHandler(handler)
+        logger.propagate = True
 
     # Then each line is JSON, every password masked, extras kept with their types
     first, second, third = parse_lines(stream.getvalue())
