@@ -18,6 +18,7 @@ versions. Brokers default to the machine's own (127.0.0.1:6379, 127.0.0.1:5672).
 
     python benchmarks/throughput.py                         # both brokers, 20,000 msgs, 3 rounds
     python benchmarks/throughput.py --brokers redis --count 5000 --rounds 1
+    python benchmarks/throughput.py --brokers redis --metrics   # also dramaturg with metrics on
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,9 +52,20 @@ class Config:
     role: str = ""  # "baseline" (configured like dramaturg), "default", "subject", "variant"
 
 
-def configs(broker: str, redis_url: str) -> list[Config]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+#: Where the metrics variant serves its metrics (nothing scrapes them: counting is what costs).
+METRICS = {"DRAMATURG_WORKER_METRICS_PORT": str(free_port())}
+
+
+def configs(broker: str, redis_url: str, metrics: bool = False) -> list[Config]:
     prefetch = str(DEFAULT_PREFETCH[broker])
     no_priorities = {"BENCH_SETTINGS": json.dumps({"broker": {"priorities": False}})}
+    with_metrics = [Config("dramaturg, metrics on", "dramaturg", METRICS, "variant")] if metrics else []
     if broker == "redis":
         return [
             Config("Dramatiq, defaults", "dramatiq", {}, "default"),
@@ -65,6 +78,7 @@ def configs(broker: str, redis_url: str) -> list[Config]:
                 {"BENCH_SETTINGS": json.dumps({"state": {"enabled": False}})},
                 "variant",
             ),
+            *with_metrics,
         ]
     return [
         Config("Dramatiq, defaults (no confirms)", "dramatiq", {}, "default"),
@@ -82,6 +96,7 @@ def configs(broker: str, redis_url: str) -> list[Config]:
             {"BENCH_SETTINGS": json.dumps({"state": {"url": redis_url}})},
             "variant",
         ),
+        *with_metrics,
     ]
 
 
@@ -282,7 +297,7 @@ def selected(broker: str, args: argparse.Namespace) -> list[Config]:
     """The configurations to run: all, or those ``--only`` names (baselines always)."""
     return [
         config
-        for config in configs(broker, args.redis_url)
+        for config in configs(broker, args.redis_url, args.metrics)
         if not args.only or config.role in {"baseline", "default"} or any(text in config.label for text in args.only)
     ]
 
@@ -300,6 +315,7 @@ def main() -> int:
         "--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)"
     )
     parser.add_argument("--only", metavar="TEXT", nargs="+", help="only the configurations whose label has TEXT")
+    parser.add_argument("--metrics", action="store_true", help="also run dramaturg with its Prometheus metrics on")
     parser.add_argument("--write", metavar="FILE", help="also write the table to FILE (e.g. benchmarks/RESULTS.md)")
     args = parser.parse_args()
     urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}

@@ -44,6 +44,7 @@ from .masking import mask_text, mask_url
 __all__ = [
     "BROKER_TYPES",
     "BrokerSettings",
+    "LogSettings",
     "QueueSettings",
     "RetrySettings",
     "Settings",
@@ -194,6 +195,12 @@ class WorkerSettings(BaseModel):
     max_tasks_per_child: int | None = Field(default=None, ge=1)
     #: A worker process whose resident memory is over this many MiB starts afresh (None: never).
     max_memory_mb: int | None = Field(default=None, ge=1)
+    #: Serve Prometheus metrics at ``http://<metrics_host>:<metrics_port>/metrics`` (None: off).
+    #: Needs the ``metrics`` extra: ``pip install 'dramaturg[metrics]'``.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: The address the metrics server listens on: loopback unless you mean to expose it
+    #: (``0.0.0.0`` for every interface, e.g. in a container scraped from outside).
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
 
 
 class RetrySettings(BaseModel):
@@ -252,6 +259,20 @@ class StateSettings(BaseModel):
             yield name, (mask_url(value) if name == "url" else value)
 
 
+class LogSettings(BaseModel):
+    """``[log]``: how every dramaturg command and worker process writes its log lines.
+
+    A section of its own, not a worker key: it applies to every command (``send``,
+    ``held``, ``drain``, ...) as well as to workers. ``dramaturg --log-format`` overrides it;
+    ``DRAMATURG_LOG_FORMAT`` sets it from the environment (see :mod:`dramaturg.logs`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``text`` (readable lines) or ``json`` (one JSON object per line).
+    format: Literal["text", "json"] = "text"
+
+
 class QueueSettings(BaseModel):
     """``[queues.<name>]``: defaults for the tasks of one queue."""
 
@@ -281,6 +302,7 @@ class Settings(BaseSettings):
     tasks: TaskSettings = TaskSettings()
     context: ContextSettings = ContextSettings()
     state: StateSettings = StateSettings()
+    log: LogSettings = LogSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
 

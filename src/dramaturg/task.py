@@ -25,7 +25,7 @@ They derive from :class:`BaseException`, not :class:`Exception`, so a handler's 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from types import MappingProxyType
@@ -171,6 +171,8 @@ class Task:
         Returns False, and logs a warning, when the deadline had already passed (the task
         is being interrupted); True otherwise.
         """
+        for observer in touch_observers:
+            observer(self)
         if self._deadline is None:
             return True
         return self._deadline.touch(None if ms is None else to_ms(ms))
@@ -184,6 +186,8 @@ class Task:
 
 
 _current: ContextVar[Task | None] = ContextVar("dramaturg_current_task", default=None)
+#: Called with the task on each ``touch()``, in the handler's thread (the metrics count them).
+touch_observers: list[Callable[[Task], None]] = []
 
 
 def current_task() -> Task:

@@ -14,6 +14,7 @@ thread counts taken from the configuration.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 import dramatiq
 
-from . import brokers
+from . import brokers, logs
 from .app import bootstrap, import_actor_modules
 from .config import load_settings
 from .errors import ConfigError
@@ -75,9 +76,11 @@ def _debounce_sigterm() -> None:
 
 def _boot() -> dramatiq.Broker:
     install_log_masking()  # before anything can log a URL
+    logs.apply(os.environ.get(logs.LOG_FORMAT_ENV))  # before anything logs; a config file's choice follows
     _debounce_sigterm()
     try:
         settings = load_settings()
+        logs.apply(settings.log.format)
         if settings.broker.type == "eager":
             from .brokers.eager import NO_WORKERS
 
@@ -86,6 +89,10 @@ def _boot() -> dramatiq.Broker:
     except ConfigError as error:
         logger.critical("dramaturg: configuration error: %s", error)
         sys.exit(EXIT_CONFIG)
+    if settings.worker.metrics_port:
+        from .middleware.metrics import metrics_directory
+
+        metrics_directory()  # before an actor module may import prometheus_client: it picks its mode then
     brokers.ping(settings.broker)  # BrokerUnreachable is a ConnectionFailed: Dramatiq exits with 3
     import_actor_modules(settings.worker.modules or [BUILTIN_ACTORS])  # ImportError: Dramatiq exits with 2
     return booted

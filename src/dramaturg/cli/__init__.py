@@ -3,17 +3,21 @@
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
-traceback; secrets in URLs are masked in everything printed.
+traceback; secrets in URLs are masked in everything printed. ``--log-format json``
+makes every log line, and that error line, one JSON object (see :mod:`dramaturg.logs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from .. import logs
 from ..__about__ import __version__
+from ..config import load_settings
 from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
 from ..masking import install_log_masking, mask_text
 from . import config_cmd, drain, held, send, stats, status, worker
@@ -67,6 +71,9 @@ examples:
 
   # Use another config file (or set DRAMATURG_CONFIG)
   $ dramaturg --config deploy/dramaturg.toml worker --processes 4
+
+  # Log one JSON object per line; serve Prometheus metrics on 127.0.0.1:9191
+  $ dramaturg --log-format json worker --metrics-port 9191
 """
 
 
@@ -84,6 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="the config file to read (default: $DRAMATURG_CONFIG, else the nearest dramaturg.toml"
         " or pyproject.toml [tool.dramaturg])",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.LOG_FORMATS,
+        help="text lines, or one JSON object per line, for this command and its worker processes"
+        " (default: log.format, else text)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (worker, drain, send, held, stats, status, config_cmd):
         module.add_parser(subparsers)
@@ -97,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "worker":  # Dramatiq's CLI sets up logging for its processes
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.apply(args.log_format or _configured_log_format(args.config) or "text")
     try:
         code: int = args.run(args)
         return code
@@ -113,9 +127,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fail(message: str, code: int) -> int:
-    """Print ``dramaturg: <message>`` (masked) to stderr and return ``code``."""
-    print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
+    """Print ``dramaturg: <message>`` (masked) to stderr and return ``code``.
+
+    In json mode the line is a JSON object with ``exit_code``."""
+    if logs.current_format() == "json":
+        print(logs.json_line(logging.ERROR, "dramaturg.cli", message, exit_code=code), file=sys.stderr)
+    else:
+        print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
     return code
+
+
+def _configured_log_format(config: str | None) -> str | None:
+    """``log.format`` from the environment or the config file; None when they cannot be
+    read (the command itself then reports why, in the default format)."""
+    if os.environ.get(logs.LOG_FORMAT_ENV) in logs.LOG_FORMATS:
+        return os.environ[logs.LOG_FORMAT_ENV]
+    try:
+        return load_settings(config).log.format
+    except DramaturgError:
+        return None
 
 
 def run() -> None:

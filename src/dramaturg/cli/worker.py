@@ -5,16 +5,26 @@ instead of a wall of tracebacks from every process), then hands over to Dramatiq
 with ``dramaturg.worker`` as the broker module. Children read the same config file:
 its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
+
+With ``--metrics-port`` (``worker.metrics_port``) the worker group serves Prometheus
+metrics (see :mod:`dramaturg.middleware.metrics`): the port is checked before anything
+starts, and the group counts in a fresh directory that is removed when it exits.
+The log format (``dramaturg --log-format``) reaches the worker processes in
+``DRAMATURG_LOG_FORMAT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 from typing import Any
 
-from .. import brokers
+from .. import brokers, logs
 from ..config import CONFIG_ENV, load_settings
+from ..errors import ConfigError
+from ..middleware import metrics
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,7 +36,8 @@ def add_parser(subparsers: Any) -> None:
         epilog="examples:\n"
         "  $ dramaturg worker\n"
         "  $ dramaturg worker --processes 4 --threads 16 --queues imports emails\n"
-        "  $ dramaturg worker shop.extra_tasks        # import one more actor module\n",
+        "  $ dramaturg worker shop.extra_tasks        # import one more actor module\n"
+        "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n",
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="more actor modules to import")
     parser.add_argument("--processes", "-p", type=int, help="worker processes (default: worker.processes)")
@@ -46,6 +57,18 @@ def add_parser(subparsers: Any) -> None:
         metavar="MIB",
         help="a worker process using more than MIB MiB starts afresh (default: worker.max_memory_mb, else never)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics of all worker processes at http://HOST:PORT/metrics"
+        " (default: worker.metrics_port, else off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="the address the metrics server listens on (default: worker.metrics_host, else 127.0.0.1)",
+    )
     parser.add_argument("--pid-file", help="write the main process's pid here (default: none)")
     parser.add_argument("--log-file", help="write logs here (default: stderr)")
     parser.add_argument("--verbose", "-v", action="count", default=0, help="debug logging (default: info)")
@@ -59,15 +82,27 @@ def run(args: argparse.Namespace) -> int:
     for flag, variable in (
         ("max_tasks_per_child", "DRAMATURG_WORKER_MAX_TASKS_PER_CHILD"),
         ("max_memory_mb", "DRAMATURG_WORKER_MAX_MEMORY_MB"),
+        ("metrics_port", "DRAMATURG_WORKER_METRICS_PORT"),
+        ("metrics_host", "DRAMATURG_WORKER_METRICS_HOST"),
     ):
         if getattr(args, flag) is not None:
             os.environ[variable] = str(getattr(args, flag))
+    os.environ[logs.LOG_FORMAT_ENV] = logs.current_format()  # --log-format wins over the config file there too
     settings = load_settings(args.config)
     if settings.broker.type == "eager":
         from ..brokers.eager import NO_WORKERS
-        from ..errors import ConfigError
 
         raise ConfigError(f"broker.type: {NO_WORKERS}", key="broker.type")
+    port, host = settings.worker.metrics_port, settings.worker.metrics_host
+    if port is not None:
+        if not metrics.metrics_installed():
+            raise ConfigError(f"worker.metrics_port: {metrics.INSTALL_HINT}", key="worker.metrics_port")
+        problem = metrics.check_can_listen(host, port)
+        if problem is not None:
+            source = settings.source_of("worker.metrics_port")
+            raise ConfigError(
+                f"worker.metrics_port: {problem}; choose another port (from {source})", key="worker.metrics_port"
+            )
     brokers.ping(settings.broker)
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
@@ -91,5 +126,15 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
-    code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+    logs.apply_to_dramatiq_cli()
+    if port is None:
+        code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+        return code
+    # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics).
+    directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = directory
+    try:
+        code = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     return code

@@ -3,7 +3,8 @@
 :func:`framework_middleware` is the stack :func:`dramaturg.bootstrap` installs:
 Dramatiq's defaults (age limit, shutdown notifications, callbacks, pipelines) with its
 retries replaced by :class:`Outcomes` and its time limit by :class:`TimeToRun`, its
-AsyncIO support for ``async def`` actors, and dramaturg's own.
+AsyncIO support for ``async def`` actors, and dramaturg's own (:class:`Metrics` only
+when ``worker.metrics_port`` is set).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..resources import Resources
 from ..state import TaskState
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
+from .metrics import Metrics
 from .outcomes import Outcomes, outcome_of
 from .priority import Priority
 from .recovery import RedisRecovery
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConsumerTimeoutCheck",
     "GracefulShutdown",
+    "Metrics",
     "Outcomes",
     "Priority",
     "Recycle",
@@ -58,6 +61,12 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
     return [
         # First, so that its after-hook counts a task once every other one is done with it.
         Recycle(settings.worker.max_tasks_per_child, settings.worker.max_memory_mb, settings.worker.shutdown_timeout),
+        # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
+        *(
+            [Metrics(settings.worker.metrics_port, settings.worker.metrics_host)]
+            if settings.worker.metrics_port
+            else []
+        ),
         AgeLimit(),
         ShutdownNotifications(),
         # Before Callbacks and Pipelines: the messages they send from their after-hooks

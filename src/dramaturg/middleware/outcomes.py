@@ -18,7 +18,9 @@ failed publish loses the task. Here:
   dead-letter queue, and a CRITICAL line says so.
 
 Every failure logs one line: actor, message id, attempt, exception type and message,
-the file:line where it was raised, and what happens next. Dramatiq's own multi-line
+the file:line where it was raised, and what happens next; the same come as structured
+fields (``extra={"dramaturg": {...}}``, with the traceback and, for a retry, when it is
+due) for the JSON log format (:mod:`dramaturg.logs`). Dramatiq's own multi-line
 "Failed to process message" error for the same failure is filtered out.
 
 Actor options: ``max_retries``, ``min_backoff``, ``max_backoff`` (ms), ``hold_on``
@@ -40,6 +42,7 @@ from dramatiq.middleware import SkipMessage
 
 from .. import suspension
 from ..held import HeldTask, describe, origin
+from ..logs import iso_utc
 from ..queues import canonical_queue
 from ..task import Hold, Retry, SuspendQueue, Task, TaskOutcome, _current
 from .shutdown import stopping
@@ -164,7 +167,15 @@ class Outcomes(dramatiq.Middleware):
                 "the task is requeued untouched"
                 if done
                 else "the task could not be requeued and is rejected into the dead-letter queue",
-                extra={"dramaturg": {"actor": message.actor_name, "message_id": message.message_id, "queue": queue}},
+                extra={
+                    "dramaturg": {
+                        "actor": message.actor_name,
+                        "message_id": message.message_id,
+                        "queue": queue,
+                        "attempt": retries + 1,
+                        "next": "requeued untouched" if done else "rejected into the dead-letter queue",
+                    }
+                },
             )
             return
 
@@ -191,9 +202,11 @@ class Outcomes(dramatiq.Middleware):
             )
             done = _durably(lambda: broker.enqueue(copy, delay=delay))
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
+            retry_at = time.time() + delay / 1000 if done else None
             level = logging.WARNING
             message._dramaturg_outcome = "retried"
         else:
+            retry_at = None
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
             done = _durably(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
@@ -204,7 +217,7 @@ class Outcomes(dramatiq.Middleware):
             message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
             message._dramaturg_outcome = "rejected"
             level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
-        _log_failure(level, message, exception, retries, max_retries, next_step)
+        _log_failure(level, message, exception, retries, max_retries, next_step, retry_at=retry_at)
 
     def release(self, broker: dramatiq.Broker, message: Any, *, rerun: bool = False) -> bool:
         """Put ``message`` back on its queue untouched (the attempt is not counted).
@@ -295,10 +308,17 @@ def _error_line(exception: BaseException) -> str:
 
 
 def _log_failure(
-    level: int, message: Any, exception: BaseException, retries: int, max_retries: int, next_step: str
+    level: int,
+    message: Any,
+    exception: BaseException,
+    retries: int,
+    max_retries: int,
+    next_step: str,
+    *,
+    retry_at: float | None = None,
 ) -> None:
     details = describe(exception)
-    fields = {
+    fields: dict[str, Any] = {
         "actor": message.actor_name,
         "message_id": message.message_id,
         "queue": canonical_queue(message.queue_name),
@@ -308,7 +328,11 @@ def _log_failure(
         "exception_message": details["exception_message"],
         "origin": details["origin"],
         "next": next_step,
+        "traceback": details["traceback"],
     }
+    if retry_at is not None:
+        fields["retry_at"] = iso_utc(retry_at)
+        fields["next"] = f"{next_step} (at {fields['retry_at']})"
     logger.log(
         level,
         "%s failed (message %s, attempt %d of %d): %s: %s at %s; %s",
