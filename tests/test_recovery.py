@@ -345,3 +345,23 @@ def test_a_redis_error_is_logged_once_and_the_next_ticks_try_again(caplog: pytes
     levels = [(r.levelname, not r.exc_info) for r in caplog.records]
     assert levels == [("WARNING", True), ("DEBUG", True), ("INFO", True)]
     assert "Connection refused" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_each_tick_drops_dead_letters_older_than_a_week_as_dramatiqs_maintenance_did(broker: Any) -> None:
+    # Given dead letters on a queue and one of its lanes, one 8 days old and one an hour old each
+    now = int(time.time() * 1000)
+    client, namespace = broker.client, broker.namespace
+    for lane in ("imports", "imports.P1"):
+        for message_id, age_ms in (("old", 8 * 86_400_000), ("recent", 3_600_000)):
+            client.zadd(f"{namespace}:{lane}.XQ", {f"{lane}-{message_id}": now - age_ms})
+            client.hset(f"{namespace}:{lane}.XQ.msgs", f"{lane}-{message_id}", b"{}")
+
+    # When a worker consuming the queue beats (Dramatiq's own maintenance being off)
+    assert broker.maintenance_chance == 0
+    RedisRecoverer(broker, queues=lambda: ["imports"]).beat(now)
+
+    # Then only the week-old ones are gone, body and all
+    for lane in ("imports", "imports.P1"):
+        assert [m.decode() for m in client.zrange(f"{namespace}:{lane}.XQ", 0, -1)] == [f"{lane}-recent"]
+        assert [k.decode() for k in client.hkeys(f"{namespace}:{lane}.XQ.msgs")] == [f"{lane}-recent"]

@@ -95,6 +95,9 @@ class RedisBroker(_DramatiqRedisBroker):
             namespace=settings.namespace,
             heartbeat_timeout=settings.heartbeat_timeout,
             client=client or make_client(settings),
+            # Dramatiq's maintenance (dead workers' messages back at the tail, silently, on
+            # one call in a thousand) is replaced by dramaturg.middleware.recovery.
+            maintenance_chance=0,
         )
         self.settings = settings
         self.held = RedisHeldStore(self)
@@ -571,6 +574,17 @@ redis.call("del", KEYS[2])
 return moved
 """
 
+# Drops a queue's dead-lettered messages older than the cutoff (Dramatiq's maintenance did).
+# KEYS: <queue>.XQ, <queue>.XQ.msgs; ARGV: cutoff (ms), at most how many
+_EXPIRE_DEAD = """
+local ids = redis.call("zrangebyscore", KEYS[1], 0, ARGV[1], "LIMIT", 0, ARGV[2])
+if #ids > 0 then
+    redis.call("zrem", KEYS[1], unpack(ids))
+    redis.call("hdel", KEYS[2], unpack(ids))
+end
+return #ids
+"""
+
 # Forgets a dead worker, unless it has beaten since it was found dead.
 # KEYS: heartbeats; ARGV: worker id, cutoff (ms)
 _FORGET_WORKER = """
@@ -641,10 +655,14 @@ class RedisRecoverer:
         self.claims_prefix = f"{self.namespace}:__acks__."
         self._recover_claims = self.client.register_script(_RECOVER_CLAIMS)
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
+        self._expire_dead = self.client.register_script(_EXPIRE_DEAD)
+        self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
         """Write this broker's heartbeat, for itself and for each of its queues (dropping
-        the dead workers' entries there); return the other workers that are dead at ``now_ms``."""
+        the dead workers' entries there), drop those queues' dead letters older than
+        Dramatiq's ``dead_message_ttl`` (a week); return the other workers that are dead
+        at ``now_ms``."""
         cutoff = now_ms - self.heartbeat_timeout_ms
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zadd(self.heartbeats, {self.worker_id: now_ms})
@@ -654,6 +672,10 @@ class RedisRecoverer:
                 pipe.zadd(workers, {self.worker_id: now_ms})
                 pipe.zremrangebyscore(workers, 0, cutoff)
                 pipe.pexpire(workers, 2 * self.heartbeat_timeout_ms)  # gone once no worker beats there
+                for lane in lanes(queue):
+                    dead_letters = f"{self.namespace}:{lane}.XQ"
+                    keys = [dead_letters, dead_letters + ".msgs"]
+                    self._expire_dead(keys=keys, args=[now_ms - self.dead_message_ttl_ms, 1_000], client=pipe)
             stale = pipe.execute()[1]
         dead = [DeadWorker(_text(member), int(score)) for member, score in stale]
         return [worker for worker in dead if worker.worker_id != self.worker_id]

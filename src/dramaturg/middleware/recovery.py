@@ -49,12 +49,15 @@ Redis) can be taken for dead, and the recovery script leaves alone a worker whos
 heartbeat moved after it was found dead. As in Dramatiq, the clocks of the machines must
 agree to well within ``heartbeat_timeout``.
 
-**Dramatiq's maintenance** stays on, as a backstop (it also expires dead-lettered
-messages). Its script and this one each take a claim set whole, atomically, so a message
-goes back once whichever gets to the set first.
+**Dramatiq's maintenance is off** (``maintenance_chance=0``). It did the same on one Redis
+call in a thousand, for that call's queue only, to the tail and without a word; left on,
+it raced this recovery, and a message it took back was never logged. Its other job,
+dropping dead-lettered messages older than a week, is done at each tick here, for the
+queues the worker consumes. A namespace with no dramaturg worker alive recovers nothing
+until one boots; the first tick at boot recovers then.
 
-**Cost.** Nothing on the message path; one round trip per tick per worker process, and a
-SCAN only when a worker is dead.
+**Cost.** Nothing on the message path; one round trip per tick per worker process (a
+small script per lane for the dead letters), and a SCAN only when a worker is dead.
 """
 
 from __future__ import annotations
