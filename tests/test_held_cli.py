@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import dramatiq
+import pytest
 
 import dramaturg
 
@@ -70,3 +71,22 @@ def test_held_errors_are_clear(settings: dramaturg.Settings, broker: dramatiq.Br
     assert code == 2 and "give the message ids to act on, or --all" in err
     code, out, _ = cli(tmp_path, "list")
     assert (code, out.strip()) == (0, "no held tasks")
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_commands_import_the_modules_of_the_folder_they_run_in(
+    broker_kind: str, settings: dramaturg.Settings, tmp_path: Path
+) -> None:
+    # Given a project folder with its actor module beside dramaturg.toml, and no PYTHONPATH
+    # (dramaturg worker finds the module there: Dramatiq's CLI puts "." on sys.path)
+    (tmp_path / "signup_tasks.py").write_text(
+        "import dramaturg\n\n@dramaturg.actor(queue_name='signups')\ndef sign_up(user_id: int) -> None: ...\n"
+    )
+    write_config(tmp_path, settings, modules=["signup_tasks"])
+
+    # When a command that imports worker.modules runs there
+    result = run_cli([bin_path("dramaturg"), "held", "list"], cwd=tmp_path)
+
+    # Then it finds the module too
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no held tasks"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -123,9 +125,16 @@ def import_actor_modules(modules: Iterable[str]) -> None:
 
 
 def import_actor_modules_or_explain(modules: Iterable[str]) -> None:
-    """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError."""
+    """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError.
+
+    The working directory goes first on ``sys.path``, as Dramatiq's worker CLI puts it
+    (its ``--path .``): a command run where ``dramaturg worker`` runs finds the same modules.
+    """
     from .errors import ConfigError
 
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     for name in modules:
         try:
             importlib.import_module(name)
