@@ -163,18 +163,31 @@ class StateStore:
     def key(self, message_id: str) -> str:
         return f"{self.namespace}:__state__:{message_id}"
 
-    def record(self, message_id: str, fields: Mapping[str, Any], at: float | None = None) -> None:
-        """Buffer a change of one task's record (``at``: when it happened, s since the epoch)."""
+    def record(
+        self,
+        message_id: str,
+        fields: Mapping[str, Any],
+        at: float | None = None,
+        *,
+        queue: str = "",
+        counts: Sequence[str] = (),
+    ) -> None:
+        """Buffer a change of one task's record (``at``: when it happened, s since the epoch),
+        and add one to each of ``counts`` (names in :data:`COUNTERS`) of ``queue``."""
         at = time.time() if at is None else at
         with self._lock:
-            entry = self._pending.get(message_id)
+            pending = self._pending
+            entry = pending.get(message_id)
             if entry is None:
-                self._pending[message_id] = [at, dict(fields)]
+                pending[message_id] = [at, dict(fields)]
             else:
                 entry[0] = max(entry[0], at)
                 entry[1].update(fields)
-            full = len(self._pending) >= BATCH
-        self._ensure_thread()
+            for name in counts:
+                self._counts[(queue, int(at // BUCKET_S), name)] += 1
+            full = len(pending) == BATCH  # once, as it fills
+        if self._thread is None or self._pid != os.getpid():
+            self._ensure_thread()
         if full:
             self._wake.set()
 
@@ -206,11 +219,12 @@ class StateStore:
             self._new.append((record, list(message_ids)))
         self._ensure_thread()
 
-    def count(self, queue: str, name: str, n: int = 1) -> None:
-        """Add ``n`` to the count ``name`` (one of :data:`COUNTERS`) of ``queue``, now."""
+    def count(self, queue: str, *names: str) -> None:
+        """Add one to each count ``names`` (in :data:`COUNTERS`) of ``queue``, now."""
         bucket = int(time.time() // BUCKET_S)
         with self._lock:
-            self._counts[(queue, bucket, name)] += n
+            for name in names:
+                self._counts[(queue, bucket, name)] += 1
         self._ensure_thread()
 
     def flush(self) -> None:
@@ -401,55 +415,52 @@ class TaskState(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         now = time.time()
-        options = message.options
+        inner = message._message  # the Message under Dramatiq's proxy: no __getattr__ per field
+        options = inner.options
         # Everything the sender's record said too: a record is replaced whole.
         fields = {
             "state": "running",
-            "queue": canonical_queue(message.queue_name),
-            "actor": message.actor_name,
-            "attempt": int(options.get("retries", 0)) + 1,
-            "enqueued_at": message.message_timestamp,
-            "worker": f"{_HOST}:{os.getpid()} {threading.current_thread().name}",
+            "queue": canonical_queue(inner.queue_name),
+            "actor": inner.actor_name,
+            "attempt": options.get("retries", 0) + 1,
+            "enqueued_at": inner.message_timestamp,
+            "worker": _worker_label(),
             "started_at": int(now * 1000),
         }
         last_error = options.get("dramaturg_last_error")
         if last_error:
             fields["last_error"] = last_error
         message._dramaturg_state = (now, fields)
-        self.store(broker).record(message.message_id, fields, now)
+        self.store(broker).record(inner.message_id, fields, now)
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        outcome = getattr(message, "_dramaturg_outcome", "done")
+        state = message.__dict__
+        outcome = state.get("_dramaturg_outcome", "done")
         if outcome == "released":
             return  # put back untouched: its copy's enqueue said "queued"
-        store = self.store(broker)
-        queue = canonical_queue(message.queue_name)
         now = time.time()
-        started, running = message.__dict__.get("_dramaturg_state", (now, {}))
-        fields: dict[str, Any] = {
-            **running,
-            "finished_at": int(now * 1000),
-            "duration_ms": int((now - started) * 1000),
-        }
-        error = getattr(message, "_dramaturg_error", None)
+        started, running = state.get("_dramaturg_state", (now, {}))
+        queue = running.get("queue") or canonical_queue(message.queue_name)
+        error = state.get("_dramaturg_error")
+        counts: tuple[str, ...] = ("processed", "failed") if error else ("processed",)
+        if outcome == "retried":
+            # The retry's enqueue said "retrying", with the next run's time and this error.
+            self.store(broker).count(queue, *counts, "retried")
+            return
+        fields = {**running, "finished_at": int(now * 1000), "duration_ms": int((now - started) * 1000)}
         if error:
             fields["last_error"] = error
-        store.count(queue, "processed")
-        if error:
-            store.count(queue, "failed")
-        if outcome == "retried":
-            store.count(queue, "retried")
-            return  # the retry's enqueue said "retrying", with the next run's time and this error
         if outcome == "held":
-            store.count(queue, "held")
-            fields.update(state="held", reason=getattr(message, "_dramaturg_reason", "") or "")
+            counts += ("held",)
+            fields["state"] = "held"
+            fields["reason"] = state.get("_dramaturg_reason") or ""
         elif outcome == "rejected":
             fields["state"] = "failed"
         else:
             fields["state"] = "succeeded"
-        store.record(message.message_id, fields, now)
+        self.store(broker).record(message.message_id, fields, now, queue=queue, counts=counts)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self._store is not None:
@@ -458,6 +469,25 @@ class TaskState(dramatiq.Middleware):
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+_labels = threading.local()
+
+
+def _worker_label() -> str:
+    """``host:pid thread``, computed once per thread."""
+    label: str | None = getattr(_labels, "label", None)
+    if label is None:
+        label = _labels.label = f"{_HOST}:{os.getpid()} {threading.current_thread().name}"
+    return label
+
+
+def _forget_labels() -> None:
+    global _labels
+    _labels = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_labels)  # a forked thread keeps its thread-locals
 
 
 def _enqueued(message: Any, delay: int | None) -> dict[str, Any]:
