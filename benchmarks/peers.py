@@ -20,8 +20,9 @@ over the tasks done by then (marked ``*``).
 Workers, 2 processes x 8 threads where the system has threads:
 
 - dramaturg and Dramatiq: ``dramatiq bench_app -p 2 -t 8`` (dramaturg: every middleware
-  of ``dramaturg.bootstrap`` and its defaults, as ``dramaturg worker`` runs them);
-  Dramatiq with its defaults, and with the prefetch dramaturg uses on that broker;
+  of ``dramaturg.bootstrap`` and its defaults, as ``dramaturg worker`` runs them; on
+  Redis also without its task states, to show what they cost); Dramatiq with its
+  defaults, and with the prefetch dramaturg uses on that broker;
 - Celery: ``celery worker -P prefork -c 2`` (what the issue names) and ``-P threads -c 16``;
 - Huey: two ``huey_consumer -k thread -w 8``;
 - RQ: two ``rq worker`` (a fork per job) and two with ``SimpleWorker`` (no fork).
@@ -130,6 +131,15 @@ def systems(args: argparse.Namespace) -> list[System]:
     return [
         System("dramaturg", "dramaturg, defaults", both, ["dramaturg"], threads, dramatiq_workers),
         System("dramaturg-bulk", "dramaturg, send_many", both, ["dramaturg", "--bulk"], threads, dramatiq_workers),
+        System(
+            "dramaturg-nostate",
+            "dramaturg, [state] enabled = false",
+            ("redis",),
+            ["dramaturg"],
+            threads,
+            dramatiq_workers,
+            lambda broker: {"BENCH_SETTINGS": json.dumps({"state": {"enabled": False}})},
+        ),
         System("dramatiq", "Dramatiq, defaults", both, ["dramatiq"], threads, dramatiq_workers),
         System(
             "dramatiq-prefetch",
