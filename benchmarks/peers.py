@@ -64,7 +64,7 @@ from dramaturg.middleware.worker_config import DEFAULT_PREFETCH  # noqa: E402
 BIN = Path(sys.executable).parent
 QUEUE = "peers-bench"
 SCENARIOS = ("noop", "sleep", "import")
-SECTION = "## Peers"
+SECTION = "## Peers ("  # the generated section's heading: "## Peers (2026-11-24)"
 
 
 @dataclass(frozen=True)
@@ -442,8 +442,8 @@ def versions() -> str:
 
 
 def write_section(path: Path, section: list[str]) -> None:
-    """Replace the file's "Peers" section (up to the next ``## `` heading), or add it
-    before the first section."""
+    """Replace the file's generated "Peers" section (up to the next ``## `` heading), or add
+    it before the first section. Notes on the results belong in a section of their own."""
     lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results", ""]
     starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
     mine = next((i for i in starts if lines[i].startswith(SECTION)), None)
@@ -454,6 +454,10 @@ def write_section(path: Path, section: list[str]) -> None:
         end = next((i for i in starts if i > mine), len(lines))
         lines[mine:end] = [*section, ""]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def counts(args: argparse.Namespace) -> dict[str, int]:
@@ -483,6 +487,7 @@ def main() -> int:
     )
     parser.add_argument("--write", metavar="FILE", help="also put the tables in FILE's Peers section")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, interrupted)  # stop this run's workers on the way out
     urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}
 
     started = time.monotonic()
@@ -516,7 +521,7 @@ def main() -> int:
     ]
     publish(lines, None)
     if args.write:
-        write_section(Path(args.write), [f"{SECTION} ({time.strftime('%Y-%m-%d')})", "", *lines])
+        write_section(Path(args.write), [f"{SECTION}{time.strftime('%Y-%m-%d')})", "", *lines])
     return 0
 
 
