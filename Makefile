@@ -5,14 +5,17 @@
 #   make test    create .venv, install, run the test suite (starts private brokers)
 #   make lint    ruff and mypy
 #   make bench   benchmarks/throughput.py: dramaturg vs bare Dramatiq on Redis and RabbitMQ
+#   make bench-peers  benchmarks/peers.py: dramaturg vs Dramatiq, Celery, RQ and Huey (the bench group),
+#                written to benchmarks/RESULTS.md; PEERS_ARGS="--rounds 1 --count 2000" for a quick look
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+PEERS_ARGS ?= --write benchmarks/RESULTS.md
 
-.PHONY: demo quickstart test lint bench install clean
+.PHONY: demo quickstart test lint bench bench-peers install clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +42,13 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --group bench
+	touch $@
+
+bench-peers: $(VENV)/.bench-installed
+	$(PY) benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache examples/*/.dramaturg examples/user_import/data

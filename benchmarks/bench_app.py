@@ -9,9 +9,12 @@ environment (set by throughput.py):
 - ``BENCH_URL``: the broker URL; ``BENCH_CONFIRM``: "1" for publisher confirms on bare
   Dramatiq's RabbitMQ broker (dramaturg always confirms); ``BENCH_MAX_PRIORITY``: its
   queues' ``x-max-priority``; ``BENCH_SETTINGS``: JSON overrides of dramaturg's settings;
-- ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed.
+- ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed;
+- ``BENCH_QUEUE``: the queue (default ``bench``; peers.py uses its own).
 
 Both systems get the same counting middleware, so its cost is the same on both sides.
+benchmarks/peers.py uses the ``peer_*`` actors instead, whose bodies are
+``peer_apps.work``'s functions (they count themselves, as on Celery, RQ and Huey).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+from peer_apps import work
 
 SYSTEM = os.environ.get("BENCH_SYSTEM", "dramatiq")
 URL = os.environ["BENCH_URL"]
-QUEUE = "bench"
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 NAMESPACE = f"bench-{SYSTEM}"
 
 
@@ -63,7 +67,8 @@ class Counter(dramatiq.Middleware):
             time.sleep(0.01)
 
 
-def _setup() -> Any:
+def _setup() -> tuple[Any, Any]:
+    """The broker, and the decorator that declares an actor on it."""
     if SYSTEM == "dramaturg":
         import dramaturg
 
@@ -71,12 +76,7 @@ def _setup() -> Any:
         broker = dramaturg.bootstrap(
             dramaturg.Settings(broker={"url": URL, "namespace": NAMESPACE, **overrides.pop("broker", {})}, **overrides)
         )
-
-        @dramaturg.actor(queue_name=QUEUE)
-        def noop(number: int) -> None:
-            pass
-
-        return broker, noop
+        return broker, lambda name: dramaturg.actor(queue_name=QUEUE, actor_name=name)
 
     if URL.startswith("amqp"):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -90,15 +90,33 @@ def _setup() -> Any:
 
         broker = RedisBroker(url=URL, namespace=NAMESPACE)
     dramatiq.set_broker(broker)
-
-    @dramatiq.actor(queue_name=QUEUE, broker=broker)
-    def noop(number: int) -> None:
-        pass
-
-    return broker, noop
+    return broker, lambda name: dramatiq.actor(queue_name=QUEUE, actor_name=name, broker=broker)
 
 
-broker, noop = _setup()
+broker, declare = _setup()
+
+
+@declare("noop")
+def noop(number: int) -> None:
+    pass
+
+
+# benchmarks/peers.py: the same work as on Celery, RQ and Huey (peer_apps/work.py).
+@declare("peer_noop")
+def peer_noop(number: int) -> None:
+    work.noop(number)
+
+
+@declare("peer_sleep")
+def peer_sleep(number: int) -> None:
+    work.sleep_10ms(number)
+
+
+@declare("peer_import_user")
+def peer_import_user(row: dict[str, Any]) -> None:
+    work.import_user(row)
+
+
 if os.environ.get("BENCH_COUNT_DIR"):
     broker.add_middleware(Counter(Path(os.environ["BENCH_COUNT_DIR"])))
 
