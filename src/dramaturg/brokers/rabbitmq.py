@@ -335,8 +335,12 @@ class _ConfirmWindow:
         ready: list[bool] = []
         self.impl.add_on_return_callback(self._returned)
         self.impl.confirm_delivery(ack_nack_callback=self._confirmed, callback=lambda _frame: ready.append(True))
-        while not ready:
-            self.connection.process_data_events(time_limit=1)
+        deadline = time.monotonic() + max(30.0, broker.settings.connect_timeout / 1000)
+        while not ready:  # a short time limit: pika waits all of it even once the answer is in
+            if time.monotonic() > deadline:
+                self.close()
+                raise pika.exceptions.AMQPChannelError("RabbitMQ did not turn publisher confirms on")
+            self.connection.process_data_events(time_limit=0.01)
 
     def gather(self) -> None:
         """Gather frames from now until :meth:`write_gathered` (when pika's internals allow)."""
@@ -371,7 +375,7 @@ class _ConfirmWindow:
         self.write_gathered(stop=True)
         deadline = time.monotonic() + timeout_s
         while self.pending and time.monotonic() < deadline:
-            self.connection.process_data_events(time_limit=0.05)
+            self.connection.process_data_events(time_limit=0.002)  # pika waits all of it: keep it short
         failed = self.failed + list(self.pending.values())
         reasons = self.reasons + ([f"no confirm within {timeout_s:.0f} s"] if self.pending else [])
         self.pending.clear()
