@@ -393,13 +393,16 @@ class TaskState(dramatiq.Middleware):
         return store
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if message.options.get("redis_message_id") == message.message_id:
+            return  # a new message on Redis: task_status() finds it in the broker by its id
         self.store(broker).record(message.message_id, _enqueued(message, delay))
 
     def after_enqueue_many(self, broker: dramatiq.Broker, messages: Sequence[Any], delay: int | None) -> None:
         """The after-hook of a bulk send (:mod:`dramaturg.bulk`): new tasks that share
         their first record (actor, queue, time sent), written as one."""
-        if getattr(broker, "finds_messages", False):
-            return  # Redis: task_status() finds a waiting message in the broker by its id
+        messages = [m for m in messages if m.options.get("redis_message_id") != m.message_id]
+        if not messages:
+            return  # new messages on Redis: task_status() finds them in the broker by their ids
         store = self.store(broker)
         groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[str]]] = {}
         for message in messages:

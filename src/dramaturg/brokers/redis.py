@@ -20,6 +20,7 @@ from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import DecodeError
 
 from .. import suspension
+from ..bulk import new_ids
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
@@ -133,14 +134,23 @@ class RedisBroker(_DramatiqRedisBroker):
             return sum(int(n) for n in pipe.execute())
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
-        """Enqueue on the lane of the message's priority."""
-        lane = message.queue_name
+        """Enqueue on the lane of the message's priority, as Dramatiq's broker does otherwise,
+        except that a new message's Redis id is its own id (see :meth:`find_message`)."""
+        queue_name = message.queue_name
         if self.settings.priorities:
-            lane = lane_queue(canonical_queue(message.queue_name), message_priority(self, message))
-        if lane != message.queue_name:
-            message = message.copy(queue_name=lane)
-        result: Message[Any] = super().enqueue(message, delay=delay)
-        return result
+            queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
+        # A message enqueued before (a retry, a release, a kick) may still have a body
+        # under its id until its first delivery is acknowledged: it gets a fresh one.
+        redis_id = message.message_id if _is_new(message) else new_ids(1)[0]
+        options: dict[str, Any] = {"redis_message_id": redis_id}
+        if delay is not None:
+            queue_name = dq_name(queue_name)
+            options["eta"] = current_millis() + delay
+        message = message.copy(queue_name=queue_name, options=options)
+        self.emit_before("enqueue", message, delay)
+        self.do_enqueue(queue_name, redis_id, message.encode())
+        self.emit_after("enqueue", message, delay)
+        return message
 
     def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
         """Enqueue ``messages`` with one script call: all of them, or none.
@@ -152,7 +162,7 @@ class RedisBroker(_DramatiqRedisBroker):
         If the connection is lost after Redis ran the script, the messages were enqueued
         but are reported as not sent.
         """
-        from ..bulk import BulkSendError, EnqueueHooks, message_encoder, new_ids
+        from ..bulk import BulkSendError, EnqueueHooks, message_encoder
 
         hooks = EnqueueHooks(self)
         encode = message_encoder()
@@ -200,11 +210,11 @@ class RedisBroker(_DramatiqRedisBroker):
         hooks.emit_after(prepared, delay)
         return prepared
 
-    #: find_message() finds a message sent with send_many by its id (see dramaturg.state).
+    #: find_message() finds a new message by its id (see dramaturg.state).
     finds_messages = True
 
     def find_message(self, message_id: str) -> tuple[Message[Any], bool] | None:
-        """A message sent with ``send_many`` that waits in a declared queue: the message,
+        """A new message (its Redis id is its own) waiting in a declared queue: the message,
         and whether it is in a delay queue. None when it is not there (any more)."""
         names = sorted(self.get_declared_queues())
         with self.client.pipeline(transaction=False) as pipe:
