@@ -150,6 +150,8 @@ class StateStore:
         self._flush_lock = threading.Lock()
         self._pending: dict[str, list[Any]] = {}
         self._new: list[tuple[str, list[str]]] = []
+        #: Tasks started and ended, as the worker threads saw them: made records at the flush.
+        self._runs: list[tuple[Any, ...]] = []
         self._counts: Counter[tuple[str, int, str]] = Counter()
         self._wake = threading.Event()
         self._closed = False
@@ -163,29 +165,17 @@ class StateStore:
     def key(self, message_id: str) -> str:
         return f"{self.namespace}:__state__:{message_id}"
 
-    def record(
-        self,
-        message_id: str,
-        fields: Mapping[str, Any],
-        at: float | None = None,
-        *,
-        queue: str = "",
-        counts: Sequence[str] = (),
-    ) -> None:
-        """Buffer a change of one task's record (``at``: when it happened, s since the epoch),
-        and add one to each of ``counts`` (names in :data:`COUNTERS`) of ``queue``."""
+    def record(self, message_id: str, fields: Mapping[str, Any], at: float | None = None) -> None:
+        """Buffer a change of one task's record (``at``: when it happened, s since the epoch)."""
         at = time.time() if at is None else at
         with self._lock:
-            pending = self._pending
-            entry = pending.get(message_id)
+            entry = self._pending.get(message_id)
             if entry is None:
-                pending[message_id] = [at, dict(fields)]
+                self._pending[message_id] = [at, dict(fields)]
             else:
                 entry[0] = max(entry[0], at)
                 entry[1].update(fields)
-            for name in counts:
-                self._counts[(queue, int(at // BUCKET_S), name)] += 1
-            full = len(pending) == BATCH  # once, as it fills
+            full = len(self._pending) == BATCH  # once, as it fills
         if self._thread is None or self._pid != os.getpid():
             self._ensure_thread()
         if full:
@@ -207,6 +197,14 @@ class StateStore:
         self._ensure_thread()
         if full:
             self._wake.set()
+
+    def task_event(self, event: tuple[Any, ...]) -> None:
+        """A task started or ended (see :class:`TaskState`); its record is made at the
+        next flush, in the writer thread, not in the worker thread."""
+        with self._lock:
+            self._runs.append(event)
+        if self._thread is None or self._pid != os.getpid():
+            self._ensure_thread()
 
     def record_new(self, message_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
         """The first record of many new tasks that share it (a bulk send's chunk).
@@ -234,6 +232,9 @@ class StateStore:
                 pending, self._pending = self._pending, {}
                 counts, self._counts = self._counts, Counter()
                 new, self._new = self._new, []
+                runs, self._runs = self._runs, []
+            if runs:
+                _apply_runs(runs, pending, counts)
             if not pending and not counts and not new:
                 return
             try:
@@ -416,25 +417,15 @@ class TaskState(dramatiq.Middleware):
         for fields, ids in groups.values():
             store.record_new(ids, fields)
 
+    # The worker threads only note what happened (a tuple, under one lock); the records are
+    # made by the writer thread at the flush (see _apply_runs), where a task that started
+    # and ended in the same interval costs one record.
+
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         now = time.time()
-        inner = message._message  # the Message under Dramatiq's proxy: no __getattr__ per field
-        options = inner.options
-        # Everything the sender's record said too: a record is replaced whole.
-        fields = {
-            "state": "running",
-            "queue": canonical_queue(inner.queue_name),
-            "actor": inner.actor_name,
-            "attempt": options.get("retries", 0) + 1,
-            "enqueued_at": inner.message_timestamp,
-            "worker": _worker_label(),
-            "started_at": int(now * 1000),
-        }
-        last_error = options.get("dramaturg_last_error")
-        if last_error:
-            fields["last_error"] = last_error
-        message._dramaturg_state = (now, fields)
-        self.store(broker).record(inner.message_id, fields, now)
+        message._dramaturg_started = now
+        inner = getattr(message, "_message", message)  # under Dramatiq's proxy: no __getattr__
+        self.store(broker).task_event(("start", inner.message_id, now, inner, _worker_label()))
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -444,26 +435,20 @@ class TaskState(dramatiq.Middleware):
         if outcome == "released":
             return  # put back untouched: its copy's enqueue said "queued"
         now = time.time()
-        started, running = state.get("_dramaturg_state", (now, {}))
-        queue = running.get("queue") or canonical_queue(message.queue_name)
-        error = state.get("_dramaturg_error")
-        counts: tuple[str, ...] = ("processed", "failed") if error else ("processed",)
-        if outcome == "retried":
-            # The retry's enqueue said "retrying", with the next run's time and this error.
-            self.store(broker).count(queue, *counts, "retried")
-            return
-        fields = {**running, "finished_at": int(now * 1000), "duration_ms": int((now - started) * 1000)}
-        if error:
-            fields["last_error"] = error
-        if outcome == "held":
-            counts += ("held",)
-            fields["state"] = "held"
-            fields["reason"] = state.get("_dramaturg_reason") or ""
-        elif outcome == "rejected":
-            fields["state"] = "failed"
-        else:
-            fields["state"] = "succeeded"
-        self.store(broker).record(message.message_id, fields, now, queue=queue, counts=counts)
+        inner = getattr(message, "_message", message)
+        self.store(broker).task_event(
+            (
+                "end",
+                inner.message_id,
+                now,
+                inner,
+                _worker_label(),
+                state.get("_dramaturg_started", now),
+                outcome,
+                state.get("_dramaturg_error"),
+                state.get("_dramaturg_reason"),
+            )
+        )
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self._store is not None:
@@ -472,6 +457,61 @@ class TaskState(dramatiq.Middleware):
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+def _running_fields(inner: Any, started: float, worker: str) -> dict[str, Any]:
+    """A running task's record: everything the sender's said too (a record is replaced whole)."""
+    options = inner.options
+    fields = {
+        "state": "running",
+        "queue": canonical_queue(inner.queue_name),
+        "actor": inner.actor_name,
+        "attempt": options.get("retries", 0) + 1,
+        "enqueued_at": inner.message_timestamp,
+        "worker": worker,
+        "started_at": int(started * 1000),
+    }
+    last_error = options.get("dramaturg_last_error")
+    if last_error:
+        fields["last_error"] = last_error
+    return fields
+
+
+def _apply_runs(runs: list[tuple[Any, ...]], pending: dict[str, list[Any]], counts: Counter[Any]) -> None:
+    """Turn the worker threads' start and end events into records (in ``pending``) and counts."""
+    ended = {event[1] for event in runs if event[0] == "end"}
+    for event in runs:
+        if event[0] == "start":
+            _, message_id, at, inner, worker = event
+            if message_id in ended:
+                continue  # its end, later in this batch, says everything
+            fields = _running_fields(inner, at, worker)
+        else:
+            _, message_id, at, inner, worker, started, outcome, error, reason = event
+            fields = _running_fields(inner, started, worker)
+            bucket = int(at // BUCKET_S)
+            queue = fields["queue"]
+            counts[(queue, bucket, "processed")] += 1
+            if error:
+                counts[(queue, bucket, "failed")] += 1
+            if outcome == "retried":
+                counts[(queue, bucket, "retried")] += 1
+                continue  # the retry's enqueue said "retrying", with the next run's time and this error
+            fields["finished_at"] = int(at * 1000)
+            fields["duration_ms"] = int((at - started) * 1000)
+            if error:
+                fields["last_error"] = error
+            if outcome == "held":
+                counts[(queue, bucket, "held")] += 1
+                fields["state"] = "held"
+                fields["reason"] = reason or ""
+            else:
+                fields["state"] = "failed" if outcome == "rejected" else "succeeded"
+        entry = pending.get(message_id)
+        if entry is None:
+            pending[message_id] = [at, fields]
+        elif at >= entry[0]:
+            pending[message_id] = [at, {**entry[1], **fields}]
 
 
 _labels = threading.local()
