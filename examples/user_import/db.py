@@ -82,7 +82,40 @@ def open_users(url: str) -> Users:
     raise ValueError(f"unknown database URL {url!r}; use sqlite:///path.sqlite3 or postgresql://user@host/db")
 
 
-class SqliteUsers:
+class _SqlUsers:
+    """What both databases share: the statements differ only in their placeholder."""
+
+    conn: Any
+    #: The DB-API paramstyle mark: "?" (sqlite3) or "%s" (psycopg).
+    mark = "?"
+    reset_statement = "DELETE FROM users"
+
+    def add(self, user: User) -> User | None:
+        marks = ", ".join([self.mark] * 4)
+        inserted = self.conn.execute(
+            f"INSERT INTO users ({_COLUMNS}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING",
+            (user.id, user.email, user.name, user.line),
+        ).rowcount
+        if inserted:
+            return None
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM users WHERE id = {self.mark}", (user.id,)).fetchone()
+        return User(*row)
+
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    def all(self) -> Iterator[User]:
+        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM users ORDER BY id"):
+            yield User(*row)
+
+    def reset(self) -> None:
+        self.conn.execute(self.reset_statement)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SqliteUsers(_SqlUsers):
     def __init__(self, url: str) -> None:
         self.url = url
         path = Path(url.split("://", 1)[1][1:] or "users.sqlite3")  # sqlite:///rel, sqlite:////abs
@@ -96,62 +129,19 @@ class SqliteUsers:
             " (id INTEGER PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL, line INTEGER NOT NULL)"
         )
 
-    def add(self, user: User) -> User | None:
-        inserted = self.conn.execute(
-            f"INSERT INTO users ({_COLUMNS}) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (user.id, user.email, user.name, user.line),
-        ).rowcount
-        if inserted:
-            return None
-        row = self.conn.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ?", (user.id,)).fetchone()
-        return User(*row)
 
-    def count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+class PostgresUsers(_SqlUsers):
+    mark = "%s"
+    reset_statement = "TRUNCATE users"
 
-    def all(self) -> Iterator[User]:
-        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM users ORDER BY id"):
-            yield User(*row)
-
-    def reset(self) -> None:
-        self.conn.execute("DELETE FROM users")
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class PostgresUsers:
     def __init__(self, url: str) -> None:
         try:
             psycopg: Any = importlib.import_module("psycopg")  # optional: only for this URL
         except ImportError:
             raise ValueError(f"{url.split('://')[0]}:// needs psycopg: pip install 'psycopg[binary]'") from None
         self.url = url
-        self.conn: Any = psycopg.connect(url, autocommit=True)
+        self.conn = psycopg.connect(url, autocommit=True)
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS users"
             " (id BIGINT PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL, line INTEGER NOT NULL)"
         )
-
-    def add(self, user: User) -> User | None:
-        inserted = self.conn.execute(
-            f"INSERT INTO users ({_COLUMNS}) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            (user.id, user.email, user.name, user.line),
-        ).rowcount
-        if inserted:
-            return None
-        row = self.conn.execute(f"SELECT {_COLUMNS} FROM users WHERE id = %s", (user.id,)).fetchone()
-        return User(*row)
-
-    def count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
-
-    def all(self) -> Iterator[User]:
-        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM users ORDER BY id"):
-            yield User(*row)
-
-    def reset(self) -> None:
-        self.conn.execute("TRUNCATE users")
-
-    def close(self) -> None:
-        self.conn.close()
