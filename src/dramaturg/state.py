@@ -423,7 +423,7 @@ class TaskState(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         now = time.time()
-        message._dramaturg_started = now
+        message._dramaturg_state_started = now  # (metrics has _dramaturg_started)
         inner = getattr(message, "_message", message)  # under Dramatiq's proxy: no __getattr__
         self.store(broker).task_event(("start", inner.message_id, now, inner, _worker_label()))
 
@@ -443,7 +443,7 @@ class TaskState(dramatiq.Middleware):
                 now,
                 inner,
                 _worker_label(),
-                state.get("_dramaturg_started", now),
+                state.get("_dramaturg_state_started", now),
                 outcome,
                 state.get("_dramaturg_error"),
                 state.get("_dramaturg_reason"),
