@@ -13,8 +13,8 @@ import pytest
 
 import dramaturg
 
+from .apps.simulated import busy
 from .test_outcomes import Runs
-from .test_ttr import busy
 
 store_var: ContextVar[str] = ContextVar("store_var")
 

@@ -15,8 +15,8 @@ import pytest
 import dramaturg
 from dramaturg.brokers.eager import EagerBroker
 
+from .apps.simulated import busy
 from .conftest import broker_url, delete_rabbitmq_queues
-from .test_ttr import busy
 
 MODES = ("eager", "rabbitmq", "redis", "embedded")
 

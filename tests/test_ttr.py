@@ -19,16 +19,10 @@ import dramaturg
 from dramaturg.actors import _runner
 from dramaturg.middleware.ttr import TimeToRun, TimeToRunExceeded
 
+from .apps.simulated import busy
 from .test_outcomes import Runs
 
 WAIT_S = 30
-
-
-def busy(seconds: float) -> None:
-    """Work in Python for ``seconds`` (an interrupt lands between the short sleeps)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def test_a_task_past_its_ttr_is_interrupted_and_held_when_retries_run_out(

@@ -15,6 +15,7 @@ from pathlib import Path
 import dramaturg
 
 from . import event_log
+from .simulated import busy
 
 
 def record(event: str) -> None:
@@ -31,7 +32,5 @@ def stall(first_run_s: float, later_runs_s: float = 0.01) -> None:
     """Run ``first_run_s`` the first time (as seen in ``CRASH_LOG``), ``later_runs_s`` after."""
     seconds = later_runs_s if started_before() else first_run_s
     record("start")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.01)  # short sleeps: an interrupt lands between them
+    busy(seconds)
     record("end")

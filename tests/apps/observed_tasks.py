@@ -15,13 +15,7 @@ from pathlib import Path
 import dramaturg
 
 from . import event_log
-
-
-def busy(seconds: float) -> None:
-    """Work in Python for ``seconds`` (an interrupt lands between the short sleeps)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
+from .simulated import busy
 
 
 @dramaturg.actor(queue_name="observed")
