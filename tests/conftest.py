@@ -347,3 +347,14 @@ def write_config(directory: Path, settings: dramaturg.Settings, **worker: Any) -
     path = directory / "dramaturg.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def observed_project(settings: dramaturg.Settings, tmp_path: Path) -> Any:
+    """``tests.apps.observed_tasks``, declared in this process and named by a dramaturg.toml
+    in ``tmp_path`` for the worker processes (the metrics and JSON-log tests)."""
+    from tests.apps import observed_tasks
+
+    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
+    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    return observed_tasks

@@ -19,7 +19,7 @@ import pytest
 import dramaturg
 from dramaturg.logs import JsonFormatter
 
-from .conftest import Process, bin_path, run_cli, write_config
+from .conftest import Process, bin_path, run_cli
 from .test_metrics import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +50,14 @@ def raise_line() -> str:
 
 
 def test_a_worker_in_json_mode_writes_only_json_lines_and_says_what_failed_and_what_next(
-    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, spawn: Callable[..., Process]
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
+    spawn: Callable[..., Process],
+    observed_project: Any,
 ) -> None:
     # Given a task that fails on every attempt (with a password in its error) and may retry once
-    from tests.apps import observed_tasks
-
-    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
-    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    observed_tasks = observed_project
     message = observed_tasks.fails.send(7)
 
     # When a worker in json mode runs it until it is held, and stops
@@ -102,13 +103,14 @@ def test_a_worker_in_json_mode_writes_only_json_lines_and_says_what_failed_and_w
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
 def test_dramatiqs_own_cli_logs_json_in_its_worker_processes(
-    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, spawn: Callable[..., Process]
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
+    spawn: Callable[..., Process],
+    observed_project: Any,
 ) -> None:
     # Given json mode from the environment, and `dramatiq dramaturg.worker`
-    from tests.apps import observed_tasks
-
-    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
-    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    observed_tasks = observed_project
     message = observed_tasks.fails.send(3)
     worker = spawn(
         [bin_path("dramatiq"), "dramaturg.worker", "-p", "1", "-t", "2"],
@@ -154,13 +156,10 @@ def test_a_command_in_json_mode_reports_its_error_as_json_with_the_password_mask
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
 def test_drain_in_json_mode_logs_its_task_failures_as_json(
-    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, observed_project: Any
 ) -> None:
     # Given a task that fails twice, with a password in its error
-    from tests.apps import observed_tasks
-
-    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
-    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    observed_tasks = observed_project
     message = observed_tasks.fails.send(5)
 
     # When `dramaturg --log-format json drain` runs it

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import psutil
@@ -57,14 +58,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_a_worker_group_counts_each_outcome_per_actor_and_serves_the_sums_on_loopback(
-    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, spawn: Callable[..., Process]
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
+    spawn: Callable[..., Process],
+    observed_project: Any,
 ) -> None:
     # Given tasks that succeed, fail once and then succeed, hold, exceed their TTR and
     # touch, and two that meet: each waits until the other has started
-    from tests.apps import observed_tasks
-
-    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
-    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    observed_tasks = observed_project
     for n in range(2):
         observed_tasks.meet.send(n)
     for n in range(5):
@@ -139,13 +141,14 @@ def test_a_worker_group_counts_each_outcome_per_actor_and_serves_the_sums_on_loo
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
 def test_metrics_under_dramatiqs_own_cli(
-    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, spawn: Callable[..., Process]
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
+    spawn: Callable[..., Process],
+    observed_project: Any,
 ) -> None:
     # Given metrics switched on in the environment, and `dramatiq dramaturg.worker`
-    from tests.apps import observed_tasks
-
-    observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
-    write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
+    observed_tasks = observed_project
     for n in range(3):
         observed_tasks.ok.send(n)
     port = free_port()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import dramaturg
@@ -22,9 +21,7 @@ from .simulated import busy
 def meet(n: int) -> None:
     event_log.append("OBSERVE_LOG", f"meet {os.getpid()}")
     log = Path(os.environ["OBSERVE_LOG"])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and log.read_text().count("meet ") < 2:
-        time.sleep(0.01)  # the other run is in another process: no event reaches this one
+    event_log.wait_until(lambda: log.read_text().count("meet ") >= 2, "the other meet task", 30)
 
 
 @dramaturg.actor(queue_name="observed")

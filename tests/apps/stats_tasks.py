@@ -7,7 +7,6 @@ the task then waits until the file named by ``STATS_GATE`` exists.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import dramaturg
@@ -19,8 +18,7 @@ from . import event_log
 def gated(number: int) -> None:
     event_log.append("STATS_LOG", f"start {number}")
     gate = Path(os.environ.get("STATS_GATE") or os.devnull)
-    while not gate.exists():
-        time.sleep(0.01)  # short sleeps: a stopping worker's interrupt lands between them
+    event_log.wait_until(gate.exists, "the test to open the gate", 120)
 
 
 @dramaturg.actor(queue_name="emails")
