@@ -181,23 +181,6 @@ class StateStore:
         if full:
             self._wake.set()
 
-    def record_many(self, changes: Iterable[tuple[str, Mapping[str, Any]]], at: float | None = None) -> None:
-        """:meth:`record` for many tasks at once."""
-        at = time.time() if at is None else at
-        with self._lock:
-            pending = self._pending
-            for message_id, fields in changes:
-                entry = pending.get(message_id)
-                if entry is None:
-                    pending[message_id] = [at, dict(fields)]
-                else:
-                    entry[0] = max(entry[0], at)
-                    entry[1].update(fields)
-            full = len(pending) >= BATCH
-        self._ensure_thread()
-        if full:
-            self._wake.set()
-
     def task_event(self, event: tuple[Any, ...]) -> None:
         """A task started or ended (see :class:`TaskState`); its record is made at the
         next flush, in the writer thread, not in the worker thread."""
@@ -209,7 +192,7 @@ class StateStore:
     def record_new(self, message_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
         """The first record of many new tasks that share it (a bulk send's chunk).
 
-        Cheaper than :meth:`record_many` (encoded once, one argument per task) and
+        Cheaper than :meth:`record` for each (encoded once, one argument per task) and
         written only where a task has no record yet.
         """
         record = f"{time.time():017.6f}|{_encode_json(fields)}"
