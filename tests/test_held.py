@@ -385,7 +385,9 @@ def test_a_password_in_a_poison_message_is_masked(
     assert SECRET not in stored_held_entries(broker, "imports")
 
 
-def test_a_task_stored_in_clear_by_an_older_version_is_read_masked(broker: dramatiq.Broker) -> None:
+def test_a_task_stored_in_clear_by_an_older_version_is_read_masked(
+    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+) -> None:
     store = dramaturg.held_tasks()
     task = held_task("imports", 1)
     clear = json.loads(task.to_json()) | {"reason": f"amqp://shop:{SECRET}@mq/ refused"}
