@@ -14,6 +14,7 @@ connection), no dependency, so any test can use it:
 >>> proxy.drop_replies(every=0.3)  # every 0.3 s the next reply is lost and its connection closed
 >>> proxy.drop_replies(None)       # off again
 >>> proxy.drop_next_reply()        # exactly one reply lost
+>>> proxy.drop_next_reply(containing=b'"actor_name"')  # the next reply that carries a message
 >>> proxy.stop()
 
 A lost reply is the hard fault: the request reached the server and ran, only its answer
@@ -54,8 +55,7 @@ class FaultProxy:
         self.replies_dropped = 0
         self._listener: socket.socket | None = None
         self._refusing = False
-        self._drops_armed = 0
-        self._drop_every: float | None = None
+        self._drops_armed: list[bytes] = []  # one pattern per reply to lose (b"": any reply)
         self._drop_timer = threading.Event()  # set to stop the periodic dropper
         self._pairs: set[_Pair] = set()
         self._lock = threading.Lock()
@@ -120,22 +120,24 @@ class FaultProxy:
         finally:
             self.refuse(False)
 
-    def drop_replies(self, every: float | None) -> None:
-        """Every ``every`` seconds, lose the next reply: its bytes are discarded and its
-        connection closed. ``None`` stops it."""
+    def drop_replies(self, every: float | None, *, containing: bytes = b"") -> None:
+        """Every ``every`` seconds, lose the next reply (one holding ``containing``, if
+        given): its bytes are discarded and its connection closed. ``None`` stops it."""
         self._drop_timer.set()  # stops the previous dropper, if any
-        self._drop_every = every
         if every is None:
             return
         self._drop_timer = stop = threading.Event()
-        thread = threading.Thread(target=self._arm_every, args=(every, stop), name="proxy-dropper", daemon=True)
+        thread = threading.Thread(
+            target=self._arm_every, args=(every, containing, stop), name="proxy-dropper", daemon=True
+        )
         thread.start()
         self._threads.append(thread)
 
-    def drop_next_reply(self) -> None:
-        """Lose the next reply that comes back through the proxy (once)."""
+    def drop_next_reply(self, *, containing: bytes = b"") -> None:
+        """Lose the next reply that comes back through the proxy (the next one holding
+        ``containing``, if given), once. The bytes are looked for in each chunk read."""
         with self._lock:
-            self._drops_armed += 1
+            self._drops_armed.append(containing)
 
     # -- internals --------------------------------------------------------------------
 
@@ -147,17 +149,19 @@ class FaultProxy:
         thread.start()
         self._threads.append(thread)
 
-    def _arm_every(self, every: float, stop: threading.Event) -> None:
+    def _arm_every(self, every: float, containing: bytes, stop: threading.Event) -> None:
         while not stop.wait(every):
             with self._lock:
-                self._drops_armed = 1  # one per period, not a backlog of them
+                if containing not in self._drops_armed:  # one per period, not a backlog of them
+                    self._drops_armed.append(containing)
 
-    def _take_drop(self) -> bool:
+    def _take_drop(self, data: bytes) -> bool:
         with self._lock:
-            if self._drops_armed:
-                self._drops_armed -= 1
-                self.replies_dropped += 1
-                return True
+            for n, pattern in enumerate(self._drops_armed):
+                if pattern in data:
+                    del self._drops_armed[n]
+                    self.replies_dropped += 1
+                    return True
             return False
 
     def _accept_loop(self) -> None:
@@ -194,7 +198,7 @@ class FaultProxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                if replies and self._take_drop():
+                if replies and self._drops_armed and self._take_drop(data):
                     break  # the request ran upstream; its answer is lost with the connection
                 target.sendall(data)
         except OSError:
