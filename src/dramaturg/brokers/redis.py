@@ -18,6 +18,8 @@ from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import DecodeError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .. import suspension
 from ..bulk import new_ids
@@ -337,11 +339,31 @@ def _has_id(message_id: str, body: bytes) -> bool:
         return False
 
 
+def no_retry() -> Retry:
+    """The retry policy of the broker's clients: none, whatever redis-py's default.
+
+    redis-py 6 and later retry a command that failed with a connection error or a timeout
+    (10 times, with backoff, on a client made with ``redis.Redis(...)``; none on one made
+    with ``Redis.from_url``, nor in Dramatiq's own ``RedisBroker(url=...)``). A script that
+    ran in Redis and whose reply was lost then runs again: a fetch claims a second batch
+    over the first, which nobody holds; an enqueue enqueues twice. So no command is
+    retried blindly, and each caller copes with the error: a consumer restarts and gives
+    back what it claimed (:mod:`dramaturg.brokers.redis_claims`), Dramatiq retries an
+    acknowledgement (idempotent), the recovery thread tries again at its next tick, a
+    sender gets the error (the message may have been enqueued). A connection that broke
+    while idle is still replaced before use: the pool checks it when it hands it out.
+    """
+    return Retry(NoBackoff(), 0)
+
+
 def make_client(settings: BrokerSettings) -> redis.Redis:
-    """A redis-py client for ``broker.url`` with the configured connect timeout."""
+    """A redis-py client for ``broker.url`` with the configured connect timeout, which
+    retries nothing by itself (:func:`no_retry`)."""
     assert settings.url is not None
     try:
-        return redis.Redis.from_url(settings.url, socket_connect_timeout=settings.connect_timeout / 1000)
+        return redis.Redis.from_url(
+            settings.url, socket_connect_timeout=settings.connect_timeout / 1000, retry=no_retry()
+        )
     except ValueError as error:
         raise ConfigError(
             f"broker.url: {mask_url(settings.url)!r} is not a valid Redis URL: {error}", key="broker.url"
