@@ -6,6 +6,7 @@ import builtins
 import functools
 import json
 import operator
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from dramatiq import Message, Middleware
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import current_millis, dq_name
-from dramatiq.errors import DecodeError
+from dramatiq.errors import ConnectionClosed, DecodeError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -30,6 +31,7 @@ from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
+from .redis_claims import RedisClaims
 
 if TYPE_CHECKING:
     from .redis_stats import RedisStatsReader
@@ -83,7 +85,12 @@ class RedisBroker(_DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
 
     ``client`` is the redis-py client every dramaturg component shares; the embedded
-    broker passes one connected to its own server's socket.
+    broker passes one connected to its own server's socket. Neither retries a command by
+    itself (see :func:`no_retry`).
+
+    ``claims`` knows which of the messages this process claimed it still holds, and gives
+    back the others (:mod:`dramaturg.brokers.redis_claims`): fetching, acknowledging,
+    rejecting and requeueing go through it.
     """
 
     def __init__(
@@ -105,6 +112,11 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+        self.claims = RedisClaims(self)
+        self._ack, self._nack, self._requeue = (
+            self._dispatch(command)  # type: ignore[no-untyped-call]
+            for command in ("ack", "nack", "requeue")
+        )
 
     @functools.cached_property
     def stats(self) -> RedisStatsReader:
@@ -212,6 +224,34 @@ class RedisBroker(_DramatiqRedisBroker):
         hooks.emit_after(prepared, delay)
         return prepared
 
+    # Dramatiq reaches these through __getattr__ (its dispatch script); the claims of this
+    # process are noted on the way (see dramaturg.brokers.redis_claims).
+
+    def do_fetch(self, queue_name: str, count: int) -> list[bytes]:
+        """Claim up to ``count`` messages of ``queue_name``; their bodies."""
+        return self.claims.fetch(queue_name, count)
+
+    def do_ack(self, queue_name: str, redis_id: str) -> Any:
+        """Acknowledge a message: its body is deleted and its claim released."""
+        result = self._ack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
+        return result
+
+    def do_nack(self, queue_name: str, redis_id: str) -> Any:
+        """Reject a message into the dead-letter queue and release its claim."""
+        result = self._nack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))
+        return result
+
+    def do_requeue(self, queue_name: str, *redis_ids: str) -> Any:
+        """Put claimed messages back at the tail of their queue."""
+        try:
+            return self._requeue(queue_name, *redis_ids)
+        finally:
+            # Whatever Redis answered: the caller lets go of them, and the next
+            # reconciliation gives back any the script did not reach.
+            self.claims.release(queue_name, redis_ids)
+
     #: find_message() finds a new message by its id (see dramaturg.state).
     finds_messages = True
 
@@ -251,7 +291,36 @@ class RedisConsumer(_RedisConsumer):
 
     While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
     pushes what it had prefetched back onto the queue.
+
+    Closing gives back what it had prefetched and not handed out, and what its thread
+    had put in its delay queue and dropped; a new consumer gives back, before its first
+    fetch, every claim of the queue that no thread of the process holds (a consumer
+    restarted after a connection error, a fetch whose reply was lost). See
+    :mod:`dramaturg.brokers.redis_claims`, which explains why this never gives back a
+    message a thread still holds.
     """
+
+    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        # Dramatiq's ConsumerThread makes its consumer in its own thread: the thread whose
+        # delay queue holds this consumer's delayed messages.
+        self._thread = threading.get_ident()
+        broker.claims.consumer_started(queue_name)
+
+    def requeue(self, messages: Iterable[Any]) -> None:
+        # Dramatiq's lets redis.ConnectionError out, which its ConsumerThread.close and
+        # Worker.stop do not catch: the consumer thread died, or the stop went no further.
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except redis.ConnectionError as error:
+            raise ConnectionClosed(error) from None
+
+    def close(self) -> None:
+        try:
+            cached, self.message_cache = self.message_cache, []
+            self.broker.claims.consumer_closed(self.queue_name, self._thread, cached)
+        finally:
+            super().close()
 
     def __next__(self) -> Any:
         while True:
@@ -689,6 +758,8 @@ class RedisRecoverer:
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
         self._expire_dead = self.client.register_script(_EXPIRE_DEAD)
         self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
+        #: This worker's own claims (None for a broker that is not dramaturg's).
+        self.claims: RedisClaims | None = getattr(broker, "claims", None)
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
         """Write this broker's heartbeat, for itself and for each of its queues (dropping
@@ -720,6 +791,11 @@ class RedisRecoverer:
                 for queue in queues:
                     pipe.zrem(self.workers_prefix + queue, self.worker_id)
                 pipe.execute()
+
+    def reconcile(self) -> int:
+        """Give back this worker's claims that no thread of it holds (see
+        :mod:`dramaturg.brokers.redis_claims`); return how many went back."""
+        return self.claims.reconcile() if self.claims is not None else 0
 
     def recover(self, dead: Sequence[DeadWorker], now_ms: int) -> list[RecoveredWorker]:
         """Move each dead worker's claimed messages back to their queues, then forget it.
