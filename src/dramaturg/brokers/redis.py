@@ -6,6 +6,7 @@ import builtins
 import functools
 import json
 import operator
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,7 +19,9 @@ from dramatiq import Message, Middleware
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import current_millis, dq_name
-from dramatiq.errors import DecodeError
+from dramatiq.errors import ConnectionClosed, DecodeError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .. import suspension
 from ..bulk import new_ids
@@ -29,6 +32,7 @@ from ..masking import mask_url
 from ..middleware.outcomes import hold_poison, unknown_actor_reason
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
+from .redis_claims import RedisClaims
 
 if TYPE_CHECKING:
     from .redis_stats import RedisStatsReader
@@ -82,7 +86,12 @@ class RedisBroker(_DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
 
     ``client`` is the redis-py client every dramaturg component shares; the embedded
-    broker passes one connected to its own server's socket.
+    broker passes one connected to its own server's socket. Neither retries a command by
+    itself (see :func:`no_retry`).
+
+    ``claims`` knows which of the messages this process claimed it still holds, and gives
+    back the others (:mod:`dramaturg.brokers.redis_claims`): fetching, acknowledging,
+    rejecting and requeueing go through it.
     """
 
     def __init__(
@@ -104,6 +113,11 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+        self.claims = RedisClaims(self)
+        self._ack, self._nack, self._requeue = (
+            self._dispatch(command)  # type: ignore[no-untyped-call]
+            for command in ("ack", "nack", "requeue")
+        )
 
     @functools.cached_property
     def stats(self) -> RedisStatsReader:
@@ -216,6 +230,34 @@ class RedisBroker(_DramatiqRedisBroker):
         hooks.emit_after(prepared, delay)
         return prepared
 
+    # Dramatiq reaches these through __getattr__ (its dispatch script); the claims of this
+    # process are noted on the way (see dramaturg.brokers.redis_claims).
+
+    def do_fetch(self, queue_name: str, count: int) -> list[bytes]:
+        """Claim up to ``count`` messages of ``queue_name``; their bodies."""
+        return self.claims.fetch(queue_name, count)
+
+    def do_ack(self, queue_name: str, redis_id: str) -> Any:
+        """Acknowledge a message: its body is deleted and its claim released."""
+        result = self._ack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
+        return result
+
+    def do_nack(self, queue_name: str, redis_id: str) -> Any:
+        """Reject a message into the dead-letter queue and release its claim."""
+        result = self._nack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))
+        return result
+
+    def do_requeue(self, queue_name: str, *redis_ids: str) -> Any:
+        """Put claimed messages back at the tail of their queue."""
+        try:
+            return self._requeue(queue_name, *redis_ids)
+        finally:
+            # Whatever Redis answered: the caller lets go of them, and the next
+            # reconciliation gives back any the script did not reach.
+            self.claims.release(queue_name, redis_ids)
+
     #: find_message() finds a new message by its id (see dramaturg.state).
     finds_messages = True
 
@@ -255,7 +297,36 @@ class RedisConsumer(_RedisConsumer):
 
     While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
     pushes what it had prefetched back onto the queue.
+
+    Closing gives back what it had prefetched and not handed out, and what its thread
+    had put in its delay queue and dropped; a new consumer gives back, before its first
+    fetch, every claim of the queue that no thread of the process holds (a consumer
+    restarted after a connection error, a fetch whose reply was lost). See
+    :mod:`dramaturg.brokers.redis_claims`, which explains why this never gives back a
+    message a thread still holds.
     """
+
+    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        # Dramatiq's ConsumerThread makes its consumer in its own thread: the thread whose
+        # delay queue holds this consumer's delayed messages.
+        self._thread = threading.get_ident()
+        broker.claims.consumer_started(queue_name)
+
+    def requeue(self, messages: Iterable[Any]) -> None:
+        # Dramatiq's lets redis.ConnectionError out, which its ConsumerThread.close and
+        # Worker.stop do not catch: the consumer thread died, or the stop went no further.
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except redis.ConnectionError as error:
+            raise ConnectionClosed(error) from None
+
+    def close(self) -> None:
+        try:
+            cached, self.message_cache = self.message_cache, []
+            self.broker.claims.consumer_closed(self.queue_name, self._thread, cached)
+        finally:
+            super().close()
 
     def __next__(self) -> Any:
         while True:
@@ -343,11 +414,31 @@ def _has_id(message_id: str, body: bytes) -> bool:
         return False
 
 
+def no_retry() -> Retry:
+    """The retry policy of the broker's clients: none, whatever redis-py's default.
+
+    redis-py 6 and later retry a command that failed with a connection error or a timeout
+    (10 times, with backoff, on a client made with ``redis.Redis(...)``; none on one made
+    with ``Redis.from_url``, nor in Dramatiq's own ``RedisBroker(url=...)``). A script that
+    ran in Redis and whose reply was lost then runs again: a fetch claims a second batch
+    over the first, which nobody holds; an enqueue enqueues twice. So no command is
+    retried blindly, and each caller copes with the error: a consumer restarts and gives
+    back what it claimed (:mod:`dramaturg.brokers.redis_claims`), Dramatiq retries an
+    acknowledgement (idempotent), the recovery thread tries again at its next tick, a
+    sender gets the error (the message may have been enqueued). A connection that broke
+    while idle is still replaced before use: the pool checks it when it hands it out.
+    """
+    return Retry(NoBackoff(), 0)
+
+
 def make_client(settings: BrokerSettings) -> redis.Redis:
-    """A redis-py client for ``broker.url`` with the configured connect timeout."""
+    """A redis-py client for ``broker.url`` with the configured connect timeout, which
+    retries nothing by itself (:func:`no_retry`)."""
     assert settings.url is not None
     try:
-        return redis.Redis.from_url(settings.url, socket_connect_timeout=settings.connect_timeout / 1000)
+        return redis.Redis.from_url(
+            settings.url, socket_connect_timeout=settings.connect_timeout / 1000, retry=no_retry()
+        )
     except ValueError as error:
         raise ConfigError(
             f"broker.url: {mask_url(settings.url)!r} is not a valid Redis URL: {error}", key="broker.url"
@@ -869,6 +960,8 @@ class RedisRecoverer:
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
         self._expire_dead = self.client.register_script(_EXPIRE_DEAD)
         self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
+        #: This worker's own claims (None for a broker that is not dramaturg's).
+        self.claims: RedisClaims | None = getattr(broker, "claims", None)
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
         """Write this broker's heartbeat, for itself and for each of its queues (dropping
@@ -900,6 +993,11 @@ class RedisRecoverer:
                 for queue in queues:
                     pipe.zrem(self.workers_prefix + queue, self.worker_id)
                 pipe.execute()
+
+    def reconcile(self) -> int:
+        """Give back this worker's claims that no thread of it holds (see
+        :mod:`dramaturg.brokers.redis_claims`); return how many went back."""
+        return self.claims.reconcile() if self.claims is not None else 0
 
     def recover(self, dead: Sequence[DeadWorker], now_ms: int) -> list[RecoveredWorker]:
         """Move each dead worker's claimed messages back to their queues, then forget it.
