@@ -2,23 +2,26 @@
 
 A message another client (or a broken producer) put on a queue may be decodable JSON
 and still not a message this worker can run: a field of the wrong type, a queue name
-that is not the queue it came from. Each one is held, acknowledged, and the worker
+that is not the queue it came from, an actor this worker does not know. Each one is
+held (or, for an unknown actor, given back for a while), acknowledged, and the worker
 goes on: no other task runs again because of it, and none is stranded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg.config import parse_duration_ms
 from dramaturg.envelope import decode
 from dramaturg.held import HeldTask
 
@@ -71,6 +74,43 @@ class Held:
             return list(self.tasks)
 
 
+class LogWatch(logging.Handler):
+    """Records the lines of one logger; ``wait(text)`` blocks until a line contains ``text``."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+        self._changed = threading.Condition()
+        self.logger = logging.getLogger(logger)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.lines.append((record.levelno, record.getMessage()))
+            self._changed.notify_all()
+
+    def wait(self, text: str, timeout: float = WAIT_S) -> str:
+        def found() -> str | None:
+            return next((line for _, line in self.lines if text in line), None)
+
+        with self._changed:
+            assert self._changed.wait_for(lambda: found() is not None, timeout), f"no line with {text!r}: {self.lines}"
+            line = found()
+            assert line is not None
+            return line
+
+
+@pytest.fixture
+def unknown_actor_grace() -> str:
+    return "5m"
+
+
+@pytest.fixture
+def settings(settings: dramaturg.Settings, unknown_actor_grace: str) -> dramaturg.Settings:
+    """The broker's settings, with ``worker.unknown_actor_grace`` as the test says."""
+    worker = settings.worker.model_copy(update={"unknown_actor_grace": parse_duration_ms(unknown_actor_grace)})
+    return settings.model_copy(update={"worker": worker})
+
+
 @pytest.fixture
 def import_user(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
     ran = Ran()
@@ -86,6 +126,21 @@ def import_user(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
 @pytest.fixture
 def held(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> Held:
     return Held(broker, monkeypatch)
+
+
+@pytest.fixture
+def watch() -> Iterator[Callable[[str], LogWatch]]:
+    watches: list[LogWatch] = []
+
+    def start(logger: str) -> LogWatch:
+        handler = LogWatch(logger)
+        handler.logger.addHandler(handler)
+        watches.append(handler)
+        return handler
+
+    yield start
+    for handler in watches:
+        handler.logger.removeHandler(handler)
 
 
 def envelope(*, options: Any = None, **fields: Any) -> dict[str, Any]:
@@ -246,6 +301,137 @@ def test_a_message_naming_its_delay_queue_or_a_lane_runs_once(
     assert sorted(import_user.ran.ids) == [1, 2, 3]  # type: ignore[attr-defined]
     assert held.tasks == []
     assert pending_messages(broker, "imports") == 0
+
+
+# -- unknown actors: a rolling deploy, or two applications on one queue -------------------
+
+
+def test_a_task_for_an_actor_this_worker_does_not_know_yet_waits_for_a_worker_that_does(
+    broker: dramatiq.Broker,
+    import_user: dramaturg.Actor[..., None],
+    held: Held,
+    start_worker: Callable[..., dramatiq.Worker],
+    watch: Callable[[str], LogWatch],
+) -> None:
+    log = watch("dramaturg")
+    # Given a task sent by newer code, for an actor this worker does not declare
+    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(7,), kwargs={}, options={})
+    raw_publish(broker, "imports", message.encode())
+    import_user.send({"id": 1})
+
+    # When the worker meets it
+    worker = start_worker()
+    assert import_user.ran.wait(1) == [1]  # type: ignore[attr-defined]
+    line = log.wait(f"message {message.message_id}")
+
+    # Then it says so and gives the task back instead of holding it
+    assert "export_user" in line and "given back" in line
+    assert (logging.WARNING, line) in log.lines
+    assert held.tasks == []
+
+    # And once the worker knows the actor (the new code arrived), the task runs, once
+    exported = threading.Event()
+
+    @dramaturg.actor(queue_name="imports")
+    def export_user(number: int) -> None:
+        exported.set()
+
+    assert exported.wait(WAIT_S)
+    worker.join()
+    worker.stop()
+    assert held.tasks == []
+    assert dramaturg.held_tasks().count("imports") == 0
+    assert pending_messages(broker, "imports") == 0
+
+
+@pytest.mark.parametrize("unknown_actor_grace", ["1500ms"])
+def test_a_task_for_an_unknown_actor_is_held_once_the_grace_is_over(
+    broker: dramatiq.Broker,
+    import_user: dramaturg.Actor[..., None],
+    held: Held,
+    start_worker: Callable[..., dramatiq.Worker],
+    watch: Callable[[str], LogWatch],
+) -> None:
+    log = watch("dramaturg")
+    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(1,), kwargs={}, options={})
+    raw_publish(broker, "imports", message.encode())
+    import_user.send({"id": 1})
+
+    worker = start_worker()
+
+    # Then it was given back first, and held once the grace was over, with today's reason
+    [task] = held.wait(1)
+    assert task.message_id == message.message_id
+    assert task.reason.startswith("unknown actor 'export_user': no actor of that name is declared in this worker")
+    assert task.args == [1]
+    assert any("given back" in line for _, line in log.lines)
+    assert import_user.ran.wait(1) == [1]  # type: ignore[attr-defined]
+    worker.join()
+    worker.stop()
+    # 2 sent == 1 succeeded + 1 held + 0 still queued
+    assert dramaturg.held_tasks().count("imports") == 1
+    assert pending_messages(broker, "imports") == 0
+
+    # And a kick gives it a grace of its own again (the first sighting is not kept)
+    [kept] = dramaturg.held_tasks().list("imports")
+    assert not any(name.startswith("dramaturg_unknown") for name in kept.options)
+
+
+@pytest.mark.parametrize("unknown_actor_grace", ["0s"])
+def test_without_a_grace_a_task_for_an_unknown_actor_is_held_at_once(
+    broker: dramatiq.Broker,
+    import_user: dramaturg.Actor[..., None],
+    held: Held,
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(1,), kwargs={}, options={})
+    raw_publish(broker, "imports", message.encode())
+    import_user.send({"id": 2})
+
+    worker = start_worker()
+
+    assert import_user.ran.wait(1) == [2]  # type: ignore[attr-defined]
+    [task] = held.wait(1)
+    worker.join()
+    assert task.message_id == message.message_id
+    assert task.reason.startswith("unknown actor 'export_user': no actor of that name is declared in this worker")
+    assert task.args == [1]
+    worker.stop()
+    assert pending_messages(broker, "imports") == 0
+
+
+class DelayWatch(dramatiq.Middleware):
+    """Sets ``seen`` when a worker's consumer puts a message aside until its eta."""
+
+    def __init__(self) -> None:
+        self.seen = threading.Event()
+
+    def before_delay_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self.seen.set()
+
+
+def test_a_delayed_task_for_an_unknown_actor_keeps_its_delay(
+    broker: dramatiq.Broker,
+    import_user: dramaturg.Actor[..., None],
+    held: Held,
+    start_worker: Callable[..., dramatiq.Worker],
+) -> None:
+    # Given a task for an unknown actor, delayed by an hour
+    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(1,), kwargs={}, options={})
+    broker.enqueue(message, delay=3_600_000)
+    delays = DelayWatch()
+    broker.add_middleware(delays)
+
+    # When a worker's delay-queue consumer takes it
+    worker = start_worker()
+    assert delays.seen.wait(WAIT_S)
+    import_user.send({"id": 1})
+    assert import_user.ran.wait(1) == [1]  # type: ignore[attr-defined]
+    worker.stop()
+
+    # Then it still waits for its hour, neither held nor hurried
+    assert held.tasks == []
+    assert pending_messages(broker, "imports") == 1
 
 
 # -- what the door lets through, and what stands behind it --------------------------------

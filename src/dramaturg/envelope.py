@@ -51,6 +51,7 @@ from dramatiq.errors import DecodeError
 from .errors import DramaturgError
 from .held import HeldTask
 from .queues import canonical_queue
+from .unknown_actors import UNKNOWN_ACTOR_SINCE
 
 __all__ = ["Poison", "decode", "problem"]
 
@@ -250,6 +251,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "retries": (_is_count, "a whole number >= 0"),
     "max_retries": (_is_optional_count, "a whole number >= 0"),
     "dramaturg_kicks": (_is_count, "a whole number >= 0"),
+    UNKNOWN_ACTOR_SINCE: (_is_time, "a time in ms since the epoch (a number >= 0)"),
     "dramaturg_last_error": (_is_optional_name, "a string"),
     "dramaturg_context": (_is_optional_object, "an object"),
     "redis_message_id": (_is_id, "a non-empty string"),

@@ -26,13 +26,13 @@ from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.errors import ConnectionClosed
 
-from .. import envelope, suspension
+from .. import envelope, suspension, unknown_actors
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
 from ..middleware.consumer_timeout import fmt_ms
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..queues import BANDS, canonical_queue
 
 if TYPE_CHECKING:
@@ -185,9 +185,10 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     expires after a week without a word of why, and trusts the fields of one it can.
     Here each body is read by :func:`dramaturg.envelope.decode`: one that does not
     decode, has a field of the wrong type or names another queue is held with its
-    reason, and so is a message for an actor this worker does not know; then it is
-    acknowledged. If the held store cannot be written, the message is rejected as
-    before (not lost). ``__next__`` mirrors Dramatiq 2.x's, with those checks added.
+    reason, and then acknowledged. A message for an actor this worker does not know is
+    given back for a while, then held (:mod:`dramaturg.unknown_actors`). If neither can
+    be written, the message is rejected as before (not lost). ``__next__`` mirrors
+    Dramatiq 2.x's, with those checks added.
 
     While its queue is suspended (:mod:`dramaturg.suspension`) the consumer is cancelled
     on its channel: RabbitMQ takes back the deliveries it had sent but this worker had
@@ -231,9 +232,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             except envelope.Poison as poison:
                 self._settle_poison(poison.held_task(queue, properties.message_id if properties else None), method)
                 continue
-            if message.actor_name not in self.broker.actors:
-                reason = unknown_actor_reason(message.actor_name, self.broker)
-                self._settle_poison(HeldTask.from_message(message, reason, queue_name=queue), method)
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name not in self.broker.actors and message.options.get("eta") is None:
+                if unknown_actors.settle(self.broker, message, queue):  # given back, or held
+                    self.channel.basic_ack(method.delivery_tag)
+                else:
+                    self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
                 continue
 
             self.known_tags.add(method.delivery_tag)

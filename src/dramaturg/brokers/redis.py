@@ -20,13 +20,13 @@ from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis, dq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 
-from .. import envelope, suspension
+from .. import envelope, suspension, unknown_actors
 from ..bulk import new_ids
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import HeldStore, HeldTask
 from ..masking import mask_url
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
 
@@ -247,8 +247,9 @@ class RedisConsumer(_RedisConsumer):
     prefetched stay claimed by a worker that is still alive, so nothing moves them back
     until it restarts. Here each body is read by :func:`dramaturg.envelope.decode`: one
     that does not decode, has a field of the wrong type or names another queue is held
-    with its reason and acknowledged, and so is a message for an actor this worker does
-    not know; the consumer goes on with the next message.
+    with its reason and acknowledged, and the consumer goes on with the next message. A
+    message for an actor this worker does not know is given back for a while, then held
+    (:mod:`dramaturg.unknown_actors`).
 
     While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
     pushes what it had prefetched back onto the queue.
@@ -275,11 +276,11 @@ class RedisConsumer(_RedisConsumer):
                 if redis_id is None:
                     continue
                 message.options["redis_message_id"] = redis_id
-            if message.actor_name in self.broker.actors:
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name in self.broker.actors or message.options.get("eta") is not None:
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
-            reason = unknown_actor_reason(message.actor_name, self.broker)
-            if hold_poison(self.broker, HeldTask.from_message(message, reason, queue_name=self._queue())):
+            if unknown_actors.settle(self.broker, message, self._queue()):  # given back, or held
                 self.ack(MessageProxy(message))  # type: ignore[no-untyped-call]
 
     def _next_body(self) -> bytes | None:
