@@ -25,7 +25,7 @@ from dramaturg.config import parse_duration_ms
 from dramaturg.envelope import decode
 from dramaturg.held import HeldTask
 
-from .conftest import pending_messages
+from .conftest import pending_messages, poll_until
 from .test_held import raw_publish
 
 WAIT_S = 20
@@ -271,9 +271,10 @@ def test_messages_naming_another_queue_are_held_and_every_worker_thread_goes_on(
     worker.join()
     worker.stop()
 
-    # 21 sent == 12 succeeded + 9 held + 0 still queued
+    # 21 sent == 12 succeeded + 9 held + 0 still queued (RabbitMQ puts back the held
+    # tasks the kick did not take as it closes the kick's channel, in a moment of its own)
     assert len(import_user.ran.ids) == 12  # type: ignore[attr-defined]
-    assert dramaturg.held_tasks().count("imports") == 9
+    poll_until(lambda: dramaturg.held_tasks().count("imports") == 9, "9 strays still held")
     assert pending_messages(broker, "imports") == 0
 
 
