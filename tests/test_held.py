@@ -154,25 +154,6 @@ def test_an_undecodable_message_is_held_and_the_worker_goes_on(
     assert pending_messages(broker, "imports") == 0
 
 
-def test_a_message_for_an_unknown_actor_is_held(
-    broker: dramatiq.Broker,
-    imports_actor: dramaturg.Actor[..., None],
-    start_worker: Callable[..., dramatiq.Worker],
-) -> None:
-    message = dramatiq.Message(queue_name="imports", actor_name="export_user", args=(1,), kwargs={}, options={})
-    raw_publish(broker, "imports", message.encode())
-    imports_actor.send({"id": 2})
-
-    worker = start_worker()
-
-    assert imports_actor.ran.wait(1) == [2]  # type: ignore[attr-defined]
-    worker.join()
-    held = dramaturg.held_tasks().get(message.message_id, "imports")
-    assert held is not None
-    assert held.reason.startswith("unknown actor 'export_user': no actor of that name is declared in this worker")
-    assert held.args == [1]
-
-
 def test_arguments_that_do_not_fit_are_held_with_the_signature(
     broker: dramatiq.Broker,
     imports_actor: dramaturg.Actor[..., None],

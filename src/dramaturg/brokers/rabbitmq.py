@@ -15,7 +15,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,15 +25,15 @@ from dramatiq import Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import current_millis, dq_name, q_name
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import ConnectionClosed
 
-from .. import suspension
+from .. import envelope, suspension, unknown_actors
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError, SendError
 from ..held import HeldStore, HeldTask, KickError
 from ..masking import mask_url
 from ..middleware.consumer_timeout import fmt_ms
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..queues import BANDS, canonical_queue
 
 if TYPE_CHECKING:
@@ -184,10 +183,13 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, holding poison messages instead of dead-lettering them.
 
     Dramatiq rejects a body it cannot decode into the dead-letter queue, where it
-    expires after a week without a word of why. Here it is held with its reason, and so
-    is a message for an actor this worker does not know; then it is acknowledged. If
-    the held store cannot be written, the message is rejected as before (not lost).
-    ``__next__`` mirrors Dramatiq 2.x's, with those two checks added.
+    expires after a week without a word of why, and trusts the fields of one it can.
+    Here each body is read by :func:`dramaturg.envelope.decode`: one that does not
+    decode, has a field of the wrong type or names another queue is held with its
+    reason, and then acknowledged. A message for an actor this worker does not know is
+    given back for a while, then held (:mod:`dramaturg.unknown_actors`). If neither can
+    be written, the message is rejected as before (not lost). ``__next__`` mirrors
+    Dramatiq 2.x's, with those checks added.
 
     While its queue is suspended (:mod:`dramaturg.suspension`) the consumer is cancelled
     on its channel: RabbitMQ takes back the deliveries it had sent but this worker had
@@ -227,15 +229,16 @@ class RabbitmqConsumer(_RabbitmqConsumer):
 
             queue = canonical_queue(self.queue_name)
             try:
-                message = Message.decode(body)
-            except DecodeError as error:
-                message_id = (properties.message_id if properties else None) or f"undecodable-{uuid.uuid4()}"
-                reason = f"undecodable message: {error.error!r}"
-                self._settle_poison(HeldTask.from_raw(body, reason, queue_name=queue, message_id=message_id), method)
+                message = envelope.decode(body, self.queue_name)
+            except envelope.Poison as poison:
+                self._settle_poison(poison.held_task(queue, properties.message_id if properties else None), method)
                 continue
-            if message.actor_name not in self.broker.actors:
-                reason = unknown_actor_reason(message.actor_name, self.broker)
-                self._settle_poison(HeldTask.from_message(message, reason, queue_name=queue), method)
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name not in self.broker.actors and message.options.get("eta") is None:
+                if unknown_actors.settle(self.broker, message, queue):  # given back, or held
+                    self.channel.basic_ack(method.delivery_tag)
+                else:
+                    self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
                 continue
 
             self.known_tags.add(method.delivery_tag)

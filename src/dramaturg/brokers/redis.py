@@ -16,20 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message, Middleware
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import compute_backoff, current_millis, dq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .. import suspension
+from .. import envelope, suspension, unknown_actors
 from ..bulk import new_ids
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
 from ..held import LEASE_LOST, HeldStore, HeldTask
 from ..masking import mask_url
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
 from .redis_claims import RedisClaims
@@ -289,11 +290,14 @@ class RedisBroker(_DramatiqRedisBroker):
 class RedisConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, holding poison messages instead of stalling on them.
 
-    Dramatiq's own consumer lets a body it cannot decode escape as an exception: the
-    consumer restarts, and the messages it had prefetched stay claimed by a worker that
-    is still alive, so nothing moves them back until it restarts. Here an undecodable
-    body, or a message for an actor this worker does not know, is held with its reason
-    and acknowledged, and the consumer goes on with the next message.
+    Dramatiq's own consumer lets a body it cannot decode (or a message whose fields it
+    chokes on) escape as an exception: the consumer restarts, and the messages it had
+    prefetched stay claimed by a worker that is still alive, so nothing moves them back
+    until it restarts. Here each body is read by :func:`dramaturg.envelope.decode`: one
+    that does not decode, has a field of the wrong type or names another queue is held
+    with its reason and acknowledged, and the consumer goes on with the next message. A
+    message for an actor this worker does not know is given back for a while, then held
+    (:mod:`dramaturg.unknown_actors`).
 
     While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
     pushes what it had prefetched back onto the queue.
@@ -335,24 +339,52 @@ class RedisConsumer(_RedisConsumer):
                 self._give_back_prefetched()
                 time.sleep(min(wait, self.timeout / 1000))  # idle, as Dramatiq's consumer is between fetches
                 return None
-            try:
-                message = super().__next__()  # type: ignore[no-untyped-call]
-            except DecodeError as error:
-                self._hold_undecodable(error)
-                continue
-            if message is None:
+            body = self._next_body()
+            if body is None:
                 return None
+            try:
+                message = envelope.decode(body, self.queue_name)
+            except envelope.Poison as poison:
+                self._hold_poison(poison)
+                continue
             if "redis_message_id" not in message.options:
                 # Put here by another client; Dramatiq needs this id to acknowledge it.
                 redis_id = self._claimed_id(functools.partial(_has_id, message.message_id))
                 if redis_id is None:
                     continue
                 message.options["redis_message_id"] = redis_id
-            if message.actor_name in self.broker.actors:
-                return message
-            reason = unknown_actor_reason(message.actor_name, self.broker)
-            if hold_poison(self.broker, HeldTask.from_message(message._message, reason, queue_name=self._queue())):
-                self.ack(message)  # type: ignore[no-untyped-call]
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name in self.broker.actors or message.options.get("eta") is not None:
+                self.queued_message_ids.add(message.message_id)
+                return MessageProxy(message)
+            if unknown_actors.settle(self.broker, message, self._queue()):  # given back, or held
+                self.ack(MessageProxy(message))  # type: ignore[no-untyped-call]
+
+    def _next_body(self) -> bytes | None:
+        """The next body this consumer claimed, fetching more when it has none; None when
+        the queue is idle. Dramatiq 2.x's ``__next__`` without its decoding, which
+        :func:`dramaturg.envelope.decode` does instead (Dramatiq's raises on some bodies
+        after taking them from the batch, and the batch stays claimed)."""
+        try:
+            while True:
+                if self.message_cache:
+                    body: bytes | None = self.message_cache.pop(0)
+                    if body is not None:  # Dramatiq saw None once (its issue 266): skip it as it does
+                        self.misses = 0
+                        return body
+                    continue
+                bodies: list[bytes] = []
+                if self.outstanding_message_count < self.prefetch:
+                    self.message_cache = bodies = self.broker.do_fetch(
+                        self.queue_name, self.prefetch - self.outstanding_message_count
+                    )
+                if not bodies:
+                    # Nothing came: poll less often, up to the idle timeout.
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+        except redis.ConnectionError as e:
+            raise ConnectionClosed(e) from None
 
     def _queue(self) -> str:
         return canonical_queue(self.queue_name)
@@ -384,13 +416,19 @@ class RedisConsumer(_RedisConsumer):
                 return str(redis_id.decode())
         return None
 
-    def _hold_undecodable(self, error: DecodeError) -> None:
-        redis_id = self._claimed_id(lambda body: body == error.data)
+    def _hold_poison(self, poison: envelope.Poison) -> None:
+        body = poison.body
+        # The id a Dramatiq client wrote into the body, if the body under it is this one;
+        # else look among the claimed ones.
+        redis_id = _redis_id(body)
+        if (
+            redis_id is None
+            or self.broker.client.hget(f"{self.broker.namespace}:{self.queue_name}.msgs", redis_id) != body
+        ):
+            redis_id = self._claimed_id(functools.partial(operator.eq, body))
         if redis_id is None:
             return
-        reason = f"undecodable message: {error.error!r}"
-        task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id)
-        if hold_poison(self.broker, task):
+        if hold_poison(self.broker, poison.held_task(self._queue(), redis_id)):
             self.broker.do_ack(self.queue_name, redis_id)
 
 
