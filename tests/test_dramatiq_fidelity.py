@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import dramatiq
 import dramatiq.worker
@@ -240,6 +241,21 @@ def test_stub_flush_all_empties_the_held_store(stub_broker: dramatiq.Broker, stu
     stub_broker.join(fails.queue_name)  # type: ignore[attr-defined]
 
 
+def test_dramatiqs_queue_prefetch_applies_when_the_worker_boots(stub_broker: dramatiq.Broker) -> None:
+    # Given Dramatiq's prefetch, set (as its tests patch it) after the broker was built
+    with mock.patch.object(dramatiq.worker, "QUEUE_PREFETCH", 20):
+        worker = dramatiq.Worker(stub_broker, worker_threads=1, worker_timeout=100)
+        worker.start()
+        try:
+            # Then the worker prefetches that many, as on Dramatiq
+            assert worker.queue_prefetch == 20
+        finally:
+            worker.stop()
+
+
+# -- log lines and warnings ---------------------------------------------------------------------
+
+
 def test_a_rate_limited_task_is_retried_with_a_debug_line(
     stub_broker: dramatiq.Broker, stub_worker: dramatiq.Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -262,3 +278,33 @@ def test_a_rate_limited_task_is_retried_with_a_debug_line(
     lines = [r for r in caplog.records if r.name == "dramaturg.outcomes"]
     assert [r.levelno for r in lines] == [logging.DEBUG]
     assert "RateLimitExceeded: exceeded" in lines[0].getMessage()
+
+
+def test_a_message_time_limit_is_warned_about(stub_broker: dramatiq.Broker, caplog: pytest.LogCaptureFixture) -> None:
+    @dramatiq.actor
+    def slow() -> None: ...
+
+    # When a message is sent with Dramatiq's time_limit, twice
+    slow.send_with_options(time_limit=1_000)
+    slow.send_with_options(time_limit=1_000)
+
+    # Then one warning says it is ignored and what to write instead
+    [line] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "time_limit=1000 is ignored" in line.getMessage()
+    assert "ttr=" in line.getMessage()
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_an_explicit_broker_priority_is_warned_about(broker: dramatiq.Broker, caplog: pytest.LogCaptureFixture) -> None:
+    @dramatiq.actor(queue_name="fidelity")
+    def urgent() -> None: ...
+
+    # When a message is sent with a RabbitMQ priority of its own
+    urgent.send_with_options(broker_priority=9)
+    urgent.send_with_options(broker_priority=9)
+
+    # Then one warning says it is replaced by the priority band, and what to write instead
+    [line] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "broker_priority=9 is replaced" in line.getMessage()
+    assert "priority=" in line.getMessage()
+    assert pending_messages(broker, "fidelity") == 2
