@@ -37,8 +37,9 @@ class StubBroker(_DramatiqStubBroker):
         super().__init__(middleware=middleware)
         self.settings = settings
         self.held = StubHeldStore(self)
-        #: The exception of each task held after a failure: queue -> message id -> exception.
-        self.held_failures: dict[str, dict[str, BaseException]] = {}
+        #: Each task held after a failure, as its worker had it: queue -> message id -> message
+        #: (its exception, as Dramatiq's stub keeps a dead letter's, for join()).
+        self.held_failures: dict[str, dict[str, Any]] = {}
 
     @functools.cached_property
     def stats(self) -> StubStatsReader:
@@ -63,9 +64,9 @@ class StubBroker(_DramatiqStubBroker):
         if not (fail_fast if fail_fast is not None else self.fail_fast_default):
             return
         queue = canonical_queue(queue_name)
-        for message_id, exception in list(self.held_failures.get(queue, {}).items()):
+        for message_id, message in list(self.held_failures.get(queue, {}).items()):
             if self.held.get(message_id, queue) is not None:  # not kicked or purged since
-                raise exception from None
+                raise (message._exception or Exception("Message failed with unknown error")) from None
 
     def flush_all(self) -> None:
         """Drop every queued message, dead letter and held task."""
@@ -86,9 +87,9 @@ class StubConsumer(Consumer):
         self.queue = queue
 
     def ack(self, message: Any) -> None:
-        if message._exception is not None and outcome_of(message) == "held":
+        if outcome_of(message) == "held":
             # Before the acknowledgement wakes join(), which looks for it.
-            self.broker.held_failures.setdefault(self.queue, {})[message.message_id] = message._exception
+            self.broker.held_failures.setdefault(self.queue, {})[message.message_id] = message
         self.inner.ack(message)
 
     def nack(self, message: Any) -> None:
