@@ -37,6 +37,10 @@ def test_dramatiq_options_dramaturg_replaces_point_to_their_replacement() -> Non
         dramaturg.actor(time_limit=1000)(lambda: None)
     with pytest.raises(dramaturg.ActorError, match=r"unknown option 'throws'; .* use hold_on="):
         dramaturg.actor(throws=(ValueError,))(lambda: None)
+    with pytest.raises(dramaturg.ActorError, match=r"unknown option 'retry_when'; .*task.retry\(\).*task.hold\(\)"):
+        dramaturg.actor(retry_when=lambda retries, error: retries < 3)(lambda: None)
+    with pytest.raises(dramaturg.ActorError, match=r"unknown option 'on_retry_exhausted'; .* held .*on_failure="):
+        dramaturg.actor(on_retry_exhausted="alert")(lambda: None)
 
 
 def test_invalid_queue_name_fails_at_decoration() -> None:

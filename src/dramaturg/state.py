@@ -430,6 +430,8 @@ class TaskState(dramatiq.Middleware):
                 outcome,
                 state.get("_dramaturg_error"),
                 state.get("_dramaturg_reason"),
+                # Outcomes counted the failure in the message's ``retries`` (for Dramatiq's callbacks).
+                state.get("_dramaturg_attempt"),
             )
         )
 
@@ -470,8 +472,10 @@ def _apply_runs(runs: list[tuple[Any, ...]], pending: dict[str, list[Any]], coun
                 continue  # its end, later in this batch, says everything
             fields = _running_fields(inner, at, worker)
         else:
-            _, message_id, at, inner, worker, started, outcome, error, reason = event
+            _, message_id, at, inner, worker, started, outcome, error, reason, attempt = event
             fields = _running_fields(inner, started, worker)
+            if attempt is not None:
+                fields["attempt"] = attempt
             bucket = int(at // BUCKET_S)
             queue = fields["queue"]
             counts[(queue, bucket, "processed")] += 1

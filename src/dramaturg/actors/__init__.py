@@ -241,8 +241,9 @@ def actor(
     ``actor_name`` defaults to the function's name; ``queue_name`` to ``"default"``;
     ``priority`` (0 = most urgent) orders messages a worker already holds. Any option a
     middleware of the stack declares is accepted (``max_retries``, ``min_backoff``,
-    ``time_limit``, ``max_age``, ...); anything else fails here, at decoration time,
-    with the closest valid name.
+    ``ttr``, ``max_age``, ...); anything else fails here, at decoration time, with the
+    closest valid name, or for a Dramatiq option dramaturg replaces (``time_limit``,
+    ``throws``, ``retry_when``, ``on_retry_exhausted``) what to use instead.
     """
 
     def decorator(fn: Callable[..., Any]) -> Actor[Any, Any]:
@@ -279,6 +280,14 @@ def actor(
 _RENAMED = {
     "time_limit": "; dramaturg's time limit is ttr (it moves with touch()): use ttr=",
     "throws": "; to stop retrying on an exception, hold it: use hold_on=",
+    "retry_when": (
+        "; decide in the handler: catch the exception and call task.retry() or task.hold(),"
+        " or list the exceptions never to retry in hold_on="
+    ),
+    "on_retry_exhausted": (
+        "; a task whose retries are used up is held (dramaturg held list/kick); to act on it,"
+        " use on_failure= and check message_data['options']['retries'] > max_retries"
+    ),
 }
 
 

@@ -2,6 +2,11 @@
 
 Nothing is durable and nothing crosses a process boundary: the behaviour suite runs on
 real brokers, this one only tests code that does not depend on one.
+
+A unit test written for Dramatiq keeps working: ``join(queue, fail_fast=True)`` (the
+default) re-raises the exception of a task that failed for good, which is held here
+where Dramatiq dead-letters it, and ``flush_all()`` empties the held store as Dramatiq's
+empties its dead letters.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 from .. import suspension
 from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
+from ..middleware.outcomes import outcome_of
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
 
@@ -31,6 +37,9 @@ class StubBroker(_DramatiqStubBroker):
         super().__init__(middleware=middleware)
         self.settings = settings
         self.held = StubHeldStore(self)
+        #: Each task held after a failure, as its worker had it: queue -> message id -> message
+        #: (its exception, as Dramatiq's stub keeps a dead letter's, for join()).
+        self.held_failures: dict[str, dict[str, Any]] = {}
 
     @functools.cached_property
     def stats(self) -> StubStatsReader:
@@ -45,7 +54,25 @@ class StubBroker(_DramatiqStubBroker):
         consumer = super().consume(queue_name, prefetch, timeout)
         if queue_name.endswith(".DQ"):
             return consumer
-        return StubConsumer(consumer, canonical_queue(queue_name))
+        return StubConsumer(self, consumer, canonical_queue(queue_name))
+
+    def join(self, queue_name: str, *, timeout: int | None = None, fail_fast: bool | None = None) -> None:
+        """Wait until ``queue_name`` is empty, as Dramatiq's stub broker does; with
+        ``fail_fast`` (default: ``fail_fast_default``, True) raise the exception of a task
+        of that queue that is held, as Dramatiq raises that of a dead-lettered one."""
+        super().join(queue_name, timeout=timeout, fail_fast=fail_fast)
+        if not (fail_fast if fail_fast is not None else self.fail_fast_default):
+            return
+        queue = canonical_queue(queue_name)
+        for message_id, message in list(self.held_failures.get(queue, {}).items()):
+            if self.held.get(message_id, queue) is not None:  # not kicked or purged since
+                raise (message._exception or Exception("Message failed with unknown error")) from None
+
+    def flush_all(self) -> None:
+        """Drop every queued message, dead letter and held task."""
+        super().flush_all()
+        self.held_failures.clear()
+        self.held.clear()
 
     def __repr__(self) -> str:
         return "<StubBroker>"
@@ -54,11 +81,15 @@ class StubBroker(_DramatiqStubBroker):
 class StubConsumer(Consumer):
     """Dramatiq's stub consumer, taking nothing while its queue is suspended."""
 
-    def __init__(self, inner: Any, queue: str) -> None:
+    def __init__(self, broker: StubBroker, inner: Any, queue: str) -> None:
+        self.broker = broker
         self.inner = inner
         self.queue = queue
 
     def ack(self, message: Any) -> None:
+        if outcome_of(message) == "held":
+            # Before the acknowledgement wakes join(), which looks for it.
+            self.broker.held_failures.setdefault(self.queue, {})[message.message_id] = message
         self.inner.ack(message)
 
     def nack(self, message: Any) -> None:
@@ -119,6 +150,10 @@ class StubHeldStore(HeldStore):
         finally:
             with self._lock:
                 self._tasks.setdefault(queue, {}).update(taken)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tasks.clear()
 
     def forget(self, queue: str, receipt: Any) -> None:
         taken, message_id = receipt

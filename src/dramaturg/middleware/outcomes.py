@@ -17,6 +17,15 @@ failed publish loses the task. Here:
   tries), the original is *not* acknowledged: it is rejected into the broker's
   dead-letter queue, and a CRITICAL line says so.
 
+What code written for Dramatiq sees stays as under Dramatiq's ``Retries``: a failure
+that counts toward ``max_retries`` sets the message's ``retries`` (failed attempts so
+far), ``traceback`` and ``requeue_timestamp`` options before the ``on_failure``
+callbacks run, and the retry copy carries them; ``max_backoff`` caps the backoff even
+below ``min_backoff`` (``max_backoff=100`` means fast retries, as on Dramatiq); a held
+task reports its failure to Dramatiq's ``Results`` backends (``get_result`` raises
+``ResultFailure``) as a dead-lettered one does there; and a rate-limited task
+(Dramatiq's ``RateLimitExceeded``) is retried with a DEBUG line, not a WARNING.
+
 Every failure logs one line: actor, message id, attempt, exception type and message,
 the file:line where it was raised, and what happens next; the same come as structured
 fields (``extra={"dramaturg": {...}}``, with the traceback and, for a retry, when it is
@@ -33,12 +42,15 @@ import logging
 import random
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
+from dramatiq.errors import RateLimitExceeded
 from dramatiq.errors import Retry as DramatiqRetry
 from dramatiq.middleware import SkipMessage
+from dramatiq.results import Results
 
 from .. import suspension
 from ..held import HeldTask, describe, origin
@@ -181,6 +193,9 @@ class Outcomes(dramatiq.Middleware):
 
         if not isinstance(exception, TaskOutcome):  # an error, not retry()/hold() (for the state store)
             message._dramaturg_error = _error_line(exception)
+        # hold() and hold_on (what Dramatiq's ``throws`` is for) do not count toward
+        # max_retries; every other failure does, as under Dramatiq's Retries.
+        counted = not isinstance(exception, Hold) and not (hold_on and isinstance(exception, hold_on))
         if isinstance(exception, Hold):
             reason: str | None = exception.reason
         elif hold_on and isinstance(exception, hold_on):
@@ -190,12 +205,14 @@ class Outcomes(dramatiq.Middleware):
         else:
             reason = None  # retry
 
+        dramatiq_options = _dramatiq_retry_options(exception, retries) if counted else {}
+        rate_limited = isinstance(exception, RateLimitExceeded)
         if reason is None:
             delay = self.delay_ms(message, actor, exception, retries)
             copy = message.copy(
                 queue_name=queue,
                 options={
-                    "retries": retries + 1,
+                    **dramatiq_options,
                     "dramaturg_last_error": _error_line(exception),
                     "dramaturg_rerun": False,
                 },
@@ -203,21 +220,28 @@ class Outcomes(dramatiq.Middleware):
             done = _durably(lambda: broker.enqueue(copy, delay=delay))
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
             retry_at = time.time() + delay / 1000 if done else None
-            level = logging.WARNING
+            level = logging.DEBUG if rate_limited else logging.WARNING  # Dramatiq logs a rate limit at DEBUG
             message._dramaturg_outcome = "retried"
         else:
             retry_at = None
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
             done = _durably(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
-            level = logging.WARNING if isinstance(exception, Hold) else logging.ERROR
+            level = logging.WARNING if isinstance(exception, Hold) or rate_limited else logging.ERROR
             message._dramaturg_outcome = "held"
             message._dramaturg_reason = reason
+            if done:
+                _report_to_result_backends(broker, message, exception)
         if not done:
             message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
             message._dramaturg_outcome = "rejected"
             level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
         _log_failure(level, message, exception, retries, max_retries, next_step, retry_at=retry_at)
+        if dramatiq_options:
+            # Last, once the copy and the held task are made from the options as they came, and
+            # before the on_failure callbacks (whose after-hooks run after this one) read them.
+            message._dramaturg_attempt = retries + 1  # the run that ended, for the state store
+            message.options.update(dramatiq_options)
 
     def release(self, broker: dramatiq.Broker, message: Any, *, rerun: bool = False) -> bool:
         """Put ``message`` back on its queue untouched (the attempt is not counted).
@@ -250,10 +274,45 @@ def outcome_of(message: Any) -> str:
 def backoff_ms(retries: int, min_backoff: int, max_backoff: int) -> int:
     """``min_backoff * 2**retries`` plus up to half again of jitter, within [min, max].
 
-    Unlike Dramatiq's (which may halve the delay), ``min_backoff`` is a real minimum.
+    Unlike Dramatiq's (which may halve the delay), ``min_backoff`` is a real minimum, up to
+    ``max_backoff``: a ``max_backoff`` below ``min_backoff`` wins, so that
+    ``@actor(max_backoff=200)`` under the inherited 15 s minimum retries within 200 ms, as
+    it does on Dramatiq.
     """
     base = min_backoff * 2 ** min(retries, 32)
-    return max(min_backoff, min(max_backoff, int(base * (1 + random.random() / 2))))
+    return min(max_backoff, max(min_backoff, int(base * (1 + random.random() / 2))))
+
+
+def _dramatiq_retry_options(exception: BaseException, retries: int) -> dict[str, Any]:
+    """The options Dramatiq's ``Retries`` sets on a failed message: failed attempts so far,
+    the traceback (30 frames, as Dramatiq's) and when it was requeued (ms since the epoch)."""
+    return {
+        "retries": retries + 1,
+        "traceback": "".join(traceback.format_exception(exception, limit=30)),
+        "requeue_timestamp": int(time.time() * 1000),
+    }
+
+
+def _report_to_result_backends(broker: dramatiq.Broker, message: Any, exception: BaseException) -> None:
+    """Store a held task's failure in Dramatiq's ``Results`` backends, if it stores results.
+
+    Dramatiq's ``Results`` stores a failure when the message is rejected (``after_nack``);
+    a held task is acknowledged instead, so it is told here: holding keeps the message, it
+    does not hide the failure from ``message.get_result()``. A kicked task that succeeds
+    later stores its result over it.
+    """
+    for middleware in broker.middleware:
+        if isinstance(middleware, Results):
+            store_results, result_ttl = middleware._lookup_options(broker, message)
+            if store_results:
+                try:
+                    middleware.backend.store_exception(message, exception, result_ttl)
+                except Exception:
+                    logger.warning(
+                        "could not store the failure of held message %s in the result backend",
+                        message.message_id,
+                        exc_info=True,
+                    )
 
 
 def hold_poison(broker: dramatiq.Broker, task: HeldTask) -> bool:

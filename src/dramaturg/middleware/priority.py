@@ -14,6 +14,7 @@ else its actor's ``priority``; 0 is the most urgent. This middleware
 from __future__ import annotations
 
 import dataclasses
+import logging
 from queue import PriorityQueue
 from typing import Any
 
@@ -22,6 +23,11 @@ import dramatiq
 from ..queues import BANDS, band, lanes
 
 __all__ = ["MessagePriorityQueue", "Priority", "message_priority"]
+
+logger = logging.getLogger("dramaturg.priority")
+
+#: Actors whose explicit broker_priority was reported (once per actor in this process).
+_warned: set[str] = set()
 
 
 def message_priority(broker: dramatiq.Broker, message: Any) -> int:
@@ -58,7 +64,20 @@ class Priority(dramatiq.Middleware):
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         if self.broker_priorities:
-            message.options["broker_priority"] = len(BANDS) - 1 - band(message_priority(broker, message))
+            options = message.options
+            published = len(BANDS) - 1 - band(message_priority(broker, message))
+            explicit = options.get("broker_priority")
+            # A copy (a retry, a release) carries the value set here; any other was the sender's.
+            if explicit is not None and explicit != published and message.actor_name not in _warned:
+                _warned.add(message.actor_name)
+                logger.warning(
+                    "%s: the message option broker_priority=%r is replaced by %d, its priority band:"
+                    " dramaturg orders messages by priority= (0 is the most urgent); send it with priority=",
+                    message.actor_name,
+                    explicit,
+                    published,
+                )
+            options["broker_priority"] = published
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         worker.work_queue = MessagePriorityQueue()

@@ -172,6 +172,16 @@ class _Monitor(threading.Thread):
                 self._wakeup.wait(earliest - now)
 
 
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(actor_name: str, option: str, text: str, *args: object) -> None:
+    """Log a warning about an ignored message option once per actor and option in this process."""
+    if (actor_name, option) not in _warned:
+        _warned.add((actor_name, option))
+        logger.warning(text, *args)
+
+
 #: The longest the monitor sleeps without looking (it also wakes for any earlier deadline).
 POLL_S = 1.0
 _monitor: _Monitor | None = None
@@ -227,6 +237,17 @@ class TimeToRun(dramatiq.Middleware):
         if ttr is None:
             ttr = self.queues.get(canonical_queue(message.queue_name), self.default_ms)
         return int(ttr)
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if "time_limit" in message.options:  # Dramatiq's TimeLimit option, which this middleware replaces
+            _warn_once(
+                message.actor_name,
+                "time_limit",
+                "%s: the message option time_limit=%r is ignored: dramaturg's time limit is the ttr"
+                " (it moves with touch()); send it with ttr= instead",
+                message.actor_name,
+                message.options["time_limit"],
+            )
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         from ..task import _current  # the task handle Outcomes set just before

@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import dramatiq.worker
 from dramatiq import Broker, Middleware
 
 from ..unknown_actors import DEFAULT_GRACE_MS
@@ -40,8 +41,9 @@ class WorkerConfig(Middleware):
     """Sets the worker's queue prefetch and queue selection before its consumers start.
 
     Prefetch resolves as ``broker.prefetch`` in the settings, else Dramatiq's own
-    ``dramatiq_queue_prefetch`` environment variable, else the tuned default for the
-    broker type (:data:`DEFAULT_PREFETCH`).
+    (``dramatiq.worker.QUEUE_PREFETCH``, or its ``dramatiq_queue_prefetch`` environment
+    variable; read when the worker boots), else the tuned default for the broker type
+    (:data:`DEFAULT_PREFETCH`).
     """
 
     def __init__(
@@ -51,7 +53,8 @@ class WorkerConfig(Middleware):
         queues: Sequence[str] = (),
         unknown_actor_grace_ms: int = DEFAULT_GRACE_MS,
     ) -> None:
-        self.prefetch = self.resolve_prefetch(broker_type, prefetch)
+        self.broker_type = broker_type
+        self.configured_prefetch = prefetch
         self.queues = set(queues)
         self.unknown_actor_grace_ms = unknown_actor_grace_ms
 
@@ -59,10 +62,16 @@ class WorkerConfig(Middleware):
     def resolve_prefetch(broker_type: str, prefetch: int | None) -> int:
         if prefetch is not None:
             return prefetch
+        if dramatiq.worker.QUEUE_PREFETCH > 0:  # Dramatiq's, as its worker reads it (tests patch it)
+            return int(dramatiq.worker.QUEUE_PREFETCH)
         from_env = os.environ.get("dramatiq_queue_prefetch", "")  # noqa: SIM112 (Dramatiq's name)
-        if from_env.isdigit() and int(from_env) > 0:
+        if from_env.isdigit() and int(from_env) > 0:  # set after Dramatiq read it
             return int(from_env)
         return DEFAULT_PREFETCH.get(broker_type, 16)
+
+    @property
+    def prefetch(self) -> int:
+        return self.resolve_prefetch(self.broker_type, self.configured_prefetch)
 
     def before_worker_boot(self, broker: Broker, worker: Any) -> None:
         worker.queue_prefetch = self.prefetch
