@@ -31,6 +31,10 @@ pytestmark = pytest.mark.parametrize("broker_kind", ["rabbitmq"])
 
 TASKS = 300
 TASK_S = 0.03
+#: How long after taking a task off the work queue a thread may start it (a busy machine).
+TAKEN_S = 0.05
+#: How long after a task ends RabbitMQ may still be waiting for its acknowledgement.
+ACKED_S = 0.05
 
 
 def management(server: Any, method: str, path: str) -> Any:
@@ -119,17 +123,24 @@ def test_a_dropped_connection_runs_again_only_the_tasks_that_were_running(
     assert set(ledger.runs) == sent
     assert dramaturg.held_tasks().count("dropq") == 0
     assert pending_messages(broker, "dropq") == 0
-    # and the only tasks that ran twice were running when the worker saw the drop: the
-    # ones it had prefetched but not started were not started on the lost channel
+    # and the only tasks that ran twice were in flight when the connection dropped:
+    # running, or just ended with their acknowledgement still on its way (or taken off
+    # the work queue just before the worker saw the drop). The ones it had prefetched
+    # but not started were not started on the lost channel.
     lines = [(record.created, record.getMessage()) for record in caplog.records]
     noticed = [at for at, line in lines if line.startswith("lost the channel of queue 'dropq'")]
     seen_at = noticed[0] if noticed else dropped_by
     twice = {message_id: runs for message_id, runs in ledger.runs.items() if len(runs) > 1}
     assert all(len(runs) == 2 for runs in twice.values()), twice
-    started_later = {message_id: runs for message_id, runs in twice.items() if runs[0][0] > seen_at}
+    started_later = {message_id: runs for message_id, runs in twice.items() if runs[0][0] > seen_at + TAKEN_S}
     assert not started_later, f"{len(twice)} ran twice, {len(started_later)} first started after the drop was seen"
-    assert all(runs[0][1] >= dropped_at for runs in twice.values()), twice
-    assert len(twice) <= 4, twice  # at most one per worker thread
+    ended_before = {
+        message_id: round(dropped_at - runs[0][1], 4)
+        for message_id, runs in twice.items()
+        if runs[0][1] < dropped_at - ACKED_S
+    }
+    assert not ended_before, ended_before
+    assert len(twice) <= 8, twice  # the 4 running, and a few just ended
     # and it saw the drop at once and said so
     assert noticed, "the lost channel was not logged"
     assert noticed[0] - dropped_by < 2.0, noticed[0] - dropped_by
