@@ -176,7 +176,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
             # that ran it (in `enter` or here, with the handler entered), or after the
             # hooks: the task finished in time. Landing here or in `enter` before the
             # handler was called, it did not: the task was interrupted, not done.
-            if not (finished[0] or (entered[0] and _landed_in(interrupt, (enter.__code__, run.__code__)))):
+            if not (finished[0] or (entered[0] and _landed_in_wrapper(interrupt, enter.__code__))):
                 raise
             result = None
         except TypeError as error:
@@ -195,12 +195,13 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
     return run
 
 
-def _landed_in(interrupt: BaseException, codes: tuple[Any, ...]) -> bool:
-    """True when ``interrupt`` was raised in a frame running one of ``codes``."""
-    tb = interrupt.__traceback__
+def _landed_in_wrapper(interrupt: BaseException, enter: Any) -> bool:
+    """True when ``interrupt`` was raised in the frame that caught it or in one running
+    the code ``enter``, not in anything they called."""
+    first = tb = interrupt.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code in codes
+    return tb is not None and (tb is first or tb.tb_frame.f_code is enter)
 
 
 def _disarm_current_deadline() -> None:
