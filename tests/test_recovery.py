@@ -333,6 +333,9 @@ def test_a_redis_error_is_logged_once_and_the_next_ticks_try_again(caplog: pytes
                 raise redis.ConnectionError("Connection refused")
             return []
 
+        def reconcile(self) -> int:
+            return 0
+
     flaky = Flaky()
     thread = _RecoveryThread(flaky, 0.1)  # type: ignore[arg-type]
 

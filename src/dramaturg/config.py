@@ -191,6 +191,9 @@ class WorkerSettings(BaseModel):
     queues: StrList = []
     #: How long a stopping worker waits for running tasks before it gives up on them.
     shutdown_timeout: DurationMs = 600_000
+    #: How long a task for an actor no worker declares is given back to its queue (for a
+    #: worker that knows it: a rolling deploy) before it is held; 0 holds it at once.
+    unknown_actor_grace: DurationMs = 300_000
     #: A worker process that has run this many tasks starts afresh (None: never).
     max_tasks_per_child: int | None = Field(default=None, ge=1)
     #: A worker process whose resident memory is over this many MiB starts afresh (None: never).

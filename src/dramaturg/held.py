@@ -15,7 +15,16 @@ Dramatiq's dead-letter queues are not used for this: they expire, are wiped by
 
 Kicking takes tasks out of the store so that no two kickers requeue the same task,
 publishes each again with a fresh retry budget and ``kicks`` + 1, and only then
-forgets it; a kicker that dies half-way leaves its tasks held, never lost.
+forgets it; a kicker that dies half-way leaves its tasks held, never lost. The take is a
+lease: a kicker that stalls past it (a paused process, a long GC) finds its tasks given
+back, and the move to the queue checks the lease in the same atomic step, so a task is
+never queued twice by two kickers (Redis: a token per taken task checked by the script
+that moves it; RabbitMQ: the unacknowledged delivery on the kicker's channel, published
+and acknowledged in one transaction).
+
+What a held task says (reason, exception message, traceback, an undecodable body) is
+masked when it is built (see :mod:`dramaturg.masking`): a URL password in an error
+message is never stored in clear, nor printed by ``dramaturg held``.
 """
 
 from __future__ import annotations
@@ -23,18 +32,20 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import socket
 import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import dramatiq
 
-from .errors import DramaturgError
+from .errors import DramaturgError, SendError
+from .masking import mask_text
 
 __all__ = ["HeldStore", "HeldTask", "KickError", "held_tasks"]
 
@@ -44,10 +55,29 @@ MAX_TRACEBACK = 8_000
 MAX_RAW = 64_000
 #: Options that belong to one delivery on one broker, not to the task.
 _DELIVERY_OPTIONS = frozenset({"redis_message_id", "eta", "retries", "traceback", "requeue_timestamp"})
+#: Tasks moved to the queue per atomic step of a kick (one Lua call, one AMQP transaction).
+KICK_BATCH = 200
+#: Why a task taken by a kick was not requeued by it: its lease ran out first.
+LEASE_LOST = (
+    "not requeued by this kick: it stalled past its lease and the task was given back"
+    " (another kick may have requeued it; otherwise it is still held)"
+)
+# Dramatiq's queue names (dramatiq.actor's pattern); the suffixes are dramaturg's own.
+_QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+_RESERVED_SUFFIXES = (".DQ", ".XQ", ".HQ", ".P1", ".P2")
 
 
 class KickError(DramaturgError):
-    """A held task could not be requeued (the rest of the kick is undone, nothing lost)."""
+    """Held tasks could not be requeued; they stay held (nothing lost).
+
+    ``kicked`` is how many others the same kick requeued, ``failures`` the
+    ``(message id, why)`` of each task it did not.
+    """
+
+    def __init__(self, message: str, *, kicked: int = 0, failures: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.kicked = kicked
+        self.failures = list(failures)
 
 
 @dataclass(frozen=True)
@@ -79,6 +109,14 @@ class HeldTask:
     context: dict[str, Any] | None = None
     #: For a message that could not be decoded: its body as text; nothing else is known.
     raw: str | None = None
+
+    def __post_init__(self) -> None:
+        # Masked however the task is built (from a message, from the store, by hand):
+        # what a handler's error says may hold a URL with its password.
+        for name in ("reason", "exception_message", "traceback", "raw"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, mask_text(value))
 
     @classmethod
     def from_message(
@@ -133,10 +171,54 @@ class HeldTask:
 
     @classmethod
     def from_json(cls, data: str | bytes) -> HeldTask:
-        return cls(**json.loads(data))
+        """The task stored as ``data``; fields it does not know (from a newer version) are
+        ignored. Raises ``ValueError`` naming the problem when ``data`` is not a held task."""
+        try:
+            stored = json.loads(data)
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"not JSON ({error})") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+        known = {name: stored[name] for name in _FIELD_TYPES if name in stored}
+        for name, types in _FIELD_TYPES.items():
+            if name not in known:
+                if name in _REQUIRED:
+                    raise ValueError(f"no {name!r} field")
+            elif not isinstance(known[name], types) or (isinstance(known[name], bool) and bool not in types):
+                raise ValueError(f"{name!r} is a {type(known[name]).__name__}")
+        return cls(**known)
+
+    @classmethod
+    def unreadable(cls, message_id: str, queue_name: str, data: bytes | str, problem: str) -> HeldTask:
+        """A stored entry that is not a held task this version can read: listed by its id,
+        with what it holds as ``raw``, so it can be examined and purged (never kicked)."""
+        text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+        return cls(
+            message_id=message_id,
+            queue_name=queue_name,
+            actor_name="",
+            args=[],
+            kwargs={},
+            reason=f"unreadable held entry: {problem}",
+            attempts=0,
+            enqueued_at=0,
+            held_at=0,
+            host="?",
+            pid=0,
+            raw=text[:MAX_RAW],
+        )
+
+    @property
+    def is_unreadable(self) -> bool:
+        return self.reason.startswith("unreadable held entry: ") and self.raw is not None and not self.actor_name
 
     def to_message(self) -> dramatiq.Message[Any]:
         """The message to send when this task is kicked: same id, fresh retry budget."""
+        if self.is_unreadable:
+            raise KickError(
+                f"{self.reason}; it cannot be run again: examine it with `dramaturg held show {self.message_id}`"
+                " and purge it"
+            )
         if self.raw is not None:
             raise KickError(
                 f"held message {self.message_id} could not be decoded, so it cannot be run again;"
@@ -153,16 +235,41 @@ class HeldTask:
         )
 
 
+# HeldTask's fields as stored, and the JSON types each may have.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "message_id": (str,),
+    "queue_name": (str,),
+    "actor_name": (str,),
+    "args": (list,),
+    "kwargs": (dict,),
+    "reason": (str,),
+    "attempts": (int,),
+    "enqueued_at": (int,),
+    "held_at": (int,),
+    "host": (str,),
+    "pid": (int,),
+    "kicks": (int,),
+    "options": (dict,),
+    "exception_type": (str, type(None)),
+    "exception_message": (str, type(None)),
+    "origin": (str, type(None)),
+    "traceback": (str, type(None)),
+    "context": (dict, type(None)),
+    "raw": (str, type(None)),
+}
+_REQUIRED = frozenset(f.name for f in fields(HeldTask) if f.default is MISSING and f.default_factory is MISSING)
+
+
 def describe(exception: BaseException | None) -> dict[str, Any]:
-    """The exception's type, message, origin (file:line) and bounded traceback."""
+    """The exception's type, message, origin (file:line) and bounded traceback, masked."""
     if exception is None:
         return {}
     text = "".join(traceback.format_exception(exception))
     return {
         "exception_type": type(exception).__name__,
-        "exception_message": str(exception)[:2_000],
+        "exception_message": mask_text(str(exception)[:2_000]),
         "origin": origin(exception),
-        "traceback": text[-MAX_TRACEBACK:],
+        "traceback": mask_text(text[-MAX_TRACEBACK:]),
     }
 
 
@@ -181,7 +288,8 @@ class HeldStore(ABC):
 
     ``queue`` arguments are canonical queue names (``imports``, never ``imports.DQ``).
     Listing never removes anything; ``kick`` and ``purge`` with ``message_ids=None``
-    act on every held task of the queue.
+    act on every held task of the queue (an empty list acts on none). A stored entry
+    this version cannot read is listed as :meth:`HeldTask.unreadable`, never kicked.
     """
 
     def __init__(self, broker: dramatiq.Broker) -> None:
@@ -212,7 +320,8 @@ class HeldStore(ABC):
         """Take tasks out of reach of other kickers, for the duration of the ``with`` block.
 
         Yields an iterator of ``(task, receipt)``; :meth:`forget` a receipt once its task
-        has been requeued. Leaving the block gives back every task not forgotten.
+        has been requeued (or :meth:`requeue` it). Leaving the block, also by an
+        exception, gives back every task not forgotten, at once.
         """
 
     @abstractmethod
@@ -227,28 +336,86 @@ class HeldStore(ABC):
     def queues(self) -> builtins.list[str]:
         """The queues that may hold tasks (those the broker knows, and any holding some)."""
 
+    def requeue(
+        self, queue: str, batch: Sequence[tuple[dramatiq.Message[Any], Any]], delay_ms: int | None
+    ) -> builtins.list[tuple[str, str]]:
+        """Enqueue each message of ``batch`` and forget its receipt (taken with :meth:`taking`).
+
+        Returns ``(message id, why)`` for each message this did not requeue; may raise
+        instead when the whole batch failed. Durable stores override this to
+        enqueue and forget in one step that checks the kicker's lease, so that a kicker
+        that stalled past it requeues nothing another kicker took meanwhile.
+        """
+        failures = []
+        for message, receipt in batch:
+            try:
+                self.broker.enqueue(message, delay=delay_ms)
+            except Exception as error:  # this task stays held; go on with the others
+                failures.append((message.message_id, f"{type(error).__name__}: {error}"))
+                continue
+            self.forget(queue, receipt)
+        return failures
+
+    def check_queue(self, queue: str) -> str:
+        """``queue`` if it can name a queue of this broker; else :class:`~dramaturg.SendError`
+        saying why (a typo, an empty name, a reserved suffix)."""
+        if not queue:
+            raise SendError("the queue name is empty")
+        if not _QUEUE_NAME.fullmatch(queue):
+            raise SendError(
+                f"{queue[:80]!r} is not a queue name: letters, digits, '.', '_' and '-', not starting with a"
+                " digit, '.' or '-'"
+            )
+        if queue.endswith(_RESERVED_SUFFIXES):
+            raise SendError(f"{queue!r} is not a queue name: {queue[-3:]} is reserved; did you mean {queue[:-3]!r}?")
+        return queue
+
     # -- shared behaviour -------------------------------------------------------------
 
     def kick(self, queue: str, message_ids: Sequence[str] | None = None, *, delay_ms: int | None = None) -> int:
         """Requeue held tasks (all of ``queue`` when ``message_ids`` is None); returns how many.
 
         Each runs again with a fresh retry budget and its ``kicks`` count + 1. Tasks that
-        cannot be requeued stay held; the first failure is raised as :class:`KickError`
-        after the others were tried.
+        cannot be requeued (an unreadable entry, a broker error, a lease that ran out
+        while this kicker stalled) stay held; after the others were tried, a
+        :class:`KickError` says which, and how many were requeued.
         """
-        kicked, failure = 0, None
+        kicked, failures = 0, []
         with self.taking(queue, message_ids) as taken:
+            batch: builtins.list[tuple[dramatiq.Message[Any], Any]] = []
             for task, receipt in taken:
                 try:
-                    self.broker.enqueue(task.to_message(), delay=delay_ms)
-                except Exception as error:  # this task stays held; go on with the others
-                    failure = failure or KickError(f"{task.message_id}: {error}")
-                    continue
-                self.forget(queue, receipt)
-                kicked += 1
-        if failure is not None:
-            raise failure
+                    batch.append((task.to_message(), receipt))
+                except KickError as error:
+                    failures.append((task.message_id, str(error)))
+                if len(batch) >= KICK_BATCH:
+                    kicked += self._requeue_batch(queue, batch, delay_ms, failures)
+                    batch = []
+            if batch:
+                kicked += self._requeue_batch(queue, batch, delay_ms, failures)
+        if failures:
+            first_id, first_why = failures[0]
+            raise KickError(
+                f"{len(failures)} held task{'s' if len(failures) != 1 else ''} of {queue} not requeued by this"
+                f" kick (nothing is lost); {first_id}: {first_why}",
+                kicked=kicked,
+                failures=failures,
+            )
         return kicked
+
+    def _requeue_batch(
+        self,
+        queue: str,
+        batch: Sequence[tuple[dramatiq.Message[Any], Any]],
+        delay_ms: int | None,
+        failures: builtins.list[tuple[str, str]],
+    ) -> int:
+        try:
+            failed = self.requeue(queue, batch, delay_ms)
+        except Exception as error:  # none of the batch was requeued; go on with the next
+            failed = [(message.message_id, f"{type(error).__name__}: {error}") for message, _ in batch]
+        failures += failed
+        return len(batch) - len(failed)
 
 
 def held_tasks(broker: dramatiq.Broker | None = None) -> HeldStore:

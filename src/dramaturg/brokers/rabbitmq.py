@@ -10,11 +10,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import hashlib
 import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from queue import Empty
@@ -26,15 +26,15 @@ from dramatiq import Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import current_millis, dq_name, q_name
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import ConnectionClosed
 
-from .. import suspension
+from .. import envelope, suspension, unknown_actors
 from ..config import BrokerSettings
-from ..errors import BrokerUnreachable, ConfigError
-from ..held import HeldStore, HeldTask
+from ..errors import BrokerUnreachable, ConfigError, SendError
+from ..held import HeldStore, HeldTask, KickError
 from ..masking import mask_url
 from ..middleware.consumer_timeout import fmt_ms
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..queues import BANDS, canonical_queue
 
 if TYPE_CHECKING:
@@ -184,10 +184,13 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, holding poison messages instead of dead-lettering them.
 
     Dramatiq rejects a body it cannot decode into the dead-letter queue, where it
-    expires after a week without a word of why. Here it is held with its reason, and so
-    is a message for an actor this worker does not know; then it is acknowledged. If
-    the held store cannot be written, the message is rejected as before (not lost).
-    ``__next__`` mirrors Dramatiq 2.x's, with those two checks added.
+    expires after a week without a word of why, and trusts the fields of one it can.
+    Here each body is read by :func:`dramaturg.envelope.decode`: one that does not
+    decode, has a field of the wrong type or names another queue is held with its
+    reason, and then acknowledged. A message for an actor this worker does not know is
+    given back for a while, then held (:mod:`dramaturg.unknown_actors`). If neither can
+    be written, the message is rejected as before (not lost). ``__next__`` mirrors
+    Dramatiq 2.x's, with those checks added.
 
     While its queue is suspended (:mod:`dramaturg.suspension`) the consumer is cancelled
     on its channel: RabbitMQ takes back the deliveries it had sent but this worker had
@@ -236,15 +239,16 @@ class RabbitmqConsumer(_RabbitmqConsumer):
 
             queue = canonical_queue(self.queue_name)
             try:
-                message = Message.decode(body)
-            except DecodeError as error:
-                message_id = (properties.message_id if properties else None) or f"undecodable-{uuid.uuid4()}"
-                reason = f"undecodable message: {error.error!r}"
-                self._settle_poison(HeldTask.from_raw(body, reason, queue_name=queue, message_id=message_id), method)
+                message = envelope.decode(body, self.queue_name)
+            except envelope.Poison as poison:
+                self._settle_poison(poison.held_task(queue, properties.message_id if properties else None), method)
                 continue
-            if message.actor_name not in self.broker.actors:
-                reason = unknown_actor_reason(message.actor_name, self.broker)
-                self._settle_poison(HeldTask.from_message(message, reason, queue_name=queue), method)
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name not in self.broker.actors and message.options.get("eta") is None:
+                if unknown_actors.settle(self.broker, message, queue):  # given back, or held
+                    self.channel.basic_ack(method.delivery_tag)
+                else:
+                    self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
                 continue
 
             self.known_tags.add(method.delivery_tag)
@@ -552,27 +556,70 @@ def held_queue(queue: str) -> str:
     return f"{queue}.HQ"
 
 
+#: The longest queue name RabbitMQ takes is 255 bytes; dramaturg adds ``.DQ``, ``.XQ``, ``.HQ``.
+MAX_QUEUE_BYTES = 255 - 3
+
+
+class _MissingHeldQueue(logging.Filter):
+    """Drops pika's warning for a passive check of a held queue that does not exist: that
+    only means "no held tasks there", and it would come before every `held` command's
+    answer. Every other channel closing is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Received remote Channel.Close (%s): %r on %s" or not record.args:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 3 and args[0] == 404 and ".HQ'" in str(args[1]))
+
+
+_missing_held_queue = _MissingHeldQueue()
+
+
+class _Take:
+    """The channel one :meth:`RabbitmqHeldStore.taking` holds its deliveries on: they are
+    the lease (RabbitMQ gives them back when the channel or its connection closes)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.transactional = False
+        self.returned: list[str] = []
+
+    def begin(self) -> None:
+        """Make the channel transactional (once): a kick's publishes and acknowledgements
+        then happen together at the commit, or not at all."""
+        if not self.transactional:
+            self.channel.tx_select()
+            self.channel.add_on_return_callback(lambda _c, method, _p, _b: self.returned.append(method.routing_key))
+            self.transactional = True
+
+
 class RabbitmqHeldStore(HeldStore):
     """Held tasks as persistent messages in a durable ``<queue>.HQ`` per queue, no TTL.
 
     Writes use publisher confirms whatever ``broker.confirm_delivery`` says. Reading
     takes messages with ``basic_get`` without acknowledging them and then closes the
     channel, so RabbitMQ puts every one back in its place: listing removes nothing, and
-    a kicker that dies before it acknowledges leaves its tasks held. Holding the same
-    task twice (a worker killed between holding and acknowledging) keeps two copies;
-    kick and purge act on every copy of an id.
+    a kicker that dies before it acknowledges leaves its tasks held. A kick publishes
+    each task and acknowledges its held copy in one transaction on the channel that
+    holds it: a kicker that stalls until RabbitMQ drops its connection (missed
+    heartbeats) gets its tasks given back and can no longer commit, so another kick
+    requeues them and it does not. Holding the same task twice (a worker killed between
+    holding and acknowledging) keeps two copies; kick and purge act on every copy of an id.
 
     Only the queues the broker knows (those of declared actors) can be listed without
-    naming them: AMQP cannot enumerate queues.
+    naming them: AMQP cannot enumerate queues. Reading never declares a held queue: a
+    name with none (a typo) has no held tasks.
     """
 
     def __init__(self, broker: RabbitmqBroker) -> None:
         super().__init__(broker)
+        self.broker: RabbitmqBroker = broker
         self.parameters = broker.parameters
         self._lock = threading.RLock()
         self._connection: pika.BlockingConnection | None = None
         self._publisher: Any = None
         self._declared: set[str] = set()
+        logging.getLogger("pika.channel").addFilter(_missing_held_queue)  # idempotent
 
     # One connection per store, used under a lock: holds are rare, and pika's
     # connections must not be shared between threads without one.
@@ -603,6 +650,14 @@ class RabbitmqHeldStore(HeldStore):
                 self._reset()
                 return operation()
 
+    def check_queue(self, queue: str) -> str:
+        super().check_queue(queue)
+        if len(queue.encode()) > MAX_QUEUE_BYTES:
+            raise SendError(f"{queue[:40]}... is not a queue name: RabbitMQ takes at most {MAX_QUEUE_BYTES} bytes")
+        if queue.startswith("amq."):
+            raise SendError(f"{queue!r} is not a queue name: RabbitMQ reserves names starting with 'amq.'")
+        return queue
+
     def hold(self, task: HeldTask) -> None:
         def publish() -> None:
             channel = self._channel(confirmed=True)
@@ -623,30 +678,46 @@ class RabbitmqHeldStore(HeldStore):
         self._retrying(publish)
 
     def _read(self, channel: Any, queue: str) -> Iterator[tuple[int, HeldTask]]:
-        """Every held task of ``queue``, unacknowledged on ``channel`` (closing it puts them back)."""
+        """Every held task of ``queue``, unacknowledged on ``channel`` (closing it puts them back).
+
+        An entry this version cannot read comes as :meth:`HeldTask.unreadable`, by the id
+        it was published with (or one derived from its body, the same on every read).
+        """
         while True:
-            method, _, body = channel.basic_get(held_queue(queue), auto_ack=False)
+            method, properties, body = channel.basic_get(held_queue(queue), auto_ack=False)
             if method is None:
                 return
-            yield method.delivery_tag, HeldTask.from_json(body)
+            try:
+                task = HeldTask.from_json(body)
+            except ValueError as error:
+                message_id = getattr(properties, "message_id", None) or "body-" + hashlib.sha1(body).hexdigest()[:16]
+                task = HeldTask.unreadable(str(message_id), queue, body, str(error))
+            yield method.delivery_tag, task
 
     def _size(self, queue: str) -> int:
-        """Declare ``queue``'s held queue (durable; declaring is idempotent) and count it.
+        """How many tasks ``queue``'s held queue has ready; 0 when it does not exist.
 
-        Declaring instead of a passive check keeps a missing queue from closing the
-        channel with a 404 (and pika from logging a warning for it).
+        A passive check on a channel of its own (a missing queue closes it with a 404),
+        so that reading never creates a held queue for a name typed by mistake.
         """
         channel = self._channel(confirmed=False)
         try:
-            return int(channel.queue_declare(held_queue(queue), durable=True).method.message_count)
+            return int(channel.queue_declare(held_queue(queue), passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:
+                return 0
+            raise
         finally:
-            channel.close()
+            if channel.is_open:
+                channel.close()
 
     def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
+        names = [self.check_queue(queue)] if queue is not None else self.queues()
+
         def read() -> list[HeldTask]:
             found: list[HeldTask] = []
             skip = offset
-            for name in [queue] if queue else self.queues():
+            for name in names:
                 if len(found) >= limit or not self._size(name):
                     continue
                 channel = self._channel(confirmed=False)
@@ -666,15 +737,19 @@ class RabbitmqHeldStore(HeldStore):
         return result
 
     def count(self, queue: str | None = None) -> int:
+        names = [self.check_queue(queue)] if queue is not None else self.queues()
+
         def read() -> int:
-            return sum(self._size(name) for name in ([queue] if queue else self.queues()))
+            return sum(self._size(name) for name in names)
 
         result: int = self._retrying(read)
         return result
 
     def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
+        names = [self.check_queue(queue)] if queue is not None else self.queues()
+
         def read() -> HeldTask | None:
-            for name in [queue] if queue else self.queues():
+            for name in names:
                 if not self._size(name):
                     continue
                 channel = self._channel(confirmed=False)
@@ -691,28 +766,81 @@ class RabbitmqHeldStore(HeldStore):
 
     @contextmanager
     def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
+        self.check_queue(queue)
         with self._lock:
-            if not self._retrying(lambda: self._size(queue)):
+            if (message_ids is not None and not message_ids) or not self._retrying(lambda: self._size(queue)):
                 yield iter(())
                 return
-            channel = self._channel(confirmed=False)
+            take = _Take(self._channel(confirmed=False))
             wanted = set(message_ids) if message_ids is not None else None
             try:
                 taken = [
-                    (task, (channel, tag))
-                    for tag, task in self._read(channel, queue)
+                    (task, (take, tag))
+                    for tag, task in self._read(take.channel, queue)
                     if wanted is None or task.message_id in wanted
                 ]
                 yield iter(taken)
             finally:
-                if channel.is_open:
-                    channel.close()  # every task not acknowledged goes back, in its place
+                if take.channel.is_open:
+                    with contextlib.suppress(pika.exceptions.AMQPError):
+                        take.channel.close()  # every task not acknowledged goes back, in its place
+
+    def requeue(
+        self, queue: str, batch: Sequence[tuple[Message[Any], Any]], delay_ms: int | None
+    ) -> builtins.list[tuple[str, str]]:
+        """Publish the batch and acknowledge its held copies in one transaction on the
+        channel that took them: if RabbitMQ dropped that channel (this kicker stalled past
+        its heartbeats), it gave the tasks back and nothing of the batch happens."""
+        if not batch:
+            return []
+        take: _Take = batch[0][1][0]
+        try:
+            self.broker.declare_queue(queue, ensure=True)
+            take.begin()
+            take.returned.clear()
+            prepared = []
+            for message, (_, tag) in batch:
+                if delay_ms is not None:
+                    message = message.copy(queue_name=dq_name(queue), options={"eta": current_millis() + delay_ms})
+                self.broker.emit_before("enqueue", message, delay_ms)
+                take.channel.basic_publish(
+                    exchange="",
+                    routing_key=message.queue_name,
+                    body=message.encode(),
+                    properties=pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority")),
+                    mandatory=True,
+                )
+                take.channel.basic_ack(tag)
+                prepared.append(message)
+            # A synchronous round trip before committing: RabbitMQ returns a message it
+            # cannot route (its queue was deleted) before it answers this.
+            for name in {message.queue_name for message in prepared}:
+                take.channel.queue_declare(name, passive=True)
+            take.channel.connection.process_data_events(time_limit=0)
+            if take.returned:
+                take.channel.tx_rollback()
+                raise KickError(f"RabbitMQ could not route the tasks to {take.returned[0]!r} (deleted?)")
+            take.channel.tx_commit()
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 404:
+                raise
+            raise KickError(f"RabbitMQ has no queue to requeue them to ({_reason(error)})") from None
+        except pika.exceptions.AMQPError as error:
+            why = (
+                f"not requeued by this kick: its channel to RabbitMQ was lost ({_reason(error)}), so RabbitMQ"
+                f" gave the task back to {held_queue(queue)} (or requeued it, had the commit arrived)"
+            )
+            return [(message.message_id, why) for message, _ in batch]
+        for message in prepared:
+            self.broker.emit_after("enqueue", message, delay_ms)
+        return []
 
     def forget(self, queue: str, receipt: Any) -> None:
-        channel, tag = receipt
-        channel.basic_ack(tag)
+        take, tag = receipt
+        take.channel.basic_ack(tag)
 
     def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        self.check_queue(queue)
         if message_ids is None:
 
             def purge_all() -> int:

@@ -6,7 +6,9 @@ import builtins
 import functools
 import json
 import operator
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,20 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message, Middleware
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
-from dramatiq.common import current_millis, dq_name
-from dramatiq.errors import DecodeError
+from dramatiq.common import compute_backoff, current_millis, dq_name
+from dramatiq.errors import ConnectionClosed, DecodeError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from .. import suspension
+from .. import envelope, suspension, unknown_actors
 from ..bulk import new_ids
 from ..config import BrokerSettings
 from ..errors import BrokerUnreachable, ConfigError
-from ..held import HeldStore, HeldTask
+from ..held import LEASE_LOST, HeldStore, HeldTask
 from ..masking import mask_url
-from ..middleware.outcomes import hold_poison, unknown_actor_reason
+from ..middleware.outcomes import hold_poison
 from ..middleware.priority import message_priority
 from ..queues import canonical_queue, lane_queue, lanes
+from .redis_claims import RedisClaims
 
 if TYPE_CHECKING:
     from .redis_stats import RedisStatsReader
@@ -81,7 +87,12 @@ class RedisBroker(_DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
 
     ``client`` is the redis-py client every dramaturg component shares; the embedded
-    broker passes one connected to its own server's socket.
+    broker passes one connected to its own server's socket. Neither retries a command by
+    itself (see :func:`no_retry`).
+
+    ``claims`` knows which of the messages this process claimed it still holds, and gives
+    back the others (:mod:`dramaturg.brokers.redis_claims`): fetching, acknowledging,
+    rejecting and requeueing go through it.
     """
 
     def __init__(
@@ -103,6 +114,11 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+        self.claims = RedisClaims(self)
+        self._ack, self._nack, self._requeue = (
+            self._dispatch(command)  # type: ignore[no-untyped-call]
+            for command in ("ack", "nack", "requeue")
+        )
 
     @functools.cached_property
     def stats(self) -> RedisStatsReader:
@@ -136,6 +152,15 @@ class RedisBroker(_DramatiqRedisBroker):
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue on the lane of the message's priority, as Dramatiq's broker does otherwise,
         except that a new message's Redis id is its own id (see :meth:`find_message`)."""
+        message, redis_id = self.placed(message, delay)
+        self.emit_before("enqueue", message, delay)
+        self.do_enqueue(message.queue_name, redis_id, message.encode())
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def placed(self, message: Message[Any], delay: int | None) -> tuple[Message[Any], str]:
+        """``message`` as :meth:`enqueue` stores it (on its priority lane or delay queue,
+        with its ``eta``), and its Redis id."""
         queue_name = message.queue_name
         if self.settings.priorities:
             queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
@@ -146,11 +171,7 @@ class RedisBroker(_DramatiqRedisBroker):
         if delay is not None:
             queue_name = dq_name(queue_name)
             options["eta"] = current_millis() + delay
-        message = message.copy(queue_name=queue_name, options=options)
-        self.emit_before("enqueue", message, delay)
-        self.do_enqueue(queue_name, redis_id, message.encode())
-        self.emit_after("enqueue", message, delay)
-        return message
+        return message.copy(queue_name=queue_name, options=options), redis_id
 
     def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
         """Enqueue ``messages`` with one script call: all of them, or none.
@@ -210,6 +231,34 @@ class RedisBroker(_DramatiqRedisBroker):
         hooks.emit_after(prepared, delay)
         return prepared
 
+    # Dramatiq reaches these through __getattr__ (its dispatch script); the claims of this
+    # process are noted on the way (see dramaturg.brokers.redis_claims).
+
+    def do_fetch(self, queue_name: str, count: int) -> list[bytes]:
+        """Claim up to ``count`` messages of ``queue_name``; their bodies."""
+        return self.claims.fetch(queue_name, count)
+
+    def do_ack(self, queue_name: str, redis_id: str) -> Any:
+        """Acknowledge a message: its body is deleted and its claim released."""
+        result = self._ack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
+        return result
+
+    def do_nack(self, queue_name: str, redis_id: str) -> Any:
+        """Reject a message into the dead-letter queue and release its claim."""
+        result = self._nack(queue_name, redis_id)
+        self.claims.release(queue_name, (redis_id,))
+        return result
+
+    def do_requeue(self, queue_name: str, *redis_ids: str) -> Any:
+        """Put claimed messages back at the tail of their queue."""
+        try:
+            return self._requeue(queue_name, *redis_ids)
+        finally:
+            # Whatever Redis answered: the caller lets go of them, and the next
+            # reconciliation gives back any the script did not reach.
+            self.claims.release(queue_name, redis_ids)
+
     #: find_message() finds a new message by its id (see dramaturg.state).
     finds_messages = True
 
@@ -241,15 +290,47 @@ class RedisBroker(_DramatiqRedisBroker):
 class RedisConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, holding poison messages instead of stalling on them.
 
-    Dramatiq's own consumer lets a body it cannot decode escape as an exception: the
-    consumer restarts, and the messages it had prefetched stay claimed by a worker that
-    is still alive, so nothing moves them back until it restarts. Here an undecodable
-    body, or a message for an actor this worker does not know, is held with its reason
-    and acknowledged, and the consumer goes on with the next message.
+    Dramatiq's own consumer lets a body it cannot decode (or a message whose fields it
+    chokes on) escape as an exception: the consumer restarts, and the messages it had
+    prefetched stay claimed by a worker that is still alive, so nothing moves them back
+    until it restarts. Here each body is read by :func:`dramaturg.envelope.decode`: one
+    that does not decode, has a field of the wrong type or names another queue is held
+    with its reason and acknowledged, and the consumer goes on with the next message. A
+    message for an actor this worker does not know is given back for a while, then held
+    (:mod:`dramaturg.unknown_actors`).
 
     While its queue is suspended (:mod:`dramaturg.suspension`) it fetches nothing and
     pushes what it had prefetched back onto the queue.
+
+    Closing gives back what it had prefetched and not handed out, and what its thread
+    had put in its delay queue and dropped; a new consumer gives back, before its first
+    fetch, every claim of the queue that no thread of the process holds (a consumer
+    restarted after a connection error, a fetch whose reply was lost). See
+    :mod:`dramaturg.brokers.redis_claims`, which explains why this never gives back a
+    message a thread still holds.
     """
+
+    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        # Dramatiq's ConsumerThread makes its consumer in its own thread: the thread whose
+        # delay queue holds this consumer's delayed messages.
+        self._thread = threading.get_ident()
+        broker.claims.consumer_started(queue_name)
+
+    def requeue(self, messages: Iterable[Any]) -> None:
+        # Dramatiq's lets redis.ConnectionError out, which its ConsumerThread.close and
+        # Worker.stop do not catch: the consumer thread died, or the stop went no further.
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except redis.ConnectionError as error:
+            raise ConnectionClosed(error) from None
+
+    def close(self) -> None:
+        try:
+            cached, self.message_cache = self.message_cache, []
+            self.broker.claims.consumer_closed(self.queue_name, self._thread, cached)
+        finally:
+            super().close()
 
     def __next__(self) -> Any:
         while True:
@@ -258,24 +339,52 @@ class RedisConsumer(_RedisConsumer):
                 self._give_back_prefetched()
                 time.sleep(min(wait, self.timeout / 1000))  # idle, as Dramatiq's consumer is between fetches
                 return None
-            try:
-                message = super().__next__()  # type: ignore[no-untyped-call]
-            except DecodeError as error:
-                self._hold_undecodable(error)
-                continue
-            if message is None:
+            body = self._next_body()
+            if body is None:
                 return None
+            try:
+                message = envelope.decode(body, self.queue_name)
+            except envelope.Poison as poison:
+                self._hold_poison(poison)
+                continue
             if "redis_message_id" not in message.options:
                 # Put here by another client; Dramatiq needs this id to acknowledge it.
                 redis_id = self._claimed_id(functools.partial(_has_id, message.message_id))
                 if redis_id is None:
                     continue
                 message.options["redis_message_id"] = redis_id
-            if message.actor_name in self.broker.actors:
-                return message
-            reason = unknown_actor_reason(message.actor_name, self.broker)
-            if hold_poison(self.broker, HeldTask.from_message(message._message, reason, queue_name=self._queue())):
-                self.ack(message)  # type: ignore[no-untyped-call]
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name in self.broker.actors or message.options.get("eta") is not None:
+                self.queued_message_ids.add(message.message_id)
+                return MessageProxy(message)
+            if unknown_actors.settle(self.broker, message, self._queue()):  # given back, or held
+                self.ack(MessageProxy(message))  # type: ignore[no-untyped-call]
+
+    def _next_body(self) -> bytes | None:
+        """The next body this consumer claimed, fetching more when it has none; None when
+        the queue is idle. Dramatiq 2.x's ``__next__`` without its decoding, which
+        :func:`dramaturg.envelope.decode` does instead (Dramatiq's raises on some bodies
+        after taking them from the batch, and the batch stays claimed)."""
+        try:
+            while True:
+                if self.message_cache:
+                    body: bytes | None = self.message_cache.pop(0)
+                    if body is not None:  # Dramatiq saw None once (its issue 266): skip it as it does
+                        self.misses = 0
+                        return body
+                    continue
+                bodies: list[bytes] = []
+                if self.outstanding_message_count < self.prefetch:
+                    self.message_cache = bodies = self.broker.do_fetch(
+                        self.queue_name, self.prefetch - self.outstanding_message_count
+                    )
+                if not bodies:
+                    # Nothing came: poll less often, up to the idle timeout.
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+        except redis.ConnectionError as e:
+            raise ConnectionClosed(e) from None
 
     def _queue(self) -> str:
         return canonical_queue(self.queue_name)
@@ -307,13 +416,19 @@ class RedisConsumer(_RedisConsumer):
                 return str(redis_id.decode())
         return None
 
-    def _hold_undecodable(self, error: DecodeError) -> None:
-        redis_id = self._claimed_id(lambda body: body == error.data)
+    def _hold_poison(self, poison: envelope.Poison) -> None:
+        body = poison.body
+        # The id a Dramatiq client wrote into the body, if the body under it is this one;
+        # else look among the claimed ones.
+        redis_id = _redis_id(body)
+        if (
+            redis_id is None
+            or self.broker.client.hget(f"{self.broker.namespace}:{self.queue_name}.msgs", redis_id) != body
+        ):
+            redis_id = self._claimed_id(functools.partial(operator.eq, body))
         if redis_id is None:
             return
-        reason = f"undecodable message: {error.error!r}"
-        task = HeldTask.from_raw(error.data, reason, queue_name=self._queue(), message_id=redis_id)
-        if hold_poison(self.broker, task):
+        if hold_poison(self.broker, poison.held_task(self._queue(), redis_id)):
             self.broker.do_ack(self.queue_name, redis_id)
 
 
@@ -337,11 +452,31 @@ def _has_id(message_id: str, body: bytes) -> bool:
         return False
 
 
+def no_retry() -> Retry:
+    """The retry policy of the broker's clients: none, whatever redis-py's default.
+
+    redis-py 6 and later retry a command that failed with a connection error or a timeout
+    (10 times, with backoff, on a client made with ``redis.Redis(...)``; none on one made
+    with ``Redis.from_url``, nor in Dramatiq's own ``RedisBroker(url=...)``). A script that
+    ran in Redis and whose reply was lost then runs again: a fetch claims a second batch
+    over the first, which nobody holds; an enqueue enqueues twice. So no command is
+    retried blindly, and each caller copes with the error: a consumer restarts and gives
+    back what it claimed (:mod:`dramaturg.brokers.redis_claims`), Dramatiq retries an
+    acknowledgement (idempotent), the recovery thread tries again at its next tick, a
+    sender gets the error (the message may have been enqueued). A connection that broke
+    while idle is still replaced before use: the pool checks it when it hands it out.
+    """
+    return Retry(NoBackoff(), 0)
+
+
 def make_client(settings: BrokerSettings) -> redis.Redis:
-    """A redis-py client for ``broker.url`` with the configured connect timeout."""
+    """A redis-py client for ``broker.url`` with the configured connect timeout, which
+    retries nothing by itself (:func:`no_retry`)."""
     assert settings.url is not None
     try:
-        return redis.Redis.from_url(settings.url, socket_connect_timeout=settings.connect_timeout / 1000)
+        return redis.Redis.from_url(
+            settings.url, socket_connect_timeout=settings.connect_timeout / 1000, retry=no_retry()
+        )
     except ValueError as error:
         raise ConfigError(
             f"broker.url: {mask_url(settings.url)!r} is not a valid Redis URL: {error}", key="broker.url"
@@ -379,15 +514,56 @@ def ping_client(client: redis.Redis, what: str) -> float:
 #   <q>                  hash  message id -> HeldTask JSON
 #   <q>#order            zset  message id, scored by held_at (listing order)
 #   <q>#kicking          hash  tasks taken by a kicker that has not requeued them yet
-#   <q>#kicking-order    zset  scored by when they were taken (stale ones go back)
+#   <q>#kicking-order    zset  scored by when their kicker's lease runs out (ms)
+#   <q>#kicking-token    hash  message id -> the token of the kicker that took it
 #   #queues              set   queues that have held tasks
-_TAKE = """
-local now = ARGV[1]
+# Every script below takes these five keys as KEYS[1..5], in this order. A kick's lease
+# is its token: a task moves to the queue, or back, only for the kicker whose token it
+# still has; a lease that ran out gives the task back and drops the token.
+
+# give_back(id, now): a taken task back in the held hash, in its listing place (its
+# held_at; an entry that does not decode, which must not fail the script, goes last).
+_GIVE_BACK_FUNCTIONS = """
+local function held_at(task, fallback)
+    local ok, decoded = pcall(cjson.decode, task)
+    if ok and type(decoded) == "table" and type(decoded["held_at"]) == "number" then
+        return decoded["held_at"]
+    end
+    return fallback
+end
+local function give_back(id, now)
+    local task = redis.call("hget", KEYS[3], id)
+    redis.call("hdel", KEYS[3], id)
+    redis.call("zrem", KEYS[4], id)
+    redis.call("hdel", KEYS[5], id)
+    if task then
+        redis.call("hset", KEYS[1], id, task)
+        redis.call("zadd", KEYS[2], held_at(task, now), id)
+    end
+end
+"""
+# Gives back the tasks whose lease ran out (at or before ARGV[1], now): every script
+# that takes or deletes held tasks runs this first, so none stays hidden for long. Each
+# kicker sets its own lease's length; the store only compares its end with now.
+_GIVE_BACK_STALE = (
+    _GIVE_BACK_FUNCTIONS
+    + """
+for _, id in ipairs(redis.call("zrangebyscore", KEYS[4], "-inf", ARGV[1])) do
+    give_back(id, ARGV[1])
+end
+"""
+)
+
+# ARGV: now, when the lease runs out, token, "all" or "ids", the ids...
+# Returns id, stored entry, id, stored entry... of what was taken.
+_TAKE = (
+    _GIVE_BACK_STALE
+    + """
 local ids = {}
-if ARGV[2] == "*" then
+if ARGV[4] == "all" then
     ids = redis.call("zrange", KEYS[2], 0, -1)
 else
-    for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+    for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local taken = {}
 for _, id in ipairs(ids) do
@@ -396,71 +572,155 @@ for _, id in ipairs(ids) do
         redis.call("hdel", KEYS[1], id)
         redis.call("zrem", KEYS[2], id)
         redis.call("hset", KEYS[3], id, task)
-        redis.call("zadd", KEYS[4], now, id)
+        redis.call("zadd", KEYS[4], ARGV[2], id)
+        redis.call("hset", KEYS[5], id, ARGV[3])
+        taken[#taken + 1] = id
         taken[#taken + 1] = task
     end
 end
 return taken
 """
+)
 
-_GIVE_BACK = """
-local ids = {}
-if ARGV[1] == "stale" then
-    ids = redis.call("zrangebyscore", KEYS[4], 0, ARGV[2])
-else
-    for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-end
-for _, id in ipairs(ids) do
-    local task = redis.call("hget", KEYS[3], id)
-    redis.call("hdel", KEYS[3], id)
-    redis.call("zrem", KEYS[4], id)
-    if task then
-        redis.call("hset", KEYS[1], id, task)
-        redis.call("zadd", KEYS[2], cjson.decode(task)["held_at"], id)
+# Ends the lease on tasks still taken with token ARGV[2]: "back" gives them back,
+# "forget" drops them, "renew" moves the end of their lease to ARGV[4]. Returns how many.
+# ARGV: now, token, "back" | "forget" | "renew", when the lease runs out, the ids...
+_SETTLE = (
+    _GIVE_BACK_FUNCTIONS
+    + """
+local count = 0
+for i = 5, #ARGV do
+    local id = ARGV[i]
+    if redis.call("hget", KEYS[5], id) == ARGV[2] then
+        count = count + 1
+        if ARGV[3] == "back" then
+            give_back(id, ARGV[1])
+        elseif ARGV[3] == "renew" then
+            redis.call("zadd", KEYS[4], ARGV[4], id)
+        else
+            redis.call("hdel", KEYS[3], id)
+            redis.call("zrem", KEYS[4], id)
+            redis.call("hdel", KEYS[5], id)
+        end
     end
 end
-return #ids
+return count
+"""
+)
+
+# Moves kicked tasks to their queue as Dramatiq's enqueue does (the body in
+# <ns>:<queue>.msgs, the Redis id at the tail of <ns>:<queue>) and forgets them, each
+# only if it is still taken with the kicker's token: a kicker that stalled past its
+# lease enqueues nothing that was given back (and maybe kicked by another) meanwhile.
+# KEYS[6]: the broker's namespace. ARGV: token, then per task: message id, queue (lane or
+# delay queue), Redis id, body. Returns the message ids moved.
+_KICK = """
+local moved = {}
+for a = 2, #ARGV, 4 do
+    local id = ARGV[a]
+    if redis.call("hget", KEYS[5], id) == ARGV[1] then
+        local queue = KEYS[6] .. ":" .. ARGV[a + 1]
+        redis.call("hset", queue .. ".msgs", ARGV[a + 2], ARGV[a + 3])
+        redis.call("rpush", queue, ARGV[a + 2])
+        redis.call("hdel", KEYS[3], id)
+        redis.call("zrem", KEYS[4], id)
+        redis.call("hdel", KEYS[5], id)
+        moved[#moved + 1] = id
+    end
+end
+return moved
 """
 
-_PURGE = """
-if ARGV[1] == "*" then
+# ARGV: now, "all" or "ids", the ids... Returns how many were deleted.
+_PURGE = (
+    _GIVE_BACK_STALE
+    + """
+if ARGV[2] == "all" then
     local count = redis.call("hlen", KEYS[1])
     redis.call("del", KEYS[1], KEYS[2])
     return count
 end
 local count = 0
-for i = 1, #ARGV do
+for i = 3, #ARGV do
     count = count + redis.call("hdel", KEYS[1], ARGV[i])
     redis.call("zrem", KEYS[2], ARGV[i])
 end
 return count
 """
+)
 
-#: A kicker that took tasks this long ago and did not finish is presumed dead.
-STALE_KICK_MS = 60_000
+# Read only: one page of a queue's held tasks, those whose kicker's lease ran out after
+# them (they are held again for every purpose but have not been given back yet).
+# ARGV: now, offset, limit. Returns the total, then id, entry, id, entry...
+_LIST = """
+local held = redis.call("zcard", KEYS[2])
+local stale = redis.call("zcount", KEYS[4], "-inf", ARGV[1])
+local offset, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local found = {held + stale}
+local function add(hash, ids)
+    for _, id in ipairs(ids) do
+        local task = redis.call("hget", hash, id)
+        if task then
+            found[#found + 1] = id
+            found[#found + 1] = task
+        end
+    end
+end
+if limit > 0 and offset < held then
+    add(KEYS[1], redis.call("zrange", KEYS[2], offset, offset + limit - 1))
+end
+local room = limit - math.floor((#found - 1) / 2)
+if room > 0 and stale > 0 and offset + limit > held then
+    local skip = math.max(offset - held, 0)
+    add(KEYS[3], redis.call("zrangebyscore", KEYS[4], "-inf", ARGV[1], "LIMIT", skip, room))
+end
+return found
+"""
+
+#: How long a kicker's take lasts unless it renews it (a kick renews it as it goes): a
+#: kicker that stalls longer (a paused process, a long GC) has its tasks given back, and
+#: requeues none of them afterwards.
+KICK_LEASE_MS = 60_000
+#: The former name of :data:`KICK_LEASE_MS`.
+STALE_KICK_MS = KICK_LEASE_MS
 
 
 class RedisHeldStore(HeldStore):
     """Held tasks in Redis hashes beside the broker's keys (see the key layout above).
 
     Taking is one Lua script, so two kickers never requeue the same task; tasks taken by
-    a kicker that died are given back after :data:`STALE_KICK_MS`.
+    a kicker that died or stalled are given back once its lease runs out (``lease_ms``
+    after the take or its last renewal; default :data:`KICK_LEASE_MS`), and the script
+    that moves a task to its queue checks the kicker's token, so a stalled kicker never
+    queues a task twice.
     """
 
-    def __init__(self, broker: RedisBroker) -> None:
+    def __init__(self, broker: RedisBroker, *, lease_ms: int = KICK_LEASE_MS) -> None:
         super().__init__(broker)
+        self.broker: RedisBroker = broker
         self.client = broker.client
         self.prefix = f"{broker.namespace}:__held__"
+        self.lease_ms = lease_ms
         self._take = self.client.register_script(_TAKE)
-        self._give_back = self.client.register_script(_GIVE_BACK)
+        self._settle = self.client.register_script(_SETTLE)
+        self._kick = self.client.register_script(_KICK)
         self._purge = self.client.register_script(_PURGE)
+        self._list = self.client.register_script(_LIST)
 
     def _keys(self, queue: str) -> list[str]:
         base = f"{self.prefix}:{queue}"
-        return [base, f"{base}#order", f"{base}#kicking", f"{base}#kicking-order"]
+        return [base, f"{base}#order", f"{base}#kicking", f"{base}#kicking-order", f"{base}#kicking-token"]
+
+    @staticmethod
+    def _read(message_id: bytes | str, data: bytes, queue: str) -> HeldTask:
+        message_id = message_id.decode(errors="replace") if isinstance(message_id, bytes) else message_id
+        try:
+            return HeldTask.from_json(data)
+        except ValueError as error:
+            return HeldTask.unreadable(message_id, queue, data, str(error))
 
     def hold(self, task: HeldTask) -> None:
-        held, order, _, _ = self._keys(task.queue_name)
+        held, order, *_ = self._keys(task.queue_name)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(held, task.message_id, task.to_json())
             pipe.zadd(order, {task.message_id: task.held_at})
@@ -469,53 +729,90 @@ class RedisHeldStore(HeldStore):
 
     def list(self, queue: str | None = None, *, offset: int = 0, limit: int = 50) -> list[HeldTask]:
         found: list[HeldTask] = []
-        for name in [queue] if queue else self.queues():
-            self._recover(name)
-            held, order, _, _ = self._keys(name)
-            total = self.client.zcard(order)
-            if offset >= total:
-                offset -= total
-                continue
-            ids: builtins.list[bytes] = self.client.zrange(order, offset, offset + limit - len(found) - 1)  # type: ignore[assignment]
-            offset = 0
-            if ids:
-                found += [HeldTask.from_json(data) for data in self.client.hmget(held, ids) if data]
+        for name in [self.check_queue(queue)] if queue is not None else self.queues():
+            total, *page = self._list(keys=self._keys(name), args=[_now_ms(), offset, limit - len(found)])
+            offset = max(offset - int(total), 0)
+            found += [self._read(page[i], page[i + 1], name) for i in range(0, len(page), 2)]
             if len(found) >= limit:
                 break
         return found
 
     def count(self, queue: str | None = None) -> int:
-        return sum(int(self.client.hlen(self._keys(name)[0])) for name in ([queue] if queue else self.queues()))
+        now = _now_ms()
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in [self.check_queue(queue)] if queue is not None else self.queues():
+                held, _, _, kicking_order, _ = self._keys(name)
+                pipe.hlen(held)
+                pipe.zcount(kicking_order, "-inf", now)
+            return sum(int(n) for n in pipe.execute())
 
     def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
-        for name in [queue] if queue else self.queues():
-            data = self.client.hget(self._keys(name)[0], message_id)
+        now = _now_ms()
+        for name in [self.check_queue(queue)] if queue is not None else self.queues():
+            held, _, kicking, kicking_order, _ = self._keys(name)
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(held, message_id)
+                pipe.hget(kicking, message_id)
+                pipe.zscore(kicking_order, message_id)
+                data, taken, until = pipe.execute()
+            if data is None and until is not None and until <= now:
+                data = taken  # its kicker's lease ran out: it is held again
             if data:
-                return HeldTask.from_json(data)
+                return self._read(message_id, data, name)
         return None
 
     @contextmanager
     def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
-        self._recover(queue)
-        keys = self._keys(queue)
-        now = int(time.time() * 1000)
-        taken = [HeldTask.from_json(data) for data in self._take(keys=keys, args=[now, *(message_ids or ["*"])])]
+        keys = self._keys(self.check_queue(queue))
+        token = uuid.uuid4().hex
+        now = _now_ms()
+        if message_ids is not None and not message_ids:
+            yield iter(())
+            return
+        mode = ["all"] if message_ids is None else ["ids", *message_ids]
+        reply = self._take(keys=keys, args=[now, now + self.lease_ms, token, *mode])
+        lease = _Lease(self, keys, token, [reply[i] for i in range(0, len(reply), 2)], now)
         try:
-            yield ((task, task.message_id) for task in taken)
+            # Decoded here, inside the try: an entry that does not decode is still given back.
+            tasks = [self._read(reply[i], reply[i + 1], queue) for i in range(0, len(reply), 2)]
+            yield ((task, (task.message_id, lease)) for task in tasks)
         finally:
-            leftover = [task.message_id for task in taken]
-            if leftover:
-                self._give_back(keys=keys, args=["ids", *leftover])
+            lease.give_back()
+
+    def requeue(
+        self, queue: str, batch: Sequence[tuple[Message[Any], Any]], delay_ms: int | None
+    ) -> builtins.list[tuple[str, str]]:
+        """Enqueue the batch and forget it in one script that checks the kicker's lease."""
+        if not batch:
+            return []
+        lease: _Lease = batch[0][1][1]
+        lease.renew_if_due()
+        placed: builtins.list[Message[Any]] = []
+        args: builtins.list[Any] = [lease.token]
+        for message, (message_id, _) in batch:
+            stored, redis_id = self.broker.placed(message, delay_ms)
+            # before_enqueue runs even for a task whose lease turns out to be lost: the
+            # same hooks then ran for the kicker that requeued it; nothing is counted twice.
+            self.broker.emit_before("enqueue", stored, delay_ms)
+            args += [message_id, stored.queue_name, redis_id, stored.encode()]
+            placed.append(stored)
+        moved = {m.decode() for m in self._kick(keys=[*lease.keys, self.broker.namespace], args=args)}
+        lease.settled(moved)
+        for stored in placed:
+            if stored.message_id in moved:
+                self.broker.emit_after("enqueue", stored, delay_ms)
+        return [(message.message_id, LEASE_LOST) for message, _ in batch if message.message_id not in moved]
 
     def forget(self, queue: str, receipt: Any) -> None:
-        _, _, kicking, kicking_order = self._keys(queue)
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(kicking, receipt)
-            pipe.zrem(kicking_order, receipt)
-            pipe.execute()
+        message_id, lease = receipt
+        lease.forget(message_id)
 
     def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
-        return int(self._purge(keys=self._keys(queue)[:2], args=list(message_ids) if message_ids else ["*"]))
+        keys = self._keys(self.check_queue(queue))
+        if message_ids is not None and not message_ids:
+            return 0
+        mode = ["all"] if message_ids is None else ["ids", *message_ids]
+        return int(self._purge(keys=keys, args=[_now_ms(), *mode]))
 
     def queues(self) -> builtins.list[str]:
         members: set[bytes] = self.client.smembers(f"{self.prefix}:#queues")  # type: ignore[assignment]
@@ -523,9 +820,43 @@ class RedisHeldStore(HeldStore):
         declared = {canonical_queue(name) for name in self.broker.get_declared_queues()}
         return sorted(stored | declared)
 
-    def _recover(self, queue: str) -> None:
-        cutoff = int(time.time() * 1000) - STALE_KICK_MS
-        self._give_back(keys=self._keys(queue), args=["stale", cutoff])
+
+class _Lease:
+    """The tasks one :meth:`RedisHeldStore.taking` took, under its token."""
+
+    def __init__(self, store: RedisHeldStore, keys: list[str], token: str, ids: list[bytes], now: int) -> None:
+        self.store = store
+        self.keys = keys
+        self.token = token
+        self.open = {i.decode() if isinstance(i, bytes) else i for i in ids}
+        self.renewed_at = now
+
+    def settled(self, message_ids: Iterable[str]) -> None:
+        self.open.difference_update(message_ids)
+
+    def forget(self, message_id: str) -> None:
+        if message_id in self.open:
+            self.store._settle(keys=self.keys, args=[_now_ms(), self.token, "forget", 0, message_id])
+            self.open.discard(message_id)
+
+    def renew_if_due(self) -> None:
+        """Move the lease of what is still taken to now, once a third of it has passed (a
+        long kick keeps its lease; a kicker that stalls does not)."""
+        now = _now_ms()
+        if self.open and now - self.renewed_at >= self.store.lease_ms / 3:
+            self.store._settle(keys=self.keys, args=[now, self.token, "renew", now + self.store.lease_ms, *self.open])
+            self.renewed_at = now
+
+    def give_back(self) -> None:
+        """Give back what is still taken under this token (what another kicker took after
+        this lease ran out is not this one's to give back)."""
+        if self.open:
+            self.store._settle(keys=self.keys, args=[_now_ms(), self.token, "back", 0, *self.open])
+            self.open.clear()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # -- recovering the messages of dead workers --------------------------------------------
@@ -667,6 +998,8 @@ class RedisRecoverer:
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
         self._expire_dead = self.client.register_script(_EXPIRE_DEAD)
         self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
+        #: This worker's own claims (None for a broker that is not dramaturg's).
+        self.claims: RedisClaims | None = getattr(broker, "claims", None)
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
         """Write this broker's heartbeat, for itself and for each of its queues (dropping
@@ -698,6 +1031,11 @@ class RedisRecoverer:
                 for queue in queues:
                     pipe.zrem(self.workers_prefix + queue, self.worker_id)
                 pipe.execute()
+
+    def reconcile(self) -> int:
+        """Give back this worker's claims that no thread of it holds (see
+        :mod:`dramaturg.brokers.redis_claims`); return how many went back."""
+        return self.claims.reconcile() if self.claims is not None else 0
 
     def recover(self, dead: Sequence[DeadWorker], now_ms: int) -> list[RecoveredWorker]:
         """Move each dead worker's claimed messages back to their queues, then forget it.

@@ -86,7 +86,6 @@ class StubHeldStore(HeldStore):
     def __init__(self, broker: StubBroker) -> None:
         super().__init__(broker)
         self._tasks: dict[str, dict[str, HeldTask]] = {}
-        self._taken: dict[str, dict[str, HeldTask]] = {}
         self._lock = threading.RLock()
 
     def hold(self, task: HeldTask) -> None:
@@ -114,17 +113,17 @@ class StubHeldStore(HeldStore):
         with self._lock:
             held = self._tasks.get(queue, {})
             ids = list(held) if message_ids is None else [i for i in message_ids if i in held]
-            taken = {i: held.pop(i) for i in ids}
-            self._taken[queue] = taken
+            taken = {i: held.pop(i) for i in ids}  # this taking's own: two kicks never share it
         try:
-            yield ((task, task.message_id) for task in list(taken.values()))
+            yield ((task, (taken, task.message_id)) for task in list(taken.values()))
         finally:
             with self._lock:
-                self._tasks.setdefault(queue, {}).update(self._taken.pop(queue, {}))
+                self._tasks.setdefault(queue, {}).update(taken)
 
     def forget(self, queue: str, receipt: Any) -> None:
+        taken, message_id = receipt
         with self._lock:
-            self._taken.get(queue, {}).pop(receipt, None)
+            taken.pop(message_id, None)
 
     def purge(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
         with self._lock:

@@ -2,13 +2,19 @@
 
 The command reads the configuration and imports ``worker.modules``, so it knows the
 queues of the application's actors (RabbitMQ cannot list queues; name one to be sure).
+A queue name that cannot be one, or an id that looks like a shell pattern and names no
+held task (an unmatched ``*`` the shell passed on), is refused with exit code 2: acting
+on every held task of a queue takes ``--all``, never an id.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -16,7 +22,7 @@ from typing import Any
 from .. import app
 from ..config import load_settings
 from ..errors import SendError
-from ..held import HeldStore, HeldTask, held_tasks
+from ..held import HeldStore, HeldTask, KickError, held_tasks
 from .common import delay_ms
 
 EPILOG = """\
@@ -66,14 +72,24 @@ def add_parser(subparsers: Any) -> None:
             action.set_defaults(run=run_purge)
 
 
+#: Characters of a shell pattern: an id holding one was probably meant for the shell.
+_GLOB = frozenset("*?[")
+
+
 def _store(args: argparse.Namespace) -> HeldStore:
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
     app.import_actor_modules_or_explain(settings.worker.modules)
-    return held_tasks(broker)
+    store = held_tasks(broker)
+    queue = getattr(args, "queue", None)
+    if queue is not None:  # a typed name: refused with one line before the broker is asked
+        store.check_queue(queue)
+    return store
 
 
 def _millis(ms: int) -> str:
+    if ms <= 0:
+        return "?"
     return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
 
 
@@ -90,9 +106,43 @@ def _ids(args: argparse.Namespace) -> list[str] | None:
     return None if args.all else list(args.message_ids)
 
 
+def _refuse_patterns(store: HeldStore, queue: str, ids: list[str] | None) -> None:
+    """Refuse an id that looks like a shell pattern unless a held task has exactly that id."""
+    for message_id in ids or ():
+        if _GLOB.intersection(message_id) and store.get(message_id, queue) is None:
+            raise SendError(
+                f"no held task with id {message_id!r} in {queue}; it looks like a shell pattern that matched"
+                " no file: to act on every held task of the queue, give --all"
+            )
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Mute a library's logger for the duration of a command step (this process only)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _report_unreadable(tasks: list[HeldTask]) -> None:
+    unreadable = [task.message_id for task in tasks if task.is_unreadable]
+    if unreadable:
+        print(
+            f"dramaturg: {len(unreadable)} held entr{'ies' if len(unreadable) != 1 else 'y'} could not be read"
+            f" ({', '.join(unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}): listed as unreadable;"
+            " `dramaturg held show ID` prints what is stored, `dramaturg held purge QUEUE ID` deletes it",
+            file=sys.stderr,
+        )
+
+
 def run_list(args: argparse.Namespace) -> int:
     store = _store(args)
     tasks = store.list(args.queue, offset=args.offset, limit=args.limit)
+    _report_unreadable(tasks)
     if args.json:
         for task in tasks:
             print(json.dumps(asdict(task)))
@@ -151,17 +201,31 @@ def describe(task: HeldTask) -> str:
 
 def run_kick(args: argparse.Namespace) -> int:
     ids = _ids(args)
-    kicked = _store(args).kick(args.queue, ids, delay_ms=delay_ms(args.delay))
+    store = _store(args)
+    _refuse_patterns(store, args.queue, ids)
+    failures: list[tuple[str, str]] = []
+    try:
+        with _quiet("pika"):  # a lost connection is reported below, once, not as pika's traceback
+            kicked = store.kick(args.queue, ids, delay_ms=delay_ms(args.delay))
+    except KickError as error:
+        kicked, failures = error.kicked, error.failures
     print(f"requeued {kicked} held task{'s' if kicked != 1 else ''} of {args.queue}")
-    if ids is not None and kicked < len(ids):
-        print(f"({len(ids) - kicked} of the given ids were not held in {args.queue})", file=sys.stderr)
-        return 1
-    return 0
+    by_reason: dict[str, list[str]] = {}
+    for message_id, why in failures:
+        by_reason.setdefault(why, []).append(message_id)
+    for why, failed in by_reason.items():
+        named = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+        print(f"dramaturg: {named} stay{'s' if len(failed) == 1 else ''} held: {why}", file=sys.stderr)
+    missing = len(ids) - kicked - len(failures) if ids is not None else 0
+    if missing > 0:
+        print(f"({missing} of the given ids were not held in {args.queue})", file=sys.stderr)
+    return 1 if failures or missing > 0 else 0
 
 
 def run_purge(args: argparse.Namespace) -> int:
     ids = _ids(args)
     store = _store(args)
+    _refuse_patterns(store, args.queue, ids)
     if ids is None and not args.yes:
         count = store.count(args.queue)
         if not sys.stdin.isatty():

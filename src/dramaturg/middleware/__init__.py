@@ -81,7 +81,9 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
         DaemonAsyncIO(),
         GracefulShutdown(settings.worker.shutdown_timeout),
-        WorkerConfig(broker_type, settings.broker.prefetch, settings.worker.queues),
+        WorkerConfig(
+            broker_type, settings.broker.prefetch, settings.worker.queues, settings.worker.unknown_actor_grace
+        ),
         Priority(
             broker_priorities=settings.broker.priorities and broker_type == "rabbitmq",
             lanes=settings.broker.priorities and broker_type in {"redis", "embedded"},

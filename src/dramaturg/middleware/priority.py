@@ -48,7 +48,13 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         priority = getattr(item, "message", None) and item.message.options.get("priority")
         if priority is not None and priority != item.priority:
-            item = dataclasses.replace(item, priority=int(priority))
+            # Never raise here: it would stop the consumer that is putting the message
+            # (consumers hold messages whose priority is not an integer before this).
+            try:
+                priority = int(priority)
+            except (TypeError, ValueError, OverflowError):
+                priority = item.priority  # its actor's, then
+            item = dataclasses.replace(item, priority=priority)
         super().put(item, block, timeout)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:

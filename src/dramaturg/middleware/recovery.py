@@ -20,7 +20,15 @@ queue of that call: with idle workers that takes minutes to tens of minutes
    ``imports.DQ`` included), one Lua script per set, so two workers recovering at once
    never push a message twice; then forgets the dead worker. Each dead worker that had
    messages gets one WARNING: how many, on which queues, how long since its last heartbeat;
-3. on a Redis error, logs it and tries again at the next tick.
+3. gives back the claims of this worker that no thread of it holds any more (a fetch
+   whose reply was lost, messages a consumer dropped after a connection error), with one
+   WARNING naming them: see :mod:`dramaturg.brokers.redis_claims`, which also does it
+   when a consumer restarts and explains why a message a thread holds is never given back;
+4. on a Redis error, logs it and tries again at the next tick.
+
+When the worker stops, after its threads and consumers are done, it gives back whatever
+it still claims and nothing holds, so a clean stop leaves no claim but those of tasks
+still running past ``worker.shutdown_timeout``.
 
 **Bound.** A dead worker's last heartbeat is at most one tick before it died. Its
 messages are back on their queues within ``heartbeat_timeout`` + one tick
@@ -56,8 +64,10 @@ dropping dead-lettered messages older than a week, is done at each tick here, fo
 queues the worker consumes. A namespace with no dramaturg worker alive recovers nothing
 until one boots; the first tick at boot recovers then.
 
-**Cost.** Nothing on the message path; one round trip per tick per worker process (a
-small script per lane for the dead letters), and a SCAN only when a worker is dead.
+**Cost.** On the message path, a dict write per delayed message (which thread's delay
+queue holds it); one round trip per tick per worker process (a small script per lane for
+the dead letters), one SMEMBERS per queue it fetched from, and a SCAN only when a worker
+is dead.
 """
 
 from __future__ import annotations
@@ -128,6 +138,14 @@ class RedisRecovery(dramatiq.Middleware):
             self._threads[id(worker)] = thread
         thread.start()
 
+    def before_delay_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        # Called by the consumer thread as it puts the message in its delay queue, which
+        # Dramatiq throws away after a connection error: the claims must know.
+        claims = getattr(broker, "claims", None)
+        redis_id = message.options.get("redis_message_id")
+        if claims is not None and redis_id is not None:
+            claims.delayed(redis_id)
+
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         # Not before_worker_shutdown: running tasks may take worker.shutdown_timeout to
         # finish, and their worker must not look dead meanwhile.
@@ -139,6 +157,19 @@ class RedisRecovery(dramatiq.Middleware):
                 thread.recoverer.leave()
             except Exception as error:  # its entries expire after 2 x heartbeat_timeout anyway
                 logger.debug("could not leave the workers of its queues: %s", error)
+        # Its consumers are closed: what it still claims and no thread holds goes back now,
+        # not when its heartbeat has timed out.
+        claims = getattr(broker, "claims", None)
+        if claims is not None:
+            try:
+                claims.reconcile()
+            except Exception as error:
+                logger.warning(
+                    "could not give back what this worker claimed and no longer holds (%s); another"
+                    " worker recovers it once this one's heartbeat is %d ms old",
+                    error,
+                    self.heartbeat_timeout_ms,
+                )
 
 
 class _RecoveryThread(threading.Thread):
@@ -168,6 +199,7 @@ class _RecoveryThread(threading.Thread):
             dead = self.recoverer.beat(now_ms)
             for recovered in self.recoverer.recover(dead, now_ms) if dead else []:
                 _report(recovered, now_ms)
+            self.recoverer.reconcile()
         except Exception as error:
             # Logged once per outage (with a traceback if it is not Redis's): the next
             # ticks try again quietly.

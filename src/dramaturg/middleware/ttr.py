@@ -205,8 +205,24 @@ class TimeToRun(dramatiq.Middleware):
         return {"ttr"}
 
     def ttr_ms(self, broker: dramatiq.Broker, message: Any) -> int:
-        """message > actor > queue > default."""
+        """message > actor > queue > default.
+
+        A message's ``ttr`` that is not a number (consumers hold such messages before they
+        run: see :mod:`dramaturg.envelope`) is passed over with a warning, never taken as
+        "no time limit".
+        """
         ttr = message.options.get("ttr")
+        if ttr is not None:
+            try:
+                return int(ttr)
+            except (TypeError, ValueError, OverflowError):
+                logger.warning(
+                    "%s (message %s): its ttr option %r is not a number of ms; the actor's or the queue's is used",
+                    message.actor_name,
+                    message.message_id,
+                    ttr,
+                )
+                ttr = None
         if ttr is None:
             actor = broker.actors.get(message.actor_name)
             ttr = actor.options.get("ttr") if actor is not None else None

@@ -10,6 +10,9 @@ wait. Set ``broker.prefetch`` lower for long tasks.
 
 Queues: ``worker.queues`` limits which queues a worker consumes, also when it was
 started as ``dramatiq dramaturg.worker`` without ``-Q`` (``-Q`` wins when given).
+
+Unknown actors: ``worker.unknown_actor_grace`` is handed to the broker's consumers (see
+:mod:`dramaturg.unknown_actors`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dramatiq import Broker, Middleware
+
+from ..unknown_actors import DEFAULT_GRACE_MS
 
 __all__ = ["DEFAULT_PREFETCH", "WorkerConfig"]
 
@@ -39,9 +44,16 @@ class WorkerConfig(Middleware):
     broker type (:data:`DEFAULT_PREFETCH`).
     """
 
-    def __init__(self, broker_type: str, prefetch: int | None = None, queues: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        broker_type: str,
+        prefetch: int | None = None,
+        queues: Sequence[str] = (),
+        unknown_actor_grace_ms: int = DEFAULT_GRACE_MS,
+    ) -> None:
         self.prefetch = self.resolve_prefetch(broker_type, prefetch)
         self.queues = set(queues)
+        self.unknown_actor_grace_ms = unknown_actor_grace_ms
 
     @staticmethod
     def resolve_prefetch(broker_type: str, prefetch: int | None) -> int:
@@ -54,5 +66,6 @@ class WorkerConfig(Middleware):
 
     def before_worker_boot(self, broker: Broker, worker: Any) -> None:
         worker.queue_prefetch = self.prefetch
+        broker.unknown_actor_grace_ms = self.unknown_actor_grace_ms  # type: ignore[attr-defined]
         if self.queues and not worker.consumer_whitelist:
             worker.consumer_whitelist = set(self.queues)

@@ -1,0 +1,307 @@
+"""What a live Redis worker holds of what it claimed, and giving back the rest.
+
+A worker claims each message it fetches: the fetch script moves the message's id from
+its queue's list into ``<namespace>:__acks__.<worker id>.<queue>`` and returns the body;
+acknowledging (or rejecting) removes the id. In between, the message is somewhere in the
+process: in its consumer's prefetch (``message_cache``), in the worker's work queue, in a
+consumer thread's delay queue (waiting for its ``eta``), running, or waiting for its
+acknowledgement to go through. A claim in none of those places is *stranded*: nothing
+runs it and nothing releases it; before this module, only the recovery of a dead worker
+moved it back, once the whole process had gone. Faults stranded claims in live workers:
+
+- a fetch whose reply was lost (the script ran, the connection dropped before the answer
+  came): the messages are claimed and no thread ever sees them; a client that retries
+  the call claims a second batch on top (see :func:`dramaturg.brokers.redis.no_retry`);
+- a connection error in a consumer: Dramatiq's ``ConsumerThread`` replaces the consumer
+  and forgets what it had prefetched, and a delay-queue consumer's thread throws its
+  whole delay queue away (``self.delay_queue = PriorityQueue()``, nothing requeued);
+- a clean stop: Dramatiq requeues its work queue and delay queues, not what a consumer had
+  fetched and not handed out yet.
+
+:class:`RedisClaims` keeps, per queue, the ids the process fetched and still holds (the
+*ledger*) and gives back every claim of this worker that is not in it:
+
+- the fetch (:meth:`~RedisClaims.fetch`, the broker's ``do_fetch``) adds the ids it
+  claimed before it returns;
+- acknowledging or rejecting removes an id once Redis has done it, not before: until then
+  the message is still held while Dramatiq retries the acknowledgement. Requeueing removes
+  them whatever the outcome: the caller has let go of the messages either way;
+- a consumer that closes lets go of what it still had prefetched, and of the delayed
+  messages its thread held (:meth:`~RedisClaims.delayed` marks them as they go into the
+  delay queue). Dramatiq empties the thread's delay queue before it closes the consumer
+  (requeued, or thrown away after a connection error), so whatever of those is still in
+  the ledger then is held by nobody;
+- the stray claims (in the claim set, not in the ledger) go back to the head of their
+  queue, oldest first, like a dead worker's (:mod:`dramaturg.middleware.recovery`), by a
+  script that takes each id out of the claim set first: an id acknowledged or given back
+  meanwhile is not pushed again. One WARNING names them.
+
+It reconciles before the first fetch of each new consumer (a consumer restarted after a
+connection error gives back what its predecessor stranded), at each tick of the recovery
+thread, and when the worker stops.
+
+**Why it never gives back what a thread holds** (which would run it twice). A message is
+held from the moment its fetch returns until Redis has released its claim or its holder
+let go of it, and its id is in the ledger at least that long: the fetch adds it under the
+queue's lock before returning, and the release removes it only afterwards. Reconciling
+reads the claim set and then the ledger under that same lock, so no fetch can claim an id
+between the two reads without the ledger having it. An id that leaves the ledger between
+the two reads was released in Redis first, and the give-back script skips ids no longer in
+the claim set. So the strays are exactly the ids of fetches whose reply never came and the
+ids the process let go of. This holds with any number of consumers per queue in the
+process; it assumes one process per worker id (Dramatiq draws a new id for each broker).
+
+**Cost.** Per message: its id added to a set at the fetch, removed at the acknowledgement
+(well under a microsecond). Per fetch: an uncontended lock. Per tick: one SMEMBERS per
+queue the process fetched from. A fetch's reply carries the ids beside the bodies
+(Dramatiq's returns bodies only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from dramatiq.common import current_millis
+
+__all__ = ["FetchedBodies", "RedisClaims"]
+
+logger = logging.getLogger("dramaturg.recovery")
+
+#: How many given-back message ids a WARNING names (the rest are counted).
+SHOWN_IDS = 20
+
+# Claims up to ARGV[4] messages of a queue, as Dramatiq's fetch command does (its
+# heartbeat too), and returns each claimed id followed by its body. An id whose body is
+# gone (purged, acknowledged by a worker that recovered it) is dropped, not claimed:
+# Dramatiq claimed it for good.
+# KEYS: namespace; ARGV: queue, worker id, now (ms), how many
+_FETCH = """
+local queue = KEYS[1] .. ":" .. ARGV[1]
+local bodies = queue .. ".msgs"
+local claims = KEYS[1] .. ":__acks__." .. ARGV[2] .. "." .. ARGV[1]
+redis.call("zadd", KEYS[1] .. ":__heartbeats__", ARGV[3], ARGV[2])
+local found = {}
+for _ = 1, tonumber(ARGV[4]) do
+    local id = redis.call("lpop", queue)
+    if not id then
+        break
+    end
+    local body = redis.call("hget", bodies, id)
+    if body then
+        redis.call("sadd", claims, id)
+        found[#found + 1] = id
+        found[#found + 1] = body
+    end
+end
+return found
+"""
+
+# Gives back the given ids of one claim set that are still in it, to the head of the
+# queue, oldest first (ARGV[1] "1"; otherwise in any order), as the dead-worker recovery
+# does. Each id leaves the claim set before it is pushed, so it is pushed once, however
+# many give it back at the same time.
+# KEYS: claim set, queue list, queue bodies; ARGV: "1" to keep order, the ids
+# Returns the Dramatiq message ids (for the log) of what went back, "?" where undecodable.
+_GIVE_BACK = """
+local found = {}
+for i = 2, #ARGV do
+    local id = ARGV[i]
+    if redis.call("srem", KEYS[1], id) == 1 then
+        local body = redis.call("hget", KEYS[3], id)
+        if body then
+            local sent, message_id = math.huge, "?"
+            local ok, message = pcall(cjson.decode, body)
+            if ok and type(message) == "table" then
+                if type(message["message_timestamp"]) == "number" then
+                    sent = message["message_timestamp"]
+                end
+                if type(message["message_id"]) == "string" then
+                    message_id = message["message_id"]
+                end
+            end
+            if ARGV[1] ~= "1" then
+                sent = 0
+            end
+            found[#found + 1] = {id, sent, message_id}
+        end
+    end
+end
+table.sort(found, function(a, b) return a[2] > b[2] end)
+local moved = {}
+for _, entry in ipairs(found) do
+    redis.call("lpush", KEYS[2], entry[1])
+    moved[#moved + 1] = entry[3]
+end
+return moved
+"""
+
+
+def _ids_in(bodies: list[bytes]) -> list[str]:
+    """The Redis ids written in ``bodies`` (bodies without one are left out)."""
+    found = []
+    for body in bodies:
+        try:
+            found.append(str(json.loads(body)["options"]["redis_message_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+class FetchedBodies(list[bytes]):
+    """The bodies a fetch returned, as Dramatiq's consumer expects them, with their Redis
+    ids in ``ids``. The consumer pops bodies from the front only, so the bodies left are
+    those of the last ``len(self)`` ids."""
+
+    def __init__(self, bodies: Iterable[bytes], ids: list[str]) -> None:
+        super().__init__(bodies)
+        self.ids = ids
+
+    def remaining_ids(self) -> list[str]:
+        return self.ids[len(self.ids) - len(self) :] if len(self) else []
+
+
+class RedisClaims:
+    """The ledger of one broker's claims: what its process holds (see the module docstring).
+
+    ``broker`` is a Dramatiq Redis broker (its ``client``, ``namespace`` and ``broker_id``
+    are read). Thread-safe.
+
+    >>> claims = RedisClaims(broker)
+    >>> bodies = claims.fetch("imports", 64)   # claim and note up to 64 messages
+    >>> claims.release("imports", [redis_id])  # once Redis acknowledged one
+    >>> claims.reconcile()                     # give back every claim nobody holds
+    """
+
+    def __init__(self, broker: Any) -> None:
+        self.client: redis.Redis = broker.client
+        self.namespace: str = broker.namespace
+        self.worker_id: str = broker.broker_id
+        self._held: dict[str, set[str]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        #: Redis id -> the thread whose delay queue took it (see delayed()).
+        self._delayed: dict[str, int] = {}
+        #: Queues to reconcile before their next fetch (a consumer started on them).
+        self._unchecked: set[str] = set()
+        self._setup = threading.Lock()
+        self._fetch = self.client.register_script(_FETCH)
+        self._give_back = self.client.register_script(_GIVE_BACK)
+
+    # -- the message path ---------------------------------------------------------------
+
+    def fetch(self, queue: str, count: int) -> FetchedBodies:
+        """Claim up to ``count`` messages of ``queue`` (exact name) and note them as held.
+
+        A new consumer's first fetch on ``queue`` gives back its stray claims first. Redis
+        errors are raised: Dramatiq's consumer restarts on a connection error.
+        """
+        lock, held = self._queue(queue)
+        with lock:
+            if queue in self._unchecked:
+                self._reconcile(queue, held)
+                self._unchecked.discard(queue)
+            reply = self._fetch(keys=[self.namespace], args=[queue, self.worker_id, current_millis(), count])
+            ids = [redis_id.decode() for redis_id in reply[0::2]]
+            held.update(ids)
+        return FetchedBodies(reply[1::2], ids)
+
+    def release(self, queue: str, redis_ids: Iterable[str]) -> None:
+        """Forget ``redis_ids`` of ``queue``: Redis released their claims, or their holder
+        let go of them."""
+        held = self._held.get(queue)
+        delayed = self._delayed
+        for redis_id in redis_ids:
+            if held is not None:
+                held.discard(redis_id)
+            if delayed:
+                delayed.pop(redis_id, None)
+
+    def delayed(self, redis_id: str) -> None:
+        """Note that the calling consumer thread put this message in its delay queue."""
+        self._delayed[redis_id] = threading.get_ident()
+
+    # -- consumers ------------------------------------------------------------------------
+
+    def consumer_started(self, queue: str) -> None:
+        """A consumer of ``queue`` was made: reconcile the queue before its next fetch."""
+        with self._setup:
+            self._unchecked.add(queue)
+
+    def consumer_closed(self, queue: str, thread: int, cached: list[bytes]) -> None:
+        """A consumer of ``queue``, run by ``thread``, closed with ``cached`` still prefetched.
+
+        Lets go of those, and of the messages ``thread`` had put in its delay queue and not
+        released (Dramatiq has emptied that queue by now), and gives them back. Never
+        raises: what cannot be given back now is given back by the next reconciliation.
+        """
+        held = self._held.get(queue)
+        if held is None:
+            return
+        let_go = cached.remaining_ids() if isinstance(cached, FetchedBodies) else _ids_in(cached)
+        let_go += [redis_id for redis_id, owner in self._delayed.copy().items() if owner == thread and redis_id in held]
+        if not let_go:
+            return
+        self.release(queue, let_go)
+        try:
+            moved = self._give_back_ids(queue, let_go)
+        except redis.RedisError as error:
+            logger.debug("could not give back %d messages of %s yet (%s)", len(let_go), queue, error)
+            return
+        logger.debug("gave back %d messages of %s its closing consumer held", len(moved), queue)
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    def reconcile(self) -> int:
+        """Give back every claim of this worker that no thread of it holds; return how many.
+
+        Redis errors are raised (the recovery thread tries again at its next tick).
+        """
+        total = 0
+        for queue in sorted(self._held):
+            lock, held = self._queue(queue)
+            with lock:
+                total += self._reconcile(queue, held)
+        return total
+
+    def _reconcile(self, queue: str, held: set[str]) -> int:
+        """Give back the claims of ``queue`` not in ``held``; the queue's lock is held."""
+        claimed: set[bytes] = self.client.smembers(self._claims_key(queue))  # type: ignore[assignment]
+        stray = [redis_id.decode() for redis_id in claimed]
+        stray = [redis_id for redis_id in stray if redis_id not in held]
+        if not stray:
+            return 0
+        moved = self._give_back_ids(queue, stray)
+        if moved:
+            shown = moved[:SHOWN_IDS]
+            more = len(moved) - len(shown)
+            logger.warning(
+                "gave back %d message%s this worker had claimed but no thread of it holds"
+                " (a fetch whose reply was lost, or messages dropped after a connection error),"
+                " to the head of %s: %s%s",
+                len(moved),
+                "" if len(moved) == 1 else "s",
+                queue,
+                ", ".join(shown),
+                f" and {more} more" if more else "",
+            )
+        return len(moved)
+
+    def _give_back_ids(self, queue: str, redis_ids: list[str]) -> list[str]:
+        base = f"{self.namespace}:{queue}"
+        keep_order = "0" if queue.endswith(".DQ") else "1"  # delayed ones run by eta anyway
+        moved = self._give_back(keys=[self._claims_key(queue), base, base + ".msgs"], args=[keep_order, *redis_ids])
+        return [message_id.decode(errors="replace") for message_id in moved]
+
+    def _claims_key(self, queue: str) -> str:
+        return f"{self.namespace}:__acks__.{self.worker_id}.{queue}"
+
+    def _queue(self, queue: str) -> tuple[threading.Lock, set[str]]:
+        try:
+            return self._locks[queue], self._held[queue]
+        except KeyError:
+            with self._setup:
+                return self._locks.setdefault(queue, threading.Lock()), self._held.setdefault(queue, set())
