@@ -12,6 +12,7 @@ import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg.middleware import shutdown
 
 from .conftest import bin_path, pending_messages, run_cli, write_config
 
@@ -105,3 +106,46 @@ def test_the_drain_command(settings: dramaturg.Settings, broker: dramatiq.Broker
     summary = json.loads(result.stdout.splitlines()[-1])  # after the actor's own prints
     assert (summary["processed"], summary["left"], summary["queues"]) == (20, 0, ["imports"])
     assert pending_messages(broker, "imports") == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_threads_a_drain_left_stuck_do_not_hold_back_a_later_drain(
+    settings: dramaturg.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a drain that ended while its 8 tasks were stuck in C code past its grace:
+    # their threads take the interrupt only when the call returns, after the drain
+    # stopped waiting for them (the worker's shutdown_timeout and the wait after the
+    # interrupt are short here)
+    worker = settings.worker.model_copy(update={"shutdown_timeout": 200})
+    dramaturg.bootstrap(settings.model_copy(update={"worker": worker}))
+    monkeypatch.setattr(shutdown, "INTERRUPTED_JOIN_S", 0.2)
+    stuck_threads: list[threading.Thread] = []
+
+    @dramaturg.actor(queue_name="nightly", ttr=60_000)
+    def stuck() -> None:
+        stuck_threads.append(threading.current_thread())
+        time.sleep(4)  # one call in C: no interrupt lands before it returns
+
+    for _ in range(8):
+        stuck.send()
+    dramaturg.drain(["nightly"], budget=300, grace=0, threads=8)
+    assert any(thread.is_alive() for thread in stuck_threads), "the tasks were meant to outlast the drain"
+    for thread in stuck_threads:  # each took its interrupt (its task is put back) and is gone
+        thread.join(10)
+        assert not thread.is_alive()
+
+    # When a later drain in the same process runs (its threads get the gone threads'
+    # ids: the C library reuses a thread's stack, and its id with it)
+    ran: list[int] = []
+
+    @dramaturg.actor(queue_name="morning")
+    def report(n: int) -> None:
+        ran.append(n)
+
+    for n in range(50):
+        report.send(n)
+    summary = dramaturg.drain(["morning"], until_empty=True, budget=20_000, threads=8)
+
+    # Then it runs every task once: none is put back as if its thread were stopping
+    assert sorted(ran) == list(range(50))
+    assert (summary.processed, summary.released, summary.left) == (50, 0, 0), summary

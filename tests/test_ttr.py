@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import itertools
 import logging
+import operator
 import random
 import threading
 import time
@@ -16,8 +18,9 @@ import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg import resources
 from dramaturg.actors import _runner
-from dramaturg.middleware.ttr import TimeToRun, TimeToRunExceeded
+from dramaturg.middleware.ttr import StopRequested, TimeToRun, TimeToRunExceeded
 
 from .apps.simulated import busy
 from .test_outcomes import Runs
@@ -154,6 +157,42 @@ def test_an_interrupt_landing_just_after_the_handler_returned_is_ignored() -> No
     # When the framework runs it, the task counts as finished, not interrupted (the
     # value it returned is lost with the call that delivered the interrupt)
     assert run() is None
+
+
+@pytest.mark.parametrize("where", ["on entering the wrapper", "in the wrapper, before the handler"])
+@pytest.mark.parametrize("interrupt", [TimeToRunExceeded, StopRequested])
+def test_an_interrupt_landing_before_the_handler_is_called_interrupts_the_task(
+    interrupt: type[BaseException], where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an interrupt that arrives just as the worker calls the task (its deadline
+    # passed in the middleware, or a stop with no grace): C code makes it pending in
+    # this thread, so that it lands at the wrapper's next instruction that takes one,
+    # either its first, or the end of a C call the wrapper makes before the handler
+    ran: list[int] = []
+    run = _runner(ran.append, "never_started")
+    raise_now = functools.partial(
+        ctypes.pythonapi.PyThreadState_SetAsyncExc,
+        ctypes.c_ulong(threading.get_ident()),
+        ctypes.py_object(interrupt),
+    )
+    if where == "in the wrapper, before the handler":
+        # the wrapper's check for task hooks, as a C call that raises it and says "none"
+        monkeypatch.setattr(resources, "any_hooks", functools.partial(next, map(operator.not_, iter(raise_now, 0))))
+
+        def call_task() -> object:
+            return run(1)
+    else:
+
+        def call_task() -> object:
+            return list(map(run, itertools.islice(iter(raise_now, 0), 1)))  # no Python code in between
+
+    # When the framework runs it, the interrupt reaches the worker (which retries or
+    # releases the task) instead of the task counting as done
+    with pytest.raises(interrupt):
+        call_task()
+
+    # and the handler never ran
+    assert ran == []
 
 
 def test_tasks_that_end_at_their_deadline_run_once_and_end_once(

@@ -156,20 +156,27 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
                 hook(task, error)
             finished[0] = True  # an interrupt landing after this point is too late
 
+    def enter(entered: list[bool], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # An interrupt pending when this frame starts lands before the next line: the
+        # handler was never called. Nothing between that line and the call can take one.
+        entered[0] = True
+        return call(*args, **kwargs)
+
     @functools.wraps(handler)
     def run(*args: Any, **kwargs: Any) -> Any:
         finished = [False]
+        entered = [False]
         try:
             hooked = resources.any_hooks()
-            result = call_with_hooks(finished, *args, **kwargs) if hooked else call(*args, **kwargs)
+            result = call_with_hooks(finished, *args, **kwargs) if hooked else enter(entered, args, kwargs)
         except Success as outcome:
             result = outcome.value
         except (TimeToRunExceeded, StopRequested) as interrupt:
             # Raised once the handler (and its hooks) had returned: at the end of the call
-            # above (the traceback then holds this frame only), or after the hooks: the
-            # task finished in time.
-            late = interrupt.__traceback__ is not None and interrupt.__traceback__.tb_next is None
-            if not (late or finished[0]):
+            # that ran it (in `enter` or here, with the handler entered), or after the
+            # hooks: the task finished in time. Landing here or in `enter` before the
+            # handler was called, it did not: the task was interrupted, not done.
+            if not (finished[0] or (entered[0] and _landed_in_wrapper(interrupt, enter.__code__))):
                 raise
             result = None
         except TypeError as error:
@@ -186,6 +193,15 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
         return result
 
     return run
+
+
+def _landed_in_wrapper(interrupt: BaseException, enter: Any) -> bool:
+    """True when ``interrupt`` was raised in the frame that caught it or in one running
+    the code ``enter``, not in anything they called."""
+    first = tb = interrupt.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and (tb is first or tb.tb_frame.f_code is enter)
 
 
 def _disarm_current_deadline() -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 import pika
@@ -203,9 +204,19 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     queue, and Dramatiq would acknowledge or reject it on the next consumer's channel,
     where the same delivery number names another message; here it is left alone and
     logged (see :mod:`dramaturg.middleware.consumer_timeout`).
+
+    Once its channel is gone the consumer is marked :attr:`gone`, and what it delivered
+    but the worker had not started is never started: the worker's work queue
+    (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) drops it, and the
+    next consumer drops the delayed messages Dramatiq still holds from this one.
+    RabbitMQ delivers all of them again; only the tasks running at the drop run twice.
     """
 
     def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        #: True once this consumer's channel is closed or lost: its deliveries are void
+        #: (RabbitMQ has taken them back). Read by worker threads for every message.
+        self.gone = False
+        self._forget_stale_delayed(queue_name)
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.timeout_s = timeout / 1000
         self.cancelled = False
@@ -223,8 +234,7 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
                 if getattr(e, "reply_code", None) == 404:
                     self.broker.queues_pending.add(q_name(self.queue_name))
-                if _is_consumer_timeout(e):
-                    self._log_consumer_timeout()
+                self._lost(e)
                 raise ConnectionClosed(e) from None
 
             queue = canonical_queue(self.queue_name)
@@ -254,9 +264,13 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         if self._came_from_here(message, "was rejected"):
             super().nack(message)  # type: ignore[no-untyped-call]
 
+    def close(self) -> None:
+        self.gone = True  # from here on, nothing it delivered is started or settled
+        super().close()  # type: ignore[no-untyped-call]
+
     def _came_from_here(self, message: Any, what: str) -> bool:
         source = getattr(message, "_dramaturg_consumer", self)
-        if source is self:
+        if source is self and not self.gone:
             return True
         logger.warning(
             "%s (message %s) %s after RabbitMQ closed the channel it came on: RabbitMQ has given it back to"
@@ -266,6 +280,58 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             what,
         )
         return False
+
+    def _lost(self, error: BaseException) -> None:
+        """The channel is closed or the connection lost: void every delivery, and say so."""
+        if self.gone:
+            return
+        self.gone = True
+        if _is_consumer_timeout(error):
+            self._log_consumer_timeout()
+            return
+        logger.warning(
+            "lost the channel of queue %r (%s): the %d messages this worker had taken from it and not"
+            " acknowledged go back to the queue; those not started are not run here, and those running"
+            " will run again when RabbitMQ delivers them again (each is logged as delivered again)",
+            self.queue_name,
+            mask_url(_reason(error)),
+            len(self.known_tags),
+        )
+
+    def _forget_stale_delayed(self, queue_name: str) -> None:
+        """Drop the delayed messages this consumer's thread still holds from a consumer that is gone.
+
+        Dramatiq's consumer thread keeps its delay queue when it replaces its consumer
+        after an unexpected error or a pause (after a connection error it empties it
+        itself). The old channel is closed, so RabbitMQ delivers those messages again:
+        moving them to their queue when due as well would queue each task twice. Runs
+        once per consumer, in the consumer thread.
+        """
+        thread = threading.current_thread()
+        delayed = getattr(thread, "delay_queue", None)
+        if getattr(thread, "queue_name", None) != queue_name or delayed is None:
+            return
+        kept, dropped = [], 0
+        while True:
+            try:
+                item = delayed.get_nowait()
+            except Empty:
+                break
+            delayed.task_done()
+            source = item.message.__dict__.get("_dramaturg_consumer")
+            if source is not None and source.gone:
+                dropped += 1
+            else:
+                kept.append(item)
+        for item in kept:
+            delayed.put(item)
+        if dropped:
+            logger.info(
+                "queue %r: %d delayed messages taken on a closed channel are dropped here; RabbitMQ delivers"
+                " them again",
+                queue_name,
+                dropped,
+            )
 
     def _log_consumer_timeout(self) -> None:
         logger.error(
@@ -292,6 +358,7 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.cancelled = False
             return True
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            self._lost(e)
             raise ConnectionClosed(e) from None
 
     def _settle_poison(self, task: HeldTask, method: Any) -> None:

@@ -91,7 +91,7 @@ class Outcomes(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         _current.set(Task(message))
-        if (stopping and threading.get_ident() in stopping) or suspension.remaining_s(
+        if (stopping and threading.current_thread() in stopping) or suspension.remaining_s(
             canonical_queue(message.queue_name)
         ) > 0:
             # Taken by a thread told to stop, or before its queue was suspended: back it goes, unstarted.

@@ -40,7 +40,13 @@ def message_priority(broker: dramatiq.Broker, message: Any) -> int:
 
 
 class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
-    """Dramatiq's work queue, ordered by each message's priority rather than its actor's."""
+    """Dramatiq's work queue, ordered by each message's priority rather than its actor's.
+
+    It never hands out a delivery its broker has already taken back: a RabbitMQ message
+    whose consumer is ``gone`` (its channel closed or its connection lost while the
+    message waited here) is dropped, not started; RabbitMQ delivers it again. Started,
+    it would run twice. The check is a dict lookup and an attribute read per message.
+    """
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         priority = getattr(item, "message", None) and item.message.options.get("priority")
@@ -53,6 +59,19 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
                 priority = item.priority  # its actor's, then
             item = dataclasses.replace(item, priority=priority)
         super().put(item, block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        while True:
+            item = super().get(block, timeout)
+            source = item.message.__dict__.get("_dramaturg_consumer")  # set by the RabbitMQ consumer
+            if source is None or not source.gone:
+                return item
+            self.task_done()  # taken back by the broker: done here, as far as join() goes
+            logger.debug(
+                "%s (message %s) not started: RabbitMQ took it back when the channel it came on closed",
+                item.message.actor_name,
+                item.message.message_id,
+            )
 
 
 class Priority(dramatiq.Middleware):

@@ -14,6 +14,7 @@ stay claimed until the worker's heartbeat times out.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -27,7 +28,13 @@ __all__ = ["DaemonAsyncIO", "GracefulShutdown", "finish_running", "stopping"]
 
 #: Worker threads told to stop. Dramatiq's thread may still take one more message (one
 #: that arrives while it waits for work); Outcomes puts such a message back unstarted.
-stopping: set[int] = set()
+#: The thread objects, not their ids: a thread stuck in C code outlives the run that
+#: stopped it, and once it is gone a thread of a later run may get its id.
+stopping: set[threading.Thread] = set()
+
+#: How long :func:`finish_running` waits for the threads it interrupted (a thread blocked
+#: in C code takes the interrupt only when that call returns).
+INTERRUPTED_JOIN_S = 10.0
 
 
 def finish_running(worker: Any, grace_s: float) -> int:
@@ -37,8 +44,9 @@ def finish_running(worker: Any, grace_s: float) -> int:
     The interrupt is delivered like a passed deadline (see :meth:`ttr._Monitor.interrupt`),
     so it never lands after a handler returned.
     """
+    stopping.difference_update([thread for thread in list(stopping) if not thread.is_alive()])  # earlier runs'
     threads = [thread for thread in worker.workers if thread.is_alive()]
-    stopping.update(thread.ident for thread in threads if thread.ident)
+    stopping.update(threads)
     for thread in threads:
         thread.stop()  # finishes its current task, then leaves
     deadline = time.monotonic() + grace_s
@@ -48,9 +56,10 @@ def finish_running(worker: Any, grace_s: float) -> int:
     # Through the task's deadline, and only into a handler still running: a thread that
     # is past its handler (settling the outcome, acknowledging) is let finish.
     interrupted = sum(monitor().interrupt(thread.ident, StopRequested) for thread in late if thread.ident)
+    deadline = time.monotonic() + INTERRUPTED_JOIN_S  # in all, not for each thread
     for thread in late:
-        thread.join(10)
-    stopping.difference_update(thread.ident for thread in threads if not thread.is_alive())
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stopping.difference_update([thread for thread in threads if not thread.is_alive()])
     return interrupted
 
 

@@ -21,7 +21,9 @@ delays it until that call returns. ``async def`` handlers are interrupted the sa
 The race where the deadline passes just as the handler returns is closed: the handler's
 wrapper disarms the deadline first thing after it returns, clears an interrupt that was
 raised but not yet delivered, and ignores one delivered while disarming, so a task that
-finished is never run again because of its TTR.
+finished is never run again because of its TTR. An interrupt that lands in the wrapper
+before the handler was called is not taken for one that came too late: the task was
+interrupted, and is retried (or released, for a stop).
 """
 
 from __future__ import annotations
