@@ -155,6 +155,20 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         ("[state]\nttl = '1 day'\n", "state.ttl: '1 day' is not valid: '1 day' is not a duration;"),
         ("[state]\nurll = 'redis://x'\n", "state.urll: unknown key; did you mean 'url'?"),
         ("[broker\n", "not valid TOML"),
+        # a password holding '/', '?' or '#' that was not percent-encoded: never quoted
+        ("[broker]\nurl = 'amqp://shop:se/cret@mq:5672/%2F'\n", "broker.url: not a valid URL: its user or password"),
+        ("[broker]\nurl = 'redis://:se?cret@cache:6379/0'\n", "broker.url: not a valid URL: its user or password"),
+        ("[state]\nurl = 'redis://:se#cret@cache:6379/0'\n", "state.url: not a valid URL: its user or password"),
+        (
+            "[broker]\nmanagement_url = 'http://shop:se/cret@mq:15672'\n",
+            "broker.management_url: not a valid URL: its user or password",
+        ),
+        ("[broker]\nurl = 'shop:secret@mq:5672'\n", "broker.url: no scheme"),
+        ("[broker]\nurl = 'redis://cache:63x79/0'\n", "broker.url: not a valid URL: its host or port does not parse"),
+        ("[state]\nurl = 'cache:6379'\n", "state.url: not a Redis URL"),
+        ("[state]\nurl = 'http://cache:6379'\n", "state.url: not a Redis URL"),
+        ("[state]\nurl = 'redis://cache:6379/0?socket_timeout=soon'\n", "state.url: not a valid Redis URL"),
+        ("[broker]\nconnect_timeout = 0\n", "broker.connect_timeout: 0 is not valid: Input should be greater than 0"),
     ],
 )
 def test_bad_configuration_names_the_key_the_value_and_the_fix(tmp_path: Path, text: str, message: str) -> None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +41,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, did_you_mean
-from .masking import mask_text, mask_url
+from .masking import mask_text, mask_url, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
@@ -148,7 +150,7 @@ class BrokerSettings(BaseModel):
     #: Messages each worker process holds beyond those running (None: tuned per broker).
     prefetch: int | None = Field(default=None, ge=1, le=65535)
     #: How long to wait for a connection before saying the broker is unreachable.
-    connect_timeout: DurationMs = 5_000
+    connect_timeout: DurationMs = Field(default=5_000, gt=0)
     # RabbitMQ
     confirm_delivery: bool = True
     #: Priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
@@ -526,7 +528,8 @@ def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[s
         if implied is None:
             hint = did_you_mean(scheme, SCHEMES)
             raise ConfigError(
-                f"broker.url: unknown scheme {scheme + '://' if scheme else 'in ' + repr(mask_url(url))}"
+                # Never the URL itself: without a scheme, masking cannot find its password.
+                f"broker.url: {'unknown scheme ' + scheme + '://' if scheme else 'no scheme (scheme://...)'}"
                 f"{hint or '; use one of ' + ', '.join(s + '://' for s in SCHEMES)}"
                 f" (from {sources.get('broker.url', 'default')})",
                 key="broker.url",
@@ -550,10 +553,69 @@ def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[s
 
     if kind == "embedded":
         url = "embedded://" + str(embedded_path(url, root))
+    elif kind in {"rabbitmq", "redis"}:
+        for each in url.split(";") if kind == "rabbitmq" else [url]:
+            if each.strip():
+                check_url("broker.url", each.strip(), sources, redis_url=kind == "redis")
+    if broker.management_url is not None:
+        check_url("broker.management_url", broker.management_url, sources)
+    if settings.state.url is not None:
+        check_url("state.url", settings.state.url, sources, redis_url=True)
     resolved = settings.model_copy(update={"broker": broker.model_copy(update={"type": kind, "url": url})})
     resolved._sources = sources
     resolved._config_file = settings._config_file
     return resolved
+
+
+#: What a user or password must percent-encode in a URL, and its code.
+_RESERVED = "'/' (%2F), '?' (%3F), '#' (%23), '@' (%40)"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_url(key: str, url: str, sources: Mapping[str, str] | None = None, *, redis_url: bool = False) -> None:
+    """Raise :class:`ConfigError` when ``url`` does not parse, or when a parser would read
+    it otherwise than :func:`~dramaturg.masking.mask_text` does: a password holding an
+    unencoded ``/``, ``?`` or ``#`` ends the URL's authority for a parser, which then takes
+    part of the password for a port, a path or a query (and may show it in an error).
+
+    The message never quotes the URL: one that does not parse cannot be masked reliably.
+    ``redis_url``: it must also be a Redis URL (``redis://``, ``rediss://``, ``unix://``).
+    """
+    where = f" (from {(sources or {}).get(key, 'default')})"
+    scheme, sep, rest = url.partition("://")
+    if redis_url and (not sep or scheme.lower() not in REDIS_SCHEMES):
+        raise ConfigError(
+            f"{key}: not a Redis URL; write a redis://, rediss:// or unix:// URL{where}",
+            key=key,
+        )
+    if not sep:
+        return
+    start = len(scheme) + 3
+    authority_end = start + next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    at = userinfo_end(url, start, len(url))
+    if at is not None and at >= authority_end:
+        raise ConfigError(
+            f"{key}: not a valid URL: its user or password holds a character that a URL must"
+            f" percent-encode there: {_RESERVED}{where}",
+            key=key,
+        )
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(
+            f"{key}: not a valid URL: its host or port does not parse (a port is a number from 0 to 65535;"
+            f" percent-encode {_RESERVED} in a user or password){where}",
+            key=key,
+        ) from None
+    if redis_url:
+        try:
+            from redis.connection import parse_url
+        except ImportError:  # the state store will say that redis is missing
+            return
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as error:
+            raise ConfigError(f"{key}: not a valid Redis URL: {error}{where}", key=key) from None
 
 
 def embedded_path(url: str, root: Path | None = None) -> Path:

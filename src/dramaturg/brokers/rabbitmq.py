@@ -428,9 +428,8 @@ def connection_parameters(settings: BrokerSettings) -> Any:
         try:
             parameters = pika.URLParameters(url.strip())
         except Exception as error:  # pika raises ValueError, TypeError or its own errors
-            raise ConfigError(
-                f"broker.url: {mask_url(url)!r} is not a valid AMQP URL: {mask_url(str(error))}", key="broker.url"
-            ) from None
+            # Never the URL: one that did not parse cannot be masked reliably.
+            raise ConfigError(f"broker.url: not a valid AMQP URL: {mask_url(str(error))}", key="broker.url") from None
         parameters.socket_timeout = settings.connect_timeout / 1000
         parameters.blocked_connection_timeout = 30
         if settings.heartbeat is not None:  # 0 turns heartbeats off; round up, never down to 0

@@ -344,7 +344,8 @@ def make_client(settings: BrokerSettings) -> redis.Redis:
         return redis.Redis.from_url(settings.url, socket_connect_timeout=settings.connect_timeout / 1000)
     except ValueError as error:
         raise ConfigError(
-            f"broker.url: {mask_url(settings.url)!r} is not a valid Redis URL: {error}", key="broker.url"
+            f"broker.url: not a valid Redis URL: {error}",
+            key="broker.url",  # never quote a URL that did not parse
         ) from None
 
 
