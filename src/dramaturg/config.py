@@ -438,8 +438,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:  # TOML is UTF-8; say where the bad byte is, never what surrounds it
+        line = _line_of(path, error.start)
+        raise ConfigError(
+            f"{path}: not valid TOML: byte 0x{error.object[error.start]:02x} on line {line} is not UTF-8"
+            " (save the file as UTF-8)"
+        ) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+
+
+def _line_of(path: Path, offset: int) -> int:
+    with path.open("rb") as handle:
+        return handle.read(offset).count(b"\n") + 1
 
 
 def _check_environment(env: Mapping[str, str]) -> dict[str, str]:

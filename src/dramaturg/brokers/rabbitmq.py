@@ -442,13 +442,41 @@ def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> Rab
     return RabbitmqBroker(settings, middleware=middleware)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_level = logging.NOTSET
+
+
+@contextmanager
+def quiet_pika() -> Iterator[None]:
+    """Keep pika from logging while a command connects: a refused password or a closed
+    port makes it log six ERROR lines and a traceback before it raises, and the command
+    then says the same in one line of its own. Only around a command's own attempts
+    (``ping``, the statistics); a worker's reconnections keep pika's lines."""
+    global _quiet_depth, _quiet_level
+    pika_logger = logging.getLogger("pika")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_level = pika_logger.level
+            pika_logger.setLevel(logging.CRITICAL + 1)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                pika_logger.setLevel(_quiet_level)
+
+
 def ping(settings: BrokerSettings) -> float:
     parameters = connection_parameters(settings)
     for each in parameters if isinstance(parameters, list) else [parameters]:
         each.connection_attempts = 1
     start = time.perf_counter()
     try:
-        connection = pika.BlockingConnection(parameters)
+        with quiet_pika():
+            connection = pika.BlockingConnection(parameters)
     except pika.exceptions.ProbableAuthenticationError:
         raise _unreachable(settings, "authentication failed (check the user and password)") from None
     except pika.exceptions.ProbableAccessDeniedError:

@@ -38,7 +38,7 @@ from ..errors import BrokerUnreachable
 from ..masking import mask_url
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
-from .rabbitmq import _reason, _unreachable, held_queue
+from .rabbitmq import _reason, _unreachable, held_queue, quiet_pika
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -134,7 +134,8 @@ class RabbitmqStatsReader(StatsReader):
 
     def _from_amqp(self, queues: Sequence[str]) -> list[QueueStats]:
         try:
-            connection = pika.BlockingConnection(self.broker.parameters)
+            with quiet_pika():
+                connection = pika.BlockingConnection(self.broker.parameters)
         except pika.exceptions.ProbableAuthenticationError:
             raise _unreachable(self.settings, "authentication failed (check the user and password)") from None
         except (pika.exceptions.AMQPError, OSError) as error:
