@@ -6,7 +6,8 @@ Precedence, lowest first:
 2. the config file: ``DRAMATURG_CONFIG`` or ``--config`` when given, else the nearest
    ``dramaturg.toml``, or ``[tool.dramaturg]`` of a ``pyproject.toml``, found from the
    working directory upward (the search stops at the first directory holding a
-   ``pyproject.toml`` or ``.git``: the project root);
+   ``pyproject.toml`` or ``.git``: the project root; after the home directory; and before
+   a directory others can write to, such as ``/tmp``: see :func:`find_config_file`);
 3. environment variables: ``DRAMATURG_<SECTION>_<KEY>``, e.g. ``DRAMATURG_BROKER_URL``,
    ``DRAMATURG_WORKER_THREADS``; lists as JSON or comma-separated
    (``DRAMATURG_WORKER_MODULES=shop.tasks,shop.mail``).
@@ -367,22 +368,79 @@ def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:
     """Find the nearest config file from ``start`` (the working directory) upward.
 
     Returns ``(config_file or None, project_root)``. In each directory a
-    ``dramaturg.toml`` wins over a ``pyproject.toml`` with ``[tool.dramaturg]``; the
-    search stops at the project root (a directory with ``pyproject.toml`` or ``.git``).
+    ``dramaturg.toml`` wins over a ``pyproject.toml`` with ``[tool.dramaturg]``. The
+    search stops at the project root (a directory with ``pyproject.toml`` or ``.git``),
+    after the user's home directory, and before a directory someone else could have put
+    a file in: one writable by everybody (``/tmp``) or owned by another user than you or
+    root. A file found is read only if no one else can have written it: owned by you or
+    root and not writable by group or others (else :class:`ConfigError`; ``--config``
+    reads a file whatever its mode).
     """
     here = (start or Path.cwd()).resolve()
+    home = _home()
     for directory in (here, *here.parents):
+        if not _trusted(directory):
+            break
         candidate = directory / CONFIG_FILENAME
         if candidate.is_file():
-            return candidate, directory
+            return _checked(candidate), directory
         pyproject = directory / "pyproject.toml"
         if pyproject.is_file():
             if "dramaturg" in _read_toml(pyproject).get("tool", {}):
-                return pyproject, directory
+                return _checked(pyproject), directory
             return None, directory
-        if (directory / ".git").exists():
+        if (directory / ".git").exists() or directory == home:
             return None, directory
     return None, here
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no password entry
+        return None
+
+
+def _owners() -> tuple[int, ...]:
+    """The users whose files and directories the search trusts: you, and root."""
+    geteuid = getattr(os, "geteuid", None)
+    return () if geteuid is None else (geteuid(), 0)
+
+
+def _trusted(directory: Path) -> bool:
+    """Whether only you (or root) can have put a file in ``directory``."""
+    owners = _owners()
+    if not owners:  # no owners to check (Windows)
+        return True
+    try:
+        status = directory.stat()
+    except OSError:
+        return False
+    return _owner(directory, status) in owners and not status.st_mode & stat.S_IWOTH
+
+
+def _owner(path: Path, status: os.stat_result) -> int:
+    """The uid owning ``path`` (a seam for the tests, which cannot chown without root)."""
+    return status.st_uid
+
+
+def _checked(path: Path) -> Path:
+    """``path``, a config file found by the search, if no one else can have written it."""
+    owners = _owners()
+    if not owners:
+        return path
+    status = path.stat()
+    owner = _owner(path, status)
+    if owner not in owners:
+        problem = f"owned by another user (uid {owner})"
+    elif status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"writable by {'group and others' if status.st_mode & stat.S_IWOTH else 'its group'}"
+    else:
+        return path
+    raise ConfigError(
+        f"{path}: not read: the config file is {problem}, so someone else may have written it;"
+        f" make it yours and only yours (chown, chmod go-w {path}), or name it with --config or {CONFIG_ENV}"
+    )
 
 
 def load_settings(
