@@ -145,7 +145,7 @@ def test_rabbitmq_refusing_or_absent_is_one_masked_line(
     if problem == "wrong password":
         url, reason = f"amqp://guest:hunter2@{server.host}:{server.port}/%2F", "authentication failed"
     else:
-        url, reason = "amqp://guest:hunter2@127.0.0.1:1/%2F", "cannot reach RabbitMQ"
+        url, reason = "amqp://guest:hunter2@127.0.0.1:1/%2F", "Connection refused"
     (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "{url}"\nconnect_timeout = "2s"\n')
 
     result = run_cli([bin_path("dramaturg"), *command], cwd=tmp_path)
@@ -178,3 +178,19 @@ def test_drain_refuses_bad_arguments_with_exit_2(
 
     one_line_error(result, 2, expected)
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_drain_of_a_fresh_project_runs_the_builtin_echo_as_a_worker_does(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given a project with no worker.modules, and an echo task sent to it
+    write_config(tmp_path, settings)
+    sent = run_cli([bin_path("dramaturg"), "send", 'default:echo:["hello"]'], cwd=tmp_path)
+    assert sent.returncode == 0, sent.stderr
+
+    # When its queue is drained, then the echo ran: "default" is a queue of a declared actor there
+    result = run_cli([bin_path("dramaturg"), "drain", "default", "--until-empty", "--budget", "30s"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 processed" in result.stdout
+    assert pending_messages(broker, "default") == 0

@@ -540,10 +540,16 @@ def ping(settings: BrokerSettings) -> float:
 
 
 def _reason(error: BaseException) -> str:
-    # AMQPConnectionError wraps the socket error in args; show the innermost useful text.
+    # AMQPConnectionError wraps the socket error in args, and pika's connector errors keep
+    # it in .exception; show the innermost useful text ("[Errno 111] Connection refused").
     inner: Any = error
-    while getattr(inner, "args", None) and isinstance(inner.args[0], BaseException):
-        inner = inner.args[0]
+    while True:
+        if getattr(inner, "args", None) and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        elif isinstance(getattr(inner, "exception", None), BaseException):
+            inner = inner.exception
+        else:
+            break
     text = str(inner) or type(inner).__name__
     return text if text != "()" else type(error).__name__
 

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise SendError(f"--threads must be at least 1, got {args.threads}")
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain(settings.worker.modules)
+    # As a worker does: the built-in echo actor while worker.modules names none.
+    app.import_actor_modules_or_explain(settings.worker.modules or ["dramaturg.actors.builtin"])
     summary = drain(
         args.queues,
         budget=budget,
