@@ -332,11 +332,10 @@ def test_the_search_stops_at_the_home_directory(tmp_path: Path) -> None:
     assert config_shown(project, HOME=str(home))["config_file"] == str((home / "dramaturg.toml").resolve())
 
 
-@pytest.mark.parametrize("mode", [0o664, 0o646])
-def test_a_config_file_others_can_write_is_refused_with_exit_78(mode: int, tmp_path: Path) -> None:
-    # Given a project's dramaturg.toml that its group (or everybody) may write
+def test_a_config_file_everybody_can_write_is_refused_with_exit_78(tmp_path: Path) -> None:
+    # Given a project's dramaturg.toml that everybody may write
     config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'stub'\n")
-    config.chmod(mode)
+    config.chmod(0o646)
 
     # When a command would read it
     result = run_cli([bin_path("dramaturg"), "config", "show"], cwd=tmp_path)
@@ -344,7 +343,7 @@ def test_a_config_file_others_can_write_is_refused_with_exit_78(mode: int, tmp_p
     # Then it refuses in one line that names the file and the fix
     assert result.returncode == 78, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
-    assert f"{config.resolve()}: not read: the config file is writable by" in result.stderr
+    assert f"{config.resolve()}: not read: the config file is writable by everybody" in result.stderr
     assert f"chmod go-w {config.resolve()}" in result.stderr
 
     # while naming it explicitly reads it: the user said which file
@@ -389,4 +388,27 @@ def test_a_config_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: p
     with pytest.raises(
         dramaturg.ConfigError, match=rf"not read: the config file is owned by another user \(uid {OTHER_UID}\)"
     ):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_config_file_its_group_can_write_is_refused_unless_the_group_is_yours_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dramaturg.config as config_module
+
+    # Given a dramaturg.toml its group may write (umask 002 makes every file so)
+    config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'stub'\n")
+    config.chmod(0o664)
+
+    # Then it is read when that group is your user-private group...
+    monkeypatch.setattr(config_module, "group_is_yours_alone", lambda gid: True)
+    assert load_settings(cwd=tmp_path).broker.type == "stub"
+
+    # ...and refused when others are in it
+    if os.geteuid() == 0:
+        monkeypatch.undo()
+        os.chown(config, -1, 65534)  # nogroup: not root's primary group
+    else:  # only root can give a file to a group it is not in
+        monkeypatch.setattr(config_module, "group_is_yours_alone", lambda gid: False)
+    with pytest.raises(dramaturg.ConfigError, match="not read: the config file is writable by its group"):
         load_settings(cwd=tmp_path)

@@ -373,8 +373,8 @@ def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:
     after the user's home directory, and before a directory someone else could have put
     a file in: one writable by everybody (``/tmp``) or owned by another user than you or
     root. A file found is read only if no one else can have written it: owned by you or
-    root and not writable by group or others (else :class:`ConfigError`; ``--config``
-    reads a file whatever its mode).
+    root, not writable by others, nor by a group other than your own private one (else
+    :class:`ConfigError`; ``--config`` reads a file whatever its mode).
     """
     here = (start or Path.cwd()).resolve()
     home = _home()
@@ -424,6 +424,22 @@ def _owner(path: Path, status: os.stat_result) -> int:
     return status.st_uid
 
 
+def group_is_yours_alone(gid: int) -> bool:
+    """Whether group ``gid`` is your user-private group (your primary group, with no other
+    member), as umask 002 set-ups make every file group-writable: harmless there, as
+    OpenSSH allows in Debian. False where groups cannot be looked up."""
+    try:
+        import grp
+        import pwd
+
+        you = pwd.getpwuid(os.geteuid())
+        if gid != you.pw_gid or any(member != you.pw_name for member in grp.getgrgid(gid).gr_mem):
+            return False
+        return not any(user.pw_gid == gid and user.pw_name != you.pw_name for user in pwd.getpwall())
+    except (ImportError, KeyError, AttributeError):
+        return False
+
+
 def _checked(path: Path) -> Path:
     """``path``, a config file found by the search, if no one else can have written it."""
     owners = _owners()
@@ -433,8 +449,10 @@ def _checked(path: Path) -> Path:
     owner = _owner(path, status)
     if owner not in owners:
         problem = f"owned by another user (uid {owner})"
-    elif status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = f"writable by {'group and others' if status.st_mode & stat.S_IWOTH else 'its group'}"
+    elif status.st_mode & stat.S_IWOTH:
+        problem = "writable by everybody"
+    elif status.st_mode & stat.S_IWGRP and not group_is_yours_alone(status.st_gid):
+        problem = "writable by its group"
     else:
         return path
     raise ConfigError(

@@ -120,6 +120,8 @@ def metrics_directory() -> str:
 
 def _unsafe(directory: str) -> str | None:
     """Why ``directory`` may not be counted in (None when it may)."""
+    from ..config import group_is_yours_alone
+
     try:
         status = os.lstat(directory)
     except OSError as error:
@@ -131,7 +133,7 @@ def _unsafe(directory: str) -> str | None:
     geteuid = getattr(os, "geteuid", None)
     if geteuid is not None and status.st_uid != geteuid():
         return f"belongs to another user (uid {status.st_uid})"
-    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if status.st_mode & stat.S_IWOTH or (status.st_mode & stat.S_IWGRP and not group_is_yours_alone(status.st_gid)):
         return f"can be written by group or others (mode {stat.S_IMODE(status.st_mode):o})"
     with os.scandir(directory) as entries:
         link = next((entry.name for entry in entries if entry.is_symlink()), None)
