@@ -157,7 +157,7 @@ def test_a_worker_with_bad_configuration_exits_78_naming_the_key(tmp_path: Path)
 @pytest.mark.parametrize(
     ("config", "expected", "code"),
     [
-        ('[broker]\nurl = "amqp://guest:hunter2@127.0.0.1:5672/%2F?heartbeat=often"\n', "is not a valid AMQP URL", 78),
+        ('[broker]\nurl = "amqp://guest:hunter2@127.0.0.1:5672/%2F?heartbeat=often"\n', "not a valid AMQP URL", 78),
         ('[broker]\ntype = "stub"\n\n[worker]\nmodules = ["no_such_module"]\n', "cannot import 'no_such_module'", 78),
     ],
     ids=["bad amqp url", "missing actor module"],

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import dramaturg
 from dramaturg.config import find_config_file, load_settings, parse_duration_ms
+
+from .conftest import bin_path, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +160,20 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         ("[state]\nttl = '1 day'\n", "state.ttl: '1 day' is not valid: '1 day' is not a duration;"),
         ("[state]\nurll = 'redis://x'\n", "state.urll: unknown key; did you mean 'url'?"),
         ("[broker\n", "not valid TOML"),
+        # a password holding '/', '?' or '#' that was not percent-encoded: never quoted
+        ("[broker]\nurl = 'amqp://shop:se/cret@mq:5672/%2F'\n", "broker.url: not a valid URL: its user or password"),
+        ("[broker]\nurl = 'redis://:se?cret@cache:6379/0'\n", "broker.url: not a valid URL: its user or password"),
+        ("[state]\nurl = 'redis://:se#cret@cache:6379/0'\n", "state.url: not a valid URL: its user or password"),
+        (
+            "[broker]\nmanagement_url = 'http://shop:se/cret@mq:15672'\n",
+            "broker.management_url: not a valid URL: its user or password",
+        ),
+        ("[broker]\nurl = 'shop:secret@mq:5672'\n", "broker.url: no scheme"),
+        ("[broker]\nurl = 'redis://cache:63x79/0'\n", "broker.url: not a valid URL: its host or port does not parse"),
+        ("[state]\nurl = 'cache:6379'\n", "state.url: not a Redis URL"),
+        ("[state]\nurl = 'http://cache:6379'\n", "state.url: not a Redis URL"),
+        ("[state]\nurl = 'redis://cache:6379/0?socket_timeout=soon'\n", "state.url: not a valid Redis URL"),
+        ("[broker]\nconnect_timeout = 0\n", "broker.connect_timeout: 0 is not valid: Input should be greater than 0"),
     ],
 )
 def test_bad_configuration_names_the_key_the_value_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
@@ -248,3 +267,148 @@ def test_a_secret_in_a_value_of_the_wrong_type_is_masked(tmp_path: Path) -> None
 
     assert "s3cret" not in str(caught.value)
     assert "redis://:***@cache/0" in str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named_with_the_line(tmp_path: Path) -> None:
+    config = tmp_path / "dramaturg.toml"
+    config.write_bytes(b"[broker]\ntype = 'redis'\nnamespace = 'caf\xe9'\n")
+
+    with pytest.raises(dramaturg.ConfigError) as caught:
+        load_settings(cwd=tmp_path)
+
+    assert (
+        str(caught.value)
+        == f"{config.resolve()}: not valid TOML: byte 0xe9 on line 3 is not UTF-8 (save the file as UTF-8)"
+    )
+
+
+def test_a_percent_encoded_password_is_accepted_and_masked(tmp_path: Path) -> None:
+    write(tmp_path / "dramaturg.toml", "[broker]\nurl = 'amqp://shop:se%2Fcr%3Fet%23@mq:5672/%2F'\n")
+
+    settings = load_settings(cwd=tmp_path)
+
+    assert settings.flat()["broker.url"] == "amqp://shop:***@mq:5672/%2F"
+
+
+# -- where the search for a config file stops -------------------------------------------
+
+
+def config_shown(cwd: Path, **env: str) -> dict[str, Any]:
+    """``dramaturg config show --json`` run in ``cwd``, as a user runs it."""
+    result = run_cli([bin_path("dramaturg"), "config", "show", "--json"], cwd=cwd, **env)
+    assert result.returncode == 0, result.stderr
+    shown: dict[str, Any] = json.loads(result.stdout)
+    return shown
+
+
+def test_a_config_file_in_a_directory_everybody_can_write_to_is_not_read(tmp_path: Path) -> None:
+    # Given a shared directory like /tmp (anyone may create files in it), where someone
+    # left a dramaturg.toml, and a project below it without a config of its own
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    write(shared / "dramaturg.toml", "[broker]\nurl = 'redis://:s3cret@attacker.example:6379/0'\n")
+    project = shared / "project" / "src"
+    project.mkdir(parents=True)
+
+    # When a command runs in the project
+    shown = config_shown(project)
+
+    # Then that file configures nothing
+    assert shown["config_file"] is None
+    assert shown["settings"]["broker.type"]["value"] == "embedded"
+
+
+def test_the_search_stops_at_the_home_directory(tmp_path: Path) -> None:
+    # Given a dramaturg.toml above the user's home directory
+    write(tmp_path / "dramaturg.toml", "[broker]\nurl = 'redis://elsewhere:6379/0'\n")
+    home = tmp_path / "home" / "ada"
+    project = home / "scratch"
+    project.mkdir(parents=True)
+
+    # Then a command run under the home directory does not read it; one in the home directory's own is
+    assert config_shown(project, HOME=str(home))["config_file"] is None
+    write(home / "dramaturg.toml", "[broker]\nurl = 'redis://mine:6379/0'\n")
+    assert config_shown(project, HOME=str(home))["config_file"] == str((home / "dramaturg.toml").resolve())
+
+
+def test_a_config_file_everybody_can_write_is_refused_with_exit_78(tmp_path: Path) -> None:
+    # Given a project's dramaturg.toml that everybody may write
+    config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'stub'\n")
+    config.chmod(0o646)
+
+    # When a command would read it
+    result = run_cli([bin_path("dramaturg"), "config", "show"], cwd=tmp_path)
+
+    # Then it refuses in one line that names the file and the fix
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert f"{config.resolve()}: not read: the config file is writable by everybody" in result.stderr
+    assert f"chmod go-w {config.resolve()}" in result.stderr
+
+    # while naming it explicitly reads it: the user said which file
+    named = run_cli([bin_path("dramaturg"), "--config", str(config), "config", "show"], cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+
+
+OTHER_UID = 4242
+
+
+def owned_by_another_user(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` belong to another user: chown as root; otherwise (chown needs root) the
+    search is told so through its one seam, the owner it reads."""
+    if os.geteuid() == 0:
+        os.chown(path, OTHER_UID, OTHER_UID)
+        return
+    import dramaturg.config as config_module
+
+    real = config_module._owner
+    monkeypatch.setattr(
+        config_module, "_owner", lambda p, status: OTHER_UID if p.resolve() == path.resolve() else real(p, status)
+    )
+
+
+def test_the_search_stops_before_a_directory_of_another_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given another user's directory holding a dramaturg.toml, and my project below it
+    other = tmp_path / "other"
+    write(other / "dramaturg.toml", "[broker]\ntype = 'redis'\n")
+    project = other / "mine"
+    project.mkdir()
+    owned_by_another_user(other, monkeypatch)
+
+    # Then the search does not look there
+    assert find_config_file(project) == (None, project.resolve())
+    assert load_settings(cwd=project).broker.type == "embedded"
+
+
+def test_a_config_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'redis'\n")
+    owned_by_another_user(config, monkeypatch)
+
+    with pytest.raises(
+        dramaturg.ConfigError, match=rf"not read: the config file is owned by another user \(uid {OTHER_UID}\)"
+    ):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_config_file_its_group_can_write_is_refused_unless_the_group_is_yours_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dramaturg.config as config_module
+
+    # Given a dramaturg.toml its group may write (umask 002 makes every file so)
+    config = write(tmp_path / "dramaturg.toml", "[broker]\ntype = 'stub'\n")
+    config.chmod(0o664)
+
+    # Then it is read when that group is your user-private group...
+    monkeypatch.setattr(config_module, "group_is_yours_alone", lambda gid: True)
+    assert load_settings(cwd=tmp_path).broker.type == "stub"
+
+    # ...and refused when others are in it
+    if os.geteuid() == 0:
+        monkeypatch.undo()
+        os.chown(config, -1, 65534)  # nogroup: not root's primary group
+    else:  # only root can give a file to a group it is not in
+        monkeypatch.setattr(config_module, "group_is_yours_alone", lambda gid: False)
+    with pytest.raises(dramaturg.ConfigError, match="not read: the config file is writable by its group"):
+        load_settings(cwd=tmp_path)

@@ -23,6 +23,13 @@ from dramaturg.masking import install_log_masking, mask_text, mask_url
         ("amqp://shop:p@ss@mq:5672/", "amqp://shop:***@mq:5672/"),
         ("url='amqp://shop:pw@mq'", "url='amqp://shop:***@mq'"),
         ("no url here", "no url here"),
+        # a password that was not percent-encoded is masked whole, up to the last '@' before the host
+        ("amqp://shop:pa/ss@mq:5672/%2F", "amqp://shop:***@mq:5672/%2F"),
+        ("redis://:a?b#c@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("amqps://shop:x/y?z#w@mq/", "amqps://shop:***@mq/"),
+        ("redis://:p/w@[::1]:6379/0 failed", "redis://:***@[::1]:6379/0 failed"),
+        ("from amqp://a:p/1@h1/ to redis://:p/2@h2/0", "from amqp://a:***@h1/ to redis://:***@h2/0"),
+        ("'amqp://shop:pa/ss@mq'\nnext line user@example.com", "'amqp://shop:***@mq'\nnext line user@example.com"),
     ],
 )
 def test_mask_text(text: str, masked: str) -> None:

@@ -3,7 +3,9 @@ processes and served on loopback, on RabbitMQ, Redis and embedded."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -165,11 +167,63 @@ def test_metrics_under_dramatiqs_own_cli(
         timeout=60,
     )
     assert value(samples, "dramaturg_tasks_total", actor="ok", outcome="succeeded") == 3
-    # counted in a directory of this worker group's own, removed when it stops
+    # counted in a directory of this worker group's own, private, removed when it stops
     directory = Path(tempfile.gettempdir()) / f"dramaturg-metrics-{worker.popen.pid}"
     assert any(directory.glob("counter_*.db"))
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert worker.stop() == 0, worker.output
     poll_until(lambda: not directory.exists(), f"{directory} removed")
+
+
+PLANTS = {
+    "writable by others": ('mkdir -m 777 "$D"', "can be written by group or others (mode 777)"),
+    "holding a link": (
+        'mkdir -m 700 "$D" && ln -s "$VICTIM" "$D/counter_1.db"',
+        "holds a symbolic link (counter_1.db)",
+    ),
+    "a link itself": ('ln -s "$VICTIM_DIR" "$D"', "is a symbolic link"),
+    **(
+        {"another user's": ('mkdir -m 755 "$D" && chown 4242 "$D"', "belongs to another user (uid 4242)")}
+        if os.geteuid() == 0  # only root can give a directory away
+        else {}
+    ),
+}
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+@pytest.mark.parametrize("plant", PLANTS)
+def test_a_metrics_directory_someone_else_prepared_is_refused(
+    plant: str, settings: dramaturg.Settings, tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    # Given the directory `dramatiq dramaturg.worker` counts in made ahead of it in the
+    # shared temporary directory (its name is predictable: the main process's pid), with
+    # a file of someone else's that a link in it points to
+    write_config(tmp_path, settings)
+    shared = tmp_path / "tmp"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "victim" / "precious.txt"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    script, problem = PLANTS[plant]
+    shell = f'D="$TMPDIR/dramaturg-metrics-$$"; {script} && exec "$0" dramaturg.worker -p 1 -t 1'  # exec: same pid
+
+    # When the worker starts with metrics on
+    worker = spawn(
+        ["sh", "-c", shell, bin_path("dramatiq")],
+        TMPDIR=str(shared),
+        VICTIM=str(victim),
+        VICTIM_DIR=str(victim.parent),
+        DRAMATURG_WORKER_METRICS_PORT=str(free_port()),
+    )
+
+    # Then it refuses, in one line naming the directory and why; nothing is written there
+    worker.popen.wait(timeout=60)  # exits by itself (stop() would signal it)
+    assert worker.stop() == 78, worker.output  # and every line it printed is read
+    assert "Traceback" not in worker.output
+    [line] = [line for line in worker.output.splitlines() if "[dramaturg.worker]" in line]
+    assert f"metrics directory {shared}/dramaturg-metrics-" in line and problem in line
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])

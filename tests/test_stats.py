@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -345,7 +346,9 @@ def test_counters_fill_the_per_minute_columns() -> None:
     [
         ("amqp://shop:pw@mq.internal:5672/prod", "http://shop:pw@mq.internal:15672"),
         ("amqp://mq", "http://guest:guest@mq:15672"),
-        ("amqps://shop:pw@[::1]:5671/%2F;amqp://shop:pw@mq2/%2F", "http://shop:pw@[::1]:15672"),
+        # TLS to the broker: the credentials never go over plain HTTP, but to the TLS port
+        ("amqps://shop:pw@mq.internal:5671/prod", "https://shop:pw@mq.internal:15671"),
+        ("amqps://shop:pw@[::1]:5671/%2F;amqp://shop:pw@mq2/%2F", "https://shop:pw@[::1]:15671"),
     ],
 )
 def test_the_management_url_defaults_to_the_amqp_host_and_credentials(url: str, management: str) -> None:
@@ -354,3 +357,54 @@ def test_the_management_url_defaults_to_the_amqp_host_and_credentials(url: str, 
     assert management_url(dramaturg.BrokerSettings(url=url)) == management
     explicit = dramaturg.BrokerSettings(url=url, management_url="https://mq-admin:443")
     assert management_url(explicit) == "https://mq-admin:443"
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_a_management_api_that_redirects_gets_the_credentials_no_further(
+    broker: dramatiq.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a "management API" that redirects elsewhere, and a server there noting what it is sent
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dramaturg.brokers.rabbitmq_stats import RabbitmqStatsReader
+
+    received: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            received.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: Any) -> None: ...
+
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_port}/api/queues/%2F")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None: ...
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for server in (elsewhere, redirecting):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = broker.settings.model_copy(  # type: ignore[attr-defined]
+        update={"management_url": f"http://guest:s3cret@127.0.0.1:{redirecting.server_port}"}
+    )
+    broker.settings = settings  # type: ignore[attr-defined]
+
+    # When statistics are read
+    try:
+        RabbitmqStatsReader(broker).read(["reports"])  # type: ignore[arg-type]
+    finally:
+        redirecting.shutdown()
+        elsewhere.shutdown()
+
+    # Then the redirect is not followed (the AMQP numbers are used), and says so
+    assert received == []
+    assert "it answers with a redirect (HTTP 302), not followed" in caplog.text
+    assert "s3cret" not in caplog.text

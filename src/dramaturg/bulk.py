@@ -13,9 +13,11 @@ publishes followed by waiting for all their confirms (confirms are never given u
 
 Each message goes through the same middleware as one sent with ``send()``: context,
 priority, ttr, its own id; ``options`` (``priority``, ``ttr``, ``delay``, ...) apply to
-every message. On a failure, :class:`BulkSendError` says how many were sent and gives
-the messages that were not (their ids), so nothing is lost silently: a chunk is either
-confirmed whole, or its unconfirmed messages are listed.
+every message. On a failure, :class:`BulkSendError` says how many were sent and, for the
+chunk that failed, which messages were not sent and which are *unknown*: they went out,
+but the broker's answer never came back (the connection was lost), so they may well be
+on the queue. Nothing is lost silently, and nothing known to be on the queue is ever
+reported as not sent.
 """
 
 from __future__ import annotations
@@ -74,26 +76,45 @@ class BulkResult:
 
 @dataclass
 class BulkSendError(SendError):
-    """A bulk send stopped. The first ``sent`` items were sent, ``unsent`` are the
-    messages of the failing chunk that were not (their ids), and every item from
-    ``sent + len(unsent)`` on was not attempted; ``reason`` says why."""
+    """A bulk send stopped; ``reason`` says why. Of the items sent so far:
+
+    - ``sent``: how many messages the broker took (RabbitMQ confirmed them; Redis ran
+      the enqueue and answered);
+    - ``unsent``: messages of the failing chunk that the broker certainly does not have
+      (never written, refused, unroutable): send them again;
+    - ``unknown``: messages of the failing chunk whose fate is unknown: they were
+      written, but the answer was lost with the connection, so they may be on the queue
+      (look before sending them again, or accept a duplicate).
+
+    Every item from :attr:`next_item` on was not attempted.
+    """
 
     reason: str
     sent: int
     unsent: list[dramatiq.Message[Any]] = field(default_factory=list)
+    unknown: list[dramatiq.Message[Any]] = field(default_factory=list)
 
     @property
     def next_item(self) -> int:
         """The index of the first item that was not attempted."""
-        return self.sent + len(self.unsent)
+        return self.sent + len(self.unsent) + len(self.unknown)
 
     def __str__(self) -> str:
-        ids = ", ".join(m.message_id for m in self.unsent[:5])
-        more = f" and {len(self.unsent) - 5} more" if len(self.unsent) > 5 else ""
-        return (
-            f"bulk send failed after {self.sent} messages: {self.reason}; {len(self.unsent)} messages of the"
-            f" failing chunk were not sent ({ids}{more}), nor any item from #{self.next_item} on: send them again"
-        )
+        parts = [f"bulk send failed after {self.sent} messages were sent: {self.reason}"]
+        if self.unknown:
+            parts.append(
+                f"{len(self.unknown)} messages of the failing chunk may or may not have been delivered (they were"
+                f" sent, but no answer came: {_ids(self.unknown)}); look for them before sending them again"
+            )
+        if self.unsent:
+            parts.append(f"{len(self.unsent)} messages of the failing chunk were not sent ({_ids(self.unsent)})")
+        parts.append(f"no item from #{self.next_item} on was sent")
+        return "; ".join(parts)
+
+
+def _ids(messages: Sequence[dramatiq.Message[Any]]) -> str:
+    ids = ", ".join(m.message_id for m in messages[:5])
+    return ids + (f" and {len(messages) - 5} more" if len(messages) > 5 else "")
 
 
 def _chunks(actor: Actor[Any, Any], items: Iterable[Any], size: int, options: dict[str, Any]) -> Iterator[list[Any]]:
@@ -227,7 +248,15 @@ def send_many(
     started = time.perf_counter()
     sent = 0
     chunks = _chunks(actor, items, chunk_size, options)
-    for chunk in chunks:
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            break
+        except SendError:  # a check of the options, before anything is sent
+            raise
+        except Exception as error:  # reading the items: every chunk before was sent
+            raise BulkSendError(f"reading the items failed: {type(error).__name__}: {error}", sent) from error
         try:
             if enqueue_many is not None:
                 enqueue_many(chunk, delay=delay)
@@ -236,8 +265,10 @@ def send_many(
                     try:
                         broker.enqueue(message, delay=delay)
                     except Exception as error:
-                        raise BulkSendError(f"{type(error).__name__}: {error}", 0, chunk[index:]) from error
+                        raise BulkSendError(f"{type(error).__name__}: {error}", index, chunk[index:]) from error
         except BulkSendError as error:  # counts within the chunk: make them count from the start
-            raise BulkSendError(error.reason, sent + error.sent, error.unsent) from error.__cause__
+            raise BulkSendError(error.reason, sent + error.sent, error.unsent, error.unknown) from error.__cause__
+        except Exception as error:  # a broker of another kind failed in its own way: nothing is known
+            raise BulkSendError(f"{type(error).__name__}: {error}", sent, unknown=chunk) from error
         sent += len(chunk)
     return BulkResult(sent=sent, seconds=time.perf_counter() - started)

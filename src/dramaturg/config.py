@@ -6,7 +6,8 @@ Precedence, lowest first:
 2. the config file: ``DRAMATURG_CONFIG`` or ``--config`` when given, else the nearest
    ``dramaturg.toml``, or ``[tool.dramaturg]`` of a ``pyproject.toml``, found from the
    working directory upward (the search stops at the first directory holding a
-   ``pyproject.toml`` or ``.git``: the project root);
+   ``pyproject.toml`` or ``.git``: the project root; after the home directory; and before
+   a directory others can write to, such as ``/tmp``: see :func:`find_config_file`);
 3. environment variables: ``DRAMATURG_<SECTION>_<KEY>``, e.g. ``DRAMATURG_BROKER_URL``,
    ``DRAMATURG_WORKER_THREADS``; lists as JSON or comma-separated
    (``DRAMATURG_WORKER_MODULES=shop.tasks,shop.mail``).
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +42,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, did_you_mean
-from .masking import mask_text, mask_url
+from .masking import mask_text, mask_url, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
@@ -148,7 +151,7 @@ class BrokerSettings(BaseModel):
     #: Messages each worker process holds beyond those running (None: tuned per broker).
     prefetch: int | None = Field(default=None, ge=1, le=65535)
     #: How long to wait for a connection before saying the broker is unreachable.
-    connect_timeout: DurationMs = 5_000
+    connect_timeout: DurationMs = Field(default=5_000, gt=0)
     # RabbitMQ
     confirm_delivery: bool = True
     #: Priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
@@ -368,22 +371,97 @@ def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:
     """Find the nearest config file from ``start`` (the working directory) upward.
 
     Returns ``(config_file or None, project_root)``. In each directory a
-    ``dramaturg.toml`` wins over a ``pyproject.toml`` with ``[tool.dramaturg]``; the
-    search stops at the project root (a directory with ``pyproject.toml`` or ``.git``).
+    ``dramaturg.toml`` wins over a ``pyproject.toml`` with ``[tool.dramaturg]``. The
+    search stops at the project root (a directory with ``pyproject.toml`` or ``.git``),
+    after the user's home directory, and before a directory someone else could have put
+    a file in: one writable by everybody (``/tmp``) or owned by another user than you or
+    root. A file found is read only if no one else can have written it: owned by you or
+    root, not writable by others, nor by a group other than your own private one (else
+    :class:`ConfigError`; ``--config`` reads a file whatever its mode).
     """
     here = (start or Path.cwd()).resolve()
+    home = _home()
     for directory in (here, *here.parents):
+        if not _trusted(directory):
+            break
         candidate = directory / CONFIG_FILENAME
         if candidate.is_file():
-            return candidate, directory
+            return _checked(candidate), directory
         pyproject = directory / "pyproject.toml"
         if pyproject.is_file():
             if "dramaturg" in _read_toml(pyproject).get("tool", {}):
-                return pyproject, directory
+                return _checked(pyproject), directory
             return None, directory
-        if (directory / ".git").exists():
+        if (directory / ".git").exists() or directory == home:
             return None, directory
     return None, here
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no password entry
+        return None
+
+
+def _owners() -> tuple[int, ...]:
+    """The users whose files and directories the search trusts: you, and root."""
+    geteuid = getattr(os, "geteuid", None)
+    return () if geteuid is None else (geteuid(), 0)
+
+
+def _trusted(directory: Path) -> bool:
+    """Whether only you (or root) can have put a file in ``directory``."""
+    owners = _owners()
+    if not owners:  # no owners to check (Windows)
+        return True
+    try:
+        status = directory.stat()
+    except OSError:
+        return False
+    return _owner(directory, status) in owners and not status.st_mode & stat.S_IWOTH
+
+
+def _owner(path: Path, status: os.stat_result) -> int:
+    """The uid owning ``path`` (a seam for the tests, which cannot chown without root)."""
+    return status.st_uid
+
+
+def group_is_yours_alone(gid: int) -> bool:
+    """Whether group ``gid`` is your user-private group (your primary group, with no other
+    member), as umask 002 set-ups make every file group-writable: harmless there, as
+    OpenSSH allows in Debian. False where groups cannot be looked up."""
+    try:
+        import grp
+        import pwd
+
+        you = pwd.getpwuid(os.geteuid())
+        if gid != you.pw_gid or any(member != you.pw_name for member in grp.getgrgid(gid).gr_mem):
+            return False
+        return not any(user.pw_gid == gid and user.pw_name != you.pw_name for user in pwd.getpwall())
+    except (ImportError, KeyError, AttributeError):
+        return False
+
+
+def _checked(path: Path) -> Path:
+    """``path``, a config file found by the search, if no one else can have written it."""
+    owners = _owners()
+    if not owners:
+        return path
+    status = path.stat()
+    owner = _owner(path, status)
+    if owner not in owners:
+        problem = f"owned by another user (uid {owner})"
+    elif status.st_mode & stat.S_IWOTH:
+        problem = "writable by everybody"
+    elif status.st_mode & stat.S_IWGRP and not group_is_yours_alone(status.st_gid):
+        problem = "writable by its group"
+    else:
+        return path
+    raise ConfigError(
+        f"{path}: not read: the config file is {problem}, so someone else may have written it;"
+        f" make it yours and only yours (chown, chmod go-w {path}), or name it with --config or {CONFIG_ENV}"
+    )
 
 
 def load_settings(
@@ -439,8 +517,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:  # TOML is UTF-8; say where the bad byte is, never what surrounds it
+        line = _line_of(path, error.start)
+        raise ConfigError(
+            f"{path}: not valid TOML: byte 0x{error.object[error.start]:02x} on line {line} is not UTF-8"
+            " (save the file as UTF-8)"
+        ) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+
+
+def _line_of(path: Path, offset: int) -> int:
+    with path.open("rb") as handle:
+        return handle.read(offset).count(b"\n") + 1
 
 
 def _check_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -529,7 +618,8 @@ def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[s
         if implied is None:
             hint = did_you_mean(scheme, SCHEMES)
             raise ConfigError(
-                f"broker.url: unknown scheme {scheme + '://' if scheme else 'in ' + repr(mask_url(url))}"
+                # Never the URL itself: without a scheme, masking cannot find its password.
+                f"broker.url: {'unknown scheme ' + scheme + '://' if scheme else 'no scheme (scheme://...)'}"
                 f"{hint or '; use one of ' + ', '.join(s + '://' for s in SCHEMES)}"
                 f" (from {sources.get('broker.url', 'default')})",
                 key="broker.url",
@@ -553,10 +643,69 @@ def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[s
 
     if kind == "embedded":
         url = "embedded://" + str(embedded_path(url, root))
+    elif kind in {"rabbitmq", "redis"}:
+        for each in url.split(";") if kind == "rabbitmq" else [url]:
+            if each.strip():
+                check_url("broker.url", each.strip(), sources, redis_url=kind == "redis")
+    if broker.management_url is not None:
+        check_url("broker.management_url", broker.management_url, sources)
+    if settings.state.url is not None:
+        check_url("state.url", settings.state.url, sources, redis_url=True)
     resolved = settings.model_copy(update={"broker": broker.model_copy(update={"type": kind, "url": url})})
     resolved._sources = sources
     resolved._config_file = settings._config_file
     return resolved
+
+
+#: What a user or password must percent-encode in a URL, and its code.
+_RESERVED = "'/' (%2F), '?' (%3F), '#' (%23), '@' (%40)"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_url(key: str, url: str, sources: Mapping[str, str] | None = None, *, redis_url: bool = False) -> None:
+    """Raise :class:`ConfigError` when ``url`` does not parse, or when a parser would read
+    it otherwise than :func:`~dramaturg.masking.mask_text` does: a password holding an
+    unencoded ``/``, ``?`` or ``#`` ends the URL's authority for a parser, which then takes
+    part of the password for a port, a path or a query (and may show it in an error).
+
+    The message never quotes the URL: one that does not parse cannot be masked reliably.
+    ``redis_url``: it must also be a Redis URL (``redis://``, ``rediss://``, ``unix://``).
+    """
+    where = f" (from {(sources or {}).get(key, 'default')})"
+    scheme, sep, rest = url.partition("://")
+    if redis_url and (not sep or scheme.lower() not in REDIS_SCHEMES):
+        raise ConfigError(
+            f"{key}: not a Redis URL; write a redis://, rediss:// or unix:// URL{where}",
+            key=key,
+        )
+    if not sep:
+        return
+    start = len(scheme) + 3
+    authority_end = start + next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    at = userinfo_end(url, start, len(url))
+    if at is not None and at >= authority_end:
+        raise ConfigError(
+            f"{key}: not a valid URL: its user or password holds a character that a URL must"
+            f" percent-encode there: {_RESERVED}{where}",
+            key=key,
+        )
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(
+            f"{key}: not a valid URL: its host or port does not parse (a port is a number from 0 to 65535;"
+            f" percent-encode {_RESERVED} in a user or password){where}",
+            key=key,
+        ) from None
+    if redis_url:
+        try:
+            from redis.connection import parse_url
+        except ImportError:  # the state store will say that redis is missing
+            return
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as error:
+            raise ConfigError(f"{key}: not a valid Redis URL: {error}{where}", key=key) from None
 
 
 def embedded_path(url: str, root: Path | None = None) -> Path:

@@ -31,9 +31,10 @@ import dramatiq
 from dramatiq.worker import _WorkerMiddleware
 
 from . import app
-from .errors import DramaturgError
+from .errors import DramaturgError, did_you_mean
 from .middleware.outcomes import Outcomes, outcome_of
 from .middleware.shutdown import finish_running
+from .queues import canonical_queue
 from .task import to_ms
 
 __all__ = ["DrainSummary", "drain"]
@@ -106,10 +107,13 @@ def drain(
         raise DramaturgError("drain() needs a budget, or until_empty=True (or both)")
     if not queues:
         raise DramaturgError("drain() needs at least one queue")
+    if threads < 1:
+        raise DramaturgError(f"drain() needs at least one thread, got threads={threads}")
     budget_s = None if budget is None else to_ms(budget) / 1000
     grace_s = to_ms(grace) / 1000
     broker = broker or app.get_broker()
     names = tuple(queues)
+    _check_queues(broker, names)
 
     tally = Tally()
     broker.add_middleware(tally, before=Outcomes)
@@ -138,6 +142,20 @@ def drain(
         left=sum(_pending(broker, name) for name in names),
         seconds=seconds,
     )
+
+
+def _check_queues(broker: dramatiq.Broker, names: Sequence[str]) -> None:
+    """Refuse a queue no declared actor uses: a drain of it would take nothing, or hold
+    every task it took as one of an unknown actor (a typo, a missing worker.modules)."""
+    declared = {canonical_queue(actor.queue_name) for actor in broker.actors.values()}
+    for name in names:
+        if name not in declared:
+            hint = did_you_mean(name, declared)
+            listed = ", ".join(sorted(declared)) or "none"
+            raise DramaturgError(
+                f"unknown queue {name!r}{hint} (queues of declared actors: {listed};"
+                " add the module that declares its actors to worker.modules)"
+            )
 
 
 def _belongs_to(middleware: dramatiq.Middleware, worker: dramatiq.Worker) -> bool:

@@ -13,12 +13,14 @@ import re
 import threading
 from typing import Any
 
-__all__ = ["install_log_masking", "mask_text", "mask_url"]
+__all__ = ["install_log_masking", "mask_text", "mask_url", "userinfo_end"]
 
-# scheme://AUTHORITY: the authority runs to the next '/', '?', '#' or line end; its
-# userinfo (user:password) runs to its *last* '@', since passwords may hold '@', quotes
-# or spaces that a careless URL did not encode.
-_AUTHORITY = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<authority>[^/?#\r\n]*)")
+# Where a URL's user information may start: right after "scheme://".
+_SCHEME = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://")
+# What follows the '@' that ends the user information: a host (a name, an address, an
+# [IPv6] literal, or nothing), an optional port, then the end of the authority.
+_HOST = re.compile(r"(?:\[[^\]\s/]*\]|[^\s/?#@:'\"\\,;()<>\[\]{}|`]*)(?::\d*)?(?=[\s/?#'\"\\,;()<>\]{}|`]|$)")
+_LINE_END = re.compile(r"[\r\n]")
 # ?password=... in a query string (redis-py accepts it)
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s'\"]+)", re.IGNORECASE)
 
@@ -26,20 +28,53 @@ MASK = "***"
 
 
 def mask_text(text: str) -> str:
-    """Replace every password inside URLs found in ``text`` with ``***``."""
+    """Replace every password inside URLs found in ``text`` with ``***``.
+
+    A URL's user information runs from ``scheme://`` to the *last* ``@`` before its host,
+    on the same line and before the next URL: a password that was not percent-encoded
+    may hold ``@``, ``/``, ``?``, ``#``, quotes or spaces, and is masked whole. When in
+    doubt more is masked (text up to a later ``@host`` on the line), never less.
+
+    >>> mask_text("amqp://shop:pa/ss@mq:5672/")
+    'amqp://shop:***@mq:5672/'
+    """
     if "://" not in text and "password=" not in text.lower():
         return text
-    text = _AUTHORITY.sub(_mask_authority, text)
+    if "@" in text:
+        text = _mask_userinfo(text)
     return _QUERY_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", text)
 
 
-def _mask_authority(match: re.Match[str]) -> str:
-    authority = match["authority"]
-    userinfo, at, host = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return match[0]
-    user = userinfo.split(":", 1)[0]
-    return f"{match['scheme']}{user}:{MASK}@{host}"
+def userinfo_end(text: str, start: int, stop: int) -> int | None:
+    """The index of the ``@`` ending the user information of a URL whose authority
+    starts at ``text[start]`` (right after ``scheme://``), looking no further than
+    ``stop``; None when there is none. The last ``@`` that a host follows wins."""
+    at = text.rfind("@", start, stop)
+    while at >= 0:
+        if _HOST.match(text[at + 1 : stop]):
+            return at
+        at = text.rfind("@", start, at)
+    return None
+
+
+def _mask_userinfo(text: str) -> str:
+    schemes = [(match.start(), match.end()) for match in _SCHEME.finditer(text)]
+    pieces = []
+    done = 0
+    for index, (_, start) in enumerate(schemes):
+        if start < done:  # inside the user information of the URL before
+            continue
+        line_end = _LINE_END.search(text, start)
+        stop = len(text) if line_end is None else line_end.start()
+        if index + 1 < len(schemes):  # the next URL ends this one
+            stop = min(stop, schemes[index + 1][0])
+        at = userinfo_end(text, start, stop)
+        if at is None or ":" not in text[start:at]:
+            continue
+        user = text[start:at].split(":", 1)[0]
+        pieces += [text[done:start], f"{user}:{MASK}"]
+        done = at
+    return "".join(pieces) + text[done:] if pieces else text
 
 
 def mask_url(url: str | None) -> str | None:

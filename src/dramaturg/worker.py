@@ -86,13 +86,13 @@ def _boot() -> dramatiq.Broker:
 
             raise ConfigError(f"broker.type: {NO_WORKERS}", key="broker.type")
         booted = bootstrap(settings)
+        if settings.worker.metrics_port:
+            from .middleware.metrics import metrics_directory
+
+            metrics_directory()  # before an actor module may import prometheus_client: it picks its mode then
     except ConfigError as error:
         logger.critical("dramaturg: configuration error: %s", error)
         sys.exit(EXIT_CONFIG)
-    if settings.worker.metrics_port:
-        from .middleware.metrics import metrics_directory
-
-        metrics_directory()  # before an actor module may import prometheus_client: it picks its mode then
     brokers.ping(settings.broker)  # BrokerUnreachable is a ConnectionFailed: Dramatiq exits with 3
     import_actor_modules(settings.worker.modules or [BUILTIN_ACTORS])  # ImportError: Dramatiq exits with 2
     return booted

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +117,12 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         pika's blocking channel waits for each confirm before the next publish (one round
         trip per message); this publishes through its underlying asynchronous channel and
         collects the confirms afterwards, so a window costs about one round trip. Never
-        without confirms: a message is counted sent only once RabbitMQ acknowledged it,
-        and a nacked, returned (unroutable) or unconfirmed one is reported as not sent.
+        without confirms: a message is counted sent only once RabbitMQ acknowledged it.
+        On a failure, :class:`~dramaturg.bulk.BulkSendError` tells the confirmed ones as
+        sent, the nacked, returned (unroutable) and never published ones as not sent, and
+        the ones published but never confirmed (the connection was lost, or no confirm
+        came in time) as unknown: RabbitMQ may well have them. Whatever was published
+        before a failure is still waited for, so that it is counted where it belongs.
         Used by :func:`dramaturg.bulk.send_many`.
         """
         from ..bulk import BulkSendError, EnqueueHooks, message_encoder
@@ -125,12 +130,16 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         hooks = EnqueueHooks(self)
         encode = message_encoder()
         eta = current_millis() + delay if delay is not None else None
-        window = self._confirm_window()
+        failure: Exception | None = None
+        try:
+            window = self._confirm_window()
+        except (pika.exceptions.AMQPError, OSError) as error:
+            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
+        window.begin()
         try:
             for canonical in dict.fromkeys(message.queue_name for message in messages):
                 self.declare_queue(canonical, ensure=True)
             window.gather()
-            prepared = []
             try:
                 for message in messages:
                     if eta is not None:
@@ -145,19 +154,29 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
                         )
                     hooks.emit_before(message, delay)
                     window.publish(message.queue_name, message, encode(message))
-                    prepared.append(message)
             finally:
                 window.write_gathered(stop=True)  # also what was published before a failure
-            failed, reason = window.wait(timeout_s=max(30.0, self.settings.connect_timeout / 1000))
-        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
-            window.close()
-            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
-        if failed:
-            window.close()
-            sent = len(prepared) - len(failed)
-            raise BulkSendError(reason, sent, failed)
-        hooks.emit_after(prepared, delay)
-        return prepared
+        except Exception as error:  # a lost connection, a refusing middleware, a message that does not encode
+            failure = error
+        timeout_s = max(30.0, self.settings.connect_timeout / 1000)
+        try:
+            window.wait(timeout_s)  # what was published is counted where it belongs, even after a failure
+        except Exception as error:  # the connection was lost while waiting
+            failure = failure or error
+        outcome = window.end()
+        if failure is None and not outcome.refused and not outcome.unconfirmed:
+            hooks.emit_after(outcome.confirmed, delay)
+            return outcome.confirmed
+        window.close()
+        if outcome.confirmed:
+            hooks.emit_after(outcome.confirmed, delay)
+        reasons = [f"{type(failure).__name__}: {failure}"] if failure is not None else []
+        reasons += outcome.reasons
+        if outcome.unconfirmed and failure is None:
+            reasons.append(f"no confirm within {timeout_s:.0f} s")
+        unsent = outcome.refused + list(messages[outcome.published :])
+        reason = "; ".join(dict.fromkeys(reasons))
+        raise BulkSendError(reason, len(outcome.confirmed), unsent, outcome.unconfirmed) from failure
 
     def _confirm_window(self) -> _ConfirmWindow:
         """This thread's confirm window, opened on first use and kept while it is open."""
@@ -399,10 +418,9 @@ class _ConfirmWindow:
                         self.write_gathered()
 
             impl_connection._output_marshaled_frames = output
-        self.pending: dict[int, Message[Any]] = {}
-        self.failed: list[Message[Any]] = []
-        self.reasons: list[str] = []
+        self.pending: dict[int, Message[Any]] = {}  # published, neither confirmed nor refused yet
         self.next_tag = 1
+        self.begin()
         ready: list[bool] = []
         self.impl.add_on_return_callback(self._returned)
         self.impl.confirm_delivery(ack_nack_callback=self._confirmed, callback=lambda _frame: ready.append(True))
@@ -431,6 +449,13 @@ class _ConfirmWindow:
         if stop:
             self._gathered = None
 
+    def begin(self) -> None:
+        """Start counting a batch: what :meth:`end` reports is about what is published from now."""
+        self.published = 0
+        self.confirmed: list[Message[Any]] = []
+        self.refused: list[Message[Any]] = []
+        self.reasons: list[str] = []
+
     def publish(self, queue_name: str, message: Message[Any], body: bytes) -> None:
         properties = pika.BasicProperties(
             delivery_mode=2, priority=message.options.get("broker_priority"), message_id=message.message_id
@@ -438,20 +463,27 @@ class _ConfirmWindow:
         self.impl.basic_publish("", queue_name, body, properties, mandatory=True)
         self.pending[self.next_tag] = message
         self.next_tag += 1
+        self.published += 1
         if len(self.pending) % 256 == 0:
             self.write_gathered()
             self.connection.process_data_events(time_limit=0)  # take in confirms as they come
 
-    def wait(self, timeout_s: float) -> tuple[list[Message[Any]], str]:
+    def wait(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the confirms of everything published (raises if the
+        connection is lost meanwhile: what is still pending then is unknown)."""
         self.write_gathered(stop=True)
         deadline = time.monotonic() + timeout_s
         while self.pending and time.monotonic() < deadline:
             self.connection.process_data_events(time_limit=0.002)  # pika waits all of it: keep it short
-        failed = self.failed + list(self.pending.values())
-        reasons = self.reasons + ([f"no confirm within {timeout_s:.0f} s"] if self.pending else [])
+
+    def end(self) -> _BatchOutcome:
+        """What became of the batch since :meth:`begin`; what has no confirm yet is unconfirmed."""
+        outcome = _BatchOutcome(
+            self.published, self.confirmed, self.refused, list(self.pending.values()), list(dict.fromkeys(self.reasons))
+        )
         self.pending.clear()
-        self.failed, self.reasons = [], []
-        return failed, "; ".join(dict.fromkeys(reasons))
+        self.begin()
+        return outcome
 
     def close(self) -> None:
         self._gathered = None
@@ -468,17 +500,33 @@ class _ConfirmWindow:
         nacked = isinstance(method, pika.spec.Basic.Nack)
         for tag in tags:
             message = self.pending.pop(tag, None)
-            if message is not None and nacked:
-                self.failed.append(message)
+            if message is None:  # returned before its ack: counted as refused already
+                continue
+            if nacked:
+                self.refused.append(message)
                 self.reasons.append("RabbitMQ refused it (nack)")
+            else:
+                self.confirmed.append(message)
 
     def _returned(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         for tag, message in list(self.pending.items()):
             if message.message_id == properties.message_id:
-                self.failed.append(message)
+                self.refused.append(message)
                 self.reasons.append(f"unroutable: {method.reply_text}")
                 del self.pending[tag]  # its confirm (an ack) follows; it was not delivered
                 break
+
+
+@dataclass(frozen=True)
+class _BatchOutcome:
+    """A confirm window's batch: how many were published, and which were confirmed,
+    refused (nacked or returned), or are still unconfirmed."""
+
+    published: int
+    confirmed: list[Message[Any]]
+    refused: list[Message[Any]]
+    unconfirmed: list[Message[Any]]
+    reasons: list[str]
 
 
 def _is_consumer_timeout(error: BaseException) -> bool:
@@ -499,9 +547,8 @@ def connection_parameters(settings: BrokerSettings) -> Any:
         try:
             parameters = pika.URLParameters(url.strip())
         except Exception as error:  # pika raises ValueError, TypeError or its own errors
-            raise ConfigError(
-                f"broker.url: {mask_url(url)!r} is not a valid AMQP URL: {mask_url(str(error))}", key="broker.url"
-            ) from None
+            # Never the URL: one that did not parse cannot be masked reliably.
+            raise ConfigError(f"broker.url: not a valid AMQP URL: {mask_url(str(error))}", key="broker.url") from None
         parameters.socket_timeout = settings.connect_timeout / 1000
         parameters.blocked_connection_timeout = 30
         if settings.heartbeat is not None:  # 0 turns heartbeats off; round up, never down to 0
@@ -514,13 +561,41 @@ def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> Rab
     return RabbitmqBroker(settings, middleware=middleware)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_level = logging.NOTSET
+
+
+@contextmanager
+def quiet_pika() -> Iterator[None]:
+    """Keep pika from logging while a command connects: a refused password or a closed
+    port makes it log six ERROR lines and a traceback before it raises, and the command
+    then says the same in one line of its own. Only around a command's own attempts
+    (``ping``, the statistics); a worker's reconnections keep pika's lines."""
+    global _quiet_depth, _quiet_level
+    pika_logger = logging.getLogger("pika")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_level = pika_logger.level
+            pika_logger.setLevel(logging.CRITICAL + 1)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                pika_logger.setLevel(_quiet_level)
+
+
 def ping(settings: BrokerSettings) -> float:
     parameters = connection_parameters(settings)
     for each in parameters if isinstance(parameters, list) else [parameters]:
         each.connection_attempts = 1
     start = time.perf_counter()
     try:
-        connection = pika.BlockingConnection(parameters)
+        with quiet_pika():
+            connection = pika.BlockingConnection(parameters)
     except pika.exceptions.ProbableAuthenticationError:
         raise _unreachable(settings, "authentication failed (check the user and password)") from None
     except pika.exceptions.ProbableAccessDeniedError:
@@ -536,10 +611,16 @@ def ping(settings: BrokerSettings) -> float:
 
 
 def _reason(error: BaseException) -> str:
-    # AMQPConnectionError wraps the socket error in args; show the innermost useful text.
+    # AMQPConnectionError wraps the socket error in args, and pika's connector errors keep
+    # it in .exception; show the innermost useful text ("[Errno 111] Connection refused").
     inner: Any = error
-    while getattr(inner, "args", None) and isinstance(inner.args[0], BaseException):
-        inner = inner.args[0]
+    while True:
+        if getattr(inner, "args", None) and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        elif isinstance(getattr(inner, "exception", None), BaseException):
+            inner = inner.exception
+        else:
+            break
     text = str(inner) or type(inner).__name__
     return text if text != "()" else type(error).__name__
 

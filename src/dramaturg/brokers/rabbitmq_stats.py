@@ -8,8 +8,11 @@ gives ``messages_ready``, ``messages_unacknowledged`` and ``consumers`` of every
 the virtual host. Its numbers are those of the last statistics emission
 (``collect_statistics_interval``, 5 s by default), so they lag by up to that.
 
-``broker.management_url`` says where the API is; by default
-``http://<the AMQP host>:15672`` with the AMQP URL's user and password. When it does not
+``broker.management_url`` says where the API is; by default ``http://<the AMQP host>:15672``
+with the AMQP URL's user and password, and for an ``amqps://`` broker
+``https://<the AMQP host>:15671`` (the management plugin's TLS port): credentials that
+travel encrypted over AMQP never travel in clear over HTTP. Redirects are not followed
+(they would carry the credentials elsewhere, perhaps in clear). When it does not
 answer, the AMQP numbers are used and one WARNING says how to enable it; then in flight
 is ``None`` unless the queue has no consumer (nothing can be unacknowledged), and so is
 delayed unless its delay queue has none.
@@ -38,7 +41,7 @@ from ..errors import BrokerUnreachable
 from ..masking import mask_url
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
-from .rabbitmq import _reason, _unreachable, held_queue
+from .rabbitmq import _reason, _unreachable, held_queue, quiet_pika
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -47,8 +50,9 @@ __all__ = ["RabbitmqStatsReader", "management_url"]
 
 logger = logging.getLogger("dramaturg.stats")
 
-#: The management plugin's default port.
+#: The management plugin's default port, and its default TLS port (for ``amqps://`` brokers).
 MANAGEMENT_PORT = 15672
+MANAGEMENT_TLS_PORT = 15671
 _COLUMNS = "name,messages_ready,messages_unacknowledged,consumers"
 
 
@@ -57,6 +61,8 @@ def management_url(settings: Any) -> str:
 
     >>> management_url(BrokerSettings(url="amqp://shop:pw@mq:5672/prod"))
     'http://shop:pw@mq:15672'
+    >>> management_url(BrokerSettings(url="amqps://shop:pw@mq:5671/prod"))
+    'https://shop:pw@mq:15671'
     """
     if settings.management_url:
         return str(settings.management_url)
@@ -65,7 +71,19 @@ def management_url(settings: Any) -> str:
     password = amqp.password if amqp.password is not None else "guest"
     host = amqp.hostname or "localhost"
     host = f"[{host}]" if ":" in host else host
+    if amqp.scheme.lower() == "amqps":  # TLS to the broker: TLS to its management API too
+        return f"https://{user}:{password}@{host}:{MANAGEMENT_TLS_PORT}"
     return f"http://{user}:{password}@{host}:{MANAGEMENT_PORT}"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would send the Authorization header on to wherever they point."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
 
 
 class RabbitmqStatsReader(StatsReader):
@@ -105,10 +123,15 @@ class RabbitmqStatsReader(StatsReader):
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
         try:
-            with urllib.request.urlopen(request, timeout=self.settings.connect_timeout / 1000) as response:
+            with _opener.open(request, timeout=self.settings.connect_timeout / 1000) as response:
                 rows = json.load(response)
         except urllib.error.HTTPError as error:
-            reason = "the user and password were refused" if error.code == 401 else f"HTTP {error.code} {error.reason}"
+            if error.code == 401:
+                reason = "the user and password were refused"
+            elif 300 <= error.code < 400:
+                reason = f"it answers with a redirect (HTTP {error.code}), not followed: name its target instead"
+            else:
+                reason = f"HTTP {error.code} {error.reason}"
             self._unavailable(reason)
             return None
         except urllib.error.URLError as error:
@@ -134,7 +157,8 @@ class RabbitmqStatsReader(StatsReader):
 
     def _from_amqp(self, queues: Sequence[str]) -> list[QueueStats]:
         try:
-            connection = pika.BlockingConnection(self.broker.parameters)
+            with quiet_pika():
+                connection = pika.BlockingConnection(self.broker.parameters)
         except pika.exceptions.ProbableAuthenticationError:
             raise _unreachable(self.settings, "authentication failed (check the user and password)") from None
         except (pika.exceptions.AMQPError, OSError) as error:

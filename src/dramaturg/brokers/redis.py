@@ -36,6 +36,7 @@ from ..queues import canonical_queue, lane_queue, lanes
 from .redis_claims import RedisClaims
 
 if TYPE_CHECKING:
+    from ..bulk import EnqueueHooks
     from .redis_stats import RedisStatsReader
 
 __all__ = [
@@ -180,14 +181,40 @@ class RedisBroker(_DramatiqRedisBroker):
         the enqueue hooks) and the same keys as Dramatiq's enqueue command, in one Lua
         script per call (Dramatiq's dispatch script takes 14 arguments per message, and
         packing them was a third of the time). Used by :func:`dramaturg.bulk.send_many`.
-        If the connection is lost after Redis ran the script, the messages were enqueued
-        but are reported as not sent.
+
+        The script is run once, never retried by the client: a retry after a lost reply
+        would enqueue the chunk twice. A failure before the request was written (no
+        connection) raises :class:`~dramaturg.bulk.BulkSendError` with the messages as not
+        sent; one after it (a timeout, a connection reset while reading the answer) with
+        them as unknown, since Redis may have run the script.
         """
         from ..bulk import BulkSendError, EnqueueHooks, message_encoder
 
         hooks = EnqueueHooks(self)
         encode = message_encoder()
         eta = current_millis() + delay if delay is not None else None
+        try:
+            prepared, args = self._prepare_many(messages, hooks, encode, eta, delay)
+        except Exception as error:  # a refusing middleware, a message that does not encode: nothing was sent
+            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
+        try:
+            self._run_once(self._enqueue_script, [self.namespace], args)
+        except _NotSent as error:
+            raise BulkSendError(error.reason, 0, list(messages)) from error.__cause__
+        except redis.RedisError as error:
+            raise BulkSendError(f"{type(error).__name__}: {error}", 0, unknown=list(messages)) from error
+        hooks.emit_after(prepared, delay)
+        return prepared
+
+    def _prepare_many(
+        self,
+        messages: Sequence[Message[Any]],
+        hooks: EnqueueHooks,
+        encode: Callable[[Message[Any]], bytes],
+        eta: int | None,
+        delay: int | None,
+    ) -> tuple[list[Message[Any]], list[Any]]:
+        """The messages as :meth:`enqueue_many` enqueues them, and the script's arguments."""
         priorities = self.settings.priorities
         prepared = []
         framed: dict[str, list[bytes]] = {}
@@ -224,12 +251,32 @@ class RedisBroker(_DramatiqRedisBroker):
         args: list[Any] = []
         for queue_name, parts in framed.items():
             args += (queue_name, b"".join(parts))
+        return prepared, args
+
+    def _run_once(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` once on a connection of the client's pool, without its retries.
+
+        Raises :class:`_NotSent` when Redis certainly did not run it (no connection could
+        be made, or Redis refused the command before running it), else the client's error.
+        """
+        pool = self.client.connection_pool
         try:
-            self._enqueue_script(keys=[self.namespace], args=args)
+            connection = pool.get_connection()  # connects if need be: a failure here sent nothing
         except redis.RedisError as error:
-            raise BulkSendError(f"{type(error).__name__}: {error}", 0, list(messages)) from error
-        hooks.emit_after(prepared, delay)
-        return prepared
+            raise _NotSent(f"{type(error).__name__}: {error}") from error
+        try:
+            try:
+                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return self.client.parse_response(connection, "EVALSHA")
+            except redis.exceptions.NoScriptError:  # not run: load it and run it
+                connection.send_command("EVAL", script.script, len(keys), *keys, *args)
+                return self.client.parse_response(connection, "EVAL")
+        except redis.ResponseError as error:
+            if str(error).split(" ", 1)[0] in _REFUSED_BEFORE_RUNNING:
+                raise _NotSent(f"{type(error).__name__}: {error}") from error
+            raise
+        finally:
+            pool.release(connection)
 
     # Dramatiq reaches these through __getattr__ (its dispatch script); the claims of this
     # process are noted on the way (see dramaturg.brokers.redis_claims).
@@ -285,6 +332,21 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.settings.url)}>"
+
+
+class _NotSent(Exception):
+    """Redis certainly did not run the command (raised before it was written, or refused)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Error replies Redis gives before it runs a command (or, for a script, before its first
+#: write): the command did nothing.
+_REFUSED_BEFORE_RUNNING = frozenset(
+    {"NOSCRIPT", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "NOPERM", "WRONGPASS", "OOM", "MISCONF"}
+)
 
 
 class RedisConsumer(_RedisConsumer):
@@ -479,7 +541,8 @@ def make_client(settings: BrokerSettings) -> redis.Redis:
         )
     except ValueError as error:
         raise ConfigError(
-            f"broker.url: {mask_url(settings.url)!r} is not a valid Redis URL: {error}", key="broker.url"
+            f"broker.url: not a valid Redis URL: {error}",
+            key="broker.url",  # never quote a URL that did not parse
         ) from None
 
 

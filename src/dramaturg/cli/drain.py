@@ -14,6 +14,7 @@ from typing import Any
 from .. import app
 from ..config import load_settings
 from ..drain import drain
+from ..errors import SendError
 from .common import delay_ms
 
 
@@ -40,15 +41,20 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = delay_ms(args.budget, "--budget")
+    grace = delay_ms(args.grace, "--grace") or 0
+    if args.threads < 1:
+        raise SendError(f"--threads must be at least 1, got {args.threads}")
     settings = load_settings(args.config)
     broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain(settings.worker.modules)
+    # As a worker does: the built-in echo actor while worker.modules names none.
+    app.import_actor_modules_or_explain(settings.worker.modules or ["dramaturg.actors.builtin"])
     summary = drain(
         args.queues,
-        budget=delay_ms(args.budget),
+        budget=budget,
         until_empty=args.until_empty,
         threads=args.threads,
-        grace=delay_ms(args.grace) or 0,
+        grace=grace,
         broker=broker,
     )
     print(json.dumps(asdict(summary)) if args.json else summary.line())

@@ -27,7 +27,7 @@ from typing import Any
 from .. import app, brokers
 from ..config import load_settings
 from ..errors import SendError, did_you_mean
-from .common import delay_ms
+from .common import JsonError, delay_ms, loads, shorten
 
 
 def add_parser(subparsers: Any) -> None:
@@ -69,9 +69,9 @@ def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
         raise SendError(f"expected QUEUE:ACTOR:JSON_ARGS, e.g. default:echo:'[\"hello\"]'; got {spec!r}")
     queue, actor_name, raw = parts
     try:
-        payload = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise SendError(f"JSON_ARGS is not valid JSON: {error.msg} at column {error.colno}: {raw!r}") from None
+        payload = loads(raw)
+    except JsonError as error:
+        raise SendError(f"JSON_ARGS is not valid JSON: {error}: {shorten(raw)}") from None
     if isinstance(payload, list):
         return queue, actor_name, payload, {}
     if isinstance(payload, dict):

@@ -6,7 +6,9 @@ import argparse
 import csv
 import inspect
 import json
+import re
 import sys
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -16,50 +18,103 @@ from ..bulk import BulkSendError, Call
 from ..config import load_settings, parse_duration_ms
 from ..errors import SendError, did_you_mean
 from ..task_context import context
-from .common import delay_ms
+from .common import JsonError, delay_ms, loads
 
 #: A bad row's line on stderr, and how many of them are printed before they are only counted.
 MAX_REPORTED = 100
+#: Rows nested deeper than this are bad rows: far beyond any real data, and deep enough
+#: that encoding them could exhaust Python's recursion limit while the chunk is sent.
+MAX_DEPTH = 200
+#: What ``errors="surrogateescape"`` makes of a byte that is not UTF-8.
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 class Rows:
-    """The file's rows as ``Call``s, skipping (and reporting) the bad ones."""
+    """The file's rows as ``Call``s, skipping (and reporting) the bad ones.
 
-    def __init__(self, path: Path, row_as: str, signature: inspect.Signature, actor_name: str) -> None:
+    Every problem of one row makes it a bad row, named by its line and skipped: bytes
+    that are not UTF-8, JSON that does not parse (also an integer of more than
+    ``sys.get_int_max_str_digits()`` digits, or nesting deeper than :data:`MAX_DEPTH`),
+    a CSV field over the ``csv`` module's limit, arguments that do not fit the handler.
+    The line numbers of the last ``chunk_size`` rows sent are kept, to say which rows a
+    failed send concerned.
+    """
+
+    def __init__(
+        self, path: Path, row_as: str, signature: inspect.Signature, actor_name: str, chunk_size: int = 1_000
+    ) -> None:
         self.path = path
         self.row_as = row_as
         self.signature = signature
         self.actor_name = actor_name
         self.bad = 0
         self.on_line: Any = None  # called with each line's size in bytes (the progress bar)
+        self.yielded = 0
+        self.lines: deque[int] = deque(maxlen=chunk_size)  # the line of each of the last rows yielded
+        self.last_line = 0  # the last line read
 
     def __iter__(self) -> Iterator[Call]:
-        with self.path.open(encoding="utf-8", newline="") as stream:
-            rows = self._csv(stream) if self.path.suffix.lower() == ".csv" else self._jsonl(stream)
-            for number, row in rows:
-                call = self._call(number, row)
-                if call is not None:
-                    yield call
+        if self.path.suffix.lower() == ".csv":
+            # surrogateescape: a byte that is not UTF-8 makes that row bad, not the whole file
+            with self.path.open(encoding="utf-8", errors="surrogateescape", newline="") as stream:
+                yield from self._calls(self._csv(stream))
+        else:
+            with self.path.open("rb") as binary:
+                yield from self._calls(self._jsonl(binary))
 
-    def _jsonl(self, stream: IO[str]) -> Iterator[tuple[int, Any]]:
-        for number, line in enumerate(stream, start=1):
+    def _calls(self, rows: Iterator[tuple[int, Any]]) -> Iterator[Call]:
+        for number, row in rows:
+            call = self._call(number, row)
+            if call is not None:
+                self.yielded += 1
+                self.lines.append(number)
+                yield call
+
+    def _jsonl(self, stream: IO[bytes]) -> Iterator[tuple[int, Any]]:
+        for number, raw in enumerate(stream, start=1):
+            self.last_line = number
             if self.on_line is not None:
-                self.on_line(len(line.encode()))
+                self.on_line(len(raw))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                self._report(number, f"not UTF-8: byte 0x{raw[error.start]:02x} at column {error.start + 1}")
+                continue
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                self._report(number, f"not JSON: {error.msg} at column {error.colno}")
+                row = loads(line)
+            except JsonError as error:
+                self._report(number, f"not JSON: {error}")
+                continue
+            if line.count("[") + line.count("{") > MAX_DEPTH and _too_deep(row):
+                self._report(number, f"not JSON this command sends: nested deeper than {MAX_DEPTH} levels")
+                continue
+            yield number, row
 
     def _csv(self, stream: IO[str]) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(stream)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:  # a field over the size limit, a NUL byte: that row only
+                number = reader.reader.line_num
+                self.last_line = number
+                self._report(number, f"not CSV this command reads: {error}")
+                continue
             number = reader.line_num
+            self.last_line = number
             if self.on_line is not None:
                 self.on_line(sum(len(value or "") + 1 for value in row.values()))  # about its size
             if None in row or any(value is None for value in row.values()):
                 self._report(number, f"{len(reader.fieldnames or [])} columns expected, the row has another number")
+                continue
+            bad = next((value for value in row.values() if _SURROGATE.search(value)), None)
+            if bad is not None:
+                byte = ord(_SURROGATE.search(bad)[0]) - 0xDC00  # type: ignore[index]
+                self._report(number, f"not UTF-8: byte 0x{byte:02x}")
                 continue
             yield number, dict(row)
 
@@ -122,7 +177,7 @@ def run_file(args: argparse.Namespace) -> int:
         raise SendError(f"actor {actor_name!r} uses queue {actor.queue_name!r}, not {queue!r}")
     brokers.ping(settings.broker)
 
-    rows = Rows(path, args.row_as, inspect.signature(actor.handler), actor.actor_name)
+    rows = Rows(path, args.row_as, inspect.signature(actor.handler), actor.actor_name, args.chunk_size)
     bar = _progress_bar(path)
     if bar is not None:
         rows.on_line = bar.update
@@ -130,7 +185,10 @@ def run_file(args: argparse.Namespace) -> int:
         with context(**values):
             result = actor.send_many(rows, chunk_size=args.chunk_size, **options)
     except BulkSendError as error:
-        print(f"dramaturg: {error}", file=sys.stderr)
+        if bar is not None:
+            bar.close()
+            bar = None
+        _report_failure(error, rows, args, actor.actor_name)
         return 1
     finally:
         if bar is not None:
@@ -149,6 +207,69 @@ def run_file(args: argparse.Namespace) -> int:
         bad = f"; {rows.bad:,} bad rows skipped (listed above)" if rows.bad else ""
         print(f"sent {result.sent:,} tasks to {actor.actor_name} in {result.seconds:.1f} s ({result.rate:,.0f}/s){bad}")
     return 2 if rows.bad else 0
+
+
+def _report_failure(error: BulkSendError, rows: Rows, args: argparse.Namespace, actor_name: str) -> None:
+    """Say what a send that stopped did: how many tasks were sent, which rows of the
+    failing chunk are unknown (written, but no answer came: maybe on the queue) or not
+    sent, and from where nothing was sent. Never "not sent" for what may be on the queue."""
+    chunk = error.unsent or error.unknown
+    # Every chunk but the last is chunk_size long, so the failing one starts here.
+    start = (error.next_item - 1) // args.chunk_size * args.chunk_size if chunk else error.next_item
+    first_kept = rows.yielded - len(rows.lines)
+
+    def line_of(index: int) -> int | None:
+        return rows.lines[index - first_kept] if first_kept <= index < rows.yielded else None
+
+    lines = (line_of(start), line_of(error.next_item - 1)) if chunk else None
+    after = line_of(error.next_item - 1) if error.next_item else 0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "actor": actor_name,
+                    "error": error.reason,
+                    "sent": error.sent,
+                    "unknown": len(error.unknown),
+                    "not_sent": len(error.unsent),
+                    "failed_lines": list(lines) if lines else None,
+                    "nothing_sent_after_line": after,
+                    "bad_rows": rows.bad,
+                    "unknown_ids": [message.message_id for message in error.unknown],
+                    "not_sent_ids": [message.message_id for message in error.unsent],
+                }
+            )
+        )
+    print(f"dramaturg: sending stopped: {error.reason}", file=sys.stderr)
+    parts = [f"sent {error.sent:,} tasks to {actor_name}"]
+    if lines:
+        parts.append(
+            f"of the chunk of rows on lines {lines[0]:,}-{lines[1]:,} of {rows.path}, {error.sent - start:,} were sent,"
+            f" {len(error.unknown):,} are unknown (written, but no answer came: they may be on the queue; look for"
+            f" them before sending them again) and {len(error.unsent):,} were not sent"
+        )
+        for what, messages in (("unknown", error.unknown), ("not sent", error.unsent)):
+            if messages and not args.json:
+                more = f" and {len(messages) - 3:,} more (--json lists them all)" if len(messages) > 3 else ""
+                parts.append(f"{what}: {', '.join(m.message_id for m in messages[:3])}{more}")
+    parts.append(f"nothing after line {after:,} was sent" if after else "nothing was sent")
+    if rows.bad:
+        parts.append(f"{rows.bad:,} bad rows skipped (listed above)")
+    print("; ".join(parts), file=sys.stderr)
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and objects deeper than :data:`MAX_DEPTH`."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _context_pair(pair: str) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from .. import app
+from .. import app, brokers
 from ..config import load_settings, parse_duration_ms
 from ..errors import SendError, did_you_mean
 from ..stats import QueueStats, queue_stats, stats_reader, totals
@@ -72,6 +72,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     interval_ms = _interval_ms(args.watch)
     settings = load_settings(args.config)
+    brokers.ping(settings.broker)  # an unreachable broker: one line, before any reader warns on its own
     broker = app.bootstrap(settings)
     try:
         app.import_actor_modules_or_explain(settings.worker.modules)

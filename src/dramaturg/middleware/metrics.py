@@ -22,7 +22,10 @@ group; one server, a process Dramatiq's main process forks once the workers are 
 adds the files of all of them up for each scrape. ``dramaturg worker`` makes a fresh
 directory and removes it when it exits; under ``dramatiq dramaturg.worker`` it is
 ``$PROMETHEUS_MULTIPROC_DIR`` when set (then empty it between runs yourself), else
-``<tmp>/dramaturg-metrics-<main pid>``, which the server removes when it stops. A
+``<tmp>/dramaturg-metrics-<main pid>``, made private (mode 0700), which the server
+removes when it stops; a directory there that someone else could have prepared (not
+yours, writable by others, a link, holding links) is refused (see
+:func:`metrics_directory`). A
 recycled worker process keeps its pid and goes on counting in its files; counts of a
 process that died stay in the sums, as Prometheus counters should.
 
@@ -41,6 +44,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -77,12 +81,63 @@ def metrics_installed() -> bool:
 
 
 def metrics_directory() -> str:
-    """The directory the worker processes of this group count in (see the module docstring);
-    created if missing, and set as ``PROMETHEUS_MULTIPROC_DIR`` for prometheus_client."""
-    directory = os.environ.get(MULTIPROC_ENV) or _default_directory()
-    os.makedirs(directory, exist_ok=True)
+    """The directory the worker processes of this group count in (see the module docstring),
+    set as ``PROMETHEUS_MULTIPROC_DIR`` for prometheus_client.
+
+    Created private (mode 0700) when missing. Since its default name is predictable and
+    in the shared temporary directory, one that exists is used only if no one else can
+    have prepared it: a real directory (not a link), yours, writable by no one else, and
+    holding no symbolic link (prometheus_client opens its files by name, following links:
+    a planted one would have it write over the file it points to). Otherwise
+    :class:`~dramaturg.errors.ConfigError`, and the worker does not start.
+    """
+    from ..errors import ConfigError
+
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = given or _default_directory()
+    try:
+        if given:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        else:
+            os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass  # a sibling worker process made it (or someone else did: see below)
+    except OSError as error:
+        raise ConfigError(f"metrics directory {directory}: cannot be made: {error.strerror or error}") from None
+    problem = _unsafe(directory)
+    if problem is not None:
+        if given:
+            raise ConfigError(
+                f"metrics directory {directory} ({MULTIPROC_ENV}): {problem}; name a private directory of your own"
+            )
+        raise ConfigError(
+            f"metrics directory {directory}: {problem}, so someone else may have prepared it; remove it, or set"
+            f" {MULTIPROC_ENV} to a private directory of your own (`dramaturg worker` makes a fresh one)"
+        )
     os.environ[MULTIPROC_ENV] = directory
     return directory
+
+
+def _unsafe(directory: str) -> str | None:
+    """Why ``directory`` may not be counted in (None when it may)."""
+    from ..config import group_is_yours_alone
+
+    try:
+        status = os.lstat(directory)
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if stat.S_ISLNK(status.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(status.st_mode):
+        return "is not a directory"
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and status.st_uid != geteuid():
+        return f"belongs to another user (uid {status.st_uid})"
+    if status.st_mode & stat.S_IWOTH or (status.st_mode & stat.S_IWGRP and not group_is_yours_alone(status.st_gid)):
+        return f"can be written by group or others (mode {stat.S_IMODE(status.st_mode):o})"
+    with os.scandir(directory) as entries:
+        link = next((entry.name for entry in entries if entry.is_symlink()), None)
+    return None if link is None else f"holds a symbolic link ({link})"
 
 
 def _default_directory() -> str:
@@ -137,7 +192,13 @@ class Metrics(dramatiq.Middleware):
         return [serve_metrics]
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        metrics_directory()  # before prometheus_client is imported: it decides its mode then
+        from ..errors import ConfigError
+
+        try:
+            metrics_directory()  # before prometheus_client is imported: it decides its mode then
+        except ConfigError as error:  # dramaturg.worker refused it already; a worker of another kind counts nothing
+            logger.error("%s; this worker counts nothing", error)
+            return
         try:
             import prometheus_client
             from prometheus_client import values
@@ -291,7 +352,11 @@ def serve_metrics() -> int:
     if port is None:
         return 0
     own_directory = not os.environ.get(MULTIPROC_ENV)
-    directory = metrics_directory()
+    try:
+        directory = metrics_directory()
+    except ConfigError as error:
+        logger.error("metrics server: configuration error: %s", error)
+        return 1
     try:
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import MetricsHandler

@@ -1,0 +1,196 @@
+"""Bad input and bad configuration, run as a user runs the commands: one line naming the
+problem, a named exit code (2 bad input, 3 broker unreachable, 78 configuration), never a
+traceback, never a password."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import dramatiq
+import pytest
+
+import dramaturg
+
+from .conftest import bin_path, pending_messages, run_cli, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, expected: str) -> str:
+    """The command failed with ``code`` and one line holding ``expected``, no traceback.
+
+    Under ``dramatiq dramaturg.worker``, Dramatiq's main process adds lines of its own
+    around it (booting up, a worker exited): there, the line is among them.
+    """
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if result.args[:2] == [bin_path("dramatiq"), "dramaturg.worker"]:
+        lines = [line for line in lines if "[dramatiq.MainProcess]" not in line]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0], result.stderr
+    return lines[0]
+
+
+# -- send -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("[" + "9" * 5_000 + "]", "JSON_ARGS is not valid JSON: an integer of more than 4300 digits"),
+        ("[" * 5_000 + "]" * 5_000, "JSON_ARGS is not valid JSON: nested deeper than"),
+    ],
+    ids=["huge integer", "deep nesting"],
+)
+def test_send_refuses_json_it_cannot_read_with_exit_2(
+    payload: str, expected: str, settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    write_config(tmp_path, settings)
+
+    result = run_cli([bin_path("dramaturg"), "send", f"default:echo:{payload}"], cwd=tmp_path)
+
+    one_line_error(result, 2, expected)
+    assert pending_messages(broker, "default") == 0
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["config", "show"], ["send", 'default:echo:["x"]'], ["worker", "-p", "1"]])
+def test_a_config_file_with_a_byte_that_is_not_utf8_is_exit_78(command: list[str], tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_bytes(b"[broker]\ntype = 'stub'\nnamespace = 'caf\xe9'\n")
+
+    result = run_cli([bin_path("dramaturg"), *command], cwd=tmp_path)
+
+    one_line_error(result, 78, "dramaturg.toml: not valid TOML: byte 0xe9 on line 3 is not UTF-8")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [bin_path("dramaturg"), "send", 'default:echo:["x"]'],
+        [bin_path("dramaturg"), "config", "show"],
+        [bin_path("dramatiq"), "dramaturg.worker", "-p", "1"],
+    ],
+    ids=["send", "config show", "dramatiq dramaturg.worker"],
+)
+@pytest.mark.parametrize(
+    ("state_url", "expected"),
+    [
+        ("redis://cache:port/0", "state.url: not a valid URL: its host or port does not parse"),
+        ("cache:6379", "state.url: not a Redis URL"),
+        ("redis://:hunter/2@cache:6379/0", "state.url: not a valid URL: its user or password holds a character"),
+    ],
+    ids=["bad port", "no scheme", "password with a slash"],
+)
+def test_an_unparsable_state_url_is_exit_78_at_load(
+    command: list[str], state_url: str, expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "stub://"\n\n[state]\nurl = "{state_url}"\n')
+
+    result = run_cli(command, cwd=tmp_path)
+
+    one_line_error(result, 78, expected)
+    assert "hunter" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "'0s'"])
+def test_a_connect_timeout_of_zero_is_refused_at_load(value: str, tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text(f"[broker]\nurl = 'redis://127.0.0.1:1/0'\nconnect_timeout = {value}\n")
+
+    result = run_cli([bin_path("dramaturg"), "config", "check"], cwd=tmp_path)
+
+    one_line_error(result, 78, "broker.connect_timeout: 0 is not valid: Input should be greater than 0")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["amqp://shop:s3c/r3t@mq.internal:5672/%2F", "redis://:s3c?r3t@cache:6379/0", "amqps://shop:s3c#r3t@mq/"],
+)
+@pytest.mark.parametrize("command", [["config", "show"], ["config", "check"], ["send", 'default:echo:["x"]']])
+def test_a_password_that_breaks_its_url_is_never_shown(url: str, command: list[str], tmp_path: Path) -> None:
+    # Given a password holding '/', '?' or '#', not percent-encoded: a URL parser would
+    # take part of it for the port, the path or the query
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "{url}"\n')
+
+    result = run_cli([bin_path("dramaturg"), *command], cwd=tmp_path)
+
+    one_line_error(result, 78, "broker.url: not a valid URL: its user or password holds a character")
+    assert "s3c" not in result.stdout + result.stderr
+    assert "r3t" not in result.stdout + result.stderr
+
+
+def test_config_show_masks_a_percent_encoded_password(tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text('[broker]\nurl = "amqp://shop:s3c%2Fr3t%3F@mq.internal:5672/%2F"\n')
+
+    result = run_cli([bin_path("dramaturg"), "config", "show", "--json"], cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "s3c" not in result.stdout and "r3t" not in result.stdout
+    assert "amqp://shop:***@mq.internal:5672/%2F" in result.stdout
+
+
+# -- the broker -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["send", 'default:echo:["x"]'], ["stats"]])
+@pytest.mark.parametrize("problem", ["wrong password", "closed port"])
+def test_rabbitmq_refusing_or_absent_is_one_masked_line(
+    command: list[str], problem: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    server = request.getfixturevalue("rabbitmq_server")
+    if problem == "wrong password":
+        url, reason = f"amqp://guest:hunter2@{server.host}:{server.port}/%2F", "authentication failed"
+    else:
+        url, reason = "amqp://guest:hunter2@127.0.0.1:1/%2F", "Connection refused"
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "{url}"\nconnect_timeout = "2s"\n')
+
+    result = run_cli([bin_path("dramaturg"), *command], cwd=tmp_path)
+
+    line = one_line_error(result, 3, reason)
+    assert f"cannot reach RabbitMQ at {url.replace('hunter2', '***')}" in line
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+# -- drain ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["imports", "--budget", "abc"], "--budget: 'abc' is not a duration"),
+        (["imports", "--budget", "1s", "--grace", "soon"], "--grace: 'soon' is not a duration"),
+        (["imports", "--budget", "1s", "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["imprts", "--budget", "1s"], "unknown queue 'imprts'; did you mean 'imports'?"),
+    ],
+    ids=["budget", "grace", "threads", "unknown queue"],
+)
+def test_drain_refuses_bad_arguments_with_exit_2(
+    argv: list[str], expected: str, settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    write_config(tmp_path, settings, modules=["tests.apps.shop_tasks"])
+
+    result = run_cli([bin_path("dramaturg"), "drain", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    one_line_error(result, 2, expected)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_drain_of_a_fresh_project_runs_the_builtin_echo_as_a_worker_does(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given a project with no worker.modules, and an echo task sent to it
+    write_config(tmp_path, settings)
+    sent = run_cli([bin_path("dramaturg"), "send", 'default:echo:["hello"]'], cwd=tmp_path)
+    assert sent.returncode == 0, sent.stderr
+
+    # When its queue is drained, then the echo ran: "default" is a queue of a declared actor there
+    result = run_cli([bin_path("dramaturg"), "drain", "default", "--until-empty", "--budget", "30s"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 processed" in result.stdout
+    assert pending_messages(broker, "default") == 0
