@@ -4,6 +4,8 @@
 #   make quickstart  the same for examples/quickstart
 #   make test    create .venv, install, run the test suite (starts private brokers)
 #   make lint    ruff and mypy
+#   make chaos   the chaos suite's full run (tests/chaos: more repetitions, the 15 s outage), then
+#                its table in docs/RELIABILITY.md; CHAOS_ARGS="-k redis -x" to narrow it
 #   make bench   benchmarks/throughput.py: dramaturg vs bare Dramatiq on Redis and RabbitMQ
 #   make bench-peers  benchmarks/peers.py: dramaturg vs Dramatiq, Celery, RQ and Huey (the bench group),
 #                written to benchmarks/RESULTS.md; PEERS_ARGS="--rounds 1 --count 2000" for a quick look
@@ -13,9 +15,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+CHAOS_ARGS ?=
+CHAOS_ROWS := .chaos-rows.jsonl
 PEERS_ARGS ?= --write benchmarks/RESULTS.md
 
-.PHONY: demo quickstart test lint bench bench-peers install clean
+.PHONY: demo quickstart test lint chaos bench bench-peers install clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +44,12 @@ lint: install
 	$(PY) -m mypy
 	for example in examples/*/; do $(PY) -m mypy $$example*.py || exit 1; done
 
+# The table is written whatever the run found: a failed scenario is a row of the page too.
+chaos: install
+	rm -f $(CHAOS_ROWS)
+	DRAMATURG_CHAOS=full DRAMATURG_CHAOS_ROWS=$(CHAOS_ROWS) $(PY) -m pytest tests/chaos -m chaos $(CHAOS_ARGS); \
+	status=$$?; $(PY) tests/chaos/table.py $(CHAOS_ROWS) docs/RELIABILITY.md && exit $$status
+
 bench: install
 	$(PY) benchmarks/throughput.py
 
@@ -51,4 +61,4 @@ bench-peers: $(VENV)/.bench-installed
 	$(PY) benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache examples/*/.dramaturg examples/user_import/data
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache examples/*/.dramaturg examples/user_import/data $(CHAOS_ROWS)
