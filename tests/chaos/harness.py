@@ -9,10 +9,11 @@ or delayed on the broker: Redis's queue lists, RabbitMQ's queues); anything else
 will take it, so it counts as lost (``stranded`` in the notes).
 
 A **duplicate** is a task that started twice for the same attempt, or that succeeded and
-is still queued or held. A duplicate is explained only when each earlier run was in a
-process a fault hit while the run was going on (:meth:`Fault.touches`), and a worker
-logged that the task runs again ("delivered again", "runs again", "those it had started
-run again"); every other duplicate is a failure of the run.
+is still queued or held. A duplicate is explained only when a run of the task was going
+on in a process a fault hit, when the fault began (:meth:`Fault.touches`; for a fault
+the processes cannot notice, while it lasted), and a worker logged that the task runs
+again ("delivered again", "runs again", "those it had started run again"); every other
+duplicate is a failure of the run.
 
 The **time to recover** of a fault is from its end until the tasks it interrupted (those
 whose run it touched) have ended again, or, when it interrupted none, until the first
@@ -233,6 +234,7 @@ class Chaos:
         self.workers: list[Process] = []
         self.notes: list[str] = []
         self.stuck = 0
+        self.finished = False
         self._proxies: list[FaultProxy] = []
         self._senders: list[Sender] = []
         self._write_config()
@@ -277,15 +279,15 @@ class Chaos:
         """Send through ``url`` (a proxy) from now on."""
         self.sender = dramaturg.bootstrap(self.with_url(url))
 
-    def proxy(self, *, host: str = "127.0.0.1") -> tuple[FaultProxy, str]:
+    def proxy(self) -> tuple[FaultProxy, str]:
         """A fault-injecting proxy in front of the broker (closed with the run), and its URL."""
         parts = urlsplit(self.settings.broker.url or "")
         assert parts.hostname and parts.port, "a proxy needs a TCP broker"
-        proxy = FaultProxy((parts.hostname, parts.port), host=host)
-        port = proxy.start()
+        proxy = FaultProxy()
+        port = proxy.start((parts.hostname, parts.port))
         self._proxies.append(proxy)
         netloc = parts.netloc.rsplit("@", 1)
-        netloc[-1] = f"{host}:{port}"
+        netloc[-1] = f"127.0.0.1:{port}"
         return proxy, urlunsplit(parts._replace(netloc="@".join(netloc)))
 
     def delete_queues(self) -> None:
@@ -541,10 +543,9 @@ class Chaos:
         unexplained = []
         for message_id, how in sorted(duplicated.items()):
             each = runs.get(message_id, [])
-            earlier = _earlier_runs(each)
             # By task: one whose outcome was in flight at a fault may run again, its
             # later attempts (a retry published twice) included.
-            touched = any(f.touches(run) for f in self.faults for run in (earlier if how == "ran twice" else each))
+            touched = any(f.touches(run) for f in self.faults for run in each)
             at_fault = touched and (how == "ran twice" or how.startswith("succeeded, and is still queued"))
             # One still queued has not run again yet, so no line can say so yet.
             logged = how != "ran twice" or any(
@@ -612,6 +613,7 @@ class Chaos:
 
     def finish(self, row: Row) -> None:
         """Report the row, then fail the test with what went wrong, if anything."""
+        self.finished = True
         ROWS.append(row)
         if row.failures():
             self.dump_output()
@@ -628,12 +630,20 @@ class Chaos:
         return sender
 
     def close(self) -> None:
+        """Stop what the run started; a run that failed before its count is counted now,
+        so that it still has its row (marked as cut short)."""
         for sender in self._senders:
-            sender.stop()
+            with contextlib.suppress(AssertionError):
+                sender.stop()
+        if not self.finished:
+            with contextlib.suppress(Exception):
+                row = self.count()
+                row.problems.append("the scenario did not reach its end (see the test's failure)")
+                ROWS.append(row)
         for worker in self.workers:
             worker.kill()
         for proxy in self._proxies:
-            proxy.close()
+            proxy.stop()
         if self.broker_kind == "rabbitmq":
             with contextlib.suppress(Exception):
                 self.delete_queues()
@@ -669,14 +679,6 @@ class Sender(threading.Thread):
         self.stopped.set()
         self.join(120)
         assert not self.is_alive(), "a send did not return within 120 s"
-
-
-def _earlier_runs(runs: list[TaskRun]) -> list[TaskRun]:
-    """Every run but the last of each attempt (the ones a rerun repeated)."""
-    by_attempt: dict[int, list[TaskRun]] = defaultdict(list)
-    for run in runs:
-        by_attempt[run.attempt].append(run)
-    return [run for each in by_attempt.values() for run in each[:-1]]
 
 
 def _message_id(body: bytes | None) -> str:

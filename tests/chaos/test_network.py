@@ -39,9 +39,11 @@ def test_connections_cut_between_workers_and_broker(
     scenario.send(scale.tasks, task_length)
 
     # When every connection between them and the broker is cut, three times in the run
+    connected = 0
     for k in range(3):
         scenario.wait_for_ends(scale.tasks * (k + 1) // 5, timeout=scale.settle_s)
-        poll_until(lambda: proxy.connections, "the workers connected through the proxy", scale.settle_s)
+        poll_until(lambda seen=connected: proxy.accepted > seen, "workers (re)connected", scale.settle_s)
+        connected = proxy.accepted
         at = time.time()
         proxy.cut()
         scenario.fault(at)
@@ -63,11 +65,14 @@ def test_replies_lost(chaos: Callable[[str], Chaos], scale: Scale, run: int, bro
 
     # When, for a few seconds, every 0.3 s a reply of the broker is lost (the broker did
     # what it was asked, the worker only sees its connection reset)
-    proxy.drop_replies(0.3)
-    time.sleep(scale.lossy_s)  # the fault lasts this long
+    proxy.drop_replies(every=0.3)
+    deadline, dropped = time.monotonic() + scale.lossy_s, 0
+    while time.monotonic() < deadline:  # the fault lasts this long; note when each reply is lost
+        if proxy.replies_dropped > dropped:
+            dropped = proxy.replies_dropped
+            scenario.fault(time.time())
+        time.sleep(0.005)
     proxy.drop_replies(None)
-    for at in proxy.faults:
-        scenario.fault(at)
 
     # Then every task succeeds, none stays claimed by a worker that lost a reply
     scenario.settle(scale.settle_s)
@@ -107,10 +112,8 @@ def test_broker_outage_with_delayed_tasks_and_retries_waiting(
         finally:
             os.kill(server_pid, signal.SIGCONT)
     else:
-        proxy.refuse(True)
-        proxy.cut()
-        time.sleep(scale.outage_s)  # the outage lasts this long
-        proxy.refuse(False)
+        with proxy.down():
+            time.sleep(scale.outage_s)  # the outage lasts this long
     # The paused server is silent: its clients wait rather than see an error.
     scenario.fault(began, time.time(), silent=broker_kind == "embedded")
     scenario.notes.append(f"outage of {scale.outage_s:.0f} s")

@@ -1,0 +1,1 @@
+"""Fault injection for the tests (a proxy that cuts connections and loses replies)."""

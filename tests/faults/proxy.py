@@ -1,217 +1,250 @@
-"""A fault-injecting TCP proxy for the tests: put it between a client and a broker, then
-cut its connections, refuse new ones, or lose replies.
+"""A fault-injecting proxy for the tests: cut connections, refuse new ones, lose replies.
 
-No packaged one exists here (toxiproxy is a Go server), and the faults the tests need
-are few. Every connection is a thread that relays both ways; the proxy never looks
-inside the bytes, so it serves AMQP and Redis alike.
+It sits between a client (a worker, a sender) and a broker, on loopback TCP or a Unix
+socket, and forwards bytes both ways until told to fail. Threads only (two per
+connection), no dependency, so any test can use it:
 
->>> proxy = FaultProxy(("127.0.0.1", redis_port))
->>> port = proxy.start()          # point the client at 127.0.0.1:port
->>> proxy.cut()                   # every open connection reset (RST), as a dropped link
->>> proxy.refuse(True)            # new connections reset at once: the broker is "down"
+>>> proxy = FaultProxy()
+>>> port = proxy.start(("127.0.0.1", redis_port))  # the client connects to 127.0.0.1:port
+>>> proxy.cut()                    # every open connection drops at once (the client sees a reset)
+>>> proxy.refuse(True)             # new connections are closed as soon as they are accepted
 >>> proxy.refuse(False)
->>> proxy.drop_replies(0.3)       # every 0.3 s a reply is swallowed and its connection reset
->>> proxy.drop_replies(None)
->>> proxy.close()
+>>> with proxy.down():             # an outage: cut, and refuse until the block ends
+...     time.sleep(5)
+>>> proxy.drop_replies(every=0.3)  # every 0.3 s the next reply is lost and its connection closed
+>>> proxy.drop_replies(None)       # off again
+>>> proxy.drop_next_reply()        # exactly one reply lost
+>>> proxy.drop_next_reply(containing=b'"actor_name"')  # the next reply that carries a message
+>>> proxy.stop()
 
-A lost reply is the nasty case for a client: the broker ran the command (a fetch moved
-messages, an acknowledgement removed one), but the client only sees its connection
-drop, and cannot tell whether it ran. :attr:`FaultProxy.faults` keeps the time of each
-fault the proxy caused (``time.time()``), so a test can tell what was in flight then.
+A lost reply is the hard fault: the request reached the server and ran, only its answer
+never comes back (the connection is closed instead), so the client cannot tell whether it
+ran. ``upstream`` is ``(host, port)`` or the path of a Unix socket;
+:meth:`FaultProxy.start_unix` listens on a Unix socket instead of a TCP port (the embedded
+broker's server has no TCP port).
 """
 
 from __future__ import annotations
 
 import contextlib
-import selectors
 import socket
 import struct
 import threading
-import time
+from collections.abc import Iterator
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "Upstream"]
 
-#: Seconds to wait for the upstream to accept a connection.
-CONNECT_TIMEOUT_S = 5.0
+#: ``(host, port)`` of a TCP server, or the path of a Unix socket.
+Upstream = tuple[str, int] | str
 
-
-def _reset(sock: socket.socket) -> None:
-    """Close ``sock`` with a RST (SO_LINGER 0), as a dropped link or a killed peer does."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-class _Link:
-    """One client connection and its upstream twin, relayed by a thread of its own."""
-
-    def __init__(self, proxy: FaultProxy, client: socket.socket, upstream: socket.socket) -> None:
-        self.proxy = proxy
-        self.client = client
-        self.upstream = upstream
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.thread = threading.Thread(target=self._relay, name="fault-proxy-link", daemon=True)
-
-    def cut(self) -> None:
-        """Ask the relay thread to reset both sides (it owns the sockets)."""
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-
-    def _relay(self) -> None:
-        selector = selectors.DefaultSelector()
-        try:
-            selector.register(self.client, selectors.EVENT_READ)
-            selector.register(self.upstream, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    source = key.fileobj
-                    assert isinstance(source, socket.socket)
-                    try:
-                        data = source.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    if source is self.upstream and self.proxy._reply_lost():
-                        return  # the reply is swallowed; both sides are reset below
-                    target = self.upstream if source is self.client else self.client
-                    try:
-                        target.sendall(data)
-                    except OSError:
-                        return
-        finally:
-            selector.close()
-            _reset(self.client)
-            _reset(self.upstream)
-            self._wake_r.close()
-            self._wake_w.close()
-            self.proxy._forget(self)
+#: How often the accept loop looks whether it was stopped.
+_ACCEPT_POLL_S = 0.1
 
 
 class FaultProxy:
-    """A TCP proxy in front of ``upstream`` (host, port), listening on ``host``.
+    """Forwards connections to one upstream server, and fails them on request.
 
-    ``host`` is loopback by default; a test with network namespaces gives the address
-    of its own veth end instead.
+    Counters for assertions: ``accepted`` (connections made through it), ``refused`` and
+    ``replies_dropped``. Thread-safe: faults may be switched from any thread.
     """
 
-    def __init__(self, upstream: tuple[str, int], *, host: str = "127.0.0.1") -> None:
-        self.upstream = upstream
-        self.host = host
-        self.port = 0
-        #: ``time.time()`` of every fault the proxy caused: a cut, a lost reply.
-        self.faults: list[float] = []
-        #: Connections reset at once while refusing.
+    def __init__(self) -> None:
+        self.upstream: Upstream | None = None
+        self.accepted = 0
         self.refused = 0
-        self._refusing = False
-        self._drop_every_s: float | None = None
-        self._next_drop = 0.0
-        self._links: set[_Link] = set()
-        self._lock = threading.Lock()
+        self.replies_dropped = 0
         self._listener: socket.socket | None = None
-        self._closed = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept, name="fault-proxy-accept", daemon=True)
+        self._refusing = False
+        self._drops_armed: list[bytes] = []  # one pattern per reply to lose (b"": any reply)
+        self._drop_timer = threading.Event()  # set to stop the periodic dropper
+        self._pairs: set[_Pair] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
 
-    def start(self) -> int:
-        """Listen on a free port of ``host``; returns it."""
+    # -- life -------------------------------------------------------------------------
+
+    def start(self, upstream: Upstream) -> int:
+        """Listen on 127.0.0.1 and a free port, forwarding to ``upstream``; return the port."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, 0))
-        listener.listen(128)
-        listener.settimeout(0.1)  # so close() is noticed
-        self._listener = listener
-        self.port = int(listener.getsockname()[1])
-        self._acceptor.start()
-        return self.port
+        listener.bind(("127.0.0.1", 0))
+        self._listen(listener, upstream)
+        return int(listener.getsockname()[1])
 
-    # -- faults ----------------------------------------------------------------------
+    def start_unix(self, upstream: Upstream, path: str) -> str:
+        """Listen on the Unix socket ``path`` (created, owner-only), forwarding to ``upstream``."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        self._listen(listener, upstream)
+        return path
 
-    def cut(self) -> int:
-        """Reset every open connection at once (both sides); returns how many."""
-        with self._lock:
-            links = list(self._links)
-            if links:
-                self.faults.append(time.time())
-        for link in links:
-            link.cut()
-        for link in links:
-            link.thread.join(5)
-        return len(links)
-
-    def refuse(self, on: bool = True) -> None:
-        """While on, every new connection is reset as soon as it is accepted."""
-        self._refusing = on
-
-    def drop_replies(self, every_s: float | None) -> None:
-        """Every ``every_s`` seconds, swallow the next bytes coming back from the upstream
-        and reset that connection (None: stop). The request reached the upstream, which
-        acted on it; the client never hears so."""
-        with self._lock:
-            self._drop_every_s = every_s
-            self._next_drop = time.monotonic() + every_s if every_s else 0.0
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._links)
-
-    def close(self) -> None:
-        """Stop listening and reset every connection."""
-        self._closed.set()
+    def stop(self) -> None:
+        """Stop listening and close every connection."""
+        self._stopped.set()
+        self._drop_timer.set()
         self.cut()
-        if self._acceptor.is_alive():
-            self._acceptor.join(5)
+        for thread in self._threads:
+            thread.join(5)
         if self._listener is not None:
             self._listener.close()
 
     def __enter__(self) -> FaultProxy:
-        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.stop()
 
-    # -- internals ---------------------------------------------------------------------
+    # -- faults -----------------------------------------------------------------------
 
-    def _reply_lost(self) -> bool:
+    def cut(self) -> int:
+        """Drop every open connection now (a reset on both sides); return how many."""
         with self._lock:
-            if self._drop_every_s is None or time.monotonic() < self._next_drop:
-                return False
-            self._next_drop = time.monotonic() + self._drop_every_s
-            self.faults.append(time.time())
-            return True
+            pairs, self._pairs = self._pairs, set()
+        for pair in pairs:
+            pair.close()
+        return len(pairs)
 
-    def _forget(self, link: _Link) -> None:
+    def refuse(self, on: bool = True) -> None:
+        """While on, close each new connection as soon as it is accepted (the client sees a
+        reset at its first read or write). Open connections are left alone: see :meth:`cut`."""
+        self._refusing = on
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The server unreachable for the duration of the block: cut, then refuse; restored after."""
+        self.refuse(True)
+        self.cut()
+        try:
+            yield
+        finally:
+            self.refuse(False)
+
+    def drop_replies(self, every: float | None, *, containing: bytes = b"") -> None:
+        """Every ``every`` seconds, lose the next reply (one holding ``containing``, if
+        given): its bytes are discarded and its connection closed. ``None`` stops it."""
+        self._drop_timer.set()  # stops the previous dropper, if any
+        if every is None:
+            return
+        self._drop_timer = stop = threading.Event()
+        thread = threading.Thread(
+            target=self._arm_every, args=(every, containing, stop), name="proxy-dropper", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def drop_next_reply(self, *, containing: bytes = b"") -> None:
+        """Lose the next reply that comes back through the proxy (the next one holding
+        ``containing``, if given), once. The bytes are looked for in each chunk read."""
         with self._lock:
-            self._links.discard(link)
+            self._drops_armed.append(containing)
 
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while not self._closed.is_set():
+    # -- internals --------------------------------------------------------------------
+
+    def _listen(self, listener: socket.socket, upstream: Upstream) -> None:
+        listener.listen(128)
+        listener.settimeout(_ACCEPT_POLL_S)
+        self._listener, self.upstream = listener, upstream
+        thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _arm_every(self, every: float, containing: bytes, stop: threading.Event) -> None:
+        while not stop.wait(every):
+            with self._lock:
+                if containing not in self._drops_armed:  # one per period, not a backlog of them
+                    self._drops_armed.append(containing)
+
+    def _take_drop(self, data: bytes) -> bool:
+        with self._lock:
+            for n, pattern in enumerate(self._drops_armed):
+                if pattern in data:
+                    del self._drops_armed[n]
+                    self.replies_dropped += 1
+                    return True
+            return False
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None and self.upstream is not None
+        while not self._stopped.is_set():
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            client.settimeout(None)
-            if self._refusing or self._closed.is_set():
+            client.setblocking(True)
+            if self._refusing:
                 self.refused += 1
                 _reset(client)
                 continue
             try:
-                upstream = socket.create_connection(self.upstream, timeout=CONNECT_TIMEOUT_S)
+                server = _connect(self.upstream)
             except OSError:
-                _reset(client)  # the upstream is down: the client sees its connection reset
+                _reset(client)  # the upstream is down: so is the proxy, to its clients
                 continue
-            upstream.settimeout(None)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            link = _Link(self, client, upstream)
+            pair = _Pair(client, server)
             with self._lock:
-                self._links.add(link)
-            link.thread.start()
+                self._pairs.add(pair)
+                self.accepted += 1
+            for source, target, replies in ((client, server, False), (server, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(pair, source, target, replies), name="proxy-pump", daemon=True
+                ).start()
+
+    def _pump(self, pair: _Pair, source: socket.socket, target: socket.socket, replies: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if replies and self._drops_armed and self._take_drop(data):
+                    break  # the request ran upstream; its answer is lost with the connection
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._pairs.discard(pair)
+            pair.close()
+
+
+class _Pair:
+    """A client connection and its upstream connection, closed together, once."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client, self.server = client, server
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _reset(self.client)
+        _reset(self.server)
+
+
+def _connect(upstream: Upstream) -> socket.socket:
+    if isinstance(upstream, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(upstream)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection(upstream, timeout=5)
+    sock.setblocking(True)  # the timeout was for connecting only: a connection may idle for long
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset where the transport has one; shutdown first wakes a thread blocked in recv."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    if sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
