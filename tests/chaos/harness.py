@@ -548,10 +548,12 @@ class Chaos:
             touched = any(f.touches(run) for f in self.faults for run in each)
             at_fault = touched and (how == "ran twice" or how.startswith("succeeded, and is still queued"))
             # One still queued has not run again yet, so no line can say so yet.
-            logged = how != "ran twice" or any(
-                message_id in line and any(p in line for p in RERUN_PHRASES) for line in output
+            logged = (
+                how != "ran twice"
+                or unlisted
+                or any(message_id in line and any(p in line for p in RERUN_PHRASES) for line in output)
             )
-            if at_fault and (logged or unlisted):
+            if at_fault and logged:
                 continue
             runs_text = ", ".join(
                 f"attempt {r.attempt} pid {r.pid} {r.start:.3f}-{'...' if r.end is None else f'{r.end:.3f}'}"
@@ -588,7 +590,7 @@ class Chaos:
         worst = 0.0
         for fault in self.faults:
             after = [at for at in ends if at > fault.end]
-            caught_up = after[0] if after else float("inf")
+            caught_up = after[0] if after else fault.end  # nothing left to run after it: nothing to catch up
             for hit in all_runs:
                 if hit.start <= fault.end and hit.end is None and fault.touches(hit):  # interrupted
                     done = [r.end for r in runs[hit.message_id] if r.end is not None and not r.failed]

@@ -59,6 +59,12 @@ def _recover(value: float | None) -> str:
     return f"{value:.1f} s"
 
 
+def _short(note: str, limit: int = 240) -> str:
+    """One line of at most ``limit`` characters."""
+    text = " ".join(note.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def render(rows: Sequence[Any]) -> str:
     """A Markdown table of ``rows`` (Row objects or their dicts), failed lines marked."""
     lines = [
@@ -75,7 +81,7 @@ def render(rows: Sequence[Any]) -> str:
             f" | {_recover(row['recover'])} |"
         )
         if failed:
-            found = row["problems"][:4] + row["notes"][:4]
+            found = [_short(note) for note in row["problems"][:3] + row["notes"][:3]]
             notes.append(f"- {row['fault']} on {row['broker']}: " + "; ".join(found))
     return "\n".join(lines + (["", *notes] if notes else []))
 
