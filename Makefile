@@ -6,6 +6,8 @@
 #   make lint    ruff and mypy
 #   make compat  Dramatiq's own test suite (its sdist, downloaded into .compat/) on dramaturg's brokers,
 #                against compat/differences.toml; COMPAT_ARGS="tests/test_actors.py" runs a part
+#   make chaos   the chaos suite's full run (tests/chaos: more repetitions, the 15 s outage), then
+#                its table in docs/RELIABILITY.md; CHAOS_ARGS="-k redis -x" to narrow it
 #   make bench   benchmarks/throughput.py: dramaturg vs bare Dramatiq on Redis and RabbitMQ
 #   make bench-peers  benchmarks/peers.py: dramaturg vs Dramatiq, Celery, RQ and Huey (the bench group),
 #                written to benchmarks/RESULTS.md; PEERS_ARGS="--rounds 1 --count 2000" for a quick look
@@ -15,10 +17,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+CHAOS_ARGS ?=
+CHAOS_ROWS := .chaos-rows.jsonl
 PEERS_ARGS ?= --write benchmarks/RESULTS.md
 COMPAT_ARGS ?=
 
-.PHONY: demo quickstart test lint bench bench-peers install clean
+.PHONY: demo quickstart test lint chaos bench bench-peers install clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +51,12 @@ lint: install
 compat: install
 	$(PY) compat/run.py $(COMPAT_ARGS)
 
+# The table is written whatever the run found: a failed scenario is a row of the page too.
+chaos: install
+	rm -f $(CHAOS_ROWS)
+	DRAMATURG_CHAOS=full DRAMATURG_CHAOS_ROWS=$(CHAOS_ROWS) $(PY) -m pytest tests/chaos -m chaos $(CHAOS_ARGS); \
+	status=$$?; $(PY) tests/chaos/table.py $(CHAOS_ROWS) docs/RELIABILITY.md && exit $$status
+
 bench: install
 	$(PY) benchmarks/throughput.py
 
@@ -58,4 +68,4 @@ bench-peers: $(VENV)/.bench-installed
 	$(PY) benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .compat examples/*/.dramaturg examples/user_import/data
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .compat examples/*/.dramaturg examples/user_import/data $(CHAOS_ROWS)
