@@ -818,6 +818,17 @@ class RabbitmqHeldStore(HeldStore):
                 self._reset()
                 return operation()
 
+    def _reading(self, operation: Any, what: str) -> Any:
+        """:meth:`_retrying` for a read: a connection that fails again is a
+        :class:`~dramaturg.errors.BrokerUnreachable` saying ``what`` was being done."""
+        try:
+            return self._retrying(operation)
+        except pika.exceptions.AMQPConnectionError as error:
+            raise self._unreachable(what, error) from None
+
+    def _unreachable(self, what: str, error: BaseException) -> BrokerUnreachable:
+        return _unreachable(self.broker.settings, f"{_reason(error)} (while {what})")
+
     def check_queue(self, queue: str) -> str:
         super().check_queue(queue)
         if len(queue.encode()) > MAX_QUEUE_BYTES:
@@ -901,7 +912,7 @@ class RabbitmqHeldStore(HeldStore):
                     channel.close()
             return found
 
-        result: list[HeldTask] = self._retrying(read)
+        result: list[HeldTask] = self._reading(read, "listing held tasks")
         return result
 
     def count(self, queue: str | None = None) -> int:
@@ -910,7 +921,7 @@ class RabbitmqHeldStore(HeldStore):
         def read() -> int:
             return sum(self._size(name) for name in names)
 
-        result: int = self._retrying(read)
+        result: int = self._reading(read, "counting held tasks")
         return result
 
     def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
@@ -929,24 +940,33 @@ class RabbitmqHeldStore(HeldStore):
                     channel.close()
             return None
 
-        result: HeldTask | None = self._retrying(read)
+        result: HeldTask | None = self._reading(read, "reading held tasks")
         return result
 
     @contextmanager
     def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
         self.check_queue(queue)
+        what = f"taking the held tasks of {queue}: none was requeued, RabbitMQ keeps them held"
         with self._lock:
-            if (message_ids is not None and not message_ids) or not self._retrying(lambda: self._size(queue)):
+            if (message_ids is not None and not message_ids) or not self._reading(lambda: self._size(queue), what):
                 yield iter(())
                 return
-            take = _Take(self._channel(confirmed=False))
+            try:
+                take = _Take(self._channel(confirmed=False))
+            except pika.exceptions.AMQPConnectionError as error:
+                raise self._unreachable(what, error) from None
             wanted = set(message_ids) if message_ids is not None else None
             try:
-                taken = [
-                    (task, (take, tag))
-                    for tag, task in self._read(take.channel, queue)
-                    if wanted is None or task.message_id in wanted
-                ]
+                try:
+                    taken = [
+                        (task, (take, tag))
+                        for tag, task in self._read(take.channel, queue)
+                        if wanted is None or task.message_id in wanted
+                    ]
+                except pika.exceptions.AMQPConnectionError as error:
+                    # Lost while taking (a kicker paused until RabbitMQ dropped it): RabbitMQ
+                    # gave back what it had taken, and nothing was requeued yet.
+                    raise self._unreachable(what, error) from None
                 yield iter(taken)
             finally:
                 if take.channel.is_open:
@@ -1020,12 +1040,16 @@ class RabbitmqHeldStore(HeldStore):
                 finally:
                     channel.close()
 
-            result: int = self._retrying(purge_all)
+            result: int = self._reading(purge_all, f"purging the held tasks of {queue}")
             return result
         purged = 0
         with self.taking(queue, message_ids) as taken:
             for _, receipt in taken:
-                self.forget(queue, receipt)
+                try:
+                    self.forget(queue, receipt)
+                except pika.exceptions.AMQPConnectionError as error:
+                    what = f"purging the held tasks of {queue}: up to {purged} were purged, the rest stay held"
+                    raise self._unreachable(what, error) from None
                 purged += 1
         return purged
 
