@@ -228,7 +228,7 @@ def test_ctrl_c_mid_file_says_in_one_line_what_was_sent(
     write_config(tmp_path, settings, modules=["tests.apps.shop_tasks", "tests.apps.bulk_cut"])
 
     # When Ctrl-C comes in the middle of the third chunk
-    code, out, err = send(tmp_path, "import_user", "--file", "users.jsonl", INTERRUPT_AT="2100")
+    code, _, err = send(tmp_path, "import_user", "--file", "users.jsonl", INTERRUPT_AT="2100")
 
     # Then it exits 130 with one line saying how many were sent, which rows may be on the
     # queue, and that nothing after them was

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -148,7 +146,9 @@ def test_no_task_starts_once_a_worker_process_got_its_stop_signal(
     [pid] = {e.pid for e in read_events(runs)}
     signalled = log_time(worker.wait_for_line(f"[PID {pid}] [MainThread] [dramatiq.WorkerProcess(0)] [INFO] Stopping"))
     events = read_events(runs)
-    late = [f"{e.message_id} at +{e.at - signalled:.3f} s" for e in events if e.event == "start" and e.at > signalled + 0.05]
+    late = [
+        f"{e.message_id} +{e.at - signalled:.3f} s" for e in events if e.event == "start" and e.at > signalled + 0.05
+    ]
     assert not late, f"{len(late)} tasks started after the stop signal: {late[:5]}"
     # and every task ran at most once, to its end; the rest waits on the queue
     starts = Counter(e.message_id for e in events if e.event == "start")
