@@ -8,6 +8,7 @@
 #                against compat/differences.toml; COMPAT_ARGS="tests/test_actors.py" runs a part
 #   make chaos   the chaos suite's full run (tests/chaos: more repetitions, the 15 s outage), then
 #                its table in docs/RELIABILITY.md; CHAOS_ARGS="-k redis -x" to narrow it
+#   make docs    the documentation site (mkdocs.yml, docs/) into site/, warnings as errors
 #   make bench   benchmarks/throughput.py: dramaturg vs bare Dramatiq on Redis and RabbitMQ
 #   make bench-peers  benchmarks/peers.py: dramaturg vs Dramatiq, Celery, RQ and Huey (the bench group),
 #                written to benchmarks/RESULTS.md; PEERS_ARGS="--rounds 1 --count 2000" for a quick look
@@ -22,7 +23,7 @@ CHAOS_ROWS := .chaos-rows.jsonl
 PEERS_ARGS ?= --write benchmarks/RESULTS.md
 COMPAT_ARGS ?=
 
-.PHONY: demo quickstart test lint chaos bench bench-peers install clean
+.PHONY: demo quickstart test lint docs chaos bench bench-peers install clean
 
 install: $(VENV)/.installed
 
@@ -42,10 +43,18 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks examples compat
-	$(PY) -m ruff format --check src tests benchmarks examples compat
+	$(PY) -m ruff check src tests benchmarks examples compat docs/_hooks
+	$(PY) -m ruff format --check src tests benchmarks examples compat docs/_hooks
 	$(PY) -m mypy
 	for example in examples/*/; do $(PY) -m mypy $$example*.py || exit 1; done
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --group docs
+	touch $@
+
+# --strict: a warning (a broken link or anchor, a stale API name) fails the build, and CI.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 .PHONY: compat
 compat: install
@@ -68,4 +77,4 @@ bench-peers: $(VENV)/.bench-installed
 	$(PY) benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .compat examples/*/.dramaturg examples/user_import/data $(CHAOS_ROWS)
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .compat examples/*/.dramaturg examples/user_import/data $(CHAOS_ROWS)

@@ -146,27 +146,41 @@ class BrokerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: The kind of broker; leave it out to let the URL's scheme say it.
+    #: Default: from the URL
     type: BrokerType | None = None
+    #: Where the broker is: ``amqp://``, ``amqps://``, ``redis://``, ``rediss://``, ``unix://``,
+    #: ``embedded://PATH``, ``stub://``, ``eager://``; its scheme picks the type.
+    #: Default: embedded, ``.dramaturg/embedded.db``
     url: str | None = None
-    #: Messages each worker process holds beyond those running (None: tuned per broker).
+    #: Messages each worker process holds beyond those running.
+    #: Default: Dramatiq's ``dramatiq_queue_prefetch`` when set, else tuned per broker
+    #: (Redis and embedded 64, RabbitMQ 128)
     prefetch: int | None = Field(default=None, ge=1, le=65535)
     #: How long to wait for a connection before saying the broker is unreachable.
     connect_timeout: DurationMs = Field(default=5_000, gt=0)
     # RabbitMQ
+    #: RabbitMQ publisher confirms: ``send()`` returns once RabbitMQ has the message.
     confirm_delivery: bool = True
-    #: Priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
+    #: Three priority bands on the broker (RabbitMQ queue priorities, Redis lanes); see dramaturg.queues.
     priorities: bool = True
+    #: RabbitMQ: the AMQP heartbeat (0 turns it off).
+    #: Default: pika's
     heartbeat: DurationMs | None = None
     #: The RabbitMQ server's consumer_timeout, as it is configured there (dramaturg cannot
     #: change it): workers warn about ttrs and delays that exceed it.
     consumer_timeout: DurationMs = Field(default=1_800_000, gt=0)
-    #: RabbitMQ's management HTTP API, for ``dramaturg stats`` (in-flight counts). None:
-    #: ``http://<the AMQP host>:15672`` with the AMQP URL's user and password.
+    #: RabbitMQ's management HTTP API, for ``dramaturg stats`` (in-flight counts).
+    #: Default: ``http://<the AMQP host>:15672`` (``https://<the AMQP host>:15671`` for
+    #: ``amqps://``), with the AMQP URL's user and password
     management_url: str | None = None
     # Redis and embedded
+    #: Redis and embedded: the prefix of every key.
     namespace: str = "dramaturg"
+    #: Redis and embedded: a worker silent this long is dead, and what it had taken goes
+    #: back to its queues (within 1.2x of it).
     heartbeat_timeout: DurationMs = Field(default=60_000, ge=100)
-    # embedded: how often the server writes its append-only file to disk
+    #: Embedded: how often the server writes its append-only file to disk (Redis's ``appendfsync``).
     fsync: Literal["always", "everysec", "no"] = "everysec"
 
     @field_validator("management_url")
@@ -188,7 +202,10 @@ class WorkerSettings(BaseModel):
 
     #: Modules holding the application's actors, imported by every worker process.
     modules: StrList = []
+    #: Worker processes that ``dramaturg worker`` starts.
+    #: Default: the CPU count
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    #: Threads per worker process.
     threads: int = Field(default=8, ge=1)
     #: Queues to consume; empty means every declared queue.
     queues: StrList = []
@@ -221,8 +238,11 @@ class RetrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Retries before a failing task is held ("retries exhausted").
     max_retries: int = Field(default=20, ge=0)
+    #: The shortest wait before a retry.
     min_backoff: DurationMs = 15_000
+    #: The longest wait before a retry.
     max_backoff: DurationMs = 600_000
 
 
@@ -255,7 +275,8 @@ class StateSettings(BaseModel):
 
     #: Record task states and per-minute counts (needs a store: the broker's Redis, or ``url``).
     enabled: bool = True
-    #: A Redis URL for the store; unset: the broker's own Redis (Redis and embedded brokers).
+    #: A Redis URL for the store (needed on RabbitMQ); unset: the broker's own Redis (Redis
+    #: and embedded brokers).
     url: str | None = None
     #: How long a task's record is kept after its last change.
     ttl: DurationMs = Field(default=86_400_000, gt=0)
@@ -284,6 +305,8 @@ class QueueSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: The time to run of this queue's tasks; a message's or an actor's ``ttr`` wins over it.
+    #: Default: ``[tasks] ttr``
     ttr: DurationMs | None = Field(default=None, gt=0)
 
 

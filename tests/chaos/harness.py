@@ -58,6 +58,8 @@ QUEUE = "chaos"
 ACK_SLACK_S = 0.5
 #: Phrases of the worker log lines that say a task runs again.
 RERUN_PHRASES = ("delivered again", "runs again", "run again")
+#: The start of a worker log line: ``[2026-11-30 16:17:18,289] [PID 23108] ...``.
+_LOG_LINE = re.compile(r"^\[(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[PID (?P<pid>\d+)\]")
 
 #: Every row reported in this session (see conftest's terminal summary).
 ROWS: list[Row] = []
@@ -518,6 +520,21 @@ class Chaos:
         for worker in self.workers:
             lines += worker.output.splitlines()
         return lines
+
+    def noticed(self, phrase: str, since: float) -> dict[int, float]:
+        """When each worker process first logged a line holding ``phrase`` at or after
+        ``since`` (``time.time()``), by pid: the moment it saw a fault whose start the test
+        cannot see (RabbitMQ closes connections some time into ``rabbitmqctl stop``)."""
+        seen: dict[int, float] = {}
+        for line in self.worker_output():
+            match = _LOG_LINE.match(line)
+            if match is None or phrase not in line:
+                continue
+            at = datetime.strptime(match["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logged
+            pid = int(match["pid"])
+            if at >= since and at < seen.get(pid, float("inf")):
+                seen[pid] = at
+        return seen
 
     def count(self) -> Row:
         """Stop the workers, then count (see the module docstring)."""

@@ -43,4 +43,10 @@ def test_broker_restarted_mid_run(
     scenario.wait_for_ends(len(scenario.sent) * 3 // 4, timeout=scale.settle_s)
     sender.stop()
     scenario.settle(scale.settle_s)
+    scenario.stop_workers()
+    # RabbitMQ closes the connections some time into `rabbitmqctl stop`, later than
+    # `began`: a worker process is hit when it logs that it lost its channel, and what it
+    # was running then is what may run again.
+    for pid, at in scenario.noticed("lost the channel", since=began).items():
+        scenario.fault(at, scope=[pid])
     scenario.finish(scenario.count())
