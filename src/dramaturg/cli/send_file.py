@@ -251,7 +251,7 @@ def _report_failure(
         )
     if not interrupted:
         print(f"dramaturg: sending stopped: {error.reason}", file=sys.stderr)
-    unknown = "being sent when it came" if interrupted else "written, but no answer came"
+    unknown = "being sent at the Ctrl-C" if interrupted else "written, but no answer came"
     parts = [f"sent {error.sent:,} tasks to {actor_name}"]
     if lines:
         parts.append(
