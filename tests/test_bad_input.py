@@ -136,7 +136,16 @@ def test_config_show_masks_a_percent_encoded_password(tmp_path: Path) -> None:
 # -- the broker -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["config", "check"], ["send", 'default:echo:["x"]'], ["stats"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["config", "check"],
+        ["send", 'default:echo:["x"]'],
+        ["stats"],
+        ["held", "list"],  # no queue to look at: it must still ask, not say "no held tasks"
+        ["held", "kick", "default", "--all"],
+    ],
+)
 @pytest.mark.parametrize("problem", ["wrong password", "closed port"])
 def test_rabbitmq_refusing_or_absent_is_one_masked_line(
     command: list[str], problem: str, request: pytest.FixtureRequest, tmp_path: Path

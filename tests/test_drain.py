@@ -149,3 +149,33 @@ def test_threads_a_drain_left_stuck_do_not_hold_back_a_later_drain(
     # Then it runs every task once: none is put back as if its thread were stopping
     assert sorted(ran) == list(range(50))
     assert (summary.processed, summary.released, summary.left) == (50, 0, 0), summary
+
+
+def test_grace_zero_ends_the_drain_soon_though_a_task_is_stuck_in_c_code(
+    broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task stuck in one call into C (it takes no interrupt until that returns), and
+    # the default worker.shutdown_timeout of 10 minutes (the wait after the interrupt is
+    # short here)
+    monkeypatch.setattr(shutdown, "INTERRUPTED_JOIN_S", 0.2)
+    started = threading.Event()
+    stuck_threads: list[threading.Thread] = []
+
+    @dramaturg.actor(queue_name="nightly", ttr=60_000)
+    def stuck() -> None:
+        stuck_threads.append(threading.current_thread())
+        started.set()
+        time.sleep(6)  # one call in C
+
+    stuck.send()
+
+    # When a drain with no grace spends its budget
+    summary = dramaturg.drain(["nightly"], budget=500, grace=0, threads=1)
+
+    # Then it ends within budget + grace + a small bound, not when the task does
+    assert started.is_set()
+    assert summary.seconds < 0.5 + 0 + 3.0, summary
+    assert stuck_threads[0].is_alive(), "the drain waited for the stuck task"
+    stuck_threads[0].join(10)  # it takes its interrupt when the call returns, and is put back
+    assert not stuck_threads[0].is_alive()
+    assert summary.processed == 0

@@ -206,6 +206,45 @@ def test_a_stopped_held_kick_process_queues_nothing_twice(
     assert store.count("imports") == 0
 
 
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_a_kick_whose_connection_was_dropped_while_it_took_its_tasks_says_so_in_one_line(
+    settings: dramaturg.Settings, broker: Any, tmp_path: Path
+) -> None:
+    # Given 200 held tasks and `dramaturg held kick imports --all` stopped (SIGSTOP) while
+    # it takes them, after 50
+    write_config(tmp_path, settings, modules=["tests.apps.held_pause"])
+    store = dramaturg.held_tasks()
+    tasks = [held_task("imports", n) for n in range(200)]
+    for task in tasks:
+        store.hold(task)
+    kicker = Process(
+        [bin_path("dramaturg"), "held", "kick", "imports", "--all"],
+        cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(REPO), HELD_PAUSE_TAKING="50", DRAMATURG_BROKER_HEARTBEAT=f"{SHORT_HEARTBEAT_S}s"),
+    )
+    try:
+        poll_until(lambda: process_state(kicker.popen.pid) == "T", "the kicker stopped")
+
+        # When RabbitMQ drops its connection (missed heartbeats: its tasks are held again)
+        # and it is continued
+        poll_until(lambda: store.count("imports") == len(tasks), "the stopped kicker's tasks held again")
+        os.kill(kicker.popen.pid, signal.SIGCONT)
+        code = kicker.popen.wait(timeout=WAIT_S)
+    finally:
+        kicker.kill()
+
+    # Then it says so in one masked line and exits 3, not with pika's traceback
+    output = kicker.output
+    assert code == 3, output
+    assert "Traceback" not in output and "ERROR" not in output, output
+    [line] = output.splitlines()
+    assert line.startswith("dramaturg: cannot reach RabbitMQ at amqp://guest:***@"), line
+    assert "while taking the held tasks of imports: none was requeued, RabbitMQ keeps them held" in line
+    # and every task is still held, none queued
+    assert store.count("imports") == len(tasks)
+    assert queued_ids(broker, "imports") == []
+
+
 def process_state(pid: int) -> str:
     """The state letter of a process (``T``: stopped), from /proc."""
     with open(f"/proc/{pid}/stat") as stat:

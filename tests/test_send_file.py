@@ -4,6 +4,7 @@ line, the good ones sent; against RabbitMQ, Redis and embedded, run as a user ru
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,26 @@ def test_a_connection_lost_mid_file_reports_what_was_sent_and_what_is_unknown(
         assert (report["sent"], report["unknown"], report["not_sent"]) == (2_000, 500, 0)
         assert "500 are unknown (written, but no answer came: they may be on the queue" in err
         assert pending_messages(broker, "imports") == 2_500
+
+
+def test_ctrl_c_mid_file_says_in_one_line_what_was_sent(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given 2,500 rows sent in chunks of 1,000
+    broker.declare_queue("imports")
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps({"id": n}) + "\n" for n in range(2_500)))
+    write_config(tmp_path, settings, modules=["tests.apps.shop_tasks", "tests.apps.bulk_cut"])
+
+    # When Ctrl-C comes in the middle of the third chunk
+    code, _, err = send(tmp_path, "import_user", "--file", "users.jsonl", INTERRUPT_AT="2100")
+
+    # Then it exits 130 with one line saying how many were sent, which rows may be on the
+    # queue, and that nothing after them was
+    assert code == 130, err
+    [line] = err.splitlines()
+    assert line.startswith("dramaturg: interrupted (Ctrl-C): sent 2,000 tasks to import_user; "), line
+    assert "of the chunk of rows on lines 2,001-2,500 of users.jsonl, 0 were sent, 500 are unknown" in line
+    assert line.endswith("nothing after line 2,500 was sent"), line
+    # and what it said is so: the 2,000 are on the queue, and of the 500 at most what was written
+    sent = int(re.search(r"sent ([\d,]+) tasks", line)[1].replace(",", ""))  # type: ignore[index]
+    assert sent <= pending_messages(broker, "imports") <= sent + 500

@@ -17,7 +17,8 @@ every message. On a failure, :class:`BulkSendError` says how many were sent and,
 chunk that failed, which messages were not sent and which are *unknown*: they went out,
 but the broker's answer never came back (the connection was lost), so they may well be
 on the queue. Nothing is lost silently, and nothing known to be on the queue is ever
-reported as not sent.
+reported as not sent. Ctrl-C stops a send with :class:`BulkSendInterrupted`, still a
+``KeyboardInterrupt``, which carries the same counts.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from .errors import SendError
 if TYPE_CHECKING:
     from .actors import Actor
 
-__all__ = ["BulkResult", "BulkSendError", "Call", "send_many"]
+__all__ = ["BulkResult", "BulkSendError", "BulkSendInterrupted", "Call", "send_many"]
 
 #: Messages per round trip (Redis pipeline) or confirm window (RabbitMQ).
 DEFAULT_CHUNK = 1_000
+#: The reason of a :class:`BulkSendInterrupted`'s counts.
+_INTERRUPTED = "interrupted (Ctrl-C)"
 
 logger = logging.getLogger("dramaturg.bulk")
 
@@ -110,6 +113,17 @@ class BulkSendError(SendError):
             parts.append(f"{len(self.unsent)} messages of the failing chunk were not sent ({_ids(self.unsent)})")
         parts.append(f"no item from #{self.next_item} on was sent")
         return "; ".join(parts)
+
+
+class BulkSendInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a bulk send. Still a ``KeyboardInterrupt``, so code that
+    catches one sees it as before; :attr:`progress` says what was sent, as a
+    :class:`BulkSendError` does (the chunk being sent when it came is *unknown*: it may
+    be on the queue in part)."""
+
+    def __init__(self, progress: BulkSendError) -> None:
+        super().__init__(str(progress))
+        self.progress = progress
 
 
 def _ids(messages: Sequence[dramatiq.Message[Any]]) -> str:
@@ -255,8 +269,11 @@ def send_many(
             break
         except SendError:  # a check of the options, before anything is sent
             raise
+        except KeyboardInterrupt as interrupt:  # reading the items: every chunk before was sent
+            raise BulkSendInterrupted(BulkSendError(_INTERRUPTED, sent)) from interrupt
         except Exception as error:  # reading the items: every chunk before was sent
             raise BulkSendError(f"reading the items failed: {type(error).__name__}: {error}", sent) from error
+        index = 0
         try:
             if enqueue_many is not None:
                 enqueue_many(chunk, delay=delay)
@@ -268,6 +285,12 @@ def send_many(
                         raise BulkSendError(f"{type(error).__name__}: {error}", index, chunk[index:]) from error
         except BulkSendError as error:  # counts within the chunk: make them count from the start
             raise BulkSendError(error.reason, sent + error.sent, error.unsent, error.unknown) from error.__cause__
+        except KeyboardInterrupt as interrupt:  # what was written of the chunk may be on the queue
+            if enqueue_many is not None:
+                progress = BulkSendError(_INTERRUPTED, sent, unknown=chunk)
+            else:
+                progress = BulkSendError(_INTERRUPTED, sent + index, chunk[index + 1 :], [chunk[index]])
+            raise BulkSendInterrupted(progress) from interrupt
         except Exception as error:  # a broker of another kind failed in its own way: nothing is known
             raise BulkSendError(f"{type(error).__name__}: {error}", sent, unknown=chunk) from error
         sent += len(chunk)

@@ -27,7 +27,7 @@ from .app import bootstrap, import_actor_modules
 from .config import load_settings
 from .errors import ConfigError
 from .masking import install_log_masking
-from .middleware import recycle
+from .middleware import recycle, shutdown
 
 __all__ = ["broker"]
 
@@ -52,6 +52,10 @@ def _debounce_sigterm() -> None:
     process gets SIGTERM twice at once, and Dramatiq takes the second as "kill now",
     cutting the graceful shutdown short. A later SIGTERM still means "kill now".
     SIGHUP (Dramatiq's reload, which stops the worker the same way) shares the timer.
+
+    Every stop request also stops the worker threads from taking tasks at once
+    (:func:`~dramaturg.middleware.shutdown.stop_taking_tasks`): Dramatiq's process acts
+    on the request up to a second later, and its threads would start tasks meanwhile.
     """
     handler = signal.getsignal(signal.SIGTERM)
     if not callable(handler) or "worker_process" not in getattr(handler, "__qualname__", ""):
@@ -60,6 +64,7 @@ def _debounce_sigterm() -> None:
     first: list[float] = []
 
     def debounced(signum: int, frame: Any) -> None:
+        shutdown.stop_taking_tasks()  # first: before Dramatiq's handler logs that the process stops
         now = time.monotonic()
         if recycle.on_outside_stop():
             first[:] = [now]

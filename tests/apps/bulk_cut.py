@@ -5,13 +5,15 @@
 on its management API), as an operator or a failing node would. Imported as an actor
 module (``worker.modules``, beside the module of the actors) with ``CUT_AT`` and
 ``CUT_MANAGEMENT_URL`` set, it arms the cut for the command that imports it
-(``dramaturg send --file``). It declares no actor.
+(``dramaturg send --file``); with ``INTERRUPT_AT`` set, the command gets SIGINT instead
+(Ctrl-C at the terminal) just before that message. It declares no actor.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -70,3 +72,12 @@ if os.environ.get("CUT_AT"):
     dramaturg.get_broker().add_middleware(
         CutAt(int(os.environ["CUT_AT"]), cut_the_confirm_window(os.environ["CUT_MANAGEMENT_URL"]))
     )
+
+
+def interrupt(broker: dramatiq.Broker) -> None:
+    """A ``cut`` for :class:`CutAt`: Ctrl-C, as a user at the terminal presses it."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+if os.environ.get("INTERRUPT_AT"):
+    dramaturg.get_broker().add_middleware(CutAt(int(os.environ["INTERRUPT_AT"]), interrupt))

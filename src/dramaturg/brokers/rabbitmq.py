@@ -45,6 +45,10 @@ __all__ = ["RabbitmqBroker", "RabbitmqConsumer", "RabbitmqHeldStore", "create_br
 
 logger = logging.getLogger("dramaturg.rabbitmq")
 
+#: How long a close from another thread waits for a consumer's thread beyond its poll
+#: timeout (it may be moving due delayed messages to their queue).
+CLOSE_WAIT_S = 3.0
+
 
 class RabbitmqBroker(_DramatiqRabbitmqBroker):
     """Dramatiq's RabbitMQ broker, built from :class:`BrokerSettings`.
@@ -229,6 +233,15 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) drops it, and the
     next consumer drops the delayed messages Dramatiq still holds from this one.
     RabbitMQ delivers all of them again; only the tasks running at the drop run twice.
+
+    Its connection is used by its own thread only (pika's connections are not
+    thread-safe). Dramatiq's ``Worker.stop`` closes consumers from its own thread, after
+    waiting ``shutdown_timeout`` at most for them to leave; a consumer still polling then
+    (its poll lasts the worker timeout, a second by default) would have its connection
+    closed under it: the stop hung for good, or pika's state broke. Here such a close is
+    handed to the consumer's thread (woken at once), and waited for, for a bounded time:
+    the connection closes, and RabbitMQ takes back what it had delivered but was not
+    acknowledged.
     """
 
     def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -239,8 +252,29 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.timeout_s = timeout / 1000
         self.cancelled = False
+        #: The thread that uses the connection (Dramatiq's consumer thread).
+        self._owner = threading.current_thread()
+        self._closing = threading.Lock()
+        self._closed = False
+        #: Another thread asked for a close; the owner does it at its next step.
+        self._leave = False
+        self._in_next = False  # the owner is in __next__ (where a wake-up can reach it)
 
     def __next__(self) -> Any:
+        if not self._leave:
+            self._in_next = True
+            try:
+                return self._next_delivery()
+            except _Leaving:
+                pass  # woken by close() from another thread
+            finally:
+                self._in_next = False
+        # Closed here, in the connection's own thread; Dramatiq's consumer thread then
+        # leaves (or, if it was not told to stop, starts a new consumer).
+        self._close_here()
+        raise StopIteration
+
+    def _next_delivery(self) -> Any:
         while True:
             if not self.queue_name.endswith(".DQ"):  # delay queues only move messages on
                 wait = suspension.remaining_s(canonical_queue(self.queue_name))
@@ -284,8 +318,55 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             super().nack(message)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
+        """Close the channel and the connection, in the consumer's own thread.
+
+        From another thread while the consumer's thread is alive, the close is handed to
+        it (see the class docstring) and waited for up to the poll timeout plus
+        :data:`CLOSE_WAIT_S`; past that, a thread of its own waits for the consumer's
+        thread to end and closes then (the process exiting closes it too).
+        """
         self.gone = True  # from here on, nothing it delivered is started or settled
-        super().close()  # type: ignore[no-untyped-call]
+        owner = self._owner
+        if threading.current_thread() is owner or not owner.is_alive():
+            self._close_here()
+            return
+        self._leave = True
+        with contextlib.suppress(pika.exceptions.AMQPError):  # closed already: nothing to wake
+            self.connection.add_callback_threadsafe(self._wake)
+        deadline = time.monotonic() + self.timeout_s + CLOSE_WAIT_S
+        while not self._closed and owner.is_alive() and time.monotonic() < deadline:
+            owner.join(0.01)  # the owner closes in __next__, or leaves without coming back
+        if self._closed:
+            return
+        if not owner.is_alive():
+            self._close_here()  # it left without another step: nothing uses the connection now
+            return
+        logger.warning(
+            "the consumer of queue %r did not stop within %.1f s; its connection closes once it does (or when"
+            " this process exits), and RabbitMQ then takes back the %d messages it had delivered",
+            self.queue_name,
+            self.timeout_s + CLOSE_WAIT_S,
+            len(self.known_tags),
+        )
+        threading.Thread(target=self._close_after, args=(owner,), name="close-consumer", daemon=True).start()
+
+    def _wake(self) -> None:
+        """Run by pika in the owner's thread, between its reads: leave the poll at once."""
+        if self._in_next and not self._closed:
+            raise _Leaving
+
+    def _close_after(self, owner: threading.Thread) -> None:
+        owner.join()
+        self._close_here()
+
+    def _close_here(self) -> None:
+        """Dramatiq's close (acknowledgements queued first, then channel and connection), once."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self.gone = True
+            super().close()  # type: ignore[no-untyped-call]
 
     def _came_from_here(self, message: Any, what: str) -> bool:
         source = getattr(message, "_dramaturg_consumer", self)
@@ -385,6 +466,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.channel.basic_ack(method.delivery_tag)
         else:
             self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+class _Leaving(Exception):
+    """Raised in a consumer's thread, out of pika's poll, to leave it at once (see
+    :meth:`RabbitmqConsumer.close`). pika dispatches the callback that raises it after
+    its I/O step, in the caller's context, so its own state stays whole."""
 
 
 class _ConfirmWindow:
@@ -731,6 +818,17 @@ class RabbitmqHeldStore(HeldStore):
                 self._reset()
                 return operation()
 
+    def _reading(self, operation: Any, what: str) -> Any:
+        """:meth:`_retrying` for a read: a connection that fails again is a
+        :class:`~dramaturg.errors.BrokerUnreachable` saying ``what`` was being done."""
+        try:
+            return self._retrying(operation)
+        except pika.exceptions.AMQPConnectionError as error:
+            raise self._unreachable(what, error) from None
+
+    def _unreachable(self, what: str, error: BaseException) -> BrokerUnreachable:
+        return _unreachable(self.broker.settings, f"{_reason(error)} (while {what})")
+
     def check_queue(self, queue: str) -> str:
         super().check_queue(queue)
         if len(queue.encode()) > MAX_QUEUE_BYTES:
@@ -814,7 +912,7 @@ class RabbitmqHeldStore(HeldStore):
                     channel.close()
             return found
 
-        result: list[HeldTask] = self._retrying(read)
+        result: list[HeldTask] = self._reading(read, "listing held tasks")
         return result
 
     def count(self, queue: str | None = None) -> int:
@@ -823,7 +921,7 @@ class RabbitmqHeldStore(HeldStore):
         def read() -> int:
             return sum(self._size(name) for name in names)
 
-        result: int = self._retrying(read)
+        result: int = self._reading(read, "counting held tasks")
         return result
 
     def get(self, message_id: str, queue: str | None = None) -> HeldTask | None:
@@ -842,24 +940,33 @@ class RabbitmqHeldStore(HeldStore):
                     channel.close()
             return None
 
-        result: HeldTask | None = self._retrying(read)
+        result: HeldTask | None = self._reading(read, "reading held tasks")
         return result
 
     @contextmanager
     def taking(self, queue: str, message_ids: Sequence[str] | None) -> Iterator[Iterator[tuple[HeldTask, Any]]]:
         self.check_queue(queue)
+        what = f"taking the held tasks of {queue}: none was requeued, RabbitMQ keeps them held"
         with self._lock:
-            if (message_ids is not None and not message_ids) or not self._retrying(lambda: self._size(queue)):
+            if (message_ids is not None and not message_ids) or not self._reading(lambda: self._size(queue), what):
                 yield iter(())
                 return
-            take = _Take(self._channel(confirmed=False))
+            try:
+                take = _Take(self._channel(confirmed=False))
+            except pika.exceptions.AMQPConnectionError as error:
+                raise self._unreachable(what, error) from None
             wanted = set(message_ids) if message_ids is not None else None
             try:
-                taken = [
-                    (task, (take, tag))
-                    for tag, task in self._read(take.channel, queue)
-                    if wanted is None or task.message_id in wanted
-                ]
+                try:
+                    taken = [
+                        (task, (take, tag))
+                        for tag, task in self._read(take.channel, queue)
+                        if wanted is None or task.message_id in wanted
+                    ]
+                except pika.exceptions.AMQPConnectionError as error:
+                    # Lost while taking (a kicker paused until RabbitMQ dropped it): RabbitMQ
+                    # gave back what it had taken, and nothing was requeued yet.
+                    raise self._unreachable(what, error) from None
                 yield iter(taken)
             finally:
                 if take.channel.is_open:
@@ -933,12 +1040,16 @@ class RabbitmqHeldStore(HeldStore):
                 finally:
                     channel.close()
 
-            result: int = self._retrying(purge_all)
+            result: int = self._reading(purge_all, f"purging the held tasks of {queue}")
             return result
         purged = 0
         with self.taking(queue, message_ids) as taken:
             for _, receipt in taken:
-                self.forget(queue, receipt)
+                try:
+                    self.forget(queue, receipt)
+                except pika.exceptions.AMQPConnectionError as error:
+                    what = f"purging the held tasks of {queue}: up to {purged} were purged, the rest stay held"
+                    raise self._unreachable(what, error) from None
                 purged += 1
         return purged
 

@@ -4,7 +4,9 @@ The command reads the configuration and imports ``worker.modules``, so it knows 
 queues of the application's actors (RabbitMQ cannot list queues; name one to be sure).
 A queue name that cannot be one, or an id that looks like a shell pattern and names no
 held task (an unmatched ``*`` the shell passed on), is refused with exit code 2: acting
-on every held task of a queue takes ``--all``, never an id.
+on every held task of a queue takes ``--all``, never an id. A broker that does not
+answer, or a connection lost on the way, is one line and exit code 3 (also when there
+is no queue to look at: "no held tasks" is never said of a broker that was not asked).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from .. import app
+from .. import app, brokers
 from ..config import load_settings
 from ..errors import SendError
 from ..held import HeldStore, HeldTask, KickError, held_tasks
@@ -84,6 +86,7 @@ def _store(args: argparse.Namespace) -> HeldStore:
     queue = getattr(args, "queue", None)
     if queue is not None:  # a typed name: refused with one line before the broker is asked
         store.check_queue(queue)
+    brokers.ping(settings.broker)  # unreachable: one line, exit 3 (a list of no queue asks it nothing)
     return store
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import app, brokers
-from ..bulk import BulkSendError, Call
+from ..bulk import BulkSendError, BulkSendInterrupted, Call
 from ..config import load_settings, parse_duration_ms
 from ..errors import SendError, did_you_mean
 from ..task_context import context
@@ -190,6 +190,12 @@ def run_file(args: argparse.Namespace) -> int:
             bar = None
         _report_failure(error, rows, args, actor.actor_name)
         return 1
+    except BulkSendInterrupted as interrupted:  # Ctrl-C: say what was sent, in one line
+        if bar is not None:
+            bar.close()
+            bar = None
+        _report_failure(interrupted.progress, rows, args, actor.actor_name, interrupted=True)
+        return 130
     finally:
         if bar is not None:
             bar.close()
@@ -209,10 +215,13 @@ def run_file(args: argparse.Namespace) -> int:
     return 2 if rows.bad else 0
 
 
-def _report_failure(error: BulkSendError, rows: Rows, args: argparse.Namespace, actor_name: str) -> None:
+def _report_failure(
+    error: BulkSendError, rows: Rows, args: argparse.Namespace, actor_name: str, *, interrupted: bool = False
+) -> None:
     """Say what a send that stopped did: how many tasks were sent, which rows of the
     failing chunk are unknown (written, but no answer came: maybe on the queue) or not
-    sent, and from where nothing was sent. Never "not sent" for what may be on the queue."""
+    sent, and from where nothing was sent. Never "not sent" for what may be on the queue.
+    ``interrupted`` (Ctrl-C): all of it in one line."""
     chunk = error.unsent or error.unknown
     # Every chunk but the last is chunk_size long, so the failing one starts here.
     start = (error.next_item - 1) // args.chunk_size * args.chunk_size if chunk else error.next_item
@@ -240,12 +249,14 @@ def _report_failure(error: BulkSendError, rows: Rows, args: argparse.Namespace, 
                 }
             )
         )
-    print(f"dramaturg: sending stopped: {error.reason}", file=sys.stderr)
+    if not interrupted:
+        print(f"dramaturg: sending stopped: {error.reason}", file=sys.stderr)
+    unknown = "being sent at the Ctrl-C" if interrupted else "written, but no answer came"
     parts = [f"sent {error.sent:,} tasks to {actor_name}"]
     if lines:
         parts.append(
             f"of the chunk of rows on lines {lines[0]:,}-{lines[1]:,} of {rows.path}, {error.sent - start:,} were sent,"
-            f" {len(error.unknown):,} are unknown (written, but no answer came: they may be on the queue; look for"
+            f" {len(error.unknown):,} are unknown ({unknown}: they may be on the queue; look for"
             f" them before sending them again) and {len(error.unsent):,} were not sent"
         )
         for what, messages in (("unknown", error.unknown), ("not sent", error.unsent)):
@@ -255,7 +266,7 @@ def _report_failure(error: BulkSendError, rows: Rows, args: argparse.Namespace, 
     parts.append(f"nothing after line {after:,} was sent" if after else "nothing was sent")
     if rows.bad:
         parts.append(f"{rows.bad:,} bad rows skipped (listed above)")
-    print("; ".join(parts), file=sys.stderr)
+    print(("dramaturg: interrupted (Ctrl-C): " if interrupted else "") + "; ".join(parts), file=sys.stderr)
 
 
 def _too_deep(value: Any) -> bool:
