@@ -347,19 +347,6 @@ class Chaos:
         busy = {run.pid for each in runs.values() for run in each if run.end is None}
         return sorted(pid for pid in busy if alive(pid))
 
-    def stop_signal_received(self, worker: Process) -> float | None:
-        """When the last worker process of ``worker``'s group got its stop signal
-        (``time.time()``, from its "Stopping worker process" line, to the millisecond
-        above), or None if none said so. Dramatiq's main process forwards a signal to its
-        worker processes, so they get it a little after the group did."""
-        times = []
-        for line in worker.output.splitlines():
-            if "[dramatiq.WorkerProcess(" in line and "Stopping worker process" in line:
-                stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line)
-                if stamp:
-                    times.append(datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() + 0.001)
-        return max(times) if times else None
-
     def live_workers(self) -> list[Process]:
         return [worker for worker in self.workers if worker.popen.poll() is None]
 
@@ -530,7 +517,8 @@ class Chaos:
             match = _LOG_LINE.match(line)
             if match is None or phrase not in line:
                 continue
-            at = datetime.strptime(match["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logged
+            # Local time as logged, to the millisecond below: the moment is before its end.
+            at = datetime.strptime(match["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp() + 0.001
             pid = int(match["pid"])
             if at >= since and at < seen.get(pid, float("inf")):
                 seen[pid] = at

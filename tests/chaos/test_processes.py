@@ -71,8 +71,8 @@ def test_sigterm_mid_burst_repeatedly(chaos: Callable[[str], Chaos], scale: Scal
         assert group.stop(timeout=60) == 0, group.output
         # The fault begins when the worker process gets the signal, which Dramatiq's main
         # process forwards: a task it started before that was running at the fault.
-        received = scenario.stop_signal_received(group) or began
-        scenario.fault(max(began, received), time.time(), scope=scope)
+        received = [at for pid, at in scenario.noticed("Stopping worker process", since=began).items() if pid in scope]
+        scenario.fault(max(received, default=began), time.time(), scope=scope)
         scenario.start_worker(wait=False)
 
     # Then nothing is lost, and only tasks interrupted by a stop ran twice, each logged
