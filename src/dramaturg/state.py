@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
-from .errors import DramaturgError
+from .errors import StateUnavailable
 from .queues import canonical_queue
 
 if TYPE_CHECKING:
@@ -100,10 +100,6 @@ end
 return count
 """
 _encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
-class StateUnavailable(DramaturgError):
-    """There is no state store: the broker is RabbitMQ (or stub) and ``[state] url`` is unset."""
 
 
 @dataclass(frozen=True)
