@@ -25,7 +25,7 @@ from dramatiq.results.backends import StubBackend
 import dramaturg
 from dramaturg.middleware import priority, ttr
 from dramaturg.middleware.outcomes import backoff_ms
-from dramaturg.state import state_store
+from dramaturg.status import state_store
 
 from .conftest import pending_messages, poll_until
 

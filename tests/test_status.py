@@ -19,7 +19,8 @@ import redis
 import dramaturg
 from dramaturg.bulk import new_ids
 from dramaturg.config import StateSettings
-from dramaturg.state import COUNTERS, StateStore, state_store
+from dramaturg.status import StateStore, state_store
+from dramaturg.status.store import COUNTERS
 
 from .conftest import bin_path, poll_until, run_cli, write_config
 from .test_held import held_task

@@ -37,8 +37,8 @@ from .errors import (
 )
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
-from .state import TaskStatus, task_status
 from .stats import QueueStats, queue_stats
+from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 

@@ -1,4 +1,4 @@
-"""``dramaturg status ID``: what became of one task (see :mod:`dramaturg.state`).
+"""``dramaturg status ID``: what became of one task (see :mod:`dramaturg.status`).
 
 Exit codes: 0 when the task is known, 1 when it is unknown (never sent, or its record
 expired after ``[state] ttl``), 3 when the state store does not answer, 78 when there
@@ -16,7 +16,7 @@ from .. import app
 from ..config import load_settings
 from ..errors import BrokerUnreachable, ConfigError
 from ..masking import mask_text
-from ..state import StateUnavailable, TaskStatus, task_status
+from ..status import StateUnavailable, TaskStatus, task_status
 
 EPILOG = """\
 examples:

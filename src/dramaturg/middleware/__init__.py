@@ -20,7 +20,6 @@ from dramatiq.middleware import (
 )
 
 from ..resources import Resources
-from ..state import TaskState
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .metrics import Metrics
@@ -29,6 +28,7 @@ from .priority import Priority
 from .recovery import RedisRecovery
 from .recycle import Recycle
 from .shutdown import DaemonAsyncIO, GracefulShutdown
+from .status import StatusRecorder
 from .ttr import TimeToRun, TimeToRunExceeded
 from .worker_config import WorkerConfig
 
@@ -43,7 +43,7 @@ __all__ = [
     "Priority",
     "Recycle",
     "RedisRecovery",
-    "TaskState",
+    "StatusRecorder",
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
@@ -75,7 +75,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         OutcomeCallbacks(),
         Pipelines(),
         # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
-        *([TaskState(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
+        *([StatusRecorder(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
