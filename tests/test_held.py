@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,48 +13,12 @@ import pytest
 import dramaturg
 from dramaturg.held import HeldTask
 
-from .conftest import pending_messages
-
-WAIT_S = 20
-
-
-def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTask:
-    return HeldTask(
-        message_id=f"m-{number:03d}-{uuid.uuid4().hex[:6]}",
-        queue_name=queue,
-        actor_name=actor,
-        args=[{"id": number}],
-        kwargs={},
-        reason=f"row {number} has no email",
-        attempts=1,
-        enqueued_at=1_700_000_000_000 + number,
-        held_at=1_700_000_100_000 + number,
-        host="worker-1",
-        pid=4242,
-    )
-
-
-class Ran:
-    """The ids an actor ran with; ``wait(n)`` blocks until it ran ``n`` times."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self._changed = threading.Condition()
-
-    def add(self, number: int) -> None:
-        with self._changed:
-            self.ids.append(number)
-            self._changed.notify_all()
-
-    def wait(self, count: int, timeout: float = WAIT_S) -> list[int]:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.ids) >= count, timeout), f"ran only {self.ids}"
-            return list(self.ids)
+from .conftest import WAIT_S, Runs, held_task, pending_messages, raw_publish
 
 
 @pytest.fixture
 def imports_actor(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
-    ran = Ran()
+    ran = Runs()
 
     @dramaturg.actor(queue_name="imports")
     def import_user(row: dict[str, Any]) -> None:
@@ -257,27 +220,6 @@ def test_a_transient_write_failure_is_retried(
 
 
 # -- raw access to the brokers, as another client would have -----------------------------
-
-
-def raw_publish(broker: Any, queue: str, body: bytes) -> None:
-    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would."""
-    if broker.settings.type == "rabbitmq":
-        import pika
-
-        broker.declare_queue(queue, ensure=True)
-        connection = pika.BlockingConnection(broker.parameters)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()  # on the queue before anything sent after it
-            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
-        finally:
-            connection.close()
-        return
-    broker.declare_queue(queue)
-    redis_id = str(uuid.uuid4())
-    # Dramatiq's Redis layout: the body in <queue>.msgs, the id on the <queue> list.
-    broker.client.hset(f"{broker.namespace}:{queue}.msgs", redis_id, body)
-    broker.client.rpush(f"{broker.namespace}:{queue}", redis_id)
 
 
 def dead_letters(broker: Any, queue: str) -> list[str]:
