@@ -234,6 +234,20 @@ class Runs:
             return list(self.seen)
 
 
+@pytest.fixture
+def import_user(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
+    """An actor on the "imports" queue taking a row; ``import_user.ran`` (:class:`Runs`)
+    has the ``id`` of each row it ran."""
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def import_user(row: dict[str, Any]) -> None:
+        ran.add(row["id"])
+
+    import_user.ran = ran  # type: ignore[attr-defined]
+    return import_user
+
+
 def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTask:
     """A held task of ``queue`` for row ``number`` (an id of its own, times in 2023)."""
     return HeldTask(

@@ -25,7 +25,7 @@ from dramaturg.config import parse_duration_ms
 from dramaturg.envelope import decode
 from dramaturg.held import HeldTask
 
-from .conftest import WAIT_S, Runs, pending_messages, poll_until, raw_publish
+from .conftest import WAIT_S, pending_messages, poll_until, raw_publish
 
 
 class Held:
@@ -88,18 +88,6 @@ def settings(settings: dramaturg.Settings, unknown_actor_grace: str) -> dramatur
     """The broker's settings, with ``worker.unknown_actor_grace`` as the test says."""
     worker = settings.worker.model_copy(update={"unknown_actor_grace": parse_duration_ms(unknown_actor_grace)})
     return settings.model_copy(update={"worker": worker})
-
-
-@pytest.fixture
-def import_user(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
-    ran = Runs()
-
-    @dramaturg.actor(queue_name="imports")
-    def import_user(row: dict[str, Any]) -> None:
-        ran.add(row["id"])
-
-    import_user.ran = ran  # type: ignore[attr-defined]
-    return import_user
 
 
 @pytest.fixture
