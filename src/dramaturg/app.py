@@ -22,7 +22,7 @@ from . import brokers
 from .config import Settings, load_settings, resolve_broker
 from .masking import install_log_masking, mask_url
 from .middleware import framework_middleware
-from .middleware.status import close_stores
+from .status.recorder import close_stores
 
 if TYPE_CHECKING:
     from .actors import Actor

@@ -20,6 +20,7 @@ from dramatiq.middleware import (
 )
 
 from ..resources import Resources
+from ..status.recorder import StatusRecorder
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .metrics import Metrics
@@ -28,7 +29,6 @@ from .priority import Priority
 from .recovery import RedisRecovery
 from .recycle import Recycle
 from .shutdown import DaemonAsyncIO, GracefulShutdown
-from .status import StatusRecorder
 from .ttr import TimeToRun, TimeToRunExceeded
 from .worker_config import WorkerConfig
 

@@ -14,7 +14,7 @@ after its last change, so the store never grows without bound; held tasks are no
 subject to it.
 
 Who writes it: senders and workers, through the
-:class:`~dramaturg.middleware.status.StatusRecorder` middleware, in batches a
+:class:`~dramaturg.status.recorder.StatusRecorder` middleware, in batches a
 background thread writes (a status lags its task by up to 100 ms). The same store
 counts the last minute's outcomes per queue for ``dramaturg stats``.
 """
@@ -29,6 +29,7 @@ from typing import Any
 import dramatiq
 
 from ..errors import StateUnavailable
+from .recorder import StatusRecorder
 from .store import StateStore, no_store_reason, queued_fields
 
 __all__ = ["StateStore", "StateUnavailable", "TaskStatus", "from_record", "state_store", "task_status"]
@@ -66,10 +67,6 @@ class TaskStatus:
 
 def state_store(broker: dramatiq.Broker | None = None) -> StateStore:
     """The state store of ``broker`` (default: the app's). Raises :class:`StateUnavailable`."""
-    # Imported here: the middleware imports this package (its store), and the app
-    # imports the middleware.
-    from ..middleware.status import StatusRecorder
-
     if broker is None:
         from ..app import get_broker
 

@@ -119,7 +119,7 @@ class StateStore:
             self._wake.set()
 
     def task_event(self, event: tuple[Any, ...]) -> None:
-        """A task started or ended (see :class:`~dramaturg.middleware.status.StatusRecorder`); its record is made at the
+        """A task started or ended (see :class:`~dramaturg.status.recorder.StatusRecorder`); its record is made at the
         next flush, in the writer thread, not in the worker thread."""
         with self._lock:
             self._runs.append(event)

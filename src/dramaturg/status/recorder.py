@@ -1,5 +1,9 @@
 """The middleware that keeps task status: each task's changes go to the state store.
 
+It lives here, with the status it records, and takes its place in the stack of
+:mod:`dramaturg.middleware` (before ``Outcomes``), as ``ContextMiddleware`` and
+``Resources`` do from their modules.
+
 Senders record a task's first news (queued, delayed, retrying) after each enqueue;
 workers note when a task starts and how it ended. Nothing is written here: the
 :class:`~dramaturg.status.store.StateStore` buffers it all and its writer thread makes
@@ -18,7 +22,7 @@ from typing import Any
 
 import dramatiq
 
-from ..status.store import StateStore, queued_fields, store_for
+from .store import StateStore, queued_fields, store_for
 
 __all__ = ["StatusRecorder", "close_stores"]
 
