@@ -1,4 +1,6 @@
-"""Fixtures: private brokers, settings per broker, in-process workers, CLI subprocesses.
+"""Fixtures: private brokers, settings per broker, in-process workers, CLI subprocesses;
+and the helpers test files share (recording runs, held tasks, a free port, raw publishing),
+here so that no test file imports another.
 
 The behaviour suite runs on real brokers started for this test session only:
 RabbitMQ through pytest-rabbitmq (Debian's binaries, loopback only, its own config file
@@ -32,6 +34,7 @@ from pytest_redis import factories as redis_factories
 import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
 from dramaturg import app, resources, suspension, task_context
+from dramaturg.held import HeldTask
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -199,6 +202,88 @@ def start_worker(broker: dramatiq.Broker) -> Iterator[Callable[..., dramatiq.Wor
     yield start
     for worker in started:
         worker.stop()
+
+
+# -- what test files share: recording runs, held tasks, raw access to a broker ----------
+
+#: How long a test waits for something the broker or a worker thread does.
+WAIT_S = 20
+
+
+class Runs:
+    """What handlers saw, in order: ``record(**facts)`` keeps a dict, ``add(value)`` one
+    value; ``wait(n)`` blocks until there are ``n`` and returns them (a copy)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self._changed = threading.Condition()
+
+    def record(self, **facts: Any) -> None:
+        self.add(facts)
+
+    def add(self, value: Any) -> None:
+        with self._changed:
+            self.seen.append(value)
+            self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float = WAIT_S) -> list[Any]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.seen) >= count, timeout), (
+                f"{len(self.seen)} of {count} within {timeout} s: {self.seen}"
+            )
+            return list(self.seen)
+
+
+@pytest.fixture
+def import_user(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
+    """An actor on the "imports" queue taking a row; ``import_user.ran`` (:class:`Runs`)
+    has the ``id`` of each row it ran."""
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def import_user(row: dict[str, Any]) -> None:
+        ran.add(row["id"])
+
+    import_user.ran = ran  # type: ignore[attr-defined]
+    return import_user
+
+
+def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTask:
+    """A held task of ``queue`` for row ``number`` (an id of its own, times in 2023)."""
+    return HeldTask(
+        message_id=f"m-{number:03d}-{uuid.uuid4().hex[:6]}",
+        queue_name=queue,
+        actor_name=actor,
+        args=[{"id": number}],
+        kwargs={},
+        reason=f"row {number} has no email",
+        attempts=1,
+        enqueued_at=1_700_000_000_000 + number,
+        held_at=1_700_000_100_000 + number,
+        host="worker-1",
+        pid=4242,
+    )
+
+
+def raw_publish(broker: Any, queue: str, body: bytes) -> None:
+    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would."""
+    if broker.settings.type == "rabbitmq":
+        import pika
+
+        broker.declare_queue(queue, ensure=True)
+        connection = pika.BlockingConnection(broker.parameters)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()  # on the queue before anything sent after it
+            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()
+        return
+    broker.declare_queue(queue)
+    redis_id = str(uuid.uuid4())
+    # Dramatiq's Redis layout: the body in <queue>.msgs, the id on the <queue> list.
+    broker.client.hset(f"{broker.namespace}:{queue}.msgs", redis_id, body)
+    broker.client.rpush(f"{broker.namespace}:{queue}", redis_id)
 
 
 # -- subprocesses -----------------------------------------------------------------------

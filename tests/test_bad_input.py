@@ -4,13 +4,17 @@ traceback, never a password."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg.cli import common, drain, send, stats
+from dramaturg.errors import UsageError
 
 from .conftest import bin_path, pending_messages, run_cli, write_config
 
@@ -203,3 +207,28 @@ def test_drain_of_a_fresh_project_runs_the_builtin_echo_as_a_worker_does(
     assert result.returncode == 0, result.stderr
     assert "1 processed" in result.stdout
     assert pending_messages(broker, "default") == 0
+
+
+# -- usage errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mistake", "expected"),
+    [
+        (lambda: common.delay_ms("soon"), "--delay: 'soon' is not a duration"),
+        (lambda: send.parse_spec("imports"), "expected QUEUE:ACTOR:JSON_ARGS"),
+        (lambda: send.parse_spec("imports:import_user:[1,"), "JSON_ARGS is not valid JSON"),
+        (lambda: drain.run(argparse.Namespace(budget="1s", grace="30s", threads=0)), "--threads must be at least 1"),
+        (lambda: stats.run(argparse.Namespace(watch="10ms")), "--watch: '10ms' is 10 ms, under 100 ms"),
+    ],
+    ids=["delay", "spec", "json args", "threads", "watch"],
+)
+def test_a_command_line_mistake_is_a_usage_error_not_a_send_error(mistake: Callable[[], object], expected: str) -> None:
+    # When a command is given an option or argument it cannot use (before it loads anything)
+    with pytest.raises(UsageError) as raised:
+        mistake()
+
+    # Then it is a usage error (exit 2, as `dramaturg` maps it), not a message that could not be sent
+    assert expected in str(raised.value)
+    assert isinstance(raised.value, dramaturg.DramaturgError)
+    assert not isinstance(raised.value, dramaturg.SendError)

@@ -16,8 +16,7 @@ import dramaturg
 from dramaturg.bulk import BulkSendError, Call
 
 from .apps.bulk_cut import CutAt, cut_the_confirm_window
-from .conftest import pending_messages
-from .test_outcomes import Runs
+from .conftest import Runs, pending_messages
 
 
 def test_send_many_sends_each_item_as_its_own_task(broker: dramatiq.Broker, start_worker: Callable[..., Any]) -> None:

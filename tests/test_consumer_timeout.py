@@ -14,8 +14,7 @@ import pytest
 
 import dramaturg
 
-from .conftest import delete_rabbitmq_queues, pending_messages
-from .test_outcomes import Runs
+from .conftest import Runs, delete_rabbitmq_queues, pending_messages
 
 pytestmark = pytest.mark.parametrize("broker_kind", ["rabbitmq"])
 

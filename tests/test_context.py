@@ -14,7 +14,7 @@ import pytest
 import dramaturg
 
 from .apps.simulated import busy
-from .test_outcomes import Runs
+from .conftest import Runs
 
 store_var: ContextVar[str] = ContextVar("store_var")
 

@@ -9,7 +9,6 @@ Dramatiq's ``Retries``, where dramaturg does not say otherwise
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,31 +24,9 @@ from dramatiq.results.backends import StubBackend
 import dramaturg
 from dramaturg.middleware import priority, ttr
 from dramaturg.middleware.outcomes import backoff_ms
-from dramaturg.state import state_store
+from dramaturg.status import state_store
 
-from .conftest import pending_messages, poll_until
-
-WAIT_S = 20
-
-
-class Seen:
-    """Values recorded by handlers or callbacks; ``wait(n)`` blocks until there are ``n``."""
-
-    def __init__(self) -> None:
-        self.values: list[Any] = []
-        self._changed = threading.Condition()
-
-    def add(self, value: Any) -> None:
-        with self._changed:
-            self.values.append(value)
-            self._changed.notify_all()
-
-    def wait(self, count: int, timeout: float = WAIT_S) -> list[Any]:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.values) >= count, timeout), (
-                f"{len(self.values)} of {count} within {timeout} s: {self.values}"
-            )
-            return list(self.values)
+from .conftest import Runs, pending_messages, poll_until
 
 
 @pytest.fixture
@@ -87,7 +64,7 @@ def test_an_actor_with_a_small_max_backoff_retries_fast(
     broker: dramatiq.Broker, start_worker: Callable[..., Any]
 ) -> None:
     # Given an actor that always fails, written for Dramatiq's fast retries
-    attempts = Seen()
+    attempts = Runs()
 
     @dramatiq.actor(queue_name="fidelity", max_backoff=200, max_retries=2)
     def always_fails() -> None:
@@ -115,7 +92,7 @@ def test_on_failure_callbacks_see_dramatiqs_retry_count(
     broker_kind: str, broker: dramatiq.Broker, start_worker: Callable[..., Any]
 ) -> None:
     # Given a failure callback and an actor that fails every time
-    seen = Seen()
+    seen = Runs()
 
     @dramatiq.actor(queue_name="fidelity")
     def on_failed(message_data: dict[str, Any], exception_data: dict[str, Any]) -> None:
@@ -148,7 +125,7 @@ def test_a_retried_message_carries_dramatiqs_requeue_timestamp_and_traceback(
     broker: dramatiq.Broker, start_worker: Callable[..., Any]
 ) -> None:
     # Given an actor that fails on its first attempt and reads its options on the second
-    options = Seen()
+    options = Runs()
 
     @dramatiq.actor(queue_name="fidelity", max_retries=1, max_backoff=50)
     def fails_once() -> None:
@@ -260,12 +237,12 @@ def test_a_rate_limited_task_is_retried_with_a_debug_line(
     stub_broker: dramatiq.Broker, stub_worker: dramatiq.Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given an actor that hits a rate limit once
-    runs = Seen()
+    runs = Runs()
 
     @dramatiq.actor(max_backoff=10)
     def limited() -> None:
         runs.add(1)
-        if len(runs.values) == 1:
+        if len(runs.seen) == 1:
             raise RateLimitExceeded("exceeded")
 
     # When it runs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,59 +13,11 @@ import pytest
 import dramaturg
 from dramaturg.held import HeldTask
 
-from .conftest import pending_messages
-
-WAIT_S = 20
-
-
-def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTask:
-    return HeldTask(
-        message_id=f"m-{number:03d}-{uuid.uuid4().hex[:6]}",
-        queue_name=queue,
-        actor_name=actor,
-        args=[{"id": number}],
-        kwargs={},
-        reason=f"row {number} has no email",
-        attempts=1,
-        enqueued_at=1_700_000_000_000 + number,
-        held_at=1_700_000_100_000 + number,
-        host="worker-1",
-        pid=4242,
-    )
-
-
-class Ran:
-    """The ids an actor ran with; ``wait(n)`` blocks until it ran ``n`` times."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self._changed = threading.Condition()
-
-    def add(self, number: int) -> None:
-        with self._changed:
-            self.ids.append(number)
-            self._changed.notify_all()
-
-    def wait(self, count: int, timeout: float = WAIT_S) -> list[int]:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.ids) >= count, timeout), f"ran only {self.ids}"
-            return list(self.ids)
-
-
-@pytest.fixture
-def imports_actor(broker: dramatiq.Broker) -> dramaturg.Actor[..., None]:
-    ran = Ran()
-
-    @dramaturg.actor(queue_name="imports")
-    def import_user(row: dict[str, Any]) -> None:
-        ran.add(row["id"])
-
-    import_user.ran = ran  # type: ignore[attr-defined]
-    return import_user
+from .conftest import WAIT_S, held_task, pending_messages, raw_publish
 
 
 def test_listing_is_paged_oldest_first_and_removes_nothing(
-    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+    broker: dramatiq.Broker, import_user: dramaturg.Actor[..., None]
 ) -> None:
     store = dramaturg.held_tasks()
     tasks = [held_task("imports", n) for n in range(7)]
@@ -85,7 +36,7 @@ def test_listing_is_paged_oldest_first_and_removes_nothing(
     assert store.count() == 7
 
 
-def test_purge_one_several_or_all(broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]) -> None:
+def test_purge_one_several_or_all(broker: dramatiq.Broker, import_user: dramaturg.Actor[..., None]) -> None:
     store = dramaturg.held_tasks()
     tasks = [held_task("imports", n) for n in range(5)]
     for task in tasks:
@@ -100,7 +51,7 @@ def test_purge_one_several_or_all(broker: dramatiq.Broker, imports_actor: dramat
 
 def test_kick_requeues_with_a_fresh_budget_and_counts_kicks(
     broker: dramatiq.Broker,
-    imports_actor: dramaturg.Actor[..., None],
+    import_user: dramaturg.Actor[..., None],
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
     store = dramaturg.held_tasks()
@@ -116,12 +67,12 @@ def test_kick_requeues_with_a_fresh_budget_and_counts_kicks(
     assert pending_messages(broker, "imports") == 4
 
     worker = start_worker()
-    ran = imports_actor.ran.wait(4)  # type: ignore[attr-defined]
+    ran = import_user.ran.wait(4)  # type: ignore[attr-defined]
     worker.join()
     assert sorted(ran) == [0, 1, 2, 3]
 
 
-def test_kick_with_a_delay(broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]) -> None:
+def test_kick_with_a_delay(broker: dramatiq.Broker, import_user: dramaturg.Actor[..., None]) -> None:
     store = dramaturg.held_tasks()
     store.hold(held_task("imports", 1))
 
@@ -132,19 +83,19 @@ def test_kick_with_a_delay(broker: dramatiq.Broker, imports_actor: dramaturg.Act
 
 def test_an_undecodable_message_is_held_and_the_worker_goes_on(
     broker: dramatiq.Broker,
-    imports_actor: dramaturg.Actor[..., None],
+    import_user: dramaturg.Actor[..., None],
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
     # Given a body that is not a message, put straight onto the queue by another client
     raw_publish(broker, "imports", b"\x80not json at all")
     # and a good message behind it
-    imports_actor.send({"id": 1})
+    import_user.send({"id": 1})
 
     worker = start_worker()
 
     # Then the good one runs (the consumer holds the bad one before it hands out the
     # next), and the bad one is held with a reason that says why
-    assert imports_actor.ran.wait(1) == [1]  # type: ignore[attr-defined]
+    assert import_user.ran.wait(1) == [1]  # type: ignore[attr-defined]
     worker.join()
     assert dramaturg.held_tasks().count("imports") == 1
     [held] = dramaturg.held_tasks().list("imports")
@@ -156,17 +107,17 @@ def test_an_undecodable_message_is_held_and_the_worker_goes_on(
 
 def test_arguments_that_do_not_fit_are_held_with_the_signature(
     broker: dramatiq.Broker,
-    imports_actor: dramaturg.Actor[..., None],
+    import_user: dramaturg.Actor[..., None],
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
     message = dramatiq.Message(queue_name="imports", actor_name="import_user", args=(), kwargs={"rows": []}, options={})
     raw_publish(broker, "imports", message.encode())
-    imports_actor.send({"id": 3})
+    import_user.send({"id": 3})
 
     worker = start_worker()
 
     # the good message behind it ran; join waits until the misfit's outcome is settled too
-    assert imports_actor.ran.wait(1) == [3]  # type: ignore[attr-defined]
+    assert import_user.ran.wait(1) == [3]  # type: ignore[attr-defined]
     worker.join()
     held = dramaturg.held_tasks().get(message.message_id, "imports")
     assert held is not None
@@ -259,27 +210,6 @@ def test_a_transient_write_failure_is_retried(
 # -- raw access to the brokers, as another client would have -----------------------------
 
 
-def raw_publish(broker: Any, queue: str, body: bytes) -> None:
-    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would."""
-    if broker.settings.type == "rabbitmq":
-        import pika
-
-        broker.declare_queue(queue, ensure=True)
-        connection = pika.BlockingConnection(broker.parameters)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()  # on the queue before anything sent after it
-            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
-        finally:
-            connection.close()
-        return
-    broker.declare_queue(queue)
-    redis_id = str(uuid.uuid4())
-    # Dramatiq's Redis layout: the body in <queue>.msgs, the id on the <queue> list.
-    broker.client.hset(f"{broker.namespace}:{queue}.msgs", redis_id, body)
-    broker.client.rpush(f"{broker.namespace}:{queue}", redis_id)
-
-
 def dead_letters(broker: Any, queue: str) -> list[str]:
     """Message ids in Dramatiq's dead-letter queue for ``queue``."""
     if broker.settings.type == "rabbitmq":
@@ -301,13 +231,13 @@ def dead_letters(broker: Any, queue: str) -> list[str]:
 
 
 def test_flushing_the_queues_never_touches_held_tasks(
-    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+    broker: dramatiq.Broker, import_user: dramaturg.Actor[..., None]
 ) -> None:
     # Given a held task and a message waiting on the same queue
     store = dramaturg.held_tasks()
     task = held_task("imports", 1)
     store.hold(task)
-    imports_actor.send({"id": 2})
+    import_user.send({"id": 2})
 
     # When Dramatiq's flush empties the queues (as `flush_all` in a deploy script would)
     broker.flush_all()
@@ -350,15 +280,15 @@ def test_a_password_in_an_error_is_masked_in_the_held_task_and_its_store(
 
 def test_a_password_in_a_poison_message_is_masked(
     broker: dramatiq.Broker,
-    imports_actor: dramaturg.Actor[..., None],
+    import_user: dramaturg.Actor[..., None],
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
     # Given an undecodable body that holds a URL with its password
     raw_publish(broker, "imports", b"\x80 redis://:" + SECRET.encode() + b"@cache:6379/0")
-    imports_actor.send({"id": 1})
+    import_user.send({"id": 1})
 
     worker = start_worker()
-    assert imports_actor.ran.wait(1) == [1]  # type: ignore[attr-defined]
+    assert import_user.ran.wait(1) == [1]  # type: ignore[attr-defined]
     worker.join()
 
     [held] = dramaturg.held_tasks().list("imports")
@@ -367,7 +297,7 @@ def test_a_password_in_a_poison_message_is_masked(
 
 
 def test_a_task_stored_in_clear_by_an_older_version_is_read_masked(
-    broker: dramatiq.Broker, imports_actor: dramaturg.Actor[..., None]
+    broker: dramatiq.Broker, import_user: dramaturg.Actor[..., None]
 ) -> None:
     store = dramaturg.held_tasks()
     task = held_task("imports", 1)

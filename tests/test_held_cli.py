@@ -12,8 +12,7 @@ import pytest
 
 import dramaturg
 
-from .conftest import bin_path, pending_messages, run_cli, write_config
-from .test_held import held_task
+from .conftest import bin_path, held_task, pending_messages, run_cli, write_config
 from .test_held_faults import put_held_entry, rabbitmq_queue_exists
 
 REPO = Path(__file__).resolve().parents[1]

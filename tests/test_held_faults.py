@@ -19,8 +19,7 @@ import dramaturg
 from dramaturg.held import HeldStore, KickError
 from dramaturg.queues import lanes
 
-from .conftest import Process, bin_path, cli_env, poll_until, write_config
-from .test_held import WAIT_S, held_task
+from .conftest import WAIT_S, Process, bin_path, cli_env, held_task, poll_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 #: The lease of a stalled Redis kicker in these tests (ms); on RabbitMQ its heartbeat (s).

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-import socket
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +18,7 @@ import pytest
 import dramaturg
 from dramaturg.logs import JsonFormatter
 
-from .conftest import Process, bin_path, run_cli
-from .test_metrics import free_port
+from .conftest import Process, bin_path, free_port, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "apps" / "observed_tasks.py"
@@ -131,9 +129,7 @@ def test_dramatiqs_own_cli_logs_json_in_its_worker_processes(
 
 def test_a_command_in_json_mode_reports_its_error_as_json_with_the_password_masked(tmp_path: Path) -> None:
     # Given a config file choosing json, and a broker URL with a password where nothing listens
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     (tmp_path / "dramaturg.toml").write_text(
         f'[broker]\nurl = "redis://:s3cret@127.0.0.1:{port}/0"\nconnect_timeout = "500ms"\n\n[log]\nformat = "json"\n'
     )

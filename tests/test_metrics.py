@@ -21,17 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import dramaturg
 from dramaturg.middleware.metrics import Metrics
 
-from .conftest import Process, bin_path, pending_messages, poll_until, run_cli, write_config
+from .conftest import Process, bin_path, free_port, pending_messages, poll_until, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> Samples | None:

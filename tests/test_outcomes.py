@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,29 +15,7 @@ import pytest
 
 import dramaturg
 
-from .conftest import pending_messages
-
-WAIT_S = 20
-
-
-class Runs:
-    """What a handler saw on each run; ``wait(n)`` blocks until it ran ``n`` times."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-
-    def record(self, **facts: Any) -> None:
-        with self._changed:
-            self.seen.append(facts)
-            self._changed.notify_all()
-
-    def wait(self, count: int, timeout: float = WAIT_S) -> list[dict[str, Any]]:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.seen) >= count, timeout), (
-                f"ran {len(self.seen)} times, expected {count}: {self.seen}"
-            )
-            return list(self.seen)
+from .conftest import Runs, pending_messages
 
 
 def settled(worker: dramatiq.Worker) -> None:

@@ -10,7 +10,7 @@ import dramatiq
 
 import dramaturg
 
-from .test_outcomes import Runs
+from .conftest import Runs
 
 
 def test_a_resource_is_made_on_first_use_shared_by_threads_and_closed_at_shutdown(

@@ -20,8 +20,7 @@ import dramaturg
 from dramaturg import app
 from dramaturg.cli.stats import table
 
-from .conftest import Process, bin_path, free_port, poll_until, run_cli, write_config
-from .test_held import held_task
+from .conftest import Process, bin_path, free_port, held_task, poll_until, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 READY = "Worker process is ready for action."

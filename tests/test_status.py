@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -19,10 +18,10 @@ import redis
 import dramaturg
 from dramaturg.bulk import new_ids
 from dramaturg.config import StateSettings
-from dramaturg.state import COUNTERS, StateStore, state_store
+from dramaturg.status import StateStore, state_store
+from dramaturg.status.store import COUNTERS
 
-from .conftest import bin_path, poll_until, run_cli, write_config
-from .test_held import held_task
+from .conftest import bin_path, free_port, held_task, poll_until, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 LATER_MS = 600_000  # under RabbitMQ's consumer_timeout
@@ -190,9 +189,7 @@ def test_the_newest_news_wins_whatever_order_the_writers_flush_in(redis_server: 
 
 def test_changes_wait_in_the_buffer_while_the_store_is_down(redis_server: Any) -> None:
     namespace = f"test-{uuid.uuid4().hex[:8]}"
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     down = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
     store = StateStore(down, namespace=namespace, ttl_ms=60_000, flush_interval_s=3600)
     store.record("m1", {"state": "running"}, at=1.0)

@@ -15,8 +15,7 @@ import pytest
 import dramaturg
 from dramaturg import suspension
 
-from .conftest import pending_messages
-from .test_outcomes import Runs
+from .conftest import Runs, pending_messages
 
 DELAY_MS = 1_500
 

@@ -23,7 +23,7 @@ from dramaturg.actors import _runner
 from dramaturg.middleware.ttr import StopRequested, TimeToRun, TimeToRunExceeded
 
 from .apps.simulated import busy
-from .test_outcomes import Runs
+from .conftest import Runs
 
 WAIT_S = 30
 

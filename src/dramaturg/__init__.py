@@ -17,22 +17,29 @@ from __future__ import annotations
 from .__about__ import __version__
 from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
+from .bulk import Call
 from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
     BrokerNotInstalled,
     BrokerUnreachable,
+    BulkSendError,
+    BulkSendInterrupted,
     ConfigError,
+    ContextError,
     DramaturgError,
+    KickError,
+    NotInTask,
     SendError,
+    StateUnavailable,
     TaskHeld,
 )
-from .held import HeldStore, HeldTask, KickError, held_tasks
+from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
-from .state import StateUnavailable, TaskStatus, task_status
 from .stats import QueueStats, queue_stats
-from .task import Hold, NotInTask, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
+from .status import TaskStatus, task_status
+from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
 __all__ = [
@@ -41,7 +48,11 @@ __all__ = [
     "BrokerNotInstalled",
     "BrokerSettings",
     "BrokerUnreachable",
+    "BulkSendError",
+    "BulkSendInterrupted",
+    "Call",
     "ConfigError",
+    "ContextError",
     "DrainSummary",
     "DramaturgError",
     "HeldStore",

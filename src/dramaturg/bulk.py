@@ -30,13 +30,13 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq.middleware import MiddlewareError
 
-from .errors import SendError
+from .errors import BulkSendError, BulkSendInterrupted, SendError
 
 if TYPE_CHECKING:
     from .actors import Actor
@@ -75,60 +75,6 @@ class BulkResult:
     def rate(self) -> float:
         """Messages per second."""
         return self.sent / self.seconds if self.seconds > 0 else float("inf")
-
-
-@dataclass
-class BulkSendError(SendError):
-    """A bulk send stopped; ``reason`` says why. Of the items sent so far:
-
-    - ``sent``: how many messages the broker took (RabbitMQ confirmed them; Redis ran
-      the enqueue and answered);
-    - ``unsent``: messages of the failing chunk that the broker certainly does not have
-      (never written, refused, unroutable): send them again;
-    - ``unknown``: messages of the failing chunk whose fate is unknown: they were
-      written, but the answer was lost with the connection, so they may be on the queue
-      (look before sending them again, or accept a duplicate).
-
-    Every item from :attr:`next_item` on was not attempted.
-    """
-
-    reason: str
-    sent: int
-    unsent: list[dramatiq.Message[Any]] = field(default_factory=list)
-    unknown: list[dramatiq.Message[Any]] = field(default_factory=list)
-
-    @property
-    def next_item(self) -> int:
-        """The index of the first item that was not attempted."""
-        return self.sent + len(self.unsent) + len(self.unknown)
-
-    def __str__(self) -> str:
-        parts = [f"bulk send failed after {self.sent} messages were sent: {self.reason}"]
-        if self.unknown:
-            parts.append(
-                f"{len(self.unknown)} messages of the failing chunk may or may not have been delivered (they were"
-                f" sent, but no answer came: {_ids(self.unknown)}); look for them before sending them again"
-            )
-        if self.unsent:
-            parts.append(f"{len(self.unsent)} messages of the failing chunk were not sent ({_ids(self.unsent)})")
-        parts.append(f"no item from #{self.next_item} on was sent")
-        return "; ".join(parts)
-
-
-class BulkSendInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped a bulk send. Still a ``KeyboardInterrupt``, so code that
-    catches one sees it as before; :attr:`progress` says what was sent, as a
-    :class:`BulkSendError` does (the chunk being sent when it came is *unknown*: it may
-    be on the queue in part)."""
-
-    def __init__(self, progress: BulkSendError) -> None:
-        super().__init__(str(progress))
-        self.progress = progress
-
-
-def _ids(messages: Sequence[dramatiq.Message[Any]]) -> str:
-    ids = ", ".join(m.message_id for m in messages[:5])
-    return ids + (f" and {len(messages) - 5} more" if len(messages) > 5 else "")
 
 
 def _chunks(actor: Actor[Any, Any], items: Iterable[Any], size: int, options: dict[str, Any]) -> Iterator[list[Any]]:

@@ -269,7 +269,7 @@ class ContextSettings(BaseModel):
 
 
 class StateSettings(BaseModel):
-    """``[state]``: the task status store (see :mod:`dramaturg.state`)."""
+    """``[state]``: the task status store (see :mod:`dramaturg.status`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

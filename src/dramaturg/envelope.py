@@ -39,17 +39,14 @@ tests and dictionary look-ups; the JSON decoding was done anyway).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.errors import DecodeError
 
-from .errors import DramaturgError
-from .held import HeldTask
+from .errors import Poison
 from .queues import canonical_queue
 from .unknown_actors import UNKNOWN_ACTOR_SINCE
 
@@ -60,39 +57,6 @@ FIELDS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "me
 
 #: Integers beyond this do not fit the 64-bit fields of the brokers and clocks that read them.
 _LIMIT = 2**63
-
-
-class Poison(DramaturgError):
-    """A message taken from a broker that cannot be run at all, and why.
-
-    Raised by :func:`decode`; the consumer holds the message and goes on (it never
-    leaves the consumer).
-    """
-
-    def __init__(self, reason: str, body: bytes, fields: Any = None, message: dramatiq.Message[Any] | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.body = body
-        #: What the body decoded to (None when it did not decode).
-        self.fields = fields
-        #: The message, when only its queue was wrong: it can be kicked onto the queue it came from.
-        self.message = message
-
-    def held_task(self, queue_name: str, message_id: str | None = None) -> HeldTask:
-        """The held task for this message on ``queue_name`` (canonical).
-
-        Its id is the message's own when it has a usable one, else ``message_id`` (the
-        broker's id for the delivery), else a new one.
-        """
-        if self.message is not None:
-            return HeldTask.from_message(self.message, self.reason, queue_name=queue_name)
-        fields = self.fields if type(self.fields) is dict else {}
-        own_id = fields.get("message_id")
-        if type(own_id) is not str or not own_id:
-            own_id = message_id or f"{'undecodable' if self.fields is None else 'poison'}-{uuid.uuid4()}"
-        task = HeldTask.from_raw(self.body, self.reason, queue_name=queue_name, message_id=own_id)
-        actor_name = fields.get("actor_name")
-        return dataclasses.replace(task, actor_name=actor_name) if type(actor_name) is str else task
 
 
 def decode(body: bytes, queue_name: str) -> dramatiq.Message[Any]:

@@ -1,4 +1,4 @@
-"""Every error dramaturg raises on purpose derives from one root.
+"""Every error dramaturg raises on purpose, and the one interrupt it raises, in one place.
 
 ::
 
@@ -9,8 +9,28 @@
      +-- BrokerNotInstalled     the broker's extra is missing (pip install 'dramaturg[redis]')
      +-- ActorError             a bad @actor declaration (unknown option, duplicate name)
      +-- SendError              a message that cannot be sent (unknown actor or queue,
-     |                          arguments that do not fit the handler, non-JSON arguments)
+     |    |                     arguments that do not fit the handler, non-JSON arguments)
+     |    +-- ContextError      the context could not be captured (also a dramatiq
+     |    |                     MiddlewareError, so Dramatiq lets it reach the sender)
+     |    +-- BulkSendError     send_many stopped: how many were sent, which were not, which may be
      +-- TaskHeld               eager mode: a task sent with send() was held (its reason)
+     +-- NotInTask              current_task() outside a task handler
+     +-- KickError              held tasks could not be requeued; they stay held
+     +-- StateUnavailable       task status without a state store ([state] url unset on RabbitMQ)
+     +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
+     +-- Poison                 a message taken from a broker that cannot be run; the consumer
+                                holds it and goes on (it never reaches application code)
+
+    KeyboardInterrupt
+     +-- BulkSendInterrupted    Ctrl-C stopped send_many; carries a BulkSendError's counts
+
+``BulkSendInterrupted`` is not a :class:`DramaturgError` on purpose: Ctrl-C must stay a
+``KeyboardInterrupt``, so that ``except DramaturgError`` (or ``except Exception``) around
+a bulk send cannot swallow it, and code that stops on Ctrl-C still does. It lives here
+beside the :class:`BulkSendError` it carries.
+
+What a handler raises to end a task (``Success``, ``Retry``, ``Hold``, ``SuspendQueue``)
+is control flow, not an error: see :mod:`dramaturg.task`.
 
 Messages say what was wrong and how to fix it; library errors are translated at the
 boundary (``raise ConfigError(...) from None``) so that no traceback from deep inside
@@ -20,19 +40,33 @@ pika or redis reaches a user who only mistyped a key.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import dramatiq
 from dramatiq.errors import ConnectionFailed
+from dramatiq.middleware import MiddlewareError
+
+if TYPE_CHECKING:
+    from .held import HeldTask
 
 __all__ = [
     "ActorError",
     "BrokerNotInstalled",
     "BrokerUnreachable",
+    "BulkSendError",
+    "BulkSendInterrupted",
     "ConfigError",
+    "ContextError",
     "DramaturgError",
+    "KickError",
+    "NotInTask",
+    "Poison",
     "SendError",
+    "StateUnavailable",
     "TaskHeld",
+    "UsageError",
     "did_you_mean",
 ]
 
@@ -84,6 +118,124 @@ class TaskHeld(DramaturgError):
 
 class SendError(DramaturgError):
     """A message could not be sent: unknown actor or queue, or arguments that do not fit."""
+
+
+class ContextError(SendError, MiddlewareError):
+    """The context of a message could not be captured; the message is not sent.
+
+    (A :class:`dramatiq.middleware.MiddlewareError`, so that Dramatiq lets it reach the
+    sender instead of logging it and sending the message without its context.)
+    """
+
+
+@dataclass
+class BulkSendError(SendError):
+    """A bulk send stopped; ``reason`` says why. Of the items sent so far:
+
+    - ``sent``: how many messages the broker took (RabbitMQ confirmed them; Redis ran
+      the enqueue and answered);
+    - ``unsent``: messages of the failing chunk that the broker certainly does not have
+      (never written, refused, unroutable): send them again;
+    - ``unknown``: messages of the failing chunk whose fate is unknown: they were
+      written, but the answer was lost with the connection, so they may be on the queue
+      (look before sending them again, or accept a duplicate).
+
+    Every item from :attr:`next_item` on was not attempted.
+    """
+
+    reason: str
+    sent: int
+    unsent: list[dramatiq.Message[Any]] = field(default_factory=list)
+    unknown: list[dramatiq.Message[Any]] = field(default_factory=list)
+
+    @property
+    def next_item(self) -> int:
+        """The index of the first item that was not attempted."""
+        return self.sent + len(self.unsent) + len(self.unknown)
+
+    def __str__(self) -> str:
+        parts = [f"bulk send failed after {self.sent} messages were sent: {self.reason}"]
+        if self.unknown:
+            parts.append(
+                f"{len(self.unknown)} messages of the failing chunk may or may not have been delivered (they were"
+                f" sent, but no answer came: {_ids(self.unknown)}); look for them before sending them again"
+            )
+        if self.unsent:
+            parts.append(f"{len(self.unsent)} messages of the failing chunk were not sent ({_ids(self.unsent)})")
+        parts.append(f"no item from #{self.next_item} on was sent")
+        return "; ".join(parts)
+
+
+class BulkSendInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a bulk send. Still a ``KeyboardInterrupt``, so code that
+    catches one sees it as before; :attr:`progress` says what was sent, as a
+    :class:`BulkSendError` does (the chunk being sent when it came is *unknown*: it may
+    be on the queue in part)."""
+
+    def __init__(self, progress: BulkSendError) -> None:
+        super().__init__(str(progress))
+        self.progress = progress
+
+
+def _ids(messages: Sequence[dramatiq.Message[Any]]) -> str:
+    ids = ", ".join(m.message_id for m in messages[:5])
+    return ids + (f" and {len(messages) - 5} more" if len(messages) > 5 else "")
+
+
+class NotInTask(DramaturgError):
+    """``current_task()`` was called outside a task handler."""
+
+
+class KickError(DramaturgError):
+    """Held tasks could not be requeued; they stay held (nothing lost).
+
+    ``kicked`` is how many others the same kick requeued, ``failures`` the
+    ``(message id, why)`` of each task it did not.
+    """
+
+    def __init__(self, message: str, *, kicked: int = 0, failures: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.kicked = kicked
+        self.failures = list(failures)
+
+
+class StateUnavailable(DramaturgError):
+    """There is no state store: the broker is RabbitMQ (or stub) and ``[state] url`` is unset."""
+
+
+class UsageError(DramaturgError):
+    """A command was given something it cannot use: an option's value (``--delay soon``),
+    arguments that do not go together, an id or file that is not there.
+
+    Raised by the ``dramaturg`` commands before they change anything; the command prints
+    the message in one line and exits 2, as argparse does for its own usage errors.
+    """
+
+
+class Poison(DramaturgError):
+    """A message taken from a broker that cannot be run at all, and why.
+
+    Raised by :func:`dramaturg.envelope.decode`; the consumer holds the message and goes
+    on (it never leaves the consumer).
+    """
+
+    def __init__(self, reason: str, body: bytes, fields: Any = None, message: dramatiq.Message[Any] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.body = body
+        #: What the body decoded to (None when it did not decode).
+        self.fields = fields
+        #: The message, when only its queue was wrong: it can be kicked onto the queue it came from.
+        self.message = message
+
+    def held_task(self, queue_name: str, message_id: str | None = None) -> HeldTask:
+        """The held task for this message on ``queue_name``: :meth:`dramaturg.held.HeldTask.from_poison`."""
+        # A bridge for the brokers' consumers, which call this: once they call
+        # HeldTask.from_poison, it goes, and with it this module's only import of the
+        # package (held.py imports this one: hence here, not at the top).
+        from .held import HeldTask
+
+        return HeldTask.from_poison(self, queue_name, message_id)
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

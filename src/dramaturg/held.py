@@ -36,6 +36,7 @@ import re
 import socket
 import time
 import traceback
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -44,7 +45,7 @@ from typing import Any
 
 import dramatiq
 
-from .errors import DramaturgError, SendError
+from .errors import DramaturgError, KickError, Poison, SendError
 from .masking import mask_text
 
 __all__ = ["HeldStore", "HeldTask", "KickError", "held_tasks"]
@@ -65,19 +66,6 @@ LEASE_LOST = (
 # Dramatiq's queue names (dramatiq.actor's pattern); the suffixes are dramaturg's own.
 _QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 _RESERVED_SUFFIXES = (".DQ", ".XQ", ".HQ", ".P1", ".P2")
-
-
-class KickError(DramaturgError):
-    """Held tasks could not be requeued; they stay held (nothing lost).
-
-    ``kicked`` is how many others the same kick requeued, ``failures`` the
-    ``(message id, why)`` of each task it did not.
-    """
-
-    def __init__(self, message: str, *, kicked: int = 0, failures: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(message)
-        self.kicked = kicked
-        self.failures = list(failures)
 
 
 @dataclass(frozen=True)
@@ -165,6 +153,24 @@ class HeldTask:
             pid=os.getpid(),
             raw=text[:MAX_RAW],
         )
+
+    @classmethod
+    def from_poison(cls, poison: Poison, queue_name: str, message_id: str | None = None) -> HeldTask:
+        """The held task for a message that cannot be run (:class:`~dramaturg.errors.Poison`),
+        found on ``queue_name`` (canonical).
+
+        Its id is the message's own when it has a usable one, else ``message_id`` (the
+        broker's id for the delivery), else a new one.
+        """
+        if poison.message is not None:
+            return cls.from_message(poison.message, poison.reason, queue_name=queue_name)
+        decoded = poison.fields if type(poison.fields) is dict else {}
+        own_id = decoded.get("message_id")
+        if type(own_id) is not str or not own_id:
+            own_id = message_id or f"{'undecodable' if poison.fields is None else 'poison'}-{uuid.uuid4()}"
+        task = cls.from_raw(poison.body, poison.reason, queue_name=queue_name, message_id=own_id)
+        actor_name = decoded.get("actor_name")
+        return replace(task, actor_name=actor_name) if type(actor_name) is str else task
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=repr)

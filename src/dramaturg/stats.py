@@ -29,16 +29,16 @@ from typing import Any
 
 import dramatiq
 
-from .errors import DramaturgError
+from .errors import DramaturgError, StateUnavailable
 from .queues import canonical_queue
+from .status import state_store
+from .status.store import COUNTERS
 
 __all__ = ["COUNTERS", "Counters", "QueueStats", "StatsReader", "queue_stats", "stats_reader"]
 
-#: What a counter store reports per queue for the last minute; the keys of its mappings.
-COUNTERS: tuple[str, ...] = ("processed", "failed", "retried", "held")
-
 #: A counter store's query: queue names -> ``{queue: {"processed": n, "failed": n, ...}}``
-#: for the last minute. A queue missing from the answer has no counts (``None``).
+#: for the last minute, one key per name of :data:`COUNTERS` (the state store's, which
+#: defines them). A queue missing from the answer has no counts (``None``).
 Counters = Callable[[Sequence[str]], Mapping[str, Mapping[str, int]]]
 
 
@@ -59,7 +59,8 @@ class QueueStats:
     dead: int | None
     #: Worker processes alive that consume the queue.
     workers: int | None
-    #: Tasks of the queue that succeeded, failed, were retried, were held in the last minute.
+    #: Tasks of the queue that succeeded, failed, were retried, were held in the last minute:
+    #: ``<name>_per_min`` for each name of :data:`COUNTERS`.
     processed_per_min: int | None = None
     failed_per_min: int | None = None
     retried_per_min: int | None = None
@@ -69,13 +70,8 @@ class QueueStats:
         """This row with the per-minute counts of a counter store (``None``: unknown)."""
         if counts is None:
             return self
-        return replace(
-            self,
-            processed_per_min=counts.get("processed"),
-            failed_per_min=counts.get("failed"),
-            retried_per_min=counts.get("retried"),
-            held_per_min=counts.get("held"),
-        )
+        columns: dict[str, Any] = {f"{name}_per_min": counts.get(name) for name in COUNTERS}
+        return replace(self, **columns)
 
 
 class StatsReader(ABC):
@@ -122,7 +118,7 @@ def queue_stats(
     """The statistics of ``queues`` (default: every known queue, by name).
 
     ``broker`` defaults to the bootstrapped one. ``counters`` is a counter store's query
-    for the per-minute columns; by default the state store's (:mod:`dramaturg.state`),
+    for the per-minute columns; by default the state store's (:mod:`dramaturg.status`),
     and without one they are ``None``. Names are canonicalised:
     ``imports.DQ`` is ``imports``.
 
@@ -155,9 +151,7 @@ def totals(rows: Sequence[QueueStats]) -> dict[str, Any]:
 
 
 def _state_store_counts(broker: dramatiq.Broker | None) -> Counters | None:
-    """The state store's per-minute counts (see :mod:`dramaturg.state`), if there is one."""
-    from .state import StateUnavailable, state_store
-
+    """The state store's per-minute counts (see :mod:`dramaturg.status`), if there is one."""
     try:
         return state_store(broker).minute_counts
     except StateUnavailable:

@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import parse_duration_ms
-from .errors import DramaturgError
+from .errors import NotInTask
 from .queues import canonical_queue
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
     from .middleware.ttr import Deadline
 
 __all__ = ["Hold", "NotInTask", "Retry", "Success", "SuspendQueue", "Task", "TaskOutcome", "current_task"]
-
-
-class NotInTask(DramaturgError):
-    """``current_task()`` was called outside a task handler."""
 
 
 class TaskOutcome(BaseException):

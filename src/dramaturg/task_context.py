@@ -46,9 +46,8 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import dramatiq
-from dramatiq.middleware import MiddlewareError
 
-from .errors import ConfigError, SendError
+from .errors import ConfigError, ContextError
 
 __all__ = [
     "ContextError",
@@ -126,14 +125,6 @@ def bind_contextvar(key: str, var: ContextVar[T]) -> None:
 def current_context() -> Mapping[str, Any]:
     """The context a task sent here and now would get (inside a handler: the task's)."""
     return MappingProxyType(_gather(_EMPTY))
-
-
-class ContextError(SendError, MiddlewareError):
-    """The context of a message could not be captured; the message is not sent.
-
-    (A :class:`dramatiq.middleware.MiddlewareError`, so that Dramatiq lets it reach the
-    sender instead of logging it and sending the message without its context.)
-    """
 
 
 def _gather(default: Mapping[str, Any]) -> dict[str, Any]:

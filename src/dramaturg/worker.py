@@ -23,21 +23,15 @@ from typing import Any
 import dramatiq
 
 from . import brokers, logs
-from .app import bootstrap, import_actor_modules
+from .app import BUILTIN_ACTORS, bootstrap, import_actor_modules
 from .config import load_settings
 from .errors import ConfigError
+from .exit_codes import EXIT_CONFIG
 from .masking import install_log_masking
 from .middleware import recycle, shutdown
 
 __all__ = ["broker"]
 
-#: sysexits.h EX_CONFIG: the configuration is wrong.
-EXIT_CONFIG = 78
-#: Run when ``worker.modules`` names nothing (a fresh install): the built-in ``echo``.
-#: List it in ``worker.modules`` to keep it beside the application's own actors; it is
-#: not consumed otherwise, since every queue a worker consumes but never uses costs it
-#: CPU (about 10% of the drain rate with two processes on Redis, benchmarks/).
-BUILTIN_ACTORS = "dramaturg.actors.builtin"
 #: Seconds within which a repeated SIGTERM counts as the same request.
 DUPLICATE_SIGNAL_S = 2.0
 

@@ -2,9 +2,12 @@
 ``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
-``run(args) -> int``. Errors are one line on stderr and a named exit code, never a
-traceback; secrets in URLs are masked in everything printed. ``--log-format json``
-makes every log line, and that error line, one JSON object (see :mod:`dramaturg.logs`).
+``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
+:mod:`dramaturg.cli.common`. Errors are one line on stderr and a named exit code
+(:mod:`dramaturg.exit_codes`; a command line mistake is a
+:class:`~dramaturg.errors.UsageError`, 2), never a traceback; secrets in URLs are masked
+in everything printed. ``--log-format json`` makes every log line, and that error line,
+one JSON object (see :mod:`dramaturg.logs`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from collections.abc import Sequence
 from .. import logs
 from ..__about__ import __version__
 from ..config import load_settings
-from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError
+from ..errors import BrokerNotInstalled, BrokerUnreachable, ConfigError, DramaturgError, UsageError
+from ..exit_codes import (
+    EXIT_BROKER_UNREACHABLE,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from ..masking import install_log_masking, mask_text
 from . import config_cmd, drain, held, send, stats, status, worker
 
@@ -26,21 +37,12 @@ __all__ = [
     "EXIT_BROKER_UNREACHABLE",
     "EXIT_CONFIG",
     "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
     "main",
     "run",
 ]
-
-EXIT_OK = 0
-#: Something failed that is none of the below.
-EXIT_FAILURE = 1
-#: Bad command line or input (argparse's own code): unknown actor, invalid JSON, ...
-EXIT_USAGE = 2
-#: The broker did not answer (the same code Dramatiq's worker uses).
-EXIT_BROKER_UNREACHABLE = 3
-#: sysexits.h EX_CONFIG: the configuration is invalid.
-EXIT_CONFIG = 78
 
 EPILOG = """\
 examples:
@@ -120,10 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(error), EXIT_BROKER_UNREACHABLE)
     except BrokerNotInstalled as error:
         return fail(str(error), EXIT_CONFIG)
-    except DramaturgError as error:
+    except UsageError as error:
+        return fail(str(error), EXIT_USAGE)
+    except DramaturgError as error:  # SendError (unknown actor or queue, arguments that do not fit) and the rest
         return fail(str(error), EXIT_USAGE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def fail(message: str, code: int) -> int:

@@ -1,13 +1,51 @@
-"""Helpers the subcommands share."""
+"""What the subcommands share: the prelude that loads the application, option parsing.
+
+Every command that works with the application's broker and actors starts with
+:func:`boot`: the settings (``--config``), the broker built from them, and the actor
+modules imported, each failure one line and a named exit code.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
-from ..config import parse_duration_ms
-from ..errors import SendError
+import dramatiq
+
+from .. import app, brokers
+from ..app import BUILTIN_ACTORS
+from ..config import Settings, load_settings, parse_duration_ms
+from ..errors import UsageError
+
+
+def boot(
+    args: argparse.Namespace, *, echo: Literal["no", "also", "as_worker"] = "no", ping_first: bool = False
+) -> tuple[Settings, dramatiq.Broker]:
+    """The settings ``args.config`` names, the broker :func:`dramaturg.bootstrap` builds from
+    them, and the actor modules of ``worker.modules`` imported (a failure: a one-line
+    :class:`~dramaturg.ConfigError`, and the broker is closed again).
+
+    ``echo``: the built-in ``echo`` actor is imported too: ``"also"`` always (a command
+    that may send to it), ``"as_worker"`` while ``worker.modules`` names none, as a worker
+    does (a command that runs tasks). ``ping_first``: check that the broker answers before
+    anything is built (:class:`~dramaturg.BrokerUnreachable`, exit 3); a command that
+    checks its arguments against the actors first pings later, itself.
+    """
+    settings = load_settings(args.config)
+    if ping_first:
+        brokers.ping(settings.broker)
+    broker = app.bootstrap(settings)
+    modules = list(settings.worker.modules)
+    if echo == "also" or (echo == "as_worker" and not modules):
+        modules.append(BUILTIN_ACTORS)
+    try:
+        app.import_actor_modules_or_explain(modules)
+    except BaseException:
+        app.shutdown()
+        raise
+    return settings, broker
 
 
 def delay_ms(text: str | None, option: str = "--delay") -> int | None:
@@ -18,7 +56,7 @@ def delay_ms(text: str | None, option: str = "--delay") -> int | None:
     try:
         return parse_duration_ms(text)
     except ValueError as error:
-        raise SendError(f"{option}: {error}") from None
+        raise UsageError(f"{option}: {error}") from None
 
 
 class JsonError(ValueError):

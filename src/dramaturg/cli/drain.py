@@ -12,10 +12,9 @@ from dataclasses import asdict
 from typing import Any
 
 from .. import app
-from ..config import load_settings
 from ..drain import drain
-from ..errors import SendError
-from .common import delay_ms
+from ..errors import UsageError
+from .common import boot, delay_ms
 
 
 def add_parser(subparsers: Any) -> None:
@@ -44,11 +43,8 @@ def run(args: argparse.Namespace) -> int:
     budget = delay_ms(args.budget, "--budget")
     grace = delay_ms(args.grace, "--grace") or 0
     if args.threads < 1:
-        raise SendError(f"--threads must be at least 1, got {args.threads}")
-    settings = load_settings(args.config)
-    broker = app.bootstrap(settings)
-    # As a worker does: the built-in echo actor while worker.modules names none.
-    app.import_actor_modules_or_explain(settings.worker.modules or ["dramaturg.actors.builtin"])
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    _, broker = boot(args, echo="as_worker")
     summary = drain(
         args.queues,
         budget=budget,

@@ -21,11 +21,10 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from .. import app, brokers
-from ..config import load_settings
-from ..errors import SendError
-from ..held import HeldStore, HeldTask, KickError, held_tasks
-from .common import delay_ms
+from .. import brokers
+from ..errors import KickError, UsageError
+from ..held import HeldStore, HeldTask, held_tasks
+from .common import boot, delay_ms
 
 EPILOG = """\
 examples:
@@ -79,9 +78,7 @@ _GLOB = frozenset("*?[")
 
 
 def _store(args: argparse.Namespace) -> HeldStore:
-    settings = load_settings(args.config)
-    broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain(settings.worker.modules)
+    settings, broker = boot(args)
     store = held_tasks(broker)
     queue = getattr(args, "queue", None)
     if queue is not None:  # a typed name: refused with one line before the broker is asked
@@ -103,9 +100,9 @@ def _shorten(text: str, width: int) -> str:
 
 def _ids(args: argparse.Namespace) -> list[str] | None:
     if args.all and args.message_ids:
-        raise SendError("give message ids or --all, not both")
+        raise UsageError("give message ids or --all, not both")
     if not args.all and not args.message_ids:
-        raise SendError("give the message ids to act on, or --all")
+        raise UsageError("give the message ids to act on, or --all")
     return None if args.all else list(args.message_ids)
 
 
@@ -113,7 +110,7 @@ def _refuse_patterns(store: HeldStore, queue: str, ids: list[str] | None) -> Non
     """Refuse an id that looks like a shell pattern unless a held task has exactly that id."""
     for message_id in ids or ():
         if _GLOB.intersection(message_id) and store.get(message_id, queue) is None:
-            raise SendError(
+            raise UsageError(
                 f"no held task with id {message_id!r} in {queue}; it looks like a shell pattern that matched"
                 " no file: to act on every held task of the queue, give --all"
             )
@@ -170,7 +167,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     task = _store(args).get(args.message_id, args.queue)
     if task is None:
-        raise SendError(f"no held task with id {args.message_id!r}")
+        raise UsageError(f"no held task with id {args.message_id!r}")
     if args.json:
         print(json.dumps(asdict(task), indent=2))
         return 0
@@ -232,7 +229,7 @@ def run_purge(args: argparse.Namespace) -> int:
     if ids is None and not args.yes:
         count = store.count(args.queue)
         if not sys.stdin.isatty():
-            raise SendError(f"purging all {count} held tasks of {args.queue} needs --yes when not asked at a terminal")
+            raise UsageError(f"purging all {count} held tasks of {args.queue} needs --yes when not asked at a terminal")
         answer = input(f"Delete all {count} held tasks of {args.queue}? This cannot be undone. [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing purged")

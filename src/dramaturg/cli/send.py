@@ -25,9 +25,8 @@ import json
 from typing import Any
 
 from .. import app, brokers
-from ..config import load_settings
-from ..errors import SendError, did_you_mean
-from .common import JsonError, delay_ms, loads, shorten
+from ..errors import SendError, UsageError, did_you_mean
+from .common import JsonError, boot, delay_ms, loads, shorten
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,17 +65,17 @@ def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
     """Split ``QUEUE:ACTOR:JSON_ARGS`` into queue, actor, args and kwargs."""
     parts = spec.split(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise SendError(f"expected QUEUE:ACTOR:JSON_ARGS, e.g. default:echo:'[\"hello\"]'; got {spec!r}")
+        raise UsageError(f"expected QUEUE:ACTOR:JSON_ARGS, e.g. default:echo:'[\"hello\"]'; got {spec!r}")
     queue, actor_name, raw = parts
     try:
         payload = loads(raw)
     except JsonError as error:
-        raise SendError(f"JSON_ARGS is not valid JSON: {error}: {shorten(raw)}") from None
+        raise UsageError(f"JSON_ARGS is not valid JSON: {error}: {shorten(raw)}") from None
     if isinstance(payload, list):
         return queue, actor_name, payload, {}
     if isinstance(payload, dict):
         return queue, actor_name, [], payload
-    raise SendError(
+    raise UsageError(
         f"JSON_ARGS must be an array of positional arguments or an object of keyword arguments; got {raw!r}"
     )
 
@@ -89,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     queue, actor_name, positional, keywords = parse_spec(args.spec)
     delay = delay_ms(args.delay)
 
-    settings = load_settings(args.config)
-    broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain([*settings.worker.modules, "dramaturg.actors.builtin"])
+    settings, broker = boot(args, echo="also")
 
     actors = app.registered_actors()
     actor = actors.get(actor_name)

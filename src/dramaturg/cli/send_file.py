@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import app, brokers
-from ..bulk import BulkSendError, BulkSendInterrupted, Call
-from ..config import load_settings, parse_duration_ms
-from ..errors import SendError, did_you_mean
+from ..bulk import Call
+from ..config import parse_duration_ms
+from ..errors import BulkSendError, BulkSendInterrupted, SendError, UsageError, did_you_mean
+from ..exit_codes import EXIT_INTERRUPTED
 from ..task_context import context
-from .common import JsonError, delay_ms, loads
+from .common import JsonError, boot, delay_ms, loads
 
 #: A bad row's line on stderr, and how many of them are printed before they are only counted.
 MAX_REPORTED = 100
@@ -149,7 +150,7 @@ class Rows:
 def run_file(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise SendError(f"--file: no such file: {path}")
+        raise UsageError(f"--file: no such file: {path}")
     queue, _, actor_name = args.spec.rpartition(":")
     values = dict(_context_pair(pair) for pair in args.context)
     options: dict[str, Any] = {}
@@ -159,16 +160,14 @@ def run_file(args: argparse.Namespace) -> int:
         try:
             options["ttr"] = parse_duration_ms(args.ttr)
         except ValueError as error:
-            raise SendError(f"--ttr: {error}") from None
+            raise UsageError(f"--ttr: {error}") from None
     delay = delay_ms(args.delay)
     if delay is not None:
         options["delay"] = delay
     if args.chunk_size < 1:
-        raise SendError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+        raise UsageError(f"--chunk-size must be at least 1, got {args.chunk_size}")
 
-    settings = load_settings(args.config)
-    app.bootstrap(settings)
-    app.import_actor_modules_or_explain([*settings.worker.modules, "dramaturg.actors.builtin"])
+    settings, _ = boot(args, echo="also")
     actors = app.registered_actors()
     actor = actors.get(actor_name)
     if actor is None:
@@ -195,7 +194,7 @@ def run_file(args: argparse.Namespace) -> int:
             bar.close()
             bar = None
         _report_failure(interrupted.progress, rows, args, actor.actor_name, interrupted=True)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()
@@ -286,7 +285,7 @@ def _too_deep(value: Any) -> bool:
 def _context_pair(pair: str) -> tuple[str, str]:
     key, sep, value = pair.partition("=")
     if not sep or not key:
-        raise SendError(f"--context: expected KEY=VALUE, got {pair!r}")
+        raise UsageError(f"--context: expected KEY=VALUE, got {pair!r}")
     return key, value
 
 

@@ -17,10 +17,11 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from .. import app, brokers
-from ..config import load_settings, parse_duration_ms
-from ..errors import SendError, did_you_mean
+from .. import app
+from ..config import parse_duration_ms
+from ..errors import UsageError, did_you_mean
 from ..stats import QueueStats, queue_stats, stats_reader, totals
+from .common import boot
 
 EPILOG = """\
 examples:
@@ -71,11 +72,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     interval_ms = _interval_ms(args.watch)
-    settings = load_settings(args.config)
-    brokers.ping(settings.broker)  # an unreachable broker: one line, before any reader warns on its own
-    broker = app.bootstrap(settings)
+    # An unreachable broker: one line, before any reader warns on its own.
+    _, broker = boot(args, ping_first=True)
     try:
-        app.import_actor_modules_or_explain(settings.worker.modules)
         queues = list(args.queues) or None
         while True:
             rows = queue_stats(queues, broker)
@@ -104,9 +103,9 @@ def _interval_ms(text: str | None) -> int | None:
     try:
         interval = parse_duration_ms(text)
     except ValueError as error:
-        raise SendError(f"--watch: {error}") from None
+        raise UsageError(f"--watch: {error}") from None
     if interval < MIN_WATCH_MS:
-        raise SendError(f"--watch: {text!r} is {interval} ms, under {MIN_WATCH_MS} ms; write e.g. 2s")
+        raise UsageError(f"--watch: {text!r} is {interval} ms, under {MIN_WATCH_MS} ms; write e.g. 2s")
     return interval
 
 

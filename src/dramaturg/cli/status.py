@@ -1,4 +1,4 @@
-"""``dramaturg status ID``: what became of one task (see :mod:`dramaturg.state`).
+"""``dramaturg status ID``: what became of one task (see :mod:`dramaturg.status`).
 
 Exit codes: 0 when the task is known, 1 when it is unknown (never sent, or its record
 expired after ``[state] ttl``), 3 when the state store does not answer, 78 when there
@@ -12,11 +12,10 @@ import json
 from datetime import datetime
 from typing import Any
 
-from .. import app
-from ..config import load_settings
 from ..errors import BrokerUnreachable, ConfigError
 from ..masking import mask_text
-from ..state import StateUnavailable, TaskStatus, task_status
+from ..status import StateUnavailable, TaskStatus, task_status
+from .common import boot
 
 EPILOG = """\
 examples:
@@ -44,9 +43,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import redis
 
-    settings = load_settings(args.config)
-    broker = app.bootstrap(settings)
-    app.import_actor_modules_or_explain(settings.worker.modules)  # their queues, for the held store
+    _, broker = boot(args)  # the actors' queues, for the held store
     try:
         status = task_status(args.message_id, broker)
     except StateUnavailable as error:

@@ -20,7 +20,7 @@ from dramatiq.middleware import (
 )
 
 from ..resources import Resources
-from ..state import TaskState
+from ..status.recorder import StatusRecorder
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .metrics import Metrics
@@ -43,7 +43,7 @@ __all__ = [
     "Priority",
     "Recycle",
     "RedisRecovery",
-    "TaskState",
+    "StatusRecorder",
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
@@ -75,7 +75,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         OutcomeCallbacks(),
         Pipelines(),
         # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
-        *([TaskState(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
+        *([StatusRecorder(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that its task handle exists when the deadline is armed.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
