@@ -311,7 +311,7 @@ def test_a_worker_recovers_its_dead_predecessor_when_it_boots(
     (line,) = [r.getMessage() for r in caplog.records if r.name == "dramaturg.recovery"]
     assert f"recovered 1 message of dead worker {dead.broker_id} (no heartbeat for 61." in line
     assert line.endswith(
-        f"back at the head of imports (1), started or not (any it had started runs again): {message.message_id}"
+        f"back at the head of imports (1), started or not (those it had started run again): {message.message_id}"
     )
 
 

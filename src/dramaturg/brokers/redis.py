@@ -529,7 +529,10 @@ class RedisConsumer(_RedisConsumer):
                 self._claims.let_go(self.queue_name, (redis_id,))
                 return
             result = command(self.queue_name, redis_id)
-            if result == 0 or (result < 0 and not message.__dict__.get("_dramaturg_unsure")):
+            if result == 1:
+                return
+            claims, unsure = self._claims, message.__dict__.get("_dramaturg_unsure")
+            if result == 0 or unsure is None:
                 logger.warning(
                     "%s (message %s) %s here, but runs again: this worker was taken for dead while it held it,"
                     " and another worker recovered it (its acknowledgement changed nothing)",
@@ -537,9 +540,20 @@ class RedisConsumer(_RedisConsumer):
                     message.message_id,
                     what,
                 )
+            elif claims.suspected or unsure != claims.epoch or redis_id in claims.taken_ids:
+                # Settled already, by an earlier try whose answer was lost or by the worker
+                # that recovered it: Redis cannot tell which.
+                logger.warning(
+                    "%s (message %s) %s here while this worker may have been taken for dead; it may have run again"
+                    " on a worker that recovered it (unless an earlier try of its acknowledgement went through)",
+                    message.actor_name,
+                    message.message_id,
+                    what,
+                )
         except redis.RedisError as error:
-            # The command may have run (a timeout, a lost reply): its next try may find it done.
-            message._dramaturg_unsure = True
+            # The command may have run (a timeout, a lost reply): its next try may find it
+            # done. In which suspicion of being taken for dead the first try failed is noted.
+            message.__dict__.setdefault("_dramaturg_unsure", self._claims.epoch)
             raise ConnectionClosed(error) from None
         finally:
             self.queued_message_ids.discard(message.message_id)

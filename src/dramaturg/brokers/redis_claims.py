@@ -48,18 +48,20 @@ back, each would run twice. So when the recovery thread notices that this worker
 have been taken for dead (its heartbeat failed, or was late by more than
 ``heartbeat_timeout``, or its entry was gone), it calls :meth:`~RedisClaims.suspect`:
 
-- :attr:`~RedisClaims.suspect` is set: the worker's work queue
-  (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) starts nothing until it is
-  cleared. A flag read per message, nothing more;
-- :attr:`~RedisClaims.epoch` moves on: every consumer made before lets go of what it
-  prefetched and what its thread delayed, and restarts (Dramatiq's connection-error path);
-  the give-back script moves back only the ids still in this worker's claim set, so what
-  another worker recovered meanwhile is never pushed twice, and what is still this
-  worker's is not dropped;
+- :attr:`~RedisClaims.suspected` is set: the worker's work queue
+  (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) starts nothing and its
+  consumers fetch nothing until it is cleared. A flag read per message, nothing more;
+- :attr:`~RedisClaims.epoch` moves on: at its next turn, every consumer lets go of what it
+  had prefetched and what its thread had delayed, as a closing consumer does (a due
+  delayed message is not moved meanwhile); the give-back script moves back only the ids
+  still in this worker's claim set, so what another worker recovered is never pushed
+  twice, and what is still this worker's is not dropped;
 - once Redis answers, :meth:`~RedisClaims.taken` compares the ledger with the claim sets in
   one SMISMEMBER per queue: the ids in the ledger and no longer claimed were recovered by
   another worker. They leave the ledger, the recovery thread drops those waiting in the
   work queue (never one still claimed: that would lose it), and the flag is cleared.
+  (A fetch this worker sent before the cut and Redis ran after it may have claimed some
+  of them again: then they are this worker's again, and run here once.)
 
 A message that was running meanwhile may run twice: its acknowledgement finds its claim
 gone (the acknowledgement script says so), changes nothing in Redis (the new holder's
@@ -225,6 +227,9 @@ class RedisClaims:
         #: Moves on each time the worker comes under suspicion: a consumer made before
         #: gives back what it holds and restarts (see RedisConsumer).
         self.epoch = 0
+        #: The Redis ids the last check found taken (see taken()): an acknowledgement tried
+        #: again after a timeout tells by them whether the task may have run elsewhere.
+        self.taken_ids: set[str] = set()
 
     # -- the message path ---------------------------------------------------------------
 

@@ -47,10 +47,11 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     message waited here) is dropped, not started; RabbitMQ delivers it again. Started,
     it would run twice. The check is a dict lookup and an attribute read per message.
 
-    ``gate`` (a Redis broker's ``claims``) holds every message back while the worker may
-    have been taken for dead (``gate.suspected``) until ``gate.trusted`` is set: by then
-    the messages another worker recovered meanwhile are out of this queue (see
-    :mod:`dramaturg.brokers.redis_claims`). One attribute read per message.
+    ``gate`` (a Redis broker's ``claims``) holds every message back from worker threads
+    while the worker may have been taken for dead (``gate.suspected``) until
+    ``gate.trusted`` is set: by then the messages another worker recovered meanwhile are
+    out of this queue (see :mod:`dramaturg.brokers.redis_claims`). One attribute read per
+    message.
     """
 
     def __init__(self, gate: Any = None) -> None:
@@ -72,7 +73,9 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         while True:
             gate = self.gate
-            if gate is not None and gate.suspected and not (block and gate.trusted.wait(timeout)):
+            # Worker threads wait (a stopping worker empties the queue without blocking: what
+            # it requeues goes back only if this worker still claims it).
+            if gate is not None and gate.suspected and block and not gate.trusted.wait(timeout):
                 raise Empty  # the worker thread looks again after its timeout (or stops)
             item = super().get(block, timeout)
             source = item.message.__dict__.get("_dramaturg_consumer")  # set by the RabbitMQ consumer

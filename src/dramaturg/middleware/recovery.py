@@ -232,7 +232,9 @@ class _RecoveryThread(threading.Thread):
         if self.failing:
             self.regained_ms = now_ms
         try:
-            if claims is not None and (claims.suspected or getattr(self.recoverer, "missing", False)):
+            if claims is not None and getattr(self.recoverer, "missing", False):
+                claims.suspect()  # another worker took it for dead, and forgot it
+            if claims is not None and claims.suspected:
                 self._check(claims, now_ms - last if last is not None else 0)
             regained = self.regained_ms
             if dead and timeout_ms is not None and regained is not None and now_ms - regained < timeout_ms:
@@ -271,8 +273,9 @@ class _RecoveryThread(threading.Thread):
         """This worker may have been taken for dead: drop from its work queue what another
         worker recovered meanwhile, then let it start messages again."""
         taken = claims.taken()
-        if taken:
-            gone = {redis_id for ids in taken.values() for redis_id in ids}
+        gone = {redis_id for ids in taken.values() for redis_id in ids}
+        claims.taken_ids = gone  # for the acknowledgements still being tried
+        if gone:
             dropped = _drop_from_work_queue(self.worker, gone)
             shown = [message.message_id for message in dropped[:SHOWN_IDS]]
             more = len(dropped) - len(shown)
@@ -319,7 +322,7 @@ def _report(recovered: RecoveredWorker, now_ms: int) -> None:
         more = len(recovered.message_ids) - len(shown)
         logger.warning(
             "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s,"
-            " started or not (any it had started runs again): %s%s",
+            " started or not (those it had started run again): %s%s",
             recovered.total,
             "" if recovered.total == 1 else "s",
             worker.worker_id,
