@@ -178,7 +178,8 @@ class BrokerSettings(BaseModel):
     #: Redis and embedded: the prefix of every key.
     namespace: str = "dramaturg"
     #: Redis and embedded: a worker silent this long is dead, and what it had taken goes
-    #: back to its queues (within 1.2x of it).
+    #: back to its queues (within 1.2x of it); the client waits half of it (at most 10 s)
+    #: for Redis to answer.
     heartbeat_timeout: DurationMs = Field(default=60_000, ge=100)
     #: Embedded: how often the server writes its append-only file to disk (Redis's ``appendfsync``).
     fsync: Literal["always", "everysec", "no"] = "everysec"

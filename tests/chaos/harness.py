@@ -11,9 +11,10 @@ will take it, so it counts as lost (``stranded`` in the notes).
 A **duplicate** is a task that started twice for the same attempt, or that succeeded and
 is still queued or held. A duplicate is explained only when a run of the task was going
 on in a process a fault hit, when the fault began (:meth:`Fault.touches`; for a fault
-the processes cannot notice, while it lasted), and a worker logged that the task runs
-again ("delivered again", "runs again", "those it had started run again"); every other
-duplicate is a failure of the run.
+the processes cannot notice, while it lasted), or ended while the fault lasted (its
+outcome and acknowledgement could not reach the broker), and a worker logged that the
+task runs again ("delivered again", "runs again", "those it had started run again");
+every other duplicate is a failure of the run.
 
 The **time to recover** of a fault is from its end until the tasks it interrupted (those
 whose run it touched) have ended again, or, when it interrupted none, until the first
@@ -105,10 +106,13 @@ class Fault:
     silent: bool = False
 
     def touches(self, run: TaskRun) -> bool:
-        """True if ``run`` was going on in a process this fault hit (not yet acknowledged)."""
+        """True if ``run`` was going on in a process this fault hit (not yet acknowledged),
+        or ended while the fault lasted (its outcome and acknowledgement fell in it)."""
         if self.scope is not None and run.pid not in self.scope and run.ppid not in self.scope:
             return False
         finished = run.end if run.end is not None else float("inf")
+        if self.start <= finished <= self.end:
+            return True
         return run.start <= (self.end if self.silent else self.start) and finished >= self.start - ACK_SLACK_S
 
 

@@ -1,4 +1,5 @@
-"""A fault-injecting proxy for the tests: cut connections, refuse new ones, lose replies.
+"""A fault-injecting proxy for the tests: cut connections, refuse new ones, lose replies,
+fall silent.
 
 It sits between a client (a worker, a sender) and a broker, on loopback TCP or a Unix
 socket, and forwards bytes both ways until told to fail. Threads only (two per
@@ -15,11 +16,15 @@ connection), no dependency, so any test can use it:
 >>> proxy.drop_replies(None)       # off again
 >>> proxy.drop_next_reply()        # exactly one reply lost
 >>> proxy.drop_next_reply(containing=b'"actor_name"')  # the next reply that carries a message
+>>> with proxy.silent():           # a network black hole: nothing passes, nothing is closed
+...     time.sleep(5)
 >>> proxy.stop()
 
 A lost reply is the hard fault: the request reached the server and ran, only its answer
 never comes back (the connection is closed instead), so the client cannot tell whether it
-ran. ``upstream`` is ``(host, port)`` or the path of a Unix socket;
+ran. Silence is the other hard one: the client waits for an answer that does not come
+(a host cut off by a firewall that drops packets, a paused server), until its own
+timeout. ``upstream`` is ``(host, port)`` or the path of a Unix socket;
 :meth:`FaultProxy.start_unix` listens on a Unix socket instead of a TCP port (the embedded
 broker's server has no TCP port).
 """
@@ -61,6 +66,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._flowing = threading.Event()  # cleared while silent
+        self._flowing.set()
 
     # -- life -------------------------------------------------------------------------
 
@@ -120,6 +127,17 @@ class FaultProxy:
         finally:
             self.refuse(False)
 
+    @contextlib.contextmanager
+    def silent(self) -> Iterator[None]:
+        """A network black hole for the duration of the block: no byte passes either way,
+        no connection is closed, new ones are left waiting in the listen queue. Afterwards
+        what was held flows on, late, as TCP delivers it once a cut-off host is back."""
+        self._flowing.clear()
+        try:
+            yield
+        finally:
+            self._flowing.set()
+
     def drop_replies(self, every: float | None, *, containing: bytes = b"") -> None:
         """Every ``every`` seconds, lose the next reply (one holding ``containing``, if
         given): its bytes are discarded and its connection closed. ``None`` stops it."""
@@ -167,6 +185,8 @@ class FaultProxy:
     def _accept_loop(self) -> None:
         assert self._listener is not None and self.upstream is not None
         while not self._stopped.is_set():
+            if not self._flowing.wait(_ACCEPT_POLL_S):
+                continue  # silent: a new connection waits in the listen queue
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
@@ -185,8 +205,17 @@ class FaultProxy:
                 continue
             pair = _Pair(client, server)
             with self._lock:
-                self._pairs.add(pair)
-                self.accepted += 1
+                # Refused while it was being set up: down()'s cut, which takes this lock
+                # after the flag is set, would not have seen it.
+                refused = self._refusing
+                if refused:
+                    self.refused += 1
+                else:
+                    self._pairs.add(pair)
+                    self.accepted += 1
+            if refused:
+                pair.close()
+                continue
             for source, target, replies in ((client, server, False), (server, client, True)):
                 threading.Thread(
                     target=self._pump, args=(pair, source, target, replies), name="proxy-pump", daemon=True
@@ -196,6 +225,9 @@ class FaultProxy:
         try:
             while True:
                 data = source.recv(65536)
+                while not self._flowing.wait(_ACCEPT_POLL_S):  # silent: held until it is over
+                    if self._stopped.is_set():
+                        return
                 if not data:
                     break
                 if replies and self._drops_armed and self._take_drop(data):

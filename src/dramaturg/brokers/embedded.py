@@ -51,7 +51,7 @@ from redis.retry import Retry
 
 from ..config import BrokerSettings, embedded_path
 from ..errors import BrokerNotInstalled, BrokerUnreachable
-from .redis import RedisBroker, no_retry, ping_client
+from .redis import RedisBroker, no_retry, ping_client, read_timeout_ms
 
 __all__ = ["EmbeddedBroker", "EmbeddedServer", "create_broker", "ping"]
 
@@ -272,7 +272,13 @@ class EmbeddedBroker(RedisBroker):
         assert settings.url is not None
         self.server = server_for(settings)
         self.server.attach()
-        client = self.server.client(socket_connect_timeout=settings.connect_timeout / 1000, retry=no_retry())
+        # The read timeout of a Redis broker's client (a paused server stops answering without
+        # closing its socket); no TCP keepalive on a Unix socket.
+        client = self.server.client(
+            socket_connect_timeout=settings.connect_timeout / 1000,
+            socket_timeout=read_timeout_ms(settings) / 1000,
+            retry=no_retry(),
+        )
         super().__init__(settings, middleware=middleware, client=client)
 
     def close(self) -> None:

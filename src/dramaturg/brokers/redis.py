@@ -5,13 +5,16 @@ from __future__ import annotations
 import builtins
 import functools
 import json
+import logging
 import operator
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -20,7 +23,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis, dq_name
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -40,14 +43,17 @@ if TYPE_CHECKING:
     from .redis_stats import RedisStatsReader
 
 __all__ = [
+    "MAX_READ_TIMEOUT_MS",
     "DeadWorker",
     "RecoveredWorker",
     "RedisBroker",
     "RedisConsumer",
     "RedisHeldStore",
     "RedisRecoverer",
+    "copy_id",
     "create_broker",
     "ping",
+    "read_timeout_ms",
 ]
 
 
@@ -83,6 +89,70 @@ end
 return count
 """
 
+# Enqueues a copy of an enqueued message (a retry, a release, a delayed message now due)
+# under a Redis id derived from its source (see copy_id): a write run again, after its
+# reply was lost or timed out, finds its body there and queues nothing.
+# KEYS: queue list, queue bodies; ARGV: Redis id, body. Returns 1 if it was queued.
+_ENQUEUE_ONCE = """
+if redis.call("hsetnx", KEYS[2], ARGV[1], ARGV[2]) == 1 then
+    redis.call("rpush", KEYS[1], ARGV[1])
+    return 1
+end
+return 0
+"""
+
+# Acknowledges a claimed message, as Dramatiq's ack command does, and says whether it was
+# still claimed: 1 if so; else nothing changes (the body is another holder's), and it
+# returns 0 while the body is there (another worker recovered the message while this one
+# was taken for dead: it runs again), -1 once it is gone (acknowledged already: by an
+# earlier try of this one whose reply was lost, or by the worker that ran it again).
+# KEYS: claim set, queue bodies; ARGV: Redis id
+_ACK = """
+if redis.call("srem", KEYS[1], ARGV[1]) == 1 then
+    redis.call("hdel", KEYS[2], ARGV[1])
+    return 1
+end
+if redis.call("hexists", KEYS[2], ARGV[1]) == 1 then
+    return 0
+end
+return -1
+"""
+
+# Rejects a claimed message into the dead-letter queue, as Dramatiq's nack command does;
+# the same answers as _ACK.
+# KEYS: claim set, queue bodies, dead letters (zset), their bodies; ARGV: Redis id, now (ms)
+_NACK = """
+if redis.call("srem", KEYS[1], ARGV[1]) == 1 then
+    local body = redis.call("hget", KEYS[2], ARGV[1])
+    if body then
+        redis.call("zadd", KEYS[3], ARGV[2], ARGV[1])
+        redis.call("hset", KEYS[4], ARGV[1], body)
+        redis.call("hdel", KEYS[2], ARGV[1])
+    end
+    return 1
+end
+if redis.call("hexists", KEYS[2], ARGV[1]) == 1 then
+    return 0
+end
+return -1
+"""
+
+#: The UUID namespace of copy_id().
+_COPIES = uuid.UUID("6f1d3c52-6b0e-4f43-9a57-3d2b9c1e8a40")
+
+#: The longest read timeout of the broker's client (see read_timeout_ms).
+MAX_READ_TIMEOUT_MS = 10_000
+
+logger = logging.getLogger("dramaturg.recovery")
+
+
+def copy_id(source_redis_id: str, retries: int) -> str:
+    """The Redis id of a copy of the message enqueued under ``source_redis_id``, with
+    ``retries`` failed attempts: the same for every run of the same write, so that it is
+    queued once. A retry copy counts one more failed attempt than its source; a release or
+    a delayed message's move counts as many; a copy of a copy has another source."""
+    return str(uuid.uuid5(_COPIES, f"{source_redis_id}:{retries}"))
+
 
 class RedisBroker(_DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
@@ -94,6 +164,13 @@ class RedisBroker(_DramatiqRedisBroker):
     ``claims`` knows which of the messages this process claimed it still holds, and gives
     back the others (:mod:`dramaturg.brokers.redis_claims`): fetching, acknowledging,
     rejecting and requeueing go through it.
+
+    A copy of a message enqueued before (a retry, a release, a delayed message now due) is
+    enqueued under a Redis id derived from its source (:func:`copy_id`) and only if that id
+    is not there yet (:meth:`enqueue_copy`): running the same write twice, as
+    :class:`~dramaturg.middleware.outcomes.Outcomes` does after an error whose write may
+    well have run (a timeout, a lost reply), queues it once. Any other ``enqueue`` of a
+    message is a new one, as in Dramatiq (a handler may enqueue copies of its own message).
     """
 
     def __init__(
@@ -115,11 +192,11 @@ class RedisBroker(_DramatiqRedisBroker):
         self.settings = settings
         self.held = RedisHeldStore(self)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
+        self._enqueue_once = self.client.register_script(_ENQUEUE_ONCE)
+        self._ack = self.client.register_script(_ACK)
+        self._nack = self.client.register_script(_NACK)
         self.claims = RedisClaims(self)
-        self._ack, self._nack, self._requeue = (
-            self._dispatch(command)  # type: ignore[no-untyped-call]
-            for command in ("ack", "nack", "requeue")
-        )
+        self._requeue = self._dispatch("requeue")  # type: ignore[no-untyped-call]
 
     @functools.cached_property
     def stats(self) -> RedisStatsReader:
@@ -152,22 +229,52 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue on the lane of the message's priority, as Dramatiq's broker does otherwise,
-        except that a new message's Redis id is its own id (see :meth:`find_message`)."""
+        except that a new message's Redis id is its own id (see :meth:`find_message`), and
+        that a delayed message now due is moved as a copy (:meth:`enqueue_copy`)."""
+        if "redis_message_id" in message.options:
+            consumer = getattr(threading.current_thread(), "consumer", None)
+            if isinstance(consumer, RedisConsumer) and consumer.queue_name.endswith(".DQ"):
+                # Dramatiq's consumer thread moves a delayed message that is due to its queue.
+                if consumer.epoch != self.claims.epoch:
+                    raise ConnectionClosed(
+                        f"this worker may have been taken for dead: delayed message {message.message_id} is not"
+                        " moved; the consumer gives back what it holds (what is still this worker's) and restarts"
+                    )
+                return self.enqueue_copy(message, delay=delay)
         message, redis_id = self.placed(message, delay)
         self.emit_before("enqueue", message, delay)
         self.do_enqueue(message.queue_name, redis_id, message.encode())
         self.emit_after("enqueue", message, delay)
         return message
 
-    def placed(self, message: Message[Any], delay: int | None) -> tuple[Message[Any], str]:
+    def enqueue_copy(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Enqueue a copy of a message enqueued before (a retry, a release, a delayed message
+        now due), once: under a Redis id derived from its source's and the failed attempts
+        it counts (:func:`copy_id`), and only if that id is not there yet. Running the same
+        write again (after a timeout or a lost reply, when it may well have run) queues
+        nothing more. Used by :class:`~dramaturg.middleware.outcomes.Outcomes`."""
+        if "redis_message_id" not in message.options:
+            return self.enqueue(message, delay=delay)
+        message, redis_id = self.placed(message, delay, copy=True)
+        self.emit_before("enqueue", message, delay)
+        base = f"{self.namespace}:{message.queue_name}"
+        self._enqueue_once(keys=[base, base + ".msgs"], args=[redis_id, message.encode()])
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def placed(self, message: Message[Any], delay: int | None, *, copy: bool = False) -> tuple[Message[Any], str]:
         """``message`` as :meth:`enqueue` stores it (on its priority lane or delay queue,
-        with its ``eta``), and its Redis id."""
+        with its ``eta``), and its Redis id (for a ``copy``, derived from its source's:
+        :func:`copy_id`)."""
         queue_name = message.queue_name
         if self.settings.priorities:
             queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
         # A message enqueued before (a retry, a release, a kick) may still have a body
-        # under its id until its first delivery is acknowledged: it gets a fresh one.
-        redis_id = message.message_id if _is_new(message) else new_ids(1)[0]
+        # under its id until its first delivery is acknowledged: it gets another one.
+        if copy:
+            redis_id = copy_id(str(message.options["redis_message_id"]), int(message.options.get("retries") or 0))
+        else:
+            redis_id = message.message_id if _is_new(message) else new_ids(1)[0]
         options: dict[str, Any] = {"redis_message_id": redis_id}
         if delay is not None:
             queue_name = dq_name(queue_name)
@@ -285,17 +392,32 @@ class RedisBroker(_DramatiqRedisBroker):
         """Claim up to ``count`` messages of ``queue_name``; their bodies."""
         return self.claims.fetch(queue_name, count)
 
-    def do_ack(self, queue_name: str, redis_id: str) -> Any:
-        """Acknowledge a message: its body is deleted and its claim released."""
-        result = self._ack(queue_name, redis_id)
+    def do_ack(self, queue_name: str, redis_id: str) -> int:
+        """Acknowledge a message: its body is deleted and its claim released. 1 if it was
+        claimed by this worker; else nothing changed, and 0 if its body is there (another
+        worker recovered it), -1 if not (see :data:`_ACK`)."""
+        base = f"{self.namespace}:{queue_name}"
+        claims = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        result = int(self._ack(keys=[claims, base + ".msgs"], args=[redis_id]))
         self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
         return result
 
-    def do_nack(self, queue_name: str, redis_id: str) -> Any:
-        """Reject a message into the dead-letter queue and release its claim."""
-        result = self._nack(queue_name, redis_id)
+    def do_nack(self, queue_name: str, redis_id: str) -> int:
+        """Reject a message into the dead-letter queue and release its claim; the same
+        answer as :meth:`do_ack`."""
+        base = f"{self.namespace}:{queue_name}"
+        claims = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        dead = f"{self.namespace}:{queue_name.removesuffix('.DQ')}.XQ"
+        result = int(self._nack(keys=[claims, base + ".msgs", dead, dead + ".msgs"], args=[redis_id, current_millis()]))
         self.claims.release(queue_name, (redis_id,))
         return result
+
+    @staticmethod
+    def unreachable(error: BaseException) -> bool:
+        """True if ``error`` says Redis could not be reached or did not answer in time: what
+        was asked may or may not have been done, and the message it was for must stay
+        unsettled (see :mod:`dramaturg.middleware.outcomes`)."""
+        return isinstance(error, redis.ConnectionError | redis.TimeoutError | BrokerConnectionError)
 
     def do_requeue(self, queue_name: str, *redis_ids: str) -> Any:
         """Put claimed messages back at the tail of their queue."""
@@ -306,7 +428,7 @@ class RedisBroker(_DramatiqRedisBroker):
             # reconciliation gives back any the script did not reach.
             self.claims.release(queue_name, redis_ids)
 
-    #: find_message() finds a new message by its id (see dramaturg.state).
+    #: find_message() finds a new message by its id (see dramaturg.status).
     finds_messages = True
 
     def find_message(self, message_id: str) -> tuple[Message[Any], bool] | None:
@@ -369,7 +491,17 @@ class RedisConsumer(_RedisConsumer):
     fetch, every claim of the queue that no thread of the process holds (a consumer
     restarted after a connection error, a fetch whose reply was lost). See
     :mod:`dramaturg.brokers.redis_claims`, which explains why this never gives back a
-    message a thread still holds.
+    message a thread still holds. Once the worker may have been taken for dead (the
+    claims' ``epoch`` moved on), it lets go of what it prefetched and what its thread
+    delayed in the same way, before it hands out anything more.
+
+    Acknowledging or rejecting a message whose claim another worker took away (it
+    recovered this worker, taken for dead, while the message ran) changes nothing in Redis
+    and logs that the message runs again. A message whose outcome could not be made
+    durable because Redis could not be reached (``_dramaturg_outcome`` "unsettled") is
+    neither: it is let go, its claim stays, and the next reconciliation gives it back. Any
+    Redis error of an acknowledgement is raised as Dramatiq's ``ConnectionClosed``, which
+    its worker retries (it retries no other, and a timeout would strand the message).
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -377,14 +509,61 @@ class RedisConsumer(_RedisConsumer):
         # Dramatiq's ConsumerThread makes its consumer in its own thread: the thread whose
         # delay queue holds this consumer's delayed messages.
         self._thread = threading.get_ident()
+        self._claims = broker.claims
+        #: The claims' epoch this consumer was made in (see dramaturg.brokers.redis_claims).
+        self.epoch = broker.claims.epoch
         broker.claims.consumer_started(queue_name)
+
+    def ack(self, message: Any) -> None:
+        self._settle(message, self.broker.do_ack, "ended")
+
+    def nack(self, message: Any) -> None:
+        self._settle(message, self.broker.do_nack, "was rejected")
+
+    def _settle(self, message: Any, command: Callable[[str, str], int], what: str) -> None:
+        # The current queue, not message.queue_name: a delayed message is acknowledged on
+        # the delay queue it came from (as in Dramatiq's consumer).
+        redis_id = message.options["redis_message_id"]
+        try:
+            if message.__dict__.get("_dramaturg_outcome") == "unsettled":
+                self._claims.let_go(self.queue_name, (redis_id,))
+                return
+            result = command(self.queue_name, redis_id)
+            if result == 1:
+                return
+            claims, unsure = self._claims, message.__dict__.get("_dramaturg_unsure")
+            if result == 0 or unsure is None:
+                logger.warning(
+                    "%s (message %s) %s here, but runs again: this worker was taken for dead while it held it,"
+                    " and another worker recovered it (its acknowledgement changed nothing)",
+                    message.actor_name,
+                    message.message_id,
+                    what,
+                )
+            elif claims.suspected or unsure != claims.epoch or redis_id in claims.taken_ids:
+                # Settled already, by an earlier try whose answer was lost or by the worker
+                # that recovered it: Redis cannot tell which.
+                logger.warning(
+                    "%s (message %s) %s here while this worker may have been taken for dead; it may have run again"
+                    " on a worker that recovered it (unless an earlier try of its acknowledgement went through)",
+                    message.actor_name,
+                    message.message_id,
+                    what,
+                )
+        except redis.RedisError as error:
+            # The command may have run (a timeout, a lost reply): its next try may find it
+            # done. In which suspicion of being taken for dead the first try failed is noted.
+            message.__dict__.setdefault("_dramaturg_unsure", self._claims.epoch)
+            raise ConnectionClosed(error) from None
+        finally:
+            self.queued_message_ids.discard(message.message_id)
 
     def requeue(self, messages: Iterable[Any]) -> None:
         # Dramatiq's lets redis.ConnectionError out, which its ConsumerThread.close and
         # Worker.stop do not catch: the consumer thread died, or the stop went no further.
         try:
             super().requeue(messages)  # type: ignore[no-untyped-call]
-        except redis.ConnectionError as error:
+        except (redis.ConnectionError, redis.TimeoutError) as error:
             raise ConnectionClosed(error) from None
 
     def close(self) -> None:
@@ -396,6 +575,8 @@ class RedisConsumer(_RedisConsumer):
 
     def __next__(self) -> Any:
         while True:
+            if self.epoch != self._claims.epoch:
+                self._let_go_after_suspicion()
             wait = suspension.remaining_s(self._queue())
             if wait > 0 and not self.queue_name.endswith(".DQ"):  # delay queues only move messages on
                 self._give_back_prefetched()
@@ -420,7 +601,7 @@ class RedisConsumer(_RedisConsumer):
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
             if unknown_actors.settle(self.broker, message, self._queue()):  # given back, or held
-                self.ack(MessageProxy(message))  # type: ignore[no-untyped-call]
+                self.ack(MessageProxy(message))
 
     def _next_body(self) -> bytes | None:
         """The next body this consumer claimed, fetching more when it has none; None when
@@ -445,8 +626,26 @@ class RedisConsumer(_RedisConsumer):
                     self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
                     time.sleep(backoff_ms / 1000)
                     return None
-        except redis.ConnectionError as e:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
             raise ConnectionClosed(e) from None
+
+    def _let_go_after_suspicion(self) -> None:
+        """The worker may have been taken for dead since this consumer was made: give back
+        what it prefetched and what its thread holds in its delay queue. The give-back
+        script moves back only what is still this worker's; what another worker recovered
+        is another worker's now (see :mod:`dramaturg.brokers.redis_claims`)."""
+        self.epoch = self._claims.epoch
+        delayed = getattr(threading.current_thread(), "delay_queue", None)
+        while delayed is not None:
+            try:
+                item = delayed.get_nowait()
+            except Empty:
+                break
+            delayed.task_done()
+            self.queued_message_ids.discard(item.message.message_id)
+        cached, self.message_cache = self.message_cache, []
+        # What the thread delayed is still noted as its own: let go of it with the cache.
+        self._claims.consumer_closed(self.queue_name, self._thread, cached)
 
     def _queue(self) -> str:
         return canonical_queue(self.queue_name)
@@ -531,14 +730,49 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+def read_timeout_ms(settings: BrokerSettings) -> int:
+    """How long the broker's client waits for an answer: half of ``broker.heartbeat_timeout``,
+    at most :data:`MAX_READ_TIMEOUT_MS` (10 s, so 10 s with the default 60 s; 500 ms with 1 s).
+
+    A Redis that stops answering without closing the connection (a network black hole, a
+    paused server) would otherwise hold a consumer, a sender and the heartbeat thread until
+    TCP gives up (many minutes). With this timeout the heartbeat thread's next tick fails
+    within ``heartbeat_timeout`` / 5 + this, before another worker can take this one for
+    dead (``heartbeat_timeout``), and the worker stops starting what it holds until it has
+    checked its claims (see :mod:`dramaturg.brokers.redis_claims`). No command dramaturg
+    or Dramatiq sends blocks in Redis; the longest are scripts over a few thousand messages,
+    well under a second.
+    """
+    return min(settings.heartbeat_timeout // 2, MAX_READ_TIMEOUT_MS)
+
+
+def socket_options(settings: BrokerSettings) -> dict[str, Any]:
+    """redis-py connection options of the broker's client: the connect timeout, the read
+    timeout (:func:`read_timeout_ms`), and for TCP keepalive probes after as many idle
+    seconds, every third of it, three of them (a dead idle connection is dropped, not
+    handed out), where the platform has them."""
+    timeout_s = read_timeout_ms(settings) / 1000
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.connect_timeout / 1000,
+        "socket_timeout": timeout_s,
+    }
+    if not (settings.url or "").startswith("unix:"):
+        idle = max(1, round(timeout_s))
+        probes = {"TCP_KEEPIDLE": idle, "TCP_KEEPINTVL": max(1, idle // 3), "TCP_KEEPCNT": 3}
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = {
+            getattr(socket, name): value for name, value in probes.items() if hasattr(socket, name)
+        }
+    return options
+
+
 def make_client(settings: BrokerSettings) -> redis.Redis:
-    """A redis-py client for ``broker.url`` with the configured connect timeout, which
-    retries nothing by itself (:func:`no_retry`)."""
+    """A redis-py client for ``broker.url`` with the configured connect timeout, a read
+    timeout and TCP keepalive (:func:`socket_options`), which retries nothing by itself
+    (:func:`no_retry`)."""
     assert settings.url is not None
     try:
-        return redis.Redis.from_url(
-            settings.url, socket_connect_timeout=settings.connect_timeout / 1000, retry=no_retry()
-        )
+        return redis.Redis.from_url(settings.url, retry=no_retry(), **socket_options(settings))
     except ValueError as error:
         raise ConfigError(
             f"broker.url: not a valid Redis URL: {error}",
@@ -1063,6 +1297,10 @@ class RedisRecoverer:
         self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
         #: This worker's own claims (None for a broker that is not dramaturg's).
         self.claims: RedisClaims | None = getattr(broker, "claims", None)
+        #: The last beat found this worker's heartbeat gone (another worker took it for
+        #: dead and forgot it) though it had written one before.
+        self.missing = False
+        self._beaten = False
 
     def beat(self, now_ms: int) -> list[DeadWorker]:
         """Write this broker's heartbeat, for itself and for each of its queues (dropping
@@ -1071,6 +1309,7 @@ class RedisRecoverer:
         at ``now_ms``."""
         cutoff = now_ms - self.heartbeat_timeout_ms
         with self.client.pipeline(transaction=False) as pipe:
+            pipe.zscore(self.heartbeats, self.worker_id)
             pipe.zadd(self.heartbeats, {self.worker_id: now_ms})
             pipe.zrangebyscore(self.heartbeats, 0, cutoff, withscores=True)
             for queue in self.queues():
@@ -1082,7 +1321,8 @@ class RedisRecoverer:
                     dead_letters = f"{self.namespace}:{lane}.XQ"
                     keys = [dead_letters, dead_letters + ".msgs"]
                     self._expire_dead(keys=keys, args=[now_ms - self.dead_message_ttl_ms, 1_000], client=pipe)
-            stale = pipe.execute()[1]
+            own, _, stale, *_ = pipe.execute()
+        self.missing, self._beaten = own is None and self._beaten, True
         dead = [DeadWorker(_text(member), int(score)) for member, score in stale]
         return [worker for worker in dead if worker.worker_id != self.worker_id]
 

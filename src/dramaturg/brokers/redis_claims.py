@@ -40,6 +40,33 @@ It reconciles before the first fetch of each new consumer (a consumer restarted 
 connection error gives back what its predecessor stranded), at each tick of the recovery
 thread, and when the worker stops.
 
+**Taken for dead.** Another worker takes this one for dead once its heartbeat is
+``heartbeat_timeout`` old, and moves its claims back to their queues (deleting its claim
+sets): a worker cut off from Redis for that long, or paused, or after a Redis outage that
+long. It is alive, and still holds those messages in memory: started when it comes
+back, each would run twice. So when the recovery thread notices that this worker *may*
+have been taken for dead (its heartbeat failed, or was late by more than
+``heartbeat_timeout``, or its entry was gone), it calls :meth:`~RedisClaims.suspect`:
+
+- :attr:`~RedisClaims.suspected` is set: the worker's work queue
+  (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) starts nothing and its
+  consumers fetch nothing until it is cleared. A flag read per message, nothing more;
+- :attr:`~RedisClaims.epoch` moves on: at its next turn, every consumer lets go of what it
+  had prefetched and what its thread had delayed, as a closing consumer does (a due
+  delayed message is not moved meanwhile); the give-back script moves back only the ids
+  still in this worker's claim set, so what another worker recovered is never pushed
+  twice, and what is still this worker's is not dropped;
+- once Redis answers, :meth:`~RedisClaims.taken` compares the ledger with the claim sets in
+  one SMISMEMBER per queue: the ids in the ledger and no longer claimed were recovered by
+  another worker. They leave the ledger, the recovery thread drops those waiting in the
+  work queue (never one still claimed: that would lose it), and the flag is cleared.
+  (A fetch this worker sent before the cut and Redis ran after it may have claimed some
+  of them again: then they are this worker's again, and run here once.)
+
+A message that was running meanwhile may run twice: its acknowledgement finds its claim
+gone (the acknowledgement script says so), changes nothing in Redis (the new holder's
+body and claim stay), and is logged as running again.
+
 **Why it never gives back what a thread holds** (which would run it twice). A message is
 held from the moment its fetch returns until Redis has released its claim or its holder
 let go of it, and its id is in the ledger at least that long: the fetch adds it under the
@@ -52,9 +79,10 @@ ids the process let go of. This holds with any number of consumers per queue in 
 process; it assumes one process per worker id (Dramatiq draws a new id for each broker).
 
 **Cost.** Per message: its id added to a set at the fetch, removed at the acknowledgement
-(well under a microsecond). Per fetch: an uncontended lock. Per tick: one SMEMBERS per
-queue the process fetched from. A fetch's reply carries the ids beside the bodies
-(Dramatiq's returns bodies only).
+(well under a microsecond), and two flag reads (work queue, consumer). Per fetch: an
+uncontended lock. Per tick: one SMEMBERS per queue the process fetched from, and an
+SMISMEMBER per queue only after a heartbeat failed or came late. A fetch's reply carries
+the ids beside the bodies (Dramatiq's returns bodies only).
 """
 
 from __future__ import annotations
@@ -190,6 +218,18 @@ class RedisClaims:
         self._setup = threading.Lock()
         self._fetch = self.client.register_script(_FETCH)
         self._give_back = self.client.register_script(_GIVE_BACK)
+        #: True while this worker may have been taken for dead and has not checked its
+        #: claims yet: its work queue starts nothing meanwhile. Read for every message.
+        self.suspected = False
+        #: Set while not :attr:`suspected`: what worker threads wait on.
+        self.trusted = threading.Event()
+        self.trusted.set()
+        #: Moves on each time the worker comes under suspicion: a consumer made before
+        #: gives back what it holds and restarts (see RedisConsumer).
+        self.epoch = 0
+        #: The Redis ids the last check found taken (see taken()): an acknowledgement tried
+        #: again after a timeout tells by them whether the task may have run elsewhere.
+        self.taken_ids: set[str] = set()
 
     # -- the message path ---------------------------------------------------------------
 
@@ -197,8 +237,13 @@ class RedisClaims:
         """Claim up to ``count`` messages of ``queue`` (exact name) and note them as held.
 
         A new consumer's first fetch on ``queue`` gives back its stray claims first. Redis
-        errors are raised: Dramatiq's consumer restarts on a connection error.
+        errors are raised: Dramatiq's consumer restarts on a connection error. Nothing is
+        fetched while the worker may have been taken for dead (:attr:`suspected`): a message
+        another worker recovered could come back here beside this process's own copy, and
+        look like one still claimed.
         """
+        if self.suspected:
+            return FetchedBodies((), [])
         lock, held = self._queue(queue)
         with lock:
             if queue in self._unchecked:
@@ -223,6 +268,66 @@ class RedisClaims:
     def delayed(self, redis_id: str) -> None:
         """Note that the calling consumer thread put this message in its delay queue."""
         self._delayed[redis_id] = threading.get_ident()
+
+    def let_go(self, queue: str, redis_ids: Iterable[str]) -> None:
+        """Let go of messages this process will not settle (their outcome could not be made
+        durable): their claims stay in Redis, and the next reconciliation gives them back
+        to the head of their queue (or another worker recovers them, if this one dies)."""
+        self.release(queue, redis_ids)
+
+    # -- taken for dead -------------------------------------------------------------------
+
+    def suspect(self) -> None:
+        """This worker may have been taken for dead: start nothing it holds until
+        :meth:`taken` has been checked and :meth:`trust` called (see the module docstring)."""
+        if not self.suspected:
+            self.trusted.clear()
+            self.epoch += 1
+            self.suspected = True
+
+    def trust(self) -> None:
+        """Its claims are checked: the work queue starts messages again."""
+        self.suspected = False
+        self.trusted.set()
+
+    def taken(self) -> dict[str, list[str]]:
+        """The ids this process holds whose claims are gone: queue -> Redis ids.
+
+        One SMISMEMBER per queue, against its claim set; the ids found are forgotten here
+        (they are another worker's now). An id released meanwhile (acknowledged) is not
+        counted. Redis errors are raised (the recovery thread tries again at its next tick).
+        """
+        found: dict[str, list[str]] = {}
+        for queue in sorted(self._held):
+            lock, held = self._queue(queue)
+            with lock:
+                ids = list(held)
+            if not ids:
+                continue
+            members = self._members(queue, ids)
+            gone = [redis_id for redis_id, member in zip(ids, members, strict=True) if not member]
+            if not gone:
+                continue
+            with lock:
+                gone = [redis_id for redis_id in gone if redis_id in held]
+                held.difference_update(gone)
+            for redis_id in gone:
+                self._delayed.pop(redis_id, None)
+            if gone:
+                found[queue] = gone
+        return found
+
+    def _members(self, queue: str, ids: list[str]) -> list[bool]:
+        """Whether each of ``ids`` is in ``queue``'s claim set (SMISMEMBER, Redis 6.2; one
+        SMEMBERS on an older server)."""
+        key = self._claims_key(queue)
+        try:
+            return [bool(flag) for flag in self.client.smismember(key, ids)]
+        except redis.ResponseError as error:
+            if "unknown command" not in str(error).lower():
+                raise
+        claimed = {member.decode() for member in self.client.smembers(key)}  # type: ignore[union-attr]
+        return [redis_id in claimed for redis_id in ids]
 
     # -- consumers ------------------------------------------------------------------------
 

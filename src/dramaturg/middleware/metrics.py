@@ -7,8 +7,9 @@ waiting in ``imports.DQ`` counts for ``imports``) and ``actor``:
 
 - ``dramaturg_tasks_total{queue, actor, outcome}``: tasks a worker settled, by outcome:
   ``succeeded``, ``retried``, ``held``, ``released`` (put back untouched: its worker
-  stopped, or its queue was suspended), ``rejected`` (into the dead-letter queue), and
-  ``skipped`` (Dramatiq's age limit);
+  stopped, or its queue was suspended), ``rejected`` (into the dead-letter queue),
+  ``unsettled`` (its outcome could not be written while the broker was unreachable: it
+  runs again) and ``skipped`` (Dramatiq's age limit);
 - ``dramaturg_task_failures_total{queue, actor, exception}``: runs that ended in an
   exception (a TTR interrupt too), by the exception's class name; the outcomes a handler
   asks for (``retry()``, ``hold()``, ``success()``) are not failures;

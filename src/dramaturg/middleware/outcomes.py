@@ -14,8 +14,15 @@ failed publish loses the task. Here:
   ``max_retries`` retries stores the task in the held store with its reason, traceback
   and attempts, and only then acknowledges the original;
 - if the copy cannot be published or the held store cannot be written (after a few
-  tries), the original is *not* acknowledged: it is rejected into the broker's
-  dead-letter queue, and a CRITICAL line says so.
+  tries), the original is *not* acknowledged. When the broker could not be reached (the
+  broker says which errors mean that: Redis's connection errors and timeouts), it is
+  left *unsettled*, neither acknowledged nor rejected: on Redis its claim stays, and the
+  worker gives it back to its queue once Redis answers (or another worker recovers it),
+  so it runs again; an ERROR line says so. Rejecting it then would dead-letter a task
+  for an outage, and the write may even have happened (a timeout). Any other failure
+  rejects it into the broker's dead-letter queue, and a CRITICAL line says so. The same
+  goes for a release (a task put back untouched by a stopping worker or a suspended
+  queue) that cannot be published.
 
 What code written for Dramatiq sees stays as under Dramatiq's ``Retries``: a failure
 that counts toward ``max_retries`` sets the message's ``retries`` (failed attempts so
@@ -95,10 +102,11 @@ class Outcomes(dramatiq.Middleware):
             canonical_queue(message.queue_name)
         ) > 0:
             # Taken by a thread told to stop, or before its queue was suspended: back it goes, unstarted.
-            if not self.release(broker, message):
-                message.fail()  # not requeued: rejected into the dead-letter queue, not acknowledged
-                message._dramaturg_outcome = "rejected"
+            error = self._release(broker, message)
+            if error is not None and _undone(broker, message, error) == "rejected":
                 logger.critical("message %s could not be requeued; rejected into the dead-letter queue", message)
+            elif error is not None:
+                logger.error("message %s could not be requeued; %s", message, _UNSETTLED)
             raise SkipMessage("its worker is stopping, or its queue is suspended on this worker")
         if message.options.get("dramaturg_rerun"):
             logger.warning(
@@ -146,17 +154,14 @@ class Outcomes(dramatiq.Middleware):
 
         if isinstance(exception, StopRequested):
             # Interrupted because the worker stops: not the task's fault, not an attempt.
-            done = self.release(broker, message, rerun=True)
+            error = self._release(broker, message, rerun=True)
+            level = logging.WARNING
             next_step = "interrupted as its worker stopped; requeued untouched, it will run again"
-            if not done:
-                message.fail()
-                message._dramaturg_outcome = "rejected"
-                next_step = (
-                    "interrupted as its worker stopped; could not be requeued, rejected into the dead-letter queue"
+            if error is not None:
+                level, next_step = _after_failed_write(
+                    broker, message, error, "interrupted as its worker stopped; could not be requeued"
                 )
-            _log_failure(
-                logging.WARNING if done else logging.CRITICAL, message, exception, retries, max_retries, next_step
-            )
+            _log_failure(level, message, exception, retries, max_retries, next_step)
             return
 
         if isinstance(exception, SuspendQueue) and getattr(broker, "runs_inline", False):
@@ -164,28 +169,26 @@ class Outcomes(dramatiq.Middleware):
             exception = Hold(f"queue {queue!r} suspended for {exception.delay_ms} ms: {exception.reason}")
         if isinstance(exception, SuspendQueue):
             suspension.suspend(queue, exception.delay_ms)
-            done = self.release(broker, message)
-            if not done:
-                message.fail()
-                message._dramaturg_outcome = "rejected"
+            error = self._release(broker, message)
+            level, next_step = logging.WARNING, "the task is requeued untouched"
+            if error is not None:
+                level, next_step = _after_failed_write(broker, message, error, "the task could not be requeued")
             logger.log(
-                logging.WARNING if done else logging.CRITICAL,
+                level,
                 "%s (message %s) suspended queue %r on this worker for %d ms: %s; %s",
                 message.actor_name,
                 message.message_id,
                 queue,
                 exception.delay_ms,
                 exception.reason,
-                "the task is requeued untouched"
-                if done
-                else "the task could not be requeued and is rejected into the dead-letter queue",
+                next_step,
                 extra={
                     "dramaturg": {
                         "actor": message.actor_name,
                         "message_id": message.message_id,
                         "queue": queue,
                         "attempt": retries + 1,
-                        "next": "requeued untouched" if done else "rejected into the dead-letter queue",
+                        "next": next_step.removeprefix("the task ").removeprefix("is "),
                     }
                 },
             )
@@ -217,7 +220,8 @@ class Outcomes(dramatiq.Middleware):
                     "dramaturg_rerun": False,
                 },
             )
-            done = _durably(lambda: broker.enqueue(copy, delay=delay))
+            error = _durable_write(lambda: _enqueue_copy(broker)(copy, delay=delay))
+            done = error is None
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
             retry_at = time.time() + delay / 1000 if done else None
             level = logging.DEBUG if rate_limited else logging.WARNING  # Dramatiq logs a rate limit at DEBUG
@@ -225,17 +229,16 @@ class Outcomes(dramatiq.Middleware):
         else:
             retry_at = None
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
-            done = _durably(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
+            error = _durable_write(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
+            done = error is None
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
             level = logging.WARNING if isinstance(exception, Hold) or rate_limited else logging.ERROR
             message._dramaturg_outcome = "held"
             message._dramaturg_reason = reason
             if done:
                 _report_to_result_backends(broker, message, exception)
-        if not done:
-            message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
-            message._dramaturg_outcome = "rejected"
-            level, next_step = logging.CRITICAL, f"{next_step}; the message is rejected into the dead-letter queue"
+        if error is not None:
+            level, next_step = _after_failed_write(broker, message, error, next_step)
         _log_failure(level, message, exception, retries, max_retries, next_step, retry_at=retry_at)
         if dramatiq_options:
             # Last, once the copy and the held task are made from the options as they came, and
@@ -249,11 +252,15 @@ class Outcomes(dramatiq.Middleware):
         ``rerun`` marks a task that had started, so that its next run is logged.
         False when the copy could not be published.
         """
+        return self._release(broker, message, rerun=rerun) is None
+
+    def _release(self, broker: dramatiq.Broker, message: Any, *, rerun: bool = False) -> Exception | None:
+        """:meth:`release`, returning why the copy could not be published (None: it was)."""
         # A copy put back unstarted keeps the mark of a task that had started before.
         rerun = rerun or bool(message.options.get("dramaturg_rerun"))
         copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
         message._dramaturg_outcome = "released"
-        return _durably(lambda: broker.enqueue(copy))
+        return _durable_write(lambda: _enqueue_copy(broker)(copy))
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
         """The explicit delay of a retry, else the backoff for this retry."""
@@ -267,8 +274,38 @@ class Outcomes(dramatiq.Middleware):
 
 
 def outcome_of(message: Any) -> str:
-    """What became of a processed message: done, retried, held, released or rejected."""
+    """What became of a processed message: done, retried, held, released, rejected, or
+    unsettled (its outcome could not be written while the broker was unreachable: it runs
+    again)."""
     return str(getattr(message, "_dramaturg_outcome", "done"))
+
+
+#: What a log line says of an unsettled message.
+_UNSETTLED = (
+    "the broker cannot be reached: it is left unsettled (neither acknowledged nor rejected) and runs again"
+    " once the broker answers"
+)
+
+
+def _undone(broker: dramatiq.Broker, message: Any, error: Exception) -> str:
+    """After the durable write of ``message``'s outcome failed with ``error``: leave it
+    unsettled if the broker could not be reached (its ``unreachable(error)`` says so), else
+    reject it into the dead-letter queue. Returns the outcome, "unsettled" or "rejected"."""
+    unreachable: Callable[[BaseException], bool] | None = getattr(broker, "unreachable", None)
+    if unreachable is not None and unreachable(error):
+        message._dramaturg_outcome = "unsettled"  # the broker's consumer lets it go, unsettled
+        return "unsettled"
+    message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
+    message._dramaturg_outcome = "rejected"
+    return "rejected"
+
+
+def _after_failed_write(broker: dramatiq.Broker, message: Any, error: Exception, what: str) -> tuple[int, str]:
+    """The log level and next step of a message whose outcome (``what`` failed) could not
+    be written: unsettled, or rejected (see :func:`_undone`)."""
+    if _undone(broker, message, error) == "unsettled":
+        return logging.ERROR, f"{what}; {_UNSETTLED}"
+    return logging.CRITICAL, f"{what}; the message is rejected into the dead-letter queue"
 
 
 def backoff_ms(retries: int, min_backoff: int, max_backoff: int) -> int:
@@ -343,17 +380,34 @@ def unknown_actor_reason(actor_name: str, broker: dramatiq.Broker) -> str:
     )
 
 
+def _enqueue_copy(broker: dramatiq.Broker) -> Callable[..., Any]:
+    """How ``broker`` enqueues a copy of a message it delivered (a retry, a release): its
+    ``enqueue_copy`` where it has one (Redis: once, however often the write is run), else
+    its ``enqueue``."""
+    return getattr(broker, "enqueue_copy", broker.enqueue)
+
+
 def _durably(write: Callable[[], object]) -> bool:
-    """Run a durable write, trying again after a short pause when it fails."""
+    """Run a durable write, trying again after a short pause when it fails; True once done."""
+    return _durable_write(write) is None
+
+
+def _durable_write(write: Callable[[], object]) -> Exception | None:
+    """Run a durable write, trying again after a short pause when it fails; None once
+    done, else the last error. A try that failed may have been done all the same (a
+    timeout, a lost reply): the writes are idempotent where the broker allows it (Redis:
+    a copy's id is derived from its source's, and enqueued once)."""
+    error: Exception | None = None
     for attempt in range(WRITE_ATTEMPTS):
         try:
             write()
-            return True
-        except Exception:
+            return None
+        except Exception as failure:
+            error = failure
             logger.warning("durable write failed (try %d of %d)", attempt + 1, WRITE_ATTEMPTS, exc_info=True)
             if attempt < len(_WRITE_PAUSES_S):
                 time.sleep(_WRITE_PAUSES_S[attempt])
-    return False
+    return error
 
 
 def _summary(exception: BaseException) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from queue import PriorityQueue
+from queue import Empty, PriorityQueue
 from typing import Any
 
 import dramatiq
@@ -46,7 +46,17 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     whose consumer is ``gone`` (its channel closed or its connection lost while the
     message waited here) is dropped, not started; RabbitMQ delivers it again. Started,
     it would run twice. The check is a dict lookup and an attribute read per message.
+
+    ``gate`` (a Redis broker's ``claims``) holds every message back from worker threads
+    while the worker may have been taken for dead (``gate.suspected``) until
+    ``gate.trusted`` is set: by then the messages another worker recovered meanwhile are
+    out of this queue (see :mod:`dramaturg.brokers.redis_claims`). One attribute read per
+    message.
     """
+
+    def __init__(self, gate: Any = None) -> None:
+        super().__init__()
+        self.gate = gate
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         priority = getattr(item, "message", None) and item.message.options.get("priority")
@@ -62,6 +72,11 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         while True:
+            gate = self.gate
+            # Worker threads wait (a stopping worker empties the queue without blocking: what
+            # it requeues goes back only if this worker still claims it).
+            if gate is not None and gate.suspected and block and not gate.trusted.wait(timeout):
+                raise Empty  # the worker thread looks again after its timeout (or stops)
             item = super().get(block, timeout)
             source = item.message.__dict__.get("_dramaturg_consumer")  # set by the RabbitMQ consumer
             if source is None or not source.gone:
@@ -99,6 +114,6 @@ class Priority(dramatiq.Middleware):
             options["broker_priority"] = published
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        worker.work_queue = MessagePriorityQueue()
+        worker.work_queue = MessagePriorityQueue(gate=getattr(broker, "claims", None))
         if self.lanes and worker.consumer_whitelist:
             worker.consumer_whitelist = {lane for queue in worker.consumer_whitelist for lane in lanes(queue)}

@@ -26,6 +26,21 @@ queue of that call: with idle workers that takes minutes to tens of minutes
    when a consumer restarts and explains why a message a thread holds is never given back;
 4. on a Redis error, logs it and tries again at the next tick.
 
+**Taken for dead.** A live worker is taken for dead by the others when its heartbeat is
+``heartbeat_timeout`` old: cut off from Redis that long (or Redis unreachable, or paused),
+or its process paused. When this thread's heartbeat fails, or comes more than
+``heartbeat_timeout`` after the last one, or finds its entry gone, the worker *may* have
+been: it starts nothing it holds in memory (its consumers give back what they prefetched
+and delayed) until Redis answers again and it has checked which of its claims are still
+its own; the messages another worker recovered are then dropped from its work queue, with
+one WARNING (see :mod:`dramaturg.brokers.redis_claims`). The broker's client gives up on a
+Redis that does not answer after ``heartbeat_timeout`` / 2 (at most 10 s; see
+:func:`dramaturg.brokers.redis.read_timeout_ms`), so a failed heartbeat is noticed within
+0.7 x ``heartbeat_timeout``, before anyone can take this worker for dead. And a worker
+that could not reach Redis itself takes nobody for dead until it has been reaching it
+again for ``heartbeat_timeout``: after an outage every worker's heartbeat is old, and each
+would otherwise take the others for dead.
+
 When the worker stops, after its threads and consumers are done, it gives back whatever
 it still claims and nothing holds, so a clean stop leaves no claim but those of tasks
 still running past ``worker.shutdown_timeout``.
@@ -72,6 +87,7 @@ is dead.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -83,6 +99,7 @@ from ..queues import canonical_queue
 
 if TYPE_CHECKING:
     from ..brokers.redis import RecoveredWorker, RedisRecoverer
+    from ..brokers.redis_claims import RedisClaims
 
 __all__ = ["MIN_TICK_MS", "RedisRecovery"]
 
@@ -133,7 +150,7 @@ class RedisRecovery(dramatiq.Middleware):
             return sorted({canonical_queue(name) for name in list(getattr(worker, "consumers", {}))})
 
         recoverer = RedisRecoverer(broker, self.heartbeat_timeout_ms, queues)  # type: ignore[arg-type]
-        thread = _RecoveryThread(recoverer, self.tick_ms / 1000)
+        thread = _RecoveryThread(recoverer, self.tick_ms / 1000, worker)
         with self._lock:
             self._threads[id(worker)] = thread
         thread.start()
@@ -173,12 +190,18 @@ class RedisRecovery(dramatiq.Middleware):
 
 
 class _RecoveryThread(threading.Thread):
-    def __init__(self, recoverer: RedisRecoverer, tick_s: float) -> None:
+    def __init__(self, recoverer: RedisRecoverer, tick_s: float, worker: Any = None) -> None:
         super().__init__(name="dramaturg-recovery", daemon=True)
         self.recoverer = recoverer
         self.tick_s = tick_s
+        self.worker = worker
         self.stopped = threading.Event()
         self.failing = False
+        #: When this worker's heartbeat was last written (ms since the epoch).
+        self.last_beat_ms: int | None = None
+        #: When it was written again after failing to be (ms): nobody is taken for dead by
+        #: this worker for heartbeat_timeout after that.
+        self.regained_ms: int | None = None
 
     def stop(self) -> None:
         self.stopped.set()
@@ -192,30 +215,103 @@ class _RecoveryThread(threading.Thread):
                 return
 
     def tick(self) -> None:
-        from redis import RedisError
-
+        claims: RedisClaims | None = getattr(self.recoverer, "claims", None)
+        timeout_ms: int | None = getattr(self.recoverer, "heartbeat_timeout_ms", None)
+        now_ms = int(time.time() * 1000)  # the clock Dramatiq's heartbeats use
+        last = self.last_beat_ms
+        if claims is not None and timeout_ms is not None and last is not None and now_ms - last > timeout_ms:
+            claims.suspect()  # this process or this thread was held up: others may have taken it for dead
         try:
-            now_ms = int(time.time() * 1000)  # the clock Dramatiq's heartbeats use
             dead = self.recoverer.beat(now_ms)
-            for recovered in self.recoverer.recover(dead, now_ms) if dead else []:
-                _report(recovered, now_ms)
+        except Exception as error:
+            if claims is not None:
+                claims.suspect()
+            self._failed(error)
+            return
+        self.last_beat_ms = now_ms
+        if self.failing:
+            self.regained_ms = now_ms
+        try:
+            if claims is not None and getattr(self.recoverer, "missing", False):
+                claims.suspect()  # another worker took it for dead, and forgot it
+            if claims is not None and claims.suspected:
+                self._check(claims, now_ms - last if last is not None else 0)
+            regained = self.regained_ms
+            if dead and timeout_ms is not None and regained is not None and now_ms - regained < timeout_ms:
+                logger.debug(
+                    "not taking %d silent workers for dead yet: this worker reached Redis again %.1f s ago",
+                    len(dead),
+                    (now_ms - regained) / 1000,
+                )
+            else:
+                for recovered in self.recoverer.recover(dead, now_ms) if dead else []:
+                    _report(recovered, now_ms)
             self.recoverer.reconcile()
         except Exception as error:
-            # Logged once per outage (with a traceback if it is not Redis's): the next
-            # ticks try again quietly.
-            level = logging.DEBUG if self.failing else logging.WARNING
-            logger.log(
-                level,
-                "heartbeat and recovery failed (%s); trying again every %.1f s",
-                error,
-                self.tick_s,
-                exc_info=not isinstance(error, RedisError),
-            )
-            self.failing = True
+            self._failed(error)
             return
         if self.failing:
             logger.info("heartbeat and recovery work again")
             self.failing = False
+
+    def _failed(self, error: Exception) -> None:
+        from redis import RedisError
+
+        # Logged once per outage (with a traceback if it is not Redis's): the next
+        # ticks try again quietly.
+        level = logging.DEBUG if self.failing else logging.WARNING
+        logger.log(
+            level,
+            "heartbeat and recovery failed (%s); trying again every %.1f s",
+            error,
+            self.tick_s,
+            exc_info=not isinstance(error, RedisError),
+        )
+        self.failing = True
+
+    def _check(self, claims: RedisClaims, silent_ms: int) -> None:
+        """This worker may have been taken for dead: drop from its work queue what another
+        worker recovered meanwhile, then let it start messages again."""
+        taken = claims.taken()
+        gone = {redis_id for ids in taken.values() for redis_id in ids}
+        claims.taken_ids = gone  # for the acknowledgements still being tried
+        if gone:
+            dropped = _drop_from_work_queue(self.worker, gone)
+            shown = [message.message_id for message in dropped[:SHOWN_IDS]]
+            more = len(dropped) - len(shown)
+            logger.warning(
+                "this worker was taken for dead (its heartbeat was %.1f s old) and another worker recovered %d"
+                " of the messages it held; any running here is run a second time there (each is logged as it"
+                " ends here); the %d waiting here are dropped, not run: %s%s",
+                silent_ms / 1000,
+                len(gone),
+                len(dropped),
+                ", ".join(shown) or "none",
+                f" and {more} more" if more else "",
+            )
+        claims.trust()
+
+
+def _drop_from_work_queue(worker: Any, redis_ids: set[str]) -> list[Any]:
+    """Take the messages whose Redis ids are ``redis_ids`` out of ``worker``'s work queue
+    (and out of their consumers' counts); return them."""
+    work_queue = getattr(worker, "work_queue", None)
+    if work_queue is None:
+        return []
+    with work_queue.mutex:
+        items = work_queue.queue
+        dropped = [item for item in items if item.message.options.get("redis_message_id") in redis_ids]
+        if dropped:
+            items[:] = [item for item in items if item.message.options.get("redis_message_id") not in redis_ids]
+            heapq.heapify(items)
+    consumers = getattr(worker, "consumers", {})
+    for item in dropped:
+        work_queue.task_done()
+        thread = consumers.get(item.message.queue_name)
+        consumer = getattr(thread, "consumer", None)
+        if consumer is not None:
+            consumer.queued_message_ids.discard(item.message.message_id)  # it holds one less
+    return [item.message for item in dropped]
 
 
 def _report(recovered: RecoveredWorker, now_ms: int) -> None:
@@ -225,8 +321,8 @@ def _report(recovered: RecoveredWorker, now_ms: int) -> None:
         shown = recovered.message_ids[:SHOWN_IDS]
         more = len(recovered.message_ids) - len(shown)
         logger.warning(
-            "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s;"
-            " those it had started run again: %s%s",
+            "recovered %d message%s of dead worker %s (no heartbeat for %.1f s), back at the head of %s,"
+            " started or not (those it had started run again): %s%s",
             recovered.total,
             "" if recovered.total == 1 else "s",
             worker.worker_id,

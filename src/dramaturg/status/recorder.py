@@ -92,8 +92,8 @@ class StatusRecorder(dramatiq.Middleware):
     ) -> None:
         state = message.__dict__
         outcome = state.get("_dramaturg_outcome", "done")
-        if outcome == "released":
-            return  # put back untouched: its copy's enqueue said "queued"
+        if outcome == "released" or outcome == "unsettled":
+            return  # put back untouched (its copy's enqueue said "queued"), or it runs again
         now = time.time()
         inner = getattr(message, "_message", message)
         self.store(broker).task_event(
