@@ -42,14 +42,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dramatiq
 from dramatiq.errors import ConnectionFailed
 from dramatiq.middleware import MiddlewareError
-
-if TYPE_CHECKING:
-    from .held import HeldTask
 
 __all__ = [
     "ActorError",
@@ -227,15 +224,6 @@ class Poison(DramaturgError):
         self.fields = fields
         #: The message, when only its queue was wrong: it can be kicked onto the queue it came from.
         self.message = message
-
-    def held_task(self, queue_name: str, message_id: str | None = None) -> HeldTask:
-        """The held task for this message on ``queue_name``: :meth:`dramaturg.held.HeldTask.from_poison`."""
-        # A bridge for the brokers' consumers, which call this: once they call
-        # HeldTask.from_poison, it goes, and with it this module's only import of the
-        # package (held.py imports this one: hence here, not at the top).
-        from .held import HeldTask
-
-        return HeldTask.from_poison(self, queue_name, message_id)
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

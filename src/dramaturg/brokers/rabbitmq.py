@@ -294,7 +294,8 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             try:
                 message = envelope.decode(body, self.queue_name)
             except envelope.Poison as poison:
-                self._settle_poison(poison.held_task(queue, properties.message_id if properties else None), method)
+                delivery_id = properties.message_id if properties else None
+                self._settle_poison(HeldTask.from_poison(poison, queue, delivery_id), method)
                 continue
             # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
             if message.actor_name not in self.broker.actors and message.options.get("eta") is None:

@@ -689,7 +689,7 @@ class RedisConsumer(_RedisConsumer):
             redis_id = self._claimed_id(functools.partial(operator.eq, body))
         if redis_id is None:
             return
-        if hold_poison(self.broker, poison.held_task(self._queue(), redis_id)):
+        if hold_poison(self.broker, HeldTask.from_poison(poison, self._queue(), redis_id)):
             self.broker.do_ack(self.queue_name, redis_id)
 
 
