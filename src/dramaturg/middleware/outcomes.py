@@ -146,7 +146,7 @@ class Outcomes(dramatiq.Middleware):
             self.settle(broker, message, exception)
         except Exception:
             # Dramatiq would log this and acknowledge the message anyway: reject it instead.
-            message.fail()
+            _reject(message)
             logger.critical(
                 "could not settle message %s (%s); it is rejected into the dead-letter queue, not acknowledged",
                 message.message_id,
@@ -301,9 +301,15 @@ def _undone(broker: dramatiq.Broker, message: Any, error: Exception) -> RunOutco
         # Until the Redis consumer reads outcome_of(message), as the other brokers do.
         message._dramaturg_outcome = RunOutcome.UNSETTLED.value
         return RunOutcome.UNSETTLED
-    message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
-    start_run(message).outcome = RunOutcome.REJECTED
+    _reject(message)
     return RunOutcome.REJECTED
+
+
+def _reject(message: Any) -> None:
+    """Have Dramatiq reject ``message`` into the dead-letter queue instead of acknowledging
+    it, and record so in its run (the metrics, the status and drains count it rejected)."""
+    message.fail()
+    start_run(message).outcome = RunOutcome.REJECTED
 
 
 def _after_failed_write(broker: dramatiq.Broker, message: Any, error: Exception, what: str) -> tuple[int, str]:
