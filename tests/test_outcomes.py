@@ -14,8 +14,10 @@ import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg.middleware import Outcomes
+from dramaturg.task import RunOutcome, current_task_or_none, run_of
 
-from .conftest import Runs, pending_messages
+from .conftest import Runs, pending_messages, poll_until
 
 
 def settled(worker: dramatiq.Worker) -> None:
@@ -306,3 +308,52 @@ def test_every_failure_logs_one_line_with_where_why_and_what_next(
 def test_current_task_outside_a_handler_is_a_clear_error() -> None:
     with pytest.raises(dramaturg.NotInTask, match="outside a task handler"):
         dramaturg.current_task()
+    assert current_task_or_none() is None  # for code that runs inside and outside handlers
+
+
+def test_a_middleware_reads_what_became_of_each_run(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a middleware of the application's before Outcomes (its after-hook runs after
+    # Outcomes' and sees the outcome), and three tasks: one returns, one holds, one fails
+    # with no retries left
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    class Watch(dramatiq.Middleware):
+        def after_process_message(
+            self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+        ) -> None:
+            run = run_of(message)
+            assert run is not None
+            seen[message.message_id] = (run.outcome, run.reason, run.error, run.started <= time.monotonic())
+
+    broker.add_middleware(Watch(), before=Outcomes)
+    handles: list[Any] = []
+
+    @dramaturg.actor(queue_name="outcomes", max_retries=0)
+    def check(row: int) -> None:
+        task = dramaturg.current_task()
+        handles.append((current_task_or_none() is task, task.started_at <= time.monotonic()))
+        if row == 2:
+            task.hold("row 2 has no email")
+        if row == 3:
+            raise ValueError("row 3 is not a number")
+
+    ok, parked, broken = (check.send(row).message_id for row in (1, 2, 3))
+    worker = start_worker()
+    poll_until(lambda: len(seen) == 3, "three runs settled")
+    settled(worker)
+    worker.stop()
+
+    # Then each run's record says what became of it: nothing to decide for the one that
+    # returned, held with its reason for the others, and the error the third raised
+    assert seen[ok] == (None, None, None, True)
+    assert seen[parked] == (RunOutcome.HELD, "row 2 has no email", None, True)
+    outcome, reason, error, _ = seen[broken]
+    assert (outcome, reason) == (RunOutcome.HELD, "retries exhausted")
+    assert error is not None and error.startswith("ValueError: row 3 is not a number (at ")
+    # and the handler saw its own handle either way
+    assert handles == [(True, True)] * 3
+    # sent 3 == succeeded 1 + held 2 + still queued 0
+    assert dramaturg.held_tasks().count("outcomes") == 2
+    assert pending_messages(broker, "outcomes") == 0

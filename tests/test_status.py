@@ -121,6 +121,30 @@ def test_every_state_of_a_task_is_told(broker: dramatiq.Broker, start_worker: An
     assert (row.processed_per_min, row.failed_per_min, row.retried_per_min, row.held_per_min) == (4, 1, 1, 1)
 
 
+def test_a_task_rejected_because_its_outcome_could_not_be_settled_failed(
+    broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three tasks that fail, and settling their outcome that fails too (a bug), so
+    # that each is rejected into the dead-letter queue
+    @dramaturg.actor(queue_name="fragile", max_retries=0)
+    def fragile(n: int) -> None:
+        raise RuntimeError("the mail server is down")
+
+    def settle(*args: Any) -> None:
+        raise AttributeError("a bug in settling")
+
+    monkeypatch.setattr("dramaturg.middleware.outcomes.Outcomes.settle", settle)
+    sent = [fragile.send(n).message_id for n in range(3)]
+
+    # When a drain runs them
+    summary = dramaturg.drain(["fragile"], until_empty=True, budget=60_000)
+
+    # Then none is counted as processed, nor told as succeeded: each failed
+    assert (summary.processed, summary.retried, summary.held, summary.left) == (0, 0, 0, 0)
+    assert [status_when(message_id, "failed").state for message_id in sent] == ["failed"] * 3
+    assert dramaturg.held_tasks().count("fragile") == 0
+
+
 def status_cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:
     result = run_cli([bin_path("dramaturg"), "status", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
     return result.returncode, result.stdout, result.stderr

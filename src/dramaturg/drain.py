@@ -32,10 +32,10 @@ from dramatiq.worker import _WorkerMiddleware
 
 from . import app
 from .errors import DramaturgError, did_you_mean
-from .middleware.outcomes import Outcomes, outcome_of
+from .middleware.outcomes import Outcomes
 from .middleware.shutdown import finish_running
 from .queues import canonical_queue
-from .task import to_ms
+from .task import RunOutcome, run_of, to_ms
 
 __all__ = ["DrainSummary", "drain"]
 
@@ -80,14 +80,18 @@ class Tally(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
+        run = None if exception is None else run_of(message)
+        outcome = RunOutcome.SUCCEEDED if run is None or run.outcome is None else run.outcome
         with self.lock:
             self.running -= 1
-            self.counts["done" if exception is None else outcome_of(message)] += 1
+            self.counts[outcome] += 1
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        run = run_of(message)
+        released = run is not None and run.outcome is RunOutcome.RELEASED
         with self.lock:
             self.running -= 1
-            self.counts["released" if outcome_of(message) == "released" else "skipped"] += 1
+            self.counts[RunOutcome.RELEASED if released else "skipped"] += 1
 
 
 def drain(
@@ -135,10 +139,10 @@ def drain(
     counts = tally.counts
     return DrainSummary(
         queues=names,
-        processed=counts["done"],
-        retried=counts["retried"],
-        held=counts["held"],
-        released=counts["released"],
+        processed=counts[RunOutcome.SUCCEEDED],
+        retried=counts[RunOutcome.RETRIED],
+        held=counts[RunOutcome.HELD],
+        released=counts[RunOutcome.RELEASED],
         left=sum(_pending(broker, name) for name in names),
         seconds=seconds,
     )

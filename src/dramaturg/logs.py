@@ -110,9 +110,9 @@ def _masked(value: Any) -> Any:
 
 
 def _running_task() -> Any:
-    from .task import _current
+    from .task import current_task_or_none
 
-    return _current.get()
+    return current_task_or_none()
 
 
 def json_line(level: int, logger: str, message: str, **fields: Any) -> str:

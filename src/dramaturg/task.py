@@ -20,14 +20,21 @@ They derive from :class:`BaseException`, not :class:`Exception`, so a handler's 
      +-- Retry       run again after ``delay_ms`` (counts toward max_retries)
      +-- Hold        park it with a reason until someone kicks it
      +-- SuspendQueue  put it back untouched; this worker leaves its queue alone for a while
+
+Beside the handle, the middleware keep one record of each run, a :class:`Run`: when it
+started, its time-to-run deadline, and what became of it (a :class:`RunOutcome`, with
+the reason and the error). The first hook of a worker that needs it makes it
+(:func:`start_run`); the others, and the broker's consumer when it acknowledges the
+message, read it (:func:`run_of`, :func:`outcome_of`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import timedelta
+from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,7 +47,23 @@ if TYPE_CHECKING:
 
     from .middleware.ttr import Deadline
 
-__all__ = ["Hold", "NotInTask", "Retry", "Success", "SuspendQueue", "Task", "TaskOutcome", "current_task"]
+__all__ = [
+    "Hold",
+    "NotInTask",
+    "Retry",
+    "Run",
+    "RunOutcome",
+    "Success",
+    "SuspendQueue",
+    "Task",
+    "TaskOutcome",
+    "current_run",
+    "current_task",
+    "current_task_or_none",
+    "outcome_of",
+    "run_of",
+    "start_run",
+]
 
 
 class TaskOutcome(BaseException):
@@ -100,6 +123,96 @@ def to_ms(value: int | float | timedelta) -> int:
     return int(value)
 
 
+class RunOutcome(StrEnum):
+    """What became of one run of a task: the one set of names for it in the code.
+
+    Each place that shows it says it in its own words, from these: the metrics label
+    them so (``dramaturg_tasks_total{outcome=...}``); task status says "succeeded",
+    "retrying", "held", and "failed" for a rejected one; :func:`outcome_of` says "done"
+    for a run that succeeded.
+    """
+
+    SUCCEEDED = "succeeded"  #: the handler returned (or called ``success()``); acknowledged
+    RETRIED = "retried"  #: a copy runs again after a delay; acknowledged once it was published
+    HELD = "held"  #: stored in the held store; acknowledged once it was stored
+    RELEASED = "released"  #: put back untouched (its worker stopped, or its queue was suspended)
+    REJECTED = "rejected"  #: into the dead-letter queue: its outcome could not be written
+    UNSETTLED = "unsettled"  #: neither acknowledged nor rejected: the broker was unreachable; it runs again
+
+
+class Run:
+    """What the middleware know of one run of a task, from a worker's first hook for its
+    message to its last.
+
+    Made once per message a worker processes, by :func:`start_run` in the first
+    ``before_process_message`` hook that needs it, and read through :func:`run_of`. It
+    travels with the message (one attribute on Dramatiq's message proxy), since the last
+    to read it, the consumer acknowledging the message, may run in another thread.
+    """
+
+    __slots__ = ("attempt", "context_outside", "context_undo", "deadline", "error", "outcome", "reason", "started")
+
+    def __init__(self) -> None:
+        #: What became of it; None while nothing was decided: its handler returned (a
+        #: success), or it was skipped before :class:`~dramaturg.middleware.Outcomes` saw it.
+        self.outcome: RunOutcome | None = None
+        #: Why it was held (with :attr:`RunOutcome.HELD`).
+        self.reason: str | None = None
+        #: The error its handler raised, ``Type: message (at file:line)``; None when it
+        #: raised none, or only asked for an outcome (``retry()``, ``hold()``).
+        self.error: str | None = None
+        #: When it started (``time.monotonic()`` seconds): the one start time of the run.
+        self.started = time.monotonic()
+        #: Its time-to-run deadline, armed by :class:`~dramaturg.middleware.TimeToRun`.
+        self.deadline: Deadline | None = None
+        #: The attempt that ended, set once Outcomes counted its failure in the message's
+        #: ``retries`` option (for Dramatiq's ``on_failure`` callbacks); None: that option says it.
+        self.attempt: int | None = None
+        # The context middleware's (dramaturg.task_context): the context of the thread
+        # before the run (an eager run is in its sender's thread), and what undoes the restorers'.
+        self.context_outside: Mapping[str, Any] | None = None
+        self.context_undo: Sequence[Callable[[], object]] = ()
+
+    def __repr__(self) -> str:
+        outcome = "undecided" if self.outcome is None else self.outcome.value
+        return f"<Run {outcome}{f': {self.reason}' if self.reason else ''}>"
+
+
+#: The attribute of the message (Dramatiq's proxy) that holds its run.
+_RUN = "_dramaturg_run"
+
+
+def start_run(message: Any) -> Run:
+    """The :class:`Run` of ``message``, made by the first hook that asks for it.
+
+    The one place a run is made; hooks that run before it or whose middleware may be
+    absent (Metrics, the context and status middleware, Outcomes) call this, the others
+    :func:`run_of`. About 0.3 us for the first call, a dict lookup after.
+    """
+    state = message.__dict__  # not getattr: a proxy's __getattr__ costs ~1 us for a missing name
+    run: Run | None = state.get(_RUN)
+    if run is None:
+        run = state[_RUN] = Run()
+    return run
+
+
+def run_of(message: Any) -> Run | None:
+    """The :class:`Run` of ``message``; None when no hook started one (it was skipped
+    before any did, or it was never processed here)."""
+    state = getattr(message, "__dict__", None)
+    return None if state is None else state.get(_RUN)
+
+
+def outcome_of(message: Any) -> str:
+    """What became of a processed message: done, retried, held, released, rejected, or
+    unsettled (its outcome could not be written while the broker was unreachable: it runs
+    again). The values of :class:`RunOutcome`, "done" for a run that succeeded or for
+    which none was decided."""
+    run = run_of(message)
+    outcome = None if run is None else run.outcome
+    return "done" if outcome is None or outcome is RunOutcome.SUCCEEDED else outcome.value
+
+
 class Task:
     """The handle of the task being run. Get it with :func:`current_task`.
 
@@ -107,12 +220,16 @@ class Task:
     again at 1 (``kicks`` counts how often it was kicked).
     """
 
-    __slots__ = ("_deadline", "_message", "started_at")
+    __slots__ = ("_message", "_run")
 
-    def __init__(self, message: Message[Any]) -> None:
+    def __init__(self, message: Message[Any], run: Run | None = None) -> None:
         self._message = message
-        self._deadline: Deadline | None = None
-        self.started_at = time.monotonic()
+        self._run = Run() if run is None else run
+
+    @property
+    def started_at(self) -> float:
+        """When the run started, in ``time.monotonic()`` seconds."""
+        return self._run.started
 
     @property
     def message_id(self) -> str:
@@ -169,13 +286,15 @@ class Task:
         """
         for observer in touch_observers:
             observer(self)
-        if self._deadline is None:
+        deadline = self._run.deadline
+        if deadline is None:
             return True
-        return self._deadline.touch(None if ms is None else to_ms(ms))
+        return deadline.touch(None if ms is None else to_ms(ms))
 
     def time_left(self) -> int | None:
         """Milliseconds before the task's time to run is up (None when it has no deadline)."""
-        return None if self._deadline is None else self._deadline.time_left_ms()
+        deadline = self._run.deadline
+        return None if deadline is None else deadline.time_left_ms()
 
     def __repr__(self) -> str:
         return f"<Task {self.actor_name} {self.message_id} attempt {self.attempt}>"
@@ -195,3 +314,24 @@ def current_task() -> Task:
     if task is None:
         raise NotInTask("current_task() was called outside a task handler; call it inside an actor's function")
     return task
+
+
+def current_task_or_none() -> Task | None:
+    """The task whose handler is running in this thread (or coroutine), or None anywhere
+    else: for code that runs both inside and outside handlers (a log formatter, a helper)."""
+    return _current.get()
+
+
+def current_run() -> Run | None:
+    """The :class:`Run` of the task whose handler is running in this thread, or None."""
+    task = _current.get()
+    return None if task is None else task._run
+
+
+def set_current_task(task: Task | None) -> None:
+    """Make ``task`` the one :func:`current_task` returns in this thread (None: no task).
+
+    For the middleware that runs handlers (:class:`~dramaturg.middleware.Outcomes` sets
+    it before the handler runs and clears it after); a handler has no use for it.
+    """
+    _current.set(task)

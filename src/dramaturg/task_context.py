@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import dramatiq
 
 from .errors import ConfigError, ContextError
+from .task import run_of, start_run
 
 __all__ = [
     "ContextError",
@@ -195,10 +196,11 @@ class ContextMiddleware(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         values = MappingProxyType(dict(message.options.get(OPTION) or {}))
-        message._dramaturg_context_outside = _explicit.get()  # eager mode runs in the sender's thread
+        run = start_run(message)
+        run.context_outside = _explicit.get()  # eager mode runs in the sender's thread
         _explicit.set(values)
         undo: list[Undo] = []
-        message._dramaturg_context_undo = undo
+        run.context_undo = undo
         for restorer in _restorers:
             try:
                 done = restorer(values)
@@ -213,12 +215,16 @@ class ContextMiddleware(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        for done in reversed(getattr(message, "_dramaturg_context_undo", ())):
+        run = run_of(message)
+        if run is None:  # skipped before its before-hook ran
+            _explicit.set(_EMPTY)
+            return
+        for done in reversed(run.context_undo):
             try:
                 done()
             except Exception:
                 logger.exception("undoing the context of message %s failed", message.message_id)
-        message._dramaturg_context_undo = ()
-        _explicit.set(getattr(message, "_dramaturg_context_outside", _EMPTY))
+        run.context_undo = ()
+        _explicit.set(_EMPTY if run.context_outside is None else run.context_outside)
 
     after_skip_message = after_process_message

@@ -43,8 +43,9 @@ from .config import Settings, load_settings
 from .drain import Tally, worker_idle
 from .errors import TaskHeld
 from .held import HeldStore, held_tasks
-from .middleware.outcomes import Outcomes, outcome_of
+from .middleware.outcomes import Outcomes
 from .queues import canonical_queue
+from .task import RunOutcome, run_of
 
 __all__ = ["TaskFailed", "dramaturg_broker", "dramaturg_settings", "dramaturg_worker", "held", "wait_for_tasks"]
 
@@ -96,7 +97,8 @@ class _Failures(Tally):
 
     def __init__(self) -> None:
         super().__init__()
-        self.errors: list[tuple[Any, BaseException, str]] = []
+        #: (message, what its handler raised, what became of it: None when none was decided)
+        self.errors: list[tuple[Any, BaseException, RunOutcome | None]] = []
         self.outstanding = 0
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
@@ -114,8 +116,9 @@ class _Failures(Tally):
     ) -> None:
         super().after_process_message(broker, message, result=result, exception=exception)
         if exception is not None:
+            run = run_of(message)
             with self.lock:
-                self.errors.append((message, exception, outcome_of(message)))
+                self.errors.append((message, exception, None if run is None else run.outcome))
 
 
 @pytest.fixture
@@ -163,11 +166,11 @@ def wait_for_tasks(dramaturg_broker: dramatiq.Broker, dramaturg_worker: dramatiq
 
 def _raise_settled_failures(failures: _Failures, fail_fast: bool) -> None:
     for index, (message, error, outcome) in enumerate(failures.errors):
-        if outcome == "held":
+        if outcome is RunOutcome.HELD:
             del failures.errors[index]
             task = held_tasks().get(message.message_id, canonical_queue(message.queue_name))
             raise TaskHeld(task.reason if task else str(error), task) from error
-        if outcome == "rejected" or fail_fast:
+        if outcome is RunOutcome.REJECTED or fail_fast:
             del failures.errors[index]
             raise TaskFailed(f"{message.actor_name} (message {message.message_id}) raised {error!r}") from error
 

@@ -30,7 +30,7 @@ from dramatiq.logging import get_logger
 from .. import app, bulk, resources
 from ..errors import ActorError, did_you_mean
 from ..middleware.ttr import StopRequested, TimeToRunExceeded
-from ..task import Hold, Success, _current
+from ..task import Hold, Success, current_run, current_task_or_none
 
 __all__ = ["Actor", "actor"]
 
@@ -137,7 +137,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
         call = handler
 
     def call_with_hooks(finished: list[bool], *args: Any, **kwargs: Any) -> Any:
-        task = _current.get()
+        task = current_task_or_none()
         if task is None:
             return call(*args, **kwargs)
         before, after = resources.hooks_for(task.queue_name)
@@ -205,9 +205,9 @@ def _landed_in_wrapper(interrupt: BaseException, enter: Any) -> bool:
 
 
 def _disarm_current_deadline() -> None:
-    task = _current.get()
-    if task is not None and task._deadline is not None:
-        task._deadline.disarm()
+    run = current_run()
+    if run is not None and run.deadline is not None:
+        run.deadline.disarm()
 
 
 def _misfit(handler: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

@@ -21,10 +21,11 @@ from dramatiq.middleware import (
 
 from ..resources import Resources
 from ..status.recorder import StatusRecorder
+from ..task import RunOutcome, run_of
 from ..task_context import ContextMiddleware
 from .consumer_timeout import ConsumerTimeoutCheck
 from .metrics import Metrics
-from .outcomes import Outcomes, outcome_of
+from .outcomes import Outcomes
 from .priority import Priority
 from .recovery import RedisRecovery
 from .recycle import Recycle
@@ -77,7 +78,7 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
         *([StatusRecorder(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
-        # After Outcomes, so that its task handle exists when the deadline is armed.
+        # After Outcomes, so that the deadline is armed last, just before the handler runs.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
         DaemonAsyncIO(),
         GracefulShutdown(settings.worker.shutdown_timeout),
@@ -101,6 +102,8 @@ class OutcomeCallbacks(Callbacks):
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        if exception is not None and outcome_of(message) == "released":
-            return
+        if exception is not None:
+            run = run_of(message)
+            if run is not None and run.outcome is RunOutcome.RELEASED:
+                return
         super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]

@@ -56,8 +56,7 @@ import dramatiq
 
 from .. import task as task_module
 from ..queues import canonical_queue
-from ..task import TaskOutcome
-from .outcomes import outcome_of
+from ..task import RunOutcome, TaskOutcome, run_of, start_run
 from .ttr import StopRequested, TimeToRunExceeded
 
 __all__ = ["Metrics", "metrics_directory", "metrics_installed", "serve_metrics"]
@@ -70,7 +69,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_S = 0.5
 #: Histogram buckets in seconds: 1 ms to 30 minutes.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600, 1800)
-_OUTCOMES = {"done": "succeeded"}  # outcome_of's names, where the metric says it differently
 INSTALL_HINT = "metrics need prometheus_client: pip install 'dramaturg[metrics]'"
 
 
@@ -247,22 +245,23 @@ class Metrics(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if self.on:
-            message._dramaturg_started = time.perf_counter()
+            start_run(message)  # the run starts here: its hook is the first of the stack to need it
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         if not self.on:
             return
-        started = message.__dict__.get("_dramaturg_started")
-        seconds = time.perf_counter() - started if started is not None else None
+        run = run_of(message)
+        seconds = time.monotonic() - run.started if run is not None else None
         labels = self.labels(message)
-        if exception is None:
-            outcome, failure = "succeeded", None
+        if exception is None or run is None or run.outcome is None:
+            outcome: str = RunOutcome.SUCCEEDED
         else:
-            outcome = outcome_of(message)
-            outcome = _OUTCOMES.get(outcome, outcome)
-            failure = None if isinstance(exception, TaskOutcome | StopRequested) else type(exception).__name__
+            outcome = run.outcome
+        failure = None
+        if exception is not None and not isinstance(exception, TaskOutcome | StopRequested):
+            failure = type(exception).__name__
         with self._lock:
             if seconds is not None:
                 durations = self._durations.get(labels)
@@ -281,9 +280,9 @@ class Metrics(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if not self.on:
             return
-        outcome = outcome_of(message)
-        if outcome == "done":  # skipped by another middleware (Dramatiq's age limit)
-            outcome = "skipped"
+        run = run_of(message)
+        # No outcome: skipped by another middleware (Dramatiq's age limit).
+        outcome: str = "skipped" if run is None or run.outcome is None else run.outcome
         key = (*self.labels(message), outcome)
         with self._lock:
             self._outcomes[key] = self._outcomes.get(key, 0) + 1

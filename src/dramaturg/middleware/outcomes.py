@@ -63,7 +63,17 @@ from .. import suspension
 from ..held import HeldTask, describe, origin
 from ..logs import iso_utc
 from ..queues import canonical_queue
-from ..task import Hold, Retry, SuspendQueue, Task, TaskOutcome, _current
+from ..task import (
+    Hold,
+    Retry,
+    RunOutcome,
+    SuspendQueue,
+    Task,
+    TaskOutcome,
+    outcome_of,
+    set_current_task,
+    start_run,
+)
 from .shutdown import stopping
 from .ttr import StopRequested, TimeToRunExceeded
 
@@ -97,13 +107,13 @@ class Outcomes(dramatiq.Middleware):
         return value
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        _current.set(Task(message))
+        set_current_task(Task(message, start_run(message)))
         if (stopping and threading.current_thread() in stopping) or suspension.remaining_s(
             canonical_queue(message.queue_name)
         ) > 0:
             # Taken by a thread told to stop, or before its queue was suspended: back it goes, unstarted.
             error = self._release(broker, message)
-            if error is not None and _undone(broker, message, error) == "rejected":
+            if error is not None and _undone(broker, message, error) is RunOutcome.REJECTED:
                 logger.critical("message %s could not be requeued; rejected into the dead-letter queue", message)
             elif error is not None:
                 logger.error("message %s could not be requeued; %s", message, _UNSETTLED)
@@ -124,19 +134,19 @@ class Outcomes(dramatiq.Middleware):
             )
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        _current.set(None)
+        set_current_task(None)
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        _current.set(None)
+        set_current_task(None)
         if exception is None:
             return
         try:
             self.settle(broker, message, exception)
         except Exception:
             # Dramatiq would log this and acknowledge the message anyway: reject it instead.
-            message.fail()
+            _reject(message)
             logger.critical(
                 "could not settle message %s (%s); it is rejected into the dead-letter queue, not acknowledged",
                 message.message_id,
@@ -194,8 +204,9 @@ class Outcomes(dramatiq.Middleware):
             )
             return
 
+        run = start_run(message)
         if not isinstance(exception, TaskOutcome):  # an error, not retry()/hold() (for the state store)
-            message._dramaturg_error = _error_line(exception)
+            run.error = _error_line(exception)
         # hold() and hold_on (what Dramatiq's ``throws`` is for) do not count toward
         # max_retries; every other failure does, as under Dramatiq's Retries.
         counted = not isinstance(exception, Hold) and not (hold_on and isinstance(exception, hold_on))
@@ -225,7 +236,7 @@ class Outcomes(dramatiq.Middleware):
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
             retry_at = time.time() + delay / 1000 if done else None
             level = logging.DEBUG if rate_limited else logging.WARNING  # Dramatiq logs a rate limit at DEBUG
-            message._dramaturg_outcome = "retried"
+            run.outcome = RunOutcome.RETRIED
         else:
             retry_at = None
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
@@ -233,8 +244,8 @@ class Outcomes(dramatiq.Middleware):
             done = error is None
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
             level = logging.WARNING if isinstance(exception, Hold) or rate_limited else logging.ERROR
-            message._dramaturg_outcome = "held"
-            message._dramaturg_reason = reason
+            run.outcome = RunOutcome.HELD
+            run.reason = reason
             if done:
                 _report_to_result_backends(broker, message, exception)
         if error is not None:
@@ -243,7 +254,7 @@ class Outcomes(dramatiq.Middleware):
         if dramatiq_options:
             # Last, once the copy and the held task are made from the options as they came, and
             # before the on_failure callbacks (whose after-hooks run after this one) read them.
-            message._dramaturg_attempt = retries + 1  # the run that ended, for the state store
+            run.attempt = retries + 1  # the run that ended, for the state store
             message.options.update(dramatiq_options)
 
     def release(self, broker: dramatiq.Broker, message: Any, *, rerun: bool = False) -> bool:
@@ -259,7 +270,7 @@ class Outcomes(dramatiq.Middleware):
         # A copy put back unstarted keeps the mark of a task that had started before.
         rerun = rerun or bool(message.options.get("dramaturg_rerun"))
         copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
-        message._dramaturg_outcome = "released"
+        start_run(message).outcome = RunOutcome.RELEASED
         return _durable_write(lambda: _enqueue_copy(broker)(copy))
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
@@ -273,13 +284,6 @@ class Outcomes(dramatiq.Middleware):
         return backoff_ms(retries, min_backoff, max_backoff)
 
 
-def outcome_of(message: Any) -> str:
-    """What became of a processed message: done, retried, held, released, rejected, or
-    unsettled (its outcome could not be written while the broker was unreachable: it runs
-    again)."""
-    return str(getattr(message, "_dramaturg_outcome", "done"))
-
-
 #: What a log line says of an unsettled message.
 _UNSETTLED = (
     "the broker cannot be reached: it is left unsettled (neither acknowledged nor rejected) and runs again"
@@ -287,23 +291,31 @@ _UNSETTLED = (
 )
 
 
-def _undone(broker: dramatiq.Broker, message: Any, error: Exception) -> str:
+def _undone(broker: dramatiq.Broker, message: Any, error: Exception) -> RunOutcome:
     """After the durable write of ``message``'s outcome failed with ``error``: leave it
     unsettled if the broker could not be reached (its ``unreachable(error)`` says so), else
-    reject it into the dead-letter queue. Returns the outcome, "unsettled" or "rejected"."""
+    reject it into the dead-letter queue. Returns the outcome, unsettled or rejected."""
     unreachable: Callable[[BaseException], bool] | None = getattr(broker, "unreachable", None)
     if unreachable is not None and unreachable(error):
-        message._dramaturg_outcome = "unsettled"  # the broker's consumer lets it go, unsettled
-        return "unsettled"
-    message.fail()  # not acknowledged: Dramatiq rejects it into the dead-letter queue
-    message._dramaturg_outcome = "rejected"
-    return "rejected"
+        start_run(message).outcome = RunOutcome.UNSETTLED  # the broker's consumer lets it go, unsettled
+        # Until the Redis consumer reads outcome_of(message), as the other brokers do.
+        message._dramaturg_outcome = RunOutcome.UNSETTLED.value
+        return RunOutcome.UNSETTLED
+    _reject(message)
+    return RunOutcome.REJECTED
+
+
+def _reject(message: Any) -> None:
+    """Have Dramatiq reject ``message`` into the dead-letter queue instead of acknowledging
+    it, and record so in its run (the metrics, the status and drains count it rejected)."""
+    message.fail()
+    start_run(message).outcome = RunOutcome.REJECTED
 
 
 def _after_failed_write(broker: dramatiq.Broker, message: Any, error: Exception, what: str) -> tuple[int, str]:
     """The log level and next step of a message whose outcome (``what`` failed) could not
     be written: unsettled, or rejected (see :func:`_undone`)."""
-    if _undone(broker, message, error) == "unsettled":
+    if _undone(broker, message, error) is RunOutcome.UNSETTLED:
         return logging.ERROR, f"{what}; {_UNSETTLED}"
     return logging.CRITICAL, f"{what}; the message is rejected into the dead-letter queue"
 
@@ -471,7 +483,7 @@ class _DramatiqFailureFilter(logging.Filter):
         if record.msg.startswith("Failed to process message"):
             return False
         if record.msg.startswith("Message %s was skipped") and isinstance(record.args, tuple) and record.args:
-            return outcome_of(record.args[0]) != "released"
+            return outcome_of(record.args[0]) != RunOutcome.RELEASED
         return True
 
 

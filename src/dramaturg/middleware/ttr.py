@@ -39,6 +39,7 @@ import dramatiq
 from dramatiq.middleware import Interrupt
 
 from ..queues import canonical_queue
+from ..task import run_of, start_run
 
 __all__ = ["Deadline", "StopRequested", "TimeToRun", "TimeToRunExceeded"]
 
@@ -252,19 +253,14 @@ class TimeToRun(dramatiq.Middleware):
             )
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        from ..task import _current  # the task handle Outcomes set just before
-
-        task = _current.get()
-        deadline = monitor().arm(self.ttr_ms(broker, message))
-        if task is not None:
-            task._deadline = deadline
-        message._dramaturg_deadline = deadline
+        # The run's, where the task handle (touch(), time_left()) and the handler's wrapper find it.
+        start_run(message).deadline = monitor().arm(self.ttr_ms(broker, message))
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        deadline = getattr(message, "_dramaturg_deadline", None)
-        if deadline is not None:
-            deadline.disarm()
+        run = run_of(message)
+        if run is not None and run.deadline is not None:
+            run.deadline.disarm()
 
     after_skip_message = after_process_message

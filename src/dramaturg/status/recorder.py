@@ -22,6 +22,7 @@ from typing import Any
 
 import dramatiq
 
+from ..task import RunOutcome, start_run
 from .store import StateStore, queued_fields, store_for
 
 __all__ = ["StatusRecorder", "close_stores"]
@@ -82,17 +83,16 @@ class StatusRecorder(dramatiq.Middleware):
     # and ended in the same interval costs one record.
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        now = time.time()
-        message._dramaturg_state_started = now  # (metrics has _dramaturg_started)
+        start_run(message)
         inner = getattr(message, "_message", message)  # under Dramatiq's proxy: no __getattr__
-        self.store(broker).task_event(("start", inner.message_id, now, inner, _worker_label()))
+        self.store(broker).task_event(("start", inner.message_id, time.time(), inner, _worker_label()))
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        state = message.__dict__
-        outcome = state.get("_dramaturg_outcome", "done")
-        if outcome == "released" or outcome == "unsettled":
+        run = start_run(message)  # made here only when no before-hook ran (an earlier one raised)
+        outcome = run.outcome
+        if outcome is RunOutcome.RELEASED or outcome is RunOutcome.UNSETTLED:
             return  # put back untouched (its copy's enqueue said "queued"), or it runs again
         now = time.time()
         inner = getattr(message, "_message", message)
@@ -103,12 +103,12 @@ class StatusRecorder(dramatiq.Middleware):
                 now,
                 inner,
                 _worker_label(),
-                state.get("_dramaturg_state_started", now),
-                outcome,
-                state.get("_dramaturg_error"),
-                state.get("_dramaturg_reason"),
+                now - (time.monotonic() - run.started),  # the run's start, in wall-clock time
+                RunOutcome.SUCCEEDED if outcome is None else outcome,
+                run.error,
+                run.reason,
                 # Outcomes counted the failure in the message's ``retries`` (for Dramatiq's callbacks).
-                state.get("_dramaturg_attempt"),
+                run.attempt,
             )
         )
 

@@ -39,6 +39,7 @@ import dramatiq
 
 from ..errors import StateUnavailable
 from ..queues import canonical_queue
+from ..task import RunOutcome
 
 if TYPE_CHECKING:
     import redis
@@ -321,19 +322,19 @@ def _apply_runs(runs: list[tuple[Any, ...]], pending: dict[str, list[Any]], coun
             counts[(queue, bucket, "processed")] += 1
             if error:
                 counts[(queue, bucket, "failed")] += 1
-            if outcome == "retried":
+            if outcome == RunOutcome.RETRIED:
                 counts[(queue, bucket, "retried")] += 1
                 continue  # the retry's enqueue said "retrying", with the next run's time and this error
             fields["finished_at"] = int(at * 1000)
             fields["duration_ms"] = int((at - started) * 1000)
             if error:
                 fields["last_error"] = error
-            if outcome == "held":
+            if outcome == RunOutcome.HELD:
                 counts[(queue, bucket, "held")] += 1
                 fields["state"] = "held"
                 fields["reason"] = reason or ""
             else:
-                fields["state"] = "failed" if outcome == "rejected" else "succeeded"
+                fields["state"] = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
         entry = pending.get(message_id)
         if entry is None:
             pending[message_id] = [at, fields]
