@@ -180,3 +180,52 @@ def test_delayed_messages_taken_on_a_closed_channel_are_moved_to_their_queue_onc
     assert sorted(ran) == sorted(sent)
     assert pending_messages(broker, "dropq") == 0
     assert any("delayed messages taken on a closed channel are dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_delayed_message_moved_to_its_queue_is_acknowledged_before_the_next_is_moved(
+    rabbitmq_server: Any,
+    broker: dramatiq.Broker,
+    start_worker: Callable[..., dramatiq.Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given 3 delayed tasks, due together, held by a worker
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    @dramaturg.actor(queue_name="dropq")
+    def later(n: int) -> None:
+        with lock:
+            ran.append(dramaturg.current_task().message_id)
+
+    sent = {later.send_with_options(args=(n,), delay=500).message_id for n in range(3)}
+
+    # When the broker goes away while the worker moves them to their queue: the first
+    # is moved, then the consumer's connection drops and the second cannot be published
+    moves: list[str] = []
+    enqueue = broker.enqueue
+    connection: list[str] = []
+    known = threading.Event()  # the moves wait until the test knows the consumer's connection
+
+    def moving(message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if threading.current_thread() is worker.consumers.get("dropq.DQ") and not message.queue_name.endswith(".DQ"):
+            assert known.wait(30)
+            moves.append(message.message_id)
+            if len(moves) == 2:
+                drop_connection(rabbitmq_server, connection[0])
+                raise dramatiq.errors.ConnectionClosed(ConnectionError("test: the broker went away"))
+        return enqueue(message, delay=delay)
+
+    monkeypatch.setattr(broker, "enqueue", moving)
+    worker = start_worker(threads=2)
+    connection.append(consumer_connection(rabbitmq_server, "dropq.DQ"))
+    known.set()
+    poll_until(lambda: set(ran) == sent, "every delayed task ran", 30)
+    worker.join()
+    worker.stop()
+
+    # Then each ran once: the one moved before the drop had been acknowledged at once
+    # (not left for the consumer's next poll, which the drop took away), so RabbitMQ
+    # did not deliver it again to be moved a second time
+    assert len(moves) >= 4, moves  # the first, the failed second, then the two delivered again
+    assert sorted(ran) == sorted(sent)
+    assert pending_messages(broker, "dropq") == 0

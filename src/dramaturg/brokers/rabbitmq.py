@@ -306,13 +306,24 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 continue
 
             self.known_tags.add(method.delivery_tag)
-            proxy = _RabbitmqMessage(method.redelivered, method.delivery_tag, message)
-            proxy._dramaturg_consumer = self  # type: ignore[attr-defined]
-            return proxy
+            return _Delivery(self, method.redelivered, method.delivery_tag, message)
 
     def ack(self, message: Any) -> None:
-        if self._came_from_here(message, "finished"):
-            super().ack(message)  # type: ignore[no-untyped-call]
+        if not self._came_from_here(message, "finished"):
+            return
+        if threading.current_thread() is not self._owner:
+            super().ack(message)  # type: ignore[no-untyped-call]  # handed to the owner's next poll
+            return
+        # The consumer's own thread acknowledges a delayed message it has just moved to
+        # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
+        # due messages are moved: a connection lost meanwhile would deliver this one
+        # again, to be moved (and run) a second time. Sent now, before the next move.
+        try:
+            self.known_tags.discard(message._tag)
+            self.channel.basic_ack(message._tag)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            self._lost(e)
+            raise ConnectionClosed(e) from None
 
     def nack(self, message: Any) -> None:
         if self._came_from_here(message, "was rejected"):
@@ -467,6 +478,18 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.channel.basic_ack(method.delivery_tag)
         else:
             self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+class _Delivery(_RabbitmqMessage):
+    """A message as a RabbitMQ consumer delivered it, knowing the consumer it came from."""
+
+    def __init__(self, consumer: RabbitmqConsumer, redelivered: bool, tag: int, message: Any) -> None:
+        super().__init__(redelivered, tag, message)  # type: ignore[no-untyped-call]
+        self._dramaturg_consumer = consumer
+
+    def taken_back(self) -> bool:
+        """True once the channel it came on is closed: RabbitMQ has it again (see :func:`dramaturg.task.taken_back`)."""
+        return self._dramaturg_consumer.gone
 
 
 class _Leaving(Exception):
