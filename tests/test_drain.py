@@ -179,3 +179,6 @@ def test_grace_zero_ends_the_drain_soon_though_a_task_is_stuck_in_c_code(
     stuck_threads[0].join(10)  # it takes its interrupt when the call returns, and is put back
     assert not stuck_threads[0].is_alive()
     assert summary.processed == 0
+    # and the task waits on its queue once, to run again: put back by its thread, or
+    # taken back by RabbitMQ when the drain closed its channel, not both
+    assert pending_messages(broker, "nightly") == 1

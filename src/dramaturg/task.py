@@ -213,6 +213,14 @@ def outcome_of(message: Any) -> str:
     return "done" if outcome is None or outcome is RunOutcome.SUCCEEDED else outcome.value
 
 
+def taken_back(message: Any) -> bool:
+    """Whether the broker has taken ``message``'s delivery back to its queue already, and
+    delivers it again by itself: RabbitMQ does when the channel it came on closes (a worker
+    stopping, a connection lost). Putting a copy back as well would queue the task twice."""
+    check = getattr(message, "taken_back", None)
+    return bool(check()) if callable(check) else False
+
+
 class Task:
     """The handle of the task being run. Get it with :func:`current_task`.
 

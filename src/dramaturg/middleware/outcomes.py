@@ -73,6 +73,7 @@ from ..task import (
     outcome_of,
     set_current_task,
     start_run,
+    taken_back,
 )
 from .shutdown import stopping
 from .ttr import StopRequested, TimeToRunExceeded
@@ -269,8 +270,10 @@ class Outcomes(dramatiq.Middleware):
         """:meth:`release`, returning why the copy could not be published (None: it was)."""
         # A copy put back unstarted keeps the mark of a task that had started before.
         rerun = rerun or bool(message.options.get("dramaturg_rerun"))
-        copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
         start_run(message).outcome = RunOutcome.RELEASED
+        if taken_back(message):  # RabbitMQ delivers it again by itself (marked redelivered)
+            return None
+        copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
         return _durable_write(lambda: _enqueue_copy(broker)(copy))
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
