@@ -285,7 +285,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr("dramaturg.brokers.redis._now_ms", clock)
+    monkeypatch.setattr("dramaturg.brokers.redis.held._now_ms", clock)
     return clock
 
 

@@ -10,7 +10,7 @@ worker processes consume it; with a counter store, what happened in the last min
     ...     print(row.queue, row.ready, row.in_flight, row.held)
     imports 10 2 1
 
-Each broker reads its own numbers (``brokers/redis_stats.py``,
+Each broker reads its own numbers (``brokers/redis/stats.py``,
 ``brokers/rabbitmq_stats.py``, the stub broker) behind :class:`StatsReader`;
 ``docs/operations/stats.md`` says which number comes from where. A number the broker cannot give
 is ``None``: RabbitMQ's in-flight counts without its management plugin, anything the

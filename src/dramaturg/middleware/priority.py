@@ -50,7 +50,7 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     ``gate`` (a Redis broker's ``claims``) holds every message back from worker threads
     while the worker may have been taken for dead (``gate.suspected``) until
     ``gate.trusted`` is set: by then the messages another worker recovered meanwhile are
-    out of this queue (see :mod:`dramaturg.brokers.redis_claims`). One attribute read per
+    out of this queue (see :mod:`dramaturg.brokers.redis.claims`). One attribute read per
     message.
     """
 
