@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from queue import Empty
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from dramatiq.broker import MessageProxy
@@ -23,9 +23,7 @@ from ... import envelope, suspension, unknown_actors
 from ...held import HeldTask
 from ...middleware.outcomes import hold_poison
 from ...queues import canonical_queue
-
-if TYPE_CHECKING:
-    from .broker import RedisBroker
+from .claims import RedisClaims
 
 __all__ = ["RedisConsumer"]
 
@@ -65,15 +63,16 @@ class RedisConsumer(_RedisConsumer):
     its worker retries (it retries no other, and a timeout would strand the message).
     """
 
-    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        # ``broker`` is the RedisBroker whose consumer_class this is; its claims settle every message.
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         # Dramatiq's ConsumerThread makes its consumer in its own thread: the thread whose
         # delay queue holds this consumer's delayed messages.
         self._thread = threading.get_ident()
-        self._claims = broker.claims
+        self._claims: RedisClaims = broker.claims
         #: The claims' epoch this consumer was made in (see dramaturg.brokers.redis.claims).
-        self.epoch = broker.claims.epoch
-        broker.claims.consumer_started(queue_name)
+        self.epoch = self._claims.epoch
+        self._claims.consumer_started(queue_name)
 
     def ack(self, message: Any) -> None:
         self._settle(message, self.broker.do_ack, "ended")
@@ -130,7 +129,7 @@ class RedisConsumer(_RedisConsumer):
     def close(self) -> None:
         try:
             cached, self.message_cache = self.message_cache, []
-            self.broker.claims.consumer_closed(self.queue_name, self._thread, cached)
+            self._claims.consumer_closed(self.queue_name, self._thread, cached)
         finally:
             super().close()
 
