@@ -11,7 +11,7 @@ worker processes consume it; with a counter store, what happened in the last min
     imports 10 2 1
 
 Each broker reads its own numbers (``brokers/redis/stats.py``,
-``brokers/rabbitmq_stats.py``, the stub broker) behind :class:`StatsReader`;
+``brokers/rabbitmq/stats.py``, the stub broker) behind :class:`StatsReader`;
 ``docs/operations/stats.md`` says which number comes from where. A number the broker cannot give
 is ``None``: RabbitMQ's in-flight counts without its management plugin, anything the
 stub broker does not track, and the per-minute counts unless ``counters`` is given.
