@@ -36,8 +36,8 @@ from typing import Any
 import dramatiq
 from dramatiq.common import current_millis
 
+from .durations import format_ms
 from .held import HeldTask
-from .middleware.consumer_timeout import fmt_ms
 from .middleware.outcomes import hold_poison, unknown_actor_reason
 
 __all__ = ["DEFAULT_GRACE_MS", "UNKNOWN_ACTOR_SINCE", "settle"]
@@ -93,7 +93,7 @@ def settle(broker: dramatiq.Broker, message: dramatiq.Message[Any], queue_name: 
                 message.actor_name,
                 message.message_id,
                 queue_name,
-                fmt_ms(left),
+                format_ms(left),
                 extra={"dramaturg": {**fields, "next": f"given back, again in {delay} ms"}},
             )
             return True

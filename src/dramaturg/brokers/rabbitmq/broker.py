@@ -20,8 +20,8 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.common import current_millis, dq_name
 
 from ...config import BrokerSettings
+from ...durations import format_ms
 from ...masking import mask_url
-from ...middleware.consumer_timeout import fmt_ms
 from ...queues import BANDS
 from .confirms import ConfirmWindow
 from .connection import connection_parameters
@@ -91,8 +91,8 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
                 " (the message is not lost, but the channel's other messages are redelivered); send it later"
                 " instead, or raise consumer_timeout on the server",
                 message.actor_name,
-                fmt_ms(delay),
-                fmt_ms(self.settings.consumer_timeout),
+                format_ms(delay),
+                format_ms(self.settings.consumer_timeout),
             )
         result: Message[Any] = super().enqueue(message, delay=delay)
         return result

@@ -17,9 +17,9 @@ from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 
 from ... import envelope, suspension, unknown_actors
+from ...durations import format_ms
 from ...held import HeldTask
 from ...masking import mask_url
-from ...middleware.consumer_timeout import fmt_ms
 from ...middleware.outcomes import hold_poison
 from ...queues import canonical_queue
 from .connection import error_text
@@ -271,7 +271,7 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             " back to the queue, and those already started will run again (each is logged as delivered again)."
             " Raise consumer_timeout on the server, lower the ttr of long tasks, or lower broker.prefetch",
             self.queue_name,
-            fmt_ms(self.broker.settings.consumer_timeout),
+            format_ms(self.broker.settings.consumer_timeout),
             len(self.known_tags),
         )
 
