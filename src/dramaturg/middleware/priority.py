@@ -20,7 +20,7 @@ from typing import Any
 
 import dramatiq
 
-from ..queues import BANDS, band, lanes
+from ..queues import BANDS, band, lanes, message_priority
 
 __all__ = ["MessagePriorityQueue", "Priority", "message_priority"]
 
@@ -28,15 +28,6 @@ logger = logging.getLogger("dramaturg.priority")
 
 #: Actors whose explicit broker_priority was reported (once per actor in this process).
 _warned: set[str] = set()
-
-
-def message_priority(broker: dramatiq.Broker, message: Any) -> int:
-    """The message's own priority, else its actor's, else 0."""
-    priority = message.options.get("priority")
-    if priority is None:
-        actor = broker.actors.get(message.actor_name)
-        priority = actor.priority if actor is not None else 0
-    return int(priority)
 
 
 class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]

@@ -18,9 +18,8 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import envelope, suspension, unknown_actors
 from ...durations import format_ms
-from ...held import HeldTask
+from ...held import HeldTask, hold_poison
 from ...masking import mask_url
-from ...middleware.outcomes import hold_poison
 from ...queues import canonical_queue
 from .connection import error_text
 

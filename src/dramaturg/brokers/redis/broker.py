@@ -24,8 +24,7 @@ from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 from ...bulk import new_ids
 from ...config import BrokerSettings
 from ...masking import mask_url
-from ...middleware.priority import message_priority
-from ...queues import canonical_queue, lane_queue, lanes
+from ...queues import canonical_queue, lane_queue, lanes, message_priority
 from .claims import RedisClaims
 from .connection import make_client, script
 from .consumer import RedisConsumer

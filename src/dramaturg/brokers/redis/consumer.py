@@ -20,9 +20,9 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed
 
 from ... import envelope, suspension, unknown_actors
-from ...held import HeldTask
-from ...middleware.outcomes import hold_poison
+from ...held import HeldTask, hold_poison
 from ...queues import canonical_queue
+from ...task import RunOutcome, outcome_of
 from .claims import RedisClaims
 
 __all__ = ["RedisConsumer"]
@@ -57,7 +57,7 @@ class RedisConsumer(_RedisConsumer):
     Acknowledging or rejecting a message whose claim another worker took away (it
     recovered this worker, taken for dead, while the message ran) changes nothing in Redis
     and logs that the message runs again. A message whose outcome could not be made
-    durable because Redis could not be reached (``_dramaturg_outcome`` "unsettled") is
+    durable because Redis could not be reached (:func:`~dramaturg.task.outcome_of` says "unsettled") is
     neither: it is let go, its claim stays, and the next reconciliation gives it back. Any
     Redis error of an acknowledgement is raised as Dramatiq's ``ConnectionClosed``, which
     its worker retries (it retries no other, and a timeout would strand the message).
@@ -85,7 +85,7 @@ class RedisConsumer(_RedisConsumer):
         # the delay queue it came from (as in Dramatiq's consumer).
         redis_id = message.options["redis_message_id"]
         try:
-            if message.__dict__.get("_dramaturg_outcome") == "unsettled":
+            if outcome_of(message) == RunOutcome.UNSETTLED:
                 self._claims.let_go(self.queue_name, (redis_id,))
                 return
             result = command(self.queue_name, redis_id)
