@@ -92,13 +92,13 @@ def stalling_store(broker: Any) -> HeldStore:
     if broker.settings.type == "rabbitmq":
         from dramaturg.brokers.rabbitmq import RabbitmqHeldStore
 
-        store = RabbitmqHeldStore(broker)
+        store = RabbitmqHeldStore(broker, broker.settings)
         store.parameters = copy.copy(broker.parameters)
         store.parameters.heartbeat = SHORT_HEARTBEAT_S
         return store
     from dramaturg.brokers.redis import RedisHeldStore
 
-    return RedisHeldStore(broker, lease_ms=SHORT_LEASE_MS)
+    return RedisHeldStore(broker, broker.settings, lease_ms=SHORT_LEASE_MS)
 
 
 def close(store: HeldStore) -> None:

@@ -49,7 +49,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         )
         self.parameters = parameters
         self.settings = settings
-        self.held = RabbitmqHeldStore(self)
+        self.held = RabbitmqHeldStore(self, settings)
         self._warned: set[str] = set()  # actors already warned about a delay past consumer_timeout
         self._windows = threading.local()  # bulk sends: a confirm window per thread
         self._windows_lock = threading.Lock()

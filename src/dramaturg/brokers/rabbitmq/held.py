@@ -9,20 +9,19 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pika
 import pika.exceptions
 from dramatiq import Message
+from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.common import current_millis, dq_name
 
+from ...config import BrokerSettings
 from ...errors import BrokerUnreachable, SendError
 from ...held import HeldStore, HeldTask, KickError
 from ...queues import canonical_queue
 from .connection import error_text, unreachable
-
-if TYPE_CHECKING:
-    from .broker import RabbitmqBroker
 
 __all__ = ["MAX_QUEUE_BYTES", "RabbitmqHeldStore", "held_queue"]
 
@@ -85,11 +84,15 @@ class RabbitmqHeldStore(HeldStore):
     Only the queues the broker knows (those of declared actors) can be listed without
     naming them: AMQP cannot enumerate queues. Reading never declares a held queue: a
     name with none (a typo) has no held tasks.
+
+    ``broker`` is any Dramatiq RabbitmqBroker (its ``parameters`` are used); ``settings``
+    are its settings (the URL an error names).
     """
 
-    def __init__(self, broker: RabbitmqBroker) -> None:
+    def __init__(self, broker: _DramatiqRabbitmqBroker, settings: BrokerSettings) -> None:
         super().__init__(broker)
-        self.broker: RabbitmqBroker = broker
+        self.broker: _DramatiqRabbitmqBroker = broker
+        self.settings = settings
         self.parameters = broker.parameters
         self._lock = threading.RLock()
         self._connection: pika.BlockingConnection | None = None
@@ -135,7 +138,7 @@ class RabbitmqHeldStore(HeldStore):
             raise self._unreachable(what, error) from None
 
     def _unreachable(self, what: str, error: BaseException) -> BrokerUnreachable:
-        return unreachable(self.broker.settings, f"{error_text(error)} (while {what})")
+        return unreachable(self.settings, f"{error_text(error)} (while {what})")
 
     def check_queue(self, queue: str) -> str:
         super().check_queue(queue)

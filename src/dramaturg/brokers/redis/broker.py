@@ -1,7 +1,8 @@
 """The Redis broker: :class:`RedisBroker`, Dramatiq's, with keys under ``broker.namespace``.
 
 It enqueues a new message under its own id, a copy of one enqueued before once
-(:func:`copy_id`), many at once in one script call, each on the lane of its priority;
+(:func:`~.placement.copy_id`), many at once in one script call, each on the lane of its
+priority (:mod:`.placement`);
 and it fetches, acknowledges and rejects through the claims of its worker
 (:mod:`dramaturg.brokers.redis.claims`). Its scripts: ``enqueue_many.lua``,
 ``enqueue_once.lua``, ``ack.lua``, ``nack.lua``.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,33 +24,23 @@ from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 from ...bulk import new_ids
 from ...config import BrokerSettings
 from ...masking import mask_url
-from ...queues import canonical_queue, lane_queue, lanes, message_priority
+from ...queues import canonical_queue, lanes
 from .claims import RedisClaims
 from .connection import make_client, script
 from .consumer import RedisConsumer
 from .held import RedisHeldStore
+from .placement import is_new, lane_of, placed
 from .stats import RedisStatsReader
 
 if TYPE_CHECKING:
     from ...bulk import EnqueueHooks
 
-__all__ = ["RedisBroker", "copy_id", "create_broker"]
+__all__ = ["RedisBroker", "create_broker"]
 
 _ENQUEUE_MANY = script("enqueue_many")
 _ENQUEUE_ONCE = script("enqueue_once")
 _ACK = script("ack")
 _NACK = script("nack")
-
-#: The UUID namespace of copy_id().
-_COPIES = uuid.UUID("6f1d3c52-6b0e-4f43-9a57-3d2b9c1e8a40")
-
-
-def copy_id(source_redis_id: str, retries: int) -> str:
-    """The Redis id of a copy of the message enqueued under ``source_redis_id``, with
-    ``retries`` failed attempts: the same for every run of the same write, so that it is
-    queued once. A retry copy counts one more failed attempt than its source; a release or
-    a delayed message's move counts as many; a copy of a copy has another source."""
-    return str(uuid.uuid5(_COPIES, f"{source_redis_id}:{retries}"))
 
 
 class RedisBroker(_DramatiqRedisBroker):
@@ -65,7 +55,7 @@ class RedisBroker(_DramatiqRedisBroker):
     rejecting and requeueing go through it.
 
     A copy of a message enqueued before (a retry, a release, a delayed message now due) is
-    enqueued under a Redis id derived from its source (:func:`copy_id`) and only if that id
+    enqueued under a Redis id derived from its source (:func:`~.placement.copy_id`) and only if that id
     is not there yet (:meth:`enqueue_copy`): running the same write twice, as
     :class:`~dramaturg.middleware.outcomes.Outcomes` does after an error whose write may
     well have run (a timeout, a lost reply), queues it once. Any other ``enqueue`` of a
@@ -89,7 +79,7 @@ class RedisBroker(_DramatiqRedisBroker):
             maintenance_chance=0,
         )
         self.settings = settings
-        self.held = RedisHeldStore(self)
+        self.held = RedisHeldStore(self, settings)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
         self._enqueue_once = self.client.register_script(_ENQUEUE_ONCE)
         self._ack = self.client.register_script(_ACK)
@@ -138,7 +128,7 @@ class RedisBroker(_DramatiqRedisBroker):
                         " moved; the consumer gives back what it holds (what is still this worker's) and restarts"
                     )
                 return self.enqueue_copy(message, delay=delay)
-        message, redis_id = self.placed(message, delay)
+        message, redis_id = placed(self, message, delay, priorities=self.settings.priorities)
         self.emit_before("enqueue", message, delay)
         self.do_enqueue(message.queue_name, redis_id, message.encode())
         self.emit_after("enqueue", message, delay)
@@ -147,36 +137,17 @@ class RedisBroker(_DramatiqRedisBroker):
     def enqueue_copy(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue a copy of a message enqueued before (a retry, a release, a delayed message
         now due), once: under a Redis id derived from its source's and the failed attempts
-        it counts (:func:`copy_id`), and only if that id is not there yet. Running the same
+        it counts (:func:`~.placement.copy_id`), and only if that id is not there yet. Running the same
         write again (after a timeout or a lost reply, when it may well have run) queues
         nothing more. Used by :class:`~dramaturg.middleware.outcomes.Outcomes`."""
         if "redis_message_id" not in message.options:
             return self.enqueue(message, delay=delay)
-        message, redis_id = self.placed(message, delay, copy=True)
+        message, redis_id = placed(self, message, delay, priorities=self.settings.priorities, copy=True)
         self.emit_before("enqueue", message, delay)
         base = f"{self.namespace}:{message.queue_name}"
         self._enqueue_once(keys=[base, base + ".msgs"], args=[redis_id, message.encode()])
         self.emit_after("enqueue", message, delay)
         return message
-
-    def placed(self, message: Message[Any], delay: int | None, *, copy: bool = False) -> tuple[Message[Any], str]:
-        """``message`` as :meth:`enqueue` stores it (on its priority lane or delay queue,
-        with its ``eta``), and its Redis id (for a ``copy``, derived from its source's:
-        :func:`copy_id`)."""
-        queue_name = message.queue_name
-        if self.settings.priorities:
-            queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
-        # A message enqueued before (a retry, a release, a kick) may still have a body
-        # under its id until its first delivery is acknowledged: it gets another one.
-        if copy:
-            redis_id = copy_id(str(message.options["redis_message_id"]), int(message.options.get("retries") or 0))
-        else:
-            redis_id = message.message_id if _is_new(message) else new_ids(1)[0]
-        options: dict[str, Any] = {"redis_message_id": redis_id}
-        if delay is not None:
-            queue_name = dq_name(queue_name)
-            options["eta"] = current_millis() + delay
-        return message.copy(queue_name=queue_name, options=options), redis_id
 
     def enqueue_many(self, messages: Sequence[Message[Any]], *, delay: int | None = None) -> list[Message[Any]]:
         """Enqueue ``messages`` with one script call: all of them, or none.
@@ -222,15 +193,13 @@ class RedisBroker(_DramatiqRedisBroker):
         priorities = self.settings.priorities
         prepared = []
         framed: dict[str, list[bytes]] = {}
-        fresh_ids = iter(new_ids(sum(1 for message in messages if not _is_new(message))))
+        fresh_ids = iter(new_ids(sum(1 for message in messages if not is_new(message))))
         for message in messages:
             # A new message's Redis id is its own id, so that find_message() finds it by
             # that (its state store record is left out); a message enqueued before (a
             # retry, a release, a kick) may still have a body under its id: a fresh one.
-            redis_id = message.message_id if _is_new(message) else next(fresh_ids)
-            queue_name = message.queue_name
-            if priorities:
-                queue_name = lane_queue(canonical_queue(queue_name), message_priority(self, message))
+            redis_id = message.message_id if is_new(message) else next(fresh_ids)
+            queue_name = lane_of(self, message, priorities=priorities)
             options = {**message.options, "redis_message_id": redis_id}
             if eta is not None:
                 queue_name = dq_name(queue_name)
@@ -366,12 +335,6 @@ class _NotSent(Exception):
 _REFUSED_BEFORE_RUNNING = frozenset(
     {"NOSCRIPT", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "NOPERM", "WRONGPASS", "OOM", "MISCONF"}
 )
-
-
-def _is_new(message: Message[Any]) -> bool:
-    """Never enqueued before: no Redis id yet, never held and kicked."""
-    options = message.options
-    return "redis_message_id" not in options and "dramaturg_kicks" not in options and not options.get("retries")
 
 
 def create_broker(settings: BrokerSettings, middleware: list[Middleware]) -> RedisBroker:

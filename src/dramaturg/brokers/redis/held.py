@@ -22,16 +22,16 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dramatiq import Message
+from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 
+from ...config import BrokerSettings
 from ...held import LEASE_LOST, HeldStore, HeldTask
 from ...queues import canonical_queue
 from .connection import script
-
-if TYPE_CHECKING:
-    from .broker import RedisBroker
+from .placement import placed
 
 __all__ = ["KICK_LEASE_MS", "STALE_KICK_MS", "RedisHeldStore"]
 
@@ -59,11 +59,19 @@ class RedisHeldStore(HeldStore):
     after the take or its last renewal; default :data:`KICK_LEASE_MS`), and the script
     that moves a task to its queue checks the kicker's token, so a stalled kicker never
     queues a task twice.
+
+    ``broker`` is any Dramatiq Redis broker (its ``client`` and ``namespace`` are used);
+    ``settings`` are its settings (``priorities``: whether a kicked task goes to the lane
+    of its priority).
     """
 
-    def __init__(self, broker: RedisBroker, *, lease_ms: int = KICK_LEASE_MS) -> None:
+    def __init__(
+        self, broker: _DramatiqRedisBroker, settings: BrokerSettings, *, lease_ms: int = KICK_LEASE_MS
+    ) -> None:
         super().__init__(broker)
-        self.broker: RedisBroker = broker
+        self.broker: _DramatiqRedisBroker = broker
+        #: Kicked tasks go to the lane of their priority (see :mod:`.placement`).
+        self.priorities = settings.priorities
         self.client = broker.client
         self.prefix = f"{broker.namespace}:__held__"
         self.lease_ms = lease_ms
@@ -153,18 +161,18 @@ class RedisHeldStore(HeldStore):
             return []
         lease: _Lease = batch[0][1][1]
         lease.renew_if_due()
-        placed: builtins.list[Message[Any]] = []
+        prepared: builtins.list[Message[Any]] = []
         args: builtins.list[Any] = [lease.token]
         for message, (message_id, _) in batch:
-            stored, redis_id = self.broker.placed(message, delay_ms)
+            stored, redis_id = placed(self.broker, message, delay_ms, priorities=self.priorities)
             # before_enqueue runs even for a task whose lease turns out to be lost: the
             # same hooks then ran for the kicker that requeued it; nothing is counted twice.
             self.broker.emit_before("enqueue", stored, delay_ms)
             args += [message_id, stored.queue_name, redis_id, stored.encode()]
-            placed.append(stored)
+            prepared.append(stored)
         moved = {m.decode() for m in self._kick(keys=[*lease.keys, self.broker.namespace], args=args)}
         lease.settled(moved)
-        for stored in placed:
+        for stored in prepared:
             if stored.message_id in moved:
                 self.broker.emit_after("enqueue", stored, delay_ms)
         return [(message.message_id, LEASE_LOST) for message, _ in batch if message.message_id not in moved]
