@@ -215,7 +215,7 @@ def test_drain_of_a_fresh_project_runs_the_builtin_echo_as_a_worker_does(
 @pytest.mark.parametrize(
     ("mistake", "expected"),
     [
-        (lambda: common.delay_ms("soon"), "--delay: 'soon' is not a duration"),
+        (lambda: common.duration_ms("soon", "--delay"), "--delay: 'soon' is not a duration"),
         (lambda: send.parse_spec("imports"), "expected QUEUE:ACTOR:JSON_ARGS"),
         (lambda: send.parse_spec("imports:import_user:[1,"), "JSON_ARGS is not valid JSON"),
         (lambda: drain.run(argparse.Namespace(budget="1s", grace="30s", threads=0)), "--threads must be at least 1"),

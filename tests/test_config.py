@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dramaturg
-from dramaturg.config import find_config_file, load_settings, parse_duration_ms
+from dramaturg.config import find_config_file, load_settings
 
 from .conftest import bin_path, run_cli
 
@@ -224,23 +223,6 @@ def test_passwords_are_masked_in_repr_and_flat_view(tmp_path: Path) -> None:
     assert settings.flat()["state.url"] == "redis://:***@cache:6379/3"
     # while the broker itself still gets the real URL
     assert settings.broker.url == "amqp://shop:hunter2@mq:5672/%2F"
-
-
-@pytest.mark.parametrize(
-    ("value", "ms"),
-    [
-        (250, 250),
-        ("250ms", 250),
-        ("30s", 30_000),
-        ("5m", 300_000),
-        ("2h", 7_200_000),
-        ("1500", 1500),
-        (timedelta(seconds=1.5), 1500),
-        ("0.5s", 500),
-    ],
-)
-def test_durations(value: object, ms: int) -> None:
-    assert parse_duration_ms(value) == ms
 
 
 def test_durations_in_files(tmp_path: Path) -> None:

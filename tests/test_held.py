@@ -165,7 +165,7 @@ def test_a_failed_durable_write_never_acks_the_message(
             raise ConnectionError("the held store is unreachable")
 
         monkeypatch.setattr(broker.held, "hold", hold)  # type: ignore[attr-defined]
-    monkeypatch.setattr("dramaturg.middleware.outcomes._WRITE_PAUSES_S", (0.0, 0.0))
+    monkeypatch.setattr("dramaturg.held._WRITE_PAUSES_S", (0.0, 0.0))
 
     worker = start_worker()
     assert ran.wait(WAIT_S)
@@ -198,7 +198,7 @@ def test_a_transient_write_failure_is_retried(
         real_hold(task)
 
     monkeypatch.setattr(store, "hold", hold_once_failing)
-    monkeypatch.setattr("dramaturg.middleware.outcomes._WRITE_PAUSES_S", (0.0, 0.0))
+    monkeypatch.setattr("dramaturg.held._WRITE_PAUSES_S", (0.0, 0.0))
 
     worker = start_worker()
     assert ran.wait(WAIT_S)

@@ -92,13 +92,13 @@ def stalling_store(broker: Any) -> HeldStore:
     if broker.settings.type == "rabbitmq":
         from dramaturg.brokers.rabbitmq import RabbitmqHeldStore
 
-        store = RabbitmqHeldStore(broker)
+        store = RabbitmqHeldStore(broker, broker.settings)
         store.parameters = copy.copy(broker.parameters)
         store.parameters.heartbeat = SHORT_HEARTBEAT_S
         return store
     from dramaturg.brokers.redis import RedisHeldStore
 
-    return RedisHeldStore(broker, lease_ms=SHORT_LEASE_MS)
+    return RedisHeldStore(broker, broker.settings, lease_ms=SHORT_LEASE_MS)
 
 
 def close(store: HeldStore) -> None:
@@ -285,7 +285,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr("dramaturg.brokers.redis._now_ms", clock)
+    monkeypatch.setattr("dramaturg.brokers.redis.held._now_ms", clock)
     return clock
 
 

@@ -21,7 +21,7 @@ import dramatiq
 import pytest
 
 import dramaturg
-from dramaturg.config import parse_duration_ms
+from dramaturg.durations import parse_ms
 from dramaturg.envelope import decode
 from dramaturg.held import HeldTask
 
@@ -86,7 +86,7 @@ def unknown_actor_grace() -> str:
 @pytest.fixture
 def settings(settings: dramaturg.Settings, unknown_actor_grace: str) -> dramaturg.Settings:
     """The broker's settings, with ``worker.unknown_actor_grace`` as the test says."""
-    worker = settings.worker.model_copy(update={"unknown_actor_grace": parse_duration_ms(unknown_actor_grace)})
+    worker = settings.worker.model_copy(update={"unknown_actor_grace": parse_ms(unknown_actor_grace)})
     return settings.model_copy(update={"worker": worker})
 
 

@@ -351,7 +351,7 @@ def test_counters_fill_the_per_minute_columns() -> None:
     ],
 )
 def test_the_management_url_defaults_to_the_amqp_host_and_credentials(url: str, management: str) -> None:
-    from dramaturg.brokers.rabbitmq_stats import management_url
+    from dramaturg.brokers.rabbitmq.stats import management_url
 
     assert management_url(dramaturg.BrokerSettings(url=url)) == management
     explicit = dramaturg.BrokerSettings(url=url, management_url="https://mq-admin:443")
@@ -365,7 +365,7 @@ def test_a_management_api_that_redirects_gets_the_credentials_no_further(
     # Given a "management API" that redirects elsewhere, and a server there noting what it is sent
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from dramaturg.brokers.rabbitmq_stats import RabbitmqStatsReader
+    from dramaturg.brokers.rabbitmq.stats import RabbitmqStatsReader
 
     received: list[str | None] = []
 
@@ -394,11 +394,10 @@ def test_a_management_api_that_redirects_gets_the_credentials_no_further(
     settings = broker.settings.model_copy(  # type: ignore[attr-defined]
         update={"management_url": f"http://guest:s3cret@127.0.0.1:{redirecting.server_port}"}
     )
-    broker.settings = settings  # type: ignore[attr-defined]
 
     # When statistics are read
     try:
-        RabbitmqStatsReader(broker).read(["reports"])  # type: ignore[arg-type]
+        RabbitmqStatsReader(broker, settings).read(["reports"])  # type: ignore[arg-type]
     finally:
         redirecting.shutdown()
         elsewhere.shutdown()

@@ -98,13 +98,6 @@ def comment_above(lines: list[str], lineno: int) -> str:
     return "\n".join(collected)
 
 
-def _format_ms(value: int) -> str:
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if value and value % size == 0:
-            return f"{value // size}{unit}"
-    return f"{value}ms"
-
-
 def _unwrapped(field: Any) -> tuple[Any, list[Any], bool]:
     """A field's type without ``None`` and ``Annotated``, the metadata of both, and whether it may be unset."""
     annotation, metadata, optional = field.annotation, list(field.metadata), False
@@ -120,9 +113,9 @@ def _unwrapped(field: Any) -> tuple[Any, list[Any], bool]:
 
 
 def _is_duration(field: Any) -> bool:
-    from dramaturg.config import parse_duration_ms
+    from dramaturg.durations import parse_ms
 
-    return any(getattr(item, "func", None) is parse_duration_ms for item in _unwrapped(field)[1])
+    return any(getattr(item, "func", None) is parse_ms for item in _unwrapped(field)[1])
 
 
 def _type(field: Any) -> str:
@@ -171,7 +164,9 @@ def _default(field: Any, said: str | None, key: str) -> str:
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if _is_duration(field):
-        return f'`"{_format_ms(value)}"`'
+        from dramaturg.durations import format_ms
+
+        return f'`"{format_ms(value)}"`'
     if isinstance(value, str):
         return f'`"{value}"`'
     return f"`{json.dumps(value)}`"

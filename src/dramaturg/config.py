@@ -22,7 +22,7 @@ Example ``dramaturg.toml``::
     threads = 8
 
 Durations are milliseconds in code (``*_ms`` properties) and may be written ``"30s"``,
-``"5m"``, ``"250ms"`` in files and variables. Relative embedded paths are resolved
+``"5m"``, ``"250ms"`` in files and variables (see :mod:`dramaturg.durations`). Relative embedded paths are resolved
 against the directory of the config file (or the project root when there is none).
 """
 
@@ -34,13 +34,13 @@ import stat
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .durations import parse_ms
 from .errors import ConfigError, did_you_mean
 from .masking import mask_text, mask_url, userinfo_end
 
@@ -87,32 +87,8 @@ ENV_PREFIX = "DRAMATURG_"
 CONFIG_ENV = "DRAMATURG_CONFIG"
 CONFIG_FILENAME = "dramaturg.toml"
 
-_DURATION = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(value: Any) -> int:
-    """Milliseconds from ``int`` (already ms), ``timedelta`` or a string: ``"250ms"``,
-    ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1500"`` (ms).
-
-    >>> parse_duration_ms("5m")
-    300000
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, timedelta):
-        return int(value.total_seconds() * 1000)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return int(float(match["number"]) * _UNIT_MS[match["unit"] or "ms"])
-    raise ValueError(
-        f"{value!r} is not a duration; write milliseconds (30000) or a string such as '30s', '5m', '250ms'"
-    )
+#: The former name of :func:`dramaturg.durations.parse_ms`, the one duration parser.
+parse_duration_ms = parse_ms
 
 
 def _split_list(value: Any) -> Any:
@@ -130,7 +106,7 @@ def _split_list(value: Any) -> Any:
 #: Settings that are URLs, and may hold a password: masked wherever they are shown.
 _URL_KEYS = frozenset({"url", "management_url"})
 
-DurationMs = Annotated[int, BeforeValidator(parse_duration_ms), Field(ge=0)]
+DurationMs = Annotated[int, BeforeValidator(parse_ms), Field(ge=0)]
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 

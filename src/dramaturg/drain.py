@@ -24,18 +24,18 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import dramatiq
 from dramatiq.worker import _WorkerMiddleware
 
 from . import app
+from .durations import Duration, parse_ms
 from .errors import DramaturgError, did_you_mean
 from .middleware.outcomes import Outcomes
 from .middleware.shutdown import finish_running
 from .queues import canonical_queue
-from .task import RunOutcome, run_of, to_ms
+from .task import RunOutcome, run_of
 
 __all__ = ["DrainSummary", "drain"]
 
@@ -97,13 +97,16 @@ class Tally(dramatiq.Middleware):
 def drain(
     queues: Sequence[str],
     *,
-    budget: int | timedelta | None = None,
+    budget: Duration | None = None,
     until_empty: bool = False,
     threads: int = 8,
-    grace: int | timedelta = 30_000,
+    grace: Duration = 30_000,
     broker: dramatiq.Broker | None = None,
 ) -> DrainSummary:
-    """Process ``queues`` for ``budget`` (ms or timedelta) and stop; see the module docstring.
+    """Process ``queues`` for ``budget`` and stop; see the module docstring.
+
+    ``budget`` and ``grace`` are durations: ms, a timedelta, or ``"50s"``, ``"5m"`` (see
+    :mod:`dramaturg.durations`).
 
     ``until_empty`` stops as soon as nothing is left (with no budget: whenever that is).
     """
@@ -113,8 +116,8 @@ def drain(
         raise DramaturgError("drain() needs at least one queue")
     if threads < 1:
         raise DramaturgError(f"drain() needs at least one thread, got threads={threads}")
-    budget_s = None if budget is None else to_ms(budget) / 1000
-    grace_s = to_ms(grace) / 1000
+    budget_s = None if budget is None else parse_ms(budget, what="drain(budget=...)") / 1000
+    grace_s = parse_ms(grace, what="drain(grace=...)") / 1000
     broker = broker or app.get_broker()
     names = tuple(queues)
     _check_queues(broker, names)

@@ -25,12 +25,18 @@ and acknowledged in one transaction).
 What a held task says (reason, exception message, traceback, an undecodable body) is
 masked when it is built (see :mod:`dramaturg.masking`): a URL password in an error
 message is never stored in clear, nor printed by ``dramaturg held``.
+
+A message is acknowledged only once its outcome is durable: :func:`durable_write` tries
+such a write (holding a task, publishing a retry's copy) a few times before it gives up,
+and :func:`hold_poison` holds a message that cannot be run at all that way, for the
+brokers' consumers.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import re
 import socket
@@ -38,7 +44,7 @@ import time
 import traceback
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -48,7 +54,11 @@ import dramatiq
 from .errors import DramaturgError, KickError, Poison, SendError
 from .masking import mask_text
 
-__all__ = ["HeldStore", "HeldTask", "KickError", "held_tasks"]
+__all__ = ["HeldStore", "HeldTask", "KickError", "durable_write", "held_tasks", "hold_poison"]
+
+# The outcome lines' logger (dramaturg.middleware.outcomes): holding a poison message is
+# its outcome, and a failed durable write is one's.
+logger = logging.getLogger("dramaturg.outcomes")
 
 #: The longest traceback kept with a held task (characters, the end is kept).
 MAX_TRACEBACK = 8_000
@@ -438,3 +448,46 @@ def held_tasks(broker: dramatiq.Broker | None = None) -> HeldStore:
 
 def with_kicks(task: HeldTask, kicks: int) -> HeldTask:
     return replace(task, kicks=kicks)
+
+
+#: How often a durable write is tried before its message is left unsettled or rejected.
+WRITE_ATTEMPTS = 3
+_WRITE_PAUSES_S = (0.1, 0.5)
+
+
+def durable_write(write: Callable[[], object]) -> Exception | None:
+    """Run a durable write, trying again after a short pause when it fails; None once
+    done, else the last error. A try that failed may have been done all the same (a
+    timeout, a lost reply): the writes are idempotent where the broker allows it (Redis:
+    a copy's id is derived from its source's, and enqueued once)."""
+    error: Exception | None = None
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            write()
+            return None
+        except Exception as failure:
+            error = failure
+            logger.warning("durable write failed (try %d of %d)", attempt + 1, WRITE_ATTEMPTS, exc_info=True)
+            if attempt < len(_WRITE_PAUSES_S):
+                time.sleep(_WRITE_PAUSES_S[attempt])
+    return error
+
+
+def hold_poison(broker: dramatiq.Broker, task: HeldTask) -> bool:
+    """Hold a message that cannot be run at all; logs one line. False if it could not be stored."""
+    if durable_write(lambda: broker.held.hold(task)) is None:  # type: ignore[attr-defined]
+        logger.error(
+            "poison message %s on queue %r: %s; held",
+            task.message_id,
+            task.queue_name,
+            task.reason,
+            extra={"dramaturg": {"message_id": task.message_id, "queue": task.queue_name, "next": "held"}},
+        )
+        return True
+    logger.critical(
+        "poison message %s on queue %r: %s; it could not be held and stays on the queue",
+        task.message_id,
+        task.queue_name,
+        task.reason,
+    )
+    return False

@@ -22,11 +22,25 @@ The suffixes ``.DQ``, ``.XQ``, ``.HQ``, ``.P1`` and ``.P2`` are reserved.
 
 from __future__ import annotations
 
-__all__ = ["BANDS", "band", "canonical_queue", "lane_queue", "lanes"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import dramatiq
+
+__all__ = ["BANDS", "band", "canonical_queue", "lane_queue", "lanes", "message_priority"]
 
 #: (lowest priority of the band, Redis lane suffix), most urgent first.
 BANDS: tuple[tuple[int, str], ...] = ((0, ""), (1, ".P1"), (5, ".P2"))
 _LANE_SUFFIXES = tuple(suffix for _, suffix in BANDS if suffix)
+
+
+def message_priority(broker: dramatiq.Broker, message: Any) -> int:
+    """The message's own priority, else its actor's, else 0."""
+    priority = message.options.get("priority")
+    if priority is None:
+        actor = broker.actors.get(message.actor_name)
+        priority = actor.priority if actor is not None else 0
+    return int(priority)
 
 
 def band(priority: int) -> int:

@@ -10,8 +10,8 @@ worker processes consume it; with a counter store, what happened in the last min
     ...     print(row.queue, row.ready, row.in_flight, row.held)
     imports 10 2 1
 
-Each broker reads its own numbers (``brokers/redis_stats.py``,
-``brokers/rabbitmq_stats.py``, the stub broker) behind :class:`StatsReader`;
+Each broker reads its own numbers (``brokers/redis/stats.py``,
+``brokers/rabbitmq/stats.py``, the stub broker) behind :class:`StatsReader`;
 ``docs/operations/stats.md`` says which number comes from where. A number the broker cannot give
 is ``None``: RabbitMQ's in-flight counts without its management plugin, anything the
 stub broker does not track, and the per-minute counts unless ``counters`` is given.

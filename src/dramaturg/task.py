@@ -33,12 +33,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from datetime import timedelta
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import parse_duration_ms
+from .durations import Duration, parse_ms
 from .errors import NotInTask
 from .queues import canonical_queue
 
@@ -79,11 +78,12 @@ class Success(TaskOutcome):
 
 
 class Retry(TaskOutcome):
-    """Run the task again after ``delay_ms`` (None: the actor's backoff)."""
+    """Run the task again after ``delay`` (ms, a timedelta, or ``"30s"``, ``"5m"``: see
+    :mod:`dramaturg.durations`), kept as ``delay_ms``; None: the actor's backoff."""
 
-    def __init__(self, delay: int | timedelta | None = None, reason: str = "retry requested") -> None:
+    def __init__(self, delay: Duration | None = None, reason: str = "retry requested") -> None:
+        self.delay_ms = None if delay is None else parse_ms(delay, what="retry")
         super().__init__(reason)
-        self.delay_ms = to_ms(delay) if delay is not None else None
         self.reason = reason
 
 
@@ -100,27 +100,16 @@ class SuspendQueue(TaskOutcome):
 
     The task is put back untouched (not counted as an attempt), and this worker process
     takes nothing from the task's queue until ``delay`` (ms, a timedelta, or ``"30s"``,
-    ``"5m"``) is over; its other queues go on. See :mod:`dramaturg.suspension`.
+    ``"5m"``: see :mod:`dramaturg.durations`) is over; its other queues go on. See
+    :mod:`dramaturg.suspension`.
     """
 
-    def __init__(self, delay: int | timedelta | str, reason: str = "queue suspended") -> None:
-        try:
-            self.delay_ms = parse_duration_ms(delay)
-        except ValueError as error:
-            raise ValueError(f"SuspendQueue: {error}") from None
+    def __init__(self, delay: Duration, reason: str = "queue suspended") -> None:
+        self.delay_ms = parse_ms(delay, what="SuspendQueue")
         if self.delay_ms <= 0:
             raise ValueError(f"SuspendQueue: the delay must be more than 0, got {delay!r}")
         super().__init__(reason)
         self.reason = reason
-
-
-def to_ms(value: int | float | timedelta) -> int:
-    """Milliseconds from an int/float (ms) or a timedelta."""
-    if isinstance(value, timedelta):
-        return int(value.total_seconds() * 1000)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"expected milliseconds >= 0 or a timedelta, got {value!r}")
-    return int(value)
 
 
 class RunOutcome(StrEnum):
@@ -274,8 +263,9 @@ class Task:
         """End the task successfully now; code after this call does not run."""
         raise Success(value)
 
-    def retry(self, delay: int | timedelta | None = None, reason: str = "retry requested") -> NoReturn:
-        """Run the task again after ``delay`` (ms or timedelta; None: the actor's backoff).
+    def retry(self, delay: Duration | None = None, reason: str = "retry requested") -> NoReturn:
+        """Run the task again after ``delay`` (ms, a timedelta, or ``"30s"``, ``"5m"``;
+        None: the actor's backoff).
 
         Counts toward ``max_retries``; when they are used up the task is held with the
         reason "retries exhausted".
@@ -286,18 +276,20 @@ class Task:
         """Park the task for examination with ``reason``; it is not run again until kicked."""
         raise Hold(reason)
 
-    def touch(self, ms: int | timedelta | None = None) -> bool:
-        """Say the task is still working: its deadline moves to now + its ttr (or + ``ms``).
+    def touch(self, ms: Duration | None = None) -> bool:
+        """Say the task is still working: its deadline moves to now + its ttr (or + ``ms``:
+        ms, a timedelta, or ``"30s"``, ``"5m"``).
 
         Returns False, and logs a warning, when the deadline had already passed (the task
         is being interrupted); True otherwise.
         """
+        extension = None if ms is None else parse_ms(ms, what="touch")
         for observer in touch_observers:
             observer(self)
         deadline = self._run.deadline
         if deadline is None:
             return True
-        return deadline.touch(None if ms is None else to_ms(ms))
+        return deadline.touch(extension)
 
     def time_left(self) -> int | None:
         """Milliseconds before the task's time to run is up (None when it has no deadline)."""

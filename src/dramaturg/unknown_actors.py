@@ -36,11 +36,10 @@ from typing import Any
 import dramatiq
 from dramatiq.common import current_millis
 
-from .held import HeldTask
-from .middleware.consumer_timeout import fmt_ms
-from .middleware.outcomes import hold_poison, unknown_actor_reason
+from .durations import format_ms
+from .held import HeldTask, hold_poison
 
-__all__ = ["DEFAULT_GRACE_MS", "UNKNOWN_ACTOR_SINCE", "settle"]
+__all__ = ["DEFAULT_GRACE_MS", "UNKNOWN_ACTOR_SINCE", "settle", "unknown_actor_reason"]
 
 logger = logging.getLogger("dramaturg.unknown_actors")
 
@@ -93,7 +92,7 @@ def settle(broker: dramatiq.Broker, message: dramatiq.Message[Any], queue_name: 
                 message.actor_name,
                 message.message_id,
                 queue_name,
-                fmt_ms(left),
+                format_ms(left),
                 extra={"dramaturg": {**fields, "next": f"given back, again in {delay} ms"}},
             )
             return True
@@ -102,3 +101,12 @@ def settle(broker: dramatiq.Broker, message: dramatiq.Message[Any], queue_name: 
     held = dataclasses.replace(message, options=options)
     reason = unknown_actor_reason(message.actor_name, broker)
     return hold_poison(broker, HeldTask.from_message(held, reason, queue_name=queue_name))
+
+
+def unknown_actor_reason(actor_name: str, broker: dramatiq.Broker) -> str:
+    """The reason a task for an actor ``broker`` does not know is held with."""
+    known = ", ".join(sorted(broker.actors)) or "none"
+    return (
+        f"unknown actor {actor_name!r}: no actor of that name is declared in this worker (it has: {known});"
+        " add the module that declares it to worker.modules, then kick the task"
+    )

@@ -32,7 +32,7 @@ from dramatiq.middleware import SkipMessage
 from ..config import BrokerSettings
 from ..errors import DramaturgError, TaskHeld
 from ..held import HeldTask
-from ..middleware.outcomes import outcome_of
+from ..task import outcome_of
 from .stub import StubBroker
 
 __all__ = ["EagerBroker", "create_broker", "ping"]

@@ -25,9 +25,9 @@ from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 from .. import suspension
 from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
-from ..middleware.outcomes import outcome_of
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
+from ..task import outcome_of
 
 __all__ = ["StubBroker", "StubHeldStore", "StubStatsReader", "create_broker", "ping"]
 

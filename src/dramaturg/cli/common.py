@@ -16,7 +16,8 @@ import dramatiq
 
 from .. import app, brokers
 from ..app import BUILTIN_ACTORS
-from ..config import Settings, load_settings, parse_duration_ms
+from ..config import Settings, load_settings
+from ..durations import parse_ms
 from ..errors import UsageError
 
 
@@ -48,15 +49,15 @@ def boot(
     return settings, broker
 
 
-def delay_ms(text: str | None, option: str = "--delay") -> int | None:
-    """A duration option (``--delay`` unless ``option`` names another) as milliseconds
-    (``30s``, ``5m``, ``1500``), or None when not given."""
+def duration_ms(text: str | None, option: str) -> int | None:
+    """The duration option ``option`` (``--delay``, ``--budget``) as milliseconds
+    (``30s``, ``5m``, ``1500``: see :mod:`dramaturg.durations`), or None when not given."""
     if text is None:
         return None
     try:
-        return parse_duration_ms(text)
+        return parse_ms(text, what=option)
     except ValueError as error:
-        raise UsageError(f"{option}: {error}") from None
+        raise UsageError(str(error)) from None
 
 
 class JsonError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 from .. import app
 from ..drain import drain
 from ..errors import UsageError
-from .common import boot, delay_ms
+from .common import boot, duration_ms
 
 
 def add_parser(subparsers: Any) -> None:
@@ -40,8 +40,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    budget = delay_ms(args.budget, "--budget")
-    grace = delay_ms(args.grace, "--grace") or 0
+    budget = duration_ms(args.budget, "--budget")
+    grace = duration_ms(args.grace, "--grace") or 0
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     _, broker = boot(args, echo="as_worker")

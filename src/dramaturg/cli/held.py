@@ -24,7 +24,7 @@ from typing import Any
 from .. import brokers
 from ..errors import KickError, UsageError
 from ..held import HeldStore, HeldTask, held_tasks
-from .common import boot, delay_ms
+from .common import boot, duration_ms
 
 EPILOG = """\
 examples:
@@ -206,7 +206,7 @@ def run_kick(args: argparse.Namespace) -> int:
     failures: list[tuple[str, str]] = []
     try:
         with _quiet("pika"):  # a lost connection is reported below, once, not as pika's traceback
-            kicked = store.kick(args.queue, ids, delay_ms=delay_ms(args.delay))
+            kicked = store.kick(args.queue, ids, delay_ms=duration_ms(args.delay, "--delay"))
     except KickError as error:
         kicked, failures = error.kicked, error.failures
     print(f"requeued {kicked} held task{'s' if kicked != 1 else ''} of {args.queue}")

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import app, brokers
 from ..errors import SendError, UsageError, did_you_mean
-from .common import JsonError, boot, delay_ms, loads, shorten
+from .common import JsonError, boot, duration_ms, loads, shorten
 
 
 def add_parser(subparsers: Any) -> None:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_file(args)
     queue, actor_name, positional, keywords = parse_spec(args.spec)
-    delay = delay_ms(args.delay)
+    delay = duration_ms(args.delay, "--delay")
 
     settings, broker = boot(args, echo="also")
 

@@ -15,11 +15,10 @@ from typing import IO, Any
 
 from .. import app, brokers
 from ..bulk import Call
-from ..config import parse_duration_ms
 from ..errors import BulkSendError, BulkSendInterrupted, SendError, UsageError, did_you_mean
 from ..exit_codes import EXIT_INTERRUPTED
 from ..task_context import context
-from .common import JsonError, boot, delay_ms, loads
+from .common import JsonError, boot, duration_ms, loads
 
 #: A bad row's line on stderr, and how many of them are printed before they are only counted.
 MAX_REPORTED = 100
@@ -157,11 +156,8 @@ def run_file(args: argparse.Namespace) -> int:
     if args.priority is not None:
         options["priority"] = args.priority
     if args.ttr is not None:
-        try:
-            options["ttr"] = parse_duration_ms(args.ttr)
-        except ValueError as error:
-            raise UsageError(f"--ttr: {error}") from None
-    delay = delay_ms(args.delay)
+        options["ttr"] = duration_ms(args.ttr, "--ttr")
+    delay = duration_ms(args.delay, "--delay")
     if delay is not None:
         options["delay"] = delay
     if args.chunk_size < 1:

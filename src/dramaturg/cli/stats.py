@@ -18,10 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from .. import app
-from ..config import parse_duration_ms
 from ..errors import UsageError, did_you_mean
 from ..stats import QueueStats, queue_stats, stats_reader, totals
-from .common import boot
+from .common import boot, duration_ms
 
 EPILOG = """\
 examples:
@@ -98,12 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _interval_ms(text: str | None) -> int | None:
-    if text is None:
+    interval = duration_ms(text, "--watch")
+    if interval is None:
         return None
-    try:
-        interval = parse_duration_ms(text)
-    except ValueError as error:
-        raise UsageError(f"--watch: {error}") from None
     if interval < MIN_WATCH_MS:
         raise UsageError(f"--watch: {text!r} is {interval} ms, under {MIN_WATCH_MS} ms; write e.g. 2s")
     return interval

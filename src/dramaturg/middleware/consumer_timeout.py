@@ -33,17 +33,14 @@ from typing import Any
 
 import dramatiq
 
+from ..durations import format_ms
+
 __all__ = ["ConsumerTimeoutCheck", "fmt_ms"]
 
 logger = logging.getLogger("dramaturg.rabbitmq")
 
-
-def fmt_ms(ms: int) -> str:
-    """``1800000`` -> ``"30m"``, ``90000`` -> ``"90s"``, ``1500`` -> ``"1500ms"``."""
-    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1_000)):
-        if ms >= size and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
+#: The former name of :func:`dramaturg.durations.format_ms`, the one duration formatter.
+fmt_ms = format_ms
 
 
 class ConsumerTimeoutCheck(dramatiq.Middleware):
@@ -73,8 +70,8 @@ class ConsumerTimeoutCheck(dramatiq.Middleware):
                     actor_ttr = ttr.queues.get(actor.queue_name, ttr.default_ms)
                 if actor_ttr > limit:
                     lines.append(
-                        f"actor {name!r}: its ttr ({fmt_ms(actor_ttr)}) exceeds RabbitMQ's consumer_timeout"
-                        f" ({fmt_ms(limit)}, broker.consumer_timeout): RabbitMQ closes the channel of a task"
+                        f"actor {name!r}: its ttr ({format_ms(actor_ttr)}) exceeds RabbitMQ's consumer_timeout"
+                        f" ({format_ms(limit)}, broker.consumer_timeout): RabbitMQ closes the channel of a task"
                         " running longer than that and the task runs again; raise consumer_timeout on the server"
                         " (and broker.consumer_timeout to match) or lower the ttr"
                     )
@@ -82,8 +79,8 @@ class ConsumerTimeoutCheck(dramatiq.Middleware):
                 backoff = int(actor.options.get("max_backoff") or outcomes.max_backoff)
                 if backoff > limit:
                     lines.append(
-                        f"actor {name!r}: its retries wait up to {fmt_ms(backoff)} (max_backoff), more than"
-                        f" RabbitMQ's consumer_timeout ({fmt_ms(limit)}, broker.consumer_timeout): a worker holds"
+                        f"actor {name!r}: its retries wait up to {format_ms(backoff)} (max_backoff), more than"
+                        f" RabbitMQ's consumer_timeout ({format_ms(limit)}, broker.consumer_timeout): a worker holds"
                         " a delayed message unacknowledged until it is due, so RabbitMQ would close its channel;"
                         " lower max_backoff or raise consumer_timeout on the server"
                     )

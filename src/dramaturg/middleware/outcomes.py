@@ -60,7 +60,7 @@ from dramatiq.middleware import SkipMessage
 from dramatiq.results import Results
 
 from .. import suspension
-from ..held import HeldTask, describe, origin
+from ..held import HeldTask, describe, durable_write, hold_poison, origin
 from ..logs import iso_utc
 from ..queues import canonical_queue
 from ..task import (
@@ -75,16 +75,13 @@ from ..task import (
     start_run,
     taken_back,
 )
+from ..unknown_actors import unknown_actor_reason
 from .shutdown import stopping
 from .ttr import StopRequested, TimeToRunExceeded
 
 __all__ = ["Outcomes", "StopRequested", "hold_poison", "outcome_of", "unknown_actor_reason"]
 
 logger = logging.getLogger("dramaturg.outcomes")
-
-#: How often a retry publish or a held-store write is tried before the message is rejected.
-WRITE_ATTEMPTS = 3
-_WRITE_PAUSES_S = (0.1, 0.5)
 
 
 class Outcomes(dramatiq.Middleware):
@@ -232,7 +229,7 @@ class Outcomes(dramatiq.Middleware):
                     "dramaturg_rerun": False,
                 },
             )
-            error = _durable_write(lambda: _enqueue_copy(broker)(copy, delay=delay))
+            error = durable_write(lambda: _enqueue_copy(broker)(copy, delay=delay))
             done = error is None
             next_step = f"retrying in {delay} ms" if done else "the retry could not be published"
             retry_at = time.time() + delay / 1000 if done else None
@@ -241,7 +238,7 @@ class Outcomes(dramatiq.Middleware):
         else:
             retry_at = None
             task = HeldTask.from_message(message, reason, queue_name=queue, exception=exception)
-            error = _durable_write(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
+            error = durable_write(lambda: broker.held.hold(task))  # type: ignore[attr-defined]
             done = error is None
             next_step = f"held: {reason}" if done else f"could not be held ({reason})"
             level = logging.WARNING if isinstance(exception, Hold) or rate_limited else logging.ERROR
@@ -274,7 +271,7 @@ class Outcomes(dramatiq.Middleware):
         if taken_back(message):  # RabbitMQ delivers it again by itself (marked redelivered)
             return None
         copy = message.copy(queue_name=canonical_queue(message.queue_name), options={"dramaturg_rerun": rerun})
-        return _durable_write(lambda: _enqueue_copy(broker)(copy))
+        return durable_write(lambda: _enqueue_copy(broker)(copy))
 
     def delay_ms(self, message: Any, actor: Any, exception: BaseException, retries: int) -> int:
         """The explicit delay of a retry, else the backoff for this retry."""
@@ -301,8 +298,6 @@ def _undone(broker: dramatiq.Broker, message: Any, error: Exception) -> RunOutco
     unreachable: Callable[[BaseException], bool] | None = getattr(broker, "unreachable", None)
     if unreachable is not None and unreachable(error):
         start_run(message).outcome = RunOutcome.UNSETTLED  # the broker's consumer lets it go, unsettled
-        # Until the Redis consumer reads outcome_of(message), as the other brokers do.
-        message._dramaturg_outcome = RunOutcome.UNSETTLED.value
         return RunOutcome.UNSETTLED
     _reject(message)
     return RunOutcome.REJECTED
@@ -367,62 +362,11 @@ def _report_to_result_backends(broker: dramatiq.Broker, message: Any, exception:
                     )
 
 
-def hold_poison(broker: dramatiq.Broker, task: HeldTask) -> bool:
-    """Hold a message that cannot be run at all; logs one line. False if it could not be stored."""
-    if _durably(lambda: broker.held.hold(task)):  # type: ignore[attr-defined]
-        logger.error(
-            "poison message %s on queue %r: %s; held",
-            task.message_id,
-            task.queue_name,
-            task.reason,
-            extra={"dramaturg": {"message_id": task.message_id, "queue": task.queue_name, "next": "held"}},
-        )
-        return True
-    logger.critical(
-        "poison message %s on queue %r: %s; it could not be held and stays on the queue",
-        task.message_id,
-        task.queue_name,
-        task.reason,
-    )
-    return False
-
-
-def unknown_actor_reason(actor_name: str, broker: dramatiq.Broker) -> str:
-    known = ", ".join(sorted(broker.actors)) or "none"
-    return (
-        f"unknown actor {actor_name!r}: no actor of that name is declared in this worker (it has: {known});"
-        " add the module that declares it to worker.modules, then kick the task"
-    )
-
-
 def _enqueue_copy(broker: dramatiq.Broker) -> Callable[..., Any]:
     """How ``broker`` enqueues a copy of a message it delivered (a retry, a release): its
     ``enqueue_copy`` where it has one (Redis: once, however often the write is run), else
     its ``enqueue``."""
     return getattr(broker, "enqueue_copy", broker.enqueue)
-
-
-def _durably(write: Callable[[], object]) -> bool:
-    """Run a durable write, trying again after a short pause when it fails; True once done."""
-    return _durable_write(write) is None
-
-
-def _durable_write(write: Callable[[], object]) -> Exception | None:
-    """Run a durable write, trying again after a short pause when it fails; None once
-    done, else the last error. A try that failed may have been done all the same (a
-    timeout, a lost reply): the writes are idempotent where the broker allows it (Redis:
-    a copy's id is derived from its source's, and enqueued once)."""
-    error: Exception | None = None
-    for attempt in range(WRITE_ATTEMPTS):
-        try:
-            write()
-            return None
-        except Exception as failure:
-            error = failure
-            logger.warning("durable write failed (try %d of %d)", attempt + 1, WRITE_ATTEMPTS, exc_info=True)
-            if attempt < len(_WRITE_PAUSES_S):
-                time.sleep(_WRITE_PAUSES_S[attempt])
-    return error
 
 
 def _summary(exception: BaseException) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import dramatiq
 
-from ..queues import BANDS, band, lanes
+from ..queues import BANDS, band, lanes, message_priority
 
 __all__ = ["MessagePriorityQueue", "Priority", "message_priority"]
 
@@ -28,15 +28,6 @@ logger = logging.getLogger("dramaturg.priority")
 
 #: Actors whose explicit broker_priority was reported (once per actor in this process).
 _warned: set[str] = set()
-
-
-def message_priority(broker: dramatiq.Broker, message: Any) -> int:
-    """The message's own priority, else its actor's, else 0."""
-    priority = message.options.get("priority")
-    if priority is None:
-        actor = broker.actors.get(message.actor_name)
-        priority = actor.priority if actor is not None else 0
-    return int(priority)
 
 
 class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
@@ -50,7 +41,7 @@ class MessagePriorityQueue(PriorityQueue):  # type: ignore[type-arg]
     ``gate`` (a Redis broker's ``claims``) holds every message back from worker threads
     while the worker may have been taken for dead (``gate.suspected``) until
     ``gate.trusted`` is set: by then the messages another worker recovered meanwhile are
-    out of this queue (see :mod:`dramaturg.brokers.redis_claims`). One attribute read per
+    out of this queue (see :mod:`dramaturg.brokers.redis.claims`). One attribute read per
     message.
     """
 

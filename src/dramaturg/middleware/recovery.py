@@ -22,7 +22,7 @@ queue of that call: with idle workers that takes minutes to tens of minutes
    messages gets one WARNING: how many, on which queues, how long since its last heartbeat;
 3. gives back the claims of this worker that no thread of it holds any more (a fetch
    whose reply was lost, messages a consumer dropped after a connection error), with one
-   WARNING naming them: see :mod:`dramaturg.brokers.redis_claims`, which also does it
+   WARNING naming them: see :mod:`dramaturg.brokers.redis.claims`, which also does it
    when a consumer restarts and explains why a message a thread holds is never given back;
 4. on a Redis error, logs it and tries again at the next tick.
 
@@ -33,9 +33,9 @@ or its process paused. When this thread's heartbeat fails, or comes more than
 been: it starts nothing it holds in memory (its consumers give back what they prefetched
 and delayed) until Redis answers again and it has checked which of its claims are still
 its own; the messages another worker recovered are then dropped from its work queue, with
-one WARNING (see :mod:`dramaturg.brokers.redis_claims`). The broker's client gives up on a
+one WARNING (see :mod:`dramaturg.brokers.redis.claims`). The broker's client gives up on a
 Redis that does not answer after ``heartbeat_timeout`` / 2 (at most 10 s; see
-:func:`dramaturg.brokers.redis.read_timeout_ms`), so a failed heartbeat is noticed within
+:func:`dramaturg.brokers.redis.connection.read_timeout_ms`), so a failed heartbeat is noticed within
 0.7 x ``heartbeat_timeout``, before anyone can take this worker for dead. And a worker
 that could not reach Redis itself takes nobody for dead until it has been reaching it
 again for ``heartbeat_timeout``: after an outage every worker's heartbeat is old, and each
@@ -98,8 +98,8 @@ import dramatiq
 from ..queues import canonical_queue
 
 if TYPE_CHECKING:
-    from ..brokers.redis import RecoveredWorker, RedisRecoverer
-    from ..brokers.redis_claims import RedisClaims
+    from ..brokers.redis.claims import RedisClaims
+    from ..brokers.redis.recovery import RecoveredWorker, RedisRecoverer
 
 __all__ = ["MIN_TICK_MS", "RedisRecovery"]
 
@@ -134,7 +134,7 @@ class RedisRecovery(dramatiq.Middleware):
         return max(self.heartbeat_timeout_ms // 5, MIN_TICK_MS)
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        from ..brokers.redis import RedisRecoverer
+        from ..brokers.redis.recovery import RedisRecoverer
 
         if self.heartbeat_timeout_ms < 5 * MIN_TICK_MS:
             logger.warning(

@@ -11,7 +11,7 @@ moved it back, once the whole process had gone. Faults stranded claims in live w
 
 - a fetch whose reply was lost (the script ran, the connection dropped before the answer
   came): the messages are claimed and no thread ever sees them; a client that retries
-  the call claims a second batch on top (see :func:`dramaturg.brokers.redis.no_retry`);
+  the call claims a second batch on top (see :func:`dramaturg.brokers.redis.connection.no_retry`);
 - a connection error in a consumer: Dramatiq's ``ConsumerThread`` replaces the consumer
   and forgets what it had prefetched, and a delay-queue consumer's thread throws its
   whole delay queue away (``self.delay_queue = PriorityQueue()``, nothing requeued);
@@ -96,6 +96,8 @@ from typing import Any
 import redis
 from dramatiq.common import current_millis
 
+from .connection import script
+
 __all__ = ["FetchedBodies", "RedisClaims"]
 
 logger = logging.getLogger("dramaturg.recovery")
@@ -103,70 +105,8 @@ logger = logging.getLogger("dramaturg.recovery")
 #: How many given-back message ids a WARNING names (the rest are counted).
 SHOWN_IDS = 20
 
-# Claims up to ARGV[4] messages of a queue, as Dramatiq's fetch command does (its
-# heartbeat too), and returns each claimed id followed by its body. An id whose body is
-# gone (purged, acknowledged by a worker that recovered it) is dropped, not claimed:
-# Dramatiq claimed it for good.
-# KEYS: namespace; ARGV: queue, worker id, now (ms), how many
-_FETCH = """
-local queue = KEYS[1] .. ":" .. ARGV[1]
-local bodies = queue .. ".msgs"
-local claims = KEYS[1] .. ":__acks__." .. ARGV[2] .. "." .. ARGV[1]
-redis.call("zadd", KEYS[1] .. ":__heartbeats__", ARGV[3], ARGV[2])
-local found = {}
-for _ = 1, tonumber(ARGV[4]) do
-    local id = redis.call("lpop", queue)
-    if not id then
-        break
-    end
-    local body = redis.call("hget", bodies, id)
-    if body then
-        redis.call("sadd", claims, id)
-        found[#found + 1] = id
-        found[#found + 1] = body
-    end
-end
-return found
-"""
-
-# Gives back the given ids of one claim set that are still in it, to the head of the
-# queue, oldest first (ARGV[1] "1"; otherwise in any order), as the dead-worker recovery
-# does. Each id leaves the claim set before it is pushed, so it is pushed once, however
-# many give it back at the same time.
-# KEYS: claim set, queue list, queue bodies; ARGV: "1" to keep order, the ids
-# Returns the Dramatiq message ids (for the log) of what went back, "?" where undecodable.
-_GIVE_BACK = """
-local found = {}
-for i = 2, #ARGV do
-    local id = ARGV[i]
-    if redis.call("srem", KEYS[1], id) == 1 then
-        local body = redis.call("hget", KEYS[3], id)
-        if body then
-            local sent, message_id = math.huge, "?"
-            local ok, message = pcall(cjson.decode, body)
-            if ok and type(message) == "table" then
-                if type(message["message_timestamp"]) == "number" then
-                    sent = message["message_timestamp"]
-                end
-                if type(message["message_id"]) == "string" then
-                    message_id = message["message_id"]
-                end
-            end
-            if ARGV[1] ~= "1" then
-                sent = 0
-            end
-            found[#found + 1] = {id, sent, message_id}
-        end
-    end
-end
-table.sort(found, function(a, b) return a[2] > b[2] end)
-local moved = {}
-for _, entry in ipairs(found) do
-    redis.call("lpush", KEYS[2], entry[1])
-    moved[#moved + 1] = entry[3]
-end
-return moved
-"""
+_FETCH = script("fetch")
+_GIVE_BACK = script("give_back_claims")
 
 
 def _ids_in(bodies: list[bytes]) -> list[str]:

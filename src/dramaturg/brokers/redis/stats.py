@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
+from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 
-from ..errors import BrokerUnreachable
-from ..masking import mask_url
-from ..queues import BANDS, canonical_queue
-from ..stats import QueueStats, StatsReader
-from .redis import _glob_escape, _text
-
-if TYPE_CHECKING:
-    from .redis import RedisBroker
+from ...config import BrokerSettings
+from ...errors import BrokerUnreachable
+from ...masking import mask_url
+from ...queues import BANDS, canonical_queue
+from ...stats import QueueStats, StatsReader
+from .connection import glob_escape, text
 
 __all__ = ["RedisStatsReader"]
 
@@ -47,25 +46,30 @@ _PRESENCE_SUFFIXES = (".msgs", ".XQ")
 
 
 class RedisStatsReader(StatsReader):
-    """Reads queue statistics from the keys of a Redis broker (see the module docstring)."""
+    """Reads queue statistics from the keys of a Redis broker (see the module docstring).
 
-    broker: RedisBroker
+    ``broker`` is any Dramatiq Redis broker (its ``client``, ``namespace`` and
+    ``heartbeat_timeout`` in ms are read); ``settings`` are its settings (for the URL an
+    error names).
+    """
 
-    def __init__(self, broker: RedisBroker) -> None:
+    def __init__(self, broker: _DramatiqRedisBroker, settings: BrokerSettings) -> None:
         super().__init__(broker)
         self.client: redis.Redis = broker.client
         self.namespace: str = broker.namespace
+        self.heartbeat_timeout_ms = int(broker.heartbeat_timeout)
+        self.settings = settings
 
     def read(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         try:
             names = list(queues) if queues is not None else sorted(self.known_queues() | self._present())
             return self._read(names)
         except redis.RedisError as error:
-            raise BrokerUnreachable(f"cannot reach Redis at {mask_url(self.broker.settings.url)}: {error}") from None
+            raise BrokerUnreachable(f"cannot reach Redis at {mask_url(self.settings.url)}: {error}") from None
 
     def _read(self, queues: Sequence[str]) -> list[QueueStats]:
         ns = self.namespace
-        cutoff = int(time.time() * 1000) - int(self.broker.heartbeat_timeout)
+        cutoff = int(time.time() * 1000) - self.heartbeat_timeout_ms
         with self.client.pipeline(transaction=True) as pipe:
             for queue in queues:
                 for suffix in _LANE_SUFFIXES:
@@ -100,8 +104,8 @@ class RedisStatsReader(StatsReader):
         """Queues that hold messages or dead letters, or have workers (SCAN, never KEYS)."""
         prefix = f"{self.namespace}:"
         found: set[str] = set()
-        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-            name = _text(key)[len(prefix) :]
+        for key in self.client.scan_iter(match=glob_escape(prefix) + "*", count=1000):
+            name = text(key)[len(prefix) :]
             if name.startswith("__workers__:"):
                 found.add(name[len("__workers__:") :])
             elif not name.startswith("__") and name.endswith(_PRESENCE_SUFFIXES):

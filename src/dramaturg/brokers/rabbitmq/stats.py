@@ -32,19 +32,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pika
 import pika.exceptions
+from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 
-from ..errors import BrokerUnreachable
-from ..masking import mask_url
-from ..queues import canonical_queue
-from ..stats import QueueStats, StatsReader
-from .rabbitmq import _reason, _unreachable, held_queue, quiet_pika
-
-if TYPE_CHECKING:
-    from .rabbitmq import RabbitmqBroker
+from ...config import BrokerSettings
+from ...errors import BrokerUnreachable
+from ...masking import mask_url
+from ...queues import canonical_queue
+from ...stats import QueueStats, StatsReader
+from .connection import error_text, quiet_pika, unreachable
+from .held import held_queue
 
 __all__ = ["RabbitmqStatsReader", "management_url"]
 
@@ -87,15 +87,18 @@ _opener = urllib.request.build_opener(_NoRedirects)
 
 
 class RabbitmqStatsReader(StatsReader):
-    """Reads queue statistics from RabbitMQ (see the module docstring)."""
+    """Reads queue statistics from RabbitMQ (see the module docstring).
 
-    broker: RabbitmqBroker
+    ``broker`` is any Dramatiq RabbitmqBroker (its ``parameters`` are read); ``settings``
+    are its settings (the management API's URL, the timeouts, the URL an error names).
+    """
 
-    def __init__(self, broker: RabbitmqBroker) -> None:
+    def __init__(self, broker: _DramatiqRabbitmqBroker, settings: BrokerSettings) -> None:
         super().__init__(broker)
-        self.settings = broker.settings
-        self.management_url = management_url(broker.settings)
-        amqp = urllib.parse.urlsplit((broker.settings.url or "").split(";")[0].strip())
+        self.settings = settings
+        self.parameters = broker.parameters
+        self.management_url = management_url(settings)
+        amqp = urllib.parse.urlsplit((settings.url or "").split(";")[0].strip())
         self.vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
         self._warned = False
 
@@ -136,10 +139,10 @@ class RabbitmqStatsReader(StatsReader):
             return None
         except urllib.error.URLError as error:
             cause = error.reason
-            self._unavailable(_reason(cause) if isinstance(cause, BaseException) else str(cause))
+            self._unavailable(error_text(cause) if isinstance(cause, BaseException) else str(cause))
             return None
         except (OSError, ValueError) as error:  # timeouts, a reply that is not JSON
-            self._unavailable(_reason(error))
+            self._unavailable(error_text(error))
             return None
         return {str(row["name"]): row for row in rows if isinstance(row, dict) and "name" in row}
 
@@ -158,11 +161,11 @@ class RabbitmqStatsReader(StatsReader):
     def _from_amqp(self, queues: Sequence[str]) -> list[QueueStats]:
         try:
             with quiet_pika():
-                connection = pika.BlockingConnection(self.broker.parameters)
+                connection = pika.BlockingConnection(self.parameters)
         except pika.exceptions.ProbableAuthenticationError:
-            raise _unreachable(self.settings, "authentication failed (check the user and password)") from None
+            raise unreachable(self.settings, "authentication failed (check the user and password)") from None
         except (pika.exceptions.AMQPError, OSError) as error:
-            raise _unreachable(self.settings, _reason(error)) from None
+            raise unreachable(self.settings, error_text(error)) from None
         try:
             channel = connection.channel()
             rows = []
@@ -194,7 +197,7 @@ class RabbitmqStatsReader(StatsReader):
             return rows
         except (pika.exceptions.AMQPError, OSError) as error:
             raise BrokerUnreachable(
-                f"lost RabbitMQ at {mask_url(self.settings.url)} while reading: {_reason(error)}"
+                f"lost RabbitMQ at {mask_url(self.settings.url)} while reading: {error_text(error)}"
             ) from None
         finally:
             if connection.is_open:

@@ -1,0 +1,333 @@
+"""The RabbitMQ consumer: :class:`RabbitmqConsumer`, which holds poison messages instead
+of dead-lettering them and never settles a delivery on a channel it did not come on."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from queue import Empty
+from typing import Any
+
+import pika
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.common import q_name
+from dramatiq.errors import ConnectionClosed
+
+from ... import envelope, suspension, unknown_actors
+from ...durations import format_ms
+from ...held import HeldTask, hold_poison
+from ...masking import mask_url
+from ...queues import canonical_queue
+from .connection import error_text
+
+__all__ = ["CLOSE_WAIT_S", "RabbitmqConsumer"]
+
+logger = logging.getLogger("dramaturg.rabbitmq")
+
+#: How long a close from another thread waits for a consumer's thread beyond its poll
+#: timeout (it may be moving due delayed messages to their queue).
+CLOSE_WAIT_S = 3.0
+
+
+class RabbitmqConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer, holding poison messages instead of dead-lettering them.
+
+    Dramatiq rejects a body it cannot decode into the dead-letter queue, where it
+    expires after a week without a word of why, and trusts the fields of one it can.
+    Here each body is read by :func:`dramaturg.envelope.decode`: one that does not
+    decode, has a field of the wrong type or names another queue is held with its
+    reason, and then acknowledged. A message for an actor this worker does not know is
+    given back for a while, then held (:mod:`dramaturg.unknown_actors`). If neither can
+    be written, the message is rejected as before (not lost). ``__next__`` mirrors
+    Dramatiq 2.x's, with those checks added.
+
+    While its queue is suspended (:mod:`dramaturg.suspension`) the consumer is cancelled
+    on its channel: RabbitMQ takes back the deliveries it had sent but this worker had
+    not started (they go to other consumers, flagged as redelivered), while the ones
+    being processed stay unacknowledged on the open channel and are acknowledged as
+    they finish. Closing the channel instead would hand those back too, and they would
+    run twice. When the suspension ends it consumes again.
+
+    A message remembers the consumer it came from. When RabbitMQ closed that consumer's
+    channel (``consumer_timeout``, a lost connection), the delivery went back to the
+    queue, and Dramatiq would acknowledge or reject it on the next consumer's channel,
+    where the same delivery number names another message; here it is left alone and
+    logged (see :mod:`dramaturg.middleware.consumer_timeout`).
+
+    Once its channel is gone the consumer is marked :attr:`gone`, and what it delivered
+    but the worker had not started is never started: the worker's work queue
+    (:class:`~dramaturg.middleware.priority.MessagePriorityQueue`) drops it, and the
+    next consumer drops the delayed messages Dramatiq still holds from this one.
+    RabbitMQ delivers all of them again; only the tasks running at the drop run twice.
+
+    Its connection is used by its own thread only (pika's connections are not
+    thread-safe). Dramatiq's ``Worker.stop`` closes consumers from its own thread, after
+    waiting ``shutdown_timeout`` at most for them to leave; a consumer still polling then
+    (its poll lasts the worker timeout, a second by default) would have its connection
+    closed under it: the stop hung for good, or pika's state broke. Here such a close is
+    handed to the consumer's thread (woken at once), and waited for, for a bounded time:
+    the connection closes, and RabbitMQ takes back what it had delivered but was not
+    acknowledged.
+    """
+
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        #: True once this consumer's channel is closed or lost: its deliveries are void
+        #: (RabbitMQ has taken them back). Read by worker threads for every message.
+        self.gone = False
+        self._forget_stale_delayed(queue_name)
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        self.timeout_s = timeout / 1000
+        self.cancelled = False
+        #: The thread that uses the connection (Dramatiq's consumer thread).
+        self._owner = threading.current_thread()
+        self._closing = threading.Lock()
+        self._closed = False
+        #: Another thread asked for a close; the owner does it at its next step.
+        self._leave = False
+        self._in_next = False  # the owner is in __next__ (where a wake-up can reach it)
+
+    def __next__(self) -> Any:
+        if not self._leave:
+            self._in_next = True
+            try:
+                return self._next_delivery()
+            except _Leaving:
+                pass  # woken by close() from another thread
+            finally:
+                self._in_next = False
+        # Closed here, in the connection's own thread; Dramatiq's consumer thread then
+        # leaves (or, if it was not told to stop, starts a new consumer).
+        self._close_here()
+        raise StopIteration
+
+    def _next_delivery(self) -> Any:
+        while True:
+            if not self.queue_name.endswith(".DQ"):  # delay queues only move messages on
+                wait = suspension.remaining_s(canonical_queue(self.queue_name))
+                if (wait > 0 or self.cancelled) and not self._follow_suspension(wait):
+                    return None
+            try:
+                method, properties, body = next(self.iterator)
+                if method is None:
+                    return None
+            except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+                if getattr(e, "reply_code", None) == 404:
+                    self.broker.queues_pending.add(q_name(self.queue_name))
+                self._lost(e)
+                raise ConnectionClosed(e) from None
+
+            queue = canonical_queue(self.queue_name)
+            try:
+                message = envelope.decode(body, self.queue_name)
+            except envelope.Poison as poison:
+                delivery_id = properties.message_id if properties else None
+                self._settle_poison(HeldTask.from_poison(poison, queue, delivery_id), method)
+                continue
+            # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
+            if message.actor_name not in self.broker.actors and message.options.get("eta") is None:
+                if unknown_actors.settle(self.broker, message, queue):  # given back, or held
+                    self.channel.basic_ack(method.delivery_tag)
+                else:
+                    self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+                continue
+
+            self.known_tags.add(method.delivery_tag)
+            return _Delivery(self, method.redelivered, method.delivery_tag, message)
+
+    def ack(self, message: Any) -> None:
+        if not self._came_from_here(message, "finished"):
+            return
+        if threading.current_thread() is not self._owner:
+            super().ack(message)  # type: ignore[no-untyped-call]  # handed to the owner's next poll
+            return
+        # The consumer's own thread acknowledges a delayed message it has just moved to
+        # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
+        # due messages are moved: a connection lost meanwhile would deliver this one
+        # again, to be moved (and run) a second time. Sent now, before the next move.
+        try:
+            self.known_tags.discard(message._tag)
+            self.channel.basic_ack(message._tag)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            self._lost(e)
+            raise ConnectionClosed(e) from None
+
+    def nack(self, message: Any) -> None:
+        if self._came_from_here(message, "was rejected"):
+            super().nack(message)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        """Close the channel and the connection, in the consumer's own thread.
+
+        From another thread while the consumer's thread is alive, the close is handed to
+        it (see the class docstring) and waited for up to the poll timeout plus
+        :data:`CLOSE_WAIT_S`; past that, a thread of its own waits for the consumer's
+        thread to end and closes then (the process exiting closes it too).
+        """
+        self.gone = True  # from here on, nothing it delivered is started or settled
+        owner = self._owner
+        if threading.current_thread() is owner or not owner.is_alive():
+            self._close_here()
+            return
+        self._leave = True
+        with contextlib.suppress(pika.exceptions.AMQPError):  # closed already: nothing to wake
+            self.connection.add_callback_threadsafe(self._wake)
+        deadline = time.monotonic() + self.timeout_s + CLOSE_WAIT_S
+        while not self._closed and owner.is_alive() and time.monotonic() < deadline:
+            owner.join(0.01)  # the owner closes in __next__, or leaves without coming back
+        if self._closed:
+            return
+        if not owner.is_alive():
+            self._close_here()  # it left without another step: nothing uses the connection now
+            return
+        logger.warning(
+            "the consumer of queue %r did not stop within %.1f s; its connection closes once it does (or when"
+            " this process exits), and RabbitMQ then takes back the %d messages it had delivered",
+            self.queue_name,
+            self.timeout_s + CLOSE_WAIT_S,
+            len(self.known_tags),
+        )
+        threading.Thread(target=self._close_after, args=(owner,), name="close-consumer", daemon=True).start()
+
+    def _wake(self) -> None:
+        """Run by pika in the owner's thread, between its reads: leave the poll at once."""
+        if self._in_next and not self._closed:
+            raise _Leaving
+
+    def _close_after(self, owner: threading.Thread) -> None:
+        owner.join()
+        self._close_here()
+
+    def _close_here(self) -> None:
+        """Dramatiq's close (acknowledgements queued first, then channel and connection), once."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self.gone = True
+            super().close()  # type: ignore[no-untyped-call]
+
+    def _came_from_here(self, message: Any, what: str) -> bool:
+        source = getattr(message, "_dramaturg_consumer", self)
+        if source is self and not self.gone:
+            return True
+        logger.warning(
+            "%s (message %s) %s after RabbitMQ closed the channel it came on: RabbitMQ has given it back to"
+            " the queue, so it runs again (its delivery is not settled on the new channel)",
+            message.actor_name,
+            message.message_id,
+            what,
+        )
+        return False
+
+    def _lost(self, error: BaseException) -> None:
+        """The channel is closed or the connection lost: void every delivery, and say so."""
+        if self.gone:
+            return
+        self.gone = True
+        if _is_consumer_timeout(error):
+            self._log_consumer_timeout()
+            return
+        logger.warning(
+            "lost the channel of queue %r (%s): the %d messages this worker had taken from it and not"
+            " acknowledged go back to the queue; those not started are not run here, and those running"
+            " will run again when RabbitMQ delivers them again (each is logged as delivered again)",
+            self.queue_name,
+            mask_url(error_text(error)),
+            len(self.known_tags),
+        )
+
+    def _forget_stale_delayed(self, queue_name: str) -> None:
+        """Drop the delayed messages this consumer's thread still holds from a consumer that is gone.
+
+        Dramatiq's consumer thread keeps its delay queue when it replaces its consumer
+        after an unexpected error or a pause (after a connection error it empties it
+        itself). The old channel is closed, so RabbitMQ delivers those messages again:
+        moving them to their queue when due as well would queue each task twice. Runs
+        once per consumer, in the consumer thread.
+        """
+        thread = threading.current_thread()
+        delayed = getattr(thread, "delay_queue", None)
+        if getattr(thread, "queue_name", None) != queue_name or delayed is None:
+            return
+        kept, dropped = [], 0
+        while True:
+            try:
+                item = delayed.get_nowait()
+            except Empty:
+                break
+            delayed.task_done()
+            source = item.message.__dict__.get("_dramaturg_consumer")
+            if source is not None and source.gone:
+                dropped += 1
+            else:
+                kept.append(item)
+        for item in kept:
+            delayed.put(item)
+        if dropped:
+            logger.info(
+                "queue %r: %d delayed messages taken on a closed channel are dropped here; RabbitMQ delivers"
+                " them again",
+                queue_name,
+                dropped,
+            )
+
+    def _log_consumer_timeout(self) -> None:
+        logger.error(
+            "RabbitMQ closed the channel of queue %r: a delivery was not acknowledged within the server's"
+            " consumer_timeout (broker.consumer_timeout = %s); the %d messages this worker had taken from it go"
+            " back to the queue, and those already started will run again (each is logged as delivered again)."
+            " Raise consumer_timeout on the server, lower the ttr of long tasks, or lower broker.prefetch",
+            self.queue_name,
+            format_ms(self.broker.settings.consumer_timeout),
+            len(self.known_tags),
+        )
+
+    def _follow_suspension(self, wait: float) -> bool:
+        """Cancel while suspended (idling up to ``wait``), consume again after; True once consuming."""
+        try:
+            if wait > 0:
+                if not self.cancelled:
+                    self.channel.cancel()  # rejects the unstarted deliveries back to the queue, one by one
+                    self.cancelled = True
+                # Serve heartbeats and the acknowledgements of running tasks while idle.
+                self.connection.process_data_events(time_limit=min(wait, self.timeout_s))
+                return False
+            self.iterator = self.channel.consume(self.queue_name, inactivity_timeout=self.timeout_s)
+            self.cancelled = False
+            return True
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            self._lost(e)
+            raise ConnectionClosed(e) from None
+
+    def _settle_poison(self, task: HeldTask, method: Any) -> None:
+        if hold_poison(self.broker, task):
+            self.channel.basic_ack(method.delivery_tag)
+        else:
+            self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+class _Delivery(_RabbitmqMessage):
+    """A message as a RabbitMQ consumer delivered it, knowing the consumer it came from."""
+
+    def __init__(self, consumer: RabbitmqConsumer, redelivered: bool, tag: int, message: Any) -> None:
+        super().__init__(redelivered, tag, message)  # type: ignore[no-untyped-call]
+        self._dramaturg_consumer = consumer
+
+    def taken_back(self) -> bool:
+        """True once the channel it came on is closed: RabbitMQ has it again (see :func:`dramaturg.task.taken_back`)."""
+        return self._dramaturg_consumer.gone
+
+
+class _Leaving(Exception):
+    """Raised in a consumer's thread, out of pika's poll, to leave it at once (see
+    :meth:`RabbitmqConsumer.close`). pika dispatches the callback that raises it after
+    its I/O step, in the caller's context, so its own state stays whole."""
+
+
+def _is_consumer_timeout(error: BaseException) -> bool:
+    """A channel closed by RabbitMQ because a delivery outlived its consumer_timeout."""
+    text = str(getattr(error, "reply_text", ""))
+    return getattr(error, "reply_code", None) == 406 and "acknowledgement" in text and "timed out" in text

@@ -1,0 +1,142 @@
+"""The redis-py client every dramaturg component of a Redis broker shares, and ``ping``.
+
+A client made by :func:`make_client` waits :func:`read_timeout_ms` at most for an answer,
+probes idle connections with TCP keepalive, and retries no command by itself
+(:func:`no_retry`). :func:`script` reads the Lua scripts beside these modules, once, when
+the module that runs them is imported.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ...config import BrokerSettings
+from ...errors import BrokerUnreachable, ConfigError
+from ...masking import mask_url
+
+__all__ = [
+    "MAX_READ_TIMEOUT_MS",
+    "glob_escape",
+    "make_client",
+    "no_retry",
+    "ping",
+    "ping_client",
+    "read_timeout_ms",
+    "script",
+    "socket_options",
+    "text",
+]
+
+#: The longest read timeout of the broker's client (see read_timeout_ms).
+MAX_READ_TIMEOUT_MS = 10_000
+
+_SCRIPTS = resources.files(__package__)
+
+
+def script(name: str) -> str:
+    """The Lua script ``<name>.lua`` of this package."""
+    return _SCRIPTS.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def no_retry() -> Retry:
+    """The retry policy of the broker's clients: none, whatever redis-py's default.
+
+    redis-py 6 and later retry a command that failed with a connection error or a timeout
+    (10 times, with backoff, on a client made with ``redis.Redis(...)``; none on one made
+    with ``Redis.from_url``, nor in Dramatiq's own ``RedisBroker(url=...)``). A script that
+    ran in Redis and whose reply was lost then runs again: a fetch claims a second batch
+    over the first, which nobody holds; an enqueue enqueues twice. So no command is
+    retried blindly, and each caller copes with the error: a consumer restarts and gives
+    back what it claimed (:mod:`dramaturg.brokers.redis.claims`), Dramatiq retries an
+    acknowledgement (idempotent), the recovery thread tries again at its next tick, a
+    sender gets the error (the message may have been enqueued). A connection that broke
+    while idle is still replaced before use: the pool checks it when it hands it out.
+    """
+    return Retry(NoBackoff(), 0)
+
+
+def read_timeout_ms(settings: BrokerSettings) -> int:
+    """How long the broker's client waits for an answer: half of ``broker.heartbeat_timeout``,
+    at most :data:`MAX_READ_TIMEOUT_MS` (10 s, so 10 s with the default 60 s; 500 ms with 1 s).
+
+    A Redis that stops answering without closing the connection (a network black hole, a
+    paused server) would otherwise hold a consumer, a sender and the heartbeat thread until
+    TCP gives up (many minutes). With this timeout the heartbeat thread's next tick fails
+    within ``heartbeat_timeout`` / 5 + this, before another worker can take this one for
+    dead (``heartbeat_timeout``), and the worker stops starting what it holds until it has
+    checked its claims (see :mod:`dramaturg.brokers.redis.claims`). No command dramaturg
+    or Dramatiq sends blocks in Redis; the longest are scripts over a few thousand messages,
+    well under a second.
+    """
+    return min(settings.heartbeat_timeout // 2, MAX_READ_TIMEOUT_MS)
+
+
+def socket_options(settings: BrokerSettings) -> dict[str, Any]:
+    """redis-py connection options of the broker's client: the connect timeout, the read
+    timeout (:func:`read_timeout_ms`), and for TCP keepalive probes after as many idle
+    seconds, every third of it, three of them (a dead idle connection is dropped, not
+    handed out), where the platform has them."""
+    timeout_s = read_timeout_ms(settings) / 1000
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.connect_timeout / 1000,
+        "socket_timeout": timeout_s,
+    }
+    if not (settings.url or "").startswith("unix:"):
+        idle = max(1, round(timeout_s))
+        probes = {"TCP_KEEPIDLE": idle, "TCP_KEEPINTVL": max(1, idle // 3), "TCP_KEEPCNT": 3}
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = {
+            getattr(socket, name): value for name, value in probes.items() if hasattr(socket, name)
+        }
+    return options
+
+
+def make_client(settings: BrokerSettings) -> redis.Redis:
+    """A redis-py client for ``broker.url`` with the configured connect timeout, a read
+    timeout and TCP keepalive (:func:`socket_options`), which retries nothing by itself
+    (:func:`no_retry`)."""
+    assert settings.url is not None
+    try:
+        return redis.Redis.from_url(settings.url, retry=no_retry(), **socket_options(settings))
+    except ValueError as error:
+        raise ConfigError(
+            f"broker.url: not a valid Redis URL: {error}",
+            key="broker.url",  # never quote a URL that did not parse
+        ) from None
+
+
+def ping(settings: BrokerSettings) -> float:
+    client = make_client(settings)
+    try:
+        return ping_client(client, f"Redis at {mask_url(settings.url)}")
+    finally:
+        client.close()
+
+
+def ping_client(client: redis.Redis, what: str) -> float:
+    """Round trip of one PING in ms, or :class:`BrokerUnreachable` naming ``what``."""
+    start = time.perf_counter()
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise BrokerUnreachable(f"cannot reach {what}: authentication failed (check the password)") from None
+    except redis.RedisError as error:
+        raise BrokerUnreachable(f"cannot reach {what}: {error}") from None
+    return (time.perf_counter() - start) * 1000
+
+
+def text(value: bytes | str) -> str:
+    """A key or member as text (Redis answers with bytes)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def glob_escape(literal: str) -> str:
+    """``literal`` matched literally by a Redis MATCH pattern (namespaces may hold ``*?[]``)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in literal)
