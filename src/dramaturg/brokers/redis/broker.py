@@ -344,6 +344,8 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
 
     def close(self) -> None:
         super().close()
+        self.settler.close()
+        self.claims.close()
         self.client.close()
 
     def __repr__(self) -> str:

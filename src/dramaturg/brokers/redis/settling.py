@@ -17,17 +17,18 @@ at any moment leaves its messages exactly as claimed or as settled as before.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
 from dramatiq.common import current_millis
-from redis.exceptions import NoScriptError
 
-from .connection import script
+from .connection import OwnConnection, script
 
 __all__ = ["Settler"]
 
 _SETTLE = script("settle")
+_SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
 
 
 class _Settling:
@@ -51,8 +52,8 @@ class Settler:
     """Settles claimed messages of one worker (``worker_id``) in group commits; see the module."""
 
     def __init__(self, client: Any, namespace: str, worker_id: str) -> None:
-        self._client = client
-        self._script = client.register_script(_SETTLE)
+        #: Used by the thread sending a group, one at a time.
+        self._connection = OwnConnection(client)
         self._namespace = namespace
         self._worker_id = worker_id
         self._lock = threading.Lock()
@@ -101,10 +102,7 @@ class Settler:
                 self._sending = False
 
     def _call(self, args: list[Any]) -> Any:
-        # EVALSHA straight away (redis-py's Script call checks its client's type first);
-        # loaded again if Redis lost it (a restart, SCRIPT FLUSH).
-        try:
-            return self._client.evalsha(self._script.sha, 1, self._namespace, *args)
-        except NoScriptError:
-            self._script.sha = self._client.script_load(_SETTLE)
-            return self._client.evalsha(self._script.sha, 1, self._namespace, *args)
+        return self._connection.run(_SETTLE_SHA, _SETTLE, [self._namespace], args)
+
+    def close(self) -> None:
+        self._connection.close()
