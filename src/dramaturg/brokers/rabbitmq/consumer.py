@@ -185,8 +185,10 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 tags.append(self._acks.popleft())
             except IndexError:
                 break
-        if not tags or self.gone:
-            return  # the channel is closed: RabbitMQ has taken them back
+        # Not self.gone: a close sets it before it runs the callbacks still queued, this one
+        # among them, whose acknowledgements must go out first (as Dramatiq's close does).
+        if not tags or not self.channel.is_open:
+            return  # the channel is closed or lost: RabbitMQ has taken them back
         buffered = self.channel._impl  # pika's channel under the blocking one: writes a frame, no flush
         for tag in tags[:-1]:
             buffered.basic_ack(tag)
