@@ -28,11 +28,12 @@ from ..held import HeldStore, HeldTask
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
 from ..task import outcome_of
+from .hooks import HookDispatch
 
 __all__ = ["StubBroker", "StubHeldStore", "StubStatsReader", "create_broker", "ping"]
 
 
-class StubBroker(_DramatiqStubBroker):
+class StubBroker(HookDispatch, _DramatiqStubBroker):
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
         super().__init__(middleware=middleware)
         self.settings = settings

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -87,7 +87,8 @@ class StateStore:
         self._pending: dict[str, list[Any]] = {}
         self._new: list[tuple[str, list[str]]] = []
         #: Tasks started and ended, as the worker threads saw them: made records at the flush.
-        self._runs: list[tuple[Any, ...]] = []
+        #: A deque, appended to without a lock (atomic) and emptied from the other end.
+        self._runs: deque[tuple[Any, ...]] = deque()
         self._counts: Counter[tuple[str, int, str]] = Counter()
         self._wake = threading.Event()
         self._closed = False
@@ -122,9 +123,8 @@ class StateStore:
     def task_event(self, event: tuple[Any, ...]) -> None:
         """A task started or ended (see :class:`~dramaturg.status.recorder.StatusRecorder`); its record is made at the
         next flush, in the writer thread, not in the worker thread."""
-        with self._lock:
-            self._runs.append(event)
-        if self._thread is None or self._pid != os.getpid():
+        self._runs.append(event)
+        if self._thread is None:  # (a forked child's store has none: see _forget_writers)
             self._ensure_thread()
 
     def record_new(self, message_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
@@ -153,7 +153,7 @@ class StateStore:
                 pending, self._pending = self._pending, {}
                 counts, self._counts = self._counts, Counter()
                 new, self._new = self._new, []
-                runs, self._runs = self._runs, []
+            runs = _take_all(self._runs)
             if runs:
                 _apply_runs(runs, pending, counts)
             if not pending and not counts and not new:
@@ -277,6 +277,25 @@ class StateStore:
 
 
 _stores: weakref.WeakSet[StateStore] = weakref.WeakSet()
+
+
+def _take_all(events: deque[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Empty ``events`` from its left while threads may append on its right."""
+    taken = []
+    while True:
+        try:
+            taken.append(events.popleft())
+        except IndexError:
+            return taken
+
+
+def _forget_writers() -> None:
+    """In a forked child: no store has a writer thread (the parent's did not come along)."""
+    for store in list(_stores):
+        store._thread = None
+
+
+os.register_at_fork(after_in_child=_forget_writers)
 
 
 @atexit.register

@@ -23,6 +23,7 @@ from ...config import BrokerSettings
 from ...durations import format_ms
 from ...masking import mask_url
 from ...queues import BANDS
+from ..hooks import HookDispatch
 from .confirms import ConfirmWindow
 from .connection import connection_parameters
 from .consumer import RabbitmqConsumer
@@ -34,7 +35,7 @@ __all__ = ["RabbitmqBroker", "create_broker"]
 logger = logging.getLogger("dramaturg.rabbitmq")
 
 
-class RabbitmqBroker(_DramatiqRabbitmqBroker):
+class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     """Dramatiq's RabbitMQ broker, built from :class:`BrokerSettings`.
 
     Connections are opened lazily, one per thread, as in Dramatiq.

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from queue import Empty
 from typing import Any
 
@@ -88,6 +89,9 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         #: Another thread asked for a close; the owner does it at its next step.
         self._leave = False
         self._in_next = False  # the owner is in __next__ (where a wake-up can reach it)
+        #: Delivery tags the worker threads finished, for the owner to acknowledge.
+        self._acks: deque[int] = deque()
+        self._acks_due = False  # a call of _send_acks is on its way to the owner
 
     def __next__(self) -> Any:
         if not self._leave:
@@ -140,19 +144,52 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     def ack(self, message: Any) -> None:
         if not self._came_from_here(message, "finished"):
             return
-        if threading.current_thread() is not self._owner:
-            super().ack(message)  # type: ignore[no-untyped-call]  # handed to the owner's next poll
+        tag = message._tag
+        if threading.current_thread() is self._owner:
+            # The consumer's own thread acknowledges a delayed message it has just moved to
+            # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
+            # due messages are moved: a connection lost meanwhile would deliver this one
+            # again, to be moved (and run) a second time. Sent now, before the next move.
+            try:
+                self.known_tags.discard(tag)
+                self.channel.basic_ack(tag)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+                self._lost(e)
+                raise ConnectionClosed(e) from None
             return
-        # The consumer's own thread acknowledges a delayed message it has just moved to
-        # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
-        # due messages are moved: a connection lost meanwhile would deliver this one
-        # again, to be moved (and run) a second time. Sent now, before the next move.
         try:
-            self.known_tags.discard(message._tag)
-            self.channel.basic_ack(message._tag)
-        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
-            self._lost(e)
-            raise ConnectionClosed(e) from None
+            self.known_tags.remove(tag)
+        except KeyError:
+            logger.warning("failed to acknowledge message %s: not among this channel's deliveries", message.message_id)
+            return
+        # Handed to the consumer's thread (pika's connection is not thread-safe), as Dramatiq
+        # does, but together: one wake-up for the acknowledgements that pile up meanwhile,
+        # and one write of their frames, where pika writes and polls after each.
+        self._acks.append(tag)
+        if not self._acks_due:
+            self._acks_due = True
+            try:
+                self.connection.add_callback_threadsafe(self._send_acks)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+                raise ConnectionClosed(e) from None
+
+    def _send_acks(self) -> None:
+        """In the consumer's thread: acknowledge every delivery the worker threads finished."""
+        self._acks_due = False  # first: a tag added after this is sent by the next call
+        tags = []
+        while True:
+            try:
+                tags.append(self._acks.popleft())
+            except IndexError:
+                break
+        # Not self.gone: a close sets it before it runs the callbacks still queued, this one
+        # among them, whose acknowledgements must go out first (as Dramatiq's close does).
+        if not tags or not self.channel.is_open:
+            return  # the channel is closed or lost: RabbitMQ has taken them back
+        buffered = self.channel._impl  # pika's channel under the blocking one: writes a frame, no flush
+        for tag in tags[:-1]:
+            buffered.basic_ack(tag)
+        self.channel.basic_ack(tags[-1])  # writes them all
 
     def nack(self, message: Any) -> None:
         if self._came_from_here(message, "was rejected"):

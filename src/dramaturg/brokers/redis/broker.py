@@ -4,8 +4,9 @@ It enqueues a new message under its own id, a copy of one enqueued before once
 (:func:`~.placement.copy_id`), many at once in one script call, each on the lane of its
 priority (:mod:`.placement`);
 and it fetches, acknowledges and rejects through the claims of its worker
-(:mod:`dramaturg.brokers.redis.claims`). Its scripts: ``enqueue_many.lua``,
-``enqueue_once.lua``, ``ack.lua``, ``nack.lua``.
+(:mod:`dramaturg.brokers.redis.claims`), the acknowledgements and rejections of its
+threads sent together (:mod:`dramaturg.brokers.redis.settling`). Its scripts:
+``enqueue_many.lua``, ``enqueue_once.lua``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from ...bulk import new_ids
 from ...config import BrokerSettings
 from ...masking import mask_url
 from ...queues import canonical_queue, lanes
+from ..hooks import HookDispatch
 from .claims import RedisClaims
 from .connection import make_client, script
 from .consumer import RedisConsumer
 from .held import RedisHeldStore
 from .placement import is_new, lane_of, placed
+from .settling import Settler
 from .stats import RedisStatsReader
 
 if TYPE_CHECKING:
@@ -39,11 +42,9 @@ __all__ = ["RedisBroker", "create_broker"]
 
 _ENQUEUE_MANY = script("enqueue_many")
 _ENQUEUE_ONCE = script("enqueue_once")
-_ACK = script("ack")
-_NACK = script("nack")
 
 
-class RedisBroker(_DramatiqRedisBroker):
+class RedisBroker(HookDispatch, _DramatiqRedisBroker):
     """Dramatiq's Redis broker, built from :class:`BrokerSettings`.
 
     ``client`` is the redis-py client every dramaturg component shares; the embedded
@@ -82,8 +83,7 @@ class RedisBroker(_DramatiqRedisBroker):
         self.held = RedisHeldStore(self, settings)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
         self._enqueue_once = self.client.register_script(_ENQUEUE_ONCE)
-        self._ack = self.client.register_script(_ACK)
-        self._nack = self.client.register_script(_NACK)
+        self.settler = Settler(self.client, self.namespace, self.broker_id)
         self.claims = RedisClaims(self)
         self._requeue = self._dispatch("requeue")  # type: ignore[no-untyped-call]
 
@@ -261,20 +261,16 @@ class RedisBroker(_DramatiqRedisBroker):
     def do_ack(self, queue_name: str, redis_id: str) -> int:
         """Acknowledge a message: its body is deleted and its claim released. 1 if it was
         claimed by this worker; else nothing changed, and 0 if its body is there (another
-        worker recovered it), -1 if not (see ack.lua)."""
-        base = f"{self.namespace}:{queue_name}"
-        claims = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
-        result = int(self._ack(keys=[claims, base + ".msgs"], args=[redis_id]))
+        worker recovered it), -1 if not (see settle.lua). Sent with those of the other
+        threads (:mod:`dramaturg.brokers.redis.settling`)."""
+        result = self.settler.settle("a", queue_name, redis_id)
         self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
         return result
 
     def do_nack(self, queue_name: str, redis_id: str) -> int:
         """Reject a message into the dead-letter queue and release its claim; the same
         answer as :meth:`do_ack`."""
-        base = f"{self.namespace}:{queue_name}"
-        claims = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
-        dead = f"{self.namespace}:{queue_name.removesuffix('.DQ')}.XQ"
-        result = int(self._nack(keys=[claims, base + ".msgs", dead, dead + ".msgs"], args=[redis_id, current_millis()]))
+        result = self.settler.settle("n", queue_name, redis_id)
         self.claims.release(queue_name, (redis_id,))
         return result
 
@@ -316,6 +312,8 @@ class RedisBroker(_DramatiqRedisBroker):
 
     def close(self) -> None:
         super().close()
+        self.settler.close()
+        self.claims.close()
         self.client.close()
 
     def __repr__(self) -> str:

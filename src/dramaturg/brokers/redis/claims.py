@@ -87,6 +87,7 @@ the ids beside the bodies (Dramatiq's returns bodies only).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -96,7 +97,7 @@ from typing import Any
 import redis
 from dramatiq.common import current_millis
 
-from .connection import script
+from .connection import OwnConnection, script
 
 __all__ = ["FetchedBodies", "RedisClaims"]
 
@@ -106,6 +107,7 @@ logger = logging.getLogger("dramaturg.recovery")
 SHOWN_IDS = 20
 
 _FETCH = script("fetch")
+_FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 _GIVE_BACK = script("give_back_claims")
 
 
@@ -156,7 +158,8 @@ class RedisClaims:
         #: Queues to reconcile before their next fetch (a consumer started on them).
         self._unchecked: set[str] = set()
         self._setup = threading.Lock()
-        self._fetch = self.client.register_script(_FETCH)
+        #: Per queue, the connection its fetches use (under the queue's lock).
+        self._connections: dict[str, OwnConnection] = {}
         self._give_back = self.client.register_script(_GIVE_BACK)
         #: True while this worker may have been taken for dead and has not checked its
         #: claims yet: its work queue starts nothing meanwhile. Read for every message.
@@ -189,7 +192,11 @@ class RedisClaims:
             if queue in self._unchecked:
                 self._reconcile(queue, held)
                 self._unchecked.discard(queue)
-            reply = self._fetch(keys=[self.namespace], args=[queue, self.worker_id, current_millis(), count])
+            connection = self._connections.get(queue)
+            if connection is None:
+                connection = self._connections[queue] = OwnConnection(self.client)
+            args = [queue, self.worker_id, current_millis(), count]
+            reply = connection.run(_FETCH_SHA, _FETCH, [self.namespace], args)
             ids = [redis_id.decode() for redis_id in reply[0::2]]
             held.update(ids)
         return FetchedBodies(reply[1::2], ids)
@@ -343,6 +350,11 @@ class RedisClaims:
 
     def _claims_key(self, queue: str) -> str:
         return f"{self.namespace}:__acks__.{self.worker_id}.{queue}"
+
+    def close(self) -> None:
+        """Close the connections of the fetches (the broker closes)."""
+        for connection in list(self._connections.values()):
+            connection.close()
 
     def _queue(self, queue: str) -> tuple[threading.Lock, set[str]]:
         try:

@@ -1,0 +1,176 @@
+"""Redis and embedded: the acknowledgements of a worker's threads go to Redis together.
+
+:class:`dramaturg.brokers.redis.settling.Settler` sends the messages its threads settle
+while a call is out as one group; each thread still returns only once Redis has settled
+its message, with its own answer, or raises the error of the call that carried it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import pytest
+
+import dramaturg
+
+from .conftest import poll_until
+
+pytestmark = pytest.mark.parametrize("broker_kind", ["redis", "embedded"])
+
+
+def claimed_ids(broker: Any, queue: str, count: int) -> list[str]:
+    """Send ``count`` tasks to ``queue`` and claim them as a worker's fetch does: their Redis ids."""
+
+    @dramaturg.actor(queue_name=queue)
+    def task(n: int) -> None:
+        pass
+
+    for n in range(count):
+        task.send(n)
+    bodies = broker.do_fetch(queue, count)
+    assert len(bodies) == count
+    return [dramatiq.Message.decode(body).options["redis_message_id"] for body in bodies]
+
+
+def calls_of(broker: Any, gate: threading.Event | None = None) -> list[int]:
+    """Patch the settler so that each script call records how many messages it carries
+    (and the first waits for ``gate``); the list of those counts."""
+    settler, calls = broker.settler, []
+    call = settler._call
+
+    def counted(args: list[Any]) -> Any:
+        calls.append((len(args) - 2) // 3)
+        if gate is not None and len(calls) == 1:
+            assert gate.wait(10)
+        return call(args)
+
+    settler._call = counted
+    return calls
+
+
+def in_threads(work: Callable[[str], Any], ids: list[str]) -> tuple[dict[str, Any], list[threading.Thread]]:
+    results: dict[str, Any] = {}
+
+    def run(redis_id: str) -> None:
+        try:
+            results[redis_id] = work(redis_id)
+        except Exception as error:
+            results[redis_id] = error
+
+    threads = [threading.Thread(target=run, args=(redis_id,)) for redis_id in ids]
+    for thread in threads:
+        thread.start()
+    return results, threads
+
+
+def test_acknowledgements_that_come_while_one_is_out_go_together(broker: Any) -> None:
+    # Given 8 claimed messages, and a first acknowledgement whose call is slow to come back
+    ids = claimed_ids(broker, "settle", 8)
+    gate = threading.Event()
+    calls = calls_of(broker, gate)
+    first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[:1])
+    poll_until(lambda: calls == [1], "the first call out")
+
+    # When 7 more threads acknowledge theirs meanwhile
+    results, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[1:])
+    poll_until(lambda: len(broker.settler._waiting) == 7, "7 acknowledgements waiting")
+    assert not results, "a thread returned before Redis had settled its message"
+    gate.set()
+    for thread in threads + more:
+        thread.join(10)
+
+    # Then they went in one call, after the first, and each got its own answer
+    assert calls == [1, 7]
+    assert {**first, **results} == dict.fromkeys(ids, 1)
+    # and Redis settled them all: no body, no claim left
+    assert broker.client.hlen(f"{broker.namespace}:settle.msgs") == 0
+    assert broker.client.scard(f"{broker.namespace}:__acks__.{broker.broker_id}.settle") == 0
+
+
+def test_each_message_of_a_group_gets_its_own_answer(broker: Any) -> None:
+    # Given a claimed message, one whose claim another worker took (recovered while this
+    # one was taken for dead), one settled already, and one to reject
+    mine, recovered, settled, rejected = claimed_ids(broker, "settle", 4)
+    broker.client.srem(f"{broker.namespace}:__acks__.{broker.broker_id}.settle", recovered)
+    assert broker.do_ack("settle", settled) == 1
+
+    # When they are settled in one group
+    gate = threading.Event()
+    calls = calls_of(broker, gate)
+    first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), [mine])
+    poll_until(lambda: calls == [1], "the first call out")
+    acks, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), [recovered, settled])
+    nacks, last = in_threads(lambda redis_id: broker.do_nack("settle", redis_id), [rejected])
+    poll_until(lambda: len(broker.settler._waiting) == 3, "3 waiting")
+    gate.set()
+    for thread in threads + more + last:
+        thread.join(10)
+
+    # Then each answer is its own: settled, another worker's (left alone), gone already
+    assert calls == [1, 3]
+    assert (first[mine], acks[recovered], acks[settled], nacks[rejected]) == (1, 0, -1, 1)
+    assert broker.client.hexists(f"{broker.namespace}:settle.msgs", recovered)
+    # and the rejected one is among the dead letters, with its body
+    assert broker.client.zscore(f"{broker.namespace}:settle.XQ", rejected) is not None
+    assert broker.client.hexists(f"{broker.namespace}:settle.XQ.msgs", rejected)
+
+
+def test_a_failed_call_fails_every_message_it_carried_and_the_next_group_goes_on(broker: Any) -> None:
+    # Given a call that fails (Redis did not answer) while 3 threads wait behind it
+    ids = claimed_ids(broker, "settle", 5)
+    gate = threading.Event()
+    settler, sizes = broker.settler, []
+    call = settler._call
+
+    def failing_second(args: list[Any]) -> Any:
+        sizes.append((len(args) - 2) // 3)
+        if len(sizes) == 1:
+            assert gate.wait(10)
+        if len(sizes) == 2:
+            raise ConnectionError("test: no answer")
+        return call(args)
+
+    settler._call = failing_second
+    first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[:1])
+    poll_until(lambda: sizes == [1], "the first call out")
+    group, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[1:4])
+    poll_until(lambda: len(settler._waiting) == 3, "3 waiting")
+    gate.set()
+    for thread in threads + more:
+        thread.join(10)
+
+    # Then each of the 3 raised the error, as its own call would have, and they are still claimed
+    assert first == {ids[0]: 1}
+    assert all(isinstance(group[redis_id], ConnectionError) for redis_id in ids[1:4]), group
+    assert broker.client.scard(f"{broker.namespace}:__acks__.{broker.broker_id}.settle") == 4
+    # and the next acknowledgement is sent at once (no thread is left marked as sending)
+    assert broker.do_ack("settle", ids[4]) == 1
+    # and the 3 are settled when tried again, as Dramatiq's worker tries again
+    assert [broker.do_ack("settle", redis_id) for redis_id in ids[1:4]] == [1, 1, 1]
+
+
+def test_a_worker_settles_every_task_through_it(broker: Any, start_worker: Callable[..., dramatiq.Worker]) -> None:
+    # Given 200 tasks and a worker of 8 threads
+    ran: list[int] = []
+
+    @dramaturg.actor(queue_name="settle")
+    def task(n: int) -> None:
+        ran.append(n)
+
+    for n in range(200):
+        task.send(n)
+    calls = calls_of(broker)
+
+    # When it runs them
+    start_worker(threads=8)
+    poll_until(lambda: len(ran) >= 200, "the 200 tasks ran")
+    poll_until(lambda: sum(calls) >= 200, "the 200 acknowledged")
+
+    # Then each ran once, and none is left claimed or queued
+    assert sorted(ran) == list(range(200))
+    assert sum(calls) == 200
+    assert broker.client.hlen(f"{broker.namespace}:settle.msgs") == 0
+    assert broker.client.scard(f"{broker.namespace}:__acks__.{broker.broker_id}.settle") == 0
