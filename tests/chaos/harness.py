@@ -12,9 +12,12 @@ A **duplicate** is a task that started twice for the same attempt, or that succe
 is still queued or held. A duplicate is explained only when a run of the task was going
 on in a process a fault hit, when the fault began (:meth:`Fault.touches`; for a fault
 the processes cannot notice, while it lasted), or ended while the fault lasted (its
-outcome and acknowledgement could not reach the broker), and a worker logged that the
-task runs again ("delivered again", "runs again", "those it had started run again");
-every other duplicate is a failure of the run.
+outcome and acknowledgement could not reach the broker), or, for a fault on every
+process, was waiting as a retry or delayed message when the fault began (a consumer
+holds it, unacknowledged, and moves it to its queue when due: a move whose publish or
+acknowledgement the fault cut is made again), and a worker logged that the task runs
+again ("delivered again", "runs again", "those it had started run again"); every other
+duplicate is a failure of the run.
 
 The **time to recover** of a fault is from its end until the tasks it interrupted (those
 whose run it touched) have ended again, or, when it interrupted none, until the first
@@ -24,6 +27,7 @@ task ended after it; a run's is the longest of its faults'.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -114,6 +118,19 @@ class Fault:
         if self.start <= finished <= self.end:
             return True
         return run.start <= (self.end if self.silent else self.start) and finished >= self.start - ACK_SLACK_S
+
+    def caught_waiting(self, runs: list[TaskRun]) -> bool:
+        """True if this fault, on every process, began while the task waited between two
+        attempts (a retry, due later): held by a consumer that moves it to its queue when
+        it is due, a move the fault may cut after its publish and before its acknowledgement."""
+        if self.scope is not None:
+            return False
+        ordered = sorted(runs, key=lambda run: run.start)
+        return any(
+            earlier.end is not None and earlier.end <= self.start and later.start >= self.start
+            for earlier, later in itertools.pairwise(ordered)
+            if later.attempt == earlier.attempt + 1
+        )
 
 
 @dataclass
@@ -568,7 +585,9 @@ class Chaos:
             each = runs.get(message_id, [])
             # By task: one whose outcome was in flight at a fault may run again, its
             # later attempts (a retry published twice) included.
-            touched = any(f.touches(run) for f in self.faults for run in each)
+            touched = any(f.touches(run) for f in self.faults for run in each) or any(
+                f.caught_waiting(each) for f in self.faults
+            )
             at_fault = touched and (how == "ran twice" or how.startswith("succeeded, and is still queued"))
             # One still queued has not run again yet, so no line can say so yet.
             logged = (
