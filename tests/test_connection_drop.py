@@ -53,8 +53,9 @@ def consumer_connection(server: Any, queue: str) -> str:
 
     def find() -> str | None:
         for consumer in management(server, "GET", "consumers"):
-            if consumer["queue"]["name"] == queue:
-                return str(consumer["channel_details"]["connection_name"])
+            details = consumer.get("channel_details")  # [] until the node has filled them in
+            if consumer["queue"]["name"] == queue and isinstance(details, dict) and details.get("connection_name"):
+                return str(details["connection_name"])
         return None
 
     return str(poll_until(find, f"a consumer on {queue!r} in the management API"))

@@ -10,10 +10,10 @@ will take it, so it counts as lost (``stranded`` in the notes).
 
 A **duplicate** is a task that started twice for the same attempt, or that succeeded and
 is still queued or held. A duplicate is explained only when a run of the task was going
-on in a process a fault hit, when the fault began (:meth:`Fault.touches`; for a fault
-the processes cannot notice, while it lasted), or ended while the fault lasted (its
-outcome and acknowledgement could not reach the broker), or, for a fault on every
-process, was waiting as a retry or delayed message when the fault began (a consumer
+on in a process a fault hit, when the fault began or before its processes could notice
+it (:meth:`Fault.touches`; for a fault they cannot notice, while it lasted), or ended
+while the fault lasted (its outcome and acknowledgement could not reach the broker), or,
+for a fault on every process, was waiting as a retry or delayed message when the fault began (a consumer
 holds it, unacknowledged, and moves it to its queue when due: a move whose publish or
 acknowledgement the fault cut is made again), and a worker logged that the task runs
 again ("delivered again", "runs again", "those it had started run again"); every other
@@ -61,6 +61,10 @@ QUEUE = "chaos"
 #: A run that ended this long before a fault may not have been acknowledged yet: the
 #: ``end`` line is written in the handler, the acknowledgement follows it.
 ACK_SLACK_S = 0.5
+#: A fault the processes notice (a reset connection) is seen at the consumer's next read:
+#: a task a worker thread took from what the consumer had prefetched this long after the
+#: fault began may still have started on the lost channel (and runs again, logged).
+NOTICE_SLACK_S = 0.1
 #: Phrases of the worker log lines that say a task runs again.
 RERUN_PHRASES = ("delivered again", "runs again", "run again")
 #: The start of a worker log line: ``[2026-11-30 16:17:18,289] [PID 23108] ...``.
@@ -117,7 +121,8 @@ class Fault:
         finished = run.end if run.end is not None else float("inf")
         if self.start <= finished <= self.end:
             return True
-        return run.start <= (self.end if self.silent else self.start) and finished >= self.start - ACK_SLACK_S
+        began = self.end if self.silent else self.start + NOTICE_SLACK_S
+        return run.start <= began and finished >= self.start - ACK_SLACK_S
 
     def caught_waiting(self, runs: list[TaskRun]) -> bool:
         """True if this fault, on every process, began while the task waited between two
