@@ -150,10 +150,9 @@ def test_a_dropped_connection_runs_again_only_the_tasks_that_were_running(
         assert any(f"(message {message_id}) was delivered again" in line for _, line in lines), message_id
 
 
-def test_delayed_messages_taken_on_a_closed_channel_are_moved_to_their_queue_once(
-    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], caplog: pytest.LogCaptureFixture
-) -> None:
-    # Given 20 tasks sent with a delay, held by a worker until they are due
+def send_delayed(count: int, delay_ms: int) -> tuple[list[str], set[str]]:
+    """Send ``count`` tasks to ``dropq`` with a delay: the message ids each run saw (as they
+    ran), and the ids sent."""
     ran: list[str] = []
     lock = threading.Lock()
 
@@ -162,7 +161,14 @@ def test_delayed_messages_taken_on_a_closed_channel_are_moved_to_their_queue_onc
         with lock:
             ran.append(dramaturg.current_task().message_id)
 
-    sent = {later.send_with_options(args=(n,), delay=1_500).message_id for n in range(20)}
+    return ran, {later.send_with_options(args=(n,), delay=delay_ms).message_id for n in range(count)}
+
+
+def test_delayed_messages_taken_on_a_closed_channel_are_moved_to_their_queue_once(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 20 tasks sent with a delay, held by a worker until they are due
+    ran, sent = send_delayed(20, delay_ms=1_500)
     worker = start_worker(threads=2)
     delayed = worker.consumers["dropq.DQ"]
     poll_until(lambda: delayed.delay_queue.qsize() == 20, "the worker holding the 20 delayed messages", 10)
@@ -190,15 +196,7 @@ def test_a_delayed_message_moved_to_its_queue_is_acknowledged_before_the_next_is
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given 3 delayed tasks, due together, held by a worker
-    ran: list[str] = []
-    lock = threading.Lock()
-
-    @dramaturg.actor(queue_name="dropq")
-    def later(n: int) -> None:
-        with lock:
-            ran.append(dramaturg.current_task().message_id)
-
-    sent = {later.send_with_options(args=(n,), delay=500).message_id for n in range(3)}
+    ran, sent = send_delayed(3, delay_ms=500)
 
     # When the broker goes away while the worker moves them to their queue: the first
     # is moved, then the consumer's connection drops and the second cannot be published
