@@ -261,3 +261,76 @@ def test_tasks_sent_in_bulk_are_told_too(
 
     start_worker(threads=2)
     assert status_when(last, "succeeded").duration_ms is not None
+
+
+def test_a_workers_records_hold_every_field_whatever_the_text_in_them(redis_server: Any) -> None:
+    """The writer makes a worker's records as text (not through dicts and ``json``):
+    each reads back as the fields themselves, quotes and non-ASCII text included."""
+    from dramatiq import Message
+
+    from dramaturg.task import RunOutcome
+
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    store = StateStore(client, namespace=f"test-{uuid.uuid4().hex[:8]}", ttl_ms=60_000, flush_interval_s=3600)
+    worker = 'host:1 Thread-"1"'
+
+    def message(**options: Any) -> Message[Any]:
+        return Message(queue_name="imports.DQ", actor_name="import_user", args=(), kwargs={}, options=options)
+
+    running, done, held, rejected, retried = (message() for _ in range(5))
+    earlier_error = 'ValueError: "bad" row \u2013 ü'
+    again = message(retries=2, dramaturg_last_error=earlier_error)
+    store.task_event(("start", running.message_id, 10.0, running, worker))
+    for m, outcome, error, reason in (
+        (done, RunOutcome.SUCCEEDED, None, None),
+        (held, RunOutcome.HELD, None, 'no "email" \u2013 ü'),
+        (rejected, RunOutcome.REJECTED, "KeyError: 'email'\nat line 3", None),
+        (retried, RunOutcome.RETRIED, "OSError: busy", None),
+        (again, RunOutcome.SUCCEEDED, None, None),
+    ):
+        store.task_event(("start", m.message_id, 10.0, m, worker))
+        store.task_event(("end", m.message_id, 10.25, m, worker, 10.0, outcome, error, reason, None))
+    store.flush()
+
+    common = {"queue": "imports", "actor": "import_user", "worker": worker, "started_at": 10_000}
+    ended = {**common, "finished_at": 10_250, "duration_ms": 250}
+
+    def fields(m: Message[Any]) -> dict[str, Any] | None:
+        record = store.get(m.message_id)
+        return None if record is None else {k: v for k, v in record.items() if k not in {"at", "enqueued_at"}}
+
+    assert fields(running) == {**common, "state": "running", "attempt": 1}
+    assert fields(done) == {**ended, "state": "succeeded", "attempt": 1}
+    assert fields(held) == {**ended, "state": "held", "attempt": 1, "reason": 'no "email" \u2013 ü'}
+    assert fields(rejected) == {**ended, "state": "failed", "attempt": 1, "last_error": "KeyError: 'email'\nat line 3"}
+    assert fields(retried) is None  # its retry's enqueue tells it
+    assert fields(again) == {**ended, "state": "succeeded", "attempt": 3, "last_error": earlier_error}
+    record = store.get(done.message_id)
+    assert record is not None and (record["at"], record["enqueued_at"]) == (10.25, done.message_timestamp)
+    assert store.minute_counts(["imports"])["imports"] == dict.fromkeys(COUNTERS, 0)  # counted at 10 s, long ago
+    store.close()
+
+
+def test_a_run_and_a_senders_change_of_the_same_task_in_one_flush_are_merged(redis_server: Any) -> None:
+    from dramatiq import Message
+
+    from dramaturg.task import RunOutcome
+
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    down = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    store = StateStore(down, namespace=namespace, ttl_ms=60_000, flush_interval_s=3600)
+    m = Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={})
+    other = Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={})
+    # The sender's news of m (a kick, say) came first; its run ended after it
+    store.record(m.message_id, {"state": "queued", "queue": "q", "note": "kicked"}, at=100.0)
+    store.task_event(("end", m.message_id, 101.0, m, "w:1", 100.5, RunOutcome.SUCCEEDED, None, None, None))
+    store.task_event(("end", other.message_id, 101.0, other, "w:1", 100.5, RunOutcome.SUCCEEDED, None, None, None))
+    store.flush()  # the store is down: both are kept
+    store.client = client
+    store.flush()
+    record = store.get(m.message_id)
+    assert record is not None and (record["state"], record["note"], record["worker"]) == ("succeeded", "kicked", "w:1")
+    record = store.get(other.message_id)
+    assert record is not None and (record["state"], record["duration_ms"], record["at"]) == ("succeeded", 500, 101.0)
+    store.close()
