@@ -49,8 +49,7 @@ import stat
 import tempfile
 import threading
 import time
-from http.server import ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
@@ -58,6 +57,9 @@ from .. import task as task_module
 from ..queues import canonical_queue
 from ..task import RunOutcome, TaskOutcome, run_of, start_run
 from .ttr import StopRequested, TimeToRunExceeded
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 __all__ = ["Metrics", "metrics_directory", "metrics_installed", "serve_metrics"]
 
@@ -382,6 +384,8 @@ def serve_metrics() -> int:
 
 
 def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    from http.server import ThreadingHTTPServer  # here: ~1 MB a worker without a metrics port does without
+
     class MetricsServer(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
