@@ -86,3 +86,42 @@ def test_acknowledgements_that_pile_up_are_sent_in_one_wake_up(broker: Any, monk
     # and they are sent before its channel closes, though it did not poll meanwhile
     consumer.close()
     assert pending_messages(broker, "acks") == 0
+
+
+def test_a_delayed_message_moved_before_the_connection_was_lost_is_not_moved_twice(
+    broker: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a delayed message this thread's consumer moved to its queue when due, whose
+    # acknowledgement RabbitMQ never read (written just as the connection was lost)
+    @dramaturg.actor(queue_name="moves")
+    def task(n: int) -> None:
+        pass
+
+    sent = task.send_with_options(args=(1,), delay=10)
+    first = broker.consume("moves.DQ", prefetch=8, timeout=100)
+    delivery = poll_until(lambda: next(first), "the delayed message")
+    moved = delivery._message.copy(queue_name="moves")
+    del moved.options["eta"]
+    broker.enqueue(moved)  # as Dramatiq's consumer thread moves it
+    monkeypatch.setattr(first.channel, "basic_ack", lambda *args, **kwargs: None)
+    first.ack(delivery)
+    first.close()  # RabbitMQ delivers it again, flagged as redelivered
+    monkeypatch.setattr(threading.current_thread(), "consumer", first, raising=False)
+
+    # When this worker's next consumer of the delay queue starts
+    caplog.set_level("INFO", logger="dramaturg.rabbitmq")
+    second = broker.consume("moves.DQ", prefetch=8, timeout=100)
+    try:
+        # Then it names the messages moved just before the loss, as ones that may run again
+        assert any(sent.message_id in r.message and "run again" in r.message for r in caplog.records)
+
+        # and it acknowledges the one it gets again instead of handing it on to be moved twice
+        def skipped() -> bool:
+            assert next(second) is None
+            return any(sent.message_id in r.message and "not moved twice" in r.message for r in caplog.records)
+
+        poll_until(skipped, "the delivery acknowledged")
+        second.close()
+        assert pending_messages(broker, "moves") == 1  # the moved copy; none left to move
+    finally:
+        second.close()

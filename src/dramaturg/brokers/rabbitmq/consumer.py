@@ -31,6 +31,35 @@ logger = logging.getLogger("dramaturg.rabbitmq")
 #: How long a close from another thread waits for a consumer's thread beyond its poll
 #: timeout (it may be moving due delayed messages to their queue).
 CLOSE_WAIT_S = 3.0
+#: Delayed messages moved by a consumer in this long before its connection was lost may
+#: come back (their acknowledgement written, but not read by RabbitMQ): they are named.
+MOVED_BEFORE_LOSS_S = 2.0
+
+
+class _Moves:
+    """The delayed messages this process moved to their queue lately (the last
+    ``size``), to recognise one RabbitMQ delivers again after its move was acknowledged
+    on a connection that was lost before RabbitMQ read the acknowledgement."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self.size = size
+
+    def add(self, message_id: str) -> None:
+        if message_id in self._ids:
+            return
+        self._order.append(message_id)
+        self._ids.add(message_id)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, message_id: str) -> bool:
+        return message_id in self._ids
+
+
+#: Per process: each worker process moves its own (a forked child starts with its parent's, harmless).
+_moved = _Moves()
 
 
 class RabbitmqConsumer(_RabbitmqConsumer):
@@ -92,6 +121,9 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         #: Delivery tags the worker threads finished, for the owner to acknowledge.
         self._acks: deque[int] = deque()
         self._acks_due = False  # a call of _send_acks is on its way to the owner
+        #: (monotonic time, message id) of the delayed messages this consumer moved lately.
+        self._recent_moves: deque[tuple[float, str]] = deque(maxlen=1_000)
+        self._name_moves_of_lost(getattr(self._owner, "consumer", None))
 
     def __next__(self) -> Any:
         if not self._leave:
@@ -138,6 +170,17 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                     self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
                 continue
 
+            if method.redelivered and message.message_id in _moved and self.queue_name.endswith(".DQ"):
+                # Moved by this process already; its acknowledgement was lost with the connection.
+                logger.info(
+                    "%s (message %s) was delivered again to be moved to its queue, where this worker had"
+                    " moved it already: acknowledged, not moved twice",
+                    message.actor_name,
+                    message.message_id,
+                )
+                self.channel.basic_ack(method.delivery_tag)
+                continue
+
             self.known_tags.add(method.delivery_tag)
             return _Delivery(self, method.redelivered, method.delivery_tag, message)
 
@@ -156,6 +199,9 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
                 self._lost(e)
                 raise ConnectionClosed(e) from None
+            if self.queue_name.endswith(".DQ"):
+                _moved.add(message.message_id)
+                self._recent_moves.append((time.monotonic(), message.message_id))
             return
         try:
             self.known_tags.remove(tag)
@@ -274,6 +320,27 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             self.queue_name,
             mask_url(error_text(error)),
             len(self.known_tags),
+        )
+
+    def _name_moves_of_lost(self, previous: Any) -> None:
+        """Name the delayed messages the consumer this one replaces moved just before it was
+        lost: their acknowledgements may not have reached RabbitMQ, which then delivers them
+        again. This process recognises those it gets and does not move them twice (see
+        :class:`_Moves`); another worker may get one and move it again: it runs twice."""
+        if not isinstance(previous, RabbitmqConsumer) or not previous._recent_moves:
+            return
+        last = previous._recent_moves[-1][0]
+        ids = [message_id for at, message_id in previous._recent_moves if at >= last - MOVED_BEFORE_LOSS_S]
+        previous._recent_moves.clear()
+        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+        logger.warning(
+            "queue %r: the connection was lost within %g s of moving %d delayed messages to their queue;"
+            " RabbitMQ delivers again any whose acknowledgement it did not read: this worker does not move"
+            " those twice, another worker would, and each may then run again: %s",
+            self.queue_name,
+            MOVED_BEFORE_LOSS_S,
+            len(ids),
+            shown,
         )
 
     def _forget_stale_delayed(self, queue_name: str) -> None:
