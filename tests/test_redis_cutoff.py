@@ -358,6 +358,27 @@ def test_a_copy_whose_write_runs_twice_is_queued_once(broker: Any) -> None:
     assert broker.client.llen(f"{namespace}:claims.DQ") == 5
 
 
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_send_after_redis_closed_the_senders_idle_connection_goes_through(broker: Any) -> None:
+    # Given a sender that sent once, its connection then idle
+    @dramaturg.actor(queue_name="claims")
+    def work(n: int) -> None: ...
+
+    work.send(1)
+
+    # When Redis closes it meanwhile (a restart, a timeout, CLIENT KILL)
+    pool = broker.client.connection_pool
+    killer = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs))
+    try:
+        assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        killer.close()
+
+    # Then the next send opens a new connection rather than failing on the dead one
+    work.send(2)
+    assert broker.client.llen(f"{broker.namespace}:claims") == 2
+
+
 @pytest.fixture
 def paused_server(broker_kind: str, settings: dramaturg.Settings) -> Iterator[tuple[Any, Callable[[], Any]]]:
     """The embedded broker (heartbeat timeout 2 s), and a way to pause its server
