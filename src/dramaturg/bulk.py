@@ -19,6 +19,10 @@ but the broker's answer never came back (the connection was lost), so they may w
 on the queue. Nothing is lost silently, and nothing known to be on the queue is ever
 reported as not sent. Ctrl-C stops a send with :class:`BulkSendInterrupted`, still a
 ``KeyboardInterrupt``, which carries the same counts.
+
+A middleware may take each chunk before it is sent with ``before_send_many(broker,
+messages)`` (a batch records its members in one call); an error there stops the send
+with the chunk as not sent.
 """
 
 from __future__ import annotations
@@ -205,6 +209,8 @@ def send_many(
     delay = options.pop("delay", None)
     broker = actor.broker
     enqueue_many = getattr(broker, "enqueue_many", None)
+    # Middleware that take a whole chunk before it is sent (a batch records its members in one call).
+    before_chunk = [m.before_send_many for m in broker.middleware if hasattr(m, "before_send_many")]
     started = time.perf_counter()
     sent = 0
     chunks = _chunks(actor, items, chunk_size, options)
@@ -220,6 +226,11 @@ def send_many(
         except Exception as error:  # reading the items: every chunk before was sent
             raise BulkSendError(f"reading the items failed: {type(error).__name__}: {error}", sent) from error
         index = 0
+        try:
+            for hook in before_chunk:
+                hook(broker, chunk)
+        except Exception as error:  # refused before anything of the chunk was sent
+            raise BulkSendError(f"{type(error).__name__}: {error}", sent, chunk) from error
         try:
             if enqueue_many is not None:
                 enqueue_many(chunk, delay=delay)
