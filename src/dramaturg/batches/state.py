@@ -26,6 +26,7 @@ finds its batch gone).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["BatchState", "MemoryBatchState", "RedisBatchState", "fired"]
 
 _SCRIPT = resources.files("dramaturg.batches").joinpath("batch.lua").read_text(encoding="utf-8")
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 #: An end to record: (batch id, member message id, "s" | "f" | "h").
 End = tuple[str, str, str]
@@ -76,6 +78,12 @@ class RedisBatchState:
         self.index = f"{namespace}:__batches__"
         self.ttl_ms = ttl_ms
         self._script = client.register_script(_SCRIPT)
+        # Ends are on the message path: written straight on a connection kept for them
+        # (about 15 us of CPU a call against 40 through redis-py's pool; see OwnConnection).
+        from ..brokers.redis.connection import OwnConnection  # redis: imported only when used
+
+        self._own = OwnConnection(client)
+        self._own_lock = threading.Lock()
 
     def _run(self, *args: Any) -> Any:
         return self._script(keys=[self.prefix], args=list(args))
@@ -111,7 +119,12 @@ class RedisBatchState:
         args: list[Any] = ["end", _now_ms(), self.ttl_ms]
         for end in ends:
             args += end
-        return [fired(answer) for answer in self._run(*args)]
+        with self._own_lock:  # one caller at a time: the group commit's writer, nearly always alone
+            answers = self._own.run(_SCRIPT_SHA, _SCRIPT, [self.prefix], args)
+        return [fired(answer) for answer in answers]
+
+    def close(self) -> None:
+        self._own.close()
 
     def note(self, notes: Sequence[Note]) -> None:
         args: list[Any] = ["note"]
