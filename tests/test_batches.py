@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import threading
 import uuid
@@ -17,6 +19,7 @@ import pytest
 import redis
 
 import dramaturg
+from dramaturg import app
 from dramaturg.batches.state import MemoryBatchState, RedisBatchState
 from dramaturg.batches.tracker import callback_id
 from dramaturg.batches.writer import BatchWriter
@@ -338,3 +341,43 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         meta, _ = state.read("b")  # type: ignore[misc]
         assert (meta["total"], meta["succeeded"], meta["failed"], meta["held"]) == ("2", "2", "0", "0")
         writer.close()
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis", "embedded"])
+def test_a_member_whose_worker_is_killed_runs_again_and_counts_once(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.apps import crash_tasks
+
+    from .test_recovery import HEARTBEAT_TIMEOUT_S, events, start_workers, wait_for_event
+
+    # Given two worker processes (separate groups), and a batch of one member that
+    # blocks on its first run
+    app.register(crash_tasks.stall)
+    write_config(tmp_path, settings, modules=["tests.apps.crash_tasks"])
+    crash_log = tmp_path / "crash.log"
+    start_workers(
+        spawn, 2, CRASH_LOG=str(crash_log), DRAMATURG_BROKER_HEARTBEAT_TIMEOUT=str(int(HEARTBEAT_TIMEOUT_S * 1000))
+    )
+    batch = dramaturg.batch("killed")
+    with batch:
+        crash_tasks.stall.send(120.0)
+
+    # When the worker running it is killed
+    first = wait_for_event(crash_log, lambda e: e.event == "start")
+    os.kill(first.pid, signal.SIGKILL)
+
+    # Then it runs again on the other worker, and the batch counts it once
+    wait_for_event(crash_log, lambda e: e.event == "end")
+    status = poll_until(
+        lambda: (s := dramaturg.batch_status(batch.id)).state == "complete" and s, "the batch completes"
+    )
+    assert [e.event for e in events(crash_log)] == ["start", "start", "end"]
+    assert (status.total, status.succeeded, status.failed, status.running, status.pending) == (1, 1, 0, 0, 0)
+
+
+def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any) -> None:
+    url = f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "test-batch-nostore"}))
+    with pytest.raises(dramaturg.StateUnavailable, match=r"batches need a state store.*\[state\] url"):
+        dramaturg.batch("nowhere")
