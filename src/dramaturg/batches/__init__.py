@@ -45,7 +45,7 @@ from typing import Any
 
 import dramatiq
 
-from ..errors import BatchNotFound
+from ..errors import BatchNotFound, BrokerUnreachable
 from .summary import BatchStatus, MemberProgress, from_fields
 from .tracker import _current, current_batch_id, tracker_of
 
@@ -81,9 +81,16 @@ class Batch:
         if parent is not None:
             fields["parent"], fields["parent_member"] = parent, f"batch:{self.id}"
         state = self._tracker.state(broker)
-        state.create(self.id, fields)
-        if parent is not None:
-            state.add(parent, [fields["parent_member"]])  # before anything can end: it counts as one member
+        try:
+            state.create(self.id, fields)
+            if parent is not None:
+                state.add(parent, [fields["parent_member"]])  # before anything can end: it counts as one member
+        except BatchNotFound:
+            raise
+        except Exception as error:  # the store's client error, translated at the boundary
+            raise BrokerUnreachable(
+                f"the state store did not answer, so batch {name!r} was not made: {type(error).__name__}: {error}"
+            ) from None
 
     def __enter__(self) -> Batch:
         if self._closed:
@@ -126,7 +133,9 @@ def batch(
     (``actor.message(...)``) sent once, with the batch's summary as their last argument.
 
     Raises :class:`~dramaturg.StateUnavailable` when there is no state store (RabbitMQ
-    without ``[state] url``).
+    without ``[state] url``), :class:`~dramaturg.BrokerUnreachable` when it does not
+    answer, and :class:`~dramaturg.BatchNotFound` when the batch it would be a member of
+    is gone.
     """
     return Batch(name, on_complete=on_complete, on_success=on_success, broker=broker)
 

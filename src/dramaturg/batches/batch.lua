@@ -12,7 +12,8 @@
 --   add   <id> <member>...                  -> members new to it (-1: no such batch)
 --   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
 --   end   <now ms> <ttl ms> (<id> <member> <s|f|h>)...
---                                           -> per member, the events that fire, or "gone"
+--                                           -> per member: "gone" (no such batch), or the
+--                                              events that fire (on one member per batch)
 --   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
 --   sent  <id> <event>                      -> the event's callback was published
 --
@@ -74,17 +75,27 @@ if op == 'seal' then
 end
 
 if op == 'end' then
+  -- The batches are looked up, and what fires is decided, once per batch per call: the
+  -- events go to the last of its members here (any thread of the group may publish them:
+  -- none of their messages is acknowledged yet).
   local now, ttl = ARGV[2], tonumber(ARGV[3])
-  local out = {}
+  local out, live, last, repeats = {}, {}, {}, {}
+  local n = 0
   for i = 4, #ARGV, 3 do
-    local meta, member, new = prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if redis.call('EXISTS', meta) == 0 then
-      out[#out + 1] = 'gone'
+    n = n + 1
+    local id, member, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local meta = prefix .. id
+    if live[id] == nil then live[id] = redis.call('EXISTS', meta) == 1 end
+    if not live[id] then
+      out[n] = 'gone'
     else
+      out[n] = ''
+      last[id] = n
       local members = meta .. ':m'
       local old = redis.call('HGET', members, member)
-      local repeated = old == new
-      if not repeated and old ~= 's' then
+      if old == new then
+        repeats[id] = true
+      elseif old ~= 's' then
         if not old then
           redis.call('HINCRBY', meta, 'total', 1)
         elseif old == 'r' then
@@ -104,28 +115,30 @@ if op == 'end' then
         end
         redis.call('HDEL', meta .. ':p', member)
       end
-      out[#out + 1] = fire(meta, now, ttl, repeated)
     end
+  end
+  for id, index in pairs(last) do
+    out[index] = fire(prefix .. id, now, ttl, repeats[id] == true)
   end
   return out
 end
 
 if op == 'note' then
+  -- No EXISTS: a batch that expired has no members, so nothing below matches (and no key
+  -- is made again).
   for i = 2, #ARGV, 4 do
     local meta, member, kind = prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if redis.call('EXISTS', meta) == 1 then  -- never makes keys again for a batch that expired
-      local members = meta .. ':m'
-      local state = redis.call('HGET', members, member)
-      if kind == 'r' and state == 'p' then
-        redis.call('HSET', members, member, 'r')
-        redis.call('HINCRBY', meta, 'running', 1)
-      elseif kind == 'w' and state == 'r' then
-        redis.call('HSET', members, member, 'p')
-        redis.call('HINCRBY', meta, 'running', -1)
-        redis.call('HDEL', meta .. ':p', member)
-      elseif kind == 'g' and (state == 'r' or state == 'p') then
-        redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
-      end
+    local members = meta .. ':m'
+    local state = redis.call('HGET', members, member)
+    if kind == 'r' and state == 'p' then
+      redis.call('HSET', members, member, 'r')
+      redis.call('HINCRBY', meta, 'running', 1)
+    elseif kind == 'w' and state == 'r' then
+      redis.call('HSET', members, member, 'p')
+      redis.call('HINCRBY', meta, 'running', -1)
+      redis.call('HDEL', meta .. ':p', member)
+    elseif kind == 'g' and (state == 'r' or state == 'p') then
+      redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
     end
   end
   return 0

@@ -25,6 +25,7 @@ broker's consumer acknowledges the message.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -53,6 +54,8 @@ __all__ = [
     "current_batch_id",
     "tracker_of",
 ]
+
+logger = logging.getLogger("dramaturg.batches")
 
 #: The message option naming the batch a message is a member of.
 BATCH_OPTION = "dramaturg_batch"
@@ -232,6 +235,17 @@ class BatchTracker(dramatiq.Middleware):
                     self._publish(broker, batch_id, event, json.loads(stored), summary)
                 except TaskHeld as error:  # eager mode: the callback ran and was held
                     held = held or error
+                except Exception as error:
+                    # Left "firing": a repeated end of this member (it runs again if its
+                    # worker dies before acknowledging it) publishes it again.
+                    logger.error(
+                        "could not publish on_%s of batch %s (%s: %s); it is not sent",
+                        event,
+                        batch_id,
+                        type(error).__name__,
+                        error,
+                    )
+                    continue
             state.sent(batch_id, event)
         parent = meta.get("parent")
         if parent:
@@ -277,6 +291,8 @@ class BatchTracker(dramatiq.Middleware):
             progress_observers.remove(self._observe_progress)
         if self._writer is not None:
             self._writer.close()
+        if self._state is not None:
+            self._state.close()
 
 
 def tracker_of(broker: dramatiq.Broker) -> BatchTracker:

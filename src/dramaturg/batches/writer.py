@@ -74,6 +74,10 @@ class BatchWriter:
         self._waiting: list[_Ending] = []
         self._writing = False
         self._notes: deque[Note] = deque()
+        #: Members whose end was written since the last flush: their notes are dropped
+        #: there (a member that started and ended within a flush interval, nearly every
+        #: short one, costs its end alone).
+        self._ended: set[str] = set()
         self._unwritten: list[End] = []
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,6 +102,7 @@ class BatchWriter:
             self._write_group(mine)
         if mine.error is not None:
             raise mine.error
+        self._ended.add(end[1])
         return mine.answer
 
     def _write_group(self, mine: _Ending) -> None:
@@ -124,6 +129,10 @@ class BatchWriter:
     def end_durably(self, end: End) -> list[str]:
         """:meth:`end`, tried again a few times; when it still fails the end is kept for the
         background flush and an ERROR line says so (nothing fires from it here)."""
+        try:
+            return self.end(end)
+        except Exception:
+            pass  # tried again below, after a pause, with a line for each try
         answer: list[list[str]] = []
         error = durable_write(lambda: answer.append(self.end(end)))
         if error is None:
@@ -158,6 +167,9 @@ class BatchWriter:
                 notes.append(self._notes.popleft())
             except IndexError:
                 break
+        ended, self._ended = self._ended, set()
+        if ended:
+            notes = [note for note in notes if note[1] not in ended]
         with self._lock:
             unwritten, self._unwritten = self._unwritten, []
         written: list[tuple[End, list[str]]] = []
