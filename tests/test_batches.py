@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 import pytest
 import redis
+from dramatiq.middleware import MiddlewareError
 
 import dramaturg
 from dramaturg import app
@@ -120,7 +121,7 @@ def test_a_batch_counts_every_outcome_and_fires_each_callback_once(
     assert len(report.calls.seen) == 1
 
 
-def test_members_that_fan_out_join_the_batch_and_never_make_it_fire_early(
+def test_members_sent_by_members_join_the_batch_and_a_nested_batch_counts_as_one(
     broker: dramatiq.Broker, run_members: Callable[[], None]
 ) -> None:
     # Given a member that sends five more members from inside itself
@@ -147,7 +148,49 @@ def test_members_that_fan_out_join_the_batch_and_never_make_it_fire_early(
     # Then it completes once, counting the children and the nested batch as one member
     ((_, summary),) = report.calls.wait(1)
     assert (summary["total"], summary["succeeded"], summary["failed"]) == (7, 7, 0)
-    assert summary["succeeded_all"] is False or summary["succeeded_all"] is True  # set in the same step
+    assert summary["succeeded_all"] is True  # on_success fired in the same step
+    inner = [b for b in dramaturg.batches() if b.name == "inner"]
+    assert [(b.total, b.succeeded, b.parent) for b in inner] == [(2, 2, batch.id)]
+
+
+def test_a_member_that_fans_out_after_the_seal_never_makes_it_fire_early(
+    broker: dramatiq.Broker, run_members: Callable[[], None], broker_kind: str
+) -> None:
+    if broker_kind == "eager":
+        pytest.skip("eager mode runs every member inside the block (the test above covers its fan-out)")
+    sealed, go = threading.Event(), threading.Event()
+
+    # Given a member that fans out only once the batch is sealed, into children that wait
+    @dramaturg.actor(queue_name="batch-members")
+    def child(n: int) -> None:
+        go.wait(20)
+
+    @dramaturg.actor(queue_name="batch-members")
+    def fan_out(n: int) -> None:
+        sealed.wait(20)
+        for number in range(n):
+            child.send(number)
+
+    report = Callback("report")
+    run_members()
+    batch = dramaturg.batch("late fan-out", on_complete=report.actor.message("done"))
+    with batch:
+        fan_out.send(3)
+    sealed.set()
+
+    # When the fan-out member has ended (its children joined before that)
+    status = poll_until(
+        lambda: (s := dramaturg.batch_status(batch.id)).succeeded == 1 and s, "the fan-out member ended"
+    )
+
+    # Then the sealed batch waits for its children
+    assert (status.state, status.total, status.ended) == ("running", 4, 1)
+    assert report.calls.seen == []
+
+    # and completes once they have ended
+    go.set()
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (4, 4)
 
 
 def test_no_callback_fires_before_the_batch_is_sealed(broker: dramatiq.Broker, run_members: Callable[[], None]) -> None:
@@ -191,7 +234,7 @@ def test_progress_from_a_member_shows_in_the_batch_status(
     run_members()
     batch = dramaturg.batch("progress")
     with batch:
-        slow.send()
+        first = slow.send()
         slow.send()
 
     status = poll_until(
@@ -200,6 +243,11 @@ def test_progress_from_a_member_shows_in_the_batch_status(
     )
     assert [(p.fraction, p.text) for p in status.progress] == [(0.4, "row 4,000 of 10,000")] * 2
     assert status.percent == 40.0
+    # and in the task's own status
+    task = poll_until(
+        lambda: (t := dramaturg.task_status(first.message_id)).progress is not None and t, "the task's progress"
+    )
+    assert (task.progress, task.progress_text) == (0.4, "row 4,000 of 10,000")
     release.set()
     poll_until(lambda: dramaturg.batch_status(batch.id).state == "complete", "the batch completes")
     assert dramaturg.batch_status(batch.id).progress == []
@@ -248,6 +296,59 @@ def test_the_batch_commands(
 
 
 # -- faults ---------------------------------------------------------------------------------
+
+
+class Refuse(dramatiq.Middleware):
+    """Refuses to send messages of the actor "refused" (after the batch middleware joined them)."""
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if message.actor_name == "refused":
+            raise MiddlewareError("refused by the test")
+
+
+def test_a_member_whose_send_fails_leaves_the_batch(broker: dramatiq.Broker, run_members: Callable[[], None]) -> None:
+    # Given a broker that refuses one actor's messages after they joined their batch
+    broker.add_middleware(Refuse())
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member() -> None:
+        pass
+
+    @dramaturg.actor(queue_name="batch-members", actor_name="refused")
+    def refused() -> None:
+        pass
+
+    report = Callback("report")
+    run_members()
+
+    # When one member is sent, one is refused, and one more is sent
+    batch = dramaturg.batch("refusals", on_complete=report.actor.message("done"))
+    with batch:
+        member.send()
+        with pytest.raises(MiddlewareError):
+            refused.send()
+        member.send()
+        with pytest.raises(MiddlewareError):
+            refused.send()  # the last send of the block
+
+    # Then the batch counts the two that were sent, and completes
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (2, 2)
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])  # where send_many stops at a held member
+def test_eager_send_many_stopped_by_a_held_member_leaves_only_what_ran(broker: dramatiq.Broker) -> None:
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        if n == 3:
+            dramaturg.current_task().hold("row 3")
+
+    batch = dramaturg.batch("stopped")
+    with batch, pytest.raises(dramaturg.BulkSendError):
+        member.send_many(range(10))
+
+    status = dramaturg.batch_status(batch.id)
+    assert (status.state, status.total, status.succeeded, status.held) == ("complete", 4, 3, 1)
 
 
 def test_a_member_is_not_sent_when_the_state_store_is_down(rabbitmq_server: Any, tmp_path: Path) -> None:
@@ -381,3 +482,55 @@ def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any) -
     dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "test-batch-nostore"}))
     with pytest.raises(dramaturg.StateUnavailable, match=r"batches need a state store.*\[state\] url"):
         dramaturg.batch("nowhere")
+
+
+def test_ends_from_many_threads_of_two_processes_count_exactly_and_fire_once(redis_server: Any) -> None:
+    # Given a sealed batch of 400 members, and two writers (as two worker processes have)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    states = [
+        RedisBatchState(redis.Redis(host=redis_server.host, port=redis_server.port), namespace=namespace, ttl_ms=60_000)
+        for _ in range(2)
+    ]
+    states[0].create("b", {"name": "many", "created_at": "1"})
+    members = [f"m{n}" for n in range(400)]
+    states[0].add("b", members)
+    states[0].seal("b")
+    writers = [BatchWriter(state) for state in states]
+    fired: list[str] = []
+    start = threading.Barrier(8)
+
+    def end_share(index: int) -> None:
+        start.wait()
+        for member in members[index::8]:
+            fired.extend(writers[index % 2].end(("b", member, "s")))
+
+    # When eight threads, four per writer, end them all at once
+    threads = [threading.Thread(target=end_share, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then every member counts once, and each callback fires once
+    meta, _ = states[0].read("b")  # type: ignore[misc]
+    assert (meta["total"], meta["succeeded"], meta["failed"], meta["running"]) == ("400", "400", "0", "0")
+    assert sorted(fired) == ["complete", "success"]
+
+
+def test_a_member_taken_out_unsent_lets_its_batch_complete(redis_server: Any) -> None:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    for state in (RedisBatchState(client, namespace=namespace, ttl_ms=60_000), MemoryBatchState(ttl_ms=60_000)):
+        # Given a sealed batch of two members, one of which has ended
+        state.create("b", {"name": "drop", "created_at": "1"})
+        state.add("b", ["sent", "unsent"])
+        assert state.seal("b") == []
+        assert state.end([("b", "sent", "s")]) == [[]]
+
+        # When the other is taken out (its send failed), and then the ended one too
+        assert state.drop("b", ["unsent"]) == ["complete", "success"]
+        assert state.drop("b", ["sent"]) == []
+
+        # Then the batch completed with the one member that ran, which stays
+        meta, _ = state.read("b")  # type: ignore[misc]
+        assert (meta["total"], meta["succeeded"]) == ("1", "1")

@@ -295,10 +295,11 @@ class Task:
         """Say how far the task has come: ``fraction`` from 0.0 to 1.0 and a few words
         (``task.progress(0.4, "row 4,000 of 10,000")``).
 
-        A member of a batch shows it in the batch's status (``dramaturg batch show``) and
-        its fraction counts toward the batch's percent, until it ends; it is written in the
-        background, at most one flush interval (100 ms) later. Elsewhere it is kept nowhere.
-        Raises ValueError for a fraction outside 0..1.
+        It shows in the task's status while it runs (``dramaturg status ID``), and for a
+        member of a batch in the batch's status (``dramaturg batch show``), where its
+        fraction counts toward the batch's percent until it ends. It is written in the
+        background, at most one flush interval (100 ms) later; without a state store it
+        is kept nowhere. Raises ValueError for a fraction outside 0..1.
         """
         value = float(fraction)
         if not 0.0 <= value <= 1.0:

@@ -25,7 +25,9 @@
 - A batch made inside another batch's ``with`` block (or inside a member) is **one
   member** of it, ending when its own ``on_complete`` fires.
 - ``dramaturg.current_task().progress(0.4, "row 4,000 of 10,000")`` in a member shows in
-  the batch's status.
+  the batch's status (and in the task's own, :func:`dramaturg.task_status`).
+- A member whose send fails leaves the batch again (see
+  :meth:`~dramaturg.batches.tracker.BatchTracker.forget_unsent`).
 
 The state lives in the state store (``[state] url``, else the broker's own Redis; in
 memory in eager mode) and expires ``[batch] ttl`` (default 7 days) after the batch

@@ -11,6 +11,8 @@
 -- ARGV[1]: the operation; the rest are its arguments:
 --   add   <id> <member>...                  -> members new to it (-1: no such batch)
 --   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
+--   drop  <id> <now ms> <ttl ms> <member>... -> members added but certainly not sent leave
+--                                              it (those still "p"); what fires then
 --   end   <now ms> <ttl ms> (<id> <member> <s|f|h>)...
 --                                           -> per member: "gone" (no such batch), or the
 --                                              events that fire (on one member per batch)
@@ -71,6 +73,21 @@ if op == 'seal' then
   local meta = prefix .. ARGV[2]
   if redis.call('EXISTS', meta) == 0 then return -1 end
   redis.call('HSET', meta, 'sealed', '1')
+  return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
+end
+
+if op == 'drop' then
+  local meta = prefix .. ARGV[2]
+  if redis.call('EXISTS', meta) == 0 then return -1 end
+  local members = meta .. ':m'
+  local dropped = 0
+  for i = 5, #ARGV do
+    if redis.call('HGET', members, ARGV[i]) == 'p' then
+      redis.call('HDEL', members, ARGV[i])
+      dropped = dropped + 1
+    end
+  end
+  if dropped > 0 then redis.call('HINCRBY', meta, 'total', -dropped) end
   return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
 end
 

@@ -10,6 +10,8 @@ inline as on workers:
   counted as failed too), for many members at once; what fires for each;
 - ``seal``: no member is added from outside any more (members may still add members to
   it); what fires;
+- ``drop``: members added but certainly not sent (their send failed) leave it; what
+  fires then;
 - ``note``: best-effort news of members (running, waiting again, progress);
 - ``sent``: a callback was published.
 
@@ -38,7 +40,7 @@ from ..errors import BatchNotFound
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["BatchState", "MemoryBatchState", "RedisBatchState", "fired"]
+__all__ = ["BatchState", "MemoryBatchState", "RedisBatchState", "fired", "progress_prefix"]
 
 _SCRIPT = resources.files("dramaturg.batches").joinpath("batch.lua").read_text(encoding="utf-8")
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
@@ -62,8 +64,10 @@ class BatchState(Protocol):
     def create(self, batch_id: str, fields: Mapping[str, str]) -> None: ...
     def add(self, batch_id: str, member_ids: Sequence[str]) -> int: ...
     def seal(self, batch_id: str) -> list[str]: ...
+    def drop(self, batch_id: str, member_ids: Sequence[str]) -> list[str]: ...
     def end(self, ends: Sequence[End]) -> list[list[str]]: ...
     def note(self, notes: Sequence[Note]) -> None: ...
+    def task_progress(self, items: Sequence[tuple[str, str]]) -> None: ...
     def sent(self, batch_id: str, event: str) -> None: ...
     def close(self) -> None: ...
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None: ...
@@ -76,6 +80,8 @@ class RedisBatchState:
     def __init__(self, client: redis.Redis, *, namespace: str, ttl_ms: int) -> None:
         self.client = client
         self.prefix = f"{namespace}:__batch__:"
+        #: A task's last ``progress()``, for its status: ``<namespace>:__progress__:<message id>``.
+        self.progress_prefix = progress_prefix(namespace)
         self.index = f"{namespace}:__batches__"
         self.ttl_ms = ttl_ms
         self._script = client.register_script(_SCRIPT)
@@ -116,6 +122,10 @@ class RedisBatchState:
             raise BatchNotFound(batch_id)
         return fired(answer)
 
+    def drop(self, batch_id: str, member_ids: Sequence[str]) -> list[str]:
+        answer = self._run("drop", batch_id, _now_ms(), self.ttl_ms, *member_ids)
+        return [] if answer == -1 else fired(answer)
+
     def end(self, ends: Sequence[End]) -> list[list[str]]:
         args: list[Any] = ["end", _now_ms(), self.ttl_ms]
         for end in ends:
@@ -132,6 +142,13 @@ class RedisBatchState:
         for note in notes:
             args += note
         self._run(*args)
+
+    def task_progress(self, items: Sequence[tuple[str, str]]) -> None:
+        """Each task's last progress (message id, ``"<fraction>|<text>"``), kept ``ttl_ms``."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for message_id, value in items:
+                pipe.set(self.progress_prefix + message_id, value, px=self.ttl_ms)
+            pipe.execute()
 
     def sent(self, batch_id: str, event: str) -> None:
         self._run("sent", batch_id, event)
@@ -206,6 +223,18 @@ class MemoryBatchState:
             found[0]["sealed"] = "1"
             return self._fire(found, repeated=False)
 
+    def drop(self, batch_id: str, member_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            found = self._get(batch_id)
+            if found is None:
+                return []
+            meta, members, _, _ = found
+            for member in member_ids:
+                if members.get(member) == "p":
+                    del members[member]
+                    meta["total"] -= 1
+            return self._fire(found, repeated=False)
+
     def end(self, ends: Sequence[End]) -> list[list[str]]:
         answers: list[list[str]] = []
         with self._lock:
@@ -272,6 +301,9 @@ class MemoryBatchState:
     def close(self) -> None:
         pass
 
+    def task_progress(self, items: Sequence[tuple[str, str]]) -> None:
+        pass  # eager mode keeps no task status
+
     def sent(self, batch_id: str, event: str) -> None:
         with self._lock:
             found = self._get(batch_id)
@@ -287,9 +319,14 @@ class MemoryBatchState:
 
     def ids(self, limit: int) -> list[str]:
         with self._lock:
-            live = [batch_id for batch_id in list(self._batches) if self._get(batch_id) is not None]
-        live.sort(key=lambda batch_id: int(self._batches[batch_id][0]["created_at"]), reverse=True)
-        return live[:limit]
+            live = [(batch_id, found) for batch_id in list(self._batches) if (found := self._get(batch_id))]
+            live.sort(key=lambda item: int(item[1][0]["created_at"]), reverse=True)
+        return [batch_id for batch_id, _ in live[:limit]]
+
+
+def progress_prefix(namespace: str) -> str:
+    """The prefix of the keys that keep tasks' last progress (read by task status)."""
+    return f"{namespace}:__progress__:"
 
 
 def _now_ms() -> int:

@@ -9,8 +9,10 @@ broker's consumer acknowledges the message.
   running member of a batch (a member that fans out), is recorded as a member of that
   batch *before* it is sent, and carries the batch id in its ``dramaturg_batch`` option.
   If it cannot be recorded the send fails with :class:`~dramaturg.BatchSendError` and
-  nothing is sent. A message that carries the option already (a retry, a release, a
-  kick, a message of ``send_many``, whose chunk joined at once) is a member already.
+  nothing is sent; if the send itself fails, the member is taken out again
+  (:meth:`BatchTracker.forget_unsent`, and ``after_unsent_many`` for ``send_many``). A
+  message that carries the option already (a retry, a release, a kick, a message of
+  ``send_many``, whose chunk joined at once) is a member already.
 - **Ending** (``after_process_message``): succeeded, held or rejected ends the member,
   written before the acknowledgement (:mod:`dramaturg.batches.writer` says why and how
   it stays cheap); a retry or a release makes it wait again. What the end fires is
@@ -98,6 +100,9 @@ class BatchTracker(dramatiq.Middleware):
         self._writer: BatchWriter | None = None
         self._lock = threading.Lock()
         self._broker: dramatiq.Broker | None = None
+        #: Per thread: the member joined by the last ``send()`` until its enqueue is done
+        #: (see :meth:`forget_unsent`).
+        self._sending = threading.local()
         if self._observe_progress not in progress_observers:
             progress_observers.append(self._observe_progress)
 
@@ -147,7 +152,52 @@ class BatchTracker(dramatiq.Middleware):
             return
         batch_id = current_batch_id()
         if batch_id is not None:
+            self.forget_unsent(broker)
             self.join(broker, batch_id, [message])
+            self._sending.member = (batch_id, message.message_id)
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        member = getattr(self._sending, "member", None)
+        if member is not None and member[1] == message.message_id:
+            self._sending.member = None  # sent: a member for good
+
+    def after_enqueue_many(self, broker: dramatiq.Broker, messages: Sequence[Any], delay: int | None) -> None:
+        """Nothing: ``send_many``'s members are told apart by :meth:`after_unsent_many` (this
+        only keeps a bulk send from calling :meth:`after_enqueue` for each message)."""
+
+    def forget_unsent(self, broker: dramatiq.Broker) -> None:
+        """Take out of its batch the member this thread's last ``send()`` joined, if that
+        send never got to its after-hook (the broker refused it, or did not answer).
+
+        Dramatiq has no hook for a failed send, so this is done at the next moment that
+        matters: the thread's next send into a batch, the end of the ``with`` block, the
+        end of the member whose handler sent it. If that send did reach the queue after
+        all (a lost confirm), the member rejoins when it ends (an end counts a member it
+        does not know).
+        """
+        member = getattr(self._sending, "member", None)
+        if member is None:
+            return
+        self._sending.member = None
+        try:
+            events = self.state(broker).drop(member[0], [member[1]])
+        except Exception:
+            logger.warning("could not take unsent message %s out of batch %s", member[1], member[0], exc_info=True)
+            return
+        if events:
+            self.fire(broker, member[0], events)
+
+    def after_unsent_many(self, broker: dramatiq.Broker, messages: Sequence[Any]) -> None:
+        """Messages of ``send_many`` certainly not sent (a chunk that failed) leave their batch."""
+        by_batch: dict[str, list[str]] = {}
+        for message in messages:
+            batch_id = message.options.get(BATCH_OPTION)
+            if batch_id:
+                by_batch.setdefault(batch_id, []).append(message.message_id)
+        for batch_id, member_ids in by_batch.items():
+            events = self.state(broker).drop(batch_id, member_ids)
+            if events:
+                self.fire(broker, batch_id, events)
 
     def join(self, broker: dramatiq.Broker, batch_id: str, messages: Sequence[Any]) -> None:
         """Record ``messages`` as members of ``batch_id``, then mark them so; raises
@@ -175,6 +225,7 @@ class BatchTracker(dramatiq.Middleware):
     # -- running and ending ------------------------------------------------------------------
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._broker = broker  # for progress(), which has the task but not its broker
         batch_id = message.options.get(BATCH_OPTION)
         if batch_id:
             self.writer(broker).note((batch_id, message.message_id, "r", ""))
@@ -182,6 +233,8 @@ class BatchTracker(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
+        if getattr(self._sending, "member", None) is not None:
+            self.forget_unsent(broker)  # a send of its handler failed
         batch_id = message.options.get(BATCH_OPTION)
         if not batch_id:
             return
@@ -206,15 +259,24 @@ class BatchTracker(dramatiq.Middleware):
             self.writer(broker).note((batch_id, message.message_id, "w", ""))
 
     def _observe_progress(self, task: Task, fraction: float, text: str) -> None:
-        batch_id = task.message.options.get(BATCH_OPTION)
         broker = self._broker
-        if batch_id and broker is not None:
-            self.writer(broker).note((batch_id, task.message_id, "g", f"{fraction:.4f}|{text[:200]}"))
+        if broker is None:
+            return
+        value = f"{fraction:.4f}|{text[:200]}"
+        try:
+            writer = self.writer(broker)
+        except StateUnavailable:
+            return  # no store (RabbitMQ without [state] url): progress is kept nowhere
+        writer.task_progress(task.message_id, value)
+        batch_id = task.message.options.get(BATCH_OPTION)
+        if batch_id:
+            writer.note((batch_id, task.message_id, "g", value))
 
     # -- firing ------------------------------------------------------------------------------
 
     def seal(self, broker: dramatiq.Broker, batch_id: str) -> None:
         """Seal the batch; publish what that fires (all its members had ended already)."""
+        self.forget_unsent(broker)
         events = self.state(broker).seal(batch_id)
         if events:
             self.fire(broker, batch_id, events)

@@ -24,8 +24,13 @@ while the store is down loses such an end.
 **Everything else is buffered.** "Running", "waiting again" (a retry) and progress are
 news for ``dramaturg batch show``, not counts anything waits for: each process keeps them
 in a buffer that a background thread writes every ``FLUSH_INTERVAL_S`` in one call, like
-the status store's records. A lost note changes what a status shows for a moment, never
-a count or a callback.
+the status store's records; the notes of a member whose end was written meanwhile are
+dropped there (a short member costs its end alone). A lost note changes what a status
+shows for a moment, never a count or a callback.
+
+What it costs: ``benchmarks/batches.py`` (see ``docs/batches.md``). Nearly all of it is
+the wait before the acknowledgement; with ends buffered like notes instead, the cost
+roughly halves, which is not worth a batch that may never complete.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class BatchWriter:
         #: there (a member that started and ended within a flush interval, nearly every
         #: short one, costs its end alone).
         self._ended: set[str] = set()
+        #: Tasks' last progress, by message id (for task status; a later one replaces it).
+        self._progress: dict[str, str] = {}
         self._unwritten: list[End] = []
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,6 +166,11 @@ class BatchWriter:
             self._notes.popleft()
         self._ensure_thread()
 
+    def task_progress(self, message_id: str, value: str) -> None:
+        """Keep a task's last progress (``"<fraction>|<text>"``) for the next flush."""
+        self._progress[message_id] = value
+        self._ensure_thread()
+
     def flush(self) -> list[tuple[End, list[str]]]:
         """Write the buffered notes and any end kept after a failure; the ends written, with what fired."""
         notes: list[Note] = []
@@ -167,6 +179,7 @@ class BatchWriter:
                 notes.append(self._notes.popleft())
             except IndexError:
                 break
+        progress, self._progress = self._progress, {}
         ended, self._ended = self._ended, set()
         if ended:
             notes = [note for note in notes if note[1] not in ended]
@@ -179,6 +192,8 @@ class BatchWriter:
                 unwritten = []
             if notes:
                 self.state.note(notes)
+            if progress:
+                self.state.task_progress(list(progress.items()))
         except Exception as error:
             with self._lock:
                 self._unwritten[:0] = unwritten
