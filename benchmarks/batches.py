@@ -13,7 +13,8 @@ with an ``on_complete``):
 3. for "batch", check the batch is complete with N succeeded and ``on_complete`` ran once.
 
 Medians over the rounds are printed as a Markdown table with the batch's ratio to plain.
-The issue's bar: a batch costs at most 5% of the drain rate.
+The issue's bar: a batch costs at most 5% of the drain rate. It is not met yet: see the
+numbers and what they come from in ``docs/batches.md``.
 
     python benchmarks/batches.py                         # 100,000 tasks, 3 rounds
     python benchmarks/batches.py --count 20000 --rounds 1
@@ -111,7 +112,6 @@ def run_once(mode: str, url: str, count: int, threads: int) -> dict[str, float]:
         raise SystemExit(f"{mode}: only {ended[0]} of {count} ran")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     result = {"rate": count / seconds, "us_per_msg": cpu / count * 1e6}
-    print(f"  {mode}: {result['rate']:,.0f} msgs/s, {result['us_per_msg']:.1f} us/msg", flush=True)
     if batch is not None:
         deadline = time.monotonic() + 30
         while not completes and time.monotonic() < deadline:

@@ -28,9 +28,12 @@ the status store's records; the notes of a member whose end was written meanwhil
 dropped there (a short member costs its end alone). A lost note changes what a status
 shows for a moment, never a count or a callback.
 
-What it costs: ``benchmarks/batches.py`` (see ``docs/batches.md``). Nearly all of it is
-the wait before the acknowledgement; with ends buffered like notes instead, the cost
-roughly halves, which is not worth a batch that may never complete.
+What it costs: ``benchmarks/batches.py`` (numbers in ``docs/batches.md``). About half of
+it is this wait: a thread waits twice per member, for its end here and for its
+acknowledgement in the broker's own group commit. Writing the end in the group that
+acknowledges the message (the Redis broker's settling, the RabbitMQ consumer's
+acknowledgements) would make that one wait; not done here, as it changes the brokers'
+acknowledgement paths.
 """
 
 from __future__ import annotations
