@@ -17,11 +17,14 @@ from __future__ import annotations
 from .__about__ import __version__
 from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
+from .batches import Batch, BatchStatus, batch, batch_status, batches
 from .bulk import Call
 from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
+    BatchNotFound,
+    BatchSendError,
     BrokerNotInstalled,
     BrokerUnreachable,
     BulkSendError,
@@ -45,6 +48,10 @@ from .task_context import bind_contextvar, context, context_provider, context_re
 __all__ = [
     "Actor",
     "ActorError",
+    "Batch",
+    "BatchNotFound",
+    "BatchSendError",
+    "BatchStatus",
     "BrokerNotInstalled",
     "BrokerSettings",
     "BrokerUnreachable",
@@ -77,6 +84,9 @@ __all__ = [
     "__version__",
     "actor",
     "after_task",
+    "batch",
+    "batch_status",
+    "batches",
     "before_task",
     "bind_contextvar",
     "bootstrap",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import dramatiq
 
 from . import brokers
+from .batches.tracker import close_trackers
 from .config import Settings, load_settings, resolve_broker
 from .masking import install_log_masking, mask_url
 from .middleware import framework_middleware
@@ -72,6 +73,7 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
         _settings, _broker = settings, broker
         if previous is not None:
             close_stores(previous.middleware)
+            close_trackers(previous.middleware)
             previous.close()
     logger.debug("dramaturg bootstrapped %s", _describe(settings))
     return broker
@@ -120,6 +122,7 @@ def shutdown() -> None:
             actor._unbind()
         if broker is not None:
             close_stores(broker.middleware)
+            close_trackers(broker.middleware)
             broker.close()
             if dramatiq.broker.global_broker is broker:
                 dramatiq.broker.global_broker = None

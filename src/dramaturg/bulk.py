@@ -19,6 +19,11 @@ but the broker's answer never came back (the connection was lost), so they may w
 on the queue. Nothing is lost silently, and nothing known to be on the queue is ever
 reported as not sent. Ctrl-C stops a send with :class:`BulkSendInterrupted`, still a
 ``KeyboardInterrupt``, which carries the same counts.
+
+A middleware may take each chunk before it is sent with ``before_send_many(broker,
+messages)`` (a batch records its members in one call); an error there stops the send
+with the chunk as not sent. ``after_unsent_many(broker, messages)`` is told which
+messages of a chunk were certainly not sent (a batch takes them out again).
 """
 
 from __future__ import annotations
@@ -205,6 +210,9 @@ def send_many(
     delay = options.pop("delay", None)
     broker = actor.broker
     enqueue_many = getattr(broker, "enqueue_many", None)
+    # Middleware that take a whole chunk before it is sent (a batch records its members in one call).
+    before_chunk = [m.before_send_many for m in broker.middleware if hasattr(m, "before_send_many")]
+    unsent_hooks = [m.after_unsent_many for m in broker.middleware if hasattr(m, "after_unsent_many")]
     started = time.perf_counter()
     sent = 0
     chunks = _chunks(actor, items, chunk_size, options)
@@ -221,6 +229,12 @@ def send_many(
             raise BulkSendError(f"reading the items failed: {type(error).__name__}: {error}", sent) from error
         index = 0
         try:
+            for hook in before_chunk:
+                hook(broker, chunk)
+        except Exception as error:  # refused before anything of the chunk was sent
+            _tell_unsent(unsent_hooks, broker, chunk)
+            raise BulkSendError(f"{type(error).__name__}: {error}", sent, chunk) from error
+        try:
             if enqueue_many is not None:
                 enqueue_many(chunk, delay=delay)
             else:
@@ -230,14 +244,29 @@ def send_many(
                     except Exception as error:
                         raise BulkSendError(f"{type(error).__name__}: {error}", index, chunk[index:]) from error
         except BulkSendError as error:  # counts within the chunk: make them count from the start
+            _tell_unsent(unsent_hooks, broker, error.unsent)
             raise BulkSendError(error.reason, sent + error.sent, error.unsent, error.unknown) from error.__cause__
         except KeyboardInterrupt as interrupt:  # what was written of the chunk may be on the queue
             if enqueue_many is not None:
                 progress = BulkSendError(_INTERRUPTED, sent, unknown=chunk)
             else:
                 progress = BulkSendError(_INTERRUPTED, sent + index, chunk[index + 1 :], [chunk[index]])
+            _tell_unsent(unsent_hooks, broker, progress.unsent)
             raise BulkSendInterrupted(progress) from interrupt
         except Exception as error:  # a broker of another kind failed in its own way: nothing is known
             raise BulkSendError(f"{type(error).__name__}: {error}", sent, unknown=chunk) from error
         sent += len(chunk)
     return BulkResult(sent=sent, seconds=time.perf_counter() - started)
+
+
+def _tell_unsent(
+    hooks: Sequence[Callable[..., None]], broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[Any]]
+) -> None:
+    """Tell the middleware that take them which messages of a chunk were certainly not sent."""
+    if not messages:
+        return
+    for hook in hooks:
+        try:
+            hook(broker, messages)
+        except Exception:
+            logger.warning("unexpected failure in %r after a chunk was not sent", hook, exc_info=True)

@@ -46,6 +46,7 @@ from .masking import mask_text, mask_url, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
+    "BatchSettings",
     "BrokerSettings",
     "LogSettings",
     "QueueSettings",
@@ -263,6 +264,17 @@ class StateSettings(BaseModel):
             yield name, (mask_url(value) if name == "url" else value)
 
 
+class BatchSettings(BaseModel):
+    """``[batch]``: batches of tasks (see :mod:`dramaturg.batches`); their state lives in the
+    state store (``[state] url``, else the broker's own Redis)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: How long a batch's state is kept once every member has ended (its ``on_complete``
+    #: fired); a batch that never ends is kept until it does.
+    ttl: DurationMs = Field(default=7 * 86_400_000, gt=0)
+
+
 class LogSettings(BaseModel):
     """``[log]``: how every dramaturg command and worker process writes its log lines.
 
@@ -308,6 +320,7 @@ class Settings(BaseSettings):
     tasks: TaskSettings = TaskSettings()
     context: ContextSettings = ContextSettings()
     state: StateSettings = StateSettings()
+    batch: BatchSettings = BatchSettings()
     log: LogSettings = LogSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}

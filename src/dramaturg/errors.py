@@ -12,11 +12,14 @@
      |    |                     arguments that do not fit the handler, non-JSON arguments)
      |    +-- ContextError      the context could not be captured (also a dramatiq
      |    |                     MiddlewareError, so Dramatiq lets it reach the sender)
+     |    +-- BatchSendError    a batch member could not be recorded in the state store, so
+     |    |                     it was not sent (also a MiddlewareError)
      |    +-- BulkSendError     send_many stopped: how many were sent, which were not, which may be
      +-- TaskHeld               eager mode: a task sent with send() was held (its reason)
      +-- NotInTask              current_task() outside a task handler
      +-- KickError              held tasks could not be requeued; they stay held
      +-- StateUnavailable       task status without a state store ([state] url unset on RabbitMQ)
+     +-- BatchNotFound          no batch has that id (never made, or expired after [batch] ttl)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -50,6 +53,8 @@ from dramatiq.middleware import MiddlewareError
 
 __all__ = [
     "ActorError",
+    "BatchNotFound",
+    "BatchSendError",
     "BrokerNotInstalled",
     "BrokerUnreachable",
     "BulkSendError",
@@ -198,6 +203,24 @@ class KickError(DramaturgError):
 
 class StateUnavailable(DramaturgError):
     """There is no state store: the broker is RabbitMQ (or stub) and ``[state] url`` is unset."""
+
+
+class BatchNotFound(DramaturgError):
+    """No batch has this id: it was never made, or its state expired ``[batch] ttl`` after it ended."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch {batch_id!r}: never made, or expired after it ended ([batch] ttl)")
+        self.batch_id = batch_id
+
+
+class BatchSendError(SendError, MiddlewareError):
+    """A message sent into a batch could not be recorded as its member (the state store
+    did not answer, or the batch is gone); the message is not sent, so that no member runs
+    untracked.
+
+    (A :class:`dramatiq.middleware.MiddlewareError`, so that Dramatiq lets it reach the
+    sender instead of logging it and sending the message anyway.)
+    """
 
 
 class UsageError(DramaturgError):

@@ -291,6 +291,22 @@ class Task:
             return True
         return deadline.touch(extension)
 
+    def progress(self, fraction: float, text: str = "") -> None:
+        """Say how far the task has come: ``fraction`` from 0.0 to 1.0 and a few words
+        (``task.progress(0.4, "row 4,000 of 10,000")``).
+
+        It shows in the task's status while it runs (``dramaturg status ID``), and for a
+        member of a batch in the batch's status (``dramaturg batch show``), where its
+        fraction counts toward the batch's percent until it ends. It is written in the
+        background, at most one flush interval (100 ms) later; without a state store it
+        is kept nowhere. Raises ValueError for a fraction outside 0..1.
+        """
+        value = float(fraction)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"progress: the fraction must be between 0 and 1, got {fraction!r}")
+        for observer in progress_observers:
+            observer(self, value, text)
+
     def time_left(self) -> int | None:
         """Milliseconds before the task's time to run is up (None when it has no deadline)."""
         deadline = self._run.deadline
@@ -303,6 +319,9 @@ class Task:
 _current: ContextVar[Task | None] = ContextVar("dramaturg_current_task", default=None)
 #: Called with the task on each ``touch()``, in the handler's thread (the metrics count them).
 touch_observers: list[Callable[[Task], None]] = []
+#: Called with the task, the fraction and the text on each ``progress()``, in the handler's
+#: thread (the batches record them).
+progress_observers: list[Callable[[Task, float, str], None]] = []
 
 
 def current_task() -> Task:

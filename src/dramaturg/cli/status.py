@@ -69,6 +69,7 @@ def describe(status: TaskStatus) -> str:
         ("started at", _at(status.started_at)),
         ("finished at", _at(status.finished_at)),
         ("duration", f"{status.duration_ms} ms" if status.duration_ms is not None else None),
+        ("progress", _progress(status)),
         ("reason", status.reason),
         ("last error", status.last_error),
         ("updated at", _at(status.updated_at)),
@@ -94,6 +95,12 @@ def headline(status: TaskStatus) -> str:
     if state == "unknown":
         return "unknown" + (f": {status.reason}" if status.reason else " (never sent, or its record expired)")
     return state
+
+
+def _progress(status: TaskStatus) -> str | None:
+    if status.progress is None:
+        return None
+    return f"{status.progress * 100:.0f}%" + (f" {status.progress_text}" if status.progress_text else "")
 
 
 def _at(ms: int | None) -> str | None:

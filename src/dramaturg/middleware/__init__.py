@@ -19,6 +19,7 @@ from dramatiq.middleware import (
     ShutdownNotifications,
 )
 
+from ..batches.tracker import BatchTracker
 from ..resources import Resources
 from ..status.recorder import StatusRecorder
 from ..task import RunOutcome, run_of
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = [
+    "BatchTracker",
     "ConsumerTimeoutCheck",
     "GracefulShutdown",
     "Metrics",
@@ -77,6 +79,9 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         Pipelines(),
         # Before Outcomes, so that its after-hook sees the outcome Outcomes decided.
         *([StatusRecorder(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
+        # Before Outcomes too: its after-hook ends a batch member once its outcome is decided,
+        # before the message is acknowledged (see dramaturg.batches.writer).
+        BatchTracker(state.url, settings.batch.ttl, settings.broker.namespace),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that the deadline is armed last, just before the handler runs.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),

@@ -4,7 +4,7 @@
 (retries and kicks keep it). :func:`task_status` tells what became of it: queued,
 delayed (until when), running (on which worker, since when), succeeded (when, how
 long), retrying (attempt n, next run at), held (reason), failed, or unknown, with the
-last error. ``dramaturg status ID`` prints the same.
+last error. ``dramaturg status ID`` prints the same, and a running task's last ``task.progress()``.
 
 Where it is kept: the state store (:mod:`dramaturg.status.store`), ``[state] url`` when
 set, else the broker's own Redis on the Redis and embedded brokers. On RabbitMQ without
@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dramatiq
 
+from ..batches.state import progress_prefix
 from ..errors import StateUnavailable
 from .recorder import StatusRecorder
 from .store import StateStore, no_store_reason, queued_fields
@@ -60,6 +61,9 @@ class TaskStatus:
     last_error: str | None = None
     #: When this was last true (the newest change the store saw).
     updated_at: int | None = None
+    #: running: its last ``task.progress()``, 0.0 to 1.0, and its words.
+    progress: float | None = None
+    progress_text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -124,7 +128,22 @@ def task_status(message_id: str, broker: dramatiq.Broker | None = None) -> TaskS
             record["at"] = message.message_timestamp / 1000
     if record is None:
         return TaskStatus(message_id=message_id, state="unknown")
-    return from_record(message_id, record)
+    status = from_record(message_id, record)
+    # "queued" too: when a worker starts a task before its sender's news of it is
+    # recorded, the record may say queued while it runs (the newer stamp wins).
+    if status.state in {"running", "queued"} and unavailable is None:
+        status = _with_progress(status, state_store(broker))
+    return status
+
+
+def _with_progress(status: TaskStatus, store: StateStore) -> TaskStatus:
+    """``status`` with the task's last ``progress()``, if it reported any (kept by the
+    batch middleware's writer, :mod:`dramaturg.batches.writer`, under the same namespace)."""
+    raw = store.client.get(progress_prefix(store.namespace) + status.message_id)
+    if raw is None:
+        return status
+    fraction, _, text = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition("|")
+    return replace(status, progress=float(fraction), progress_text=text or None)
 
 
 def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:

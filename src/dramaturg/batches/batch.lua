@@ -1,0 +1,172 @@
+-- Every step that changes a batch, atomically (see dramaturg/batches/state.py).
+--
+-- KEYS[1]: the prefix of batch keys, "<namespace>:__batch__:". A batch <id> has
+--   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
+--                     held, on_complete/on_success (the callbacks' messages, JSON),
+--                     complete/success ("firing" once fired, "sent" once published),
+--                     finished_at, parent, parent_member
+--   <prefix><id>:m    hash: member message id -> "p" sent, "r" running, "s" succeeded,
+--                     "f" failed (rejected), "h" held (counted as failed too)
+--   <prefix><id>:p    hash: running member -> "<fraction>|<text>" (its last progress())
+-- ARGV[1]: the operation; the rest are its arguments:
+--   add   <id> <member>...                  -> members new to it (-1: no such batch)
+--   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
+--   drop  <id> <now ms> <ttl ms> <member>... -> members added but certainly not sent leave
+--                                              it (those still "p"); what fires then
+--   end   <now ms> <ttl ms> (<id> <member> <s|f|h>)...
+--                                           -> per member: "gone" (no such batch), or the
+--                                              events that fire (on one member per batch)
+--   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
+--   sent  <id> <event>                      -> the event's callback was published
+--
+-- Members are counted by message id: an end that repeats changes nothing, and a member
+-- leaves "succeeded" never (a redelivered copy of a task that succeeded does not undo it).
+
+local prefix = KEYS[1]
+local op = ARGV[1]
+
+-- The events that fire now on batch `meta` (comma-joined, "" for none): "complete" once
+-- it is sealed and every member has ended, "success" once every member succeeded.
+-- Compare-and-set: an event fires once; a repeated end of the same member (a member
+-- redelivered after its worker died between firing and publishing) fires it again while
+-- it is "firing", and the callback's message id, derived from batch id and event, makes
+-- that the same message.
+local function fire(meta, now, ttl, repeated)
+  local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success')
+  if f[1] ~= '1' then return '' end
+  local total, succeeded, failed = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
+  if succeeded + failed < total then return '' end
+  local events = {}
+  if not f[5] then
+    redis.call('HSET', meta, 'complete', 'firing', 'finished_at', now)
+    for _, key in ipairs({meta, meta .. ':m', meta .. ':p'}) do
+      redis.call('PEXPIRE', key, ttl)
+    end
+    events[#events + 1] = 'complete'
+  elseif f[5] == 'firing' and repeated then
+    events[#events + 1] = 'complete'
+  end
+  if succeeded == total then
+    if not f[6] then
+      redis.call('HSET', meta, 'success', 'firing')
+      events[#events + 1] = 'success'
+    elseif f[6] == 'firing' and repeated then
+      events[#events + 1] = 'success'
+    end
+  end
+  return table.concat(events, ',')
+end
+
+if op == 'add' then
+  local meta = prefix .. ARGV[2]
+  if redis.call('EXISTS', meta) == 0 then return -1 end
+  local members = meta .. ':m'
+  local added = 0
+  for i = 3, #ARGV do
+    added = added + redis.call('HSETNX', members, ARGV[i], 'p')
+  end
+  if added > 0 then redis.call('HINCRBY', meta, 'total', added) end
+  return added
+end
+
+if op == 'seal' then
+  local meta = prefix .. ARGV[2]
+  if redis.call('EXISTS', meta) == 0 then return -1 end
+  redis.call('HSET', meta, 'sealed', '1')
+  return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
+end
+
+if op == 'drop' then
+  local meta = prefix .. ARGV[2]
+  if redis.call('EXISTS', meta) == 0 then return -1 end
+  local members = meta .. ':m'
+  local dropped = 0
+  for i = 5, #ARGV do
+    if redis.call('HGET', members, ARGV[i]) == 'p' then
+      redis.call('HDEL', members, ARGV[i])
+      dropped = dropped + 1
+    end
+  end
+  if dropped > 0 then redis.call('HINCRBY', meta, 'total', -dropped) end
+  return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
+end
+
+if op == 'end' then
+  -- The batches are looked up, and what fires is decided, once per batch per call: the
+  -- events go to the last of its members here (any thread of the group may publish them:
+  -- none of their messages is acknowledged yet).
+  local now, ttl = ARGV[2], tonumber(ARGV[3])
+  local out, live, last, repeats = {}, {}, {}, {}
+  local n = 0
+  for i = 4, #ARGV, 3 do
+    n = n + 1
+    local id, member, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local meta = prefix .. id
+    if live[id] == nil then live[id] = redis.call('EXISTS', meta) == 1 end
+    if not live[id] then
+      out[n] = 'gone'
+    else
+      out[n] = ''
+      last[id] = n
+      local members = meta .. ':m'
+      local old = redis.call('HGET', members, member)
+      if old == new then
+        repeats[id] = true
+      elseif old ~= 's' then
+        if not old then
+          redis.call('HINCRBY', meta, 'total', 1)
+        elseif old == 'r' then
+          redis.call('HINCRBY', meta, 'running', -1)
+        elseif old == 'f' then
+          redis.call('HINCRBY', meta, 'failed', -1)
+        elseif old == 'h' then
+          redis.call('HINCRBY', meta, 'failed', -1)
+          redis.call('HINCRBY', meta, 'held', -1)
+        end
+        redis.call('HSET', members, member, new)
+        if new == 's' then
+          redis.call('HINCRBY', meta, 'succeeded', 1)
+        else
+          redis.call('HINCRBY', meta, 'failed', 1)
+          if new == 'h' then redis.call('HINCRBY', meta, 'held', 1) end
+        end
+        redis.call('HDEL', meta .. ':p', member)
+      end
+    end
+  end
+  for id, index in pairs(last) do
+    out[index] = fire(prefix .. id, now, ttl, repeats[id] == true)
+  end
+  return out
+end
+
+if op == 'note' then
+  -- No EXISTS: a batch that expired has no members, so nothing below matches (and no key
+  -- is made again).
+  for i = 2, #ARGV, 4 do
+    local meta, member, kind = prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local members = meta .. ':m'
+    local state = redis.call('HGET', members, member)
+    if kind == 'r' and state == 'p' then
+      redis.call('HSET', members, member, 'r')
+      redis.call('HINCRBY', meta, 'running', 1)
+    elseif kind == 'w' and state == 'r' then
+      redis.call('HSET', members, member, 'p')
+      redis.call('HINCRBY', meta, 'running', -1)
+      redis.call('HDEL', meta .. ':p', member)
+    elseif kind == 'g' and (state == 'r' or state == 'p') then
+      redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
+    end
+  end
+  return 0
+end
+
+if op == 'sent' then
+  local meta = prefix .. ARGV[2]
+  if redis.call('HGET', meta, ARGV[3]) == 'firing' then
+    redis.call('HSET', meta, ARGV[3], 'sent')
+  end
+  return 0
+end
+
+return redis.error_reply('batch.lua: unknown operation ' .. tostring(op))

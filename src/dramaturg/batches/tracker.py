@@ -1,0 +1,372 @@
+"""The middleware that keeps batches: members join on send, end after their outcome, callbacks fire.
+
+Where it sits in the stack (:func:`dramaturg.middleware.framework_middleware`): before
+``Outcomes``, beside the status recorder, so that its after-hook runs once ``Outcomes``
+has decided what became of the run (succeeded, held, rejected, retried), and before the
+broker's consumer acknowledges the message.
+
+- **Joining** (``before_enqueue``): a message sent inside ``with batch:``, or from a
+  running member of a batch (a member that fans out), is recorded as a member of that
+  batch *before* it is sent, and carries the batch id in its ``dramaturg_batch`` option.
+  If it cannot be recorded the send fails with :class:`~dramaturg.BatchSendError` and
+  nothing is sent; if the send itself fails, the member is taken out again
+  (:meth:`BatchTracker.forget_unsent`, and ``after_unsent_many`` for ``send_many``). A
+  message that carries the option already (a retry, a release, a kick, a message of
+  ``send_many``, whose chunk joined at once) is a member already.
+- **Ending** (``after_process_message``): succeeded, held or rejected ends the member,
+  written before the acknowledgement (:mod:`dramaturg.batches.writer` says why and how
+  it stays cheap); a retry or a release makes it wait again. What the end fires is
+  published from the same thread.
+- **Firing**: a callback is a copy of the message given as ``on_complete`` /
+  ``on_success``, with the batch's summary (:meth:`BatchStatus.to_dict`) as its last
+  argument and the message id derived from batch id and event; a batch that is a member
+  of another then ends as that member: succeeded when all its members did, else failed
+  (and succeeded later if kicks make it so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import dramatiq
+
+from ..errors import BatchNotFound, BatchSendError, StateUnavailable, TaskHeld
+from ..held import durable_write
+from ..task import RunOutcome, Task, current_task_or_none, progress_observers, run_of
+from .state import BatchState, End, MemoryBatchState, RedisBatchState
+from .summary import from_fields
+from .writer import BatchWriter
+
+if TYPE_CHECKING:
+    from . import Batch
+
+__all__ = [
+    "BATCH_OPTION",
+    "CALLBACK_OPTION",
+    "BatchTracker",
+    "callback_id",
+    "close_trackers",
+    "current_batch_id",
+    "tracker_of",
+]
+
+logger = logging.getLogger("dramaturg.batches")
+
+#: The message option naming the batch a message is a member of.
+BATCH_OPTION = "dramaturg_batch"
+#: The message option of a batch's callback (the batch id): it joins no batch.
+CALLBACK_OPTION = "dramaturg_batch_of"
+#: The namespace of callbacks' message ids (uuid5 of "<batch id>:<event>").
+_CALLBACK_IDS = uuid.UUID("5b0f6f8e-4a8e-4b38-9a55-2b8d3d1f6c41")
+
+#: The batch whose ``with`` block this thread (or coroutine) is in.
+_current: ContextVar[Batch | None] = ContextVar("dramaturg_current_batch", default=None)
+
+
+def current_batch_id() -> str | None:
+    """The batch a message sent here joins: the ``with`` block's, else the running member's."""
+    batch = _current.get()
+    if batch is not None:
+        return batch.id
+    task = current_task_or_none()
+    if task is not None:
+        found = task.message.options.get(BATCH_OPTION)
+        return str(found) if found else None
+    return None
+
+
+def callback_id(batch_id: str, event: str) -> str:
+    """The message id of the callback ``event`` ("complete", "success") of a batch: the same
+    for every publish of it."""
+    return str(uuid.uuid5(_CALLBACK_IDS, f"{batch_id}:{event}"))
+
+
+class BatchTracker(dramatiq.Middleware):
+    """Keeps the batches of a broker (see the module). ``url``: ``[state] url``; ``ttl_ms``:
+    ``[batch] ttl``."""
+
+    def __init__(self, url: str | None, ttl_ms: int, namespace: str = "dramaturg") -> None:
+        self.url = url
+        self.ttl_ms = ttl_ms
+        self.namespace = namespace
+        self._state: BatchState | None = None
+        self._writer: BatchWriter | None = None
+        self._lock = threading.Lock()
+        self._broker: dramatiq.Broker | None = None
+        #: Per thread: the member joined by the last ``send()`` until its enqueue is done
+        #: (see :meth:`forget_unsent`).
+        self._sending = threading.local()
+        if self._observe_progress not in progress_observers:
+            progress_observers.append(self._observe_progress)
+
+    # -- the store ---------------------------------------------------------------------------
+
+    def state(self, broker: dramatiq.Broker) -> BatchState:
+        """The store of ``broker``'s batches, made on first use (raises :class:`~dramaturg.StateUnavailable`)."""
+        if self._state is None:
+            with self._lock:
+                if self._state is None:
+                    self._state = self._make_state(broker)
+                    self._broker = broker
+        return self._state
+
+    def _make_state(self, broker: dramatiq.Broker) -> BatchState:
+        if getattr(broker, "runs_inline", False):
+            return MemoryBatchState(ttl_ms=self.ttl_ms)
+        if self.url:
+            import redis
+
+            return RedisBatchState(redis.Redis.from_url(self.url), namespace=self.namespace, ttl_ms=self.ttl_ms)
+        client = getattr(broker, "client", None)
+        if client is None:
+            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
+            raise StateUnavailable(
+                f"batches need a state store, and the {kind} broker has none of its own:"
+                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
+            )
+        return RedisBatchState(client, namespace=self.namespace, ttl_ms=self.ttl_ms)
+
+    def writer(self, broker: dramatiq.Broker) -> BatchWriter:
+        writer = self._writer
+        if writer is None:
+            state = self.state(broker)
+            with self._lock:
+                if self._writer is None:
+                    self._writer = BatchWriter(state)
+                    self._writer.on_written = lambda written: self._fire_written(broker, written)
+                writer = self._writer
+        return writer
+
+    # -- joining -----------------------------------------------------------------------------
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        options = message.options
+        if BATCH_OPTION in options or CALLBACK_OPTION in options:
+            return
+        batch_id = current_batch_id()
+        if batch_id is not None:
+            self.forget_unsent(broker)
+            self.join(broker, batch_id, [message])
+            self._sending.member = (batch_id, message.message_id)
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        member = getattr(self._sending, "member", None)
+        if member is not None and member[1] == message.message_id:
+            self._sending.member = None  # sent: a member for good
+
+    def after_enqueue_many(self, broker: dramatiq.Broker, messages: Sequence[Any], delay: int | None) -> None:
+        """Nothing: ``send_many``'s members are told apart by :meth:`after_unsent_many` (this
+        only keeps a bulk send from calling :meth:`after_enqueue` for each message)."""
+
+    def forget_unsent(self, broker: dramatiq.Broker) -> None:
+        """Take out of its batch the member this thread's last ``send()`` joined, if that
+        send never got to its after-hook (the broker refused it, or did not answer).
+
+        Dramatiq has no hook for a failed send, so this is done at the next moment that
+        matters: the thread's next send into a batch, the end of the ``with`` block, the
+        end of the member whose handler sent it. If that send did reach the queue after
+        all (a lost confirm), the member rejoins when it ends (an end counts a member it
+        does not know).
+        """
+        member = getattr(self._sending, "member", None)
+        if member is None:
+            return
+        self._sending.member = None
+        try:
+            events = self.state(broker).drop(member[0], [member[1]])
+        except Exception:
+            logger.warning("could not take unsent message %s out of batch %s", member[1], member[0], exc_info=True)
+            return
+        if events:
+            self.fire(broker, member[0], events)
+
+    def after_unsent_many(self, broker: dramatiq.Broker, messages: Sequence[Any]) -> None:
+        """Messages of ``send_many`` certainly not sent (a chunk that failed) leave their batch."""
+        by_batch: dict[str, list[str]] = {}
+        for message in messages:
+            batch_id = message.options.get(BATCH_OPTION)
+            if batch_id:
+                by_batch.setdefault(batch_id, []).append(message.message_id)
+        for batch_id, member_ids in by_batch.items():
+            events = self.state(broker).drop(batch_id, member_ids)
+            if events:
+                self.fire(broker, batch_id, events)
+
+    def join(self, broker: dramatiq.Broker, batch_id: str, messages: Sequence[Any]) -> None:
+        """Record ``messages`` as members of ``batch_id``, then mark them so; raises
+        :class:`~dramaturg.BatchSendError` when they could not be recorded."""
+        try:
+            self.state(broker).add(batch_id, [message.message_id for message in messages])
+        except BatchNotFound:
+            raise BatchSendError(f"batch {batch_id!r} is gone (expired); the message was not sent") from None
+        except StateUnavailable as error:
+            raise BatchSendError(f"{error}; the message was not sent") from None
+        except Exception as error:
+            raise BatchSendError(
+                f"the state store did not record the batch member ({type(error).__name__}: {error});"
+                " the message was not sent"
+            ) from None
+        for message in messages:
+            message.options[BATCH_OPTION] = batch_id
+
+    def before_send_many(self, broker: dramatiq.Broker, messages: Sequence[Any]) -> None:
+        """A chunk of ``send_many``: joins as one (see :mod:`dramaturg.bulk`)."""
+        batch_id = current_batch_id()
+        if batch_id is not None:
+            self.join(broker, batch_id, [m for m in messages if BATCH_OPTION not in m.options])
+
+    # -- running and ending ------------------------------------------------------------------
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._broker = broker  # for progress(), which has the task but not its broker
+        batch_id = message.options.get(BATCH_OPTION)
+        if batch_id:
+            self.writer(broker).note((batch_id, message.message_id, "r", ""))
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        if getattr(self._sending, "member", None) is not None:
+            self.forget_unsent(broker)  # a send of its handler failed
+        batch_id = message.options.get(BATCH_OPTION)
+        if not batch_id:
+            return
+        run = run_of(message)
+        outcome = None if run is None else run.outcome
+        if outcome is None or outcome is RunOutcome.SUCCEEDED:
+            code = "s"
+        elif outcome is RunOutcome.HELD:
+            code = "h"
+        elif outcome is RunOutcome.REJECTED:
+            code = "f"
+        else:  # retried, released: it runs again; unsettled: the broker gives it back
+            self.writer(broker).note((batch_id, message.message_id, "w", ""))
+            return
+        events = self.writer(broker).end_durably((batch_id, message.message_id, code))
+        if events:
+            self.fire(broker, batch_id, events)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        batch_id = message.options.get(BATCH_OPTION)
+        if batch_id:
+            self.writer(broker).note((batch_id, message.message_id, "w", ""))
+
+    def _observe_progress(self, task: Task, fraction: float, text: str) -> None:
+        broker = self._broker
+        if broker is None:
+            return
+        value = f"{fraction:.4f}|{text[:200]}"
+        try:
+            writer = self.writer(broker)
+        except StateUnavailable:
+            return  # no store (RabbitMQ without [state] url): progress is kept nowhere
+        writer.task_progress(task.message_id, value)
+        batch_id = task.message.options.get(BATCH_OPTION)
+        if batch_id:
+            writer.note((batch_id, task.message_id, "g", value))
+
+    # -- firing ------------------------------------------------------------------------------
+
+    def seal(self, broker: dramatiq.Broker, batch_id: str) -> None:
+        """Seal the batch; publish what that fires (all its members had ended already)."""
+        self.forget_unsent(broker)
+        events = self.state(broker).seal(batch_id)
+        if events:
+            self.fire(broker, batch_id, events)
+
+    def fire(self, broker: dramatiq.Broker, batch_id: str, events: Sequence[str]) -> None:
+        """Publish the callbacks of ``events``; end the batch as a member of its parent."""
+        state = self.state(broker)
+        read = state.read(batch_id)
+        if read is None:
+            return
+        meta, progress = read
+        summary = from_fields(batch_id, meta, progress).to_dict()
+        held: TaskHeld | None = None
+        for event in events:
+            stored = meta.get(f"on_{event}")
+            if stored:
+                try:
+                    self._publish(broker, batch_id, event, json.loads(stored), summary)
+                except TaskHeld as error:  # eager mode: the callback ran and was held
+                    held = held or error
+                except Exception as error:
+                    # Left "firing": a repeated end of this member (it runs again if its
+                    # worker dies before acknowledging it) publishes it again.
+                    logger.error(
+                        "could not publish on_%s of batch %s (%s: %s); it is not sent",
+                        event,
+                        batch_id,
+                        type(error).__name__,
+                        error,
+                    )
+                    continue
+            state.sent(batch_id, event)
+        parent = meta.get("parent")
+        if parent:
+            code = "s" if int(meta.get("succeeded", 0)) == int(meta.get("total", 0)) else "f"
+            parent_events = self.writer(broker).end_durably((parent, meta.get("parent_member", ""), code))
+            if parent_events:
+                self.fire(broker, parent, parent_events)
+        if held is not None:
+            raise held
+
+    def _publish(
+        self, broker: dramatiq.Broker, batch_id: str, event: str, stored: dict[str, Any], summary: dict[str, Any]
+    ) -> None:
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=stored["queue_name"],
+            actor_name=stored["actor_name"],
+            args=(*stored.get("args", ()), summary),
+            kwargs=stored.get("kwargs") or {},
+            options={**(stored.get("options") or {}), CALLBACK_OPTION: batch_id},
+            message_id=callback_id(batch_id, event),
+            message_timestamp=int(time.time() * 1000),
+        )
+        if getattr(broker, "runs_inline", False):
+            broker.enqueue(message)  # eager: runs it now; a hold raises TaskHeld
+            return
+        error = durable_write(lambda: broker.enqueue(message))
+        if error is not None:
+            raise error
+
+    def _fire_written(self, broker: dramatiq.Broker, written: list[tuple[End, list[str]]]) -> None:
+        for (batch_id, _, _), events in written:
+            if events:
+                self.fire(broker, batch_id, events)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._observe_progress in progress_observers:
+            progress_observers.remove(self._observe_progress)
+        if self._writer is not None:
+            self._writer.close()
+        if self._state is not None:
+            self._state.close()
+
+
+def tracker_of(broker: dramatiq.Broker) -> BatchTracker:
+    """The :class:`BatchTracker` of ``broker`` (raises :class:`~dramaturg.StateUnavailable` without one)."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, BatchTracker):
+            return middleware
+    raise StateUnavailable("batches need the batch middleware: the broker was not made by dramaturg.bootstrap()")
+
+
+def close_trackers(middleware: Sequence[dramatiq.Middleware]) -> None:
+    """Write what the batch trackers of a broker's stack buffer, and stop their threads."""
+    for item in middleware:
+        if isinstance(item, BatchTracker):
+            item.close()

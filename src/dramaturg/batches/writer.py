@@ -1,0 +1,236 @@
+"""How a worker process writes batch news: members' ends in group commits, the rest buffered.
+
+**Ends are durable before the message is acknowledged.** The callbacks rest on the
+count of ended members: ``on_complete`` fires when it reaches the total. An end written
+after the acknowledgement (buffered, as the status store buffers) would be lost with the
+process if it died in between, and nothing would ever run that member again: the batch
+would wait forever. Exactly-once does not need it (the compare-and-set in ``batch.lua``
+gives "at most once" whatever the order); *at least once* does. So the thread that ran
+the member waits for its end to be written, in the member's after-hook, before Dramatiq
+acknowledges the message. What it costs the queue is kept small the way the Redis
+broker's acknowledgements are (:mod:`dramaturg.brokers.redis.settling`): a group commit.
+A thread whose end comes while no write is out writes it at once, alone; those that
+come meanwhile wait, and the first of them then writes every end that came, in one call
+of ``batch.lua``. A worker killed after the end was written but before the
+acknowledgement runs the member again; its end repeats, and a member is counted by its
+message id, so it counts once (and a callback that had fired but may not have been
+published is published again, with the same message id: see ``batch.lua``).
+
+If the write fails (the store does not answer) it is tried again a few times
+(:func:`dramaturg.held.durable_write`); after that the end is kept and written with the
+next notes flush, and an ERROR line says the batch waits for it. Only a process killed
+while the store is down loses such an end.
+
+**Everything else is buffered.** "Running", "waiting again" (a retry) and progress are
+news for ``dramaturg batch show``, not counts anything waits for: each process keeps them
+in a buffer that a background thread writes every ``FLUSH_INTERVAL_S`` in one call, like
+the status store's records; the notes of a member whose end was written meanwhile are
+dropped there (a short member costs its end alone). A lost note changes what a status
+shows for a moment, never a count or a callback.
+
+What it costs: ``benchmarks/batches.py`` (numbers in ``docs/batches.md``). About half of
+it is this wait: a thread waits twice per member, for its end here and for its
+acknowledgement in the broker's own group commit. Writing the end in the group that
+acknowledges the message (the Redis broker's settling, the RabbitMQ consumer's
+acknowledgements) would make that one wait; not done here, as it changes the brokers'
+acknowledgement paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from typing import Any
+
+from ..held import durable_write
+from .state import BatchState, End, Note
+
+__all__ = ["BatchWriter"]
+
+logger = logging.getLogger("dramaturg.batches")
+
+#: How often each process writes its buffered notes.
+FLUSH_INTERVAL_S = 0.1
+#: Notes past which the oldest are dropped (the store does not answer).
+MAX_NOTES = 100_000
+
+
+class _Ending:
+    """One end to write, and the lock its thread waits on (held until it is written, or
+    until the thread is to write the next group)."""
+
+    __slots__ = ("answer", "done", "end", "error", "wait")
+
+    def __init__(self, end: End) -> None:
+        self.end = end
+        self.done = False
+        self.answer: list[str] = []
+        self.error: BaseException | None = None
+        self.wait = threading.Lock()
+        self.wait.acquire()
+
+
+class BatchWriter:
+    """Writes one process's batch news to a :class:`~dramaturg.batches.state.BatchState` (see the module)."""
+
+    def __init__(self, state: BatchState, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+        self.state = state
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._waiting: list[_Ending] = []
+        self._writing = False
+        self._notes: deque[Note] = deque()
+        #: Members whose end was written since the last flush: their notes are dropped
+        #: there (a member that started and ended within a flush interval, nearly every
+        #: short one, costs its end alone).
+        self._ended: set[str] = set()
+        #: Tasks' last progress, by message id (for task status; a later one replaces it).
+        self._progress: dict[str, str] = {}
+        self._unwritten: list[End] = []
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+
+    # -- ends: durable, in group commits -------------------------------------------------
+
+    def end(self, end: End) -> list[str]:
+        """Write that a member ended; returns once it is written, with the events that fire.
+
+        Raises the error of the write that carried it, as a write of its own would.
+        """
+        mine = _Ending(end)
+        with self._lock:
+            writing, self._writing = self._writing, True
+            if writing:
+                self._waiting.append(mine)
+        if writing:
+            mine.wait.acquire()  # released once written, or for this thread to write the next group
+        if not mine.done:
+            self._write_group(mine)
+        if mine.error is not None:
+            raise mine.error
+        self._ended.add(end[1])
+        return mine.answer
+
+    def _write_group(self, mine: _Ending) -> None:
+        with self._lock:
+            group, self._waiting = [mine, *self._waiting], []
+        try:
+            answers = self.state.end([item.end for item in group])
+        except BaseException as error:  # each thread raises it, as its own write would have
+            for item in group:
+                item.error = error
+        else:
+            for item, answer in zip(group, answers, strict=True):
+                item.answer = answer
+        for item in group:
+            item.done = True
+            if item is not mine:
+                item.wait.release()
+        with self._lock:
+            if self._waiting:
+                self._waiting.pop(0).wait.release()  # not done: it writes the next group
+            else:
+                self._writing = False
+
+    def end_durably(self, end: End) -> list[str]:
+        """:meth:`end`, tried again a few times; when it still fails the end is kept for the
+        background flush and an ERROR line says so (nothing fires from it here)."""
+        try:
+            return self.end(end)
+        except Exception:
+            pass  # tried again below, after a pause, with a line for each try
+        answer: list[list[str]] = []
+        error = durable_write(lambda: answer.append(self.end(end)))
+        if error is None:
+            return answer[0]
+        logger.error(
+            "could not record the end of member %s of batch %s (%s: %s); it is written when the state store"
+            " answers, and the batch waits for it",
+            end[1],
+            end[0],
+            type(error).__name__,
+            error,
+        )
+        with self._lock:
+            self._unwritten.append(end)
+        self._ensure_thread()
+        return []
+
+    # -- notes: buffered -------------------------------------------------------------------
+
+    def note(self, note: Note) -> None:
+        """Keep a note for the next flush (appended without a lock: a deque's append is atomic)."""
+        self._notes.append(note)
+        if len(self._notes) > MAX_NOTES:
+            self._notes.popleft()
+        self._ensure_thread()
+
+    def task_progress(self, message_id: str, value: str) -> None:
+        """Keep a task's last progress (``"<fraction>|<text>"``) for the next flush."""
+        self._progress[message_id] = value
+        self._ensure_thread()
+
+    def flush(self) -> list[tuple[End, list[str]]]:
+        """Write the buffered notes and any end kept after a failure; the ends written, with what fired."""
+        notes: list[Note] = []
+        while True:
+            try:
+                notes.append(self._notes.popleft())
+            except IndexError:
+                break
+        progress, self._progress = self._progress, {}
+        ended, self._ended = self._ended, set()
+        if ended:
+            notes = [note for note in notes if note[1] not in ended]
+        with self._lock:
+            unwritten, self._unwritten = self._unwritten, []
+        written: list[tuple[End, list[str]]] = []
+        try:
+            if unwritten:
+                written = list(zip(unwritten, self.state.end(unwritten), strict=True))
+                unwritten = []
+            if notes:
+                self.state.note(notes)
+            if progress:
+                self.state.task_progress(list(progress.items()))
+        except Exception as error:
+            with self._lock:
+                self._unwritten[:0] = unwritten
+            logger.debug("could not write batch notes (%s: %s)", type(error).__name__, error)
+        return written
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._closed or (self._thread is not None and self._pid == os.getpid()):
+                return
+            self._pid = os.getpid()  # after a fork the parent's thread is not ours
+            self._thread = threading.Thread(target=self._run, name="dramaturg-batches", daemon=True)
+            self._thread.start()
+
+    #: Called with what a background flush wrote of the kept ends (the tracker fires their events).
+    on_written: Any = None
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            written = self.flush()
+            if written and self.on_written is not None:
+                self.on_written(written)
+
+    def close(self) -> None:
+        """Write what is buffered and stop the background thread."""
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(timeout=5)
+        written = self.flush()
+        if written and self.on_written is not None:
+            self.on_written(written)

@@ -1,0 +1,536 @@
+"""Batches: members counted by message id, sealed by the ``with`` block, callbacks fired once,
+on RabbitMQ (with a Redis state store), Redis, embedded and eager."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from dramatiq.middleware import MiddlewareError
+
+import dramaturg
+from dramaturg import app
+from dramaturg.batches.state import MemoryBatchState, RedisBatchState
+from dramaturg.batches.tracker import callback_id
+from dramaturg.batches.writer import BatchWriter
+
+from .conftest import Runs, bin_path, broker_url, free_port, pending_messages, poll_until, run_cli, write_config
+
+MODES = ("rabbitmq", "redis", "embedded", "eager")
+
+
+@pytest.fixture(params=MODES)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Each test runs on every real broker and in eager mode."""
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    if broker_kind == "eager":
+        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
+    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+
+
+@pytest.fixture
+def run_members(broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]) -> Callable[[], None]:
+    """Start a worker for the members and callbacks (eager mode runs them in send())."""
+
+    def start() -> None:
+        if not getattr(broker, "runs_inline", False):
+            start_worker()
+
+    return start
+
+
+class Callback:
+    """An actor recording the summaries it was called with."""
+
+    def __init__(self, name: str) -> None:
+        self.calls = Runs()
+
+        @dramaturg.actor(queue_name="batch-callbacks", actor_name=name)
+        def callback(label: str, summary: dict[str, Any]) -> None:
+            self.calls.add((label, summary))
+
+        self.actor = callback
+
+
+def test_a_batch_counts_every_outcome_and_fires_each_callback_once(
+    broker: dramatiq.Broker, run_members: Callable[[], None]
+) -> None:
+    # Given members of which one holds (row 3) the first time it runs
+    kicked = threading.Event()
+
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        if n == 3 and not kicked.is_set():
+            dramaturg.current_task().hold("row 3 has no email")
+
+    report, notify = Callback("report"), Callback("notify")
+    run_members()
+
+    # When twenty members are sent in a batch with both callbacks
+    batch = dramaturg.batch("import", on_complete=report.actor.message("done"), on_success=notify.actor.message("ok"))
+    with batch:
+        member.send_many(range(3), chunk_size=2)
+        with contextlib.suppress(dramaturg.TaskHeld):  # eager mode: the held member's send() says so
+            member.send(3)
+        member.send_many(range(4, 20), chunk_size=7)
+
+    # Then on_complete fires once with the summary: the held member counts as failed
+    ((label, summary),) = report.calls.wait(1)
+    assert label == "done"
+    assert (summary["total"], summary["succeeded"], summary["failed"], summary["held"]) == (20, 19, 1, 1)
+    assert summary["state"] == "complete" and summary["percent"] == 100.0
+    status = dramaturg.batch_status(batch.id)
+    assert (status.total, status.ended, status.pending, status.running) == (20, 20, 0, 0)
+    assert not status.succeeded_all and status.finished_at is not None
+    assert notify.calls.seen == []
+
+    # When the held member is kicked and succeeds
+    kicked.set()
+    try:
+        assert dramaturg.held_tasks().kick("batch-members") == 1
+    except dramaturg.TaskHeld:
+        pytest.fail("the kicked member was held again")
+
+    # Then it moves from failed to succeeded, and on_success fires once
+    ((label, summary),) = notify.calls.wait(1)
+    assert (label, summary["succeeded"], summary["failed"], summary["held"]) == ("ok", 20, 0, 0)
+    assert dramaturg.batch_status(batch.id).succeeded_all
+    assert len(report.calls.seen) == 1
+
+
+def test_members_sent_by_members_join_the_batch_and_a_nested_batch_counts_as_one(
+    broker: dramatiq.Broker, run_members: Callable[[], None]
+) -> None:
+    # Given a member that sends five more members from inside itself
+    @dramaturg.actor(queue_name="batch-members")
+    def leaf(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="batch-members")
+    def fan_out(n: int) -> None:
+        for child in range(n):
+            leaf.send(child)
+
+    report = Callback("report")
+    run_members()
+
+    # When the batch holds one of them and a nested batch of two
+    batch = dramaturg.batch("fan out", on_complete=report.actor.message("done"))
+    with batch:
+        fan_out.send(5)
+        with dramaturg.batch("inner"):
+            leaf.send(100)
+            leaf.send(101)
+
+    # Then it completes once, counting the children and the nested batch as one member
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (7, 7, 0)
+    assert summary["succeeded_all"] is True  # on_success fired in the same step
+    inner = [b for b in dramaturg.batches() if b.name == "inner"]
+    assert [(b.total, b.succeeded, b.parent) for b in inner] == [(2, 2, batch.id)]
+
+
+def test_a_member_that_fans_out_after_the_seal_never_makes_it_fire_early(
+    broker: dramatiq.Broker, run_members: Callable[[], None], broker_kind: str
+) -> None:
+    if broker_kind == "eager":
+        pytest.skip("eager mode runs every member inside the block (the test above covers its fan-out)")
+    sealed, go = threading.Event(), threading.Event()
+
+    # Given a member that fans out only once the batch is sealed, into children that wait
+    @dramaturg.actor(queue_name="batch-members")
+    def child(n: int) -> None:
+        go.wait(20)
+
+    @dramaturg.actor(queue_name="batch-members")
+    def fan_out(n: int) -> None:
+        sealed.wait(20)
+        for number in range(n):
+            child.send(number)
+
+    report = Callback("report")
+    run_members()
+    batch = dramaturg.batch("late fan-out", on_complete=report.actor.message("done"))
+    with batch:
+        fan_out.send(3)
+    sealed.set()
+
+    # When the fan-out member has ended (its children joined before that)
+    status = poll_until(
+        lambda: (s := dramaturg.batch_status(batch.id)).succeeded == 1 and s, "the fan-out member ended"
+    )
+
+    # Then the sealed batch waits for its children
+    assert (status.state, status.total, status.ended) == ("running", 4, 1)
+    assert report.calls.seen == []
+
+    # and completes once they have ended
+    go.set()
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (4, 4)
+
+
+def test_no_callback_fires_before_the_batch_is_sealed(broker: dramatiq.Broker, run_members: Callable[[], None]) -> None:
+    # Given a batch whose only member has ended
+    ended = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member() -> None:
+        ended.add(1)
+
+    report = Callback("report")
+    run_members()
+    batch = dramaturg.batch("late seal", on_complete=report.actor.message("done"))
+    with batch:
+        member.send()
+        ended.wait(1)
+        poll_until(lambda: dramaturg.batch_status(batch.id).ended == 1, "the member's end is recorded")
+
+        # Then nothing fires while the block is open
+        assert report.calls.seen == []
+        assert dramaturg.batch_status(batch.id).state == "open"
+
+    # When the block ends, on_complete fires, with the message id derived from the batch
+    ((_, summary),) = report.calls.wait(1)
+    assert summary["total"] == 1
+    assert callback_id(batch.id, "complete") == callback_id(batch.id, "complete") != callback_id(batch.id, "success")
+
+
+def test_progress_from_a_member_shows_in_the_batch_status(
+    broker: dramatiq.Broker, run_members: Callable[[], None], broker_kind: str
+) -> None:
+    if broker_kind == "eager":
+        pytest.skip("eager mode runs the member inside send(): nobody can look while it runs")
+    release = threading.Event()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def slow() -> None:
+        dramaturg.current_task().progress(0.4, "row 4,000 of 10,000")
+        release.wait(20)
+
+    run_members()
+    batch = dramaturg.batch("progress")
+    with batch:
+        first = slow.send()
+        slow.send()
+
+    status = poll_until(
+        lambda: (s := dramaturg.batch_status(batch.id)).running == 2 and len(s.progress) == 2 and s,
+        "both members running with their progress",
+    )
+    assert [(p.fraction, p.text) for p in status.progress] == [(0.4, "row 4,000 of 10,000")] * 2
+    assert status.percent == 40.0
+    # and in the task's own status
+    task = poll_until(
+        lambda: (t := dramaturg.task_status(first.message_id)).progress is not None and t, "the task's progress"
+    )
+    assert (task.progress, task.progress_text) == (0.4, "row 4,000 of 10,000")
+    release.set()
+    poll_until(lambda: dramaturg.batch_status(batch.id).state == "complete", "the batch completes")
+    assert dramaturg.batch_status(batch.id).progress == []
+
+
+def test_an_unknown_batch_is_a_clear_error(broker: dramatiq.Broker) -> None:
+    with pytest.raises(dramaturg.BatchNotFound, match="no batch 'nope'"):
+        dramaturg.batch_status("nope")
+
+
+def test_the_batch_commands(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, run_members: Callable[[], None], tmp_path: Path
+) -> None:
+    if settings.broker.url == "eager://":
+        pytest.skip("the commands read the store of another process: eager mode keeps it in memory")
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        pass
+
+    run_members()
+    batch = dramaturg.batch("import users.csv")
+    with batch:
+        member.send_many(range(30))
+    poll_until(lambda: dramaturg.batch_status(batch.id).state == "complete", "the batch completes")
+    write_config(tmp_path, settings)
+    dramaturg_cli = bin_path("dramaturg")
+
+    listed = run_cli([dramaturg_cli, "batch", "list"], cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert batch.id in listed.stdout and "import users.csv" in listed.stdout
+
+    shown = run_cli([dramaturg_cli, "batch", "show", batch.id, "--json"], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["succeeded"] == 30
+
+    watched = run_cli([dramaturg_cli, "batch", "watch", batch.id], cwd=tmp_path)
+    assert watched.returncode == 0, watched.stderr
+    assert "30/30" in watched.stdout and "complete" in watched.stdout
+
+    unknown = run_cli([dramaturg_cli, "batch", "show", "nope"], cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines() == [
+        "dramaturg: no batch 'nope': never made, or expired after it ended ([batch] ttl)"
+    ]
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+class Refuse(dramatiq.Middleware):
+    """Refuses to send messages of the actor "refused" (after the batch middleware joined them)."""
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        if message.actor_name == "refused":
+            raise MiddlewareError("refused by the test")
+
+
+def test_a_member_whose_send_fails_leaves_the_batch(broker: dramatiq.Broker, run_members: Callable[[], None]) -> None:
+    # Given a broker that refuses one actor's messages after they joined their batch
+    broker.add_middleware(Refuse())
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member() -> None:
+        pass
+
+    @dramaturg.actor(queue_name="batch-members", actor_name="refused")
+    def refused() -> None:
+        pass
+
+    report = Callback("report")
+    run_members()
+
+    # When one member is sent, one is refused, and one more is sent
+    batch = dramaturg.batch("refusals", on_complete=report.actor.message("done"))
+    with batch:
+        member.send()
+        with pytest.raises(MiddlewareError):
+            refused.send()
+        member.send()
+        with pytest.raises(MiddlewareError):
+            refused.send()  # the last send of the block
+
+    # Then the batch counts the two that were sent, and completes
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (2, 2)
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])  # where send_many stops at a held member
+def test_eager_send_many_stopped_by_a_held_member_leaves_only_what_ran(broker: dramatiq.Broker) -> None:
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        if n == 3:
+            dramaturg.current_task().hold("row 3")
+
+    batch = dramaturg.batch("stopped")
+    with batch, pytest.raises(dramaturg.BulkSendError):
+        member.send_many(range(10))
+
+    status = dramaturg.batch_status(batch.id)
+    assert (status.state, status.total, status.succeeded, status.held) == ("complete", 4, 3, 1)
+
+
+def test_a_member_is_not_sent_when_the_state_store_is_down(rabbitmq_server: Any, tmp_path: Path) -> None:
+    # Given RabbitMQ with a state store of its own, which stops after the batch is made
+    port = free_port()
+    store = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+    try:
+        client = redis.Redis(port=port)
+        poll_until(lambda: _pings(client), "the state store answers")
+        settings = dramaturg.Settings(
+            broker={
+                "url": f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F",
+                "namespace": "test-batch-down",
+            },
+            state={"url": f"redis://127.0.0.1:{port}/0"},
+        )
+        broker = dramaturg.bootstrap(settings)
+
+        @dramaturg.actor(queue_name="batch-down")
+        def member(n: int) -> None:
+            pass
+
+        batch = dramaturg.batch("doomed")
+        store.kill()
+        store.wait()
+
+        # When a member is sent, one by one or in bulk
+        with batch:
+            with pytest.raises(dramaturg.BatchSendError, match="the message was not sent"):
+                member.send(1)
+            with pytest.raises(dramaturg.BulkSendError) as bulk:
+                member.send_many(range(10))
+            assert bulk.value.sent == 0 and len(bulk.value.unsent) == 10
+            # Then nothing reached the queue
+            assert pending_messages(broker, "batch-down") == 0
+            batch._closed = True  # sealing needs the store too; nothing to seal
+    finally:
+        store.kill()
+        store.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_the_last_two_ends_racing_fire_on_complete_once(redis_server: Any) -> None:
+    # Given a sealed batch of two members, many times over, on Redis and in memory
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    for state in (RedisBatchState(client, namespace="test-race", ttl_ms=60_000), MemoryBatchState(ttl_ms=60_000)):
+        for round_ in range(100):
+            batch_id = f"race-{round_}"
+            state.create(batch_id, {"name": "race", "created_at": "1"})
+            state.add(batch_id, ["a", "b"])
+            assert state.seal(batch_id) == []
+            barrier = threading.Barrier(2)
+            fired: list[list[str]] = []
+
+            def finish(member: str, state: Any, batch_id: str, barrier: Any, fired: list[list[str]]) -> None:
+                barrier.wait()
+                fired.extend(state.end([(batch_id, member, "s")]))
+
+            # When two threads end the last two members at the same instant
+            threads = [threading.Thread(target=finish, args=(m, state, batch_id, barrier, fired)) for m in ("a", "b")]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+            # Then exactly one of them fires complete and success
+            assert sorted(map(tuple, fired)) == [(), ("complete", "success")], (state, round_, fired)
+
+
+def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis_server: Any) -> None:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    for state in (RedisBatchState(client, namespace="test-repeat", ttl_ms=60_000), MemoryBatchState(ttl_ms=60_000)):
+        state.create("b", {"name": "repeat", "created_at": "1"})
+        assert state.add("b", ["a", "b", "a"]) == 2
+        state.seal("b")
+        writer = BatchWriter(state)
+        assert writer.end(("b", "a", "s")) == []
+        assert writer.end(("b", "a", "s")) == []  # a redelivered member that succeeded again
+        assert writer.end(("b", "b", "h")) == ["complete"]
+        assert writer.end(("b", "b", "h")) == ["complete"]  # repeated while "firing": the same callback again
+        state.sent("b", "complete")
+        assert writer.end(("b", "b", "h")) == []  # published: never again
+        assert writer.end(("b", "b", "s")) == ["success"]  # kicked, then succeeded
+        assert writer.end(("b", "a", "f")) == []  # a succeeded member never leaves "succeeded"
+        meta, _ = state.read("b")  # type: ignore[misc]
+        assert (meta["total"], meta["succeeded"], meta["failed"], meta["held"]) == ("2", "2", "0", "0")
+        writer.close()
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis", "embedded"])
+def test_a_member_whose_worker_is_killed_runs_again_and_counts_once(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.apps import crash_tasks
+
+    from .test_recovery import HEARTBEAT_TIMEOUT_S, events, start_workers, wait_for_event
+
+    # Given two worker processes (separate groups), and a batch of one member that
+    # blocks on its first run
+    app.register(crash_tasks.stall)
+    write_config(tmp_path, settings, modules=["tests.apps.crash_tasks"])
+    crash_log = tmp_path / "crash.log"
+    start_workers(
+        spawn, 2, CRASH_LOG=str(crash_log), DRAMATURG_BROKER_HEARTBEAT_TIMEOUT=str(int(HEARTBEAT_TIMEOUT_S * 1000))
+    )
+    batch = dramaturg.batch("killed")
+    with batch:
+        crash_tasks.stall.send(120.0)
+
+    # When the worker running it is killed
+    first = wait_for_event(crash_log, lambda e: e.event == "start")
+    os.kill(first.pid, signal.SIGKILL)
+
+    # Then it runs again on the other worker, and the batch counts it once
+    wait_for_event(crash_log, lambda e: e.event == "end")
+    status = poll_until(
+        lambda: (s := dramaturg.batch_status(batch.id)).state == "complete" and s, "the batch completes"
+    )
+    assert [e.event for e in events(crash_log)] == ["start", "start", "end"]
+    assert (status.total, status.succeeded, status.failed, status.running, status.pending) == (1, 1, 0, 0, 0)
+
+
+def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any) -> None:
+    url = f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "test-batch-nostore"}))
+    with pytest.raises(dramaturg.StateUnavailable, match=r"batches need a state store.*\[state\] url"):
+        dramaturg.batch("nowhere")
+
+
+def test_ends_from_many_threads_of_two_processes_count_exactly_and_fire_once(redis_server: Any) -> None:
+    # Given a sealed batch of 400 members, and two writers (as two worker processes have)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    states = [
+        RedisBatchState(redis.Redis(host=redis_server.host, port=redis_server.port), namespace=namespace, ttl_ms=60_000)
+        for _ in range(2)
+    ]
+    states[0].create("b", {"name": "many", "created_at": "1"})
+    members = [f"m{n}" for n in range(400)]
+    states[0].add("b", members)
+    states[0].seal("b")
+    writers = [BatchWriter(state) for state in states]
+    fired: list[str] = []
+    start = threading.Barrier(8)
+
+    def end_share(index: int) -> None:
+        start.wait()
+        for member in members[index::8]:
+            fired.extend(writers[index % 2].end(("b", member, "s")))
+
+    # When eight threads, four per writer, end them all at once
+    threads = [threading.Thread(target=end_share, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then every member counts once, and each callback fires once
+    meta, _ = states[0].read("b")  # type: ignore[misc]
+    assert (meta["total"], meta["succeeded"], meta["failed"], meta["running"]) == ("400", "400", "0", "0")
+    assert sorted(fired) == ["complete", "success"]
+
+
+def test_a_member_taken_out_unsent_lets_its_batch_complete(redis_server: Any) -> None:
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    for state in (RedisBatchState(client, namespace=namespace, ttl_ms=60_000), MemoryBatchState(ttl_ms=60_000)):
+        # Given a sealed batch of two members, one of which has ended
+        state.create("b", {"name": "drop", "created_at": "1"})
+        state.add("b", ["sent", "unsent"])
+        assert state.seal("b") == []
+        assert state.end([("b", "sent", "s")]) == [[]]
+
+        # When the other is taken out (its send failed), and then the ended one too
+        assert state.drop("b", ["unsent"]) == ["complete", "success"]
+        assert state.drop("b", ["sent"]) == []
+
+        # Then the batch completed with the one member that ran, which stays
+        meta, _ = state.read("b")  # type: ignore[misc]
+        assert (meta["total"], meta["succeeded"]) == ("1", "1")
