@@ -226,7 +226,7 @@ class BatchTracker(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         self._broker = broker  # for progress(), which has the task but not its broker
-        batch_id = message.options.get(BATCH_OPTION)
+        batch_id = _options(message).get(BATCH_OPTION)
         if batch_id:
             self.writer(broker).note((batch_id, message.message_id, "r", ""))
 
@@ -235,7 +235,7 @@ class BatchTracker(dramatiq.Middleware):
     ) -> None:
         if getattr(self._sending, "member", None) is not None:
             self.forget_unsent(broker)  # a send of its handler failed
-        batch_id = message.options.get(BATCH_OPTION)
+        batch_id = _options(message).get(BATCH_OPTION)
         if not batch_id:
             return
         run = run_of(message)
@@ -254,7 +254,7 @@ class BatchTracker(dramatiq.Middleware):
             self.fire(broker, batch_id, events)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        batch_id = message.options.get(BATCH_OPTION)
+        batch_id = _options(message).get(BATCH_OPTION)
         if batch_id:
             self.writer(broker).note((batch_id, message.message_id, "w", ""))
 
@@ -370,3 +370,10 @@ def close_trackers(middleware: Sequence[dramatiq.Middleware]) -> None:
     for item in middleware:
         if isinstance(item, BatchTracker):
             item.close()
+
+
+def _options(message: Any) -> dict[str, Any]:
+    """A processed message's options, from the message under Dramatiq's proxy: the proxy's
+    ``__getattr__`` costs about 1 us, on every task whether or not it is in a batch."""
+    options: dict[str, Any] = getattr(message, "_message", message).options
+    return options
