@@ -76,7 +76,7 @@ def test_acknowledgements_that_come_while_one_is_out_go_together(broker: Any) ->
 
     # When 7 more threads acknowledge theirs meanwhile
     results, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[1:])
-    poll_until(lambda: len(broker.settler._waiting) == 7, "7 acknowledgements waiting")
+    poll_until(lambda: broker.settler.waiting == 7, "7 acknowledgements waiting")
     assert not results, "a thread returned before Redis had settled its message"
     gate.set()
     for thread in threads + more:
@@ -104,7 +104,7 @@ def test_each_message_of_a_group_gets_its_own_answer(broker: Any) -> None:
     poll_until(lambda: calls == [1], "the first call out")
     acks, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), [recovered, settled])
     nacks, last = in_threads(lambda redis_id: broker.do_nack("settle", redis_id), [rejected])
-    poll_until(lambda: len(broker.settler._waiting) == 3, "3 waiting")
+    poll_until(lambda: broker.settler.waiting == 3, "3 waiting")
     gate.set()
     for thread in threads + more + last:
         thread.join(10)
@@ -137,7 +137,7 @@ def test_a_failed_call_fails_every_message_it_carried_and_the_next_group_goes_on
     first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[:1])
     poll_until(lambda: sizes == [1], "the first call out")
     group, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), ids[1:4])
-    poll_until(lambda: len(settler._waiting) == 3, "3 waiting")
+    poll_until(lambda: settler.waiting == 3, "3 waiting")
     gate.set()
     for thread in threads + more:
         thread.join(10)

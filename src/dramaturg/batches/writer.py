@@ -44,6 +44,7 @@ import threading
 from collections import deque
 from typing import Any
 
+from ..group_commit import GroupCommit
 from ..held import durable_write
 from .state import BatchState, End, Note
 
@@ -57,21 +58,6 @@ FLUSH_INTERVAL_S = 0.1
 MAX_NOTES = 100_000
 
 
-class _Ending:
-    """One end to write, and the lock its thread waits on (held until it is written, or
-    until the thread is to write the next group)."""
-
-    __slots__ = ("answer", "done", "end", "error", "wait")
-
-    def __init__(self, end: End) -> None:
-        self.end = end
-        self.done = False
-        self.answer: list[str] = []
-        self.error: BaseException | None = None
-        self.wait = threading.Lock()
-        self.wait.acquire()
-
-
 class BatchWriter:
     """Writes one process's batch news to a :class:`~dramaturg.batches.state.BatchState` (see the module)."""
 
@@ -79,8 +65,7 @@ class BatchWriter:
         self.state = state
         self.flush_interval_s = flush_interval_s
         self._lock = threading.Lock()
-        self._waiting: list[_Ending] = []
-        self._writing = False
+        self._ends: GroupCommit[End, list[str]] = GroupCommit(self._write_ends)
         self._notes: deque[Note] = deque()
         #: Members whose end was written since the last flush: their notes are dropped
         #: there (a member that started and ended within a flush interval, nearly every
@@ -101,40 +86,12 @@ class BatchWriter:
 
         Raises the error of the write that carried it, as a write of its own would.
         """
-        mine = _Ending(end)
-        with self._lock:
-            writing, self._writing = self._writing, True
-            if writing:
-                self._waiting.append(mine)
-        if writing:
-            mine.wait.acquire()  # released once written, or for this thread to write the next group
-        if not mine.done:
-            self._write_group(mine)
-        if mine.error is not None:
-            raise mine.error
+        answer = self._ends.submit(end)
         self._ended.add(end[1])
-        return mine.answer
+        return answer
 
-    def _write_group(self, mine: _Ending) -> None:
-        with self._lock:
-            group, self._waiting = [mine, *self._waiting], []
-        try:
-            answers = self.state.end([item.end for item in group])
-        except BaseException as error:  # each thread raises it, as its own write would have
-            for item in group:
-                item.error = error
-        else:
-            for item, answer in zip(group, answers, strict=True):
-                item.answer = answer
-        for item in group:
-            item.done = True
-            if item is not mine:
-                item.wait.release()
-        with self._lock:
-            if self._waiting:
-                self._waiting.pop(0).wait.release()  # not done: it writes the next group
-            else:
-                self._writing = False
+    def _write_ends(self, ends: list[End]) -> list[list[str]]:
+        return self.state.end(ends)
 
     def end_durably(self, end: End) -> list[str]:
         """:meth:`end`, tried again a few times; when it still fails the end is kept for the
