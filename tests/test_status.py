@@ -334,3 +334,39 @@ def test_a_run_and_a_senders_change_of_the_same_task_in_one_flush_are_merged(red
     record = store.get(other.message_id)
     assert record is not None and (record["state"], record["duration_ms"], record["at"]) == ("succeeded", 500, 101.0)
     store.close()
+
+
+def test_a_task_a_worker_started_before_its_send_returned_is_running_not_queued(redis_server: Any) -> None:
+    """A sender's "queued" is dated when its send began: a worker may start the task (and
+    flush "running") before the send returns and the sender's own flush comes."""
+    from dramatiq import Message
+    from dramatiq.broker import MessageProxy
+
+    from dramaturg.status.recorder import StatusRecorder
+
+    def tick() -> None:  # let the clock move on by a few microseconds (records are dated to the us)
+        start = time.time()
+        while time.time() - start < 2e-5:
+            pass
+
+    url = f"redis://{redis_server.host}:{redis_server.port}/0"
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    sender, worker = StatusRecorder(url, 60_000, namespace), StatusRecorder(url, 60_000, namespace)
+    broker: Any = object()  # a store at [state] url needs nothing of the broker
+    message = Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={})
+
+    # Given a send under way (RabbitMQ: the publish is out, its confirm not yet back)
+    sender.before_enqueue(broker, message, None)
+    tick()
+    # When a worker starts the task meanwhile, and its record is written first
+    worker.before_process_message(broker, MessageProxy(message))
+    worker.store(broker).flush()
+    tick()
+    sender.after_enqueue(broker, message, None)
+    sender.store(broker).flush()
+
+    # Then the task is running: the sender's older news does not replace the worker's
+    record = worker.store(broker).get(message.message_id)
+    assert record is not None and record["state"] == "running"
+    sender.close()
+    worker.close()

@@ -54,10 +54,23 @@ class StatusRecorder(dramatiq.Middleware):
                 store = self._store
         return store
 
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        """Note when the send began: its record is dated then, not after the send returned,
+        by which time a worker may have started the task and recorded that (a later date
+        would make "queued" win over "running")."""
+        if message.options.get("redis_message_id") == message.message_id:
+            return
+        stamps: dict[str, float] = _sending.__dict__.setdefault("stamps", {})
+        if len(stamps) >= 64:
+            stamps.clear()  # sends whose after-hook never came (the broker refused them)
+        stamps[message.message_id] = time.time()
+
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         if message.options.get("redis_message_id") == message.message_id:
             return  # a new message on Redis: task_status() finds it in the broker by its id
-        self.store(broker).record(message.message_id, queued_fields(message, delay))
+        stamps: dict[str, float] | None = getattr(_sending, "stamps", None)
+        at = stamps.pop(message.message_id, None) if stamps else None
+        self.store(broker).record(message.message_id, queued_fields(message, delay), at=at)
 
     def after_enqueue_many(self, broker: dramatiq.Broker, messages: Sequence[Any], delay: int | None) -> None:
         """The after-hook of a bulk send (:mod:`dramaturg.bulk`): new tasks that share
@@ -129,6 +142,8 @@ def close_stores(middleware: Iterable[dramatiq.Middleware]) -> None:
 
 
 _labels = threading.local()
+#: Per thread: when each send under way began (see StatusRecorder.before_enqueue).
+_sending = threading.local()
 
 
 def _worker_label() -> str:
