@@ -125,3 +125,26 @@ def test_a_delayed_message_moved_before_the_connection_was_lost_is_not_moved_twi
         assert pending_messages(broker, "moves") == 1  # the moved copy; none left to move
     finally:
         second.close()
+
+
+def test_a_delayed_message_is_not_moved_once_its_channel_is_lost(broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a due delayed message, taken by this thread's consumer of the delay queue,
+    # whose channel is then lost (Dramatiq's thread goes on moving the due ones after an
+    # acknowledgement failed with the connection)
+    @dramaturg.actor(queue_name="moves")
+    def task(n: int) -> None:
+        pass
+
+    task.send_with_options(args=(1,), delay=10)
+    consumer = broker.consume("moves.DQ", prefetch=8, timeout=100)
+    delivery = poll_until(lambda: next(consumer), "the delayed message")
+    consumer.close()  # RabbitMQ has it back
+    monkeypatch.setattr(threading.current_thread(), "consumer", consumer, raising=False)
+    moved = delivery._message.copy(queue_name="moves")
+    del moved.options["eta"]
+
+    # When the thread moves it
+    # Then the move is refused, and only RabbitMQ's copy on the delay queue is left
+    with pytest.raises(dramatiq.errors.ConnectionClosed):
+        broker.enqueue(moved)
+    assert pending_messages(broker, "moves") == 1

@@ -18,6 +18,7 @@ import pika.exceptions
 from dramatiq import Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.common import current_millis, dq_name
+from dramatiq.errors import ConnectionClosed
 
 from ...config import BrokerSettings
 from ...durations import format_ms
@@ -94,6 +95,15 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
                 message.actor_name,
                 format_ms(delay),
                 format_ms(self.settings.consumer_timeout),
+            )
+        consumer = getattr(threading.current_thread(), "consumer", None)
+        if isinstance(consumer, RabbitmqConsumer) and consumer.gone and consumer.queue_name.endswith(".DQ"):
+            # Dramatiq's consumer thread moves a due delayed message to its queue, and goes on
+            # moving the others after an acknowledgement failed with the connection. Their
+            # channel is gone: RabbitMQ delivers them again, to be moved (and run) once more.
+            raise ConnectionClosed(
+                f"the channel of {consumer.queue_name!r} is lost: delayed message {message.message_id} is not"
+                " moved; RabbitMQ delivers it again"
             )
         result: Message[Any] = super().enqueue(message, delay=delay)
         return result
