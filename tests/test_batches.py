@@ -29,6 +29,9 @@ from .conftest import Runs, bin_path, broker_url, free_port, pending_messages, p
 
 MODES = ("rabbitmq", "redis", "embedded", "eager")
 
+#: The brokers with a queue between sending and running (not eager).
+REAL_BROKERS = ["rabbitmq", "redis", "embedded"]
+
 
 @pytest.fixture(params=MODES)
 def broker_kind(request: pytest.FixtureRequest) -> str:
@@ -153,11 +156,11 @@ def test_members_sent_by_members_join_the_batch_and_a_nested_batch_counts_as_one
     assert [(b.total, b.succeeded, b.parent) for b in inner] == [(2, 2, batch.id)]
 
 
+# Not in eager mode: every member runs inside the block (the test above covers its fan-out).
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_member_that_fans_out_after_the_seal_never_makes_it_fire_early(
-    broker: dramatiq.Broker, run_members: Callable[[], None], broker_kind: str
+    broker: dramatiq.Broker, run_members: Callable[[], None]
 ) -> None:
-    if broker_kind == "eager":
-        pytest.skip("eager mode runs every member inside the block (the test above covers its fan-out)")
     sealed, go = threading.Event(), threading.Event()
 
     # Given a member that fans out only once the batch is sealed, into children that wait
@@ -219,11 +222,11 @@ def test_no_callback_fires_before_the_batch_is_sealed(broker: dramatiq.Broker, r
     assert callback_id(batch.id, "complete") == callback_id(batch.id, "complete") != callback_id(batch.id, "success")
 
 
+# Not in eager mode: the member runs inside send(), nobody can look while it runs.
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_progress_from_a_member_shows_in_the_batch_status(
-    broker: dramatiq.Broker, run_members: Callable[[], None], broker_kind: str
+    broker: dramatiq.Broker, run_members: Callable[[], None]
 ) -> None:
-    if broker_kind == "eager":
-        pytest.skip("eager mode runs the member inside send(): nobody can look while it runs")
     release = threading.Event()
 
     @dramaturg.actor(queue_name="batch-members")
@@ -258,11 +261,11 @@ def test_an_unknown_batch_is_a_clear_error(broker: dramatiq.Broker) -> None:
         dramaturg.batch_status("nope")
 
 
+# Not in eager mode: the commands read another process's store; eager keeps it in memory.
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_the_batch_commands(
     settings: dramaturg.Settings, broker: dramatiq.Broker, run_members: Callable[[], None], tmp_path: Path
 ) -> None:
-    if settings.broker.url == "eager://":
-        pytest.skip("the commands read the store of another process: eager mode keeps it in memory")
 
     @dramaturg.actor(queue_name="batch-members")
     def member(n: int) -> None:
@@ -444,7 +447,7 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         writer.close()
 
 
-@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis", "embedded"])
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_member_whose_worker_is_killed_runs_again_and_counts_once(
     settings: dramaturg.Settings, broker: dramatiq.Broker, spawn: Callable[..., Any], tmp_path: Path
 ) -> None:
