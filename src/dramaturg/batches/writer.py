@@ -78,6 +78,7 @@ class BatchWriter:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        self._failing = False  # the last flush failed (logged once)
 
     # -- ends: durable, in group commits -------------------------------------------------
 
@@ -157,7 +158,18 @@ class BatchWriter:
         except Exception as error:
             with self._lock:
                 self._unwritten[:0] = unwritten
-            logger.debug("could not write batch notes (%s: %s)", type(error).__name__, error)
+            if not self._failing:  # once per outage, not every flush
+                self._failing = True
+                logger.warning(
+                    "could not write batch news to the state store (%s: %s): members' running and progress"
+                    " notes are dropped until it answers; ends not yet written are kept and written then",
+                    type(error).__name__,
+                    error,
+                )
+        else:
+            if self._failing:
+                self._failing = False
+                logger.warning("the state store is reachable again; batch news is written")
         return written
 
     def _ensure_thread(self) -> None:
