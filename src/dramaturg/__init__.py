@@ -19,6 +19,7 @@ from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
 from .batches import Batch, BatchStatus, batch, batch_status, batches
 from .bulk import Call
+from .cancelling import BatchCancellation, Cancellation, cancel, cancel_batch
 from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .drain import DrainSummary, drain
 from .errors import (
@@ -37,6 +38,7 @@ from .errors import (
     SendError,
     StateUnavailable,
     TaskHeld,
+    TaskNotFound,
 )
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
@@ -49,6 +51,7 @@ __all__ = [
     "Actor",
     "ActorError",
     "Batch",
+    "BatchCancellation",
     "BatchNotFound",
     "BatchSendError",
     "BatchStatus",
@@ -58,6 +61,7 @@ __all__ = [
     "BulkSendError",
     "BulkSendInterrupted",
     "Call",
+    "Cancellation",
     "ConfigError",
     "ContextError",
     "DrainSummary",
@@ -78,6 +82,7 @@ __all__ = [
     "SuspendQueue",
     "Task",
     "TaskHeld",
+    "TaskNotFound",
     "TaskOutcome",
     "TaskStatus",
     "WorkerSettings",
@@ -90,6 +95,8 @@ __all__ = [
     "before_task",
     "bind_contextvar",
     "bootstrap",
+    "cancel",
+    "cancel_batch",
     "close_resources",
     "context",
     "context_provider",
