@@ -3,8 +3,8 @@
 - ``<namespace>:__cancel__:<message id>``: the request, ``{"by": ..., "at": ms}`` as
   JSON, set only where there is none (the first request stands), expiring ``[state]
   ttl`` after it was made, as the task's status record does;
-- ``<namespace>:__cancels__``: the feed, the ids of the requests of the last ``[state]
-  ttl`` by when they were made (the store's own clock), written in the same atomic step
+- ``<namespace>:__cancels__``: the feed, a stream of the ids of the requests of the last
+  ``[state] ttl`` (an entry per script call), written in the same atomic step
   (``cancel.lua``).
 
 Workers never look a request up per task: each worker process reads the feed from where
@@ -68,14 +68,18 @@ class CancelRequests:
         """The request for ``message_id``, or None."""
         return _decode(self.client.get(self.prefix + message_id))
 
-    def feed(self, since_ms: float | None) -> list[tuple[str, float]]:
-        """``(message id, when asked)`` for every request made at ``since_ms`` or later (the
-        store's clock; None: every request kept)."""
-        low: Any = "-inf" if since_ms is None else since_ms
-        found: list[tuple[Any, Any]] = self.client.zrangebyscore(  # type: ignore[assignment]
-            self.feed_key, low, "+inf", withscores=True
+    def feed(self, after: str | None) -> tuple[list[tuple[str, float]], str | None]:
+        """``(message id, when asked: ms, the store's clock)`` for every request written
+        after the feed's entry ``after`` (None: every request kept), and the last entry read
+        (``after`` again when there is none)."""
+        found: list[tuple[Any, dict[Any, Any]]] = self.client.xrange(  # type: ignore[assignment]
+            self.feed_key, "-" if after is None else f"({after}", "+"
         )
-        return [(_text(member), float(score)) for member, score in found]
+        requests = []
+        for entry, fields in found:
+            at = float(_text(entry).partition("-")[0])
+            requests += [(_text(message_id), at) for message_id in fields.values()]
+        return requests, _text(found[-1][0]) if found else after
 
 
 def _decode(raw: Any) -> Request | None:

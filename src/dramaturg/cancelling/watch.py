@@ -55,9 +55,6 @@ STALE_S = 0.5
 #: How long :func:`dramaturg.cancel` waits after writing a request before it returns: by
 #: then every worker has read it before it takes a task (a read is never older than STALE_S).
 SETTLE_S = STALE_S + 0.05
-#: Each read starts this long (ms) before the newest request seen, so that a request made
-#: while the store's clock stepped back a little is not missed (ids already seen are ignored).
-OVERLAP_MS = 2_000
 #: How often requests older than the ttl are forgotten (seconds).
 PRUNE_S = 60.0
 
@@ -74,6 +71,7 @@ class _Watcher:
         self.cancelled: dict[str, float] = {}
         #: When the feed was last read, or tried (time.monotonic()).
         self.read_at = float("-inf")
+        self._last: str | None = None  # the feed's last entry read
         self._newest: float | None = None
         self._pruned_at = time.monotonic()
         self._lock = threading.Lock()
@@ -96,9 +94,8 @@ class _Watcher:
             now = time.monotonic()
             if if_older_than is not None and now - self.read_at <= if_older_than:
                 return
-            since = None if self._newest is None else self._newest - OVERLAP_MS
             try:
-                found = self.requests.feed(since)
+                found, self._last = self.requests.feed(self._last)
             except Exception as error:
                 self.read_at = now  # a store that does not answer is tried once per interval, not per task
                 if not self._failing:
