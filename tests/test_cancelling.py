@@ -184,6 +184,8 @@ def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
 
     @dramaturg.actor(queue_name="cancel-batch")
     def member(n: int) -> None:
+        if n == 1:
+            dramaturg.current_task().hold("row 1 has no email")
         while n >= 2 and not go.is_set():  # Python code, where an interrupt lands
             time.sleep(0.01)
 
@@ -195,12 +197,15 @@ def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
     def on_success(summary: dict[str, Any]) -> None:
         notify.add(summary)
 
-    # Given a batch of 12 of which two succeeded, two run and eight wait
+    # Given a batch of 12 of which one succeeded, one is held, two run and eight wait
     start_worker(threads=2, queues={"cancel-batch"})
     batch = dramaturg.batch("cancel me", on_complete=on_complete.message(), on_success=on_success.message())
     with batch:
         member.send_many(range(12))
-    poll_until(lambda: (s := batch.status()).succeeded == 2 and s.running == 2, "two members succeeded, two running")
+    poll_until(
+        lambda: (s := batch.status()).succeeded == 1 and s.held == 1 and s.running == 2,
+        "one member succeeded, one held, two running",
+    )
 
     # When the batch is cancelled
     answer = dramaturg.cancel_batch(batch.id, by="ops@test")
@@ -208,7 +213,7 @@ def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
     # Then the ten that had not ended end as cancelled, and on_complete fires once with them counted
     assert (answer.requested, answer.state) == (10, "running")
     (summary,) = report.wait(1)
-    assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (12, 2, 10, 0)
+    assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (12, 1, 10, 1)
     status = batch.status()
     assert (status.state, status.ended, status.cancelled, status.cancel_requested_by) == (
         "complete",
@@ -217,6 +222,12 @@ def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
         "ops@test",
     )
     assert notify.seen == []
+
+    # When the held member, which had ended, is cancelled by its id, it moves from failed to cancelled
+    (held,) = dramaturg.held_tasks().list("cancel-batch")
+    assert dramaturg.cancel(held.message_id).outcome == "purged"
+    status = batch.status()
+    assert (status.succeeded, status.failed, status.held, status.cancelled) == (1, 0, 0, 11)
     # and cancelling it again says it had ended
     assert dramaturg.cancel_batch(batch.id).state == "complete"
     assert len(report.seen) == 1
@@ -297,3 +308,41 @@ def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any) -
     dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "test-cancel-nostore"}))
     with pytest.raises(dramaturg.StateUnavailable, match=r"cancelling needs a state store.*\[state\] url"):
         dramaturg.cancel(str(uuid.uuid4()))
+
+
+def test_two_cancels_racing_make_one_request_and_a_worker_reads_each_once(redis_server: Any) -> None:
+    import redis
+
+    from dramaturg.cancelling.requests import CancelRequests
+
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    requests = CancelRequests(client, namespace=f"test-{uuid.uuid4().hex[:8]}", ttl_ms=60_000)
+    for round_ in range(50):
+        # Given two callers asking to cancel the same task at the same instant
+        message_id = f"task-{round_}"
+        barrier = threading.Barrier(2)
+        new: list[tuple[str, list[str]]] = []
+
+        def ask(by: str, message_id: str = message_id, barrier: Any = barrier, new: Any = new) -> None:
+            barrier.wait()
+            new.append((by, requests.request([message_id], by)))
+
+        threads = [threading.Thread(target=ask, args=(by,)) for by in ("ada", "bob")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        # Then one request is made, and it is the one the store keeps
+        (winner,) = [by for by, made in new if made == [message_id]]
+        assert [made for _, made in new].count([]) == 1
+        stored = requests.get(message_id)
+        assert stored is not None and stored.by == winner
+
+    # and a reader of the feed sees each request once, in order, reading on from where it stopped
+    found, last = requests.feed(None)
+    assert [message_id for message_id, _ in found] == [f"task-{n}" for n in range(50)]
+    assert requests.feed(last) == ([], last)
+    requests.request(["task-50", "task-0"], "ada")
+    found, _ = requests.feed(last)
+    assert [message_id for message_id, _ in found] == ["task-50"]

@@ -134,7 +134,10 @@ class _Watcher:
             self._wake.wait()
             self._wake.clear()
             while self.running:
-                self.read()
+                try:
+                    self.read()
+                except Exception:  # never let the reader die: the next poll tries again
+                    logger.exception("reading cancel requests failed")
                 time.sleep(POLL_S)
 
 
