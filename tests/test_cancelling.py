@@ -346,3 +346,25 @@ def test_two_cancels_racing_make_one_request_and_a_worker_reads_each_once(redis_
     requests.request(["task-50", "task-0"], "ada")
     found, _ = requests.feed(last)
     assert [message_id for message_id, _ in found] == ["task-50"]
+
+
+def test_a_task_cancelled_the_moment_it_was_sent_never_runs(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="cancel-at-once")
+    def work(n: int) -> None:
+        ran.add(n)
+
+    # Given a task sent and cancelled at once (its first record may not be written yet)
+    message = work.send(1)
+    assert dramaturg.cancel(message.message_id).outcome == "requested"
+
+    # When a worker takes it, and then the next one
+    start_worker(threads=1)
+    work.send(2)
+
+    # Then only the next one ran
+    assert ran.wait(1) == [2]
+    assert status_when(message.message_id, "cancelled").attempt == 1

@@ -148,6 +148,10 @@ def request_cancel(message_id: str, *, by: str | None = None, broker: dramatiq.B
 
     requests = watch_of(broker).requests(broker)
     status = task_status(message_id, broker)
+    if status.state == "unknown":
+        # Sent from this process a moment ago: its first record may still be in the buffer.
+        state_store(broker).flush()
+        status = task_status(message_id, broker)
     state = status.state
     if state == "unknown":
         raise TaskNotFound(message_id)
