@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import dramatiq
 
-from .errors import StateUnavailable
+from .state_redis import state_redis
 from .task import RunOutcome, run_of
 
 if TYPE_CHECKING:
@@ -197,17 +197,7 @@ class Checkpoints(dramatiq.Middleware):
 
         if broker is None or isinstance(broker, StubBroker):  # eager mode's broker is a stub broker too
             return MemoryCheckpointStore(ttl_ms=self.ttl_ms)
-        if self.url:
-            import redis
-
-            return RedisCheckpointStore(redis.Redis.from_url(self.url), namespace=self.namespace, ttl_ms=self.ttl_ms)
-        client = getattr(broker, "client", None)
-        if client is None:
-            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-            raise StateUnavailable(
-                f"checkpoints need a state store, and the {kind} broker has none of its own:"
-                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-            )
+        client = state_redis(broker, self.url, needs="checkpoints need")
         return RedisCheckpointStore(client, namespace=self.namespace, ttl_ms=self.ttl_ms)
 
     def for_run(self, broker: dramatiq.Broker, message_id: str) -> RunCheckpoint:
