@@ -52,9 +52,7 @@ class Guard:
         # The CSRF key: derived from the token when there is one (stable across
         # processes behind one address), else random for this process.
         self._csrf_key = (
-            hashlib.sha256(b"dramaturg-csrf|" + self.token.encode()).digest()
-            if self.token
-            else secrets.token_bytes(32)
+            hashlib.sha256(b"dramaturg-csrf|" + self.token.encode()).digest() if self.token else secrets.token_bytes(32)
         )
 
     @property

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 import dramatiq
 import jinja2
+import markupsafe
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -347,7 +348,7 @@ def _forbidden(message: str) -> Response:
 
 
 def _escape(text: str) -> str:
-    return str(jinja2.utils.markupsafe.escape(text))
+    return str(markupsafe.escape(text))
 
 
 def _text(value: Any) -> str | None:
