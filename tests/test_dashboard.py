@@ -260,3 +260,21 @@ def test_the_token_comes_from_the_environment_and_is_never_shown(monkeypatch: py
     assert settings.dashboard.token.get_secret_value() == "from-env-token"
     assert settings.flat()["dashboard.token"] == "***"
     assert "from-env-token" not in repr(settings)
+
+
+def test_a_broker_that_does_not_answer_is_one_line_on_the_page(serve: Callable[[Any], LiveServer]) -> None:
+    # Given a dashboard for a Redis whose URL names a password and a port nothing listens on
+    settings = dramaturg.Settings(broker={"url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"})
+    broker = dramaturg.bootstrap(settings)
+    client = httpx.Client(base_url=serve(dramaturg.dashboard.app(broker=broker)).url, timeout=WAIT_S)
+
+    # When the queues page and a queue's held tasks are opened
+    queues = client.get("/queues")
+    held = client.get("/held/imports")
+
+    # Then each says the broker did not answer, with the password masked
+    assert queues.status_code == 200
+    assert held.status_code == 503
+    for page in (queues, held):
+        assert 'class="problem"' in page.text
+        assert "hunter2" not in page.text

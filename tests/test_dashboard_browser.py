@@ -122,26 +122,38 @@ def test_an_operator_kicks_a_held_task_and_purges_the_rest(
     page.goto("/queues")
     expect(row.locator('[data-column="held"]')).to_have_text("2")
 
-    # When they ask to purge all, and confirm with the wrong name first
+    # When they tick a held task and purge it, answering "no" to the browser's question first
     page.goto("/held/imports")
+    page.get_by_label(f"select {tasks[1].message_id}").check()
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.get_by_role("button", name="Purge selected").click()
+    assert store.count("imports") == 2
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Purge selected").click()
+
+    # Then that one is gone
+    expect(page.locator(".notice")).to_have_text("purged 1 held task of imports")
+    assert store.get(tasks[1].message_id, "imports") is None
+
+    # When they ask to purge all, and confirm with the wrong name first
     page.get_by_role("link", name="Purge all…").click()
     page.get_by_label("Type the queue's name to confirm").fill("import")
-    page.get_by_role("button", name="Purge all 2").click()
+    page.get_by_role("button", name="Purge all 1").click()
 
     # Then nothing is purged
     expect(page.locator(".problem")).to_contain_text("type its name to confirm")
-    assert store.count("imports") == 2
+    assert store.count("imports") == 1
 
     # When they confirm with the queue's name
     page.go_back()
     page.get_by_label("Type the queue's name to confirm").fill("imports")
-    page.get_by_role("button", name="Purge all 2").click()
+    page.get_by_role("button", name="Purge all 1").click()
 
-    # Then both are gone, on the page and in the store
-    expect(page.locator(".notice")).to_have_text("purged 2 held tasks of imports")
+    # Then the last is gone, on the page and in the store
+    expect(page.locator(".notice")).to_have_text("purged 1 held task of imports")
     expect(page.locator("#held-total")).to_contain_text("0 held")
     assert store.count("imports") == 0
-    assert store.get(tasks[1].message_id, "imports") is None
+    assert store.get(tasks[2].message_id, "imports") is None
 
 
 def test_a_browser_without_the_token_or_the_csrf_field_is_refused(
@@ -164,6 +176,15 @@ def test_a_browser_without_the_token_or_the_csrf_field_is_refused(
     expect(page.locator("#kick")).to_have_count(0)
     expect(page.locator("header")).to_contain_text("read-only")
 
+    # When it watches the queues page while another task is held
+    page.goto("/queues")
+    held = page.locator('tr[data-queue="imports"] [data-column="held"]')
+    expect(held).to_have_text("1")
+    store.hold(held_task("imports", 8))
+
+    # Then the count follows without a reload
+    expect(held).to_have_text("2")
+
     # When it posts a kick anyway, with a valid CSRF field taken from the sign-in form
     page.goto("/login")
     csrf = page.locator('input[name="csrf_token"]').get_attribute("value")
@@ -177,9 +198,10 @@ def test_a_browser_without_the_token_or_the_csrf_field_is_refused(
     sign_in(page, "mallory")
     without = context.request.post("/held/imports/purge", form={"id": task.message_id})
 
-    # Then that is refused too, and the task is still held
+    # Then that is refused too, and the tasks are still held
     assert without.status == 403
     assert store.get(task.message_id, "imports") is not None
+    assert store.count("imports") == 2
 
 
 # -- screenshots for the docs (make screenshots) -------------------------------------------

@@ -120,8 +120,8 @@ class Dashboard:
         started = time.perf_counter()
         try:
             rows = queue_stats(broker=self.broker())
-        except DramaturgError as error:
-            problem = str(error)
+        except Exception as error:  # the broker's client error too: one line on the page
+            problem = _unreachable(error)
         return self.render(
             request,
             template,
@@ -137,8 +137,8 @@ class Dashboard:
         store = self.store()
         try:
             counts = [(queue, store.count(queue)) for queue in sorted(store.queues())]
-        except BrokerUnreachable as error:
-            return self.error(request, str(error), 503)
+        except Exception as error:
+            return self.error(request, _unreachable(error), 503)
         return self.render(request, "held_index.html", title="Held tasks", counts=counts)
 
     def held_list(self, request: Request) -> Response:
@@ -153,8 +153,8 @@ class Dashboard:
         try:
             total = store.count(queue)
             tasks = store.list(queue, offset=offset, limit=limit)
-        except BrokerUnreachable as error:
-            return self.error(request, str(error), 503)
+        except Exception as error:
+            return self.error(request, _unreachable(error), 503)
         return self.render(
             request,
             "held_list.html",
@@ -174,11 +174,12 @@ class Dashboard:
         store = self.store()
         try:
             store.check_queue(queue)
-            task = store.get(message_id, queue) if message_id else None
-        except BrokerUnreachable as error:
-            return self.error(request, str(error), 503)
         except DramaturgError as error:
             return self.error(request, str(error), 404)
+        try:
+            task = store.get(message_id, queue) if message_id else None
+        except Exception as error:
+            return self.error(request, _unreachable(error), 503)
         if task is None:
             return self.error(request, f"no held task {message_id!r} in {queue}: it was kicked or purged", 404)
         return self.render(
@@ -198,11 +199,12 @@ class Dashboard:
             return self.error(request, "confirm what? (action=kick or action=purge)", 400)
         try:
             self.store().check_queue(queue)
-            count = self.store().count(queue)
-        except BrokerUnreachable as error:
-            return self.error(request, str(error), 503)
         except DramaturgError as error:
             return self.error(request, str(error), 404)
+        try:
+            count = self.store().count(queue)
+        except Exception as error:
+            return self.error(request, _unreachable(error), 503)
         return self.render(
             request, "confirm.html", title=f"{action.title()} all of {queue}", queue=queue, action=action, count=count
         )
@@ -214,8 +216,10 @@ class Dashboard:
         if message_id:
             try:
                 status = task_status(message_id, self.broker())
-            except (StateUnavailable, BrokerUnreachable) as error:
+            except StateUnavailable as error:
                 problem = str(error)
+            except Exception as error:
+                problem = _unreachable(error)
         return self.render(
             request,
             "lookup.html",
@@ -232,8 +236,10 @@ class Dashboard:
         problem = None
         try:
             rows = list(batches(limit=50, broker=self.broker()))
-        except (StateUnavailable, BrokerUnreachable) as error:
+        except StateUnavailable as error:
             problem = str(error)
+        except Exception as error:
+            problem = _unreachable(error)
         return self.render(request, "batches.html", title="Batches", batches=rows, problem=problem)
 
     def schedules(self, request: Request) -> Response:
@@ -318,9 +324,10 @@ class Dashboard:
             else:
                 done = store.purge(queue, ids)
                 verb = "purged"
-        except BrokerUnreachable as error:
-            logger.error("dashboard: %s's %s on %s (%s) failed: %s", who, action, queue, what, error)
-            return self.error(request, str(error), 503)
+        except Exception as error:  # nothing was done, or (purge) it cannot be told how much
+            line = _unreachable(error)
+            logger.error("dashboard: %s's %s on %s (%s) failed: %s", who, action, queue, what, line)
+            return self.error(request, line, 503)
         logger.info(
             "dashboard: %s %s %d held task%s of %s (%s) from %s",
             who,
@@ -341,6 +348,16 @@ class Dashboard:
             f"{_base(request)}/held/{queue}?{urlencode({'notice': notice})}",
             status_code=303,
         )
+
+
+def _unreachable(error: Exception) -> str:
+    """One line for an error of the broker or the state store (masked when rendered)."""
+    if isinstance(error, BrokerUnreachable):
+        return str(error)
+    # A client library's own error (redis-py, pika): the traceback goes to the log (masked
+    # there too), in case it is a bug rather than a broker that is down.
+    logger.warning("dashboard: %s: %s", type(error).__name__, error, exc_info=error)
+    return f"the broker did not answer: {type(error).__name__}: {error}"
 
 
 def _forbidden(message: str) -> Response:
