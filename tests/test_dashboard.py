@@ -264,7 +264,9 @@ def test_the_token_comes_from_the_environment_and_is_never_shown(monkeypatch: py
 
 def test_a_broker_that_does_not_answer_is_one_line_on_the_page(serve: Callable[[Any], LiveServer]) -> None:
     # Given a dashboard for a Redis whose URL names a password and a port nothing listens on
-    settings = dramaturg.Settings(broker={"url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"})
+    settings = dramaturg.Settings(
+        broker={"url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}, state={"enabled": False}
+    )
     broker = dramaturg.bootstrap(settings)
     client = httpx.Client(base_url=serve(dramaturg.dashboard.app(broker=broker)).url, timeout=WAIT_S)
 
