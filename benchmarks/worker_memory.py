@@ -100,9 +100,7 @@ def run_once(label: str, url: str, count: int) -> dict[str, float]:
                 "DRAMATURG_BROKER_NAMESPACE": "memory-dramaturg",
                 "DRAMATURG_WORKER_MODULES": "memory_app",
             }
-        worker = subprocess.Popen(
-            argv, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        worker = subprocess.Popen(argv, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             subprocess.run(
                 [sys.executable, str(HERE / "memory_app.py"), str(count)], cwd=directory, env=env, check=True
@@ -125,7 +123,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=5_000, help="no-ops per run, a multiple of 500 (default: 5000)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="(default: %(default)s)")
-    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)")
+    parser.add_argument(
+        "--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="(default: %(default)s)"
+    )
     args = parser.parse_args()
     urls = {"redis": args.redis_url, "rabbitmq": args.rabbitmq_url}
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
