@@ -14,7 +14,7 @@ Run workers with ``dramaturg worker`` or ``dramatiq dramaturg.worker``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing
 
 from .__about__ import __version__
 from .actors import Actor, actor
@@ -46,7 +46,7 @@ from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 
 #: Names of :mod:`dramaturg.config`, imported on first use: the settings models bring in
