@@ -42,7 +42,7 @@ def calls_of(broker: Any, gate: threading.Event | None = None) -> list[int]:
     call = settler._call
 
     def counted(args: list[Any]) -> Any:
-        calls.append((len(args) - 2) // 6)  # six arguments per message (see settle.lua)
+        calls.append((len(args) - 2) // 3)
         if gate is not None and len(calls) == 1:
             assert gate.wait(10)
         return call(args)

@@ -139,17 +139,7 @@ class Run:
     to read it, the consumer acknowledging the message, may run in another thread.
     """
 
-    __slots__ = (
-        "attempt",
-        "context_outside",
-        "context_undo",
-        "deadline",
-        "error",
-        "outcome",
-        "reason",
-        "started",
-        "state_record",
-    )
+    __slots__ = ("attempt", "context_outside", "context_undo", "deadline", "error", "outcome", "reason", "started")
 
     def __init__(self) -> None:
         #: What became of it; None while nothing was decided: its handler returned (a
@@ -171,10 +161,6 @@ class Run:
         # before the run (an eager run is in its sender's thread), and what undoes the restorers'.
         self.context_outside: Mapping[str, Any] | None = None
         self.context_undo: Sequence[Callable[[], object]] = ()
-        #: The task's finished record, for a broker that writes it with the message's
-        #: acknowledgement (the status middleware's, on Redis: see dramaturg.status.recorder):
-        #: ``(key, ttl in ms, record)``; None: the state writer writes it.
-        self.state_record: tuple[str, int, str] | None = None
 
     def __repr__(self) -> str:
         outcome = "undecided" if self.outcome is None else self.outcome.value

@@ -23,7 +23,7 @@ from typing import Any
 import dramatiq
 
 from ..task import RunOutcome, start_run
-from .store import StateStore, _shared_json, queued_fields, run_record, store_for
+from .store import StateStore, queued_fields, store_for
 
 __all__ = ["StatusRecorder", "close_stores"]
 
@@ -43,9 +43,6 @@ class StatusRecorder(dramatiq.Middleware):
         self.namespace = namespace
         self._store: StateStore | None = None
         self._store_lock = threading.Lock()
-        #: Whether a succeeded task's record goes with its acknowledgement: on a broker that
-        #: settles through dramaturg's Redis settling script, with the store in its own Redis.
-        self._with_ack = False
 
     def store(self, broker: dramatiq.Broker) -> StateStore:
         """The store of ``broker``, made on first use (raises :class:`~dramaturg.errors.StateUnavailable`)."""
@@ -53,7 +50,6 @@ class StatusRecorder(dramatiq.Middleware):
         if store is None:
             with self._store_lock:
                 if self._store is None:
-                    self._with_ack = self.url is None and getattr(broker, "settler", None) is not None
                     self._store = store_for(broker, self.url, self.ttl_ms, self.namespace)
                 store = self._store
         return store
@@ -113,18 +109,7 @@ class StatusRecorder(dramatiq.Middleware):
             return  # put back untouched (its copy's enqueue said "queued"), or it runs again
         now = time.time()
         inner = getattr(message, "_message", message)
-        store = self.store(broker)
-        if (outcome is None or outcome is RunOutcome.SUCCEEDED) and self._with_ack and run.error is None:
-            # The common case on Redis: the record is written by the script that acknowledges
-            # the message (one call the worker makes anyway), made here as text (~1 us).
-            worker = _worker_label()
-            shared = _shared_json(inner.queue_name, inner.actor_name, worker)[0]
-            started = now - (time.monotonic() - run.started)
-            record = run_record(shared, now, inner, started, RunOutcome.SUCCEEDED, None, run.reason, run.attempt)
-            run.state_record = (store.key(inner.message_id), store.ttl_ms, record)
-            store.ended_inline(inner.message_id, now, inner, worker)
-            return
-        store.task_event(
+        self.store(broker).task_event(
             (
                 "end",
                 inner.message_id,

@@ -90,8 +90,6 @@ class StateStore:
         #: Tasks started and ended, as the worker threads saw them: made records at the flush.
         #: A deque, appended to without a lock (atomic) and emptied from the other end.
         self._runs: deque[tuple[Any, ...]] = deque()
-        #: Tasks whose finished record went with their acknowledgement (see :meth:`ended_inline`).
-        self._written: set[str] = set()
         self._counts: Counter[tuple[str, int, str]] = Counter()
         self._wake = threading.Event()
         self._closed = False
@@ -130,17 +128,6 @@ class StateStore:
         if self._thread is None:  # (a forked child's store has none: see _forget_writers)
             self._ensure_thread()
 
-    def ended_inline(self, message_id: str, at: float, inner: Any, worker: str) -> None:
-        """A task succeeded, and its finished record is written with its acknowledgement
-        (in the Redis broker's settling script, see :mod:`dramaturg.brokers.redis.settling`),
-        not here: it is counted at the next flush, and its "running" record is not written
-        if the flush has not written it yet (a task that started and ended in one interval
-        costs no write of the writer's at all)."""
-        self._written.add(message_id)
-        self._runs.append(("counted", message_id, at, inner, worker))
-        if self._thread is None:
-            self._ensure_thread()
-
     def record_new(self, message_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
         """The first record of many new tasks that share it (a bulk send's chunk).
 
@@ -168,10 +155,9 @@ class StateStore:
                 counts, self._counts = self._counts, Counter()
                 new, self._new = self._new, []
             runs = _take_all(self._runs)
-            written, self._written = self._written, set()  # after the runs: their ends are in it
             made: dict[str, tuple[float, str]] = {}
             if runs:
-                _apply_runs(runs, pending, counts, made, written)
+                _apply_runs(runs, pending, counts, made)
             if not pending and not counts and not new and not made:
                 return
             try:
@@ -370,12 +356,8 @@ def _apply_runs(
     pending: dict[str, list[Any]],
     counts: Counter[Any],
     made: dict[str, tuple[float, str]],
-    written: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Turn the worker threads' start and end events into records and counts.
-
-    ``written``: tasks whose finished record went with their acknowledgement; their
-    "counted" events are counted, and their starts make no record.
 
     A task with a change in ``pending`` already (a sender's, such as a retry's enqueue)
     has its record merged there as fields. The others, nearly all of them, get their
@@ -385,16 +367,10 @@ def _apply_runs(
     """
     ended = {event[1] for event in runs if event[0] == "end"}
     for event in runs:
-        kind = event[0]
-        if kind == "counted":
+        if event[0] == "start":
             _, message_id, at, inner, worker = event
-            queue = _shared_json(inner.queue_name, inner.actor_name, worker)[1]
-            counts[(queue, int(at // BUCKET_S), "processed")] += 1
-            continue
-        if kind == "start":
-            _, message_id, at, inner, worker = event
-            if message_id in ended or message_id in written:
-                continue  # its end, later in this batch or with its acknowledgement, says everything
+            if message_id in ended:
+                continue  # its end, later in this batch, says everything
             started, bucket = at, 0
             outcome = error = reason = attempt = None
         else:
@@ -413,41 +389,26 @@ def _apply_runs(
         if message_id in pending:
             _merge_run(pending, message_id, at, inner, worker, started, outcome, error, reason, attempt)
             continue
+        options = inner.options
+        if attempt is None:
+            attempt = options.get("retries", 0) + 1
+        started_ms = int(started * 1000)
+        text = f'{shared},"attempt":{attempt},"enqueued_at":{inner.message_timestamp},"started_at":{started_ms}'
+        last_error = error or options.get("dramaturg_last_error")
+        if last_error:
+            text += f',"last_error":{json.dumps(last_error)}'
+        if outcome is None:
+            state = "running"
+        else:
+            text += f',"finished_at":{int(at * 1000)},"duration_ms":{int((at - started) * 1000)}'
+            if outcome == RunOutcome.HELD:
+                state = "held"
+                text += f',"reason":{json.dumps(reason or "")}'
+            else:
+                state = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
         older = made.get(message_id)
         if older is None or at >= older[0]:
-            made[message_id] = (at, run_record(shared, at, inner, started, outcome, error, reason, attempt))
-
-
-def run_record(
-    shared: str,
-    at: float,
-    inner: Any,
-    started: float,
-    outcome: RunOutcome | None,
-    error: str | None,
-    reason: str | None,
-    attempt: int | None,
-) -> str:
-    """A run's record as text (``outcome`` None: running), as ``_encode_json`` would make
-    it of :func:`_running_fields` and the end's fields; ``shared`` from :func:`_shared_json`."""
-    options = inner.options
-    if attempt is None:
-        attempt = options.get("retries", 0) + 1
-    started_ms = int(started * 1000)
-    text = f'{shared},"attempt":{attempt},"enqueued_at":{inner.message_timestamp},"started_at":{started_ms}'
-    last_error = error or options.get("dramaturg_last_error")
-    if last_error:
-        text += f',"last_error":{json.dumps(last_error)}'
-    if outcome is None:
-        state = "running"
-    else:
-        text += f',"finished_at":{int(at * 1000)},"duration_ms":{int((at - started) * 1000)}'
-        if outcome == RunOutcome.HELD:
-            state = "held"
-            text += f',"reason":{json.dumps(reason or "")}'
-        else:
-            state = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
-    return f'{at:017.6f}|{{"state":"{state}",{text}}}'
+            made[message_id] = (at, f'{at:017.6f}|{{"state":"{state}",{text}}}')
 
 
 def _merge_run(

@@ -258,13 +258,12 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         """Claim up to ``count`` messages of ``queue_name``; their bodies."""
         return self.claims.fetch(queue_name, count)
 
-    def do_ack(self, queue_name: str, redis_id: str, state_record: tuple[str, int, str] | None = None) -> int:
+    def do_ack(self, queue_name: str, redis_id: str) -> int:
         """Acknowledge a message: its body is deleted and its claim released. 1 if it was
         claimed by this worker; else nothing changed, and 0 if its body is there (another
         worker recovered it), -1 if not (see settle.lua). Sent with those of the other
-        threads (:mod:`dramaturg.brokers.redis.settling`), with the task's finished record
-        if there is one (``(key, ttl in ms, record)``: see :class:`~dramaturg.task.Run`)."""
-        result = self.settler.settle("a", queue_name, redis_id, state_record)
+        threads (:mod:`dramaturg.brokers.redis.settling`)."""
+        result = self.settler.settle("a", queue_name, redis_id)
         self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
         return result
 

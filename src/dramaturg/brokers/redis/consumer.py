@@ -22,7 +22,7 @@ from dramatiq.errors import ConnectionClosed
 from ... import envelope, suspension, unknown_actors
 from ...held import HeldTask, hold_poison
 from ...queues import canonical_queue
-from ...task import RunOutcome, outcome_of, run_of
+from ...task import RunOutcome, outcome_of
 from .claims import RedisClaims
 
 __all__ = ["RedisConsumer"]
@@ -75,9 +75,7 @@ class RedisConsumer(_RedisConsumer):
         self._claims.consumer_started(queue_name)
 
     def ack(self, message: Any) -> None:
-        run = run_of(message)
-        state_record = None if run is None else run.state_record  # the task's record, written with it
-        self._settle(message, functools.partial(self.broker.do_ack, state_record=state_record), "ended")
+        self._settle(message, self.broker.do_ack, "ended")
 
     def nack(self, message: Any) -> None:
         self._settle(message, self.broker.do_nack, "was rejected")

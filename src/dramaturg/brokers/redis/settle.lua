@@ -4,22 +4,10 @@
 -- worker recovered the message while this one was taken for dead: it runs again), -1 once it
 -- is gone (settled already: by an earlier try whose reply was lost, or by the worker that
 -- ran it again). A rejected message goes into its queue's dead letters.
--- A message may come with its task's status record (dramaturg.status.store's form), written
--- over an older record only, as the state store's write.lua does, whatever the answer.
--- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a" or "n", its queue, its Redis
--- id, and its record's key, ttl (ms) and text ("", 0, "" for none)
+-- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a" or "n", its queue, its Redis id
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 local answers = {}
-local sub = string.sub
-for i = 3, #ARGV, 6 do
-    local record = ARGV[i + 5]
-    if record ~= "" then
-        local key, ttl = ARGV[i + 3], ARGV[i + 4]
-        local old = redis.call("set", key, record, "px", ttl, "get")
-        if old and sub(old, 1, 17) > sub(record, 1, 17) then
-            redis.call("set", key, old, "px", ttl)
-        end
-    end
+for i = 3, #ARGV, 3 do
     local queue, id = ARGV[i + 1], ARGV[i + 2]
     local bodies = namespace .. ":" .. queue .. ".msgs"
     local answer

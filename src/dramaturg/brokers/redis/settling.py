@@ -30,7 +30,6 @@ __all__ = ["Settler"]
 
 _SETTLE = script("settle")
 _SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
-_NO_RECORD = ("", 0, "")
 
 
 class Settler:
@@ -41,30 +40,21 @@ class Settler:
         self._connection = OwnConnection(client)
         self._namespace = namespace
         self._worker_id = worker_id
-        self._groups: GroupCommit[tuple[str, str, str, tuple[str, int, str] | None], int] = GroupCommit(
-            self._send_group
-        )
+        self._groups: GroupCommit[tuple[str, str, str], int] = GroupCommit(self._send_group)
 
     @property
     def waiting(self) -> int:
         """How many messages wait for the call out to end."""
         return self._groups.waiting
 
-    def settle(
-        self, kind: str, queue_name: str, redis_id: str, state_record: tuple[str, int, str] | None = None
-    ) -> int:
-        """Acknowledge (``kind`` "a") or reject ("n") one claimed message; its answer.
+    def settle(self, kind: str, queue_name: str, redis_id: str) -> int:
+        """Acknowledge (``kind`` "a") or reject ("n") one claimed message; its answer."""
+        return self._groups.submit((kind, queue_name, redis_id))
 
-        ``state_record``: the task's status record, ``(key, ttl in ms, record)``, written
-        in the same call, over an older record only (as the state store writes it: see
-        :mod:`dramaturg.status.store`), whatever the answer: it says how this run ended.
-        """
-        return self._groups.submit((kind, queue_name, redis_id, state_record))
-
-    def _send_group(self, group: list[tuple[str, str, str, tuple[str, int, str] | None]]) -> list[int]:
+    def _send_group(self, group: list[tuple[str, str, str]]) -> list[int]:
         args: list[Any] = [self._worker_id, current_millis()]
-        for kind, queue_name, redis_id, state_record in group:
-            args += (kind, queue_name, redis_id, *(state_record or _NO_RECORD))
+        for settling in group:
+            args += settling
         return [int(answer) for answer in self._call(args)]
 
     def _call(self, args: list[Any]) -> Any:
