@@ -2,8 +2,11 @@
 
 It checks the configuration and the broker first (a clear line and exit code 78 or 3
 instead of a wall of tracebacks from every process), then hands over to Dramatiq's CLI
-with ``dramaturg.worker`` as the broker module. Children read the same config file:
-its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
+with ``dramaturg.worker`` as the broker module, in a fresh process: it replaces itself
+(same pid) with ``python -m dramaturg.worker_group``, so that the worker processes
+Dramatiq forks do not carry what this one imported (see :mod:`dramaturg.worker_group`).
+Children read the same config file: its absolute path is passed to them in
+``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
 
 With ``--metrics-port`` (``worker.metrics_port``) the worker group serves Prometheus
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
-    if os.name == "posix":  # Dramatiq forks the worker processes from a fresh, smaller process
+    if os.name == "posix" and sys.executable:  # Dramatiq forks the worker processes from a fresh, smaller process
         exec_worker_group(argv, remove=None if port is None else _metrics_directory())
     logs.apply_to_dramatiq_cli()
     if port is None:
