@@ -429,3 +429,28 @@ def test_settings_handed_to_a_worker_as_data_read_as_the_models_do(tmp_path: Pat
     with pytest.raises(AttributeError):
         data.broker.url = "redis://elsewhere"  # type: ignore[misc]
     assert "hunter2" not in repr(data) and "redis://:***@127.0.0.1:6379/0" in repr(data)
+
+
+def test_a_section_of_any_shape_is_handed_over_without_code_of_its_own() -> None:
+    from pydantic import BaseModel
+
+    from dramaturg.settings_data import _decode, _encode
+
+    # Given a section no code here knows: a list of tables, each with a property
+    class Entry(BaseModel):
+        actor: str
+        every_ms: int = 60_000
+
+        @property
+        def every_s(self) -> float:
+            return self.every_ms / 1000
+
+    class Schedules(BaseModel):
+        entries: list[Entry] = []
+
+    # When it is handed over as JSON
+    data = _decode(json.loads(json.dumps(_encode(Schedules(entries=[Entry(actor="report"), Entry(actor="b")])))))
+
+    # Then it reads as the models do, properties included
+    assert [entry.actor for entry in data.entries] == ["report", "b"]
+    assert data.entries[0].every_ms == 60_000 and data.entries[0].every_s == 60.0
