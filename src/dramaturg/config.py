@@ -231,6 +231,9 @@ class TaskSettings(BaseModel):
 
     #: Time to run: how long a task may run (without ``touch()``) before it is interrupted.
     ttr: DurationMs = Field(default=600_000, gt=0)
+    #: How long a task's checkpoint is kept after it was last written (see
+    #: :mod:`dramaturg.checkpoints`); a task that succeeds deletes its own at once.
+    checkpoint_ttl: DurationMs = Field(default=7 * 86_400_000, gt=0)
 
 
 class ContextSettings(BaseModel):
