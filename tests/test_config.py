@@ -410,7 +410,8 @@ def test_settings_handed_to_a_worker_as_data_read_as_the_models_do(tmp_path: Pat
     write(
         tmp_path / "dramaturg.toml",
         '[broker]\nurl = "redis://:hunter2@127.0.0.1:6379/0"\n\n[worker]\nmodules = ["shop.tasks"]\n'
-        '\n[context]\ndefault = { store = "main", limits = [1, 2] }\n\n[queues.imports]\nttr = "2m"\n',
+        '\n[context]\ndefault = { store = "main", limits = [1, 2] }\n\n[queues.imports]\nttr = "2m"\n'
+        '\n[dashboard]\ntoken = "s3cret-token"\n',
     )
     settings = load_settings(cwd=tmp_path)
 
@@ -429,6 +430,9 @@ def test_settings_handed_to_a_worker_as_data_read_as_the_models_do(tmp_path: Pat
     with pytest.raises(AttributeError):
         data.broker.url = "redis://elsewhere"  # type: ignore[misc]
     assert "hunter2" not in repr(data) and "redis://:***@127.0.0.1:6379/0" in repr(data)
+    # and a secret setting too, whose value is there for the code that asks for it
+    assert data.dashboard.token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in repr(data) and "s3cret-token" not in str(data.dashboard.token)
 
 
 def test_a_section_of_any_shape_is_handed_over_without_code_of_its_own() -> None:

@@ -15,8 +15,8 @@ attribute names, values and properties (computed once), so a section added to
 :class:`~dramaturg.config.Settings` needs no change here. What a section does not carry
 are its methods: code run in a worker process reads settings, it does not call a
 model's methods on them (``model_copy``, ``model_dump``). Values must be JSON's types
-(or paths); settings holding anything else are loaded in the worker itself, with
-pydantic, as before.
+(or paths, or secrets: :class:`Secret`, masked when shown); settings holding anything
+else are loaded in the worker itself, with pydantic, as before.
 """
 
 from __future__ import annotations
@@ -36,10 +36,34 @@ from .masking import mask_url
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["Section", "SettingsData", "decode", "encode", "inherit", "load_worker_settings"]
+__all__ = ["Secret", "Section", "SettingsData", "decode", "encode", "inherit", "load_worker_settings"]
 
 #: The settings a process loaded for the worker processes it forks (see :func:`inherit`).
 _inherited: SettingsData | None = None
+
+
+class Secret:
+    """A secret setting, as pydantic's ``SecretStr`` reads: masked when shown,
+    ``get_secret_value()`` for its value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return callable(getattr(other, "get_secret_value", None)) and other.get_secret_value() == self._value  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
 
 
 class Section:
@@ -131,6 +155,8 @@ def _encode(value: Any) -> Any:
         return [_encode(item) for item in value]
     if isinstance(value, Path):
         return {"path": str(value)}
+    if callable(getattr(value, "get_secret_value", None)):  # pydantic's SecretStr (the dashboard's token)
+        return {"secret": value.get_secret_value()}
     if value is None or isinstance(value, str | int | float | bool):
         return value
     raise TypeError(f"a setting of type {type(value).__name__} cannot be handed over as JSON")
@@ -145,6 +171,8 @@ def _decode(value: Any) -> Any:
             return Section({name: _decode(item) for name, item in inner.items()})
         if tag == "dict":
             return {key: _decode(item) for key, item in inner.items()}
+        if tag == "secret":
+            return Secret(inner)
         return Path(inner)
     return value
 
