@@ -2,8 +2,11 @@
 
 It checks the configuration and the broker first (a clear line and exit code 78 or 3
 instead of a wall of tracebacks from every process), then hands over to Dramatiq's CLI
-with ``dramaturg.worker`` as the broker module. Children read the same config file:
-its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
+with ``dramaturg.worker`` as the broker module, in a fresh process: it replaces itself
+(same pid) with ``python -m dramaturg.worker_group``, so that the worker processes
+Dramatiq forks do not carry what this one imported (see :mod:`dramaturg.worker_group`).
+Children read the same config file: its absolute path is passed to them in
+``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
 
 With ``--metrics-port`` (``worker.metrics_port``) the worker group serves Prometheus
@@ -18,8 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import brokers, logs
 from ..config import CONFIG_ENV, load_settings
@@ -126,15 +131,35 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
+    if os.name == "posix" and sys.executable:  # Dramatiq forks the worker processes from a fresh, smaller process
+        exec_worker_group(argv, remove=None if port is None else _metrics_directory())
     logs.apply_to_dramatiq_cli()
     if port is None:
         code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
         return code
-    # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics).
-    directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
-    os.environ[metrics.MULTIPROC_ENV] = directory
+    directory = _metrics_directory()
     try:
         code = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return code
+
+
+def _metrics_directory() -> str:
+    """A fresh directory for this worker group's counts (see dramaturg.middleware.metrics)."""
+    directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = directory
+    return directory
+
+
+def exec_worker_group(argv: list[str], *, remove: str | None) -> NoReturn:
+    """Replace this process with ``python -m dramaturg.worker_group`` running Dramatiq's CLI
+    with ``argv`` (see :mod:`dramaturg.worker_group`): the same pid, environment and
+    interpreter flags, without this process's modules (pydantic among them), which
+    Dramatiq's forked worker processes would otherwise carry. ``remove``: a directory
+    the group removes when it exits."""
+    command = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "dramaturg.worker_group"]  # type: ignore[attr-defined]
+    command += [*(["--remove", remove] if remove is not None else []), "--", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
