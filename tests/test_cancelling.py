@@ -262,6 +262,9 @@ def test_the_cancel_commands(
     ended = run_cli([cli, "cancel", done.message_id, "--json"], cwd=tmp_path, PYTHONPATH=str(REPO))
     assert ended.returncode == 4, ended.stderr
     assert json.loads(ended.stdout)["outcome"] == "ended" and json.loads(ended.stdout)["state"] == "succeeded"
+    said = run_cli([cli, "cancel", done.message_id], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert said.returncode == 4
+    assert said.stdout.startswith(f"{done.message_id}: not cancelled: it had already ended: succeeded at 20")
 
     # An unknown id: one line, exit 1 (the others are still cancelled)
     unknown = run_cli([cli, "cancel", "nope", waiting.message_id], cwd=tmp_path, PYTHONPATH=str(REPO))

@@ -267,7 +267,7 @@ def _end_member(broker: dramatiq.Broker, batch_id: Any, message_id: str) -> None
 
 def _ended_words(status: Any) -> str:
     """``it had already ended: succeeded at 2026-12-01T03:40:12+00:00``, and who cancelled a cancelled one."""
-    words = f"it had already ended: {status.state}"
+    words = "it was cancelled" if status.state == "cancelled" else f"it had already ended: {status.state}"
     if status.finished_at:
         words += " at " + datetime.fromtimestamp(status.finished_at / 1000, UTC).isoformat(timespec="seconds")
     if status.state == "cancelled" and status.cancel_requested_by:

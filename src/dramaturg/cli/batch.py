@@ -193,7 +193,7 @@ def describe(status: BatchStatus) -> str:
         ("finished at", _at(status.finished_at)),
         ("all succeeded", "yes" if status.succeeded_all else None),
         ("parent", status.parent),
-        ("cancel asked", _asked(status.cancel_requested_by, status.cancel_requested_at)),
+        ("cancel", _asked(status.cancel_requested_by, status.cancel_requested_at)),
     ]
     lines += [f"  {name + ':':<14}{value}" for name, value in rows if value is not None]
     for member in status.progress:
@@ -202,7 +202,7 @@ def describe(status: BatchStatus) -> str:
 
 
 def _asked(by: str | None, at: int | None) -> str | None:
-    return None if by is None else f"by {mask_text(by)} at {_at(at)}"
+    return None if by is None else f"asked by {mask_text(by)} at {_at(at)}"
 
 
 def _duration(seconds: float | None) -> str:

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(answer.to_dict()))
         else:
             verb = {"requested": "cancel requested", "purged": "cancelled"}.get(answer.outcome, "not cancelled")
+            if answer.outcome == "ended" and answer.state == "cancelled":
+                verb = "already cancelled"
             print(f"{message_id}: {verb}: {mask_text(answer.detail)}")
         if answer.outcome == "ended" and answer.state != "cancelled" and code == EXIT_OK:
             code = EXIT_ALREADY_ENDED

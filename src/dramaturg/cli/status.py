@@ -72,7 +72,7 @@ def describe(status: TaskStatus) -> str:
         ("progress", _progress(status)),
         ("reason", status.reason),
         ("last error", status.last_error),
-        ("cancel asked", _asked(status)),
+        ("cancel", _asked(status)),
         ("updated at", _at(status.updated_at)),
     ]
     lines += [f"  {name + ':':<13}{mask_text(str(value))}" for name, value in rows if value is not None]
@@ -105,7 +105,7 @@ def headline(status: TaskStatus) -> str:
 def _asked(status: TaskStatus) -> str | None:
     if status.cancel_requested_by is None:
         return None
-    return f"by {status.cancel_requested_by} at {_at(status.cancel_requested_at)}"
+    return f"asked by {status.cancel_requested_by} at {_at(status.cancel_requested_at)}"
 
 
 def _progress(status: TaskStatus) -> str | None:
