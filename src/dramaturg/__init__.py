@@ -21,6 +21,7 @@ from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
 from .batches import Batch, BatchStatus, batch, batch_status, batches
 from .bulk import Call
+from .cancelling import BatchCancellation, Cancellation, cancel, cancel_batch
 from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
@@ -38,6 +39,7 @@ from .errors import (
     SendError,
     StateUnavailable,
     TaskHeld,
+    TaskNotFound,
 )
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
@@ -58,6 +60,7 @@ __all__ = [
     "Actor",
     "ActorError",
     "Batch",
+    "BatchCancellation",
     "BatchNotFound",
     "BatchSendError",
     "BatchStatus",
@@ -67,6 +70,7 @@ __all__ = [
     "BulkSendError",
     "BulkSendInterrupted",
     "Call",
+    "Cancellation",
     "ConfigError",
     "ContextError",
     "DrainSummary",
@@ -87,6 +91,7 @@ __all__ = [
     "SuspendQueue",
     "Task",
     "TaskHeld",
+    "TaskNotFound",
     "TaskOutcome",
     "TaskStatus",
     "WorkerSettings",
@@ -99,6 +104,8 @@ __all__ = [
     "before_task",
     "bind_contextvar",
     "bootstrap",
+    "cancel",
+    "cancel_batch",
     "close_resources",
     "context",
     "context_provider",

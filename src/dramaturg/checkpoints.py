@@ -167,13 +167,13 @@ class RunCheckpoint:
 
 
 #: The outcomes after which a task never runs again: its checkpoint goes with it.
-_ENDED = frozenset({RunOutcome.SUCCEEDED, RunOutcome.REJECTED})
+_ENDED = frozenset({RunOutcome.SUCCEEDED, RunOutcome.REJECTED, RunOutcome.CANCELLED})
 
 
 class Checkpoints(dramatiq.Middleware):
     """Keeps the checkpoints of the broker's tasks (a handler reaches it through
     :meth:`dramaturg.Task.checkpoint`), and deletes the checkpoint of a task that ended for
-    good (succeeded, or was rejected)."""
+    good (succeeded, was rejected, or was cancelled)."""
 
     def __init__(self, url: str | None, ttl_ms: int, namespace: str = "dramaturg") -> None:
         self.url = url

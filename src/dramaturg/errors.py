@@ -20,6 +20,8 @@
      +-- KickError              held tasks could not be requeued; they stay held
      +-- StateUnavailable       task status without a state store ([state] url unset on RabbitMQ)
      +-- BatchNotFound          no batch has that id (never made, or expired after [batch] ttl)
+     +-- TaskNotFound           dramaturg.cancel(): no task has that id (never sent, or its
+     |                          record expired after [state] ttl)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -68,6 +70,7 @@ __all__ = [
     "SendError",
     "StateUnavailable",
     "TaskHeld",
+    "TaskNotFound",
     "UsageError",
     "did_you_mean",
 ]
@@ -211,6 +214,15 @@ class BatchNotFound(DramaturgError):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"no batch {batch_id!r}: never made, or expired after it ended ([batch] ttl)")
         self.batch_id = batch_id
+
+
+class TaskNotFound(DramaturgError):
+    """No task is known by this message id: never sent, or its status record expired
+    ``[state] ttl`` after its last change (see :func:`dramaturg.cancel`)."""
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"no task {message_id!r}: never sent, or its record expired ([state] ttl)")
+        self.message_id = message_id
 
 
 class BatchSendError(SendError, MiddlewareError):

@@ -1,5 +1,5 @@
 """The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
-``batch``, ``config``, ``dashboard``.
+``cancel``, ``batch``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
@@ -31,7 +31,7 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, config_cmd, dashboard, drain, held, send, stats, status, worker
+from . import batch, cancel, config_cmd, dashboard, drain, held, send, stats, status, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -66,6 +66,10 @@ examples:
 
   # What became of a task: queued, running, succeeded, retrying, held, ...
   $ dramaturg status 1f0c2d7e-...
+
+  # Cancel a task (skipped if waiting, interrupted if running, purged if held), or a batch
+  $ dramaturg cancel 1f0c2d7e-...
+  $ dramaturg batch cancel 6a1f...
 
   # Where a batch stands; a progress bar until it ends
   $ dramaturg batch show 6a1f...
@@ -107,7 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
         " (default: log.format, else text)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, drain, send, held, stats, status, batch, config_cmd, dashboard):
+    for module in (worker, drain, send, held, stats, status, cancel, batch, config_cmd, dashboard):
         module.add_parser(subparsers)
     return parser
 

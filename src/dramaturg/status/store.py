@@ -351,6 +351,10 @@ def _shared_json(queue_name: str, actor: str, worker: str) -> tuple[str, str]:
     return found
 
 
+#: What a task's status says of a run that ended so, where it is not "succeeded" (nor held).
+_ENDED_AS = {RunOutcome.REJECTED: "failed", RunOutcome.CANCELLED: "cancelled"}
+
+
 def _apply_runs(
     runs: list[tuple[Any, ...]],
     pending: dict[str, list[Any]],
@@ -405,7 +409,7 @@ def _apply_runs(
                 state = "held"
                 text += f',"reason":{json.dumps(reason or "")}'
             else:
-                state = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
+                state = _ENDED_AS.get(outcome, "succeeded")
         older = made.get(message_id)
         if older is None or at >= older[0]:
             made[message_id] = (at, f'{at:017.6f}|{{"state":"{state}",{text}}}')
@@ -436,7 +440,7 @@ def _merge_run(
             fields["state"] = "held"
             fields["reason"] = reason or ""
         else:
-            fields["state"] = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
+            fields["state"] = _ENDED_AS.get(outcome, "succeeded")
     entry = pending[message_id]
     if at >= entry[0]:
         pending[message_id] = [at, {**entry[1], **fields}]
