@@ -51,6 +51,7 @@ __all__ = [
     "LogSettings",
     "QueueSettings",
     "RetrySettings",
+    "ScheduleSettings",
     "Settings",
     "StateSettings",
     "TaskSettings",
@@ -299,6 +300,43 @@ class QueueSettings(BaseModel):
     ttr: DurationMs | None = Field(default=None, gt=0)
 
 
+class ScheduleSettings(BaseModel):
+    """``[[schedules]]``: one periodic task (see :mod:`dramaturg.schedules`)::
+
+        [[schedules]]
+        id = "nightly-cleanup"
+        cron = "0 3 * * *"                 # or every = "30s"
+        timezone = "Europe/Paris"
+        actor = "shop.tasks:cleanup"
+        args = [30]
+
+    Only the shape is checked here; the expression, the time zone, the actor and its
+    arguments are checked when a scheduler starts (``dramaturg schedule list`` checks them too).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The schedule's name, unique among all schedules (code and file): its ledger is kept by it.
+    id: str = Field(min_length=1)
+    #: A cron expression (five fields), read in ``timezone``.
+    cron: str | None = None
+    #: Or a fixed interval (``"30s"``, ``"5m"``), slots aligned on the Unix epoch.
+    every: DurationMs | None = None
+    #: The actor to send: ``"module:attribute"`` (``"shop.tasks:cleanup"``).
+    actor: str = Field(min_length=1)
+    #: Its positional arguments (JSON).
+    args: list[Any] = []
+    #: Its keyword arguments (JSON).
+    kwargs: dict[str, Any] = {}
+    #: The IANA time zone the cron expression is read in.
+    timezone: str = "UTC"
+    #: While the previous firing has not ended: ``queue`` (send anyway) or ``skip`` (leave the slot out).
+    overlap: Literal["queue", "skip"] = "queue"
+    #: After a time with no scheduler running, fire the missed slots of this last window, each
+    #: once, oldest first. Default: none (a slot fires at most a minute late)
+    catch_up: DurationMs | None = None
+
+
 class Settings(BaseSettings):
     """The whole configuration. Frozen; build it with :func:`load_settings`.
 
@@ -324,6 +362,8 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
+    #: Periodic tasks: ``[[schedules]]`` tables (see :class:`ScheduleSettings`).
+    schedules: list[ScheduleSettings] = []
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _config_file: Path | None = PrivateAttr(default=None)
@@ -359,6 +399,9 @@ class Settings(BaseSettings):
         flat: dict[str, Any] = {}
         for section_name in type(self).model_fields:
             section = getattr(self, section_name)
+            if isinstance(section, list):  # [[schedules]]: ``dramaturg schedule list`` shows them
+                flat[section_name] = [item.model_dump(exclude_defaults=True) for item in section]
+                continue
             tables = (
                 {f"{section_name}.{name}": table for name, table in section.items()}
                 if isinstance(section, dict)

@@ -1,0 +1,175 @@
+"""Where schedules' ledger is kept: Redis (every real broker), or memory (eager and stub).
+
+Both answer the same steps with the same meaning:
+
+- ``register``: the schedules a scheduler starts with become the registered ones (by id,
+  with a digest of each definition); ids no longer among them are dropped, so a removed
+  schedule stops firing, and a scheduler still running an older definition of a schedule
+  fires it no more (its digest is not the registered one). A newly registered schedule
+  starts from now: its past slots never fire;
+- ``claim``: take one slot of a schedule, a compare-and-set on the newest slot claimed
+  (``last``): a slot fires only if it is newer, so any number of schedulers, restarted
+  ones and ones whose clocks disagree, fire each slot at most once. The claim leaves the
+  slot *pending* under a lease (``lease_ms``) until ``sent`` says it was published;
+- ``recover``: a pending slot whose lease ended (its scheduler died between claim and
+  publish) is handed to the caller, which publishes it again with the same message id;
+- ``pause`` / ``resume``: a paused schedule claims nothing; on resume the slots that
+  passed while it was paused are left out;
+- ``read``: one schedule's ledger, for ``dramaturg schedule list``.
+
+On Redis the keys are ``<namespace>:__schedule__:<id>`` (a hash per schedule) and
+``<namespace>:__schedules__`` (the registry); each step is one call of ``schedule.lua``.
+They do not expire: a schedule's ledger is a few fields, and it is what keeps a slot
+from firing twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["MemoryScheduleState", "RedisScheduleState", "ScheduleState"]
+
+_SCRIPT = resources.files("dramaturg.schedules").joinpath("schedule.lua").read_text(encoding="utf-8")
+
+#: Answers of ``claim``.
+CLAIMED, TAKEN, PAUSED, STALE = 1, 0, -1, -2
+
+
+class ScheduleState(Protocol):
+    """The steps every ledger of schedules answers (see the module)."""
+
+    def register(self, digests: Mapping[str, str], now_ms: int) -> int: ...
+    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int: ...
+    def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None: ...
+    def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None: ...
+    def pause(self, schedule_id: str) -> None: ...
+    def resume(self, schedule_id: str, now_ms: int) -> None: ...
+    def read(self, schedule_id: str) -> dict[str, str]: ...
+    def registered(self) -> dict[str, str]: ...
+
+
+class RedisScheduleState:
+    """The ledger in a Redis (the state store's): ``schedule.lua`` for every change."""
+
+    def __init__(self, client: redis.Redis, *, namespace: str) -> None:
+        self.client = client
+        self.prefix = f"{namespace}:__schedule__:"
+        self.registry = f"{namespace}:__schedules__"
+        self._script = client.register_script(_SCRIPT)
+
+    def _run(self, *args: Any) -> Any:
+        return self._script(keys=[self.prefix, self.registry], args=list(args))
+
+    def register(self, digests: Mapping[str, str], now_ms: int) -> int:
+        args: list[Any] = ["register", now_ms]
+        for schedule_id, digest in digests.items():
+            args += [schedule_id, digest]
+        return int(self._run(*args))
+
+    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int:
+        return int(self._run("claim", schedule_id, digest, slot_ms, now_ms, lease_ms, missed))
+
+    def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None:
+        self._run("sent", schedule_id, slot_ms, message_id, now_ms)
+
+    def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None:
+        found = self._run("recover", schedule_id, digest, now_ms, lease_ms)
+        return None if found is None else int(found)
+
+    def pause(self, schedule_id: str) -> None:
+        self._run("pause", schedule_id)
+
+    def resume(self, schedule_id: str, now_ms: int) -> None:
+        self._run("resume", schedule_id, now_ms)
+
+    def read(self, schedule_id: str) -> dict[str, str]:
+        return _texts(self.client.hgetall(self.prefix + schedule_id))
+
+    def registered(self) -> dict[str, str]:
+        return _texts(self.client.hgetall(self.registry))
+
+
+class MemoryScheduleState:
+    """The ledger in this process's memory (eager and stub brokers): ``schedule.lua`` in Python."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._registry: dict[str, str] = {}
+        self._schedules: dict[str, dict[str, str]] = {}
+
+    def _get(self, schedule_id: str) -> dict[str, str]:
+        return self._schedules.setdefault(schedule_id, {})
+
+    def register(self, digests: Mapping[str, str], now_ms: int) -> int:
+        with self._lock:
+            removed = len(set(self._registry) - set(digests))
+            self._registry = dict(digests)
+            for schedule_id in digests:
+                self._get(schedule_id).setdefault("last", str(now_ms))
+            return removed
+
+    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int:
+        with self._lock:
+            if self._registry.get(schedule_id) != digest:
+                return STALE
+            found = self._get(schedule_id)
+            if found.get("paused") == "1":
+                return PAUSED
+            if slot_ms <= int(found.get("last", "-1")):
+                return TAKEN
+            found.update(last=str(slot_ms), pending=str(slot_ms), pending_until=str(now_ms + lease_ms))
+            if missed > 0:
+                found["missed"] = str(int(found.get("missed", "0")) + missed)
+            return CLAIMED
+
+    def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None:
+        with self._lock:
+            found = self._get(schedule_id)
+            if found.get("pending") == str(slot_ms):
+                found.pop("pending", None)
+                found.pop("pending_until", None)
+            if message_id:
+                found.update(last_id=message_id, last_slot=str(slot_ms), last_at=str(now_ms))
+
+    def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None:
+        with self._lock:
+            if self._registry.get(schedule_id) != digest:
+                return None
+            found = self._get(schedule_id)
+            if "pending" not in found or int(found.get("pending_until", "0")) > now_ms:
+                return None
+            found["pending_until"] = str(now_ms + lease_ms)
+            return int(found["pending"])
+
+    def pause(self, schedule_id: str) -> None:
+        with self._lock:
+            self._get(schedule_id)["paused"] = "1"
+
+    def resume(self, schedule_id: str, now_ms: int) -> None:
+        with self._lock:
+            found = self._get(schedule_id)
+            found.pop("paused", None)
+            if now_ms > int(found.get("last", "-1")):
+                found["last"] = str(now_ms)
+
+    def read(self, schedule_id: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._schedules.get(schedule_id, {}))
+
+    def registered(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._registry)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(mapping: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in mapping.items()}

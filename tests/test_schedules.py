@@ -1,0 +1,518 @@
+"""Schedules: slots (cron with time zones across daylight-saving changes, every=), the
+ledger that fires each slot once however many schedulers race (RabbitMQ with a Redis
+state store, Redis, embedded; eager for inline runs), restarts, catch-up, pause, and the
+bad input a scheduler refuses to start with."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import dramatiq
+import pytest
+
+import dramaturg
+from dramaturg import schedules
+from dramaturg.schedules import Schedule, Scheduler, firing_id, load_schedules, state_of
+from dramaturg.schedules.state import CLAIMED, MemoryScheduleState, RedisScheduleState
+
+from .conftest import Runs, bin_path, broker_url, run_cli, write_config
+
+PARIS = ZoneInfo("Europe/Paris")
+REAL_BROKERS = ("rabbitmq", "redis", "embedded")
+
+
+@pytest.fixture(autouse=True)
+def forget_declared() -> Iterator[None]:
+    schedules._forget_declared()
+    yield
+    schedules._forget_declared()
+
+
+@pytest.fixture(params=REAL_BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    if broker_kind in ("eager", "stub"):
+        return dramaturg.Settings(broker={"url": f"{broker_kind}://", "namespace": namespace})
+    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+
+
+def at(*parts: int, zone: ZoneInfo = PARIS, fold: int = 0) -> int:
+    return int(datetime(*parts, tzinfo=zone, fold=fold).timestamp() * 1000)  # type: ignore[misc]
+
+
+def local(slots: list[int]) -> list[str]:
+    return [datetime.fromtimestamp(s / 1000, PARIS).isoformat() for s in slots]
+
+
+# -- slots: pure logic -----------------------------------------------------------------------
+
+
+def test_a_daily_slot_in_the_skipped_hour_fires_when_the_clock_jumps_forward() -> None:
+    # Given 02:30 every day in Paris, where 2026-03-29 02:00 does not exist (-> 03:00)
+    daily = Schedule(id="d", actor="a", cron="30 2 * * *", timezone="Europe/Paris")
+    # Then that day's slot is 03:00 CEST (cronsim, like Debian's cron), the others 02:30
+    assert local(daily.slots_between(at(2026, 3, 28, 12), at(2026, 3, 31, 12))) == [
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:30:00+02:00",
+        "2026-03-31T02:30:00+02:00",
+    ]
+
+
+def test_an_hourly_slot_has_no_skipped_hour_and_both_repeated_hours() -> None:
+    hourly = Schedule(id="h", actor="a", cron="0 * * * *", timezone="Europe/Paris")
+    # Clocks go forward: 01:00 CET, then 03:00 CEST, one hour of real time later
+    spring = hourly.slots_between(at(2026, 3, 29, 0, 30), at(2026, 3, 29, 3, 30))
+    assert local(spring) == ["2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00"]
+    assert spring[1] - spring[0] == 3_600_000
+    # Clocks go back: 02:00 comes twice (CEST, then CET), each a slot of its own
+    autumn = hourly.slots_between(at(2026, 10, 25, 0, 30), at(2026, 10, 25, 3, 30))
+    assert local(autumn) == [
+        "2026-10-25T01:00:00+02:00",
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+    ]
+    assert [b - a for a, b in zip(autumn, autumn[1:], strict=False)] == [3_600_000] * 3
+
+
+def test_a_daily_slot_in_the_repeated_hour_fires_once() -> None:
+    daily = Schedule(id="d", actor="a", cron="30 2 * * *", timezone="Europe/Paris")
+    slots = daily.slots_between(at(2026, 10, 24, 12), at(2026, 10, 26, 12))
+    assert local(slots) == ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"]
+
+
+def test_every_slots_are_aligned_on_the_epoch_whatever_the_zone() -> None:
+    every = Schedule(id="e", actor="a", every_ms=30_000, timezone="Asia/Kolkata")
+    assert every.slots_between(1_000_000_001, 1_000_060_000) == [1_000_020_000, 1_000_050_000]
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"cron": "61 * * * *"}, "cron '61 * * * *' is not valid: bad minute"),
+        ({"cron": "* * *"}, "write five fields"),
+        ({"cron": "0 3 * * *", "timezone": "Europe/Pariss"}, "unknown time zone 'Europe/Pariss'"),
+        ({"cron": "0 3 * * *", "every_ms": 1000}, "either a cron expression or every="),
+        ({"every_ms": 10}, "the shortest interval is 1s"),
+    ],
+)
+def test_a_bad_schedule_says_what_is_wrong(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem.replace("*", r"\*")):
+        Schedule(id="x", actor="a", **fields)
+
+
+def test_periodic_refuses_a_bad_expression_at_import() -> None:
+    with pytest.raises(dramaturg.ActorError, match=r"@periodic on 'tick': cron '\* \* \*' is not valid"):
+
+        @dramaturg.periodic("* * *")
+        @dramaturg.actor
+        def tick() -> None: ...
+
+
+# -- the scheduler's logic, on a fake clock (eager: firings run inline) -----------------------
+
+
+class Clock:
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def eager() -> Iterator[dramatiq.Broker]:
+    yield dramaturg.bootstrap(dramaturg.Settings(broker={"url": "eager://"}))
+
+
+def recording_actor(name: str = "tick") -> tuple[dramaturg.Actor[..., None], Runs]:
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="ticks", actor_name=name)
+    def tick() -> None:
+        ran.add(dramaturg.current_task().message_id)
+
+    return tick, ran
+
+
+def test_a_slot_fires_on_time_once_and_a_late_one_within_grace_only(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000  # a whole minute
+    clock = Clock(start + 5)
+    schedule = Schedule(id="every-minute", actor="tick", cron="* * * * *")
+    scheduler = Scheduler(eager, [schedule], MemoryScheduleState(), clock=clock, max_sleep_ms=3_600_000)
+    scheduler.register()
+    # The next wake is the next slot (it sleeps until then)
+    assert scheduler.tick() == 60_000 - 5
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    scheduler.tick()  # a second look at the same time fires nothing more
+    assert ran.seen == [firing_id("every-minute", start + 60_000)]
+    # Three minutes with no look: the slot 59 s ago still fires, the two before are missed
+    clock.now_ms = start + 4 * 60_000 + 59_000
+    scheduler.tick()
+    assert ran.seen[1:] == [firing_id("every-minute", start + 4 * 60_000)]
+    assert scheduler.state.read("every-minute")["missed"] == "2"
+
+
+def test_catch_up_fires_each_missed_slot_once_oldest_first(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    clock = Clock(start)
+    state = MemoryScheduleState()
+    schedule = Schedule(id="s", actor="tick", every_ms=60_000, catch_up_ms=3 * 60_000)
+    Scheduler(eager, [schedule], state, clock=clock).register()
+    # When no scheduler runs for five slots, then one starts
+    clock.now_ms = start + 5 * 60_000
+    again = Scheduler(eager, [schedule], state, clock=clock)
+    again.register()
+    again.tick()
+    again.tick()
+    # Then the slots of the last three minutes fire, once each, oldest first; the two before are missed
+    assert ran.seen == [firing_id("s", start + n * 60_000) for n in (3, 4, 5)]
+    assert state.read("s")["missed"] == "2"
+
+
+def test_a_paused_schedule_fires_nothing_and_resumes_from_its_next_slot(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    clock = Clock(start)
+    state = MemoryScheduleState()
+    schedule = Schedule(id="s", actor="tick", every_ms=60_000, catch_up_ms=3_600_000)
+    scheduler = Scheduler(eager, [schedule], state, clock=clock)
+    scheduler.register()
+    state.pause("s")
+    clock.now_ms = start + 2 * 60_000
+    scheduler.tick()
+    assert ran.seen == []
+    state.resume("s", clock.now_ms)
+    scheduler.tick()
+    assert ran.seen == []  # the paused slots never fire, even with catch-up
+    clock.now_ms = start + 3 * 60_000
+    scheduler.tick()
+    assert ran.seen == [firing_id("s", start + 3 * 60_000)]
+
+
+def test_a_removed_or_changed_schedule_stops_firing_on_older_schedulers(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    clock = Clock(start)
+    state = MemoryScheduleState()
+    old = Schedule(id="s", actor="tick", every_ms=60_000)
+    older = Scheduler(eager, [old], state, clock=clock)
+    older.register()
+    # When a newer scheduler starts with another definition of "s"
+    new = Schedule(id="s", actor="tick", every_ms=120_000)
+    newer = Scheduler(eager, [new], state, clock=clock)
+    newer.register()
+    clock.now_ms = start + 120_000
+    older.tick()
+    newer.tick()
+    # Then only the newer one fires it, once
+    assert ran.seen == [firing_id("s", start + 120_000)]
+    # And a scheduler that declares no "s" any more makes every other stop firing it
+    Scheduler(eager, [], state, clock=clock).register()
+    clock.now_ms = start + 240_000
+    newer.tick()
+    assert len(ran.seen) == 1
+
+
+def test_overlap_skip_leaves_a_slot_out_while_the_previous_firing_runs(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    clock = Clock(start)
+    state = MemoryScheduleState()
+    schedule = Schedule(id="s", actor="tick", every_ms=60_000, overlap="skip")
+    scheduler = Scheduler(eager, [schedule], state, clock=clock)
+    scheduler.register()
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    assert len(ran.seen) == 1  # eager: it ran and ended, so the next one is not skipped
+    state.sent("s", start + 60_000, "not-ended-" + uuid.uuid4().hex, clock.now_ms)  # a firing still queued
+    original = dramaturg.schedules.scheduler.Scheduler._previous_unfinished
+    try:
+        dramaturg.schedules.scheduler.Scheduler._previous_unfinished = lambda self, s: True  # type: ignore[method-assign]
+        clock.now_ms = start + 120_000
+        scheduler.tick()
+    finally:
+        dramaturg.schedules.scheduler.Scheduler._previous_unfinished = original  # type: ignore[method-assign]
+    assert len(ran.seen) == 1
+    assert state.read("s")["last"] == str(start + 120_000)  # the skipped slot is not fired later
+
+
+def test_schedule_run_runs_inline_in_eager_mode(eager: dramatiq.Broker) -> None:
+    tick, ran = recording_actor()
+    schedule = Schedule(id="s", actor="tick", every_ms=3_600_000)
+    message_id = schedules.run_now(schedule, eager)
+    assert ran.seen == [message_id]
+    assert state_of(eager).read("s")["last_id"] == message_id
+
+
+# -- exactly once on real brokers ------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(settings: dramaturg.Settings) -> Iterator[dramatiq.Broker]:
+    built = dramaturg.bootstrap(settings)
+    yield built
+    if built.settings.type == "rabbitmq":  # type: ignore[attr-defined]
+        from .conftest import delete_rabbitmq_queues
+
+        delete_rabbitmq_queues(built)
+
+
+def own_state(broker: dramatiq.Broker, settings: dramaturg.Settings) -> RedisScheduleState:
+    """A ledger client of its own, as another scheduler process would have."""
+    import redis
+
+    url = settings.state.url
+    if url:
+        client = redis.Redis.from_url(url)
+    else:
+        client = redis.Redis(connection_pool=broker.client.connection_pool)  # type: ignore[attr-defined]
+    return RedisScheduleState(client, namespace=settings.broker.namespace)
+
+
+def test_racing_schedulers_fire_each_slot_exactly_once(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given eight schedulers with their own ledger clients, all at the same instants
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="race", actor="tick", every_ms=1000)
+    clock = Clock(start)
+    racers = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(8)]
+    for racer in racers:
+        racer.register()
+    start_worker()
+    slots = 20
+    barrier = threading.Barrier(len(racers), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
+    errors: list[BaseException] = []
+
+    def race(racer: Scheduler) -> None:
+        try:
+            for _ in range(slots):
+                barrier.wait(timeout=20)  # the clock moves one slot; all look at once
+                racer.tick()
+                barrier.wait(timeout=20)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    # When they race for twenty slots (and one is restarted half-way: a new instance)
+    threads = [threading.Thread(target=race, args=(racer,)) for racer in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    restarted = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
+    restarted.register()
+    restarted.tick()
+
+    # Then the worker ran each slot's firing once, by message id, and no other
+    expected = {firing_id("race", start + n * 1000) for n in range(1, slots + 1)}
+    seen = ran.wait(slots)
+    assert sorted(seen) == sorted(expected)
+    assert sum(len(r.fired) for r in racers) + len(restarted.fired) == slots
+    assert len({r_id for r in racers for r_id in r.fired}) == slots
+
+
+def test_a_slot_whose_scheduler_died_mid_firing_is_sent_again_with_the_same_id(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="crash", actor="tick", every_ms=60_000)
+    clock = Clock(start)
+    state = own_state(broker, settings)
+    survivor = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock, lease_ms=10_000)
+    survivor.register()
+    # Given a scheduler that claimed the slot and died before sending it
+    clock.now_ms = start + 60_000
+    assert state.claim("crash", schedule.digest, start + 60_000, clock.now_ms, 10_000, 0) == CLAIMED
+    survivor.tick()
+    assert survivor.fired == []  # the claimant's lease runs
+    # When its lease ends
+    clock.now_ms += 10_001
+    survivor.tick()
+    survivor.tick()
+    # Then the survivor sends it once, with the id derived from the slot
+    start_worker()
+    assert ran.wait(1) == [firing_id("crash", start + 60_000)]
+    assert survivor.fired == [firing_id("crash", start + 60_000)]
+    assert "pending" not in state.read("crash")
+
+
+def test_stopped_schedulers_catch_up_each_missed_slot_once(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="cu", actor="tick", every_ms=60_000, catch_up_ms=600_000)
+    clock = Clock(start)
+    first = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(3)]
+    for scheduler in first:
+        scheduler.register()
+    clock.now_ms = start + 60_000
+    for scheduler in first:
+        scheduler.tick()
+    # When all of them stop across two slots and three start again
+    clock.now_ms = start + 3 * 60_000 + 500
+    again = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(3)]
+    for scheduler in again:
+        scheduler.register()
+        scheduler.tick()
+    start_worker()
+    # Then slots 2 and 3 fire once each, after slot 1
+    expected = [firing_id("cu", start + n * 60_000) for n in (1, 2, 3)]
+    assert sorted(ran.wait(3)) == sorted(expected)
+    assert [m for s in again for m in s.fired] == expected[1:]
+
+
+def test_schedules_on_rabbitmq_need_a_state_store(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    settings = dramaturg.Settings(broker={"url": broker_url("rabbitmq", request, tmp_path)})
+    broker = dramaturg.bootstrap(settings)
+    with pytest.raises(dramaturg.StateUnavailable, match=r"set \[state\] url"):
+        state_of(broker)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+TASKS = """
+import dramaturg
+from pathlib import Path
+
+@dramaturg.periodic(every="1s", id="every-second")
+@dramaturg.actor(queue_name="ticks")
+def tick() -> None:
+    import os
+    with open(Path(__file__).with_name("ticks.log"), "a") as log:
+        log.write(dramaturg.current_task().message_id + "\\n")
+
+@dramaturg.actor(queue_name="ticks")
+def cleanup(days: int) -> None: ...
+"""
+
+
+def project(tmp_path: Path, settings: dramaturg.Settings, schedules_toml: str) -> Path:
+    (tmp_path / "shoptasks.py").write_text(TASKS)
+    config = write_config(tmp_path, settings, modules=["shoptasks"])
+    config.write_text(config.read_text() + schedules_toml)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('cron = "61 3 * * *"\nactor = "shoptasks:cleanup"\nargs = [30]', "cron '61 3 * * *' is not valid: bad minute"),
+        (
+            'cron = "0 3 * * *"\ntimezone = "Mars/Olympus"\nactor = "shoptasks:cleanup"\nargs = [30]',
+            "unknown time zone",
+        ),
+        ('cron = "0 3 * * *"\nactor = "shoptasks:clenup"', "no such attribute in 'shoptasks'; did you mean 'cleanup'"),
+        ('cron = "0 3 * * *"\nactor = "shoptasks:cleanup"\nargs = [1, 2]', "the arguments do not fit"),
+    ],
+)
+def test_a_bad_schedule_in_the_config_file_stops_the_scheduler_naming_it_and_its_line(
+    tmp_path: Path, toml: str, problem: str
+) -> None:
+    settings = dramaturg.Settings(broker={"url": "stub://"})
+    project(
+        tmp_path,
+        settings,
+        f'\n[[schedules]]\nid = "ok"\nevery = "1h"\nactor = "shoptasks:cleanup"\nargs = [1]\n'
+        f'\n[[schedules]]\nid = "nightly"\n{toml}\n',
+    )
+    done = run_cli([bin_path("dramaturg"), "scheduler"], cwd=tmp_path)
+    assert done.returncode == 78, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"schedules: 'nightly' ({tmp_path / 'dramaturg.toml'} line " in line
+    assert problem in line
+    number = int(line.split(" line ")[1].split(")")[0])
+    assert (tmp_path / "dramaturg.toml").read_text().splitlines()[number - 1] == 'id = "nightly"'
+
+
+def test_a_duplicate_schedule_id_stops_the_scheduler(tmp_path: Path) -> None:
+    settings = dramaturg.Settings(broker={"url": "stub://"})
+    project(tmp_path, settings, '\n[[schedules]]\nid = "every-second"\nevery = "1m"\nactor = "shoptasks:tick"\n')
+    done = run_cli([bin_path("dramaturg"), "schedule", "list"], cwd=tmp_path)
+    assert done.returncode == 78
+    assert "'every-second'" in done.stderr and "duplicate id, also declared in code shoptasks:tick" in done.stderr
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_schedulers_as_processes_fire_once_and_stop_cleanly(
+    tmp_path: Path, settings: dramaturg.Settings, spawn: Callable[..., Any]
+) -> None:
+    # Given two scheduler processes and a worker, on one Redis
+    project(tmp_path, settings, "")
+    dramaturg_bin = bin_path("dramaturg")
+    schedulers = [spawn([dramaturg_bin, "scheduler"]) for _ in range(2)]
+    for process in schedulers:
+        process.wait_for_line("scheduler: firing 1 schedule(s): every-second")
+    worker = spawn([dramaturg_bin, "worker", "--processes", "1", "--threads", "2"])
+    log = tmp_path / "ticks.log"
+    from .conftest import poll_until
+
+    poll_until(lambda: log.exists() and len(log.read_text().split()) >= 4, "four firings")
+    # When they are stopped with SIGTERM
+    for process in schedulers:
+        process.popen.send_signal(signal.SIGTERM)
+    assert [process.popen.wait(20) for process in schedulers] == [0, 0]
+    worker.popen.send_signal(signal.SIGTERM)
+    worker.popen.wait(30)
+    # Then every firing ran once, for consecutive slots
+    ids = log.read_text().split()
+    assert len(ids) == len(set(ids))
+    listed = run_cli([dramaturg_bin, "schedule", "list", "--json"], cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    import json
+
+    (info,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert info["id"] == "every-second" and info["last_id"] in ids and info["registered"]
+
+
+def test_load_schedules_reads_code_and_file(tmp_path: Path) -> None:
+    (tmp_path / "cfg.toml").write_text(
+        '[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\ncron = "0 3 * * *"\nactor = "tests.test_schedules:_cleanup"\n'
+    )
+    loaded = dramaturg.load_settings(tmp_path / "cfg.toml")
+    broker = dramaturg.bootstrap(loaded)
+
+    @dramaturg.periodic("*/5 * * * *", timezone="Europe/Paris")
+    @dramaturg.actor(queue_name="reports")
+    def hourly_report() -> None: ...
+
+    global _cleanup
+
+    @dramaturg.actor
+    def _cleanup() -> None: ...
+
+    found = load_schedules(loaded, broker)
+    assert [(s.id, s.expression) for s in found] == [
+        ("hourly_report", "*/5 * * * * (Europe/Paris)"),
+        ("n", "0 3 * * *"),
+    ]
+    assert found[1].origin == f"{tmp_path / 'cfg.toml'} line 5"
+
+
+_cleanup: Any = None
