@@ -5,11 +5,12 @@ bad input a scheduler refuses to start with."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,7 +23,7 @@ from dramaturg import schedules
 from dramaturg.schedules import Schedule, Scheduler, firing_id, load_schedules, state_of
 from dramaturg.schedules.state import CLAIMED, MemoryScheduleState, RedisScheduleState
 
-from .conftest import Runs, bin_path, broker_url, run_cli, write_config
+from .conftest import Runs, bin_path, broker_url, pending_messages, poll_until, run_cli, write_config
 
 PARIS = ZoneInfo("Europe/Paris")
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
@@ -55,8 +56,9 @@ def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
     return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
 
 
-def at(*parts: int, zone: ZoneInfo = PARIS, fold: int = 0) -> int:
-    return int(datetime(*parts, tzinfo=zone, fold=fold).timestamp() * 1000)  # type: ignore[misc]
+def at(year: int, month: int, day: int, hour: int, minute: int = 0) -> int:
+    """An instant in Paris, as ms since the epoch."""
+    return int(datetime(year, month, day, hour, minute, tzinfo=PARIS).timestamp() * 1000)
 
 
 def local(slots: list[int]) -> list[str]:
@@ -91,7 +93,7 @@ def test_an_hourly_slot_has_no_skipped_hour_and_both_repeated_hours() -> None:
         "2026-10-25T02:00:00+01:00",
         "2026-10-25T03:00:00+01:00",
     ]
-    assert [b - a for a, b in zip(autumn, autumn[1:], strict=False)] == [3_600_000] * 3
+    assert [b - a for a, b in itertools.pairwise(autumn)] == [3_600_000] * 3
 
 
 def test_a_daily_slot_in_the_repeated_hour_fires_once() -> None:
@@ -155,7 +157,7 @@ def recording_actor(name: str = "tick") -> tuple[dramaturg.Actor[..., None], Run
 
 
 def test_a_slot_fires_on_time_once_and_a_late_one_within_grace_only(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000  # a whole minute
     clock = Clock(start + 5)
     schedule = Schedule(id="every-minute", actor="tick", cron="* * * * *")
@@ -175,7 +177,7 @@ def test_a_slot_fires_on_time_once_and_a_late_one_within_grace_only(eager: drama
 
 
 def test_catch_up_fires_each_missed_slot_once_oldest_first(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
     state = MemoryScheduleState()
@@ -193,7 +195,7 @@ def test_catch_up_fires_each_missed_slot_once_oldest_first(eager: dramatiq.Broke
 
 
 def test_a_paused_schedule_fires_nothing_and_resumes_from_its_next_slot(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
     state = MemoryScheduleState()
@@ -213,7 +215,7 @@ def test_a_paused_schedule_fires_nothing_and_resumes_from_its_next_slot(eager: d
 
 
 def test_a_removed_or_changed_schedule_stops_firing_on_older_schedulers(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
     state = MemoryScheduleState()
@@ -236,31 +238,8 @@ def test_a_removed_or_changed_schedule_stops_firing_on_older_schedulers(eager: d
     assert len(ran.seen) == 1
 
 
-def test_overlap_skip_leaves_a_slot_out_while_the_previous_firing_runs(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
-    start = 1_800_000_000_000
-    clock = Clock(start)
-    state = MemoryScheduleState()
-    schedule = Schedule(id="s", actor="tick", every_ms=60_000, overlap="skip")
-    scheduler = Scheduler(eager, [schedule], state, clock=clock)
-    scheduler.register()
-    clock.now_ms = start + 60_000
-    scheduler.tick()
-    assert len(ran.seen) == 1  # eager: it ran and ended, so the next one is not skipped
-    state.sent("s", start + 60_000, "not-ended-" + uuid.uuid4().hex, clock.now_ms)  # a firing still queued
-    original = dramaturg.schedules.scheduler.Scheduler._previous_unfinished
-    try:
-        dramaturg.schedules.scheduler.Scheduler._previous_unfinished = lambda self, s: True  # type: ignore[method-assign]
-        clock.now_ms = start + 120_000
-        scheduler.tick()
-    finally:
-        dramaturg.schedules.scheduler.Scheduler._previous_unfinished = original  # type: ignore[method-assign]
-    assert len(ran.seen) == 1
-    assert state.read("s")["last"] == str(start + 120_000)  # the skipped slot is not fired later
-
-
 def test_schedule_run_runs_inline_in_eager_mode(eager: dramatiq.Broker) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     schedule = Schedule(id="s", actor="tick", every_ms=3_600_000)
     message_id = schedules.run_now(schedule, eager)
     assert ran.seen == [message_id]
@@ -285,10 +264,8 @@ def own_state(broker: dramatiq.Broker, settings: dramaturg.Settings) -> RedisSch
     import redis
 
     url = settings.state.url
-    if url:
-        client = redis.Redis.from_url(url)
-    else:
-        client = redis.Redis(connection_pool=broker.client.connection_pool)  # type: ignore[attr-defined]
+    pool = None if url else broker.client.connection_pool  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(url) if url else redis.Redis(connection_pool=pool)
     return RedisScheduleState(client, namespace=settings.broker.namespace)
 
 
@@ -296,24 +273,25 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
     broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
     # Given eight schedulers with their own ledger clients, all at the same instants
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     schedule = Schedule(id="race", actor="tick", every_ms=1000)
     clock = Clock(start)
     racers = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(8)]
     for racer in racers:
         racer.register()
-    start_worker()
+    worker = start_worker()
     slots = 20
-    barrier = threading.Barrier(len(racers), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
+    move = threading.Barrier(len(racers), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
+    looked = threading.Barrier(len(racers))
     errors: list[BaseException] = []
 
     def race(racer: Scheduler) -> None:
         try:
             for _ in range(slots):
-                barrier.wait(timeout=20)  # the clock moves one slot; all look at once
+                move.wait(timeout=20)  # the clock moves one slot; all look at once
                 racer.tick()
-                barrier.wait(timeout=20)
+                looked.wait(timeout=20)
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -330,8 +308,10 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
 
     # Then the worker ran each slot's firing once, by message id, and no other
     expected = {firing_id("race", start + n * 1000) for n in range(1, slots + 1)}
-    seen = ran.wait(slots)
-    assert sorted(seen) == sorted(expected)
+    ran.wait(slots)
+    worker.stop()  # what it took has run; nothing more waits on the queue
+    assert pending_messages(broker, "ticks") == 0
+    assert sorted(ran.seen) == sorted(expected)
     assert sum(len(r.fired) for r in racers) + len(restarted.fired) == slots
     assert len({r_id for r in racers for r_id in r.fired}) == slots
 
@@ -339,7 +319,7 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
 def test_a_slot_whose_scheduler_died_mid_firing_is_sent_again_with_the_same_id(
     broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     schedule = Schedule(id="crash", actor="tick", every_ms=60_000)
     clock = Clock(start)
@@ -365,7 +345,7 @@ def test_a_slot_whose_scheduler_died_mid_firing_is_sent_again_with_the_same_id(
 def test_stopped_schedulers_catch_up_each_missed_slot_once(
     broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
-    tick, ran = recording_actor()
+    _tick, ran = recording_actor()
     start = 1_800_000_000_000
     schedule = Schedule(id="cu", actor="tick", every_ms=60_000, catch_up_ms=600_000)
     clock = Clock(start)
@@ -381,11 +361,42 @@ def test_stopped_schedulers_catch_up_each_missed_slot_once(
     for scheduler in again:
         scheduler.register()
         scheduler.tick()
-    start_worker()
+    worker = start_worker()
     # Then slots 2 and 3 fire once each, after slot 1
     expected = [firing_id("cu", start + n * 60_000) for n in (1, 2, 3)]
-    assert sorted(ran.wait(3)) == sorted(expected)
+    ran.wait(3)
+    worker.stop()
+    assert pending_messages(broker, "ticks") == 0
+    assert sorted(ran.seen) == sorted(expected)
     assert [m for s in again for m in s.fired] == expected[1:]
+
+
+def test_overlap_skip_leaves_a_slot_out_while_the_previous_firing_has_not_ended(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    _tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="skip", actor="tick", every_ms=60_000, overlap="skip")
+    clock = Clock(start)
+    scheduler = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
+    scheduler.register()
+    # Given a firing still queued (no worker runs)
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    first = firing_id("skip", start + 60_000)
+    poll_until(lambda: dramaturg.task_status(first, broker).state == "queued", "the first firing recorded as queued")
+    # When the next slot comes, it is left out
+    clock.now_ms = start + 120_000
+    scheduler.tick()
+    assert scheduler.fired == [first]
+    # And once the first has ended, the next slot fires
+    start_worker()
+    assert ran.wait(1) == [first]
+    poll_until(lambda: dramaturg.task_status(first, broker).state == "succeeded", "the first firing succeeded")
+    clock.now_ms = start + 180_000
+    scheduler.tick()
+    assert scheduler.fired == [first, firing_id("skip", start + 180_000)]
+    assert ran.wait(2)[1] == firing_id("skip", start + 180_000)
 
 
 def test_schedules_on_rabbitmq_need_a_state_store(request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -471,8 +482,6 @@ def test_schedulers_as_processes_fire_once_and_stop_cleanly(
         process.wait_for_line("scheduler: firing 1 schedule(s): every-second")
     worker = spawn([dramaturg_bin, "worker", "--processes", "1", "--threads", "2"])
     log = tmp_path / "ticks.log"
-    from .conftest import poll_until
-
     poll_until(lambda: log.exists() and len(log.read_text().split()) >= 4, "four firings")
     # When they are stopped with SIGTERM
     for process in schedulers:
@@ -493,7 +502,8 @@ def test_schedulers_as_processes_fire_once_and_stop_cleanly(
 
 def test_load_schedules_reads_code_and_file(tmp_path: Path) -> None:
     (tmp_path / "cfg.toml").write_text(
-        '[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\ncron = "0 3 * * *"\nactor = "tests.test_schedules:_cleanup"\n'
+        '[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\ncron = "0 3 * * *"\n'
+        'actor = "tests.test_schedules:_cleanup"\n'
     )
     loaded = dramaturg.load_settings(tmp_path / "cfg.toml")
     broker = dramaturg.bootstrap(loaded)
