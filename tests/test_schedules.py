@@ -6,8 +6,10 @@ bad input a scheduler refuses to start with."""
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -471,33 +473,65 @@ def test_a_duplicate_schedule_id_stops_the_scheduler(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
-def test_schedulers_as_processes_fire_once_and_stop_cleanly(
+def test_a_scheduler_and_a_worker_with_one_fire_each_slot_once_and_stop_cleanly(
     tmp_path: Path, settings: dramaturg.Settings, spawn: Callable[..., Any]
 ) -> None:
-    # Given two scheduler processes and a worker, on one Redis
+    # Given a scheduler process and a worker running one too (--scheduler), on one Redis
     project(tmp_path, settings, "")
     dramaturg_bin = bin_path("dramaturg")
-    schedulers = [spawn([dramaturg_bin, "scheduler"]) for _ in range(2)]
-    for process in schedulers:
+    scheduler = spawn([dramaturg_bin, "scheduler"])
+    worker = spawn([dramaturg_bin, "worker", "--scheduler", "--processes", "1", "--threads", "1"])
+    for process in (scheduler, worker):
         process.wait_for_line("scheduler: firing 1 schedule(s): every-second")
-    worker = spawn([dramaturg_bin, "worker", "--processes", "1", "--threads", "2"])
     log = tmp_path / "ticks.log"
-    poll_until(lambda: log.exists() and len(log.read_text().split()) >= 4, "four firings")
-    # When they are stopped with SIGTERM
-    for process in schedulers:
-        process.popen.send_signal(signal.SIGTERM)
-    assert [process.popen.wait(20) for process in schedulers] == [0, 0]
+    poll_until(lambda: log.exists() and len(log.read_text().split()) >= 3, "three firings")
+    # When the scheduler stops (SIGTERM: exit 0), the worker's goes on alone
+    scheduler.popen.send_signal(signal.SIGTERM)
+    assert scheduler.popen.wait(20) == 0
+    ran = len(log.read_text().split())
+    poll_until(lambda: len(log.read_text().split()) >= ran + 2, "two firings more")
     worker.popen.send_signal(signal.SIGTERM)
-    worker.popen.wait(30)
-    # Then every firing ran once, for consecutive slots
+    assert worker.popen.wait(60) == 0
+    # Then each firing ran once, for consecutive slots (one thread: in order)
     ids = log.read_text().split()
-    assert len(ids) == len(set(ids))
+    now_s = int(time.time())
+    slot_of = {firing_id("every-second", s * 1000): s for s in range(now_s - 300, now_s + 2)}
+    slots = [slot_of[message_id] for message_id in ids]
+    assert slots == list(range(slots[0], slots[0] + len(slots)))
     listed = run_cli([dramaturg_bin, "schedule", "list", "--json"], cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    import json
-
     (info,) = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert info["id"] == "every-second" and info["last_id"] in ids and info["registered"]
+    assert info["id"] == "every-second" and info["registered"] and not info["paused"]
+    assert info["last_slot"] // 1000 >= slots[-1]
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_schedule_commands_pause_resume_and_run_one(tmp_path: Path, settings: dramaturg.Settings) -> None:
+    project(tmp_path, settings, "")
+    dramaturg_bin = bin_path("dramaturg")
+
+    def listed() -> dict[str, Any]:
+        done = run_cli([dramaturg_bin, "schedule", "list", "--json"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        info: dict[str, Any] = json.loads(done.stdout)
+        return info
+
+    assert run_cli([dramaturg_bin, "schedule", "pause", "every-second"], cwd=tmp_path).returncode == 0
+    assert listed()["paused"] is True
+    assert run_cli([dramaturg_bin, "schedule", "resume", "every-second"], cwd=tmp_path).returncode == 0
+    assert listed()["paused"] is False
+    # schedule run sends one firing now and prints its id; the list shows it as the last run
+    done = run_cli([dramaturg_bin, "schedule", "run", "every-second"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    message_id = done.stdout.strip()
+    info = listed()
+    assert info["last_id"] == message_id and info["last_outcome"] == "queued"
+    table = run_cli([dramaturg_bin, "schedule", "list"], cwd=tmp_path).stdout
+    assert "every-second" in table and "every 1s" in table and "queued" in table
+    # An unknown id: one line, exit 2, and the near name
+    wrong = run_cli([dramaturg_bin, "schedule", "run", "every-secnd"], cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "dramaturg: no schedule 'every-secnd'; did you mean 'every-second'?"
 
 
 def test_load_schedules_reads_code_and_file(tmp_path: Path) -> None:

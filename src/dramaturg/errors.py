@@ -20,6 +20,7 @@
      +-- KickError              held tasks could not be requeued; they stay held
      +-- StateUnavailable       task status without a state store ([state] url unset on RabbitMQ)
      +-- BatchNotFound          no batch has that id (never made, or expired after [batch] ttl)
+     +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -65,6 +66,7 @@ __all__ = [
     "KickError",
     "NotInTask",
     "Poison",
+    "ScheduleNotFound",
     "SendError",
     "StateUnavailable",
     "TaskHeld",
@@ -211,6 +213,10 @@ class BatchNotFound(DramaturgError):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"no batch {batch_id!r}: never made, or expired after it ended ([batch] ttl)")
         self.batch_id = batch_id
+
+
+class ScheduleNotFound(DramaturgError):
+    """No schedule (in code or the config file) has this id."""
 
 
 class BatchSendError(SendError, MiddlewareError):

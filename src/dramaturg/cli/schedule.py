@@ -15,9 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from .. import app
-from ..errors import BrokerUnreachable, ConfigError, StateUnavailable, UsageError
+from ..errors import BrokerUnreachable, ConfigError, ScheduleNotFound, StateUnavailable, UsageError
 from ..exit_codes import EXIT_OK
-from ..schedules import ScheduleInfo, UnknownSchedule, find, load_schedules, pause, resume, run_now, schedule_infos
+from ..schedules import ScheduleInfo, find, load_schedules, pause, resume, run_now, schedule_infos
 from .common import boot
 
 EPILOG = """\
@@ -59,7 +59,7 @@ def _guarded(args: argparse.Namespace, action: Any) -> Any:
     try:
         schedules = load_schedules(settings, broker)
         return action(schedules, broker)
-    except UnknownSchedule as error:
+    except ScheduleNotFound as error:
         raise UsageError(str(error)) from None
     except StateUnavailable as error:
         raise ConfigError(str(error), key="state.url") from None

@@ -11,6 +11,11 @@ metrics (see :mod:`dramaturg.middleware.metrics`): the port is checked before an
 starts, and the group counts in a fresh directory that is removed when it exits.
 The log format (``dramaturg --log-format``) reaches the worker processes in
 ``DRAMATURG_LOG_FORMAT``.
+
+With ``--scheduler`` a ``dramaturg scheduler`` process runs beside the worker processes
+(its schedules checked first: exit 78 before any worker starts) and is stopped with
+them; any number of workers may run one (each slot fires once, see
+:mod:`dramaturg.schedules`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -37,7 +45,8 @@ def add_parser(subparsers: Any) -> None:
         "  $ dramaturg worker\n"
         "  $ dramaturg worker --processes 4 --threads 16 --queues imports emails\n"
         "  $ dramaturg worker shop.extra_tasks        # import one more actor module\n"
-        "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n",
+        "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n"
+        "  $ dramaturg worker --scheduler             # and fire the schedules (each slot once, however many run)\n",
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="more actor modules to import")
     parser.add_argument("--processes", "-p", type=int, help="worker processes (default: worker.processes)")
@@ -69,6 +78,11 @@ def add_parser(subparsers: Any) -> None:
         metavar="HOST",
         help="the address the metrics server listens on (default: worker.metrics_host, else 127.0.0.1)",
     )
+    parser.add_argument(
+        "--scheduler",
+        action="store_true",
+        help="also run a scheduler process for @periodic and [[schedules]] (default: no)",
+    )
     parser.add_argument("--pid-file", help="write the main process's pid here (default: none)")
     parser.add_argument("--log-file", help="write logs here (default: stderr)")
     parser.add_argument("--verbose", "-v", action="count", default=0, help="debug logging (default: info)")
@@ -76,7 +90,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dramatiq import cli as dramatiq_cli
 
     # Flags reach the worker processes as the environment variables they stand for.
     for flag, variable in (
@@ -106,6 +119,38 @@ def run(args: argparse.Namespace) -> int:
     brokers.ping(settings.broker)
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
+    scheduler = _start_scheduler(args) if args.scheduler else None
+    try:
+        return _run_workers(args, settings, port, host)
+    finally:
+        if scheduler is not None:
+            _stop(scheduler)
+
+
+def _start_scheduler(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """A ``dramaturg scheduler`` process, its schedules checked here first (ConfigError: exit 78)."""
+    from .scheduler import build
+
+    build(args)  # checks every schedule and the ledger; shut down again at once
+    from .. import app
+
+    app.shutdown()
+    code = "import sys; from dramaturg.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, "scheduler"])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _run_workers(args: argparse.Namespace, settings: Any, port: int | None, host: str) -> int:
+    from dramatiq import cli as dramatiq_cli
 
     worker = settings.worker
     argv = [

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import dramatiq
 
 from ..config import Settings
-from ..errors import ActorError, ConfigError, StateUnavailable, did_you_mean
+from ..errors import ActorError, ConfigError, ScheduleNotFound, StateUnavailable, did_you_mean
 from .scheduler import Scheduler, firing_id, send_firing
 from .spec import Overlap, Schedule, config_line, parse_every
 from .state import MemoryScheduleState, RedisScheduleState, ScheduleState
@@ -51,8 +51,8 @@ from .state import MemoryScheduleState, RedisScheduleState, ScheduleState
 __all__ = [
     "Schedule",
     "ScheduleInfo",
+    "ScheduleNotFound",
     "Scheduler",
-    "UnknownSchedule",
     "firing_id",
     "load_schedules",
     "pause",
@@ -68,10 +68,6 @@ A = TypeVar("A", bound=dramatiq.Actor[Any, Any])
 #: Schedules declared in code with :func:`periodic`, by id, in declaration order.
 _declared: dict[str, Schedule] = {}
 _states_lock = threading.Lock()
-
-
-class UnknownSchedule(ConfigError):
-    """No schedule has that id (``dramaturg schedule run|pause|resume ID``)."""
 
 
 def periodic(
@@ -294,13 +290,13 @@ def schedule_infos(schedules: Sequence[Schedule], broker: dramatiq.Broker) -> li
 
 
 def find(schedules: Sequence[Schedule], schedule_id: str) -> Schedule:
-    """The schedule ``schedule_id`` among ``schedules``; :class:`UnknownSchedule` naming the ids known."""
+    """The schedule ``schedule_id`` among ``schedules``; :class:`ScheduleNotFound` naming the ids known."""
     for schedule in schedules:
         if schedule.id == schedule_id:
             return schedule
     ids = [s.id for s in schedules]
     hint = did_you_mean(schedule_id, ids)
-    raise UnknownSchedule(
+    raise ScheduleNotFound(
         f"no schedule {schedule_id!r}" + (hint or (f" (schedules: {', '.join(ids)})" if ids else " (none declared)"))
     )
 
