@@ -301,7 +301,9 @@ class QueueSettings(BaseModel):
 
 
 class ScheduleSettings(BaseModel):
-    """``[[schedules]]``: one periodic task (see :mod:`dramaturg.schedules`)::
+    """``[[schedules]]``: periodic tasks, each slot fired once (see :mod:`dramaturg.schedules`).
+
+    One table per schedule::
 
         [[schedules]]
         id = "nightly-cleanup"
