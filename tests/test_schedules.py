@@ -271,51 +271,74 @@ def own_state(broker: dramatiq.Broker, settings: dramaturg.Settings) -> RedisSch
     return RedisScheduleState(client, namespace=settings.broker.namespace)
 
 
+class Killed(BaseException):
+    """A scheduler killed between claiming a slot and sending it (as by kill -9)."""
+
+
 def test_racing_schedulers_fire_each_slot_exactly_once(
     broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
-    # Given eight schedulers with their own ledger clients, all at the same instants
+    # Given six schedulers with their own ledger clients, all looking at the same instants
     _tick, ran = recording_actor()
     start = 1_800_000_000_000
     schedule = Schedule(id="race", actor="tick", every_ms=1000)
     clock = Clock(start)
-    racers = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(8)]
-    for racer in racers:
-        racer.register()
+
+    def new_scheduler() -> Scheduler:
+        made = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock, lease_ms=3000)
+        made.register()
+        instances.append(made)
+        return made
+
+    instances: list[Scheduler] = []
+    seats = [new_scheduler() for _ in range(6)]
     worker = start_worker()
-    slots = 20
-    move = threading.Barrier(len(racers), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
-    looked = threading.Barrier(len(racers))
+    slots, kill_at, restart_at = 20, 8, 12
+    move = threading.Barrier(len(seats), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
+    looked = threading.Barrier(len(seats))
+    killed = threading.Event()
     errors: list[BaseException] = []
 
-    def race(racer: Scheduler) -> None:
+    def die(schedule: Schedule, slot: int) -> None:
+        raise Killed
+
+    def race(seat: int) -> None:
         try:
-            for _ in range(slots):
+            for round_ in range(1, slots + 1):
                 move.wait(timeout=20)  # the clock moves one slot; all look at once
-                racer.tick()
+                if round_ == kill_at and seat == 0:  # seat 0 claims this slot first, and dies sending it
+                    seats[0]._send = die  # type: ignore[method-assign]
+                    with pytest.raises(Killed):
+                        seats[0].tick()
+                    seats[0] = new_scheduler()  # and is started again
+                    killed.set()
+                elif round_ == kill_at:
+                    assert killed.wait(20)
+                if round_ == restart_at and seat == 1:
+                    seats[1] = new_scheduler()  # a clean restart: a new instance, the same ledger
+                seats[seat].tick()
                 looked.wait(timeout=20)
         except BaseException as error:  # reported below
             errors.append(error)
 
-    # When they race for twenty slots (and one is restarted half-way: a new instance)
-    threads = [threading.Thread(target=race, args=(racer,)) for racer in racers]
+    # When they race for twenty slots, one killed mid-slot and another restarted
+    threads = [threading.Thread(target=race, args=(seat,)) for seat in range(len(seats))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     assert not errors
-    restarted = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
-    restarted.register()
-    restarted.tick()
 
-    # Then the worker ran each slot's firing once, by message id, and no other
+    # Then the worker ran each slot's firing once, by message id, and no other: the
+    # killed scheduler's slot was sent by another once its lease (3 s) ended
     expected = {firing_id("race", start + n * 1000) for n in range(1, slots + 1)}
     ran.wait(slots)
     worker.stop()  # what it took has run; nothing more waits on the queue
     assert pending_messages(broker, "ticks") == 0
     assert sorted(ran.seen) == sorted(expected)
-    assert sum(len(r.fired) for r in racers) + len(restarted.fired) == slots
-    assert len({r_id for r in racers for r_id in r.fired}) == slots
+    fired = [message_id for instance in instances for message_id in instance.fired]
+    assert sorted(fired) == sorted(expected)
+    assert firing_id("race", start + kill_at * 1000) in fired
 
 
 def test_a_slot_whose_scheduler_died_mid_firing_is_sent_again_with_the_same_id(

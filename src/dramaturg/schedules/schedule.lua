@@ -3,10 +3,11 @@
 -- KEYS[2]: the registry ("<namespace>:__schedules__", id -> digest of its definition).
 -- ARGV[1]: the step; the rest depends on it (see dramaturg/schedules/state.py).
 --
--- A schedule's hash: last (the newest slot claimed, ms), pending (a slot claimed and not
--- yet known to be sent) and pending_until (when its claimant's lease ends, ms), paused
--- ("1"), missed (slots that passed with no firing), and the last firing's message id,
--- slot and time (last_id, last_slot, last_at).
+-- A schedule's hash: last (the newest slot claimed, ms), paused ("1"), missed (slots that
+-- passed with no firing), and the last firing's message id, slot and time (last_id,
+-- last_slot, last_at). Beside it, "<hash>:pending": the slots claimed and not yet known
+-- to be sent, each with the end of its claimant's lease (ms); one per slot, so that a
+-- claimant that dies leaves its slot there while the next slots are claimed.
 local prefix, registry = KEYS[1], KEYS[2]
 local step = ARGV[1]
 
@@ -20,7 +21,8 @@ if step == "claim" then
   if redis.call("HGET", key, "paused") == "1" then return -1 end
   local last = tonumber(redis.call("HGET", key, "last") or "-1")
   if slot <= last then return 0 end
-  redis.call("HSET", key, "last", slot, "pending", slot, "pending_until", now + lease)
+  redis.call("HSET", key, "last", slot)
+  redis.call("HSET", key .. ":pending", slot, now + lease)
   local missed = tonumber(ARGV[7])
   if missed > 0 then redis.call("HINCRBY", key, "missed", missed) end
   return 1
@@ -29,26 +31,31 @@ end
 if step == "sent" then
   -- ARGV: id, slot, message id, now: the claimed slot was published (or skipped: id "")
   local key = prefix .. ARGV[2]
-  if redis.call("HGET", key, "pending") == ARGV[3] then
-    redis.call("HDEL", key, "pending", "pending_until")
-  end
-  if ARGV[4] ~= "" then
+  redis.call("HDEL", key .. ":pending", ARGV[3])
+  -- the newest firing is the last run (a recovered older slot is not; a manual run, slot -1, is)
+  local shown = tonumber(redis.call("HGET", key, "last_slot") or "-1")
+  if ARGV[4] ~= "" and (ARGV[3] == "-1" or tonumber(ARGV[3]) >= shown) then
     redis.call("HSET", key, "last_id", ARGV[4], "last_slot", ARGV[3], "last_at", ARGV[5])
   end
   return 1
 end
 
 if step == "recover" then
-  -- ARGV: id, digest, now, lease: a slot whose claimant's lease ended before it said it was
-  -- sent; the caller publishes it again (same message id), under a lease of its own.
+  -- ARGV: id, digest, now, lease: the oldest slot whose claimant's lease ended before it
+  -- said it was sent; the caller publishes it again (same message id), under a lease of its own.
   local id, now = ARGV[2], tonumber(ARGV[4])
   if redis.call("HGET", registry, id) ~= ARGV[3] then return false end
-  local key = prefix .. id
-  local pending = redis.call("HGET", key, "pending")
-  if not pending then return false end
-  if tonumber(redis.call("HGET", key, "pending_until") or "0") > now then return false end
-  redis.call("HSET", key, "pending_until", now + tonumber(ARGV[5]))
-  return pending
+  local pending = prefix .. id .. ":pending"
+  local found = redis.call("HGETALL", pending)
+  local oldest = nil
+  for i = 1, #found, 2 do
+    if tonumber(found[i + 1]) <= now and (oldest == nil or tonumber(found[i]) < tonumber(oldest)) then
+      oldest = found[i]
+    end
+  end
+  if oldest == nil then return false end
+  redis.call("HSET", pending, oldest, now + tonumber(ARGV[5]))
+  return oldest
 end
 
 if step == "register" then

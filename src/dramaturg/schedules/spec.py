@@ -126,6 +126,17 @@ class Schedule:
         """The first slot strictly after ``after_ms``."""
         return next(self.slots_after(after_ms))
 
+    def count_between(self, after_ms: int, until_ms: int, cap: int = 100_000) -> int:
+        """How many slots fall in ``(after_ms, until_ms]``, counted up to ``cap``."""
+        if self.every_ms is not None:
+            return min(cap, max(0, until_ms // self.every_ms - after_ms // self.every_ms))
+        count = 0
+        for slot in self.slots_after(after_ms):
+            if slot > until_ms or count >= cap:
+                break
+            count += 1
+        return count
+
     def slots_between(self, after_ms: int, until_ms: int, limit: int = 10_000) -> list[int]:
         """The slots in ``(after_ms, until_ms]``, oldest first (at most ``limit``, the newest kept)."""
         found: list[int] = []

@@ -11,13 +11,16 @@ Both answer the same steps with the same meaning:
   (``last``): a slot fires only if it is newer, so any number of schedulers, restarted
   ones and ones whose clocks disagree, fire each slot at most once. The claim leaves the
   slot *pending* under a lease (``lease_ms``) until ``sent`` says it was published;
-- ``recover``: a pending slot whose lease ended (its scheduler died between claim and
-  publish) is handed to the caller, which publishes it again with the same message id;
+- ``recover``: the oldest pending slot whose lease ended (its scheduler died between
+  claim and publish) is handed to the caller, which publishes it again with the same
+  message id. Each claimed slot is pending on its own, so the slots claimed after it do
+  not hide it;
 - ``pause`` / ``resume``: a paused schedule claims nothing; on resume the slots that
   passed while it was paused are left out;
 - ``read``: one schedule's ledger, for ``dramaturg schedule list``.
 
-On Redis the keys are ``<namespace>:__schedule__:<id>`` (a hash per schedule) and
+On Redis the keys are ``<namespace>:__schedule__:<id>`` (a hash per schedule),
+``...:<id>:pending`` (its pending slots and their leases' ends) and
 ``<namespace>:__schedules__`` (the registry); each step is one call of ``schedule.lua``.
 They do not expire: a schedule's ledger is a few fields, and it is what keeps a slot
 from firing twice.
@@ -89,7 +92,15 @@ class RedisScheduleState:
         self._run("resume", schedule_id, now_ms)
 
     def read(self, schedule_id: str) -> dict[str, str]:
-        return _texts(self.client.hgetall(self.prefix + schedule_id))
+        """The schedule's fields; ``pending``: its pending slots, comma-separated, if any."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.prefix + schedule_id)
+            pipe.hkeys(self.prefix + schedule_id + ":pending")
+            fields, pending = pipe.execute()
+        found = _texts(fields)
+        if pending:
+            found["pending"] = ",".join(sorted((_text(slot) for slot in pending), key=int))
+        return found
 
     def registered(self) -> dict[str, str]:
         return _texts(self.client.hgetall(self.registry))
@@ -102,6 +113,8 @@ class MemoryScheduleState:
         self._lock = threading.Lock()
         self._registry: dict[str, str] = {}
         self._schedules: dict[str, dict[str, str]] = {}
+        #: id -> pending slot -> its lease's end (ms)
+        self._pending: dict[str, dict[int, int]] = {}
 
     def _get(self, schedule_id: str) -> dict[str, str]:
         return self._schedules.setdefault(schedule_id, {})
@@ -123,7 +136,8 @@ class MemoryScheduleState:
                 return PAUSED
             if slot_ms <= int(found.get("last", "-1")):
                 return TAKEN
-            found.update(last=str(slot_ms), pending=str(slot_ms), pending_until=str(now_ms + lease_ms))
+            found["last"] = str(slot_ms)
+            self._pending.setdefault(schedule_id, {})[slot_ms] = now_ms + lease_ms
             if missed > 0:
                 found["missed"] = str(int(found.get("missed", "0")) + missed)
             return CLAIMED
@@ -131,21 +145,20 @@ class MemoryScheduleState:
     def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None:
         with self._lock:
             found = self._get(schedule_id)
-            if found.get("pending") == str(slot_ms):
-                found.pop("pending", None)
-                found.pop("pending_until", None)
-            if message_id:
+            self._pending.get(schedule_id, {}).pop(slot_ms, None)
+            if message_id and (slot_ms == -1 or slot_ms >= int(found.get("last_slot", "-1"))):
                 found.update(last_id=message_id, last_slot=str(slot_ms), last_at=str(now_ms))
 
     def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None:
         with self._lock:
             if self._registry.get(schedule_id) != digest:
                 return None
-            found = self._get(schedule_id)
-            if "pending" not in found or int(found.get("pending_until", "0")) > now_ms:
+            pending = self._pending.get(schedule_id, {})
+            due = [slot for slot, until in pending.items() if until <= now_ms]
+            if not due:
                 return None
-            found["pending_until"] = str(now_ms + lease_ms)
-            return int(found["pending"])
+            pending[min(due)] = now_ms + lease_ms
+            return min(due)
 
     def pause(self, schedule_id: str) -> None:
         with self._lock:
@@ -160,7 +173,10 @@ class MemoryScheduleState:
 
     def read(self, schedule_id: str) -> dict[str, str]:
         with self._lock:
-            return dict(self._schedules.get(schedule_id, {}))
+            found = dict(self._schedules.get(schedule_id, {}))
+            if self._pending.get(schedule_id):
+                found["pending"] = ",".join(str(slot) for slot in sorted(self._pending[schedule_id]))
+            return found
 
     def registered(self) -> dict[str, str]:
         with self._lock:
