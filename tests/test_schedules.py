@@ -424,6 +424,38 @@ def test_overlap_skip_leaves_a_slot_out_while_the_previous_firing_has_not_ended(
     assert ran.wait(2)[1] == firing_id("skip", start + 180_000)
 
 
+def test_a_drain_schedule_works_its_queue_for_its_budget_on_one_scheduler_per_slot(
+    broker: dramatiq.Broker, settings: dramaturg.Settings
+) -> None:
+    # Given five tasks waiting on "imports" and three schedulers with a drain schedule
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def import_row(n: int) -> None:
+        ran.add(n)
+
+    for n in range(5):
+        import_row.send(n)
+    start = 1_800_000_000_000
+    schedule = Schedule(id="drain-imports", actor="", every_ms=60_000, drain_queues=("imports",), drain_budget_ms=1500)
+    clock = Clock(start)
+    schedulers = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(3)]
+    for scheduler in schedulers:
+        scheduler.register()
+    # When the slot comes: one of them claims it and drains
+    clock.now_ms = start + 60_000
+    for scheduler in schedulers:
+        scheduler.tick()
+    draining = [s for s in schedulers if s.fired]
+    assert len(draining) == 1
+    draining[0].wait_for_drain(30)
+    # Then every task ran once, and the drain's summary is the firing's outcome
+    assert sorted(ran.seen) == [0, 1, 2, 3, 4]
+    (info,) = schedules.schedule_infos([schedule], broker)
+    assert info.last_outcome is not None and "5 processed" in info.last_outcome, info
+    assert info.actor == "drain imports for 1500ms"
+
+
 def test_schedules_on_rabbitmq_need_a_state_store(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     settings = dramaturg.Settings(broker={"url": broker_url("rabbitmq", request, tmp_path)})
     broker = dramaturg.bootstrap(settings)
@@ -580,6 +612,30 @@ def test_load_schedules_reads_code_and_file(tmp_path: Path) -> None:
         ("n", "0 3 * * *"),
     ]
     assert found[1].origin == f"{tmp_path / 'cfg.toml'} line 5"
+
+
+def test_a_drain_schedule_from_the_config_file_and_its_errors(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    head = '[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "drain-imports"\ncron = "* * * * *"\n'
+    config.write_text(head + 'drain = { queues = ["imports"], budget = "50s" }\n')
+    loaded = dramaturg.load_settings(config)
+    broker = dramaturg.bootstrap(loaded)
+
+    @dramaturg.actor(queue_name="imports")
+    def import_row() -> None: ...
+
+    (schedule,) = load_schedules(loaded, broker)
+    assert (schedule.drain_queues, schedule.drain_budget_ms, schedule.what) == (
+        ("imports",),
+        50_000,
+        "drain imports for 50s",
+    )
+    config.write_text(head + 'drain = { queues = ["imprts"], budget = "50s" }\n')
+    with pytest.raises(dramaturg.ConfigError, match=r"'drain-imports' .*line 5\): drain: unknown queue 'imprts'"):
+        load_schedules(dramaturg.load_settings(config), broker)
+    config.write_text(head + 'actor = "x:y"\ndrain = { queues = ["imports"], budget = "50s" }\n')
+    with pytest.raises(dramaturg.ConfigError, match=r"give an actor .* or a drain"):
+        load_schedules(dramaturg.load_settings(config), broker)
 
 
 _cleanup: Any = None

@@ -131,9 +131,11 @@ def _type(field: Any) -> str:
     elif annotation is str:
         text = "text"
     elif get_origin(annotation) is list:
-        text = "list of text"
+        text = "list of text" if get_args(annotation)[:1] == (str,) else "list"
     elif get_origin(annotation) is dict:
         text = "table"
+    elif isinstance(annotation, type) and hasattr(annotation, "model_fields"):  # an inline table
+        text = "table: " + ", ".join(f"`{name}`" for name in annotation.model_fields)
     else:
         raise TypeError(f"the configuration reference cannot describe {annotation!r}; teach docs/_hooks/reference.py")
     limits = {

@@ -48,6 +48,7 @@ __all__ = [
     "BROKER_TYPES",
     "BatchSettings",
     "BrokerSettings",
+    "DrainScheduleSettings",
     "LogSettings",
     "QueueSettings",
     "RetrySettings",
@@ -300,6 +301,21 @@ class QueueSettings(BaseModel):
     ttr: DurationMs | None = Field(default=None, gt=0)
 
 
+class DrainScheduleSettings(BaseModel):
+    """``drain = { queues = [...], budget = "50s" }`` in a ``[[schedules]]`` table: at each
+    slot one scheduler works the queues for the budget (Drupal's cron queues; see
+    :func:`dramaturg.drain`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The queues to work.
+    queues: StrList = Field(min_length=1)
+    #: How long to take tasks at each slot (keep it under the interval).
+    budget: DurationMs = Field(gt=0)
+    #: Tasks run at once.
+    threads: int = Field(default=8, ge=1)
+
+
 class ScheduleSettings(BaseModel):
     """``[[schedules]]``: periodic tasks, each slot fired once (see :mod:`dramaturg.schedules`).
 
@@ -324,8 +340,10 @@ class ScheduleSettings(BaseModel):
     cron: str | None = None
     #: Or a fixed interval (``"30s"``, ``"5m"``), slots aligned on the Unix epoch.
     every: DurationMs | None = None
-    #: The actor to send: ``"module:attribute"`` (``"shop.tasks:cleanup"``).
-    actor: str = Field(min_length=1)
+    #: The actor to send: ``"module:attribute"`` (``"shop.tasks:cleanup"``); or give ``drain``.
+    actor: str | None = Field(default=None, min_length=1)
+    #: Instead of an actor: work queues for a budget at each slot, ``{ queues = ["imports"], budget = "50s" }``.
+    drain: DrainScheduleSettings | None = None
     #: Its positional arguments (JSON).
     args: list[Any] = []
     #: Its keyword arguments (JSON).

@@ -78,12 +78,13 @@ def run_list(args: argparse.Namespace) -> int:
     if not infos:
         print("no schedules")
         return EXIT_OK
-    rows = [("ID", "EXPRESSION", "NEXT RUN", "LAST RUN", "OUTCOME", "MISSED", "PAUSED")]
+    rows = [("ID", "EXPRESSION", "OVERLAP", "NEXT RUN", "LAST RUN", "OUTCOME", "MISSED", "PAUSED")]
     for info in infos:
         rows.append(
             (
                 info.id,
                 info.expression,
+                info.overlap,
                 _at(info.next_run),
                 _at(info.last_at),
                 info.last_outcome or "-",

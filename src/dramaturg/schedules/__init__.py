@@ -134,11 +134,19 @@ def load_schedules(settings: Settings, broker: dramatiq.Broker) -> list[Schedule
         head = f"schedules: {table.id!r} ({where})"
         if table.id in found:
             raise ConfigError(f"{head}: duplicate id, also declared in {found[table.id].origin}", key="schedules")
-        actor = _import_actor(table.actor, head)
+        if (table.actor is None) == (table.drain is None):
+            raise ConfigError(
+                f"{head}: give an actor (module:attribute) or a drain = {{ queues, budget }}, not both or neither",
+                key="schedules",
+            )
+        actor = _import_actor(table.actor, head) if table.actor is not None else None
         try:
             schedule = Schedule(
                 id=table.id,
-                actor=actor.actor_name,
+                actor=actor.actor_name if actor is not None else "",
+                drain_queues=tuple(table.drain.queues) if table.drain else (),
+                drain_budget_ms=table.drain.budget if table.drain else None,
+                drain_threads=table.drain.threads if table.drain else 8,
                 cron=table.cron,
                 every_ms=table.every,
                 timezone=table.timezone,
@@ -177,6 +185,15 @@ def _import_actor(name: str, head: str) -> dramatiq.Actor[Any, Any]:
 def _check_actor(schedule: Schedule, broker: dramatiq.Broker, head: str) -> None:
     from ..actors import _misfit
 
+    if schedule.drain_queues:
+        from ..drain import _check_queues
+        from ..errors import DramaturgError
+
+        try:
+            _check_queues(broker, schedule.drain_queues)
+        except DramaturgError as error:
+            raise ConfigError(f"{head}: drain: {error}", key="schedules") from None
+        return
     try:
         actor = broker.get_actor(schedule.actor)
     except dramatiq.errors.ActorNotFound:
@@ -241,7 +258,7 @@ class ScheduleInfo:
     last_id: str | None
     last_slot: int | None
     last_at: int | None
-    #: What became of it (its task status: succeeded, running, held, ...).
+    #: What became of it (its task status: succeeded, running, held, ...; a drain's summary line).
     last_outcome: str | None
     #: Slots that passed with no firing (no scheduler ran, or beyond catch_up).
     missed: int
@@ -263,8 +280,8 @@ def schedule_infos(schedules: Sequence[Schedule], broker: dramatiq.Broker) -> li
     for schedule in schedules:
         ledger = state.read(schedule.id)
         last_id = ledger.get("last_id") or None
-        outcome = None
-        if last_id:
+        outcome = ledger.get("last_outcome")  # a drain's summary
+        if last_id and outcome is None and not schedule.drain_queues:
             try:
                 outcome = task_status(last_id, broker).state
             except Exception:  # no status store: the outcome is unknown
@@ -274,7 +291,7 @@ def schedule_infos(schedules: Sequence[Schedule], broker: dramatiq.Broker) -> li
             ScheduleInfo(
                 id=schedule.id,
                 expression=schedule.expression,
-                actor=schedule.actor,
+                actor=schedule.what,
                 overlap=schedule.overlap,
                 next_run=schedule.next_slot(now),
                 paused=ledger.get("paused") == "1",
@@ -306,6 +323,8 @@ def run_now(schedule: Schedule, broker: dramatiq.Broker) -> str:
     In eager mode the task runs before this returns."""
     import uuid
 
+    if schedule.drain_queues:
+        raise ConfigError(f"schedule {schedule.id!r} is a drain: run it with dramaturg drain", key="schedules")
     message_id = str(uuid.uuid4())
     send_firing(broker, schedule, None, message_id)
     state_of(broker).sent(schedule.id, -1, message_id, int(time.time() * 1000))

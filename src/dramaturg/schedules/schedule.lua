@@ -36,7 +36,15 @@ if step == "sent" then
   local shown = tonumber(redis.call("HGET", key, "last_slot") or "-1")
   if ARGV[4] ~= "" and (ARGV[3] == "-1" or tonumber(ARGV[3]) >= shown) then
     redis.call("HSET", key, "last_id", ARGV[4], "last_slot", ARGV[3], "last_at", ARGV[5])
+    redis.call("HDEL", key, "last_outcome")
   end
+  return 1
+end
+
+if step == "outcome" then
+  -- ARGV: id, slot, text: what became of the last firing, when no task status says it (a drain)
+  local key = prefix .. ARGV[2]
+  if redis.call("HGET", key, "last_slot") == ARGV[3] then redis.call("HSET", key, "last_outcome", ARGV[4]) end
   return 1
 end
 

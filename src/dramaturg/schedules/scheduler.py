@@ -107,6 +107,8 @@ class Scheduler:
         self.max_sleep_ms = max_sleep_ms
         self._stopped = threading.Event()
         self._stale: set[str] = set()
+        #: The drain this scheduler runs, if any: one at a time per process (Dramatiq's worker).
+        self._draining: threading.Thread | None = None
         #: Firings this scheduler sent (message ids), for logs and tests.
         self.fired: list[str] = []
 
@@ -129,6 +131,7 @@ class Scheduler:
         logger.info("scheduler: %d schedule(s): %s", len(self.schedules), ", ".join(self.schedules) or "none")
         while not self._stopped.is_set():
             self._stopped.wait(self.tick() / 1000)
+        self.wait_for_drain()  # a drain in progress ends within its budget and grace
 
     def tick(self) -> int:
         """One wake: fire what is due; how long to sleep (ms) until the next look."""
@@ -145,13 +148,21 @@ class Scheduler:
                 wake = min(wake, now + 1000)
         return max(0, wake - self.clock())
 
+    def _busy(self, schedule: Schedule) -> bool:
+        """A drain schedule while this scheduler drains: it leaves the slot to another scheduler."""
+        return bool(schedule.drain_queues) and self._draining is not None and self._draining.is_alive()
+
     def _fire_due(self, schedule: Schedule, now: int) -> None:
+        if self._busy(schedule):
+            return
         for _ in range(100):  # bounded: the rest at the next wake
             recovered = self.state.recover(schedule.id, schedule.digest, now, self.lease_ms)
             if recovered is None:
                 break
             logger.warning("schedule %s: slot %d was claimed but not sent; sending it again", schedule.id, recovered)
             self._send(schedule, recovered)
+            if self._busy(schedule):
+                return
         window = max(self.grace_ms, schedule.catch_up_ms or 0)
         due = schedule.slots_between(now - window, now)
         if not due:
@@ -175,6 +186,8 @@ class Scheduler:
             last = slot
             if answer == CLAIMED:
                 self._send(schedule, slot)
+                if self._busy(schedule):
+                    return  # the slots after it are another scheduler's (or missed)
 
     def _send(self, schedule: Schedule, slot: int) -> None:
         message_id = firing_id(schedule.id, slot)
@@ -182,10 +195,43 @@ class Scheduler:
             logger.info("schedule %s: slot %d skipped: the previous firing has not ended", schedule.id, slot)
             self.state.sent(schedule.id, slot, "", self.clock())
             return
-        send_firing(self.broker, schedule, slot, message_id)
+        if schedule.drain_queues:
+            self._start_drain(schedule, slot, message_id)
+        else:
+            send_firing(self.broker, schedule, slot, message_id)
         self.state.sent(schedule.id, slot, message_id, self.clock())
         self.fired.append(message_id)
         logger.info("schedule %s: fired slot %d as %s", schedule.id, slot, message_id)
+
+    def _start_drain(self, schedule: Schedule, slot: int, firing: str) -> None:
+        """Work the drain's queues for its budget in a thread of this scheduler; its summary
+        line becomes the firing's outcome."""
+        from ..drain import drain
+
+        def work() -> None:
+            try:
+                summary = drain(
+                    schedule.drain_queues,
+                    budget=schedule.drain_budget_ms,
+                    threads=schedule.drain_threads,
+                    broker=self.broker,
+                )
+                outcome = summary.line()
+            except Exception as error:  # reported in the ledger and the log; the scheduler goes on
+                outcome = f"failed: {type(error).__name__}: {error}"
+                logger.error("schedule %s: the drain of slot %d %s", schedule.id, slot, outcome)
+            try:
+                self.state.outcome(schedule.id, slot, outcome)
+            except Exception:
+                logger.warning("schedule %s: could not record the drain's outcome", schedule.id, exc_info=True)
+
+        self._draining = threading.Thread(target=work, name=f"dramaturg-drain-{schedule.id}", daemon=True)
+        self._draining.start()
+
+    def wait_for_drain(self, timeout: float | None = None) -> None:
+        """Wait for the drain this scheduler runs, if any (at most its budget and grace)."""
+        if self._draining is not None:
+            self._draining.join(timeout)
 
     def _previous_unfinished(self, schedule: Schedule) -> bool:
         previous = self.state.read(schedule.id).get("last_id")

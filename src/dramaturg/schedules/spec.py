@@ -66,6 +66,11 @@ class Schedule:
     catch_up_ms: int | None = None
     #: Where it was declared: ``"code shop.tasks:report"`` or ``"dramaturg.toml line 12"``.
     origin: str = ""
+    #: A drain schedule (``actor`` is empty): the queues one scheduler works at each slot,
+    #: for ``drain_budget_ms``, with ``drain_threads`` threads.
+    drain_queues: tuple[str, ...] = ()
+    drain_budget_ms: int | None = None
+    drain_threads: int = 8
 
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.every_ms is None):
@@ -75,6 +80,10 @@ class Schedule:
         if self.cron is not None:
             check_cron(self.cron)
         check_timezone(self.timezone)
+        if bool(self.actor) == bool(self.drain_queues):
+            raise ValueError("give an actor (module:attribute) or a drain = { queues, budget }, not both or neither")
+        if self.drain_queues and not self.drain_budget_ms:
+            raise ValueError("a drain needs a budget, e.g. drain = { queues = ['imports'], budget = '50s' }")
         if self.overlap not in OVERLAP_POLICIES:
             raise ValueError(f"overlap {self.overlap!r}: choose one of {', '.join(OVERLAP_POLICIES)}")
 
@@ -84,6 +93,13 @@ class Schedule:
         if self.cron is not None:
             return self.cron if self.timezone == "UTC" else f"{self.cron} ({self.timezone})"
         return f"every {_format_ms(self.every_ms or 0)}"
+
+    @property
+    def what(self) -> str:
+        """The actor's name, or ``drain imports, emails for 50s``."""
+        if self.drain_queues:
+            return f"drain {', '.join(self.drain_queues)} for {_format_ms(self.drain_budget_ms or 0)}"
+        return self.actor
 
     def definition(self) -> dict[str, Any]:
         """What makes the schedule what it is, as JSON-ready data (kept in the state store)."""
@@ -96,6 +112,11 @@ class Schedule:
             "kwargs": dict(self.kwargs),
             "overlap": self.overlap,
             "catch_up_ms": self.catch_up_ms,
+            **(
+                {"drain": [list(self.drain_queues), self.drain_budget_ms, self.drain_threads]}
+                if self.drain_queues
+                else {}
+            ),
         }
 
     @property

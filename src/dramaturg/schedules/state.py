@@ -17,6 +17,7 @@ Both answer the same steps with the same meaning:
   not hide it;
 - ``pause`` / ``resume``: a paused schedule claims nothing; on resume the slots that
   passed while it was paused are left out;
+- ``outcome``: what became of the last firing when no task status says it (a drain's summary);
 - ``read``: one schedule's ledger, for ``dramaturg schedule list``.
 
 On Redis the keys are ``<namespace>:__schedule__:<id>`` (a hash per schedule),
@@ -51,6 +52,7 @@ class ScheduleState(Protocol):
     def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int: ...
     def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None: ...
     def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None: ...
+    def outcome(self, schedule_id: str, slot_ms: int, text: str) -> None: ...
     def pause(self, schedule_id: str) -> None: ...
     def resume(self, schedule_id: str, now_ms: int) -> None: ...
     def read(self, schedule_id: str) -> dict[str, str]: ...
@@ -84,6 +86,9 @@ class RedisScheduleState:
     def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None:
         found = self._run("recover", schedule_id, digest, now_ms, lease_ms)
         return None if found is None else int(found)
+
+    def outcome(self, schedule_id: str, slot_ms: int, text: str) -> None:
+        self._run("outcome", schedule_id, slot_ms, text)
 
     def pause(self, schedule_id: str) -> None:
         self._run("pause", schedule_id)
@@ -148,6 +153,7 @@ class MemoryScheduleState:
             self._pending.get(schedule_id, {}).pop(slot_ms, None)
             if message_id and (slot_ms == -1 or slot_ms >= int(found.get("last_slot", "-1"))):
                 found.update(last_id=message_id, last_slot=str(slot_ms), last_at=str(now_ms))
+                found.pop("last_outcome", None)
 
     def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None:
         with self._lock:
@@ -159,6 +165,12 @@ class MemoryScheduleState:
                 return None
             pending[min(due)] = now_ms + lease_ms
             return min(due)
+
+    def outcome(self, schedule_id: str, slot_ms: int, text: str) -> None:
+        with self._lock:
+            found = self._get(schedule_id)
+            if found.get("last_slot") == str(slot_ms):
+                found["last_outcome"] = text
 
     def pause(self, schedule_id: str) -> None:
         with self._lock:
