@@ -527,7 +527,6 @@ def test_a_duplicate_schedule_id_stops_the_scheduler(tmp_path: Path) -> None:
     assert "'every-second'" in done.stderr and "duplicate id, also declared in code shoptasks:tick" in done.stderr
 
 
-@pytest.mark.parametrize("broker_kind", ["redis"])
 def test_a_scheduler_and_a_worker_with_one_fire_each_slot_once_and_stop_cleanly(
     tmp_path: Path, settings: dramaturg.Settings, spawn: Callable[..., Any]
 ) -> None:
