@@ -638,3 +638,20 @@ def test_a_drain_schedule_from_the_config_file_and_its_errors(tmp_path: Path) ->
 
 
 _cleanup: Any = None
+
+
+def test_an_unknown_key_in_a_schedule_table_names_the_near_one(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    config.write_text('[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\ncron = "0 3 * * *"\nactr = "a:b"\n')
+    with pytest.raises(dramaturg.ConfigError) as raised:
+        dramaturg.load_settings(config)
+    assert str(raised.value) == f"schedules.0.actr: unknown key; did you mean 'actor'? (from {config})"
+
+
+def test_config_show_says_the_schedules_come_from_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    config.write_text('[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\nevery = "1m"\nactor = "a:b"\n')
+    loaded = dramaturg.load_settings(config)
+    assert loaded.source_of("schedules") == str(config)
+    assert loaded.source_of("broker.prefetch") == "default"
+    assert loaded.flat()["schedules"] == [{"id": "n", "every": 60_000, "actor": "a:b"}]

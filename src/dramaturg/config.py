@@ -408,7 +408,8 @@ class Settings(BaseSettings):
     def source_of(self, key: str) -> str:
         """Where the value of a dotted ``key`` came from: a file, a variable, or "default"."""
         parts = key.split(".")
-        for n in range(len(parts), 1, -1):  # queues.imports.ttr falls back to queues.imports
+        # queues.imports.ttr falls back to queues.imports; a whole section ([[schedules]]) is its own
+        for n in range(len(parts), 1 if len(parts) > 1 else 0, -1):
             source = self._sources.get(".".join(parts[:n]))
             if source is not None:
                 return source
@@ -656,6 +657,8 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
             message = f"unknown section [{loc[0]}]" + (hint or f" (sections: {sections})")
         else:
             section_keys = [k.split(".", 1)[1] for k in known_keys() if k.startswith(loc[0] + ".")]
+            if loc[0] == "schedules":  # [[schedules]]: a list of tables, its keys are the model's
+                section_keys = list(ScheduleSettings.model_fields)
             hint = did_you_mean(loc[-1], section_keys)
             listed = ", ".join(section_keys)
             message = f"{key}: unknown key" + (hint or f" (keys: {listed})")
