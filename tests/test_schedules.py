@@ -25,7 +25,7 @@ from dramaturg import schedules
 from dramaturg.schedules import Schedule, Scheduler, firing_id, load_schedules, state_of
 from dramaturg.schedules.state import CLAIMED, MemoryScheduleState, RedisScheduleState
 
-from .conftest import Runs, bin_path, broker_url, pending_messages, poll_until, run_cli, write_config
+from .conftest import Runs, bin_path, broker_url, free_port, pending_messages, poll_until, run_cli, write_config
 
 PARIS = ZoneInfo("Europe/Paris")
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
@@ -557,6 +557,45 @@ def test_a_scheduler_and_a_worker_with_one_fire_each_slot_once_and_stop_cleanly(
     (info,) = [json.loads(line) for line in listed.stdout.splitlines()]
     assert info["id"] == "every-second" and info["registered"] and not info["paused"]
     assert info["last_slot"] // 1000 >= slots[-1]
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_missed_slots_and_firings_show_in_stats_and_the_worker_groups_metrics(
+    tmp_path: Path, settings: dramaturg.Settings, spawn: Callable[..., Any]
+) -> None:
+    import urllib.request
+
+    # Given a schedule whose ledger says two slots were missed (no scheduler ran then)
+    project(tmp_path, settings, "")
+    broker = dramaturg.bootstrap(settings)
+    state = state_of(broker)
+    now = int(time.time() * 1000)
+    state.register({"every-second": "old-definition"}, now - 10_000)
+    assert state.claim("every-second", "old-definition", now - 9_000, now, 30_000, 2) == CLAIMED
+    dramaturg.shutdown()
+    dramaturg_bin = bin_path("dramaturg")
+    # Then stats counts them, in its table and its JSON
+    done = run_cli([dramaturg_bin, "stats", "ticks"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "schedules: 1, missed slots: 2 (every-second 2)" in done.stdout
+    done = run_cli([dramaturg_bin, "stats", "ticks", "--json"], cwd=tmp_path)
+    assert json.loads(done.stdout)["missed_slots"] == {"every-second": 2}
+    # And a worker group with a scheduler and a metrics port counts its firings
+    port = free_port()
+    worker = spawn([dramaturg_bin, "worker", "--scheduler", "-p", "1", "--metrics-port", str(port)])
+    worker.wait_for_line("scheduler: firing 1 schedule(s): every-second")
+
+    def scraped() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text: str = response.read().decode()
+        except OSError:
+            return None
+        return text if 'dramaturg_schedule_firings_total{schedule="every-second"}' in text else None
+
+    assert poll_until(scraped, "the scheduler's firings in the metrics")
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.popen.wait(60) == 0
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])

@@ -119,12 +119,22 @@ def run(args: argparse.Namespace) -> int:
     brokers.ping(settings.broker)
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
-    scheduler = _start_scheduler(args) if args.scheduler else None
+    directory = None
+    if port is not None:
+        # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics);
+        # made before the scheduler starts, so that it counts there too.
+        directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
+        os.environ[metrics.MULTIPROC_ENV] = directory
     try:
-        return _run_workers(args, settings, port, host)
+        scheduler = _start_scheduler(args) if args.scheduler else None
+        try:
+            return _run_workers(args, settings)
+        finally:
+            if scheduler is not None:
+                _stop(scheduler, settings.worker.shutdown_timeout / 1000 + 30)
     finally:
-        if scheduler is not None:
-            _stop(scheduler)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _start_scheduler(args: argparse.Namespace) -> subprocess.Popen[bytes]:
@@ -139,17 +149,18 @@ def _start_scheduler(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code, "scheduler"])
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then wait: a drain in progress ends within its budget and grace."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
-        process.wait(30)
+        process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
 
 
-def _run_workers(args: argparse.Namespace, settings: Any, port: int | None, host: str) -> int:
+def _run_workers(args: argparse.Namespace, settings: Any) -> int:
     from dramatiq import cli as dramatiq_cli
 
     worker = settings.worker
@@ -172,14 +183,5 @@ def _run_workers(args: argparse.Namespace, settings: Any, port: int | None, host
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
     logs.apply_to_dramatiq_cli()
-    if port is None:
-        code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
-        return code
-    # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics).
-    directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
-    os.environ[metrics.MULTIPROC_ENV] = directory
-    try:
-        code = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
     return code

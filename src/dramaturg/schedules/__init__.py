@@ -55,6 +55,7 @@ __all__ = [
     "Scheduler",
     "firing_id",
     "load_schedules",
+    "missed_slots",
     "pause",
     "periodic",
     "resume",
@@ -304,6 +305,16 @@ def schedule_infos(schedules: Sequence[Schedule], broker: dramatiq.Broker) -> li
             )
         )
     return infos
+
+
+def missed_slots(broker: dramatiq.Broker) -> dict[str, int]:
+    """The registered schedules' missed slots by id (``dramaturg stats``); empty when there
+    is no ledger to read (RabbitMQ without ``[state] url``)."""
+    try:
+        state = state_of(broker)
+    except StateUnavailable:
+        return {}
+    return {schedule_id: int(state.read(schedule_id).get("missed", "0")) for schedule_id in sorted(state.registered())}
 
 
 def find(schedules: Sequence[Schedule], schedule_id: str) -> Schedule:

@@ -11,7 +11,9 @@ What a wake does, for each schedule: publish again a slot whose claimant died be
 said it was sent (its lease, :data:`LEASE_MS`, ended); then take the slots due in the
 window ``(now - max(grace, catch_up), now]``, oldest first, each one claimed before it
 is sent. Slots older than the window are missed: they never fire, and the scheduler that
-claims the next slot counts them (``missed``, shown by ``dramaturg schedule list``).
+claims the next slot counts them (``missed``, shown by ``dramaturg schedule list`` and
+``dramaturg stats``, and in the Prometheus metrics of ``dramaturg worker --scheduler``:
+:func:`prometheus_counters`).
 
 Clocks: the ledger only moves forward, so schedulers whose clocks disagree never fire a
 slot twice; the earliest clock fires it, up to that clock's error early. A slot is
@@ -25,6 +27,7 @@ dead claimants' slots and notice that a newer scheduler changed the schedules.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -55,6 +58,40 @@ SCHEDULE_OPTION = "dramaturg_schedule"
 _FIRING_IDS = uuid.UUID("0d7b5c36-2f4e-4f0a-9a3f-6f1b8e2c9d57")
 #: Task states in which a firing has not ended (``overlap = "skip"`` leaves a slot out then).
 _UNFINISHED = frozenset({"queued", "delayed", "running", "retrying"})
+
+
+_counters: dict[str, Any] | None = None
+_counters_lock = threading.Lock()
+
+
+def prometheus_counters() -> dict[str, Any]:
+    """This process's Prometheus counters of schedules, when it counts for a worker group's
+    metrics server (``dramaturg worker --scheduler --metrics-port``: the group's
+    ``PROMETHEUS_MULTIPROC_DIR`` is set); else none:
+
+    - ``dramaturg_schedule_firings_total{schedule}``: slots this process fired;
+    - ``dramaturg_schedule_missed_slots_total{schedule}``: slots that passed with no
+      firing, counted once, by the scheduler that fired the next slot.
+    """
+    global _counters
+    with _counters_lock:
+        if _counters is None:
+            _counters = {}
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                try:
+                    from prometheus_client import Counter
+                except ImportError:
+                    return _counters
+                _counters = {
+                    "fired": Counter("dramaturg_schedule_firings", "Slots fired.", ["schedule"], registry=None),
+                    "missed": Counter(
+                        "dramaturg_schedule_missed_slots",
+                        "Slots that passed with no firing.",
+                        ["schedule"],
+                        registry=None,
+                    ),
+                }
+        return _counters
 
 
 def firing_id(schedule_id: str, slot_ms: int) -> str:
@@ -111,6 +148,7 @@ class Scheduler:
         self._draining: threading.Thread | None = None
         #: Firings this scheduler sent (message ids), for logs and tests.
         self.fired: list[str] = []
+        self._metrics = prometheus_counters()
 
     def register(self) -> int:
         """Upsert this scheduler's schedules by id in the ledger; the others stop firing.
@@ -185,6 +223,8 @@ class Scheduler:
                 return
             last = slot
             if answer == CLAIMED:
+                if missed > 0 and "missed" in self._metrics:
+                    self._metrics["missed"].labels(schedule.id).inc(missed)
                 self._send(schedule, slot)
                 if self._busy(schedule):
                     return  # the slots after it are another scheduler's (or missed)
@@ -201,6 +241,8 @@ class Scheduler:
             send_firing(self.broker, schedule, slot, message_id)
         self.state.sent(schedule.id, slot, message_id, self.clock())
         self.fired.append(message_id)
+        if "fired" in self._metrics:
+            self._metrics["fired"].labels(schedule.id).inc()
         logger.info("schedule %s: fired slot %d as %s", schedule.id, slot, message_id)
 
     def _start_drain(self, schedule: Schedule, slot: int, firing: str) -> None:
