@@ -627,6 +627,13 @@ def test_schedule_commands_pause_resume_and_run_one(tmp_path: Path, settings: dr
     assert wrong.stderr.strip() == "dramaturg: no schedule 'every-secnd'; did you mean 'every-second'?"
 
 
+def test_schedule_run_in_eager_mode_runs_the_task_before_it_returns(tmp_path: Path) -> None:
+    project(tmp_path, dramaturg.Settings(broker={"url": "eager://"}), "")
+    done = run_cli([bin_path("dramaturg"), "schedule", "run", "every-second"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ticks.log").read_text().split() == [done.stdout.strip()]
+
+
 def test_load_schedules_reads_code_and_file(tmp_path: Path) -> None:
     (tmp_path / "cfg.toml").write_text(
         '[broker]\nurl = "stub://"\n\n[[schedules]]\nid = "n"\ncron = "0 3 * * *"\n'
