@@ -456,6 +456,43 @@ def test_a_drain_schedule_works_its_queue_for_its_budget_on_one_scheduler_per_sl
     assert info.actor == "drain imports for 1500ms"
 
 
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest) -> Any:
+    """The ledger's two implementations: the Lua script on a real Redis, and memory."""
+    if request.param == "memory":
+        return MemoryScheduleState()
+    import redis
+
+    server = request.getfixturevalue("redis_server")
+    client = redis.Redis(host=server.host, port=server.port)
+    return RedisScheduleState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+
+
+def test_the_ledger_counts_missed_slots_once_and_never_a_fired_one(ledger: Any) -> None:
+    ledger.register({"s": "d1"}, 1000)
+    # A claim that passes over two slots, from the newest it saw, counts them
+    assert ledger.claim("s", "d1", 4000, 4000, 30_000, 2, 1000) == CLAIMED
+    # One whose view is stale (another claimed since) counts nothing, and a slot not newer is taken
+    assert ledger.claim("s", "d1", 7000, 7000, 30_000, 5, 1000) == CLAIMED
+    assert ledger.claim("s", "d1", 7000, 7000, 30_000, 0, 4000) == 0
+    assert ledger.read("s")["missed"] == "2"
+    # Both slots are pending until sent; the oldest whose lease ended is recovered first
+    assert ledger.read("s")["pending"] == "4000,7000"
+    assert ledger.recover("s", "d1", 40_000, 30_000) == 4000
+    assert ledger.recover("s", "d1", 40_000, 30_000) == 7000
+    assert ledger.recover("s", "d1", 40_000, 30_000) is None  # both under a new lease now
+    ledger.sent("s", 7000, "m7", 40_000)
+    ledger.sent("s", 4000, "m4", 40_001)  # an older slot sent later is not the last run
+    assert (ledger.read("s")["last_id"], "pending" in ledger.read("s")) == ("m7", False)
+    # A definition that is not the registered one claims nothing, recovers nothing
+    assert ledger.claim("s", "d0", 8000, 8000, 30_000, 0, 7000) == -2
+    ledger.pause("s")
+    assert ledger.claim("s", "d1", 8000, 8000, 30_000, 0, 7000) == -1
+    ledger.resume("s", 9500)
+    assert ledger.claim("s", "d1", 9000, 9500, 30_000, 0, 7000) == 0  # passed while paused
+    assert ledger.register({}, 10_000) == 1 and ledger.registered() == {}
+
+
 def test_schedules_on_rabbitmq_need_a_state_store(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     settings = dramaturg.Settings(broker={"url": broker_url("rabbitmq", request, tmp_path)})
     broker = dramaturg.bootstrap(settings)
@@ -571,7 +608,7 @@ def test_missed_slots_and_firings_show_in_stats_and_the_worker_groups_metrics(
     state = state_of(broker)
     now = int(time.time() * 1000)
     state.register({"every-second": "old-definition"}, now - 10_000)
-    assert state.claim("every-second", "old-definition", now - 9_000, now, 30_000, 2) == CLAIMED
+    assert state.claim("every-second", "old-definition", now - 9_000, now, 30_000, 2, now - 10_000) == CLAIMED
     dramaturg.shutdown()
     dramaturg_bin = bin_path("dramaturg")
     # Then stats counts them, in its table and its JSON

@@ -12,7 +12,8 @@ local prefix, registry = KEYS[1], KEYS[2]
 local step = ARGV[1]
 
 if step == "claim" then
-  -- ARGV: id, digest, slot, now, lease, missed-before-it
+  -- ARGV: id, digest, slot, now, lease, missed-before-it, the newest slot the caller saw
+  -- claimed (the missed ones are counted only if it is still the newest: never twice)
   -- 1: claimed; 0: already claimed (by anyone); -1: paused; -2: this definition is not
   -- the registered one (a newer scheduler changed or removed it).
   local id, digest, slot, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -24,7 +25,7 @@ if step == "claim" then
   redis.call("HSET", key, "last", slot)
   redis.call("HSET", key .. ":pending", slot, now + lease)
   local missed = tonumber(ARGV[7])
-  if missed > 0 then redis.call("HINCRBY", key, "missed", missed) end
+  if missed > 0 and last == tonumber(ARGV[8]) then redis.call("HINCRBY", key, "missed", missed) end
   return 1
 end
 

@@ -207,7 +207,9 @@ class Scheduler:
         # interval is not walked through at every wake.
         for slot in schedule.slots_between(max(now - window, last), now):
             missed = schedule.count_between(last, slot) - 1 if last >= 0 else 0
-            answer = self.state.claim(schedule.id, schedule.digest, slot, self.clock(), self.lease_ms, max(0, missed))
+            answer = self.state.claim(
+                schedule.id, schedule.digest, slot, self.clock(), self.lease_ms, max(0, missed), last
+            )
             if answer == STALE:
                 self._stale.add(schedule.id)
                 logger.warning(

@@ -10,7 +10,9 @@ Both answer the same steps with the same meaning:
 - ``claim``: take one slot of a schedule, a compare-and-set on the newest slot claimed
   (``last``): a slot fires only if it is newer, so any number of schedulers, restarted
   ones and ones whose clocks disagree, fire each slot at most once. The claim leaves the
-  slot *pending* under a lease (``lease_ms``) until ``sent`` says it was published;
+  slot *pending* under a lease (``lease_ms``) until ``sent`` says it was published. The
+  slots it passes over are counted missed if ``last`` is still the one the caller saw
+  (``seen_last``): a race leaves a few uncounted, never one counted that fired;
 - ``recover``: the oldest pending slot whose lease ended (its scheduler died between
   claim and publish) is handed to the caller, which publishes it again with the same
   message id. Each claimed slot is pending on its own, so the slots claimed after it do
@@ -49,7 +51,9 @@ class ScheduleState(Protocol):
     """The steps every ledger of schedules answers (see the module)."""
 
     def register(self, digests: Mapping[str, str], now_ms: int) -> int: ...
-    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int: ...
+    def claim(
+        self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int, seen_last: int = -1
+    ) -> int: ...
     def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None: ...
     def recover(self, schedule_id: str, digest: str, now_ms: int, lease_ms: int) -> int | None: ...
     def outcome(self, schedule_id: str, slot_ms: int, text: str) -> None: ...
@@ -77,8 +81,10 @@ class RedisScheduleState:
             args += [schedule_id, digest]
         return int(self._run(*args))
 
-    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int:
-        return int(self._run("claim", schedule_id, digest, slot_ms, now_ms, lease_ms, missed))
+    def claim(
+        self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int, seen_last: int = -1
+    ) -> int:
+        return int(self._run("claim", schedule_id, digest, slot_ms, now_ms, lease_ms, missed, seen_last))
 
     def sent(self, schedule_id: str, slot_ms: int, message_id: str, now_ms: int) -> None:
         self._run("sent", schedule_id, slot_ms, message_id, now_ms)
@@ -132,18 +138,21 @@ class MemoryScheduleState:
                 self._get(schedule_id).setdefault("last", str(now_ms))
             return removed
 
-    def claim(self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int) -> int:
+    def claim(
+        self, schedule_id: str, digest: str, slot_ms: int, now_ms: int, lease_ms: int, missed: int, seen_last: int = -1
+    ) -> int:
         with self._lock:
             if self._registry.get(schedule_id) != digest:
                 return STALE
             found = self._get(schedule_id)
             if found.get("paused") == "1":
                 return PAUSED
-            if slot_ms <= int(found.get("last", "-1")):
+            last = int(found.get("last", "-1"))
+            if slot_ms <= last:
                 return TAKEN
             found["last"] = str(slot_ms)
             self._pending.setdefault(schedule_id, {})[slot_ms] = now_ms + lease_ms
-            if missed > 0:
+            if missed > 0 and last == seen_last:
                 found["missed"] = str(int(found.get("missed", "0")) + missed)
             return CLAIMED
 
