@@ -12,15 +12,17 @@ import re
 import shutil
 import sqlite3
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import pytest
 
 import dramaturg
 
-from .conftest import bin_path, run_cli, write_config
+from .conftest import bin_path, broker_url, delete_rabbitmq_queues, run_cli, write_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "user_import"
 USERS, SEED = 300, 14
@@ -29,6 +31,19 @@ BAD = {"missing e-mail": 6, "malformed e-mail": 3, "duplicate id": 9}
 LINE = re.compile(r"^users\.csv line (\d+)\b")
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """As conftest's, with the private Redis as RabbitMQ's state store: the import runs as
+    a batch on every broker."""
+    base: dramaturg.Settings = request.getfixturevalue("settings")  # conftest's
+    if broker_kind != "rabbitmq":
+        return base
+    server = request.getfixturevalue("redis_server")
+    return dramaturg.Settings(
+        broker=base.broker.model_dump(), worker={"threads": 4}, state={"url": f"redis://{server.host}:{server.port}/0"}
+    )
 
 
 def example_copy(tmp_path: Path, settings: dramaturg.Settings) -> Path:
@@ -100,9 +115,19 @@ def check_import(folder: Path) -> None:
 
     # Each imported user has exactly one welcome, to their address; nobody else has one.
     box = mailbox.mbox(folder / "data" / "outbox.mbox", create=False)
-    welcomes = sorted((str(message["X-User-Id"]), str(message["To"])) for message in box)
+    messages = list(box)
     box.close()
+    welcomes = sorted((str(m["X-User-Id"]), str(m["To"])) for m in messages if m["X-Import-Batch"] is None)
     assert welcomes == sorted((uid, email) for uid, email, _ in imported.values())
+
+
+def report_of(folder: Path) -> tuple[str, str]:
+    """The subject and body of the one import report in the outbox."""
+    box = mailbox.mbox(folder / "data" / "outbox.mbox", create=False)
+    reports = [(str(m["Subject"]), str(m.get_payload())) for m in box if m["X-Import-Batch"] is not None]
+    box.close()
+    assert len(reports) == 1, reports
+    return reports[0]
 
 
 def test_the_user_import_adds_up_on_every_broker(
@@ -111,7 +136,7 @@ def test_the_user_import_adds_up_on_every_broker(
     # Given the example pointed at this broker (so that the test's broker fixture deletes
     # the example's RabbitMQ queues afterwards, they are declared here too)
     folder = example_copy(tmp_path, settings)
-    for queue in ("users", "emails"):
+    for queue in ("users", "emails", "reports"):
         broker.declare_queue(queue)
 
     # When the demo imports 300 users, 18 of them bad, with e-mails queued
@@ -122,8 +147,45 @@ def test_the_user_import_adds_up_on_every_broker(
     assert "e-mails          282 welcomes in data/outbox.mbox (queued)" in out, out
     assert "OK: every row is imported or held" in out, out
     check_import(folder)
-    if broker_kind != "rabbitmq":  # the state store's counts (RabbitMQ has none without a [state] url)
-        assert dramaturg.queue_stats(["emails"])[0].processed_per_min == USERS - sum(BAD.values())
+    assert dramaturg.queue_stats(["emails"])[0].processed_per_min == USERS - sum(BAD.values())
+
+    # And the batch's on_complete mailed the administrator a report that says the same
+    batch_id = re.search(r"as batch ([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
+    subject, body = report_of(folder)
+    assert subject == "Import of users.csv: 282 users imported, 18 rows held"
+    assert "held              18 rows: 9 duplicate id, 3 malformed e-mail, 6 missing e-mail" in body, body
+    assert f"({USERS + 282} tasks in batch {batch_id})" in body, body  # the imports and the welcomes they sent
+    status = dramaturg.batch_status(batch_id)
+    assert (status.state, status.total, status.held, status.failed) == ("complete", USERS + 282, 18, 18)
+
+
+def test_without_a_state_store_the_import_runs_without_a_batch_and_says_so(
+    rabbitmq_server: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Given the example on RabbitMQ with no [state] url
+    settings = dramaturg.Settings(
+        broker={
+            "url": broker_url("rabbitmq", request, tmp_path),
+            "namespace": f"test-{uuid.uuid4().hex[:8]}",
+            "management_url": rabbitmq_server.management_url,
+        }
+    )
+    broker = dramaturg.bootstrap(settings)
+    folder = example_copy(tmp_path, settings)
+    for queue in ("users", "emails", "reports"):
+        broker.declare_queue(queue)
+    try:
+        # When the demo runs
+        out = run_demo(folder)
+
+        # Then it says why there is no batch, and the import still adds up, without a report
+        check_import(folder)
+    finally:
+        delete_rabbitmq_queues(broker)
+    assert "no batch (batches need a state store, and the rabbitmq broker has none of its own:" in out, out
+    assert 'set [state] url = "redis://..."' in out, out
+    assert "OK: every row is imported or held" in out, out
+    assert "report     mailed" not in out, out
 
 
 @pytest.mark.parametrize("broker_kind", ["embedded"])

@@ -130,6 +130,8 @@ def _type(field: Any) -> str:
         text = "integer"
     elif annotation is str:
         text = "text"
+    elif getattr(annotation, "__name__", "") == "SecretStr":
+        text = "text (secret: never shown)"
     elif get_origin(annotation) is list:
         text = "list of text" if get_args(annotation)[:1] == (str,) else "list"
     elif get_origin(annotation) is dict:

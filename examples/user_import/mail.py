@@ -30,9 +30,11 @@ from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["SENDER", "Outbox", "read_outbox", "welcome_message"]
+__all__ = ["ADMIN", "SENDER", "Outbox", "read_outbox", "read_reports", "report_message", "welcome_message"]
 
 SENDER = "Example Site <welcome@example.com>"
+#: Who is told when an import has ended.
+ADMIN = "Site Administrator <admin@example.com>"
 
 
 def _header(text: str) -> str:
@@ -55,6 +57,23 @@ def welcome_message(user_id: int, email: str, name: str) -> bytes:
         f"Date: {formatdate(localtime=True)}\n"
         f"Message-ID: <welcome-{user_id}@users.example.com>\n"
         f"X-User-Id: {user_id}\n"
+        "MIME-Version: 1.0\n"
+        'Content-Type: text/plain; charset="utf-8"\n'
+        "Content-Transfer-Encoding: 8bit\n"
+        f"\n{body}"
+    ).encode()
+
+
+def report_message(batch_id: str, subject: str, body: str) -> bytes:
+    """The administrator's report of one import (one per batch: its Message-ID is the
+    batch's, so a repeat can be told apart as a welcome's can)."""
+    return (
+        f"From: {SENDER}\n"
+        f"To: {ADMIN}\n"
+        f"Subject: {_header(subject)}\n"
+        f"Date: {formatdate(localtime=True)}\n"
+        f"Message-ID: <import-{batch_id}@users.example.com>\n"
+        f"X-Import-Batch: {batch_id}\n"
         "MIME-Version: 1.0\n"
         'Content-Type: text/plain; charset="utf-8"\n'
         "Content-Transfer-Encoding: 8bit\n"
@@ -94,12 +113,28 @@ class Outbox:
 
 
 def read_outbox(path: Path) -> Iterator[tuple[int, str]]:
-    """``(user id, recipient)`` of each message in the mbox at ``path``, repeats included."""
+    """``(user id, recipient)`` of each welcome in the mbox at ``path``, repeats included."""
     if not path.exists():
         return
     box = mailbox.mbox(path, create=False)
     try:
         for message in box:
-            yield int(message["X-User-Id"]), str(message["To"])
+            if message["X-User-Id"] is not None:
+                yield int(message["X-User-Id"]), str(message["To"])
+    finally:
+        box.close()
+
+
+def read_reports(path: Path) -> list[tuple[str, str, str]]:
+    """``(batch id, subject, body)`` of each import report in the mbox at ``path``."""
+    if not path.exists():
+        return []
+    box = mailbox.mbox(path, create=False)
+    try:
+        return [
+            (str(message["X-Import-Batch"]), str(message["Subject"]), str(message.get_payload()))
+            for message in box
+            if message["X-Import-Batch"] is not None
+        ]
     finally:
         box.close()

@@ -22,17 +22,24 @@ the line and the problem (``dramaturg held list users`` lists them):
 
 Which of two rows with one id is imported, and which is held, depends on which a worker
 runs first; the other one is always held, naming both lines.
+
+The import runs as a batch (see demo.py): its members are the ``import_user`` tasks and
+the welcomes they send, and when every one has ended the batch sends ``report_import``,
+which mails the administrator what was imported, what was held and why, and how long it
+took.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from db import User, Users, open_users
-from mail import Outbox, welcome_message
+from mail import Outbox, report_message, welcome_message
 
 import dramaturg
 
@@ -99,3 +106,40 @@ def import_user(line: int, row: dict[str, str]) -> None:
 def send_welcome_email(user_id: int, email: str, name: str) -> None:
     """Deliver one welcome to the outbox (see mail.py)."""
     outbox().deliver(welcome_message(user_id, email, name))
+
+
+#: The kinds of problem a held row's reason names (the reasons above, without their details).
+PROBLEM = re.compile(r": (missing e-mail|malformed e-mail|malformed id|duplicate id)")
+
+
+@dramaturg.actor(queue_name="reports", max_retries=10)
+def report_import(source: str, summary: dict[str, Any]) -> None:
+    """The import batch's ``on_complete``: mail the administrator a report of it.
+
+    ``summary`` is the batch's status when its last member ended (Dramatiq passes it last;
+    see :meth:`dramaturg.BatchStatus.to_dict`). The held rows, and why, come from the held
+    store: those of the ``users`` queue held since the batch started.
+    """
+    held = [
+        task
+        for task in dramaturg.held_tasks().list("users", limit=max(summary["failed"], 1) * 2 + 100)
+        if task.held_at >= summary["started_at"]
+    ]
+    kinds = Counter(match.group(1) if (match := PROBLEM.search(task.reason)) else "other" for task in held)
+    elapsed_s = ((summary["finished_at"] or summary["started_at"]) - summary["started_at"]) / 1000
+    imported = users().count()
+    why = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
+    subject = f"Import of {source}: {imported:,} users imported, {len(held):,} rows held"
+    lines = [
+        f"The import of {source} has ended ({summary['total']:,} tasks in batch {summary['batch_id']}).",
+        "",
+        f"imported   {imported:>9,} users",
+        f"held       {len(held):>9,} rows" + (f": {why}" if held else ""),
+        f"elapsed    {elapsed_s:>9.1f} s",
+        "",
+        *(f"  {task.reason}" for task in held[:20]),
+        *(["  ..."] if len(held) > 20 else []),
+        *(["", "dramaturg held list users   # all of them; kick a row once it is fixed"] if held else []),
+        "",
+    ]
+    outbox().deliver(report_message(summary["batch_id"], subject, "\n".join(lines)))

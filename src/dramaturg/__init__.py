@@ -14,12 +14,13 @@ Run workers with ``dramaturg worker`` or ``dramatiq dramaturg.worker``.
 
 from __future__ import annotations
 
+import typing
+
 from .__about__ import __version__
 from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
 from .batches import Batch, BatchStatus, batch, batch_status, batches
 from .bulk import Call
-from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
 from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
@@ -45,6 +46,14 @@ from .stats import QueueStats, queue_stats
 from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
+
+if typing.TYPE_CHECKING:
+    from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
+
+#: Names of :mod:`dramaturg.config`, imported on first use: the settings models bring in
+#: pydantic (~10 MB), which worker processes do without (see :mod:`dramaturg.settings_data`).
+_FROM_CONFIG = frozenset({"BrokerSettings", "RetrySettings", "Settings", "WorkerSettings", "load_settings"})
+
 
 __all__ = [
     "Actor",
@@ -111,6 +120,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    if name in _FROM_CONFIG:
+        from . import config
+
+        value: object = getattr(config, name)
+        globals()[name] = value
+        return value
     # The built-in echo actor is declared only when asked for, so that an application's
     # workers do not consume its queue (idle queues cost workers CPU; see worker.py).
     if name == "echo":

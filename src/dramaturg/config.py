@@ -37,17 +37,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .durations import parse_ms
 from .errors import ConfigError, did_you_mean
-from .masking import mask_text, mask_url, userinfo_end
+from .masking import MASK, mask_text, mask_url, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
     "BatchSettings",
     "BrokerSettings",
+    "DashboardSettings",
     "DrainScheduleSettings",
     "LogSettings",
     "QueueSettings",
@@ -233,6 +243,9 @@ class TaskSettings(BaseModel):
 
     #: Time to run: how long a task may run (without ``touch()``) before it is interrupted.
     ttr: DurationMs = Field(default=600_000, gt=0)
+    #: How long a task's checkpoint is kept after it was last written (see
+    #: :mod:`dramaturg.checkpoints`); a task that succeeds deletes its own at once.
+    checkpoint_ttl: DurationMs = Field(default=7 * 86_400_000, gt=0)
 
 
 class ContextSettings(BaseModel):
@@ -289,6 +302,23 @@ class LogSettings(BaseModel):
 
     #: ``text`` (readable lines) or ``json`` (one JSON object per line).
     format: Literal["text", "json"] = "text"
+
+
+class DashboardSettings(BaseModel):
+    """``[dashboard]``: the web dashboard (``dramaturg dashboard``, see :mod:`dramaturg.dashboard`).
+
+    Without ``token`` the dashboard is read-only: it shows queues, held tasks, task
+    status and batches, and kicks or purges nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The admin token: whoever signs in with it may kick and purge held tasks. Unset:
+    #: read-only. Prefer ``DRAMATURG_DASHBOARD_TOKEN`` to writing it in a file.
+    token: SecretStr | None = None
+    #: Where ``dramaturg dashboard`` listens, ``host:port``; an address other than loopback
+    #: also needs ``--allow-remote``.
+    bind: str = Field(default="127.0.0.1:8700", min_length=1)
 
 
 class QueueSettings(BaseModel):
@@ -380,6 +410,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     batch: BatchSettings = BatchSettings()
     log: LogSettings = LogSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
     #: Periodic tasks: ``[[schedules]]`` tables (see :class:`ScheduleSettings`).
@@ -431,6 +462,8 @@ class Settings(BaseSettings):
             for prefix, table in tables.items():
                 for key in type(table).model_fields:
                     value = getattr(table, key)
+                    if isinstance(value, SecretStr):  # shown as set or not, never in clear
+                        value = MASK
                     flat[f"{prefix}.{key}"] = mask_url(value) if key in _URL_KEYS else value
         return flat
 

@@ -38,12 +38,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .durations import Duration, parse_ms
-from .errors import NotInTask
+from .errors import NotInTask, StateUnavailable
 from .queues import canonical_queue
 
 if TYPE_CHECKING:
     from dramatiq import Message
 
+    from .checkpoints import RunCheckpoint
     from .middleware.ttr import Deadline
 
 __all__ = [
@@ -139,7 +140,17 @@ class Run:
     to read it, the consumer acknowledging the message, may run in another thread.
     """
 
-    __slots__ = ("attempt", "context_outside", "context_undo", "deadline", "error", "outcome", "reason", "started")
+    __slots__ = (
+        "attempt",
+        "checkpoint",
+        "context_outside",
+        "context_undo",
+        "deadline",
+        "error",
+        "outcome",
+        "reason",
+        "started",
+    )
 
     def __init__(self) -> None:
         #: What became of it; None while nothing was decided: its handler returned (a
@@ -161,6 +172,9 @@ class Run:
         # before the run (an eager run is in its sender's thread), and what undoes the restorers'.
         self.context_outside: Mapping[str, Any] | None = None
         self.context_undo: Sequence[Callable[[], object]] = ()
+        #: This run's view of its task's checkpoint, made on the handler's first use of it
+        #: (:meth:`Task.checkpoint`), read by the Checkpoints middleware when the run ends.
+        self.checkpoint: RunCheckpoint | None = None
 
     def __repr__(self) -> str:
         outcome = "undecided" if self.outcome is None else self.outcome.value
@@ -306,6 +320,42 @@ class Task:
             raise ValueError(f"progress: the fraction must be between 0 and 1, got {fraction!r}")
         for observer in progress_observers:
             observer(self, value, text)
+
+    def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (a small JSON value: ``{"offset": 4000}``) as the place this task
+        goes on from if it runs again: after a crash, an interrupt, a retry or a kick, the
+        next run reads it as :attr:`checkpoint_state`.
+
+        Written to the state store before it returns (see :mod:`dramaturg.checkpoints`).
+        Raises ValueError for a value that is not JSON or is over 64 KiB as JSON, and
+        :class:`~dramaturg.StateUnavailable` where there is no state store (RabbitMQ
+        without ``[state] url``).
+        """
+        self._checkpoint().save(state)
+
+    @property
+    def checkpoint_state(self) -> Any:
+        """The last :meth:`checkpoint` of this task, by any of its runs; None when none was
+        saved (a first run). Read from the state store on first use in a run."""
+        return self._checkpoint().state
+
+    def _checkpoint(self) -> RunCheckpoint:
+        run = self._run
+        view = run.checkpoint
+        if view is None:
+            import dramatiq
+
+            from .checkpoints import Checkpoints
+
+            broker = dramatiq.get_broker()
+            keeper = next((m for m in broker.middleware if isinstance(m, Checkpoints)), None)
+            if keeper is None:
+                raise StateUnavailable(
+                    "checkpoints need dramaturg's Checkpoints middleware on the broker: make the broker"
+                    " with dramaturg.bootstrap() (or add dramaturg.checkpoints.Checkpoints to it)"
+                )
+            view = run.checkpoint = keeper.for_run(broker, self.message_id)
+        return view
 
     def time_left(self) -> int | None:
         """Milliseconds before the task's time to run is up (None when it has no deadline)."""

@@ -322,11 +322,17 @@ def _check_option_values(where: str, options: dict[str, Any]) -> None:
 
 @functools.cache
 def _framework_actor_options() -> frozenset[str]:
-    from ..config import Settings
     from ..middleware import framework_middleware
 
+    # The middleware that take actor options are in the stack whatever the settings say:
+    # those of the current broker serve (a worker's, read without pydantic), else the defaults.
+    settings = app.current_settings_or_none()
+    if settings is None:
+        from ..config import Settings
+
+        settings = Settings.model_construct()
     names: set[str] = set()
-    for middleware in framework_middleware(Settings.model_construct()):
+    for middleware in framework_middleware(settings):
         names |= set(middleware.actor_options)
     return frozenset(names)
 

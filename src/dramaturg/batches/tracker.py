@@ -39,6 +39,7 @@ import dramatiq
 
 from ..errors import BatchNotFound, BatchSendError, StateUnavailable, TaskHeld
 from ..held import durable_write
+from ..state_redis import state_redis
 from ..task import RunOutcome, Task, current_task_or_none, progress_observers, run_of
 from .state import BatchState, End, MemoryBatchState, RedisBatchState
 from .summary import from_fields
@@ -120,17 +121,7 @@ class BatchTracker(dramatiq.Middleware):
     def _make_state(self, broker: dramatiq.Broker) -> BatchState:
         if getattr(broker, "runs_inline", False):
             return MemoryBatchState(ttl_ms=self.ttl_ms)
-        if self.url:
-            import redis
-
-            return RedisBatchState(redis.Redis.from_url(self.url), namespace=self.namespace, ttl_ms=self.ttl_ms)
-        client = getattr(broker, "client", None)
-        if client is None:
-            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-            raise StateUnavailable(
-                f"batches need a state store, and the {kind} broker has none of its own:"
-                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-            )
+        client = state_redis(broker, self.url, needs="batches need")
         return RedisBatchState(client, namespace=self.namespace, ttl_ms=self.ttl_ms)
 
     def writer(self, broker: dramatiq.Broker) -> BatchWriter:

@@ -2,8 +2,11 @@
 
 It checks the configuration and the broker first (a clear line and exit code 78 or 3
 instead of a wall of tracebacks from every process), then hands over to Dramatiq's CLI
-with ``dramaturg.worker`` as the broker module. Children read the same config file:
-its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
+with ``dramaturg.worker`` as the broker module, in a fresh process: it replaces itself
+(same pid) with ``python -m dramaturg.worker_group``, so that the worker processes
+Dramatiq forks do not carry what this one imported (see :mod:`dramaturg.worker_group`).
+Children read the same config file: its absolute path is passed to them in
+``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
 
 With ``--metrics-port`` (``worker.metrics_port``) the worker group serves Prometheus
@@ -13,9 +16,9 @@ The log format (``dramaturg --log-format``) reaches the worker processes in
 ``DRAMATURG_LOG_FORMAT``.
 
 With ``--scheduler`` a ``dramaturg scheduler`` process runs beside the worker processes
-(its schedules checked first: exit 78 before any worker starts) and is stopped with
-them; any number of workers may run one (each slot fires once, see
-:mod:`dramaturg.schedules`).
+(its schedules checked here first: exit 78 before any worker starts); the worker group
+starts it and stops it when it stops (:mod:`dramaturg.worker_group`). Any number of
+worker groups may run one: each slot fires once (see :mod:`dramaturg.schedules`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
-from .. import brokers, logs
+from .. import brokers, logs, worker_group
 from ..config import CONFIG_ENV, load_settings
 from ..errors import ConfigError
 from ..middleware import metrics
@@ -45,8 +47,7 @@ def add_parser(subparsers: Any) -> None:
         "  $ dramaturg worker\n"
         "  $ dramaturg worker --processes 4 --threads 16 --queues imports emails\n"
         "  $ dramaturg worker shop.extra_tasks        # import one more actor module\n"
-        "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n"
-        "  $ dramaturg worker --scheduler             # and fire the schedules (each slot once, however many run)\n",
+        "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n",
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="more actor modules to import")
     parser.add_argument("--processes", "-p", type=int, help="worker processes (default: worker.processes)")
@@ -90,6 +91,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dramatiq import cli as dramatiq_cli
 
     # Flags reach the worker processes as the environment variables they stand for.
     for flag, variable in (
@@ -119,49 +121,6 @@ def run(args: argparse.Namespace) -> int:
     brokers.ping(settings.broker)
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
-    directory = None
-    if port is not None:
-        # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics);
-        # made before the scheduler starts, so that it counts there too.
-        directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
-        os.environ[metrics.MULTIPROC_ENV] = directory
-    try:
-        scheduler = _start_scheduler(args) if args.scheduler else None
-        try:
-            return _run_workers(args, settings)
-        finally:
-            if scheduler is not None:
-                _stop(scheduler, settings.worker.shutdown_timeout / 1000 + 30)
-    finally:
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def _start_scheduler(args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    """A ``dramaturg scheduler`` process, its schedules checked here first (ConfigError: exit 78)."""
-    from .scheduler import build
-
-    build(args)  # checks every schedule and the ledger; shut down again at once
-    from .. import app
-
-    app.shutdown()
-    code = "import sys; from dramaturg.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", code, "scheduler"])
-
-
-def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM, then wait: a drain in progress ends within its budget and grace."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _run_workers(args: argparse.Namespace, settings: Any) -> int:
-    from dramatiq import cli as dramatiq_cli
 
     worker = settings.worker
     argv = [
@@ -182,6 +141,51 @@ def _run_workers(args: argparse.Namespace, settings: Any) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
+    if args.scheduler:
+        _check_schedules(args)
+    # Made before the scheduler starts, so that it counts there too.
+    directory = None if port is None else _metrics_directory()
+    stop_s = settings.worker.shutdown_timeout / 1000 + 30  # a drain in progress ends within its budget and grace
+    if os.name == "posix" and sys.executable:  # Dramatiq forks the worker processes from a fresh, smaller process
+        exec_worker_group(argv, remove=directory, scheduler_stop_s=stop_s if args.scheduler else None)
     logs.apply_to_dramatiq_cli()
-    code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+    scheduler = worker_group.start_scheduler() if args.scheduler else None
+    try:
+        code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+    finally:
+        if scheduler is not None:
+            worker_group.stop_scheduler(scheduler, stop_s)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
     return code
+
+
+def _check_schedules(args: argparse.Namespace) -> None:
+    """Refuse to start (ConfigError: exit 78) when a schedule is bad or has no ledger."""
+    from .. import app
+    from .scheduler import build
+
+    build(args)
+    app.shutdown()
+
+
+def _metrics_directory() -> str:
+    """A fresh directory for this worker group's counts (see dramaturg.middleware.metrics)."""
+    directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = directory
+    return directory
+
+
+def exec_worker_group(argv: list[str], *, remove: str | None, scheduler_stop_s: float | None = None) -> NoReturn:
+    """Replace this process with ``python -m dramaturg.worker_group`` running Dramatiq's CLI
+    with ``argv`` (see :mod:`dramaturg.worker_group`): the same pid, environment and
+    interpreter flags, without this process's modules (pydantic among them), which
+    Dramatiq's forked worker processes would otherwise carry. ``remove``: a directory
+    the group removes when it exits; ``scheduler_stop_s``: the group runs a scheduler
+    process, and waits this long for it to stop when it exits."""
+    command = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "dramaturg.worker_group"]  # type: ignore[attr-defined]
+    command += [*(["--remove", remove] if remove is not None else [])]
+    command += [*(["--scheduler", str(scheduler_stop_s)] if scheduler_stop_s is not None else []), "--", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)

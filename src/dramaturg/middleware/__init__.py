@@ -20,6 +20,7 @@ from dramatiq.middleware import (
 )
 
 from ..batches.tracker import BatchTracker
+from ..checkpoints import Checkpoints
 from ..resources import Resources
 from ..status.recorder import StatusRecorder
 from ..task import RunOutcome, run_of
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchTracker",
+    "Checkpoints",
     "ConsumerTimeoutCheck",
     "GracefulShutdown",
     "Metrics",
@@ -82,6 +84,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         # Before Outcomes too: its after-hook ends a batch member once its outcome is decided,
         # before the message is acknowledged (see dramaturg.batches.writer).
         BatchTracker(state.url, settings.batch.ttl, settings.broker.namespace),
+        # Before Outcomes too: its after-hook deletes the checkpoint of a task that succeeded.
+        Checkpoints(state.url, settings.tasks.checkpoint_ttl, settings.broker.namespace),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that the deadline is armed last, just before the handler runs.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),

@@ -38,15 +38,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dramatiq
 
-from ..config import Settings
 from ..errors import ActorError, ConfigError, ScheduleNotFound, StateUnavailable, did_you_mean
 from .scheduler import Scheduler, firing_id, send_firing
 from .spec import Overlap, Schedule, config_line, parse_every
 from .state import MemoryScheduleState, RedisScheduleState, ScheduleState
+
+if TYPE_CHECKING:
+    from ..config import Settings  # not at run time: worker processes never import pydantic
 
 __all__ = [
     "Schedule",
@@ -225,6 +227,7 @@ def state_of(broker: dramatiq.Broker) -> ScheduleState:
 
 def _make_state(broker: dramatiq.Broker) -> ScheduleState:
     from ..app import current_broker_or_none, current_settings
+    from ..state_redis import state_redis
 
     kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
     if getattr(broker, "runs_inline", False) or kind == "stub":
@@ -232,16 +235,7 @@ def _make_state(broker: dramatiq.Broker) -> ScheduleState:
     settings = current_settings() if current_broker_or_none() is broker else None
     url = settings.state.url if settings is not None else None
     namespace = getattr(getattr(broker, "settings", None), "namespace", "dramaturg")
-    if url:
-        import redis
-
-        return RedisScheduleState(redis.Redis.from_url(url), namespace=namespace)
-    client = getattr(broker, "client", None)
-    if client is None:
-        raise StateUnavailable(
-            f"schedules need a state store to fire each slot once, and the {kind} broker has none of its own:"
-            ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-        )
+    client = state_redis(broker, url, needs="schedules need")
     return RedisScheduleState(client, namespace=namespace)
 
 

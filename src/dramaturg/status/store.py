@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
-from ..errors import StateUnavailable
 from ..queues import canonical_queue
+from ..state_redis import no_store_reason, state_redis
 from ..task import RunOutcome
 
 if TYPE_CHECKING:
@@ -467,23 +467,7 @@ def store_for(broker: dramatiq.Broker, url: str | None, ttl_ms: int, namespace: 
 
     Raises :class:`~dramaturg.errors.StateUnavailable` when the broker has no Redis of its own.
     """
-    if url:
-        import redis
-
-        return StateStore(redis.Redis.from_url(url), namespace=namespace, ttl_ms=ttl_ms)
-    client = getattr(broker, "client", None)
-    if client is None:
-        raise StateUnavailable(no_store_reason(broker))
-    return StateStore(client, namespace=namespace, ttl_ms=ttl_ms)
-
-
-def no_store_reason(broker: dramatiq.Broker) -> str:
-    """Why ``broker`` has no state store, and what to set."""
-    kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-    return (
-        f"task status needs a state store, and the {kind} broker has none of its own:"
-        ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-    )
+    return StateStore(state_redis(broker, url, needs="task status needs"), namespace=namespace, ttl_ms=ttl_ms)
 
 
 def _text(value: bytes | str) -> str:
