@@ -43,6 +43,7 @@ from .errors import (
 )
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
+from .schedules import periodic
 from .stats import QueueStats, queue_stats
 from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
@@ -117,6 +118,7 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "periodic",
     "queue_stats",
     "resource",
     "shutdown",

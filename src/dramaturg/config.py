@@ -58,9 +58,11 @@ __all__ = [
     "BatchSettings",
     "BrokerSettings",
     "DashboardSettings",
+    "DrainScheduleSettings",
     "LogSettings",
     "QueueSettings",
     "RetrySettings",
+    "ScheduleSettings",
     "Settings",
     "StateSettings",
     "TaskSettings",
@@ -329,6 +331,62 @@ class QueueSettings(BaseModel):
     ttr: DurationMs | None = Field(default=None, gt=0)
 
 
+class DrainScheduleSettings(BaseModel):
+    """``drain = { queues = [...], budget = "50s" }`` in a ``[[schedules]]`` table: at each
+    slot one scheduler works the queues for the budget (Drupal's cron queues; see
+    :func:`dramaturg.drain`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The queues to work.
+    queues: StrList = Field(min_length=1)
+    #: How long to take tasks at each slot (keep it under the interval).
+    budget: DurationMs = Field(gt=0)
+    #: Tasks run at once.
+    threads: int = Field(default=8, ge=1)
+
+
+class ScheduleSettings(BaseModel):
+    """``[[schedules]]``: periodic tasks, each slot fired once (see :mod:`dramaturg.schedules`).
+
+    One table per schedule::
+
+        [[schedules]]
+        id = "nightly-cleanup"
+        cron = "0 3 * * *"                 # or every = "30s"
+        timezone = "Europe/Paris"
+        actor = "shop.tasks:cleanup"
+        args = [30]
+
+    Only the shape is checked here; the expression, the time zone, the actor and its
+    arguments are checked when a scheduler starts (``dramaturg schedule list`` checks them too).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The schedule's name, unique among all schedules (code and file): its ledger is kept by it.
+    id: str = Field(min_length=1)
+    #: A cron expression (five fields), read in ``timezone``.
+    cron: str | None = None
+    #: Or a fixed interval (``"30s"``, ``"5m"``), slots aligned on the Unix epoch.
+    every: DurationMs | None = None
+    #: The actor to send: ``"module:attribute"`` (``"shop.tasks:cleanup"``); or give ``drain``.
+    actor: str | None = Field(default=None, min_length=1)
+    #: Instead of an actor: work queues for a budget at each slot, ``{ queues = ["imports"], budget = "50s" }``.
+    drain: DrainScheduleSettings | None = None
+    #: Its positional arguments (JSON).
+    args: list[Any] = []
+    #: Its keyword arguments (JSON).
+    kwargs: dict[str, Any] = {}
+    #: The IANA time zone the cron expression is read in.
+    timezone: str = "UTC"
+    #: While the previous firing has not ended: ``queue`` (send anyway) or ``skip`` (leave the slot out).
+    overlap: Literal["queue", "skip"] = "queue"
+    #: After a time with no scheduler running, fire the missed slots of this last window, each
+    #: once, oldest first. Default: none (a slot fires at most a minute late)
+    catch_up: DurationMs | None = None
+
+
 class Settings(BaseSettings):
     """The whole configuration. Frozen; build it with :func:`load_settings`.
 
@@ -355,6 +413,8 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
+    #: Periodic tasks: ``[[schedules]]`` tables (see :class:`ScheduleSettings`).
+    schedules: list[ScheduleSettings] = []
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _config_file: Path | None = PrivateAttr(default=None)
@@ -379,7 +439,8 @@ class Settings(BaseSettings):
     def source_of(self, key: str) -> str:
         """Where the value of a dotted ``key`` came from: a file, a variable, or "default"."""
         parts = key.split(".")
-        for n in range(len(parts), 1, -1):  # queues.imports.ttr falls back to queues.imports
+        # queues.imports.ttr falls back to queues.imports; a whole section ([[schedules]]) is its own
+        for n in range(len(parts), 1 if len(parts) > 1 else 0, -1):
             source = self._sources.get(".".join(parts[:n]))
             if source is not None:
                 return source
@@ -390,6 +451,9 @@ class Settings(BaseSettings):
         flat: dict[str, Any] = {}
         for section_name in type(self).model_fields:
             section = getattr(self, section_name)
+            if isinstance(section, list):  # [[schedules]]: ``dramaturg schedule list`` shows them
+                flat[section_name] = [item.model_dump(exclude_defaults=True) for item in section]
+                continue
             tables = (
                 {f"{section_name}.{name}": table for name, table in section.items()}
                 if isinstance(section, dict)
@@ -626,6 +690,8 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
             message = f"unknown section [{loc[0]}]" + (hint or f" (sections: {sections})")
         else:
             section_keys = [k.split(".", 1)[1] for k in known_keys() if k.startswith(loc[0] + ".")]
+            if loc[0] == "schedules":  # [[schedules]]: a list of tables, its keys are the model's
+                section_keys = list(ScheduleSettings.model_fields)
             hint = did_you_mean(loc[-1], section_keys)
             listed = ", ".join(section_keys)
             message = f"{key}: unknown key" + (hint or f" (keys: {listed})")

@@ -22,6 +22,7 @@
      +-- BatchNotFound          no batch has that id (never made, or expired after [batch] ttl)
      +-- TaskNotFound           dramaturg.cancel(): no task has that id (never sent, or its
      |                          record expired after [state] ttl)
+     +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -67,6 +68,7 @@ __all__ = [
     "KickError",
     "NotInTask",
     "Poison",
+    "ScheduleNotFound",
     "SendError",
     "StateUnavailable",
     "TaskHeld",
@@ -223,6 +225,10 @@ class TaskNotFound(DramaturgError):
     def __init__(self, message_id: str) -> None:
         super().__init__(f"no task {message_id!r}: never sent, or its record expired ([state] ttl)")
         self.message_id = message_id
+
+
+class ScheduleNotFound(DramaturgError):
+    """No schedule (in code or the config file) has this id."""
 
 
 class BatchSendError(SendError, MiddlewareError):

@@ -14,6 +14,11 @@ metrics (see :mod:`dramaturg.middleware.metrics`): the port is checked before an
 starts, and the group counts in a fresh directory that is removed when it exits.
 The log format (``dramaturg --log-format``) reaches the worker processes in
 ``DRAMATURG_LOG_FORMAT``.
+
+With ``--scheduler`` a ``dramaturg scheduler`` process runs beside the worker processes
+(its schedules checked here first: exit 78 before any worker starts); the worker group
+starts it and stops it when it stops (:mod:`dramaturg.worker_group`). Any number of
+worker groups may run one: each slot fires once (see :mod:`dramaturg.schedules`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 import tempfile
 from typing import Any, NoReturn
 
-from .. import brokers, logs
+from .. import brokers, logs, worker_group
 from ..config import CONFIG_ENV, load_settings
 from ..errors import ConfigError
 from ..middleware import metrics
@@ -73,6 +78,11 @@ def add_parser(subparsers: Any) -> None:
         "--metrics-host",
         metavar="HOST",
         help="the address the metrics server listens on (default: worker.metrics_host, else 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        action="store_true",
+        help="also run a scheduler process for @periodic and [[schedules]] (default: no)",
     )
     parser.add_argument("--pid-file", help="write the main process's pid here (default: none)")
     parser.add_argument("--log-file", help="write logs here (default: stderr)")
@@ -131,18 +141,32 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
+    if args.scheduler:
+        _check_schedules(args)
+    # Made before the scheduler starts, so that it counts there too.
+    directory = None if port is None else _metrics_directory()
+    stop_s = settings.worker.shutdown_timeout / 1000 + 30  # a drain in progress ends within its budget and grace
     if os.name == "posix" and sys.executable:  # Dramatiq forks the worker processes from a fresh, smaller process
-        exec_worker_group(argv, remove=None if port is None else _metrics_directory())
+        exec_worker_group(argv, remove=directory, scheduler_stop_s=stop_s if args.scheduler else None)
     logs.apply_to_dramatiq_cli()
-    if port is None:
-        code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
-        return code
-    directory = _metrics_directory()
+    scheduler = worker_group.start_scheduler() if args.scheduler else None
     try:
-        code = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
+        code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if scheduler is not None:
+            worker_group.stop_scheduler(scheduler, stop_s)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
     return code
+
+
+def _check_schedules(args: argparse.Namespace) -> None:
+    """Refuse to start (ConfigError: exit 78) when a schedule is bad or has no ledger."""
+    from .. import app
+    from .scheduler import build
+
+    build(args)
+    app.shutdown()
 
 
 def _metrics_directory() -> str:
@@ -152,14 +176,16 @@ def _metrics_directory() -> str:
     return directory
 
 
-def exec_worker_group(argv: list[str], *, remove: str | None) -> NoReturn:
+def exec_worker_group(argv: list[str], *, remove: str | None, scheduler_stop_s: float | None = None) -> NoReturn:
     """Replace this process with ``python -m dramaturg.worker_group`` running Dramatiq's CLI
     with ``argv`` (see :mod:`dramaturg.worker_group`): the same pid, environment and
     interpreter flags, without this process's modules (pydantic among them), which
     Dramatiq's forked worker processes would otherwise carry. ``remove``: a directory
-    the group removes when it exits."""
+    the group removes when it exits; ``scheduler_stop_s``: the group runs a scheduler
+    process, and waits this long for it to stop when it exits."""
     command = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "dramaturg.worker_group"]  # type: ignore[attr-defined]
-    command += [*(["--remove", remove] if remove is not None else []), "--", *argv]
+    command += [*(["--remove", remove] if remove is not None else [])]
+    command += [*(["--scheduler", str(scheduler_stop_s)] if scheduler_stop_s is not None else []), "--", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
