@@ -424,6 +424,46 @@ def test_overlap_skip_leaves_a_slot_out_while_the_previous_firing_has_not_ended(
     assert ran.wait(2)[1] == firing_id("skip", start + 180_000)
 
 
+def test_overlap_cancel_previous_cancels_a_running_firing_and_sends_the_slot(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    from tests.apps.simulated import busy
+
+    started, ended = Runs(), Runs()
+
+    @dramaturg.actor(queue_name="ticks", actor_name="long_tick")
+    def long_tick() -> None:
+        message_id = dramaturg.current_task().message_id
+        started.add(message_id)
+        if len(started.seen) == 1:
+            busy(60)  # the first firing runs until it is interrupted
+        ended.add(message_id)
+
+    start = 1_800_000_000_000
+    schedule = Schedule(id="cancel", actor="long_tick", every_ms=60_000, overlap="cancel-previous")
+    clock = Clock(start)
+    scheduler = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
+    scheduler.register()
+    # Given a firing that is running
+    start_worker()
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    first = firing_id("cancel", start + 60_000)
+    assert started.wait(1) == [first]
+    poll_until(lambda: dramaturg.task_status(first, broker).state == "running", "the first firing recorded as running")
+    # When the next slot comes
+    clock.now_ms = start + 120_000
+    scheduler.tick()
+    second = firing_id("cancel", start + 120_000)
+    # Then the first is cancelled by the schedule, and the slot is sent and runs
+    assert scheduler.fired == [first, second]
+    assert ended.wait(1) == [second]
+    status = poll_until(
+        lambda: (s := dramaturg.task_status(first, broker)).state == "cancelled" and s, "the first firing cancelled"
+    )
+    assert status.to_dict().get("cancel_requested_by") == "schedule cancel", status
+
+
 def test_a_drain_schedule_works_its_queue_for_its_budget_on_one_scheduler_per_slot(
     broker: dramatiq.Broker, settings: dramaturg.Settings
 ) -> None:

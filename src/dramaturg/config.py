@@ -380,8 +380,9 @@ class ScheduleSettings(BaseModel):
     kwargs: dict[str, Any] = {}
     #: The IANA time zone the cron expression is read in.
     timezone: str = "UTC"
-    #: While the previous firing has not ended: ``queue`` (send anyway) or ``skip`` (leave the slot out).
-    overlap: Literal["queue", "skip"] = "queue"
+    #: While the previous firing has not ended: ``queue`` (send anyway), ``skip`` (leave the
+    #: slot out) or ``cancel-previous`` (cancel that firing, then send the slot).
+    overlap: Literal["queue", "skip", "cancel-previous"] = "queue"
     #: After a time with no scheduler running, fire the missed slots of this last window, each
     #: once, oldest first. Default: none (a slot fires at most a minute late)
     catch_up: DurationMs | None = None

@@ -234,6 +234,8 @@ class Scheduler:
             logger.info("schedule %s: slot %d skipped: the previous firing has not ended", schedule.id, slot)
             self.state.sent(schedule.id, slot, "", self.clock())
             return
+        if schedule.overlap == "cancel-previous":
+            self._cancel_previous(schedule, slot)
         if schedule.drain_queues:
             self._start_drain(schedule, slot, message_id)
         else:
@@ -274,16 +276,42 @@ class Scheduler:
         if self._draining is not None:
             self._draining.join(timeout)
 
-    def _previous_unfinished(self, schedule: Schedule) -> bool:
+    def _previous_unfinished(self, schedule: Schedule) -> str | None:
+        """The message id of the schedule's last firing when it has not ended, else None."""
         previous = self.state.read(schedule.id).get("last_id")
         if not previous:
-            return False
+            return None
         from ..status import task_status
 
         try:
-            return task_status(previous, self.broker).state in _UNFINISHED
+            return previous if task_status(previous, self.broker).state in _UNFINISHED else None
         except Exception:  # no status to read: the policy cannot apply; send it
-            return False
+            return None
+
+    def _cancel_previous(self, schedule: Schedule, slot: int) -> None:
+        """``overlap = "cancel-previous"``: cancel the last firing if it has not ended (a
+        waiting one is skipped when a worker takes it, a running one interrupted), then the
+        slot is sent. A cancel that fails is logged; the slot is sent all the same."""
+        previous = self._previous_unfinished(schedule)
+        if previous is None:
+            return
+        from ..cancelling import cancel
+
+        try:
+            done = cancel(previous, by=f"schedule {schedule.id}", broker=self.broker)
+        except Exception as error:
+            logger.warning(
+                "schedule %s: could not cancel the previous firing %s before slot %d (%s: %s); sending the slot",
+                schedule.id,
+                previous,
+                slot,
+                type(error).__name__,
+                error,
+            )
+            return
+        logger.info(
+            "schedule %s: slot %d cancels the previous firing %s (%s)", schedule.id, slot, previous, done.detail
+        )
 
 
 def run_in_thread(scheduler: Scheduler, name: str = "dramaturg-scheduler") -> threading.Thread:

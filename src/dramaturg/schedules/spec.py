@@ -40,10 +40,11 @@ from ..durations import parse_ms
 
 __all__ = ["OVERLAP_POLICIES", "Overlap", "Schedule", "check_cron", "check_timezone", "config_line"]
 
-Overlap = Literal["queue", "skip"]
+Overlap = Literal["queue", "skip", "cancel-previous"]
 #: What a slot does while the previous firing has not ended: ``queue`` sends it anyway,
-#: ``skip`` leaves the slot out (``cancel-previous`` is not there yet: it needs task cancelling).
-OVERLAP_POLICIES: tuple[str, ...] = ("queue", "skip")
+#: ``skip`` leaves the slot out, ``cancel-previous`` cancels the previous firing (see
+#: :func:`dramaturg.cancel`) and sends the slot.
+OVERLAP_POLICIES: tuple[str, ...] = ("queue", "skip", "cancel-previous")
 
 
 @dataclass(frozen=True)
