@@ -280,3 +280,50 @@ def test_a_broker_that_does_not_answer_is_one_line_on_the_page(serve: Callable[[
     for page in (queues, held):
         assert 'class="problem"' in page.text
         assert "hunter2" not in page.text
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "embedded"])
+def test_the_schedules_page_shows_each_schedule_with_its_next_and_last_run(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], dashboard: Callable[..., httpx.Client]
+) -> None:
+    from dramaturg import schedules
+
+    # Given a schedule declared in code, fired once by hand and run by a worker
+    ran = Runs()
+
+    @dramaturg.periodic("*/5 * * * *", id="nightly-report", overlap="skip")
+    @dramaturg.actor(queue_name="reports")
+    def report() -> None:
+        ran.add(dramaturg.current_task().message_id)
+
+    try:
+        (schedule,) = schedules.load_schedules(dramaturg.app.current_settings(), broker)
+        fired = schedules.run_now(schedule, broker)
+        start_worker()
+        assert ran.wait(1) == [fired]
+        poll_until(lambda: dramaturg.task_status(fired, broker).state == "succeeded", "the firing succeeded")
+
+        # When the schedules page is opened (no scheduler has started)
+        page = dashboard(token=None).get("/schedules")
+    finally:
+        schedules._forget_declared()
+
+    # Then it shows the schedule: its expression, next run, last run (linked) and outcome
+    assert page.status_code == 200, page.text
+    row = re.search(r'<tr data-schedule="nightly-report">(.*?)</tr>', page.text, re.S)
+    assert row, page.text
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    assert "<code>*/5 * * * *</code>" in cells[1]
+    assert cells[2] == "report"
+    assert cells[3].endswith(":00 UTC") and int(cells[3][14:16]) % 5 == 0, cells[3]  # the next slot of */5
+    assert f"/tasks?id={fired}" in cells[4]
+    assert cells[5:8] == ["succeeded", "skip", "0"] and "not registered" in cells[8]  # no scheduler has run it yet
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_the_schedules_page_says_what_to_set_without_a_state_store(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    page = dashboard(token=None).get("/schedules")
+    assert page.status_code == 200
+    assert "schedules need a state store, and the rabbitmq broker has none of its own" in page.text

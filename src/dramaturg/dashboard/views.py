@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..batches import batches
-from ..errors import BrokerUnreachable, DramaturgError, KickError, StateUnavailable
+from ..errors import BrokerUnreachable, ConfigError, DramaturgError, KickError, StateUnavailable
 from ..held import HeldStore, held_tasks
 from ..masking import mask_text
 from ..stats import QueueStats, queue_stats, totals
@@ -243,7 +243,29 @@ class Dashboard:
         return self.render(request, "batches.html", title="Batches", batches=rows, problem=problem)
 
     def schedules(self, request: Request) -> Response:
-        return self.render(request, "schedules.html", title="Schedules")
+        rows = []
+        problem = None
+        try:
+            from ..schedules import load_schedules, schedule_infos
+
+            broker = self.broker()
+            rows = schedule_infos(load_schedules(self._settings(), broker), broker)
+        except (StateUnavailable, ConfigError) as error:
+            problem = str(error)
+        except Exception as error:
+            problem = _unreachable(error)
+        return self.render(request, "schedules.html", title="Schedules", schedules=rows, problem=problem)
+
+    def _settings(self) -> Any:
+        """The settings the dashboard's broker was made from (for the config file's schedules)."""
+        from .. import app as framework
+
+        settings = getattr(self.broker, "settings", None) or framework.current_settings_or_none()
+        if settings is None:
+            from ..config import load_settings
+
+            settings = load_settings()
+        return settings
 
     # -- signing in ----------------------------------------------------------------------
 
