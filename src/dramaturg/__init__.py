@@ -32,12 +32,17 @@ from .errors import (
     ConfigError,
     ContextError,
     DramaturgError,
+    DuplicateTask,
+    FlowSendError,
     KickError,
+    LockLost,
+    LockTimeout,
     NotInTask,
     SendError,
     StateUnavailable,
     TaskHeld,
 )
+from .flow import Lock, concurrency, lock, locked, rate, unique
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .stats import QueueStats, queue_stats
@@ -62,10 +67,15 @@ __all__ = [
     "ContextError",
     "DrainSummary",
     "DramaturgError",
+    "DuplicateTask",
+    "FlowSendError",
     "HeldStore",
     "HeldTask",
     "Hold",
     "KickError",
+    "Lock",
+    "LockLost",
+    "LockTimeout",
     "NotInTask",
     "QueueStats",
     "Resource",
@@ -91,6 +101,7 @@ __all__ = [
     "bind_contextvar",
     "bootstrap",
     "close_resources",
+    "concurrency",
     "context",
     "context_provider",
     "context_restorer",
@@ -101,10 +112,14 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "lock",
+    "locked",
     "queue_stats",
+    "rate",
     "resource",
     "shutdown",
     "task_status",
+    "unique",
 ]
 
 

@@ -1,0 +1,75 @@
+-- Concurrency and rate limits (dramaturg.flow.limits): all of a task's limits are taken
+-- in one atomic step, or none of them.
+-- Times are Redis's own clock (TIME), so the workers' clocks do not matter.
+--
+-- A concurrency key is a sorted set of leases: member = the task's message id (so a
+-- redelivered or re-run task finds its own lease instead of taking a second slot),
+-- score = when the lease ends (ms). Leases past their end are dropped before counting:
+-- a worker killed with its slots frees them when their lease ends.
+-- A rate key is a sorted set of starts within the window: member = "<message id>:<ms>",
+-- score = when it started; starts older than the window are dropped before counting
+-- (a sliding window: at most `limit` starts in any window of `ms`).
+--
+-- ARGV[1]: the step.
+-- acquire: ARGV[2] = the message id, then per key (KEYS[i]) three values: "c" or "r",
+--   the limit, the lease or window in ms.
+--   -> {1} when every limit let it start (each took its slot or its start),
+--      {0, i, ms} when limit i did not: ms until a lease ends or the oldest start leaves the window.
+-- release: ARGV[2] = the message id; its lease leaves every KEYS[i]. -> how many it held.
+-- renew: ARGV[2] = the message id, ARGV[3] = the lease in ms from now; every lease it
+--   still holds in KEYS[i] ends then. -> how many it still held.
+local call = redis.call
+local step, member = ARGV[1], ARGV[2]
+local time = call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if step == 'acquire' then
+  for i = 1, #KEYS do
+    local kind, limit, ms = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+    local key = KEYS[i]
+    if kind == 'c' then
+      call('ZREMRANGEBYSCORE', key, '-inf', now)
+      if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
+        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return {0, i, math.max(0, tonumber(first[2]) - now)}
+      end
+    else
+      call('ZREMRANGEBYSCORE', key, '-inf', now - ms)
+      if call('ZCARD', key) >= limit then
+        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return {0, i, math.max(1, tonumber(first[2]) + ms - now)}
+      end
+    end
+  end
+  for i = 1, #KEYS do
+    local kind, ms = ARGV[3 * i], tonumber(ARGV[3 * i + 2])
+    local key = KEYS[i]
+    if kind == 'c' then
+      call('ZADD', key, now + ms, member)
+    else
+      call('ZADD', key, now, member .. ':' .. now)
+    end
+    if call('PTTL', key) < ms then
+      call('PEXPIRE', key, ms)
+    end
+  end
+  return {1}
+elseif step == 'release' then
+  local held = 0
+  for i = 1, #KEYS do
+    held = held + call('ZREM', KEYS[i], member)
+  end
+  return held
+elseif step == 'renew' then
+  local ms = tonumber(ARGV[3])
+  local held = 0
+  for i = 1, #KEYS do
+    if call('ZADD', KEYS[i], 'XX', 'CH', now + ms, member) == 1 or call('ZSCORE', KEYS[i], member) then
+      held = held + 1
+      if call('PTTL', KEYS[i]) < ms then
+        call('PEXPIRE', KEYS[i], ms)
+      end
+    end
+  end
+  return held
+end
+return redis.error_reply('limits.lua: unknown step ' .. tostring(step))

@@ -1,0 +1,306 @@
+"""Where flow control's state is kept: Redis (every real broker), or memory (eager mode).
+
+Both answer the same steps with the same meaning, so that a lock or a limit behaves the
+same inline as across workers:
+
+- locks: ``lock_acquire`` (with a fencing token from a counter per name that only
+  grows), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
+  ``lock_holder`` and ``locks`` (what is held, for ``dramaturg locks list``);
+- limits: ``acquire`` takes every limit of a task at once or none (a concurrency slot is
+  a lease named by the task's message id; a rate limit counts starts in a sliding
+  window), ``release`` and ``renew`` its leases, ``usage`` (for ``dramaturg limits``);
+- unique tasks: ``claim`` a key for a message id (or learn who holds it), ``unclaim``.
+
+On Redis each step is one call of a Lua script (``lock.lua``, ``limits.lua``,
+``unique.lua`` beside this module), on Redis's clock. Keys:
+``<namespace>:__lock__:<name>`` (a held lock), ``<namespace>:__lock_fences__`` (a hash:
+the last fencing token of each name; never expires, so tokens only grow),
+``<namespace>:__limit__:<key>`` (the leases or starts of a limit's key, expiring with
+the last lease or window), ``<namespace>:__unique__:<key>`` (the task holding a key).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["Denied", "FlowState", "HeldLock", "LimitSpec", "MemoryFlowState", "RedisFlowState", "Usage"]
+
+_SCRIPTS = resources.files("dramaturg.flow")
+_LOCK = _SCRIPTS.joinpath("lock.lua").read_text(encoding="utf-8")
+_LIMITS = _SCRIPTS.joinpath("limits.lua").read_text(encoding="utf-8")
+_UNIQUE = _SCRIPTS.joinpath("unique.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """One limit to take for a task: ``kind`` "c" (concurrency: ``limit`` running, each a
+    lease of ``ms``) or "r" (rate: ``limit`` starts in any window of ``ms``), on ``key``."""
+
+    kind: str
+    key: str
+    limit: int
+    ms: int
+
+
+@dataclass(frozen=True)
+class Denied:
+    """A task may not start: limit ``index`` of those asked for said no; ``wait_ms``: when a
+    lease ends (concurrency) or the oldest start leaves the window (rate)."""
+
+    index: int
+    wait_ms: int
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """A held lock as ``dramaturg locks list`` shows it."""
+
+    name: str
+    token: int
+    holder: str
+    expires_in_ms: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A limit's key as ``dramaturg limits`` shows it: leases (or starts in the window) now."""
+
+    key: str
+    in_use: int
+
+
+class FlowState(Protocol):
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]: ...
+    def lock_release(self, name: str, owner: str) -> bool: ...
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
+    def lock_holder(self, name: str) -> HeldLock | None: ...
+    def locks(self) -> list[HeldLock]: ...
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
+    def release(self, member: str, keys: Sequence[str]) -> int: ...
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int: ...
+    def usage(self) -> list[Usage]: ...
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None: ...
+    def unclaim(self, key: str, message_id: str) -> bool: ...
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisFlowState:
+    """Flow control in a Redis (the broker's own, or ``[state] url``)."""
+
+    def __init__(self, client: redis.Redis, *, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.lock_prefix = f"{namespace}:__lock__:"
+        self.fences = f"{namespace}:__lock_fences__"
+        self.limit_prefix = f"{namespace}:__limit__:"
+        self.unique_prefix = f"{namespace}:__unique__:"
+        self._lock = client.register_script(_LOCK)
+        self._limits = client.register_script(_LIMITS)
+        self._unique = client.register_script(_UNIQUE)
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]:
+        """(fencing token, 0) when taken; (None, ms until it expires) when another holds it."""
+        taken, value = self._lock(
+            keys=[self.lock_prefix + name, self.fences], args=["acquire", owner, ttl_ms, name, holder]
+        )
+        return (int(value), 0) if int(taken) else (None, max(0, int(value)))
+
+    def lock_release(self, name: str, owner: str) -> bool:
+        return bool(int(self._lock(keys=[self.lock_prefix + name, self.fences], args=["release", owner])))
+
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return bool(int(self._lock(keys=[self.lock_prefix + name, self.fences], args=["renew", owner, ttl_ms])))
+
+    def lock_holder(self, name: str) -> HeldLock | None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.lock_prefix + name)
+            pipe.pttl(self.lock_prefix + name)
+            value, pttl = pipe.execute()
+        if value is None:
+            return None
+        _, fence, holder = _text(value).split(" ", 2)
+        return HeldLock(name, int(fence), holder, max(0, int(pttl)))
+
+    def locks(self) -> list[HeldLock]:
+        found = []
+        for key in self.client.scan_iter(match=_glob(self.lock_prefix) + "*", count=500):
+            held = self.lock_holder(_text(key)[len(self.lock_prefix) :])
+            if held is not None:
+                found.append(held)
+        return sorted(found, key=lambda held: held.name)
+
+    # -- limits --------------------------------------------------------------------------
+
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
+        args: list[Any] = ["acquire", member]
+        for spec in limits:
+            args += [spec.kind, spec.limit, spec.ms]
+        answer = self._limits(keys=[self.limit_prefix + spec.key for spec in limits], args=args)
+        if int(answer[0]):
+            return None
+        return Denied(int(answer[1]) - 1, int(answer[2]))
+
+    def release(self, member: str, keys: Sequence[str]) -> int:
+        return int(self._limits(keys=[self.limit_prefix + key for key in keys], args=["release", member]))
+
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
+        return int(self._limits(keys=[self.limit_prefix + key for key in keys], args=["renew", member, ms]))
+
+    def usage(self) -> list[Usage]:
+        now_s, now_us = self.client.time()
+        now = int(now_s) * 1000 + int(now_us) // 1000
+        found = []
+        for key in self.client.scan_iter(match=_glob(self.limit_prefix) + "*", count=500):
+            # A lease counts until it ends; a start, for as long as its key lives (its window).
+            in_use = int(self.client.zcount(key, now, "+inf")) or int(self.client.zcard(key))
+            found.append(Usage(_text(key)[len(self.limit_prefix) :], in_use))
+        return sorted(found, key=lambda usage: usage.key)
+
+    # -- unique tasks ----------------------------------------------------------------------
+
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
+        holder = _text(self._unique(keys=[self.unique_prefix + key], args=["claim", message_id, ttl_ms]))
+        return holder or None
+
+    def unclaim(self, key: str, message_id: str) -> bool:
+        return bool(int(self._unique(keys=[self.unique_prefix + key], args=["release", message_id])))
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis's glob characters escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class MemoryFlowState:
+    """Flow control in this process (eager mode and the stub broker), with the same meaning
+    as in Redis; ``changed`` wakes a waiting lock as soon as one is released."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self._locks: dict[str, tuple[str, int, str, float]] = {}
+        self._fences: dict[str, int] = {}
+        self._limits: dict[str, dict[str, float]] = {}
+        self._unique: dict[str, tuple[str, float]] = {}
+
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic() * 1000
+
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is not None and held[3] > now:
+                return None, int(held[3] - now)
+            fence = self._fences[name] = self._fences.get(name, 0) + 1
+            self._locks[name] = (owner, fence, holder, now + ttl_ms)
+            return fence, 0
+
+    def lock_release(self, name: str, owner: str) -> bool:
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[0] != owner or held[3] <= self._now():
+                return False
+            del self._locks[name]
+            self.changed.notify_all()
+            return True
+
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[0] != owner or held[3] <= now:
+                return False
+            self._locks[name] = (*held[:3], now + ttl_ms)
+            return True
+
+    def lock_holder(self, name: str) -> HeldLock | None:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[3] <= now:
+                return None
+            return HeldLock(name, held[1], held[2], int(held[3] - now))
+
+    def locks(self) -> list[HeldLock]:
+        found = [self.lock_holder(name) for name in sorted(self._locks)]
+        return [held for held in found if held is not None]
+
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
+        now = self._now()
+        with self.changed:
+            for index, spec in enumerate(limits):
+                entries = self._limits.setdefault(spec.key, {})
+                if spec.kind == "c":
+                    for name in [n for n, end in entries.items() if end <= now]:
+                        del entries[name]
+                    if member not in entries and len(entries) >= spec.limit:
+                        return Denied(index, int(max(0, min(entries.values()) - now)))
+                else:
+                    for name in [n for n, at in entries.items() if at <= now - spec.ms]:
+                        del entries[name]
+                    if len(entries) >= spec.limit:
+                        return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
+            for spec in limits:
+                entries = self._limits[spec.key]
+                if spec.kind == "c":
+                    entries[member] = now + spec.ms
+                else:
+                    entries[f"{member}:{now}:{len(entries)}"] = now
+            return None
+
+    def release(self, member: str, keys: Sequence[str]) -> int:
+        with self.changed:
+            held = sum(1 for key in keys if self._limits.get(key, {}).pop(member, None) is not None)
+            self.changed.notify_all()
+            return held
+
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
+        now = self._now()
+        with self.changed:
+            held = 0
+            for key in keys:
+                entries = self._limits.get(key, {})
+                if member in entries:
+                    entries[member] = now + ms
+                    held += 1
+            return held
+
+    def usage(self) -> list[Usage]:
+        now = self._now()
+        with self.changed:
+            return [
+                Usage(key, sum(1 for end in entries.values() if end > now) or len(entries))
+                for key, entries in sorted(self._limits.items())
+                if entries
+            ]
+
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
+        now = self._now()
+        with self.changed:
+            held = self._unique.get(key)
+            if held is not None and held[1] > now:
+                return held[0]
+            self._unique[key] = (message_id, now + ttl_ms)
+            return None
+
+    def unclaim(self, key: str, message_id: str) -> bool:
+        with self.changed:
+            held = self._unique.get(key)
+            if held is None or held[0] != message_id:
+                return False
+            del self._unique[key]
+            return True
