@@ -63,9 +63,13 @@ def per_store(n: int, seconds: float) -> None:
 
 
 @dramaturg.actor(queue_name="flow", ttr=2_000, max_retries=0, limits=[dramaturg.concurrency(1, key="solo")])
-def solo(n: int, seconds: float) -> None:
-    """One at a time; a 2 s ttr, so a slot outlives a killed worker by 2 s at most."""
-    _run("running:solo", seconds)
+def solo(n: int, first_run_s: float) -> None:
+    """One at a time; a 2 s ttr, so a slot outlives a killed worker by 2 s at most. Task 0
+    runs ``first_run_s`` the first time (to be killed), 10 ms after."""
+    if n == 0 and counter().set("solo:first", 1, nx=True):
+        _run("running:solo:killed", first_run_s)  # its leave() never comes: counted apart
+    else:
+        _run("running:solo", 0.01)
 
 
 @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.rate(5, per="1s", key="api")])

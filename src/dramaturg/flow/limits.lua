@@ -6,7 +6,7 @@
 -- redelivered or re-run task finds its own lease instead of taking a second slot),
 -- score = when the lease ends (ms). Leases past their end are dropped before counting:
 -- a worker killed with its slots frees them when their lease ends.
--- A rate key is a sorted set of starts within the window: member = "<message id>:<ms>",
+-- A rate key is a sorted set of starts within the window: member = "<message id>:<time>:<n>",
 -- score = when it started; starts older than the window are dropped before counting
 -- (a sliding window: at most `limit` starts in any window of `ms`).
 --
@@ -46,7 +46,7 @@ if step == 'acquire' then
     if kind == 'c' then
       call('ZADD', key, now + ms, member)
     else
-      call('ZADD', key, now, member .. ':' .. now)
+      call('ZADD', key, now, member .. ':' .. time[1] .. time[2] .. ':' .. call('ZCARD', key))
     end
     if call('PTTL', key) < ms then
       call('PEXPIRE', key, ms)
