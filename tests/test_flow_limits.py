@@ -269,3 +269,43 @@ def test_the_wait_backs_off_and_never_passes_the_lease_it_waits_for() -> None:
     assert all(wait_ms((slot, 300), 9) <= 300 for _ in range(50))
     window = LimitSpec("r", "api", 100, 60_000)
     assert all(700 <= wait_ms((window, 700), 1) <= 700 + 2_000 for _ in range(50))
+
+
+#: How far the starts the tasks log may stray from the window Redis counted them in: the
+#: time between the script's clock read and the handler's first line, on a loaded machine.
+RATE_TOLERANCE_S = 0.05
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_two_workers_start_at_most_the_rate_in_any_window_and_run_each_task_once(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # Given two worker processes of four threads, and a limit of five starts in any second
+    workers(spawn, counter, tmp_path)
+
+    # When 20 tasks are sent at once
+    sent = [flow_project.rated.send(n).message_id for n in range(20)]
+
+    # Then each runs exactly once, and no six starts fall within one second (less the tolerance)
+    poll_until(lambda: int(counter.get("rated:done") or 0) == 20, "every task ran", timeout=60)
+    found = sorted(starts(tmp_path), key=lambda start: start[2])
+    assert sorted(message_id for message_id, _, _ in found) == sorted(sent)
+    times = [at for _, _, at in found]
+    assert all(later - earlier >= 1.0 - RATE_TOLERANCE_S for earlier, later in zip(times, times[5:], strict=False))
+    # and at about the rate: 20 starts at 5 a second take three seconds and more, not much more
+    assert 3.0 - RATE_TOLERANCE_S <= times[-1] - times[0] < 10.0
+    assert list(dramaturg.held_tasks().list("flow")) == []
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])
+def test_eager_mode_keeps_the_rate(broker: dramatiq.Broker) -> None:
+    started: list[float] = []
+
+    @dramaturg.actor(queue_name="flow", limits=[dramaturg.rate(3, per="300ms", key="api")])
+    def call() -> None:
+        started.append(time.monotonic())
+
+    for _ in range(7):
+        call.send()
+    assert len(started) == 7
+    assert all(later - earlier >= 0.3 for earlier, later in zip(started, started[3:], strict=False))
