@@ -309,3 +309,42 @@ def test_eager_mode_keeps_the_rate(broker: dramatiq.Broker) -> None:
         call.send()
     assert len(started) == 7
     assert all(later - earlier >= 0.3 for earlier, later in zip(started, started[3:], strict=False))
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_the_locks_and_limits_commands(flow_project: Any, broker: dramatiq.Broker, tmp_path: Path) -> None:
+    from dramaturg.flow.control import state_of
+
+    from .conftest import bin_path, run_cli
+
+    # Given a lock held and a slot of store "fr" taken
+    dramaturg_cli = bin_path("dramaturg")
+    state_of(broker).acquire("m-1", [LimitSpec("c", "tenant:fr", 2, 60_000)])
+    with dramaturg.lock("import:users.csv", ttl="1m") as held:
+        token = held.token
+        locks = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
+        locks_json = run_cli([dramaturg_cli, "locks", "list", "--json"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    limits = run_cli([dramaturg_cli, "limits"], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    # Then each command shows it
+    assert locks.returncode == 0, locks.stderr
+    assert f"import:users.csv  token {token}" in locks.stdout
+    import json
+
+    assert json.loads(locks_json.stdout)["token"] == token
+    assert limits.returncode == 0, limits.stderr
+    assert "per_store: concurrency(2, key='tenant:{store}')" in limits.stdout
+    assert "tenant:fr: 1 in use" in limits.stdout
+    empty = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert empty.stdout.strip() == "no locks held"
+
+
+def test_the_commands_without_a_state_store_say_what_to_set(rabbitmq_server: Any, tmp_path: Path) -> None:
+    from .conftest import bin_path, run_cli
+
+    url = f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "{url}"\n')
+    result = run_cli([bin_path("dramaturg"), "locks", "list"], cwd=tmp_path)
+    assert result.returncode == 78
+    assert "need a state store" in result.stderr and "[state] url" in result.stderr
+    assert "guest:guest" not in result.stderr

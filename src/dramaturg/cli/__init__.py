@@ -1,5 +1,5 @@
 """The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
-``batch``, ``config``.
+``batch``, ``locks``, ``limits``, ``config``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
@@ -31,7 +31,7 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, config_cmd, drain, held, send, stats, status, worker
+from . import batch, config_cmd, drain, flow, held, send, stats, status, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -71,6 +71,10 @@ examples:
   $ dramaturg batch show 6a1f...
   $ dramaturg batch watch 6a1f...
 
+  # Locks held now; limits declared and the keys in use
+  $ dramaturg locks list
+  $ dramaturg limits
+
   # Show the effective settings and where each came from; then test the broker
   $ dramaturg config show
   $ dramaturg config check
@@ -104,7 +108,7 @@ def make_parser() -> argparse.ArgumentParser:
         " (default: log.format, else text)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, drain, send, held, stats, status, batch, config_cmd):
+    for module in (worker, drain, send, held, stats, status, batch, flow, config_cmd):
         module.add_parser(subparsers)
     return parser
 
