@@ -13,19 +13,24 @@
 -- ARGV[1]: the step.
 -- acquire: ARGV[2] = the message id, then per key (KEYS[i]) three values: "c" or "r",
 --   the limit, the lease or window in ms.
+-- acquire_many: the acquires of many tasks in one call (see below); one answer each.
 --   -> {1} when every limit let it start (each took its slot or its start),
 --      {0, i, ms} when limit i did not: ms until a lease ends or the oldest start leaves the window.
 -- release: ARGV[2] = the message id; its lease leaves every KEYS[i]. -> how many it held.
+-- release_many: ARGV[i + 1] = the message id whose lease leaves KEYS[i] (the releases of
+--   many tasks, written together off the message path). -> how many were held.
 -- renew: ARGV[2] = the message id, ARGV[3] = the lease in ms from now; every lease it
 --   still holds in KEYS[i] ends then. -> how many it still held.
 local call = redis.call
 local step, member = ARGV[1], ARGV[2]
 local time = call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-if step == 'acquire' then
-  for i = 1, #KEYS do
-    local kind, limit, ms = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-    local key = KEYS[i]
+-- Take every limit of one task: its keys are KEYS[k + 1 .. k + n], its values ARGV[a + 1 ..
+-- a + 3n] ("c" or "r", the limit, the lease or window in ms).
+local function take(member, k, a, n)
+  for i = 1, n do
+    local kind, limit, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
+    local key = KEYS[k + i]
     if kind == 'c' then
       call('ZREMRANGEBYSCORE', key, '-inf', now)
       if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
@@ -40,9 +45,9 @@ if step == 'acquire' then
       end
     end
   end
-  for i = 1, #KEYS do
-    local kind, ms = ARGV[3 * i], tonumber(ARGV[3 * i + 2])
-    local key = KEYS[i]
+  for i = 1, n do
+    local kind, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i])
+    local key = KEYS[k + i]
     if kind == 'c' then
       call('ZADD', key, now + ms, member)
     else
@@ -53,10 +58,29 @@ if step == 'acquire' then
     end
   end
   return {1}
+end
+
+if step == 'acquire' then
+  return take(member, 0, 2, #KEYS)
+elseif step == 'acquire_many' then
+  -- ARGV[2 ..]: per task, its message id, its number of limits n, then its 3n values.
+  local answers, k, a = {}, 0, 2
+  while a < #ARGV do
+    local id, n = ARGV[a], tonumber(ARGV[a + 1])
+    answers[#answers + 1] = take(id, k, a + 1, n)
+    k, a = k + n, a + 2 + 3 * n
+  end
+  return answers
 elseif step == 'release' then
   local held = 0
   for i = 1, #KEYS do
     held = held + call('ZREM', KEYS[i], member)
+  end
+  return held
+elseif step == 'release_many' then
+  local held = 0
+  for i = 1, #KEYS do
+    held = held + call('ZREM', KEYS[i], ARGV[i + 1])
   end
   return held
 elseif step == 'renew' then

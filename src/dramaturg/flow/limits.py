@@ -37,10 +37,12 @@ __all__ = ["Concurrency", "KeyTemplate", "Rate", "Unique", "check_actor_options"
 class KeyTemplate:
     """A key template bound to a handler's signature (see the module)."""
 
-    __slots__ = ("_parts", "text")
+    __slots__ = ("_parts", "constant", "text")
 
     def __init__(self, text: str, parts: list[tuple[str, Any, str, int]]) -> None:
         self.text = text
+        #: The key itself when the template has no fields (made once, not per task).
+        self.constant: str | None = "".join(p[0] for p in parts) if all(p[1] is None for p in parts) else None
         #: (literal text, field kind: None | "arg" | "ctx", name, position) per piece.
         self._parts = parts
 
