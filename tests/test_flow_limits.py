@@ -348,3 +348,89 @@ def test_the_commands_without_a_state_store_say_what_to_set(rabbitmq_server: Any
     assert result.returncode == 78
     assert "need a state store" in result.stderr and "[state] url" in result.stderr
     assert "guest:guest" not in result.stderr
+
+
+def test_with_the_state_store_down_limited_tasks_wait_and_all_run_once_it_is_back(rabbitmq_server: Any) -> None:
+    import logging
+    import subprocess
+    import threading
+
+    from .conftest import delete_rabbitmq_queues, free_port
+
+    # Given RabbitMQ with a state store of its own, and an actor limited to one at a time
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    store = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    worker = None
+    try:
+        client = redis.Redis(port=port)
+        poll_until(lambda: _pings(client), "the state store answers")
+        broker = dramaturg.bootstrap(
+            dramaturg.Settings(
+                broker={
+                    "url": f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F",
+                    "namespace": f"test-{uuid.uuid4().hex[:8]}",
+                },
+                state={"url": f"redis://127.0.0.1:{port}/0"},
+            )
+        )
+        ran: list[int] = []
+        running, top, guard = [0], [0], threading.Lock()
+
+        @dramaturg.actor(queue_name="flow-down", max_retries=0, limits=[dramaturg.concurrency(1, key="k")])
+        def sync(n: int) -> None:
+            with guard:
+                running[0] += 1
+                top[0] = max(top[0], running[0])
+            time.sleep(0.01)
+            with guard:
+                running[0] -= 1
+                ran.append(n)
+
+        @dramaturg.actor(queue_name="flow-down", unique=dramaturg.unique(key="digest"))
+        def digest() -> None: ...
+
+        outage = threading.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "the state store did not answer" in record.getMessage():
+                    outage.set()
+
+        watch = Watch()
+        logging.getLogger("dramaturg.flow").addHandler(watch)
+        dramaturg.flow.state_of(broker).usage()  # the store is made and answers
+        store.kill()
+        store.wait()
+
+        # When tasks are sent and a worker takes them while the store is down
+        for n in range(5):
+            sync.send(n)
+        worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+        worker.start()
+        assert outage.wait(20)
+
+        # Then none runs unlimited, and a unique send fails with a clear error
+        assert ran == []
+        with pytest.raises(dramaturg.FlowSendError, match=r"the state store did not answer.*digest was not sent"):
+            digest.send()
+
+        # When the store is back, every task runs once, one at a time
+        store = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        poll_until(lambda: sorted(ran) == [0, 1, 2, 3, 4], "every task ran once the store was back")
+        assert top[0] == 1
+        logging.getLogger("dramaturg.flow").removeHandler(watch)
+    finally:
+        if worker is not None:
+            worker.stop()
+        store.kill()
+        store.wait()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
