@@ -434,3 +434,39 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+#: How soon another tenant's tasks start behind a queue of one tenant's (see the docs' Fairness).
+FAIRNESS_BOUND_S = 8.0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queue(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    import threading
+
+    # Given 400 tasks of store "big" (300 ms each) queued before 10 of store "small", two per store at once
+    started: dict[str, list[float]] = {"big": [], "small": []}
+    guard = threading.Lock()
+
+    @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(2, key="tenant:{store}")])
+    def sync(n: int) -> None:
+        with guard:
+            started[dramaturg.current_task().context["store"]].append(time.monotonic())
+        time.sleep(0.3)
+
+    with dramaturg.context(store="big"):
+        sync.send_many(range(400))
+    with dramaturg.context(store="small"):
+        sync.send_many(range(10))
+
+    # When eight worker threads take them
+    began = time.monotonic()
+    start_worker(threads=8)
+
+    # Then the small store's ten start within the bound (without the limit: 400 x 300 ms / 8 = 15 s
+    # for the first), while the big one runs two at a time
+    poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=30)
+    assert max(started["small"]) - began < FAIRNESS_BOUND_S
+    assert len(started["big"]) < 60

@@ -221,7 +221,7 @@ class FlowControl(dramatiq.Middleware):
                         f"{limit.describe}: the key cannot be made: the message has no {missing.args[0]}"
                     ) from None
             if isinstance(limit, Concurrency):
-                ms = limit.lease_ms or self._ttr_ms(broker, message)
+                ms = limit.lease_ms or self._ttr_ms(broker, inner)
                 lease_ms = max(lease_ms, ms)
                 specs.append(LimitSpec("c", key, limit.limit, ms))
             else:
