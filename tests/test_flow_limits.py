@@ -154,18 +154,20 @@ def test_a_task_that_waits_says_so_in_its_status_and_spends_no_retry(
     # Given an actor limited to one at a time per store, whose first task blocks
     import threading
 
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
     ran: list[int] = []
 
     @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(1, key="tenant:{store}")])
     def sync(n: int) -> None:
         if n == 0:
+            started.set()
             release.wait(20)
         ran.append(n)
 
     start_worker(threads=2)
     with dramaturg.context(store="fr"):
         sync.send(0)
+        assert started.wait(20)
         sync.send(1)
         waiting = sync.send(2).message_id
 
@@ -173,14 +175,20 @@ def test_a_task_that_waits_says_so_in_its_status_and_spends_no_retry(
     status = poll_until(
         lambda: (s := dramaturg.task_status(waiting)).state == "waiting" and s, "the task says it waits"
     )
+    usage = poll_until(
+        lambda: [(u.key, u.in_use, u.waiting) for u in dramaturg.flow.limit_usage() if u.waiting == 2],
+        "both count as waiting",
+    )
 
-    # Then the status says what it waits for, on its first attempt
+    # Then the status says what it waits for, on its first attempt, and the key counts it waiting
     assert status.reason == "waiting for concurrency tenant:fr"
     assert status.attempt == 1 and status.eta is not None
+    assert usage == [("tenant:fr", 1, 2)]
 
     # and once the slot frees, they all run, on their first attempt
     release.set()
     poll_until(lambda: sorted(ran) == [0, 1, 2], "all three ran")
+    assert [(u.key, u.waiting) for u in dramaturg.flow.limit_usage()] in ([("tenant:fr", 0)], [])
     done = poll_until(lambda: (s := dramaturg.task_status(waiting)).state == "succeeded" and s, "its status says so")
     assert done.attempt == 1
 
@@ -250,6 +258,8 @@ def test_one_round_trip_takes_all_limits_or_none(redis_server: Any) -> None:
     assert state.release("a", ["slot"]) == 1
     assert state.acquire("b", [both[0]]) is None
     assert state.renew("b", ["slot"], 60_000) == 1 and state.renew("a", ["slot"], 60_000) == 0
+    # and a task counts as waiting while refused ("a" by the rate), not once it started ("b")
+    assert [(u.key, u.in_use, u.waiting) for u in state.usage()] == [("api", 2, 1), ("slot", 1, 0)]
 
 
 def test_the_memory_state_answers_as_redis_does() -> None:
@@ -334,7 +344,7 @@ def test_the_locks_and_limits_commands(flow_project: Any, broker: dramatiq.Broke
     assert json.loads(locks_json.stdout)["token"] == token
     assert limits.returncode == 0, limits.stderr
     assert "per_store: concurrency(2, key='tenant:{store}')" in limits.stdout
-    assert "tenant:fr: 1 in use" in limits.stdout
+    assert "tenant:fr: 1 in use, 0 waiting" in limits.stdout
     empty = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
     assert empty.stdout.strip() == "no locks held"
 

@@ -100,9 +100,9 @@ def run_limits(args: argparse.Namespace) -> int:
                 print(f"{name}: {limit.describe}")
     for usage in found:
         if args.json:
-            print(json.dumps({"key": usage.key, "in_use": usage.in_use}))
+            print(json.dumps({"key": usage.key, "in_use": usage.in_use, "waiting": usage.waiting}))
         else:
-            print(f"  {mask_text(usage.key)}: {usage.in_use} in use")
+            print(f"  {mask_text(usage.key)}: {usage.in_use} in use, {usage.waiting} waiting")
     if not found and not args.json:
         print("no limit key in use")
     return EXIT_OK

@@ -63,5 +63,6 @@ def held_locks(broker: dramatiq.Broker | None = None) -> Iterator[HeldLock]:
 
 
 def limit_usage(broker: dramatiq.Broker | None = None) -> Iterator[Usage]:
-    """Every limit key in use now: its slots taken, or its starts in the window (``dramaturg limits``)."""
+    """Every limit key in use now: its slots taken (or its starts in the window), and the
+    tasks waiting for it (``dramaturg limits``)."""
     yield from state_of(broker).usage()

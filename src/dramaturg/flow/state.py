@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Denied", "FlowState", "HeldLock", "LimitSpec", "MemoryFlowState", "RedisFlowState", "Usage"]
 
+#: How long a refused task counts as waiting unless refused again (as WAITING_MS in limits.lua).
+WAITING_MS = 60_000
+
 _SCRIPTS = resources.files("dramaturg.flow")
 _LOCK = _SCRIPTS.joinpath("lock.lua").read_text(encoding="utf-8")
 _LIMITS = _SCRIPTS.joinpath("limits.lua").read_text(encoding="utf-8")
@@ -85,6 +88,8 @@ class Usage:
 
     key: str
     in_use: int
+    #: Tasks put back to wait for it in the last minute that have not started since.
+    waiting: int = 0
 
 
 class FlowState(Protocol):
@@ -117,6 +122,7 @@ class RedisFlowState:
         self.lock_prefix = f"{namespace}:__lock__:"
         self.fences = f"{namespace}:__lock_fences__"
         self.limit_prefix = f"{namespace}:__limit__:"
+        self.waiting_prefix = f"{namespace}:__limit_waiting__:"
         self.unique_prefix = f"{namespace}:__unique__:"
         self._lock = client.register_script(_LOCK)
         self._limits = client.register_script(_LIMITS)
@@ -193,7 +199,7 @@ class RedisFlowState:
         for member, limits in items:
             args += [member, len(limits)]
             for spec in limits:
-                keys.append(self.limit_prefix + spec.key)
+                keys += [self.limit_prefix + spec.key, self.waiting_prefix + spec.key]
                 args += [spec.kind, spec.limit, spec.ms]
         return [
             None if int(answer[0]) else Denied(int(answer[1]) - 1, int(answer[2]))
@@ -258,12 +264,17 @@ class RedisFlowState:
     def usage(self) -> list[Usage]:
         now_s, now_us = self.client.time()
         now = int(now_s) * 1000 + int(now_us) // 1000
-        found = []
+        found: dict[str, Usage] = {}
         for key in self.client.scan_iter(match=_glob(self.limit_prefix) + "*", count=500):
             # A lease counts until it ends; a start, for as long as its key lives (its window).
             in_use = int(self.client.zcount(key, now, "+inf")) or int(self.client.zcard(key))
-            found.append(Usage(_text(key)[len(self.limit_prefix) :], in_use))
-        return sorted(found, key=lambda usage: usage.key)
+            name = _text(key)[len(self.limit_prefix) :]
+            found[name] = Usage(name, in_use)
+        for key in self.client.scan_iter(match=_glob(self.waiting_prefix) + "*", count=500):
+            name = _text(key)[len(self.waiting_prefix) :]
+            waiting = int(self.client.zcount(key, now - 60_000, "+inf"))
+            found[name] = Usage(name, found[name].in_use if name in found else 0, waiting)
+        return sorted(found.values(), key=lambda usage: usage.key)
 
     # -- unique tasks ----------------------------------------------------------------------
 
@@ -290,6 +301,7 @@ class MemoryFlowState:
         self._fences: dict[str, int] = {}
         self._limits: dict[str, dict[str, float]] = {}
         self._unique: dict[str, tuple[str, float]] = {}
+        self._waiting: dict[str, dict[str, float]] = {}
 
     @staticmethod
     def _now() -> float:
@@ -344,14 +356,17 @@ class MemoryFlowState:
                     for name in [n for n, end in entries.items() if end <= now]:
                         del entries[name]
                     if member not in entries and len(entries) >= spec.limit:
+                        self._waiting.setdefault(spec.key, {})[member] = now
                         return Denied(index, int(max(0, min(entries.values()) - now)))
                 else:
                     for name in [n for n, at in entries.items() if at <= now - spec.ms]:
                         del entries[name]
                     if len(entries) >= spec.limit:
+                        self._waiting.setdefault(spec.key, {})[member] = now
                         return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
             for spec in limits:
                 entries = self._limits[spec.key]
+                self._waiting.get(spec.key, {}).pop(member, None)
                 if spec.kind == "c":
                     entries[member] = now + spec.ms
                 else:
@@ -387,10 +402,14 @@ class MemoryFlowState:
     def usage(self) -> list[Usage]:
         now = self._now()
         with self.changed:
+            names = sorted({k for k, v in self._limits.items() if v} | {k for k, v in self._waiting.items() if v})
             return [
-                Usage(key, sum(1 for end in entries.values() if end > now) or len(entries))
-                for key, entries in sorted(self._limits.items())
-                if entries
+                Usage(
+                    key,
+                    sum(1 for end in self._limits.get(key, {}).values() if end > now) or len(self._limits.get(key, {})),
+                    sum(1 for at in self._waiting.get(key, {}).values() if at > now - WAITING_MS),
+                )
+                for key in names
             ]
 
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
