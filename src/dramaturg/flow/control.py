@@ -152,12 +152,12 @@ class FlowControl(dramatiq.Middleware):
         declared = declared_of(broker, message.actor_name)
         if declared is None:
             return
-        keys = [render(template, message, f"{limit.describe}") for limit, template in declared.limits]
+        for limit, template in declared.limits:
+            render(template, message, limit.describe)  # a message whose keys cannot be made is refused now
         try:
             state = self.state(broker)
         except StateUnavailable as error:
             raise FlowSendError(f"{error}; {message.actor_name} was not sent") from None
-        del keys  # made only to refuse a message whose keys cannot be made, before it is sent
         if declared.unique is None:
             return
         spec, template = declared.unique
@@ -437,5 +437,8 @@ def send_with_flow(
         )
         return copy
     except BaseException:
-        flow_of(actor.broker).forget_unsent(actor.broker)
+        broker = actor.broker
+        for middleware in broker.middleware:
+            if isinstance(middleware, FlowControl):
+                middleware.forget_unsent(broker)
         raise

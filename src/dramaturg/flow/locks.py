@@ -56,7 +56,7 @@ _held = threading.local()
 
 class Lock:
     """A lock on ``name`` (see the module); made by :func:`lock`. ``token`` is its fencing
-    token while held, None before."""
+    token while held, None before it is acquired and after it is released."""
 
     def __init__(self, name: str, *, ttl: Duration = "30s", wait: Duration = 0, broker: dramatiq.Broker | None = None):
         if not isinstance(name, str) or not name:
