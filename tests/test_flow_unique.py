@@ -175,3 +175,25 @@ def test_without_a_state_store_a_unique_send_says_what_to_set(rabbitmq_server: A
 
     with pytest.raises(dramaturg.FlowSendError, match=r"need a state store.*\[state\] url.*digest was not sent"):
         digest.send()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_send_many_stops_at_a_duplicate_and_unsent_items_give_back_their_keys(broker: dramatiq.Broker) -> None:
+    # Given a unique task queued for product 42
+    @dramaturg.actor(queue_name="flow", unique=dramaturg.unique(key="reindex:{0}"))
+    def reindex(product_id: int) -> None: ...
+
+    reindex.send(42)
+
+    # When a bulk send meets it in its chunk
+    with pytest.raises(dramaturg.BulkSendError, match="DuplicateTask") as raised:
+        reindex.send_many([1, 2, 42, 3])
+
+    # Then the items before it were sent or not (RabbitMQ sends one by one, Redis a chunk at
+    # once): each sent one keeps its key, each unsent one gave its key back
+    sent = raised.value.sent
+    assert sent in (0, 2)
+    for product in (1, 2):
+        again = reindex.send(product)
+        assert bool(again.options.get("dramaturg_duplicate")) == (sent == 2), product
+    assert "dramaturg_duplicate" not in reindex.send(3).options

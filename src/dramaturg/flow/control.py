@@ -172,24 +172,43 @@ class FlowControl(dramatiq.Middleware):
         if holder is not None and holder != message.message_id:
             raise DuplicateTask(key, holder, message.actor_name)
         options[UNIQUE_OPTION] = key
-        self._sending.claim = (key, message.message_id)
+        claims = self._claims()
+        if len(claims) >= 10_000:
+            claims.clear()  # sends whose after-hook never came, and that nobody told us of
+        claims[message.message_id] = key
+
+    def _claims(self) -> dict[str, str]:
+        """Per thread: the unique keys claimed by sends whose enqueue is not done yet, by message id."""
+        claims: dict[str, str] | None = getattr(self._sending, "claims", None)
+        if claims is None:
+            claims = self._sending.claims = {}
+        return claims
 
     def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        claim = getattr(self._sending, "claim", None)
-        if claim is not None and claim[1] == message.message_id:
-            self._sending.claim = None
+        claims = getattr(self._sending, "claims", None)
+        if claims:
+            claims.pop(message.message_id, None)
 
     def forget_unsent(self, broker: dramatiq.Broker) -> None:
-        """Release the unique key this thread's last send claimed, if that send failed
-        after the claim (Dramatiq has no hook for a failed send: ``Actor.send`` calls this)."""
-        claim = getattr(self._sending, "claim", None)
-        if claim is None:
+        """Release the unique keys this thread's sends claimed, if they failed after the
+        claim (Dramatiq has no hook for a failed send: ``Actor.send`` calls this)."""
+        claims = getattr(self._sending, "claims", None)
+        if not claims:
             return
-        self._sending.claim = None
-        try:
-            self.state(broker).unclaim(*claim)
-        except Exception:
-            logger.warning("could not release unique key %r of an unsent message", claim[0], exc_info=True)
+        self._sending.claims = {}
+        for message_id, key in claims.items():
+            self._unclaim(broker, key, message_id)
+
+    def after_unsent_many(self, broker: dramatiq.Broker, messages: Sequence[Any]) -> None:
+        """Messages of ``send_many`` certainly not sent (a chunk that failed, for instance at
+        a duplicate) give back the unique keys they claimed."""
+        claims = getattr(self._sending, "claims", None)
+        if not claims:
+            return
+        for message in messages:
+            key = claims.pop(message.message_id, None)
+            if key:
+                self._unclaim(broker, key, message.message_id)
 
     # -- starting ----------------------------------------------------------------------------
 
