@@ -344,7 +344,7 @@ def test_the_locks_and_limits_commands(flow_project: Any, broker: dramatiq.Broke
     assert json.loads(locks_json.stdout)["token"] == token
     assert limits.returncode == 0, limits.stderr
     assert "per_store: concurrency(2, key='tenant:{store}')" in limits.stdout
-    assert "tenant:fr: 1 in use, 0 waiting" in limits.stdout
+    assert "tenant:fr: 1 in use of 2, 0 waiting" in limits.stdout
     empty = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
     assert empty.stdout.strip() == "no locks held"
 

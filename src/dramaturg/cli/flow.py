@@ -89,20 +89,28 @@ def run_locks(args: argparse.Namespace) -> int:
 
 def run_limits(args: argparse.Namespace) -> int:
     broker, found = _read(args, limit_usage)
+    declared = []
     for name in sorted(broker.actors):
-        declared = declared_of(broker, name)
-        if declared is None:
-            continue
-        for limit, _ in declared.limits:
-            if args.json:
-                print(json.dumps({"actor": name, "limit": limit.describe}))
-            else:
-                print(f"{name}: {limit.describe}")
-    for usage in found:
+        flow = declared_of(broker, name)
+        if flow is not None:
+            declared += [(name, limit, template) for limit, template in flow.limits]
+    for name, limit, _ in declared:
         if args.json:
-            print(json.dumps({"key": usage.key, "in_use": usage.in_use, "waiting": usage.waiting}))
+            print(json.dumps({"actor": name, "limit": limit.describe}))
         else:
-            print(f"  {mask_text(usage.key)}: {usage.in_use} in use, {usage.waiting} waiting")
+            print(f"{name}: {limit.describe}")
+    for usage in found:
+        # The limits whose key template could have made this key (by the actors of worker.modules).
+        limits = sorted({str(limit.limit) for _, limit, template in declared if template.matches(usage.key)})
+        if args.json:
+            print(
+                json.dumps(
+                    {"key": usage.key, "in_use": usage.in_use, "limit": limits or None, "waiting": usage.waiting}
+                )
+            )
+        else:
+            of = f" of {'/'.join(limits)}" if limits else ""
+            print(f"  {mask_text(usage.key)}: {usage.in_use} in use{of}, {usage.waiting} waiting")
     if not found and not args.json:
         print("no limit key in use")
     return EXIT_OK

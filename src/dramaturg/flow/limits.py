@@ -23,6 +23,7 @@ fails at send (:class:`~dramaturg.FlowSendError`, naming the key).
 from __future__ import annotations
 
 import inspect
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class KeyTemplate:
             else:
                 parts.append((literal, "ctx", name, -1))  # a store context value, checked at send
         return cls(text, parts)
+
+    def matches(self, key: str) -> bool:
+        """Whether ``key`` could have been made by this template (for ``dramaturg limits``)."""
+        pattern = "".join(re.escape(literal) + ("" if kind is None else ".+?") for literal, kind, _, _ in self._parts)
+        return re.fullmatch(pattern, key) is not None
 
     def render(self, args: Sequence[Any], kwargs: Mapping[str, Any], context: Mapping[str, Any]) -> str:
         """The key for one message; raises KeyError naming what it lacks."""
