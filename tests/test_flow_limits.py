@@ -162,6 +162,8 @@ def test_a_task_that_waits_says_so_in_its_status_and_spends_no_retry(
         if n == 0:
             started.set()
             release.wait(20)
+        # A task that waited and now runs carries no mark of it (a retry would show "retrying")
+        assert "dramaturg_waiting" not in dramaturg.current_task().message.options
         ran.append(n)
 
     start_worker(threads=2)

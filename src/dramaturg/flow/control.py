@@ -267,6 +267,11 @@ class FlowControl(dramatiq.Middleware):
                 continue
             self._wait(broker, message, (spec, denied.wait_ms), what)
             raise SkipMessage(f"waiting for {what}")
+        if WAITING_OPTION in inner.options:
+            # It waits no more: a copy made of it from now on (a retry, a release) must not
+            # say so in its status, nor back off as if it had waited.
+            inner.options.pop(WAITING_OPTION, None)
+            inner.options.pop(WAITS_OPTION, None)
         if lease_ms:
             message.__dict__[_SLOTS] = ([spec.key for spec in specs if spec.kind == "c"], lease_ms, state)
 
