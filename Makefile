@@ -8,6 +8,7 @@
 #                against compat/differences.toml; COMPAT_ARGS="tests/test_actors.py" runs a part
 #   make chaos   the chaos suite's full run (tests/chaos: more repetitions, the 15 s outage), then
 #                its table in docs/RELIABILITY.md; CHAOS_ARGS="-k redis -x" to narrow it
+#   make screenshots  the dashboard's pictures in docs/operations/dashboard/ (headless Chromium on a private Redis)
 #   make docs    the documentation site (mkdocs.yml, docs/) into site/, warnings as errors
 #   make bench   benchmarks/throughput.py: dramaturg vs bare Dramatiq on Redis and RabbitMQ
 #   make bench-peers  benchmarks/peers.py: dramaturg vs Dramatiq, Celery, RQ and Huey (the bench group),
@@ -23,7 +24,7 @@ CHAOS_ROWS := .chaos-rows.jsonl
 PEERS_ARGS ?= --write benchmarks/RESULTS.md
 COMPAT_ARGS ?=
 
-.PHONY: demo quickstart test lint docs chaos bench bench-peers install clean
+.PHONY: demo quickstart test lint docs chaos bench bench-peers install clean screenshots
 
 install: $(VENV)/.installed
 
@@ -47,6 +48,10 @@ lint: install
 	$(PY) -m ruff format --check src tests benchmarks examples compat docs/_hooks
 	$(PY) -m mypy
 	for example in examples/*/; do $(PY) -m mypy $$example*.py || exit 1; done
+
+# tests/test_dashboard_browser.py's last test fills a private Redis and saves one picture per page.
+screenshots: install
+	DRAMATURG_SCREENSHOTS=docs/operations/dashboard $(PY) -m pytest tests/test_dashboard_browser.py -k screenshots -q -p no:cacheprovider
 
 $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --group docs

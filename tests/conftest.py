@@ -443,3 +443,42 @@ def observed_project(settings: dramaturg.Settings, tmp_path: Path) -> Any:
     observed_tasks.declare()  # declared at the first import; isolated_app forgets them after each test
     write_config(tmp_path, settings, modules=["tests.apps.observed_tasks"])
     return observed_tasks
+
+
+# -- the web dashboard: served by uvicorn in a thread of the test process ----------------
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 and a free port, in a thread;
+    ``url`` is its address. ``stop()`` ends it (the fixture does)."""
+
+    def __init__(self, asgi_app: Any) -> None:
+        import uvicorn
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(asgi_app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
+        self.thread.start()
+        poll_until(lambda: self.server.started or not self.thread.is_alive(), "the dashboard to start", timeout=WAIT_S)
+        assert self.server.started, "the dashboard did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(WAIT_S)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], LiveServer]]:
+    """Serve ASGI apps (the dashboard) for this test; each is stopped at its end."""
+    servers: list[LiveServer] = []
+
+    def start(asgi_app: Any) -> LiveServer:
+        server = LiveServer(asgi_app)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

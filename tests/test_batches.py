@@ -453,16 +453,14 @@ def test_a_member_whose_worker_is_killed_runs_again_and_counts_once(
 ) -> None:
     from tests.apps import crash_tasks
 
-    from .test_recovery import HEARTBEAT_TIMEOUT_S, events, start_workers, wait_for_event
+    from .test_recovery import events, start_workers, wait_for_event
 
     # Given two worker processes (separate groups), and a batch of one member that
     # blocks on its first run
     app.register(crash_tasks.stall)
     write_config(tmp_path, settings, modules=["tests.apps.crash_tasks"])
     crash_log = tmp_path / "crash.log"
-    start_workers(
-        spawn, 2, CRASH_LOG=str(crash_log), DRAMATURG_BROKER_HEARTBEAT_TIMEOUT=str(int(HEARTBEAT_TIMEOUT_S * 1000))
-    )
+    start_workers(spawn, 2, CRASH_LOG=str(crash_log))
     batch = dramaturg.batch("killed")
     with batch:
         crash_tasks.stall.send(120.0)

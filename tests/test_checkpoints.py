@@ -228,16 +228,14 @@ def test_a_worker_killed_mid_task_has_the_next_run_start_at_the_last_checkpoint(
 ) -> None:
     from tests.apps import checkpoint_tasks
 
-    from .test_recovery import HEARTBEAT_TIMEOUT_S, start_workers
+    from .test_recovery import start_workers
 
     # Given two worker processes (separate groups) and a 10,000-row import that
     # checkpoints every 100 rows
     app.register(checkpoint_tasks.import_rows)
     write_config(tmp_path, settings, modules=["tests.apps.checkpoint_tasks"])
     log = tmp_path / "checkpoints.log"
-    start_workers(
-        spawn, 2, CHECKPOINT_LOG=str(log), DRAMATURG_BROKER_HEARTBEAT_TIMEOUT=str(int(HEARTBEAT_TIMEOUT_S * 1000))
-    )
+    start_workers(spawn, 2, CHECKPOINT_LOG=str(log))
     message = checkpoint_tasks.import_rows.send(10_000)
 
     # When the worker running it is killed (SIGKILL) once it is past row 3,000

@@ -57,6 +57,34 @@ def test_a_worker_cli_processes_a_sent_message_and_stops_cleanly_on_sigterm(
     assert pending_messages(broker, "imports") == 0
 
 
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+@pytest.mark.parametrize("command", WORKER_COMMANDS)
+def test_a_worker_process_reads_the_configured_settings_without_importing_pydantic(
+    command: str,
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
+    spawn: Callable[..., Process],
+) -> None:
+    # Given a dramaturg.toml with a time to run, a queue's own and the actor module,
+    # and a variable setting the retries
+    config = write_config(tmp_path, settings, modules=["tests.apps.settings_probe"])
+    config.write_text(config.read_text() + '\n[tasks]\nttr = "90s"\n\n[queues.imports]\nttr = "2m"\n')
+
+    # When a worker started through the CLI runs a task that reports what its process sees
+    worker = spawn(WORKER_COMMANDS[command], PYTHONPATH=str(REPO), DRAMATURG_RETRIES_MAX_RETRIES="7")
+    worker.wait_for_line(READY)
+    sent = run_cli([bin_path("dramaturg"), "send", "probes:report_settings:[]"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert sent.returncode == 0, sent.stderr
+
+    # Then it has the configured settings and where each came from, and no pydantic (~10 MB)
+    worker.wait_for_line(
+        f"pydantic imported: False; tasks.ttr 90000 from {config.resolve()}; queues.imports.ttr 120000;"
+        " retries.max_retries 7 from env DRAMATURG_RETRIES_MAX_RETRIES"
+    )
+    assert worker.stop() == 0, worker.output
+
+
 @pytest.mark.parametrize("broker_kind", ["redis"])
 @pytest.mark.parametrize(
     ("spec", "error"),

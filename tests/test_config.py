@@ -394,3 +394,67 @@ def test_a_config_file_its_group_can_write_is_refused_unless_the_group_is_yours_
         monkeypatch.setattr(config_module, "group_is_yours_alone", lambda gid: False)
     with pytest.raises(dramaturg.ConfigError, match="not read: the config file is writable by its group"):
         load_settings(cwd=tmp_path)
+
+
+def _value_at(settings: Any, key: str) -> Any:
+    value = settings
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def test_settings_handed_to_a_worker_as_data_read_as_the_models_do(tmp_path: Path) -> None:
+    from dramaturg.settings_data import decode, encode
+
+    # Given settings from a file with every kind of value: nested tables, a dict, lists, a password
+    write(
+        tmp_path / "dramaturg.toml",
+        '[broker]\nurl = "redis://:hunter2@127.0.0.1:6379/0"\n\n[worker]\nmodules = ["shop.tasks"]\n'
+        '\n[context]\ndefault = { store = "main", limits = [1, 2] }\n\n[queues.imports]\nttr = "2m"\n'
+        '\n[dashboard]\ntoken = "s3cret-token"\n',
+    )
+    settings = load_settings(cwd=tmp_path)
+
+    # When they are handed over as JSON and read back, as a worker process reads them
+    data = decode(json.loads(json.dumps(encode(settings))))
+
+    # Then every setting reads the same, and so do where each came from and the file
+    for key in settings.flat():
+        assert _value_at(data, key) == _value_at(settings, key), key
+    assert data.context.default == {"store": "main", "limits": [1, 2]}
+    assert data.config_file == settings.config_file == (tmp_path / "dramaturg.toml").resolve()
+    assert data.source_of("broker.url") == settings.source_of("broker.url")
+    assert data.source_of("queues.imports.ttr") == settings.source_of("queues.imports.ttr")
+    assert data.source_of("tasks.ttr") == "default"
+    # and they are read-only, with the password masked when shown
+    with pytest.raises(AttributeError):
+        data.broker.url = "redis://elsewhere"  # type: ignore[misc]
+    assert "hunter2" not in repr(data) and "redis://:***@127.0.0.1:6379/0" in repr(data)
+    # and a secret setting too, whose value is there for the code that asks for it
+    assert data.dashboard.token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in repr(data) and "s3cret-token" not in str(data.dashboard.token)
+
+
+def test_a_section_of_any_shape_is_handed_over_without_code_of_its_own() -> None:
+    from pydantic import BaseModel
+
+    from dramaturg.settings_data import _decode, _encode
+
+    # Given a section no code here knows: a list of tables, each with a property
+    class Entry(BaseModel):
+        actor: str
+        every_ms: int = 60_000
+
+        @property
+        def every_s(self) -> float:
+            return self.every_ms / 1000
+
+    class Schedules(BaseModel):
+        entries: list[Entry] = []
+
+    # When it is handed over as JSON
+    data = _decode(json.loads(json.dumps(_encode(Schedules(entries=[Entry(actor="report"), Entry(actor="b")])))))
+
+    # Then it reads as the models do, properties included
+    assert [entry.actor for entry in data.entries] == ["report", "b"]
+    assert data.entries[0].every_ms == 60_000 and data.entries[0].every_s == 60.0

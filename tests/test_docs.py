@@ -91,7 +91,7 @@ def test_the_configuration_reference_lists_every_setting() -> None:
     reference = load_reference().config_reference()
 
     # Then every settings key is a row of it, with its environment variable
-    keys = [key for key in known_keys() if key != "queues"] + ["queues.<name>.ttr"]
+    keys = [key for key in known_keys() if key not in ("queues", "schedules")] + ["queues.<name>.ttr", "schedules.cron"]
     for key in keys + README_CONFIG_KEYS:
         assert f"| `{key}`" in reference, key
     assert "`DRAMATURG_WORKER_MAX_TASKS_PER_CHILD`" in reference

@@ -11,9 +11,10 @@ import dramaturg
 from dramaturg import errors
 
 #: Public names the package holds that are not its own definitions' (``echo`` is declared
-#: only when asked for, by the package's ``__getattr__``).
+#: only when asked for, by the package's ``__getattr__``; so are the names of
+#: dramaturg.config, whose models import pydantic, which worker processes do without).
 PUBLIC_DUNDERS = {"__version__"}
-LAZY = {"echo"}
+LAZY = {"echo", "BrokerSettings", "RetrySettings", "Settings", "WorkerSettings", "load_settings"}
 #: Modules not imported here: importing dramaturg.worker boots a broker (it is the module
 #: Dramatiq's CLI loads).
 NOT_IMPORTED = {"dramaturg.worker"}

@@ -68,11 +68,14 @@ def wait_for_event(path: Path, matches: Callable[[Event], bool], timeout: float 
 
 
 def start_workers(spawn: Callable[..., Process], count: int, **env: str) -> list[Process]:
-    """``count`` separate ``dramaturg worker -p 1 -t 1``, each its own Dramatiq process group.
+    """``count`` separate ``dramaturg worker -p 1 -t 1``, each its own Dramatiq process group,
+    with a heartbeat timeout of :data:`HEARTBEAT_TIMEOUT_S` (on Redis and embedded) unless
+    ``env`` sets one.
 
     Separate groups because Dramatiq's main process stops all its worker processes when
     one of them dies: the survivor must not be a sibling of the killed one.
     """
+    env.setdefault("DRAMATURG_BROKER_HEARTBEAT_TIMEOUT", str(int(HEARTBEAT_TIMEOUT_S * 1000)))
     workers = [
         spawn([bin_path("dramaturg"), "worker", "-p", "1", "-t", "1"], PYTHONPATH=str(REPO), **env)
         for _ in range(count)
@@ -101,9 +104,7 @@ def test_a_worker_killed_mid_task_has_its_task_run_again_on_another(
     from tests.apps import crash_tasks
 
     # Given two idle workers (a heartbeat timeout of 1 s on Redis; unused on RabbitMQ)
-    workers = start_workers(
-        spawn, 2, CRASH_LOG=str(crash_log), DRAMATURG_BROKER_HEARTBEAT_TIMEOUT=str(int(HEARTBEAT_TIMEOUT_S * 1000))
-    )
+    workers = start_workers(spawn, 2, CRASH_LOG=str(crash_log))
 
     # When a task that blocks on its first run starts on one, whose process is killed
     crash_tasks.stall.send(120.0)

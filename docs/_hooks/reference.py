@@ -130,10 +130,14 @@ def _type(field: Any) -> str:
         text = "integer"
     elif annotation is str:
         text = "text"
+    elif getattr(annotation, "__name__", "") == "SecretStr":
+        text = "text (secret: never shown)"
     elif get_origin(annotation) is list:
-        text = "list of text"
+        text = "list of text" if get_args(annotation)[:1] == (str,) else "list"
     elif get_origin(annotation) is dict:
         text = "table"
+    elif isinstance(annotation, type) and hasattr(annotation, "model_fields"):  # an inline table
+        text = "table: " + ", ".join(f"`{name}`" for name in annotation.model_fields)
     else:
         raise TypeError(f"the configuration reference cannot describe {annotation!r}; teach docs/_hooks/reference.py")
     limits = {
@@ -149,6 +153,8 @@ def _type(field: Any) -> str:
 
 
 def _default(field: Any, said: str | None, key: str) -> str:
+    if field.is_required():
+        return "required"
     if said:
         if field.default is not None and field.default_factory is None:
             # Words beside a value would drift from it: the value is shown as it is.
@@ -195,19 +201,26 @@ def config_reference() -> str:
     for section, section_field in config.Settings.model_fields.items():
         model = section_field.annotation
         prefix, env = section, f"{config.ENV_PREFIX}{section.upper()}"
+        heading = f"[{section}]"
         if get_origin(model) is dict:  # [queues.<name>]: a table of tables
             model = get_args(model)[1]
             prefix = f"{section}.<name>"
+            heading = f"[{prefix}]"
+        elif get_origin(model) is list:  # [[schedules]]: an array of tables
+            model = get_args(model)[0]
+            heading = f"[[{section}]]"
         if not isinstance(model, type) or not hasattr(model, "model_fields"):
             raise TypeError(f"settings section {section!r} is not a model; teach docs/_hooks/reference.py")
         # The first line of a section's docstring is "``[broker]``: which broker, ...".
         title = (inspect.getdoc(model) or "").split("\n", 1)[0].split(": ", 1)[-1]
-        parts += [f"### `[{prefix}]` {{#{section}}}", "", rest_to_markdown(title[:1].upper() + title[1:])]
+        parts += [f"### `{heading}` {{#{section}}}", "", rest_to_markdown(title[:1].upper() + title[1:])]
         intro = _section_doc(model)
         if intro:
             parts += ["", intro]
         if prefix != section:
             parts += ["", f'Environment: `{env}` as JSON, e.g. `{env}=\'{{"imports": {{"ttr": "30m"}}}}\'`.']
+        elif heading.startswith("[["):
+            parts += ["", f"Environment: `{env}` as a JSON list of objects with these keys."]
         parts += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             key = f"{prefix}.{name}"
@@ -217,7 +230,8 @@ def config_reference() -> str:
                     f"{key}: no '#:' comment above the field in src/dramaturg/config.py to say what it means"
                 )
             meaning, said = _meaning(comment)
-            where = f"`{key}`" + ("" if prefix != section else f"<br>`{env}_{name.upper()}`")
+            own_variable = prefix == section and not heading.startswith("[[")
+            where = f"`{key}`" + (f"<br>`{env}_{name.upper()}`" if own_variable else "")
             parts.append(f"| {where} | {_type(field)} | {_default(field, said, key)} | {meaning} |")
         parts.append("")
     return "\n".join(parts)

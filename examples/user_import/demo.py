@@ -235,6 +235,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, help="worker processes (default: worker.processes)")
     parser.add_argument("--threads", type=int, help="threads per worker process (default: worker.threads)")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default: 600)")
+    parser.add_argument(
+        "--no-batch", action="store_true", help="no batch and no report (to measure what the batch costs)"
+    )
     args = parser.parse_args()
     emails = args.emails or EMAILS
     os.environ["USER_IMPORT_EMAILS"] = emails  # for the workers, which read it at import
@@ -261,17 +264,18 @@ def main() -> int:
     worker = start_worker(args.processes, args.threads)
     try:
         started = time.perf_counter()
+        batch: dramaturg.Batch | contextlib.nullcontext[None] = contextlib.nullcontext()
         try:
             # One batch: the imports and the welcomes they send; when all have ended, the report.
-            batch: dramaturg.Batch | contextlib.nullcontext[None] = dramaturg.batch(
-                # message_with_options: the summary, the handler's last argument, comes from the
-                # batch (.message() would have the type checker ask for it here).
-                f"import {path.name}",
-                on_complete=report_import.message_with_options(args=(path.name,)),
-            )
+            if not args.no_batch:
+                batch = dramaturg.batch(
+                    # message_with_options: the summary, the handler's last argument, comes from the
+                    # batch (.message() would have the type checker ask for it here).
+                    f"import {path.name}",
+                    on_complete=report_import.message_with_options(args=(path.name,)),
+                )
         except dramaturg.StateUnavailable as error:
             print(f"no batch ({error}): progress from the queue statistics, and no report")
-            batch = contextlib.nullcontext()
         with batch, dramaturg.context(source=path.name):
             sent = import_user.send_many(rows(path))
         batch_id = batch.id if isinstance(batch, dramaturg.Batch) else None

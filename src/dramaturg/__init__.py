@@ -14,12 +14,14 @@ Run workers with ``dramaturg worker`` or ``dramatiq dramaturg.worker``.
 
 from __future__ import annotations
 
+import typing
+
 from .__about__ import __version__
 from .actors import Actor, actor
 from .app import bootstrap, get_broker, shutdown
 from .batches import Batch, BatchStatus, batch, batch_status, batches
 from .bulk import Call
-from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
+from .cancelling import BatchCancellation, Cancellation, cancel, cancel_batch
 from .drain import DrainSummary, drain
 from .errors import (
     ActorError,
@@ -41,19 +43,30 @@ from .errors import (
     SendError,
     StateUnavailable,
     TaskHeld,
+    TaskNotFound,
 )
 from .flow import Lock, concurrency, lock, locked, rate, unique
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
+from .schedules import periodic
 from .stats import QueueStats, queue_stats
 from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
 
+if typing.TYPE_CHECKING:
+    from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
+
+#: Names of :mod:`dramaturg.config`, imported on first use: the settings models bring in
+#: pydantic (~10 MB), which worker processes do without (see :mod:`dramaturg.settings_data`).
+_FROM_CONFIG = frozenset({"BrokerSettings", "RetrySettings", "Settings", "WorkerSettings", "load_settings"})
+
+
 __all__ = [
     "Actor",
     "ActorError",
     "Batch",
+    "BatchCancellation",
     "BatchNotFound",
     "BatchSendError",
     "BatchStatus",
@@ -63,6 +76,7 @@ __all__ = [
     "BulkSendError",
     "BulkSendInterrupted",
     "Call",
+    "Cancellation",
     "ConfigError",
     "ContextError",
     "DrainSummary",
@@ -88,6 +102,7 @@ __all__ = [
     "SuspendQueue",
     "Task",
     "TaskHeld",
+    "TaskNotFound",
     "TaskOutcome",
     "TaskStatus",
     "WorkerSettings",
@@ -100,6 +115,8 @@ __all__ = [
     "before_task",
     "bind_contextvar",
     "bootstrap",
+    "cancel",
+    "cancel_batch",
     "close_resources",
     "concurrency",
     "context",
@@ -114,6 +131,7 @@ __all__ = [
     "load_settings",
     "lock",
     "locked",
+    "periodic",
     "queue_stats",
     "rate",
     "resource",
@@ -124,6 +142,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    if name in _FROM_CONFIG:
+        from . import config
+
+        value: object = getattr(config, name)
+        globals()[name] = value
+        return value
     # The built-in echo actor is declared only when asked for, so that an application's
     # workers do not consume its queue (idle queues cost workers CPU; see worker.py).
     if name == "echo":

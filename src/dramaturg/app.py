@@ -20,14 +20,15 @@ import dramatiq
 
 from . import brokers
 from .batches.tracker import close_trackers
-from .config import Settings, load_settings, resolve_broker
 from .flow.control import close_flow
 from .masking import install_log_masking, mask_url
 from .middleware import framework_middleware
+from .settings_data import SettingsData
 from .status.recorder import close_stores
 
 if TYPE_CHECKING:
     from .actors import Actor
+    from .config import Settings
 
 __all__ = ["BUILTIN_ACTORS", "bootstrap", "current_settings", "get_broker", "import_actor_modules", "shutdown"]
 
@@ -62,7 +63,10 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
     global _broker, _settings
     install_log_masking()
     _refuse_pickle()
-    settings = resolve_broker(settings if settings is not None else load_settings())
+    if not isinstance(settings, SettingsData):  # a worker's settings come resolved, without pydantic
+        from .config import load_settings, resolve_broker
+
+        settings = resolve_broker(settings if settings is not None else load_settings())
     with _lock:
         previous = _broker
         broker = brokers.create_broker(settings.broker, framework_middleware(settings))
@@ -182,3 +186,8 @@ def registered_actors() -> dict[str, Actor[..., object]]:
 
 def current_broker_or_none() -> dramatiq.Broker | None:
     return _broker
+
+
+def current_settings_or_none() -> Settings | None:
+    """The settings of the current broker, or None before :func:`bootstrap` (no side effects)."""
+    return _settings

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import dramatiq
 
-from .errors import StateUnavailable
+from .state_redis import state_redis
 from .task import RunOutcome, run_of
 
 if TYPE_CHECKING:
@@ -167,13 +167,13 @@ class RunCheckpoint:
 
 
 #: The outcomes after which a task never runs again: its checkpoint goes with it.
-_ENDED = frozenset({RunOutcome.SUCCEEDED, RunOutcome.REJECTED})
+_ENDED = frozenset({RunOutcome.SUCCEEDED, RunOutcome.REJECTED, RunOutcome.CANCELLED})
 
 
 class Checkpoints(dramatiq.Middleware):
     """Keeps the checkpoints of the broker's tasks (a handler reaches it through
     :meth:`dramaturg.Task.checkpoint`), and deletes the checkpoint of a task that ended for
-    good (succeeded, or was rejected)."""
+    good (succeeded, was rejected, or was cancelled)."""
 
     def __init__(self, url: str | None, ttl_ms: int, namespace: str = "dramaturg") -> None:
         self.url = url
@@ -197,17 +197,7 @@ class Checkpoints(dramatiq.Middleware):
 
         if broker is None or isinstance(broker, StubBroker):  # eager mode's broker is a stub broker too
             return MemoryCheckpointStore(ttl_ms=self.ttl_ms)
-        if self.url:
-            import redis
-
-            return RedisCheckpointStore(redis.Redis.from_url(self.url), namespace=self.namespace, ttl_ms=self.ttl_ms)
-        client = getattr(broker, "client", None)
-        if client is None:
-            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-            raise StateUnavailable(
-                f"checkpoints need a state store, and the {kind} broker has none of its own:"
-                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-            )
+        client = state_redis(broker, self.url, needs="checkpoints need")
         return RedisCheckpointStore(client, namespace=self.namespace, ttl_ms=self.ttl_ms)
 
     def for_run(self, broker: dramatiq.Broker, message_id: str) -> RunCheckpoint:

@@ -37,20 +37,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .durations import parse_ms
 from .errors import ConfigError, did_you_mean
-from .masking import mask_text, mask_url, userinfo_end
+from .masking import MASK, mask_text, mask_url, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
     "BatchSettings",
     "BrokerSettings",
+    "DashboardSettings",
+    "DrainScheduleSettings",
     "LogSettings",
     "QueueSettings",
     "RetrySettings",
+    "ScheduleSettings",
     "Settings",
     "StateSettings",
     "TaskSettings",
@@ -292,6 +304,23 @@ class LogSettings(BaseModel):
     format: Literal["text", "json"] = "text"
 
 
+class DashboardSettings(BaseModel):
+    """``[dashboard]``: the web dashboard (``dramaturg dashboard``, see :mod:`dramaturg.dashboard`).
+
+    Without ``token`` the dashboard is read-only: it shows queues, held tasks, task
+    status and batches, and kicks or purges nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The admin token: whoever signs in with it may kick and purge held tasks. Unset:
+    #: read-only. Prefer ``DRAMATURG_DASHBOARD_TOKEN`` to writing it in a file.
+    token: SecretStr | None = None
+    #: Where ``dramaturg dashboard`` listens, ``host:port``; an address other than loopback
+    #: also needs ``--allow-remote``.
+    bind: str = Field(default="127.0.0.1:8700", min_length=1)
+
+
 class QueueSettings(BaseModel):
     """``[queues.<name>]``: defaults for the tasks of one queue."""
 
@@ -300,6 +329,63 @@ class QueueSettings(BaseModel):
     #: The time to run of this queue's tasks; a message's or an actor's ``ttr`` wins over it.
     #: Default: ``[tasks] ttr``
     ttr: DurationMs | None = Field(default=None, gt=0)
+
+
+class DrainScheduleSettings(BaseModel):
+    """``drain = { queues = [...], budget = "50s" }`` in a ``[[schedules]]`` table: at each
+    slot one scheduler works the queues for the budget (Drupal's cron queues; see
+    :func:`dramaturg.drain`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The queues to work.
+    queues: StrList = Field(min_length=1)
+    #: How long to take tasks at each slot (keep it under the interval).
+    budget: DurationMs = Field(gt=0)
+    #: Tasks run at once.
+    threads: int = Field(default=8, ge=1)
+
+
+class ScheduleSettings(BaseModel):
+    """``[[schedules]]``: periodic tasks, each slot fired once (see :mod:`dramaturg.schedules`).
+
+    One table per schedule::
+
+        [[schedules]]
+        id = "nightly-cleanup"
+        cron = "0 3 * * *"                 # or every = "30s"
+        timezone = "Europe/Paris"
+        actor = "shop.tasks:cleanup"
+        args = [30]
+
+    Only the shape is checked here; the expression, the time zone, the actor and its
+    arguments are checked when a scheduler starts (``dramaturg schedule list`` checks them too).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The schedule's name, unique among all schedules (code and file): its ledger is kept by it.
+    id: str = Field(min_length=1)
+    #: A cron expression (five fields), read in ``timezone``.
+    cron: str | None = None
+    #: Or a fixed interval (``"30s"``, ``"5m"``), slots aligned on the Unix epoch.
+    every: DurationMs | None = None
+    #: The actor to send: ``"module:attribute"`` (``"shop.tasks:cleanup"``); or give ``drain``.
+    actor: str | None = Field(default=None, min_length=1)
+    #: Instead of an actor: work queues for a budget at each slot, ``{ queues = ["imports"], budget = "50s" }``.
+    drain: DrainScheduleSettings | None = None
+    #: Its positional arguments (JSON).
+    args: list[Any] = []
+    #: Its keyword arguments (JSON).
+    kwargs: dict[str, Any] = {}
+    #: The IANA time zone the cron expression is read in.
+    timezone: str = "UTC"
+    #: While the previous firing has not ended: ``queue`` (send anyway), ``skip`` (leave the
+    #: slot out) or ``cancel-previous`` (cancel that firing, then send the slot).
+    overlap: Literal["queue", "skip", "cancel-previous"] = "queue"
+    #: After a time with no scheduler running, fire the missed slots of this last window, each
+    #: once, oldest first. Default: none (a slot fires at most a minute late)
+    catch_up: DurationMs | None = None
 
 
 class Settings(BaseSettings):
@@ -325,8 +411,11 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     batch: BatchSettings = BatchSettings()
     log: LogSettings = LogSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     #: Per-queue defaults: ``[queues.imports] ttr = "30m"``.
     queues: dict[str, QueueSettings] = {}
+    #: Periodic tasks: ``[[schedules]]`` tables (see :class:`ScheduleSettings`).
+    schedules: list[ScheduleSettings] = []
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _config_file: Path | None = PrivateAttr(default=None)
@@ -351,7 +440,8 @@ class Settings(BaseSettings):
     def source_of(self, key: str) -> str:
         """Where the value of a dotted ``key`` came from: a file, a variable, or "default"."""
         parts = key.split(".")
-        for n in range(len(parts), 1, -1):  # queues.imports.ttr falls back to queues.imports
+        # queues.imports.ttr falls back to queues.imports; a whole section ([[schedules]]) is its own
+        for n in range(len(parts), 1 if len(parts) > 1 else 0, -1):
             source = self._sources.get(".".join(parts[:n]))
             if source is not None:
                 return source
@@ -362,6 +452,9 @@ class Settings(BaseSettings):
         flat: dict[str, Any] = {}
         for section_name in type(self).model_fields:
             section = getattr(self, section_name)
+            if isinstance(section, list):  # [[schedules]]: ``dramaturg schedule list`` shows them
+                flat[section_name] = [item.model_dump(exclude_defaults=True) for item in section]
+                continue
             tables = (
                 {f"{section_name}.{name}": table for name, table in section.items()}
                 if isinstance(section, dict)
@@ -370,6 +463,8 @@ class Settings(BaseSettings):
             for prefix, table in tables.items():
                 for key in type(table).model_fields:
                     value = getattr(table, key)
+                    if isinstance(value, SecretStr):  # shown as set or not, never in clear
+                        value = MASK
                     flat[f"{prefix}.{key}"] = mask_url(value) if key in _URL_KEYS else value
         return flat
 
@@ -596,6 +691,8 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
             message = f"unknown section [{loc[0]}]" + (hint or f" (sections: {sections})")
         else:
             section_keys = [k.split(".", 1)[1] for k in known_keys() if k.startswith(loc[0] + ".")]
+            if loc[0] == "schedules":  # [[schedules]]: a list of tables, its keys are the model's
+                section_keys = list(ScheduleSettings.model_fields)
             hint = did_you_mean(loc[-1], section_keys)
             listed = ", ".join(section_keys)
             message = f"{key}: unknown key" + (hint or f" (keys: {listed})")

@@ -46,7 +46,8 @@ _TICK_S = 0.05
 @dataclass(frozen=True)
 class DrainSummary:
     """What a drain did. ``released``: requeued untouched (interrupted at the grace limit,
-    or its queue was suspended)."""
+    or its queue was suspended); ``cancelled``: skipped or interrupted on request
+    (:func:`dramaturg.cancel`), never counted as processed, retried or held."""
 
     queues: tuple[str, ...]
     processed: int
@@ -55,11 +56,14 @@ class DrainSummary:
     released: int
     left: int
     seconds: float
+    cancelled: int = 0
 
     def line(self) -> str:
+        cancelled = f", {self.cancelled:,} cancelled" if self.cancelled else ""
         return (
             f"drained {', '.join(self.queues)} in {self.seconds:.1f} s: {self.processed:,} processed,"
-            f" {self.retried:,} retried, {self.held:,} held, {self.released:,} released, {self.left:,} left"
+            f" {self.retried:,} retried, {self.held:,} held, {self.released:,} released{cancelled},"
+            f" {self.left:,} left"
         )
 
 
@@ -148,6 +152,7 @@ def drain(
         released=counts[RunOutcome.RELEASED],
         left=sum(_pending(broker, name) for name in names),
         seconds=seconds,
+        cancelled=counts[RunOutcome.CANCELLED],
     )
 
 

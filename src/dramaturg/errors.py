@@ -23,6 +23,9 @@
      +-- KickError              held tasks could not be requeued; they stay held
      +-- StateUnavailable       task status without a state store ([state] url unset on RabbitMQ)
      +-- BatchNotFound          no batch has that id (never made, or expired after [batch] ttl)
+     +-- TaskNotFound           dramaturg.cancel(): no task has that id (never sent, or its
+     |                          record expired after [state] ttl)
+     +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
      +-- LockTimeout            dramaturg.lock(): another held the lock for all of ``wait``
      +-- LockLost               release or renew of a lock this holder no longer holds (ttl passed)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
@@ -74,9 +77,11 @@ __all__ = [
     "LockTimeout",
     "NotInTask",
     "Poison",
+    "ScheduleNotFound",
     "SendError",
     "StateUnavailable",
     "TaskHeld",
+    "TaskNotFound",
     "UsageError",
     "did_you_mean",
 ]
@@ -220,6 +225,19 @@ class BatchNotFound(DramaturgError):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"no batch {batch_id!r}: never made, or expired after it ended ([batch] ttl)")
         self.batch_id = batch_id
+
+
+class TaskNotFound(DramaturgError):
+    """No task is known by this message id: never sent, or its status record expired
+    ``[state] ttl`` after its last change (see :func:`dramaturg.cancel`)."""
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"no task {message_id!r}: never sent, or its record expired ([state] ttl)")
+        self.message_id = message_id
+
+
+class ScheduleNotFound(DramaturgError):
+    """No schedule (in code or the config file) has this id."""
 
 
 class BatchSendError(SendError, MiddlewareError):

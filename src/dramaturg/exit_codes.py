@@ -8,6 +8,7 @@ uses for a module that cannot be imported and a broker that cannot be reached.
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_ALREADY_ENDED",
     "EXIT_BROKER_UNREACHABLE",
     "EXIT_CONFIG",
     "EXIT_FAILURE",
@@ -23,6 +24,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: The broker did not answer (the same code Dramatiq's worker uses).
 EXIT_BROKER_UNREACHABLE = 3
+#: ``dramaturg cancel`` / ``batch cancel``: the task (or batch) had already ended; nothing changed.
+EXIT_ALREADY_ENDED = 4
 #: sysexits.h EX_CONFIG: the configuration is invalid.
 EXIT_CONFIG = 78
 #: Stopped by Ctrl-C (SIGINT): 128 + 2, as a shell reports it.

@@ -128,6 +128,7 @@ class RunOutcome(StrEnum):
     RELEASED = "released"  #: put back untouched (its worker stopped, or its queue was suspended)
     REJECTED = "rejected"  #: into the dead-letter queue: its outcome could not be written
     UNSETTLED = "unsettled"  #: neither acknowledged nor rejected: the broker was unreachable; it runs again
+    CANCELLED = "cancelled"  #: cancelled (skipped, or interrupted) on request; acknowledged, never retried
 
 
 class Run:

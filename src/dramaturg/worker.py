@@ -24,11 +24,11 @@ import dramatiq
 
 from . import brokers, logs
 from .app import BUILTIN_ACTORS, bootstrap, import_actor_modules
-from .config import load_settings
 from .errors import ConfigError
 from .exit_codes import EXIT_CONFIG
 from .masking import install_log_masking
 from .middleware import recycle, shutdown
+from .settings_data import load_worker_settings
 
 __all__ = ["broker"]
 
@@ -78,7 +78,7 @@ def _boot() -> dramatiq.Broker:
     logs.apply(os.environ.get(logs.LOG_FORMAT_ENV))  # before anything logs; a config file's choice follows
     _debounce_sigterm()
     try:
-        settings = load_settings()
+        settings = load_worker_settings()  # checked as load_settings() does, without pydantic here
         logs.apply(settings.log.format)
         if settings.broker.type == "eager":
             from .brokers.eager import NO_WORKERS

@@ -29,7 +29,7 @@ from dramatiq.logging import get_logger
 
 from .. import app, bulk, resources
 from ..errors import ActorError, did_you_mean
-from ..middleware.ttr import StopRequested, TimeToRunExceeded
+from ..middleware.ttr import INTERRUPTS
 from ..task import Hold, Success, current_run, current_task_or_none
 
 __all__ = ["Actor", "actor"]
@@ -187,7 +187,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
             result = call_with_hooks(finished, *args, **kwargs) if hooked else enter(entered, args, kwargs)
         except Success as outcome:
             result = outcome.value
-        except (TimeToRunExceeded, StopRequested) as interrupt:
+        except INTERRUPTS as interrupt:
             # Raised once the handler (and its hooks) had returned: at the end of the call
             # that ran it (in `enter` or here, with the handler entered), or after the
             # hooks: the task finished in time. Landing here or in `enter` before the
@@ -204,7 +204,7 @@ def _runner(handler: Callable[..., Any], actor_name: str) -> Callable[..., Any]:
         # contextlib.suppress: an interrupt could land in its __enter__, outside it.)
         try:  # noqa: SIM105
             _disarm_current_deadline()
-        except (TimeToRunExceeded, StopRequested):
+        except INTERRUPTS:
             pass  # delivered while disarming: the handler had returned
         return result
 
@@ -342,11 +342,17 @@ def _check_option_values(where: str, options: dict[str, Any]) -> None:
 
 @functools.cache
 def _framework_actor_options() -> frozenset[str]:
-    from ..config import Settings
     from ..middleware import framework_middleware
 
+    # The middleware that take actor options are in the stack whatever the settings say:
+    # those of the current broker serve (a worker's, read without pydantic), else the defaults.
+    settings = app.current_settings_or_none()
+    if settings is None:
+        from ..config import Settings
+
+        settings = Settings.model_construct()
     names: set[str] = set()
-    for middleware in framework_middleware(Settings.model_construct()):
+    for middleware in framework_middleware(settings):
         names |= set(middleware.actor_options)
     return frozenset(names)
 

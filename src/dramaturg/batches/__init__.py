@@ -32,7 +32,8 @@
 The state lives in the state store (``[state] url``, else the broker's own Redis; in
 memory in eager mode) and expires ``[batch] ttl`` (default 7 days) after the batch
 ends. How and when it is written: :mod:`dramaturg.batches.writer`. Cancelling a batch
-is not there yet.
+(its members that have not ended): :func:`dramaturg.cancel_batch`; a cancelled member
+counts as ``cancelled``, neither succeeded nor failed.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ import uuid
 from collections.abc import Iterator
 from contextvars import Token
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
 from ..errors import BatchNotFound, BrokerUnreachable
 from .summary import BatchStatus, MemberProgress, from_fields
 from .tracker import _current, current_batch_id, tracker_of
+
+if TYPE_CHECKING:
+    from ..cancelling import BatchCancellation
 
 __all__ = ["Batch", "BatchStatus", "MemberProgress", "batch", "batch_status", "batches"]
 
@@ -118,6 +122,12 @@ class Batch:
     def status(self) -> BatchStatus:
         """:func:`batch_status` of this batch."""
         return batch_status(self.id, self.broker)
+
+    def cancel(self, *, by: str | None = None) -> BatchCancellation:
+        """:func:`dramaturg.cancel_batch` of this batch: its members that have not ended are cancelled."""
+        from ..cancelling import cancel_batch
+
+        return cancel_batch(self.id, by=by, broker=self.broker)
 
     def __repr__(self) -> str:
         return f"<Batch {self.name!r} {self.id}>"

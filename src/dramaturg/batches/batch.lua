@@ -2,18 +2,19 @@
 --
 -- KEYS[1]: the prefix of batch keys, "<namespace>:__batch__:". A batch <id> has
 --   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
---                     held, on_complete/on_success (the callbacks' messages, JSON),
+--                     held, cancelled, on_complete/on_success (the callbacks' messages, JSON),
 --                     complete/success ("firing" once fired, "sent" once published),
---                     finished_at, parent, parent_member
+--                     finished_at, parent, parent_member, cancel_requested_by/_at
 --   <prefix><id>:m    hash: member message id -> "p" sent, "r" running, "s" succeeded,
---                     "f" failed (rejected), "h" held (counted as failed too)
+--                     "f" failed (rejected), "h" held (counted as failed too),
+--                     "c" cancelled (ended, neither succeeded nor failed)
 --   <prefix><id>:p    hash: running member -> "<fraction>|<text>" (its last progress())
 -- ARGV[1]: the operation; the rest are its arguments:
 --   add   <id> <member>...                  -> members new to it (-1: no such batch)
 --   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
 --   drop  <id> <now ms> <ttl ms> <member>... -> members added but certainly not sent leave
 --                                              it (those still "p"); what fires then
---   end   <now ms> <ttl ms> (<id> <member> <s|f|h>)...
+--   end   <now ms> <ttl ms> (<id> <member> <s|f|h|c>)...
 --                                           -> per member: "gone" (no such batch), or the
 --                                              events that fire (on one member per batch)
 --   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
@@ -32,10 +33,10 @@ local op = ARGV[1]
 -- it is "firing", and the callback's message id, derived from batch id and event, makes
 -- that the same message.
 local function fire(meta, now, ttl, repeated)
-  local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success')
+  local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled')
   if f[1] ~= '1' then return '' end
   local total, succeeded, failed = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
-  if succeeded + failed < total then return '' end
+  if succeeded + failed + (tonumber(f[7]) or 0) < total then return '' end
   local events = {}
   if not f[5] then
     redis.call('HSET', meta, 'complete', 'firing', 'finished_at', now)
@@ -122,10 +123,14 @@ if op == 'end' then
         elseif old == 'h' then
           redis.call('HINCRBY', meta, 'failed', -1)
           redis.call('HINCRBY', meta, 'held', -1)
+        elseif old == 'c' then
+          redis.call('HINCRBY', meta, 'cancelled', -1)
         end
         redis.call('HSET', members, member, new)
         if new == 's' then
           redis.call('HINCRBY', meta, 'succeeded', 1)
+        elseif new == 'c' then
+          redis.call('HINCRBY', meta, 'cancelled', 1)
         else
           redis.call('HINCRBY', meta, 'failed', 1)
           if new == 'h' then redis.call('HINCRBY', meta, 'held', 1) end

@@ -6,14 +6,17 @@ inline as on workers:
 - ``create``: a new batch, open (not sealed), no members;
 - ``add``: members by message id, before they are sent (a member already in it is not
   counted again);
-- ``end``: members that ended, succeeded ("s"), failed ("f": rejected) or held ("h",
-  counted as failed too), for many members at once; what fires for each;
+- ``end``: members that ended, succeeded ("s"), failed ("f": rejected), held ("h",
+  counted as failed too) or cancelled ("c": ended, neither succeeded nor failed), for
+  many members at once; what fires for each;
 - ``seal``: no member is added from outside any more (members may still add members to
   it); what fires;
 - ``drop``: members added but certainly not sent (their send failed) leave it; what
   fires then;
 - ``note``: best-effort news of members (running, waiting again, progress);
-- ``sent``: a callback was published.
+- ``sent``: a callback was published;
+- ``unended``: the members that have not ended (for cancelling a batch), and
+  ``describe``: fields that only tell (who asked for it to be cancelled, and when).
 
 What "fires" is ``complete`` (sealed, and every member has ended) and ``success``
 (sealed, and every member succeeded), each once: a compare-and-set in the same atomic
@@ -45,7 +48,7 @@ __all__ = ["BatchState", "MemoryBatchState", "RedisBatchState", "fired", "progre
 _SCRIPT = resources.files("dramaturg.batches").joinpath("batch.lua").read_text(encoding="utf-8")
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
-#: An end to record: (batch id, member message id, "s" | "f" | "h").
+#: An end to record: (batch id, member message id, "s" | "f" | "h" | "c").
 End = tuple[str, str, str]
 #: A note: (batch id, member message id, "r" running | "w" waiting again | "g" progress, value).
 Note = tuple[str, str, str, str]
@@ -72,6 +75,8 @@ class BatchState(Protocol):
     def close(self) -> None: ...
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None: ...
     def ids(self, limit: int) -> list[str]: ...
+    def unended(self, batch_id: str) -> list[str]: ...
+    def describe(self, batch_id: str, fields: Mapping[str, str]) -> None: ...
 
 
 class RedisBatchState:
@@ -103,6 +108,7 @@ class RedisBatchState:
             "succeeded": 0,
             "failed": 0,
             "held": 0,
+            "cancelled": 0,
             **fields,
         }
         with self.client.pipeline(transaction=True) as pipe:
@@ -163,6 +169,19 @@ class RedisBatchState:
             return None
         return _texts(meta), _texts(progress)
 
+    def unended(self, batch_id: str) -> list[str]:
+        """The members of ``batch_id`` that have not ended (sent, or running), read in steps."""
+        return [
+            _text(member)
+            for member, state in self.client.hscan_iter(self.prefix + batch_id + ":m", count=1000)
+            if state in (b"p", b"r", "p", "r")
+        ]
+
+    def describe(self, batch_id: str, fields: Mapping[str, str]) -> None:
+        """Set fields of the batch that only tell something (never a count), if it exists."""
+        if self.client.exists(self.prefix + batch_id):
+            self.client.hset(self.prefix + batch_id, mapping=dict(fields))  # type: ignore[arg-type]
+
     def ids(self, limit: int) -> list[str]:
         """The newest ``limit`` batches' ids, newest first; ids whose batch expired are dropped."""
         found = [_text(i) for i in self.client.zrevrange(self.index, 0, max(0, limit - 1))]  # type: ignore[arg-type]
@@ -197,7 +216,15 @@ class MemoryBatchState:
         return found
 
     def create(self, batch_id: str, fields: Mapping[str, str]) -> None:
-        meta: dict[str, Any] = {"sealed": "0", "total": 0, "running": 0, "succeeded": 0, "failed": 0, "held": 0}
+        meta: dict[str, Any] = {
+            "sealed": "0",
+            "total": 0,
+            "running": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "held": 0,
+            "cancelled": 0,
+        }
         with self._lock:
             self._batches[batch_id] = ({**meta, **fields}, {}, {}, [None])
 
@@ -254,8 +281,10 @@ class MemoryBatchState:
                     elif old in ("f", "h"):
                         meta["failed"] -= 1
                         meta["held"] -= old == "h"
+                    elif old == "c":
+                        meta["cancelled"] -= 1
                     members[member] = new
-                    meta["succeeded" if new == "s" else "failed"] += 1
+                    meta["succeeded" if new == "s" else "cancelled" if new == "c" else "failed"] += 1
                     meta["held"] += new == "h"
                     progress.pop(member, None)
                 answers.append(self._fire(found, repeated=repeated))
@@ -263,7 +292,7 @@ class MemoryBatchState:
 
     def _fire(self, found: tuple[dict[str, Any], Any, Any, list[float | None]], *, repeated: bool) -> list[str]:
         meta = found[0]
-        if meta["sealed"] != "1" or meta["succeeded"] + meta["failed"] < meta["total"]:
+        if meta["sealed"] != "1" or meta["succeeded"] + meta["failed"] + meta["cancelled"] < meta["total"]:
             return []
         events = []
         if "complete" not in meta:
@@ -316,6 +345,17 @@ class MemoryBatchState:
             if found is None:
                 return None
             return {k: str(v) for k, v in found[0].items()}, dict(found[2])
+
+    def unended(self, batch_id: str) -> list[str]:
+        with self._lock:
+            found = self._get(batch_id)
+            return [] if found is None else [m for m, state in found[1].items() if state in ("p", "r")]
+
+    def describe(self, batch_id: str, fields: Mapping[str, str]) -> None:
+        with self._lock:
+            found = self._get(batch_id)
+            if found is not None:
+                found[0].update(fields)
 
     def ids(self, limit: int) -> list[str]:
         with self._lock:

@@ -27,8 +27,9 @@ class MemberProgress:
 class BatchStatus:
     """Where a batch stands. Counts are members; times are ms since the epoch.
 
-    ``failed`` counts every member that ended without succeeding: held ones (``held``
-    says how many of them) and rejected ones. ``pending`` are sent and not started (or
+    ``failed`` counts the members that ended in failure: held ones (``held`` says how
+    many of them) and rejected ones; ``cancelled`` those cancelled (never counted as
+    failed). ``pending`` are sent and not started (or
     waiting for a retry); ``running`` have started and not ended.
     """
 
@@ -56,10 +57,15 @@ class BatchStatus:
     #: The batch this one is a member of, if any.
     parent: str | None = None
     progress: list[MemberProgress] = field(default_factory=list)
+    #: Members cancelled (:func:`dramaturg.cancel`, or the batch's cancel).
+    cancelled: int = 0
+    #: Who asked for the batch to be cancelled, and when (ms since the epoch), if anyone did.
+    cancel_requested_by: str | None = None
+    cancel_requested_at: int | None = None
 
     @property
     def ended(self) -> int:
-        return self.succeeded + self.failed
+        return self.succeeded + self.failed + self.cancelled
 
     def to_dict(self) -> dict[str, Any]:
         """Its fields as JSON-ready values (``progress`` as a list of objects)."""
@@ -69,8 +75,9 @@ class BatchStatus:
 def from_fields(batch_id: str, meta: Mapping[str, str], progress: Mapping[str, str] | None = None) -> BatchStatus:
     """A :class:`BatchStatus` from a batch's stored fields and its running members' progress."""
     total, succeeded, failed = int(meta.get("total", 0)), int(meta.get("succeeded", 0)), int(meta.get("failed", 0))
+    cancelled = int(meta.get("cancelled", 0))
     running = max(0, int(meta.get("running", 0)))
-    ended = succeeded + failed
+    ended = succeeded + failed + cancelled
     pending = max(0, total - ended - running)
     started_at = int(meta.get("created_at", 0))
     finished_at = int(meta["finished_at"]) if meta.get("finished_at") else None
@@ -112,4 +119,7 @@ def from_fields(batch_id: str, meta: Mapping[str, str], progress: Mapping[str, s
         succeeded_all="success" in meta,
         parent=meta.get("parent") or None,
         progress=sorted(shown, key=lambda p: p.message_id),
+        cancelled=cancelled,
+        cancel_requested_by=meta.get("cancel_requested_by") or None,
+        cancel_requested_at=int(meta["cancel_requested_at"]) if meta.get("cancel_requested_at") else None,
     )

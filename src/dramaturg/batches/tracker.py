@@ -13,15 +13,16 @@ broker's consumer acknowledges the message.
   (:meth:`BatchTracker.forget_unsent`, and ``after_unsent_many`` for ``send_many``). A
   message that carries the option already (a retry, a release, a kick, a message of
   ``send_many``, whose chunk joined at once) is a member already.
-- **Ending** (``after_process_message``): succeeded, held or rejected ends the member,
+- **Ending** (``after_process_message``): succeeded, held, rejected or cancelled ends the member,
   written before the acknowledgement (:mod:`dramaturg.batches.writer` says why and how
   it stays cheap); a retry or a release makes it wait again. What the end fires is
   published from the same thread.
 - **Firing**: a callback is a copy of the message given as ``on_complete`` /
   ``on_success``, with the batch's summary (:meth:`BatchStatus.to_dict`) as its last
   argument and the message id derived from batch id and event; a batch that is a member
-  of another then ends as that member: succeeded when all its members did, else failed
-  (and succeeded later if kicks make it so).
+  of another then ends as that member: succeeded when all its members did, cancelled
+  when none failed but some were cancelled, else failed (and succeeded later if kicks
+  make it so).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import dramatiq
 
 from ..errors import BatchNotFound, BatchSendError, StateUnavailable, TaskHeld
 from ..held import durable_write
+from ..state_redis import state_redis
 from ..task import RunOutcome, Task, current_task_or_none, progress_observers, run_of
 from .state import BatchState, End, MemoryBatchState, RedisBatchState
 from .summary import from_fields
@@ -120,17 +122,7 @@ class BatchTracker(dramatiq.Middleware):
     def _make_state(self, broker: dramatiq.Broker) -> BatchState:
         if getattr(broker, "runs_inline", False):
             return MemoryBatchState(ttl_ms=self.ttl_ms)
-        if self.url:
-            import redis
-
-            return RedisBatchState(redis.Redis.from_url(self.url), namespace=self.namespace, ttl_ms=self.ttl_ms)
-        client = getattr(broker, "client", None)
-        if client is None:
-            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-            raise StateUnavailable(
-                f"batches need a state store, and the {kind} broker has none of its own:"
-                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-            )
+        client = state_redis(broker, self.url, needs="batches need")
         return RedisBatchState(client, namespace=self.namespace, ttl_ms=self.ttl_ms)
 
     def writer(self, broker: dramatiq.Broker) -> BatchWriter:
@@ -246,6 +238,8 @@ class BatchTracker(dramatiq.Middleware):
             code = "h"
         elif outcome is RunOutcome.REJECTED:
             code = "f"
+        elif outcome is RunOutcome.CANCELLED:
+            code = "c"
         else:  # retried, released: it runs again; unsettled: the broker gives it back
             self.writer(broker).note((batch_id, message.message_id, "w", ""))
             return
@@ -312,6 +306,8 @@ class BatchTracker(dramatiq.Middleware):
         parent = meta.get("parent")
         if parent:
             code = "s" if int(meta.get("succeeded", 0)) == int(meta.get("total", 0)) else "f"
+            if code == "f" and int(meta.get("failed", 0)) == 0:
+                code = "c"  # none failed: some were cancelled
             parent_events = self.writer(broker).end_durably((parent, meta.get("parent_member", ""), code))
             if parent_events:
                 self.fire(broker, parent, parent_events)

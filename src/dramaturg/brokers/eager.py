@@ -22,18 +22,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq import Consumer, Message, Middleware
 from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_loop_thread
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import SkipMessage
 
-from ..config import BrokerSettings
 from ..errors import DramaturgError, TaskHeld
 from ..held import HeldTask
 from ..task import outcome_of
 from .stub import StubBroker
+
+if TYPE_CHECKING:
+    from ..config import BrokerSettings
 
 __all__ = ["EagerBroker", "create_broker", "ping"]
 

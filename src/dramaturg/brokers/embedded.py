@@ -42,16 +42,18 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import redis
 from dramatiq import Middleware
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..config import BrokerSettings, embedded_path
 from ..errors import BrokerNotInstalled, BrokerUnreachable
 from .redis import RedisBroker, no_retry, ping_client, read_timeout_ms
+
+if TYPE_CHECKING:
+    from ..config import BrokerSettings
 
 __all__ = ["EmbeddedBroker", "EmbeddedServer", "create_broker", "ping"]
 
@@ -288,6 +290,8 @@ class EmbeddedBroker(RedisBroker):
 
 def server_for(settings: BrokerSettings) -> EmbeddedServer:
     assert settings.url is not None
+    from ..config import embedded_path  # here: importing the config's models costs memory
+
     return EmbeddedServer(embedded_path(settings.url), fsync=settings.fsync)
 
 

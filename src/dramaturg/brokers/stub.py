@@ -17,18 +17,20 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq import Consumer, Middleware
 from dramatiq.brokers.stub import StubBroker as _DramatiqStubBroker
 
 from .. import suspension
-from ..config import BrokerSettings
 from ..held import HeldStore, HeldTask
 from ..queues import canonical_queue
 from ..stats import QueueStats, StatsReader
 from ..task import outcome_of
 from .hooks import HookDispatch
+
+if TYPE_CHECKING:
+    from ..config import BrokerSettings
 
 __all__ = ["StubBroker", "StubHeldStore", "StubStatsReader", "create_broker", "ping"]
 

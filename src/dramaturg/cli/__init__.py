@@ -1,5 +1,5 @@
 """The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
-``batch``, ``locks``, ``limits``, ``config``.
+``cancel``, ``batch``, ``scheduler``, ``schedule``, ``locks``, ``limits``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
@@ -31,7 +31,21 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, config_cmd, drain, flow, held, send, stats, status, worker
+from . import (
+    batch,
+    cancel,
+    config_cmd,
+    dashboard,
+    drain,
+    flow,
+    held,
+    schedule,
+    scheduler,
+    send,
+    stats,
+    status,
+    worker,
+)
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -67,9 +81,20 @@ examples:
   # What became of a task: queued, running, succeeded, retrying, held, ...
   $ dramaturg status 1f0c2d7e-...
 
+  # Cancel a task (skipped if waiting, interrupted if running, purged if held), or a batch
+  $ dramaturg cancel 1f0c2d7e-...
+  $ dramaturg batch cancel 6a1f...
+
   # Where a batch stands; a progress bar until it ends
   $ dramaturg batch show 6a1f...
   $ dramaturg batch watch 6a1f...
+
+  # Fire the periodic tasks (on every host if you like: each slot fires once)
+  $ dramaturg scheduler
+  $ dramaturg schedule list
+
+  # A web page of queues and held tasks (kick, purge) on http://127.0.0.1:8700
+  $ dramaturg dashboard
 
   # Locks held now; limits declared and the keys in use
   $ dramaturg locks list
@@ -108,7 +133,21 @@ def make_parser() -> argparse.ArgumentParser:
         " (default: log.format, else text)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, drain, send, held, stats, status, batch, flow, config_cmd):
+    for module in (
+        worker,
+        scheduler,
+        drain,
+        send,
+        held,
+        stats,
+        status,
+        cancel,
+        batch,
+        schedule,
+        flow,
+        config_cmd,
+        dashboard,
+    ):
         module.add_parser(subparsers)
     return parser
 

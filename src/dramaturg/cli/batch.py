@@ -1,8 +1,9 @@
 """``dramaturg batch list|show|watch``: batches of tasks (see :mod:`dramaturg.batches`).
 
-Exit codes: 0 when the batch is known (``watch``: once it is complete), 1 for an unknown
-(or expired) batch id, 3 when the state store does not answer, 78 when there is no
-state store. ``batch cancel`` is not there yet (it comes with cancelling tasks).
+Exit codes: 0 when the batch is known (``watch``: once it is complete; ``cancel``: its
+members that had not ended are cancelled), 1 for an unknown (or expired) batch id, 4
+when ``cancel`` finds the batch complete already (nothing changed), 3 when the state
+store does not answer, 78 when there is no state store.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from ..batches import BatchStatus, batch_status, batches
+from ..cancelling import cancel_batch
 from ..errors import BatchNotFound, BrokerUnreachable, ConfigError, StateUnavailable
-from ..exit_codes import EXIT_FAILURE, EXIT_OK
+from ..exit_codes import EXIT_ALREADY_ENDED, EXIT_FAILURE, EXIT_OK
 from ..masking import mask_text
 from .common import boot, duration_ms
 
@@ -26,8 +28,7 @@ examples:
   $ dramaturg batch show 6a1f...               # counts, rate, ETA, the running members' progress
   $ dramaturg batch show 6a1f... --json        # the same as one JSON object
   $ dramaturg batch watch 6a1f...              # a progress bar until every member has ended
-
-not yet: dramaturg batch cancel (it comes with cancelling tasks)
+  $ dramaturg batch cancel 6a1f...             # cancel every member that has not ended
 """
 
 #: Characters of the progress bar ``watch`` draws.
@@ -37,7 +38,7 @@ BAR_WIDTH = 30
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "batch",
-        help="batches of tasks: list, show, watch",
+        help="batches of tasks: list, show, watch, cancel",
         description="Show batches of tasks: how many members succeeded, failed, are held, running or"
         " pending, the rate and the time left.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,6 +57,13 @@ def add_parser(subparsers: Any) -> None:
     watch.add_argument("batch_id", metavar="ID", help="the batch's id (batch.id)")
     watch.add_argument("--every", default="1s", help="how often to redraw (default: 1s)")
     watch.set_defaults(run=run_watch)
+    cancelling = commands.add_parser(
+        "cancel", help="cancel the members that have not ended: skipped if waiting, interrupted if running"
+    )
+    cancelling.add_argument("batch_id", metavar="ID", help="the batch's id (batch.id)")
+    cancelling.add_argument("--by", help="who asks, shown in the batch's status (default: user@host)")
+    cancelling.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
+    cancelling.set_defaults(run=run_cancel)
 
 
 def _read(args: argparse.Namespace) -> BatchStatus:
@@ -122,6 +130,22 @@ def run_watch(args: argparse.Namespace) -> int:
         time.sleep(every_s)
 
 
+def run_cancel(args: argparse.Namespace) -> int:
+    import redis
+
+    _, broker = boot(args)
+    try:
+        answer = cancel_batch(args.batch_id, by=args.by, broker=broker)
+    except BatchNotFound as error:
+        return _unknown(error)
+    except StateUnavailable as error:
+        raise ConfigError(str(error)) from None
+    except redis.RedisError as error:
+        raise BrokerUnreachable(f"the state store did not answer: {type(error).__name__}: {error}") from None
+    print(json.dumps(answer.to_dict()) if args.json else f"{args.batch_id}: {answer.detail}")
+    return EXIT_ALREADY_ENDED if answer.state == "complete" else EXIT_OK
+
+
 def _unknown(error: BatchNotFound) -> int:
     print(f"dramaturg: {error}", file=sys.stderr)
     return EXIT_FAILURE
@@ -139,7 +163,8 @@ def bar(status: BatchStatus) -> str:
 
 
 def summary_words(status: BatchStatus) -> str:
-    return f"{status.succeeded} succeeded, {status.failed} failed ({status.held} held) of {status.total}" + (
+    cancelled = f", {status.cancelled} cancelled" if status.cancelled else ""
+    return f"{status.succeeded} succeeded, {status.failed} failed ({status.held} held){cancelled} of {status.total}" + (
         f" in {_duration(((status.finished_at or 0) - status.started_at) / 1000)}" if status.finished_at else ""
     )
 
@@ -158,6 +183,7 @@ def describe(status: BatchStatus) -> str:
         ("total", status.total),
         ("succeeded", status.succeeded),
         ("failed", f"{status.failed} ({status.held} held)"),
+        ("cancelled", status.cancelled or None),
         ("running", status.running),
         ("pending", status.pending),
         ("percent", f"{status.percent:.1f}%"),
@@ -167,11 +193,16 @@ def describe(status: BatchStatus) -> str:
         ("finished at", _at(status.finished_at)),
         ("all succeeded", "yes" if status.succeeded_all else None),
         ("parent", status.parent),
+        ("cancel", _asked(status.cancel_requested_by, status.cancel_requested_at)),
     ]
     lines += [f"  {name + ':':<14}{value}" for name, value in rows if value is not None]
     for member in status.progress:
         lines.append(f"  {member.message_id}: {member.fraction * 100:.0f}% {mask_text(member.text)}")
     return "\n".join(lines)
+
+
+def _asked(by: str | None, at: int | None) -> str | None:
+    return None if by is None else f"asked by {mask_text(by)} at {_at(at)}"
 
 
 def _duration(seconds: float | None) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import app
 from ..errors import UsageError, did_you_mean
+from ..schedules import missed_slots
 from ..stats import QueueStats, queue_stats, stats_reader, totals
 from .common import boot, duration_ms
 
@@ -77,14 +78,20 @@ def run(args: argparse.Namespace) -> int:
         queues = list(args.queues) or None
         while True:
             rows = queue_stats(queues, broker)
+            try:
+                missed = missed_slots(broker)
+            except Exception:  # a ledger that cannot be read leaves the queues' numbers alone
+                missed = {}
             if args.json:
-                print(json.dumps(document(rows), indent=None if interval_ms else 2), flush=True)
+                print(json.dumps(document(rows, missed), indent=None if interval_ms else 2), flush=True)
             else:
                 if interval_ms and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")  # home and clear: redraw in place
                 if interval_ms:
                     print(f"every {args.watch.strip()}, {_now()} (Ctrl-C to stop)")
                 print(table(rows), flush=True)
+                if missed:
+                    print(schedules_line(missed), flush=True)
             if queues is not None and interval_ms is None:
                 _note_unknown(rows, stats_reader(broker).known_queues())
             if interval_ms is None:
@@ -109,9 +116,16 @@ def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def document(rows: Sequence[QueueStats]) -> dict[str, Any]:
-    """The JSON of one refresh: ``{"time": ..., "queues": [row, ...]}`` (``null``: unknown)."""
-    return {"time": _now(), "queues": [asdict(row) for row in rows]}
+def document(rows: Sequence[QueueStats], missed: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON of one refresh: ``{"time": ..., "queues": [row, ...], "missed_slots": {schedule: n}}``
+    (``null``: unknown; ``missed_slots``: the registered schedules', see :mod:`dramaturg.schedules`)."""
+    return {"time": _now(), "queues": [asdict(row) for row in rows], "missed_slots": dict(missed or {})}
+
+
+def schedules_line(missed: dict[str, int]) -> str:
+    """``schedules: 2, missed slots: 3 (nightly 3)``"""
+    late = ", ".join(f"{schedule_id} {count}" for schedule_id, count in missed.items() if count)
+    return f"schedules: {len(missed)}, missed slots: {sum(missed.values())}" + (f" ({late})" if late else "")
 
 
 def table(rows: Sequence[QueueStats]) -> str:

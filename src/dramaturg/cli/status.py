@@ -22,7 +22,7 @@ examples:
   $ dramaturg status 1f0c2d7e-...            # one line of what it is doing, then the details
   $ dramaturg status 1f0c2d7e-... --json     # the same as one JSON object
 
-states: queued, delayed, running, succeeded, retrying, held, failed, unknown
+states: queued, delayed, running, succeeded, retrying, held, failed, cancelled, unknown
 """
 
 
@@ -30,8 +30,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "status",
         help="what became of a task, by its message id",
-        description="Tell what became of a task: queued, delayed, running, succeeded, retrying, held, failed"
-        " or unknown, with the last error.",
+        description="Tell what became of a task: queued, delayed, running, succeeded, retrying, held, failed,"
+        " cancelled or unknown, with the last error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -72,6 +72,7 @@ def describe(status: TaskStatus) -> str:
         ("progress", _progress(status)),
         ("reason", status.reason),
         ("last error", status.last_error),
+        ("cancel", _asked(status)),
         ("updated at", _at(status.updated_at)),
     ]
     lines += [f"  {name + ':':<13}{mask_text(str(value))}" for name, value in rows if value is not None]
@@ -94,9 +95,19 @@ def headline(status: TaskStatus) -> str:
         return f"{status.reason}; next try at {_at(status.eta)}"
     if state == "failed":
         return "failed: it could not be retried or held, and was rejected into the dead-letter queue"
+    if state == "cancelled":
+        return f"cancelled at {_at(status.finished_at)}" + (
+            f" (asked by {status.cancel_requested_by})" if status.cancel_requested_by else ""
+        )
     if state == "unknown":
         return "unknown" + (f": {status.reason}" if status.reason else " (never sent, or its record expired)")
     return state
+
+
+def _asked(status: TaskStatus) -> str | None:
+    if status.cancel_requested_by is None:
+        return None
+    return f"asked by {status.cancel_requested_by} at {_at(status.cancel_requested_at)}"
 
 
 def _progress(status: TaskStatus) -> str | None:

@@ -2,8 +2,11 @@
 
 It checks the configuration and the broker first (a clear line and exit code 78 or 3
 instead of a wall of tracebacks from every process), then hands over to Dramatiq's CLI
-with ``dramaturg.worker`` as the broker module. Children read the same config file:
-its absolute path is passed to them in ``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
+with ``dramaturg.worker`` as the broker module, in a fresh process: it replaces itself
+(same pid) with ``python -m dramaturg.worker_group``, so that the worker processes
+Dramatiq forks do not carry what this one imported (see :mod:`dramaturg.worker_group`).
+Children read the same config file: its absolute path is passed to them in
+``DRAMATURG_CONFIG``. SIGTERM and SIGINT stop
 the workers cleanly (running tasks finish within ``worker.shutdown_timeout``).
 
 With ``--metrics-port`` (``worker.metrics_port``) the worker group serves Prometheus
@@ -11,6 +14,11 @@ metrics (see :mod:`dramaturg.middleware.metrics`): the port is checked before an
 starts, and the group counts in a fresh directory that is removed when it exits.
 The log format (``dramaturg --log-format``) reaches the worker processes in
 ``DRAMATURG_LOG_FORMAT``.
+
+With ``--scheduler`` a ``dramaturg scheduler`` process runs beside the worker processes
+(its schedules checked here first: exit 78 before any worker starts); the worker group
+starts it and stops it when it stops (:mod:`dramaturg.worker_group`). Any number of
+worker groups may run one: each slot fires once (see :mod:`dramaturg.schedules`).
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
-from .. import brokers, logs
+from .. import brokers, logs, worker_group
 from ..config import CONFIG_ENV, load_settings
 from ..errors import ConfigError
 from ..middleware import metrics
@@ -68,6 +78,11 @@ def add_parser(subparsers: Any) -> None:
         "--metrics-host",
         metavar="HOST",
         help="the address the metrics server listens on (default: worker.metrics_host, else 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        action="store_true",
+        help="also run a scheduler process for @periodic and [[schedules]] (default: no)",
     )
     parser.add_argument("--pid-file", help="write the main process's pid here (default: none)")
     parser.add_argument("--log-file", help="write logs here (default: stderr)")
@@ -126,15 +141,51 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", args.log_file]
     argv += ["--verbose"] * args.verbose
+    if args.scheduler:
+        _check_schedules(args)
+    # Made before the scheduler starts, so that it counts there too.
+    directory = None if port is None else _metrics_directory()
+    stop_s = settings.worker.shutdown_timeout / 1000 + 30  # a drain in progress ends within its budget and grace
+    if os.name == "posix" and sys.executable:  # Dramatiq forks the worker processes from a fresh, smaller process
+        exec_worker_group(argv, remove=directory, scheduler_stop_s=stop_s if args.scheduler else None)
     logs.apply_to_dramatiq_cli()
-    if port is None:
+    scheduler = worker_group.start_scheduler() if args.scheduler else None
+    try:
         code: int = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
-        return code
-    # A fresh directory for this worker group's counts (see dramaturg.middleware.metrics).
+    finally:
+        if scheduler is not None:
+            worker_group.stop_scheduler(scheduler, stop_s)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    return code
+
+
+def _check_schedules(args: argparse.Namespace) -> None:
+    """Refuse to start (ConfigError: exit 78) when a schedule is bad or has no ledger."""
+    from .. import app
+    from .scheduler import build
+
+    build(args)
+    app.shutdown()
+
+
+def _metrics_directory() -> str:
+    """A fresh directory for this worker group's counts (see dramaturg.middleware.metrics)."""
     directory = tempfile.mkdtemp(prefix="dramaturg-metrics-")
     os.environ[metrics.MULTIPROC_ENV] = directory
-    try:
-        code = dramatiq_cli.main(dramatiq_cli.make_argument_parser().parse_args(argv))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return code
+    return directory
+
+
+def exec_worker_group(argv: list[str], *, remove: str | None, scheduler_stop_s: float | None = None) -> NoReturn:
+    """Replace this process with ``python -m dramaturg.worker_group`` running Dramatiq's CLI
+    with ``argv`` (see :mod:`dramaturg.worker_group`): the same pid, environment and
+    interpreter flags, without this process's modules (pydantic among them), which
+    Dramatiq's forked worker processes would otherwise carry. ``remove``: a directory
+    the group removes when it exits; ``scheduler_stop_s``: the group runs a scheduler
+    process, and waits this long for it to stop when it exits."""
+    command = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "dramaturg.worker_group"]  # type: ignore[attr-defined]
+    command += [*(["--remove", remove] if remove is not None else [])]
+    command += [*(["--scheduler", str(scheduler_stop_s)] if scheduler_stop_s is not None else []), "--", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)

@@ -19,7 +19,8 @@ context, status and batch middleware, whose hooks see a task that waits as one p
 - **Run**: the task's slots are leases (default: its ttr), renewed by its ``touch()``;
   a worker killed mid-task frees them when they end.
 - **End** (``after_process_message``, ``after_skip_message``): its slots are released
-  whatever the outcome; its unique key on a terminal one (succeeded, held, rejected), or
+  whatever the outcome; its unique key on a terminal one (succeeded, held, rejected,
+  cancelled), or
   when it started (``until="started"``).
 
 Why a delayed copy and not a parked list kicked when a slot frees: the copy is the
@@ -84,7 +85,7 @@ FIRST_WAIT_MS = 100
 #: The attribute of a processed message (Dramatiq's proxy) naming the slots it holds.
 _SLOTS = "_dramaturg_slots"
 #: Outcomes after which a task never runs again (None: its handler returned).
-_TERMINAL = frozenset({None, RunOutcome.SUCCEEDED, RunOutcome.HELD, RunOutcome.REJECTED})
+_TERMINAL = frozenset({None, RunOutcome.SUCCEEDED, RunOutcome.HELD, RunOutcome.REJECTED, RunOutcome.CANCELLED})
 
 
 def declared_of(broker: dramatiq.Broker, actor_name: str) -> Declared | None:
@@ -130,17 +131,9 @@ class FlowControl(dramatiq.Middleware):
 
         if getattr(broker, "runs_inline", False) or isinstance(broker, StubBroker):
             return MemoryFlowState()
-        if self.url:
-            import redis
+        from ..state_redis import state_redis
 
-            return RedisFlowState(redis.Redis.from_url(self.url), namespace=self.namespace)
-        client = getattr(broker, "client", None)
-        if client is None:
-            kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-            raise StateUnavailable(
-                f"locks, limits and unique tasks need a state store, and the {kind} broker has none of its own:"
-                ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-            )
+        client = state_redis(broker, self.url, needs="locks, limits and unique tasks need")
         return RedisFlowState(client, namespace=self.namespace)
 
     # -- sending -----------------------------------------------------------------------------

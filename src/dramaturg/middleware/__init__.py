@@ -20,6 +20,7 @@ from dramatiq.middleware import (
 )
 
 from ..batches.tracker import BatchTracker
+from ..cancelling.watch import CancelWatch
 from ..checkpoints import Checkpoints
 from ..flow.control import FlowControl
 from ..resources import Resources
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchTracker",
+    "CancelWatch",
     "Checkpoints",
     "ConsumerTimeoutCheck",
     "FlowControl",
@@ -94,6 +96,9 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that the deadline is armed last, just before the handler runs.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),
+        # After TimeToRun: a cancelled task is interrupted through the deadline it armed, and
+        # one cancelled before it ran is stopped here, with every other before-hook done.
+        *([CancelWatch(state.url, state.ttl, settings.broker.namespace)] if track_state else []),
         DaemonAsyncIO(),
         GracefulShutdown(settings.worker.shutdown_timeout),
         WorkerConfig(
@@ -111,13 +116,14 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
 
 class OutcomeCallbacks(Callbacks):
     """Dramatiq's ``on_success``/``on_failure`` callbacks, not called for a task that was
-    only released (put back untouched by a stopping worker or a suspended queue)."""
+    only released (put back untouched by a stopping worker or a suspended queue), nor for
+    one that was cancelled (not a failure)."""
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         if exception is not None:
             run = run_of(message)
-            if run is not None and run.outcome is RunOutcome.RELEASED:
+            if run is not None and run.outcome in (RunOutcome.RELEASED, RunOutcome.CANCELLED):
                 return
         super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]

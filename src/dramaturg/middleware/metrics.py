@@ -9,7 +9,8 @@ waiting in ``imports.DQ`` counts for ``imports``) and ``actor``:
   ``succeeded``, ``retried``, ``held``, ``released`` (put back untouched: its worker
   stopped, or its queue was suspended), ``rejected`` (into the dead-letter queue),
   ``unsettled`` (its outcome could not be written while the broker was unreachable: it
-  runs again) and ``skipped`` (Dramatiq's age limit);
+  runs again), ``cancelled`` (on request: skipped when taken, or interrupted; never a
+  failure) and ``skipped`` (Dramatiq's age limit);
 - ``dramaturg_task_failures_total{queue, actor, exception}``: runs that ended in an
   exception (a TTR interrupt too), by the exception's class name; the outcomes a handler
   asks for (``retry()``, ``hold()``, ``success()``) are not failures;
@@ -56,7 +57,7 @@ import dramatiq
 from .. import task as task_module
 from ..queues import canonical_queue
 from ..task import RunOutcome, TaskOutcome, run_of, start_run
-from .ttr import StopRequested, TimeToRunExceeded
+from .ttr import StopRequested, TaskCancelled, TimeToRunExceeded
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -262,7 +263,7 @@ class Metrics(dramatiq.Middleware):
         else:
             outcome = run.outcome
         failure = None
-        if exception is not None and not isinstance(exception, TaskOutcome | StopRequested):
+        if exception is not None and not isinstance(exception, TaskOutcome | StopRequested | TaskCancelled):
             failure = type(exception).__name__
         with self._lock:
             if seconds is not None:

@@ -10,6 +10,8 @@ failed publish loses the task. Here:
 - ``retry(delay)``, Dramatiq's ``Retry``, or any other exception publishes a copy with
   ``retries`` + 1 after the delay (or an exponential backoff with jitter), and the
   original is acknowledged only once the copy is published (with confirms on RabbitMQ);
+- a task cancelled on request (:func:`dramaturg.cancel`: skipped when taken, or
+  interrupted while it runs) is acknowledged, never retried nor held;
 - ``hold(reason)``, an exception listed in the actor's ``hold_on``, or a failure after
   ``max_retries`` retries stores the task in the held store with its reason, traceback
   and attempts, and only then acknowledges the original;
@@ -77,7 +79,7 @@ from ..task import (
 )
 from ..unknown_actors import unknown_actor_reason
 from .shutdown import stopping
-from .ttr import StopRequested, TimeToRunExceeded
+from .ttr import StopRequested, TaskCancelled, TimeToRunExceeded
 
 __all__ = ["Outcomes", "StopRequested", "hold_poison", "outcome_of", "unknown_actor_reason"]
 
@@ -170,6 +172,27 @@ class Outcomes(dramatiq.Middleware):
                     broker, message, error, "interrupted as its worker stopped; could not be requeued"
                 )
             _log_failure(level, message, exception, retries, max_retries, next_step)
+            return
+
+        if isinstance(exception, TaskCancelled):
+            # Cancelled on request (dramaturg.cancel): done with, not the task's failure.
+            start_run(message).outcome = RunOutcome.CANCELLED
+            logger.info(
+                "%s (message %s, attempt %d) was cancelled %s; acknowledged, not retried",
+                message.actor_name,
+                message.message_id,
+                retries + 1,
+                "while it ran" if str(exception) != "cancelled before it ran" else "before it ran",
+                extra={
+                    "dramaturg": {
+                        "actor": message.actor_name,
+                        "message_id": message.message_id,
+                        "queue": queue,
+                        "attempt": retries + 1,
+                        "next": "cancelled",
+                    }
+                },
+            )
             return
 
         if isinstance(exception, SuspendQueue) and getattr(broker, "runs_inline", False):

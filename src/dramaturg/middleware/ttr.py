@@ -41,7 +41,7 @@ from dramatiq.middleware import Interrupt
 from ..queues import canonical_queue
 from ..task import run_of, start_run
 
-__all__ = ["Deadline", "StopRequested", "TimeToRun", "TimeToRunExceeded"]
+__all__ = ["INTERRUPTS", "Deadline", "StopRequested", "TaskCancelled", "TimeToRun", "TimeToRunExceeded"]
 
 logger = logging.getLogger("dramaturg.ttr")
 
@@ -55,6 +55,19 @@ class StopRequested(Interrupt):
 
     The task is requeued untouched (not counted as an attempt) and runs again later.
     """
+
+
+class TaskCancelled(Interrupt):
+    """Raised in a task that was cancelled (:func:`dramaturg.cancel`) while it ran, or
+    just before its handler would have run. It is delivered as the TTR interrupt is (see
+    :mod:`dramaturg.cancelling.watch`); the task ends as cancelled: acknowledged, never
+    retried, never counted as failed.
+    """
+
+
+#: The interrupts raised in a handler's thread from outside it: a handler's wrapper that
+#: catches one after the handler returned knows the task had finished (see the module).
+INTERRUPTS: tuple[type[Interrupt], ...] = (TimeToRunExceeded, StopRequested, TaskCancelled)
 
 
 class Deadline:

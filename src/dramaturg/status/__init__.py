@@ -3,8 +3,9 @@
 ``send()`` returns a message whose ``message_id`` names the task for its whole life
 (retries and kicks keep it). :func:`task_status` tells what became of it: queued,
 delayed (until when), running (on which worker, since when), succeeded (when, how
-long), retrying (attempt n, next run at), held (reason), failed, or unknown, with the
-last error. ``dramaturg status ID`` prints the same, and a running task's last ``task.progress()``.
+long), retrying (attempt n, next run at), held (reason), failed, cancelled (who asked,
+when), or unknown, with the last error. ``dramaturg status ID`` prints the same, and a
+running task's last ``task.progress()``.
 
 Where it is kept: the state store (:mod:`dramaturg.status.store`), ``[state] url`` when
 set, else the broker's own Redis on the Redis and embedded brokers. On RabbitMQ without
@@ -42,7 +43,7 @@ class TaskStatus:
 
     message_id: str
     #: queued, delayed, waiting (for a limit: the reason says which), running, succeeded,
-    #: retrying, held, failed or unknown.
+    #: retrying, held, failed, cancelled or unknown.
     state: str
     queue: str | None = None
     actor: str | None = None
@@ -65,6 +66,10 @@ class TaskStatus:
     #: running: its last ``task.progress()``, 0.0 to 1.0, and its words.
     progress: float | None = None
     progress_text: str | None = None
+    #: Who asked for it to be cancelled (:func:`dramaturg.cancel`'s ``by``), and when (ms
+    #: since the epoch): a cancelled task's, or a request not yet carried out.
+    cancel_requested_by: str | None = None
+    cancel_requested_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -130,11 +135,30 @@ def task_status(message_id: str, broker: dramatiq.Broker | None = None) -> TaskS
     if record is None:
         return TaskStatus(message_id=message_id, state="unknown")
     status = from_record(message_id, record)
+    if status.state in _CANCELLABLE and unavailable is None:
+        status = _with_request(status, broker)
     # "queued" too: when a worker starts a task before its sender's news of it is
     # recorded, the record may say queued while it runs (the newer stamp wins).
     if status.state in {"running", "queued"} and unavailable is None:
         status = _with_progress(status, state_store(broker))
     return status
+
+
+#: The states in which a task may have a cancel request to tell of.
+_CANCELLABLE = frozenset({"queued", "delayed", "retrying", "running", "cancelled"})
+
+
+def _with_request(status: TaskStatus, broker: dramatiq.Broker) -> TaskStatus:
+    """``status`` with who asked for the task to be cancelled, and when, if anyone did."""
+    from ..cancelling.watch import watch_of
+
+    try:
+        request = watch_of(broker).requests(broker).get(status.message_id)
+    except StateUnavailable:
+        return status
+    if request is None:
+        return status
+    return replace(status, cancel_requested_by=request.by, cancel_requested_at=request.at)
 
 
 def _with_progress(status: TaskStatus, store: StateStore) -> TaskStatus:
@@ -157,7 +181,7 @@ def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:
     eta = _int(record.get("eta"))
     if state == "delayed" and eta is not None and eta <= time.time() * 1000:
         state = "queued"  # due: it waits on its queue now
-    keep_times = state in {"running", "succeeded", "failed", "unknown"}
+    keep_times = state in {"running", "succeeded", "failed", "cancelled", "unknown"}
     return TaskStatus(
         message_id=message_id,
         state=state,
@@ -168,12 +192,15 @@ def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:
         eta=eta if state in {"delayed", "retrying", "waiting"} else None,
         worker=record.get("worker") if keep_times else None,
         started_at=_int(record.get("started_at")) if keep_times else None,
-        finished_at=_int(record.get("finished_at")) if state in {"succeeded", "failed", "unknown"} else None,
-        duration_ms=_int(record.get("duration_ms")) if state in {"succeeded", "failed", "unknown"} else None,
+        finished_at=_int(record.get("finished_at")) if state in _ENDED else None,
+        duration_ms=_int(record.get("duration_ms")) if state in _ENDED else None,
         reason=reason,
         last_error=record.get("last_error") or None,
         updated_at=int(record["at"] * 1000) if "at" in record else None,
     )
+
+
+_ENDED = frozenset({"succeeded", "failed", "cancelled", "unknown"})
 
 
 def _int(value: Any) -> int | None:

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
-from ..errors import StateUnavailable
 from ..queues import canonical_queue
+from ..state_redis import no_store_reason, state_redis
 from ..task import RunOutcome
 
 if TYPE_CHECKING:
@@ -354,6 +354,10 @@ def _shared_json(queue_name: str, actor: str, worker: str) -> tuple[str, str]:
     return found
 
 
+#: What a task's status says of a run that ended so, where it is not "succeeded" (nor held).
+_ENDED_AS = {RunOutcome.REJECTED: "failed", RunOutcome.CANCELLED: "cancelled"}
+
+
 def _apply_runs(
     runs: list[tuple[Any, ...]],
     pending: dict[str, list[Any]],
@@ -408,7 +412,7 @@ def _apply_runs(
                 state = "held"
                 text += f',"reason":{json.dumps(reason or "")}'
             else:
-                state = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
+                state = _ENDED_AS.get(outcome, "succeeded")
         older = made.get(message_id)
         if older is None or at >= older[0]:
             made[message_id] = (at, f'{at:017.6f}|{{"state":"{state}",{text}}}')
@@ -439,7 +443,7 @@ def _merge_run(
             fields["state"] = "held"
             fields["reason"] = reason or ""
         else:
-            fields["state"] = "failed" if outcome == RunOutcome.REJECTED else "succeeded"
+            fields["state"] = _ENDED_AS.get(outcome, "succeeded")
     entry = pending[message_id]
     if at >= entry[0]:
         pending[message_id] = [at, {**entry[1], **fields}]
@@ -473,23 +477,7 @@ def store_for(broker: dramatiq.Broker, url: str | None, ttl_ms: int, namespace: 
 
     Raises :class:`~dramaturg.errors.StateUnavailable` when the broker has no Redis of its own.
     """
-    if url:
-        import redis
-
-        return StateStore(redis.Redis.from_url(url), namespace=namespace, ttl_ms=ttl_ms)
-    client = getattr(broker, "client", None)
-    if client is None:
-        raise StateUnavailable(no_store_reason(broker))
-    return StateStore(client, namespace=namespace, ttl_ms=ttl_ms)
-
-
-def no_store_reason(broker: dramatiq.Broker) -> str:
-    """Why ``broker`` has no state store, and what to set."""
-    kind = getattr(getattr(broker, "settings", None), "type", None) or type(broker).__name__
-    return (
-        f"task status needs a state store, and the {kind} broker has none of its own:"
-        ' set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
-    )
+    return StateStore(state_redis(broker, url, needs="task status needs"), namespace=namespace, ttl_ms=ttl_ms)
 
 
 def _text(value: bytes | str) -> str:

@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions
@@ -20,7 +20,6 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import ConnectionClosed
 
-from ...config import BrokerSettings
 from ...durations import format_ms
 from ...masking import mask_url
 from ...queues import BANDS
@@ -30,6 +29,9 @@ from .connection import connection_parameters
 from .consumer import RabbitmqConsumer
 from .held import RabbitmqHeldStore
 from .stats import RabbitmqStatsReader
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["RabbitmqBroker", "create_broker"]
 

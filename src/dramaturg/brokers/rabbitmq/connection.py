@@ -13,14 +13,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions
 
-from ...config import BrokerSettings
 from ...errors import BrokerUnreachable, ConfigError
 from ...masking import mask_url
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["connection_parameters", "error_text", "ping", "quiet_pika", "unreachable"]
 

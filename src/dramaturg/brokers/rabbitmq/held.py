@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions
@@ -17,11 +17,13 @@ from dramatiq import Message
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 from dramatiq.common import current_millis, dq_name
 
-from ...config import BrokerSettings
 from ...errors import BrokerUnreachable, SendError
 from ...held import HeldStore, HeldTask, KickError
 from ...queues import canonical_queue
 from .connection import error_text, unreachable
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["MAX_QUEUE_BYTES", "RabbitmqHeldStore", "held_queue"]
 

@@ -32,19 +32,21 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
 
-from ...config import BrokerSettings
 from ...errors import BrokerUnreachable
 from ...masking import mask_url
 from ...queues import canonical_queue
 from ...stats import QueueStats, StatsReader
 from .connection import error_text, quiet_pika, unreachable
 from .held import held_queue
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["RabbitmqStatsReader", "management_url"]
 

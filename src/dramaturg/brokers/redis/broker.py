@@ -23,7 +23,6 @@ from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 
 from ...bulk import new_ids
-from ...config import BrokerSettings
 from ...masking import mask_url
 from ...queues import canonical_queue, lanes
 from ..hooks import HookDispatch
@@ -37,6 +36,7 @@ from .stats import RedisStatsReader
 
 if TYPE_CHECKING:
     from ...bulk import EnqueueHooks
+    from ...config import BrokerSettings
 
 __all__ = ["RedisBroker", "create_broker"]
 

@@ -12,15 +12,17 @@ import os
 import socket
 import time
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...config import BrokerSettings
 from ...errors import BrokerUnreachable, ConfigError
 from ...masking import mask_url
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = [
     "MAX_READ_TIMEOUT_MS",

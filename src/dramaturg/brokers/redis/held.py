@@ -22,16 +22,18 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 
-from ...config import BrokerSettings
 from ...held import LEASE_LOST, HeldStore, HeldTask
 from ...queues import canonical_queue
 from .connection import script
 from .placement import placed
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["KICK_LEASE_MS", "STALE_KICK_MS", "RedisHeldStore"]
 

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 
-from ...config import BrokerSettings
 from ...errors import BrokerUnreachable
 from ...masking import mask_url
 from ...queues import BANDS, canonical_queue
 from ...stats import QueueStats, StatsReader
 from .connection import glob_escape, text
+
+if TYPE_CHECKING:
+    from ...config import BrokerSettings
 
 __all__ = ["RedisStatsReader"]
 

@@ -1,0 +1,373 @@
+"""Cancelling tasks and batches: a waiting task is skipped, a running one interrupted, a held
+one purged; each ends as cancelled, never failed nor retried. On RabbitMQ (with a Redis
+state store), Redis and embedded, and in eager mode where it applies."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+
+import dramaturg
+from dramaturg.status import state_store
+
+from .conftest import Runs, bin_path, broker_url, poll_until, run_cli
+
+REAL_BROKERS = ("rabbitmq", "redis", "embedded")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=REAL_BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    if broker_kind == "eager":
+        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
+    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 2}, state=state)
+
+
+def status_when(message_id: str, state: str) -> dramaturg.TaskStatus:
+    """The task's status once it is ``state`` (the store lags its tasks by a flush interval)."""
+    seen: list[dramaturg.TaskStatus] = []
+
+    def check() -> bool:
+        seen[:] = [dramaturg.task_status(message_id)]
+        return seen[0].state == state
+
+    try:
+        poll_until(check, f"task {message_id} {state}", timeout=15)
+    except pytest.fail.Exception:
+        pytest.fail(f"task {message_id} was never {state}; last seen: {seen[0] if seen else None}")
+    return seen[0]
+
+
+def test_a_waiting_task_is_skipped_and_never_runs(broker: dramatiq.Broker, start_worker: Callable[..., Any]) -> None:
+    ran, attempts = Runs(), Runs()
+    busy, release = threading.Event(), threading.Event()
+
+    @dramaturg.actor(queue_name="cancel-waiting")
+    def work(n: int) -> None:
+        ran.add(n)
+
+    @dramaturg.actor(queue_name="cancel-waiting")
+    def blocker() -> None:
+        busy.set()
+        release.wait(30)
+
+    @dramaturg.actor(queue_name="cancel-waiting", min_backoff=2_000, max_backoff=2_000)
+    def flaky() -> None:
+        attempts.add(1)
+        raise ValueError("the shop's API said 503")
+
+    # Given a worker of one thread, busy; a task waiting for its retry, and tasks queued
+    # and delayed behind the busy one
+    start_worker(threads=1)
+    retried = flaky.send()
+    attempts.wait(1)
+    status_when(retried.message_id, "retrying")
+    blocker.send()
+    assert busy.wait(20)
+    queued = [work.send(n) for n in range(6)]
+    delayed = work.send_with_options(args=(100,), delay=1_500)
+
+    # When the retrying one, the delayed one and two queued ones are cancelled, and then the
+    # worker goes on
+    cancelled = [retried, delayed, queued[1], queued[4]]
+    answers = [dramaturg.cancel(m.message_id, by="ops@test") for m in cancelled]
+    release.set()
+
+    # Then each was asked for as it waited
+    assert [(a.outcome, a.state) for a in answers][:2] == [("requested", "retrying"), ("requested", "delayed")]
+    assert {a.outcome for a in answers} == {"requested"}
+
+    # and each ends as cancelled, with who asked, without its handler running again
+    for message in cancelled:
+        status = status_when(message.message_id, "cancelled")
+        assert status.cancel_requested_by == "ops@test" and status.cancel_requested_at is not None
+    ran.wait(4)
+    assert sorted(ran.seen) == [0, 2, 3, 5]
+    assert len(attempts.seen) == 1
+    # every task is accounted for: sent == succeeded + cancelled + held + queued
+    sent = [retried, delayed, *queued]
+    states = [status_when(m.message_id, "cancelled" if m in cancelled else "succeeded").state for m in sent]
+    assert (states.count("succeeded"), states.count("cancelled")) == (4, 4)
+    # and a cancelled task is neither failed nor retried in the counts (one failed attempt came before)
+    counts = state_store().minute_counts(["cancel-waiting"])["cancel-waiting"]
+    assert (counts["processed"], counts["failed"], counts["retried"], counts["held"]) == (10, 1, 1, 0)
+
+
+def test_a_running_task_is_interrupted_within_a_second_whatever_it_catches(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    started, ended = threading.Event(), Runs()
+
+    # Given a task that runs Python code and swallows every Exception
+    @dramaturg.actor(queue_name="cancel-running", max_retries=3, min_backoff=10, max_backoff=10)
+    def stubborn() -> None:
+        started.set()
+        try:
+            while True:
+                try:
+                    time.sleep(0.01)
+                except Exception:  # all of them: what the interrupt must get past
+                    continue
+        finally:
+            ended.add(time.monotonic())
+
+    start_worker(threads=2, queues={"cancel-running"})
+    message = stubborn.send()
+    assert started.wait(20)
+    status_when(message.message_id, "running")
+
+    # When it is cancelled
+    asked = time.monotonic()
+    answer = dramaturg.cancel(message.message_id)
+
+    # Then it is interrupted within a second, and ends cancelled at its first attempt
+    assert (answer.outcome, answer.state) == ("requested", "running")
+    (interrupted_at,) = ended.wait(1)
+    assert interrupted_at - asked < 1.0
+    status = status_when(message.message_id, "cancelled")
+    assert status.attempt == 1 and status.last_error is None
+    assert status.cancel_requested_by  # user@host by default
+    counts = state_store().minute_counts(["cancel-running"])["cancel-running"]
+    assert (counts["processed"], counts["failed"], counts["retried"]) == (1, 0, 0)
+    # not retried: a cancel of it now says it had ended, as cancelled
+    again = dramaturg.cancel(message.message_id)
+    assert (again.outcome, again.state) == ("ended", "cancelled")
+    assert len(ended.seen) == 1
+
+
+def test_a_held_task_is_purged_and_its_status_says_cancelled(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    @dramaturg.actor(queue_name="cancel-held")
+    def picky() -> None:
+        dramaturg.current_task().hold("row 7 has no email")
+
+    start_worker(threads=1, queues={"cancel-held"})
+    message = picky.send()
+    status_when(message.message_id, "held")
+
+    answer = dramaturg.cancel(message.message_id, by="ops@test")
+
+    assert (answer.outcome, answer.state) == ("purged", "held")
+    assert dramaturg.held_tasks().get(message.message_id) is None
+    status = status_when(message.message_id, "cancelled")
+    assert status.cancel_requested_by == "ops@test"
+    assert status.reason == "was held (row 7 has no email), then purged"
+
+
+def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    go = threading.Event()
+    report, notify = Runs(), Runs()
+
+    @dramaturg.actor(queue_name="cancel-batch")
+    def member(n: int) -> None:
+        if n == 1:
+            dramaturg.current_task().hold("row 1 has no email")
+        while n >= 2 and not go.is_set():  # Python code, where an interrupt lands
+            time.sleep(0.01)
+
+    @dramaturg.actor(queue_name="cancel-batch", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    @dramaturg.actor(queue_name="cancel-batch", actor_name="notify")
+    def on_success(summary: dict[str, Any]) -> None:
+        notify.add(summary)
+
+    # Given a batch of 12 of which one succeeded, one is held, two run and eight wait
+    start_worker(threads=2, queues={"cancel-batch"})
+    batch = dramaturg.batch("cancel me", on_complete=on_complete.message(), on_success=on_success.message())
+    with batch:
+        member.send_many(range(12))
+    poll_until(
+        lambda: (s := batch.status()).succeeded == 1 and s.held == 1 and s.running == 2,
+        "one member succeeded, one held, two running",
+    )
+
+    # When the batch is cancelled
+    answer = dramaturg.cancel_batch(batch.id, by="ops@test")
+
+    # Then the ten that had not ended end as cancelled, and on_complete fires once with them counted
+    assert (answer.requested, answer.state) == (10, "running")
+    (summary,) = report.wait(1)
+    assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (12, 1, 10, 1)
+    status = batch.status()
+    assert (status.state, status.ended, status.cancelled, status.cancel_requested_by) == (
+        "complete",
+        12,
+        10,
+        "ops@test",
+    )
+    assert notify.seen == []
+
+    # When the held member, which had ended, is cancelled by its id, it moves from failed to cancelled
+    (held,) = dramaturg.held_tasks().list("cancel-batch")
+    assert dramaturg.cancel(held.message_id).outcome == "purged"
+    status = batch.status()
+    assert (status.succeeded, status.failed, status.held, status.cancelled) == (1, 0, 0, 11)
+    # and cancelling it again says it had ended
+    assert dramaturg.cancel_batch(batch.id).state == "complete"
+    assert len(report.seen) == 1
+
+
+def test_the_cancel_commands(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any], observed_project: Any, tmp_path: Path
+) -> None:
+    @dramaturg.actor(queue_name="cancel-cli")
+    def work() -> None:
+        pass
+
+    start_worker(threads=1, queues={"cancel-cli"})
+    done = work.send()
+    status_when(done.message_id, "succeeded")
+    waiting = observed_project.ok.send(1)  # no worker takes its queue; the command's app declares it
+    batch = dramaturg.batch("done already")
+    with batch:
+        work.send()
+    poll_until(lambda: batch.status().state == "complete", "the batch completes")
+    cli = bin_path("dramaturg")
+
+    # A waiting task: requested, exit 0
+    asked = run_cli([cli, "cancel", waiting.message_id, "--by", "ops"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip() == (
+        f"{waiting.message_id}: cancel requested: it was queued; it is skipped when a worker takes it"
+    )
+    assert dramaturg.task_status(waiting.message_id).cancel_requested_by == "ops"
+
+    # A task that had ended: says how, exit 4 (--json: one object per id)
+    ended = run_cli([cli, "cancel", done.message_id, "--json"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert ended.returncode == 4, ended.stderr
+    assert json.loads(ended.stdout)["outcome"] == "ended" and json.loads(ended.stdout)["state"] == "succeeded"
+    said = run_cli([cli, "cancel", done.message_id], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert said.returncode == 4
+    assert said.stdout.startswith(f"{done.message_id}: not cancelled: it had already ended: succeeded at 20")
+
+    # An unknown id: one line, exit 1 (the others are still cancelled)
+    unknown = run_cli([cli, "cancel", "nope", waiting.message_id], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines() == [
+        "dramaturg: no task 'nope': never sent, or its record expired ([state] ttl)"
+    ]
+
+    # Batches: a complete one exits 4, an unknown one 1
+    complete = run_cli([cli, "batch", "cancel", batch.id], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert complete.returncode == 4, complete.stderr
+    assert complete.stdout.startswith(f"{batch.id}: it had already ended: 1 succeeded")
+    nobatch = run_cli([cli, "batch", "cancel", "nope"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert nobatch.returncode == 1
+    assert nobatch.stderr.strip().splitlines() == [
+        "dramaturg: no batch 'nope': never made, or expired after it ended ([batch] ttl)"
+    ]
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])
+def test_in_eager_mode_a_task_has_ended_when_send_returns(broker: dramatiq.Broker) -> None:
+    @dramaturg.actor(queue_name="cancel-eager", max_retries=0)
+    def task(hold: bool) -> None:
+        if hold:
+            dramaturg.current_task().hold("asked to")
+
+    ran = task.send(False)
+    answer = dramaturg.cancel(ran.message_id)
+    assert (answer.outcome, answer.detail) == (
+        "ended",
+        "eager mode: a task has already ended when send() returns; nothing to cancel",
+    )
+
+    with pytest.raises(dramaturg.TaskHeld) as held:
+        task.send(True)
+    assert held.value.task is not None
+    purged = dramaturg.cancel(held.value.task.message_id)
+    assert (purged.outcome, purged.state) == ("purged", "held")
+    assert dramaturg.held_tasks().count() == 0
+
+
+def test_rabbitmq_without_a_state_store_says_what_to_set(rabbitmq_server: Any) -> None:
+    url = f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "test-cancel-nostore"}))
+    with pytest.raises(dramaturg.StateUnavailable, match=r"cancelling needs a state store.*\[state\] url"):
+        dramaturg.cancel(str(uuid.uuid4()))
+
+
+def test_two_cancels_racing_make_one_request_and_a_worker_reads_each_once(redis_server: Any) -> None:
+    import redis
+
+    from dramaturg.cancelling.requests import CancelRequests
+
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    requests = CancelRequests(client, namespace=f"test-{uuid.uuid4().hex[:8]}", ttl_ms=60_000)
+    for round_ in range(50):
+        # Given two callers asking to cancel the same task at the same instant
+        message_id = f"task-{round_}"
+        barrier = threading.Barrier(2)
+        new: list[tuple[str, list[str]]] = []
+
+        def ask(by: str, message_id: str = message_id, barrier: Any = barrier, new: Any = new) -> None:
+            barrier.wait()
+            new.append((by, requests.request([message_id], by)))
+
+        threads = [threading.Thread(target=ask, args=(by,)) for by in ("ada", "bob")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        # Then one request is made, and it is the one the store keeps
+        (winner,) = [by for by, made in new if made == [message_id]]
+        assert [made for _, made in new].count([]) == 1
+        stored = requests.get(message_id)
+        assert stored is not None and stored.by == winner
+
+    # and a reader of the feed sees each request once, in order, reading on from where it stopped
+    found, last = requests.feed(None)
+    assert [message_id for message_id, _ in found] == [f"task-{n}" for n in range(50)]
+    assert requests.feed(last) == ([], last)
+    requests.request(["task-50", "task-0"], "ada")
+    found, _ = requests.feed(last)
+    assert [message_id for message_id, _ in found] == ["task-50"]
+
+
+def test_a_task_cancelled_the_moment_it_was_sent_never_runs(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="cancel-at-once")
+    def work(n: int) -> None:
+        ran.add(n)
+
+    # Given a task sent and cancelled at once (its first record may not be written yet)
+    message = work.send(1)
+    assert dramaturg.cancel(message.message_id).outcome == "requested"
+
+    # When a worker takes it, and then the next one
+    start_worker(threads=1)
+    work.send(2)
+
+    # Then only the next one ran
+    assert ran.wait(1) == [2]
+    assert status_when(message.message_id, "cancelled").attempt == 1

@@ -1,0 +1,282 @@
+"""The web dashboard over HTTP, as a user's browser or script talks to it: what it shows
+(masked), who may act (the admin token, CSRF), paging a large held queue, the command
+that serves it. The same pages driven in Chromium: tests/test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
+
+import dramaturg
+import dramaturg.dashboard
+from dramaturg.cli.dashboard import parse_bind
+from dramaturg.errors import UsageError
+
+from .conftest import WAIT_S, LiveServer, Runs, bin_path, free_port, held_task, poll_until, run_cli, write_config
+
+TOKEN = "s3cret-admin-token"
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+def signed_in(client: httpx.Client, name: str = "alice") -> str:
+    """Sign ``client`` in with the admin token; returns the CSRF field for its forms."""
+    csrf = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"token": TOKEN, "name": name, "csrf_token": csrf})
+    assert answer.status_code == 303, answer.text
+    return csrf
+
+
+@pytest.fixture
+def dashboard(broker: dramatiq.Broker, serve: Callable[[Any], LiveServer]) -> Callable[..., httpx.Client]:
+    """A client of a dashboard served for ``broker`` (``token=None``: read-only)."""
+
+    def open_client(token: str | None = TOKEN, **options: Any) -> httpx.Client:
+        server = serve(dramaturg.dashboard.app(broker=broker, token=token, **options))
+        return httpx.Client(base_url=server.url, timeout=WAIT_S)
+
+    return open_client
+
+
+def test_a_url_password_in_an_exception_message_never_reaches_a_page(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given a task held because its handler failed with a URL holding a password
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports", max_retries=0)
+    def sync_orders(shop: str) -> None:
+        ran.add(shop)
+        raise ConnectionError(f"cannot reach postgres://shop:hunter2@db.internal/{shop}")
+
+    message = sync_orders.send("berlin")
+    start_worker()
+    ran.wait(1)
+    store = dramaturg.held_tasks()
+    poll_until(lambda: store.get(message.message_id, "imports"), "the task to be held", timeout=WAIT_S)
+    client = dashboard()
+    signed_in(client)
+
+    # When its pages are opened: the queue's list, the task's page, the lookup
+    pages = [
+        client.get("/held/imports"),
+        client.get("/held/imports/task", params={"id": message.message_id}),
+        client.get("/tasks", params={"id": message.message_id}),
+    ]
+
+    # Then each shows the error with the password masked, never in clear
+    for page in pages:
+        assert page.status_code == 200
+        assert "hunter2" not in page.text
+    assert "postgres://shop:***@db.internal/berlin" in pages[1].text
+    assert "ConnectionError" in pages[1].text
+    assert 'id="state">held<' in pages[2].text
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_actions_need_the_admin_token_and_the_csrf_field(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a held task and a dashboard with an admin token
+    store = dramaturg.held_tasks()
+    task = held_task("imports", 1)
+    store.hold(task)
+    visitor = dashboard()
+
+    # When someone not signed in posts a kick with a valid CSRF field
+    csrf = csrf_of(visitor.get("/login").text)
+    refused = visitor.post("/held/imports/kick", data={"id": task.message_id, "csrf_token": csrf})
+    # and a wrong token signs no one in
+    wrong = visitor.post("/login", data={"token": "guess", "name": "eve", "csrf_token": csrf})
+
+    # Then both are refused and the task stays held
+    assert refused.status_code == 403
+    assert "read-only" in refused.text
+    assert wrong.status_code == 403
+    assert "signed in as" not in visitor.get("/queues").text
+
+    # When the admin signs in but posts without the CSRF field, or with another's
+    admin = dashboard()
+    own_csrf = signed_in(admin)
+    without = admin.post("/held/imports/purge", data={"id": task.message_id})
+    forged = admin.post("/held/imports/purge", data={"id": task.message_id, "csrf_token": "0" * 64})
+
+    # Then those are refused too
+    assert (without.status_code, forged.status_code) == (403, 403)
+    assert store.get(task.message_id, "imports") is not None
+
+    # When the admin purges it properly
+    with caplog.at_level("INFO", logger="dramaturg.dashboard"):
+        done = admin.post("/held/imports/purge", data={"id": task.message_id, "csrf_token": own_csrf})
+
+    # Then it is gone, and the log says who did it
+    assert done.status_code == 303
+    assert store.get(task.message_id, "imports") is None
+    assert any("alice purged 1 held task of imports" in line for line in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_without_a_token_the_dashboard_is_read_only(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given a held task and a dashboard without an admin token
+    store = dramaturg.held_tasks()
+    task = held_task("imports", 1)
+    store.hold(task)
+    client = dashboard(token=None)
+
+    # When its page is opened
+    page = client.get("/held/imports/task", params={"id": task.message_id})
+
+    # Then it shows the task without a kick button, and no one can sign in
+    assert page.status_code == 200
+    assert task.reason in page.text
+    assert 'id="kick"' not in page.text
+    assert "read-only" in page.text
+    assert "Admin token" not in client.get("/login").text
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_mounting_site_decides_who_is_admin_and_links_follow_its_prefix(
+    broker: dramatiq.Broker, serve: Callable[[Any], LiveServer]
+) -> None:
+    # Given a site that mounts the dashboard under /jobs, whose own login says "staff-ann"
+    store = dramaturg.held_tasks()
+    task = held_task("imports", 1)
+    store.hold(task)
+
+    def staff(request: Request) -> str | None:
+        return "staff-ann" if request.headers.get("x-site-user") == "ann" else None
+
+    site = Starlette(routes=[Mount("/jobs", app=dramaturg.dashboard.app(broker=broker, admin=staff))])
+    client = httpx.Client(base_url=serve(site).url, headers={"x-site-user": "ann"}, timeout=WAIT_S)
+
+    # When the held list is opened and the task kicked from its form
+    page = client.get("/jobs/held/imports")
+    kicked = client.post("/jobs/held/imports/kick", data={"id": task.message_id, "csrf_token": csrf_of(page.text)})
+
+    # Then the links carry the prefix, the hook's admin may act, and the task left the store
+    assert 'href="/jobs/held/imports/task?id=' in page.text
+    assert "signed in as <b>staff-ann</b>" in page.text
+    assert kicked.status_code == 303
+    assert kicked.headers["location"].startswith("/jobs/held/imports?notice=requeued+1")
+    assert store.get(task.message_id, "imports") is None
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_ten_thousand_held_tasks_page_without_loading_them_whole(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given 10,000 held tasks in one queue
+    store = dramaturg.held_tasks()
+    for number in range(10_000):
+        store.hold(held_task("imports", number))
+    client = dashboard()
+    client.get("/queues")  # the first request bootstraps nothing more, but warms the templates
+
+    # When the queues page, the list's first and a later page are opened
+    timings = {}
+    pages = {}
+    for path in ("/queues", "/held/imports", "/held/imports?offset=9950"):
+        started = time.perf_counter()
+        pages[path] = client.get(path)
+        timings[path] = time.perf_counter() - started
+
+    # Then each shows its 50 rows and the total, well under a second
+    assert pages["/queues"].status_code == 200
+    assert ">10,000<" in pages["/queues"].text
+    first = pages["/held/imports"].text
+    assert first.count("<tr data-id=") == 50
+    assert "10,000 held; showing 1 to 50," in first
+    assert 'href="?offset=50&amp;limit=50"' in first
+    assert "showing 9,951 to 10,000," in pages["/held/imports?offset=9950"].text
+    print(f"render times with 10,000 held: {', '.join(f'{p} {s * 1000:.0f} ms' for p, s in timings.items())}")
+    assert max(timings.values()) < 1.0, timings
+
+
+def test_a_non_loopback_bind_is_refused_unless_allowed() -> None:
+    assert parse_bind("127.0.0.1:8700", allow_remote=False) == ("127.0.0.1", 8700)
+    assert parse_bind("[::1]:9000", allow_remote=False) == ("::1", 9000)
+    assert parse_bind("localhost:8700", allow_remote=False) == ("localhost", 8700)
+    assert parse_bind("0.0.0.0:8700", allow_remote=True) == ("0.0.0.0", 8700)
+    for refused in ("0.0.0.0:8700", "10.1.2.3:80", "dashboard.example:8700"):
+        with pytest.raises(UsageError, match="not a loopback address"):
+            parse_bind(refused, allow_remote=False)
+    for malformed in ("8700", "127.0.0.1:", "127.0.0.1:99999", ":8700"):
+        with pytest.raises(UsageError, match="8700"):
+            parse_bind(malformed, allow_remote=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_the_command_serves_the_dashboard_and_refuses_a_remote_bind(
+    settings: dramaturg.Settings, tmp_path: Path, spawn: Callable[..., Any]
+) -> None:
+    # Given a project's dramaturg.toml
+    write_config(tmp_path, settings)
+    dramaturg_bin = bin_path("dramaturg")
+
+    # When the dashboard is asked to listen on every address
+    refused = run_cli([dramaturg_bin, "dashboard", "--bind", "0.0.0.0:8700"], cwd=tmp_path)
+
+    # Then it is refused with one line and exit code 2
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0
+    assert "--allow-remote" in refused.stderr
+
+    # When it is started on loopback with a token in the environment
+    port = free_port()
+    process = spawn([dramaturg_bin, "dashboard", "--bind", f"127.0.0.1:{port}"], DRAMATURG_DASHBOARD_TOKEN="from-env")
+    process.wait_for_line("dramaturg dashboard on http://127.0.0.1:", timeout=WAIT_S)
+
+    # Then it serves the queues page, and a second one cannot take the same port
+    page = httpx.get(f"http://127.0.0.1:{port}/queues", timeout=WAIT_S)
+    busy = run_cli([dramaturg_bin, "dashboard", "--bind", f"127.0.0.1:{port}"], cwd=tmp_path)
+    assert page.status_code == 200
+    assert "sign in" in page.text  # a token is set: the sign-in link is offered
+    assert "admin token set" in process.output
+    assert busy.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in busy.stderr
+
+
+def test_the_token_comes_from_the_environment_and_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAMATURG_DASHBOARD_TOKEN", "from-env-token")
+    settings = dramaturg.Settings()
+    assert settings.dashboard.token is not None
+    assert settings.dashboard.token.get_secret_value() == "from-env-token"
+    assert settings.flat()["dashboard.token"] == "***"
+    assert "from-env-token" not in repr(settings)
+
+
+def test_a_broker_that_does_not_answer_is_one_line_on_the_page(serve: Callable[[Any], LiveServer]) -> None:
+    # Given a dashboard for a Redis whose URL names a password and a port nothing listens on
+    settings = dramaturg.Settings(
+        broker={"url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}, state={"enabled": False}
+    )
+    broker = dramaturg.bootstrap(settings)
+    client = httpx.Client(base_url=serve(dramaturg.dashboard.app(broker=broker)).url, timeout=WAIT_S)
+
+    # When the queues page and a queue's held tasks are opened
+    queues = client.get("/queues")
+    held = client.get("/held/imports")
+
+    # Then each says the broker did not answer, with the password masked
+    assert queues.status_code == 200
+    assert held.status_code == 503
+    for page in (queues, held):
+        assert 'class="problem"' in page.text
+        assert "hunter2" not in page.text
