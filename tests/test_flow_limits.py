@@ -261,7 +261,7 @@ def test_one_round_trip_takes_all_limits_or_none(redis_server: Any) -> None:
     assert state.acquire("b", [both[0]]) is None
     assert state.renew("b", ["slot"], 60_000) == 1 and state.renew("a", ["slot"], 60_000) == 0
     # and a task counts as waiting while refused ("a" by the rate), not once it started ("b")
-    assert [(u.key, u.in_use, u.waiting) for u in state.usage()] == [("api", 2, 1), ("slot", 1, 0)]
+    assert [(u.key, u.in_use, u.started, u.waiting) for u in state.usage()] == [("api", 0, 2, 1), ("slot", 1, 0, 0)]
 
 
 def test_the_memory_state_answers_as_redis_does() -> None:
@@ -482,3 +482,28 @@ def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queu
     poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=30)
     assert max(started["small"]) - began < FAIRNESS_BOUND_S
     assert len(started["big"]) < 60
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_a_concurrency_and_a_rate_limit_on_the_same_key_are_kept_apart(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # Given a concurrency limit of 1 and a rate of 5 a second, both on the key "shopify"
+    if store == "redis":
+        server = request.getfixturevalue("redis_server")
+        state: Any = RedisFlowState(
+            redis.Redis(host=server.host, port=server.port), namespace=f"t-{uuid.uuid4().hex[:8]}"
+        )
+    else:
+        state = MemoryFlowState()
+    both = [LimitSpec("c", "shopify", 1, 60_000), LimitSpec("r", "shopify", 5, 1_000)]
+
+    # When one task runs and another asks
+    assert state.acquire("a", both) is None
+    denied = state.acquire("b", both)
+
+    # Then the second waits for the concurrency slot, and the usage counts the slot and the start
+    assert denied is not None and denied.index == 0
+    assert state.release("a", ["shopify"]) == 1
+    assert state.acquire("b", both) is None
+    assert [(u.key, u.in_use, u.started) for u in state.usage()] == [("shopify", 1, 2)]  # b's slot; a's, b's starts

@@ -101,16 +101,30 @@ def run_limits(args: argparse.Namespace) -> int:
             print(f"{name}: {limit.describe}")
     for usage in found:
         # The limits whose key template could have made this key (by the actors of worker.modules).
-        limits = sorted({str(limit.limit) for _, limit, template in declared if template.matches(usage.key)})
+        matching = [limit for _, limit, template in declared if template.matches(usage.key)]
+        slots = sorted({str(limit.limit) for limit in matching if limit.kind == "c"})
+        rates = sorted({str(limit.limit) for limit in matching if limit.kind == "r"})
         if args.json:
             print(
                 json.dumps(
-                    {"key": usage.key, "in_use": usage.in_use, "limit": limits or None, "waiting": usage.waiting}
+                    {
+                        "key": usage.key,
+                        "in_use": usage.in_use,
+                        "concurrency": [int(n) for n in slots] or None,
+                        "started": usage.started,
+                        "rate": [int(n) for n in rates] or None,
+                        "waiting": usage.waiting,
+                    }
                 )
             )
-        else:
-            of = f" of {'/'.join(limits)}" if limits else ""
-            print(f"  {mask_text(usage.key)}: {usage.in_use} in use{of}, {usage.waiting} waiting")
+            continue
+        parts = []
+        if usage.in_use or slots:
+            parts.append(f"{usage.in_use} in use" + (f" of {'/'.join(slots)}" if slots else ""))
+        if usage.started or rates:
+            parts.append(f"{usage.started} started in the window" + (f" of {'/'.join(rates)}" if rates else ""))
+        parts.append(f"{usage.waiting} waiting")
+        print(f"  {mask_text(usage.key)}: {', '.join(parts)}")
     if not found and not args.json:
         print("no limit key in use")
     return EXIT_OK

@@ -15,8 +15,10 @@ On Redis each step is one call of a Lua script (``lock.lua``, ``limits.lua``,
 ``unique.lua`` beside this module), on Redis's clock. Keys:
 ``<namespace>:__lock__:<name>`` (a held lock), ``<namespace>:__lock_fences__`` (a hash:
 the last fencing token of each name; never expires, so tokens only grow),
-``<namespace>:__limit__:<key>`` (the leases or starts of a limit's key, expiring with
-the last lease or window), ``<namespace>:__unique__:<key>`` (the task holding a key).
+``<namespace>:__limit__:c:<key>`` and ``...:r:<key>`` (the leases, or the starts, of
+a concurrency or rate limit's key, expiring with the last lease or window),
+``<namespace>:__limit_waiting__:<key>`` (the tasks refused for the key),
+``<namespace>:__unique__:<key>`` (the task holding a key).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -87,9 +89,12 @@ class Usage:
     """A limit's key as ``dramaturg limits`` shows it: leases (or starts in the window) now."""
 
     key: str
+    #: Concurrency slots taken (leases that have not ended).
     in_use: int
     #: Tasks put back to wait for it in the last minute that have not started since.
     waiting: int = 0
+    #: Rate: the starts of the window, as of the last start.
+    started: int = 0
 
 
 class FlowState(Protocol):
@@ -199,7 +204,7 @@ class RedisFlowState:
         for member, limits in items:
             args += [member, len(limits)]
             for spec in limits:
-                keys += [self.limit_prefix + spec.key, self.waiting_prefix + spec.key]
+                keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
                 args += [spec.kind, spec.limit, spec.ms]
         return [
             None if int(answer[0]) else Denied(int(answer[1]) - 1, int(answer[2]))
@@ -207,7 +212,7 @@ class RedisFlowState:
         ]
 
     def release(self, member: str, keys: Sequence[str]) -> int:
-        return int(self._limits(keys=[self.limit_prefix + key for key in keys], args=["release", member]))
+        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["release", member]))
 
     def release_later(self, member: str, keys: Sequence[str]) -> None:
         """Release ``member``'s slots soon, off the message path: a thread of this process
@@ -215,7 +220,7 @@ class RedisFlowState:
         one call. A slot is freed that much later than its task ended, never earlier, so
         the bound holds; releases not written when the process dies end with their lease."""
         for key in keys:
-            self._releases.append((self.limit_prefix + key, member))
+            self._releases.append((self.limit_prefix + "c:" + key, member))
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()
         if not self._wake.is_set():
@@ -259,21 +264,23 @@ class RedisFlowState:
             self.flush()
 
     def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
-        return int(self._limits(keys=[self.limit_prefix + key for key in keys], args=["renew", member, ms]))
+        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["renew", member, ms]))
 
     def usage(self) -> list[Usage]:
         now_s, now_us = self.client.time()
         now = int(now_s) * 1000 + int(now_us) // 1000
         found: dict[str, Usage] = {}
         for key in self.client.scan_iter(match=_glob(self.limit_prefix) + "*", count=500):
-            # A lease counts until it ends; a start, for as long as its key lives (its window).
-            in_use = int(self.client.zcount(key, now, "+inf")) or int(self.client.zcard(key))
-            name = _text(key)[len(self.limit_prefix) :]
-            found[name] = Usage(name, in_use)
+            kind, _, name = _text(key)[len(self.limit_prefix) :].partition(":")
+            before = found.get(name) or Usage(name, 0)
+            if kind == "c":
+                found[name] = replace(before, in_use=int(self.client.zcount(key, f"({now}", "+inf")))
+            else:
+                found[name] = replace(before, started=int(self.client.zcard(key)))
         for key in self.client.scan_iter(match=_glob(self.waiting_prefix) + "*", count=500):
             name = _text(key)[len(self.waiting_prefix) :]
-            waiting = int(self.client.zcount(key, now - 60_000, "+inf"))
-            found[name] = Usage(name, found[name].in_use if name in found else 0, waiting)
+            waiting = int(self.client.zcount(key, now - WAITING_MS, "+inf"))
+            found[name] = replace(found.get(name) or Usage(name, 0), waiting=waiting)
         return sorted(found.values(), key=lambda usage: usage.key)
 
     # -- unique tasks ----------------------------------------------------------------------
@@ -351,7 +358,7 @@ class MemoryFlowState:
         now = self._now()
         with self.changed:
             for index, spec in enumerate(limits):
-                entries = self._limits.setdefault(spec.key, {})
+                entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
                 if spec.kind == "c":
                     for name in [n for n, end in entries.items() if end <= now]:
                         del entries[name]
@@ -365,7 +372,7 @@ class MemoryFlowState:
                         self._waiting.setdefault(spec.key, {})[member] = now
                         return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
             for spec in limits:
-                entries = self._limits[spec.key]
+                entries = self._limits[f"{spec.kind}:{spec.key}"]
                 self._waiting.get(spec.key, {}).pop(member, None)
                 if spec.kind == "c":
                     entries[member] = now + spec.ms
@@ -375,7 +382,7 @@ class MemoryFlowState:
 
     def release(self, member: str, keys: Sequence[str]) -> int:
         with self.changed:
-            held = sum(1 for key in keys if self._limits.get(key, {}).pop(member, None) is not None)
+            held = sum(1 for key in keys if self._limits.get("c:" + key, {}).pop(member, None) is not None)
             self.changed.notify_all()
             return held
 
@@ -393,7 +400,7 @@ class MemoryFlowState:
         with self.changed:
             held = 0
             for key in keys:
-                entries = self._limits.get(key, {})
+                entries = self._limits.get("c:" + key, {})
                 if member in entries:
                     entries[member] = now + ms
                     held += 1
@@ -402,15 +409,24 @@ class MemoryFlowState:
     def usage(self) -> list[Usage]:
         now = self._now()
         with self.changed:
-            names = sorted({k for k, v in self._limits.items() if v} | {k for k, v in self._waiting.items() if v})
-            return [
-                Usage(
-                    key,
-                    sum(1 for end in self._limits.get(key, {}).values() if end > now) or len(self._limits.get(key, {})),
-                    sum(1 for at in self._waiting.get(key, {}).values() if at > now - WAITING_MS),
-                )
-                for key in names
-            ]
+            in_use: dict[str, int] = {}
+            started: dict[str, int] = {}
+            for stored, entries in self._limits.items():
+                kind, _, name = stored.partition(":")
+                if kind == "c":
+                    in_use[name] = sum(1 for end in entries.values() if end > now)
+                else:
+                    started[name] = len(entries)
+            waiting = {
+                name: sum(1 for at in entries.values() if at > now - WAITING_MS)
+                for name, entries in self._waiting.items()
+            }
+            names = sorted(
+                {n for n, c in in_use.items() if c}
+                | {n for n, c in started.items() if c}
+                | {n for n, w in waiting.items() if w}
+            )
+            return [Usage(name, in_use.get(name, 0), waiting.get(name, 0), started.get(name, 0)) for name in names]
 
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
         now = self._now()
