@@ -197,3 +197,26 @@ def test_send_many_stops_at_a_duplicate_and_unsent_items_give_back_their_keys(br
         again = reindex.send(product)
         assert bool(again.options.get("dramaturg_duplicate")) == (sent == 2), product
     assert "dramaturg_duplicate" not in reindex.send(3).options
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_cancelled_unique_task_releases_its_key(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a queued unique task, cancelled before any worker took it
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="flow", unique=dramaturg.unique(key="reindex:{0}"))
+    def reindex(product_id: int) -> None:
+        ran.add(product_id)
+
+    first = reindex.send(42)
+    dramaturg.cancel(first.message_id)
+
+    # When a worker takes it (and skips it as cancelled)
+    start_worker()
+    poll_until(lambda: dramaturg.task_status(first.message_id).state == "cancelled", "it ends cancelled")
+
+    # Then the key is free again, and only the new task runs
+    again = poll_until(lambda: (m := reindex.send(42)).message_id != first.message_id and m, "the key is released")
+    assert ran.wait(1) == [42] and again.options.get("dramaturg_duplicate") is None
