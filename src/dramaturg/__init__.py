@@ -34,13 +34,18 @@ from .errors import (
     ConfigError,
     ContextError,
     DramaturgError,
+    DuplicateTask,
+    FlowSendError,
     KickError,
+    LockLost,
+    LockTimeout,
     NotInTask,
     SendError,
     StateUnavailable,
     TaskHeld,
     TaskNotFound,
 )
+from .flow import Lock, concurrency, lock, locked, rate, unique
 from .held import HeldStore, HeldTask, held_tasks
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .schedules import periodic
@@ -76,10 +81,15 @@ __all__ = [
     "ContextError",
     "DrainSummary",
     "DramaturgError",
+    "DuplicateTask",
+    "FlowSendError",
     "HeldStore",
     "HeldTask",
     "Hold",
     "KickError",
+    "Lock",
+    "LockLost",
+    "LockTimeout",
     "NotInTask",
     "QueueStats",
     "Resource",
@@ -108,6 +118,7 @@ __all__ = [
     "cancel",
     "cancel_batch",
     "close_resources",
+    "concurrency",
     "context",
     "context_provider",
     "context_restorer",
@@ -118,11 +129,15 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "lock",
+    "locked",
     "periodic",
     "queue_stats",
+    "rate",
     "resource",
     "shutdown",
     "task_status",
+    "unique",
 ]
 
 

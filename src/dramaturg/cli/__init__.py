@@ -1,5 +1,5 @@
 """The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
-``cancel``, ``batch``, ``scheduler``, ``schedule``, ``config``, ``dashboard``.
+``cancel``, ``batch``, ``scheduler``, ``schedule``, ``locks``, ``limits``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
@@ -31,7 +31,21 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, cancel, config_cmd, dashboard, drain, held, schedule, scheduler, send, stats, status, worker
+from . import (
+    batch,
+    cancel,
+    config_cmd,
+    dashboard,
+    drain,
+    flow,
+    held,
+    schedule,
+    scheduler,
+    send,
+    stats,
+    status,
+    worker,
+)
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -82,6 +96,10 @@ examples:
   # A web page of queues and held tasks (kick, purge) on http://127.0.0.1:8700
   $ dramaturg dashboard
 
+  # Locks held now; limits declared and the keys in use
+  $ dramaturg locks list
+  $ dramaturg limits
+
   # Show the effective settings and where each came from; then test the broker
   $ dramaturg config show
   $ dramaturg config check
@@ -115,7 +133,21 @@ def make_parser() -> argparse.ArgumentParser:
         " (default: log.format, else text)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, scheduler, drain, send, held, stats, status, cancel, batch, schedule, config_cmd, dashboard):
+    for module in (
+        worker,
+        scheduler,
+        drain,
+        send,
+        held,
+        stats,
+        status,
+        cancel,
+        batch,
+        schedule,
+        flow,
+        config_cmd,
+        dashboard,
+    ):
         module.add_parser(subparsers)
     return parser
 
