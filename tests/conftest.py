@@ -140,6 +140,32 @@ def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
     )
 
 
+#: The real brokers and eager mode: where the features that keep state (batches,
+#: checkpoints, cancelling, schedules, flow control) are tested.
+MODES = ("rabbitmq", "redis", "embedded", "eager")
+
+
+def settings_with_state(
+    broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path, **sections: Any
+) -> dramaturg.Settings:
+    """Settings for ``broker_kind`` with a namespace of the test's own, where RabbitMQ gets
+    the private Redis as its state store (and its node's management API); "eager" and
+    "stub" are those modes. ``sections`` go to the settings as they are (``worker``
+    defaults to 4 threads; eager and stub take no worker section)."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    if broker_kind in ("eager", "stub"):
+        sections.pop("worker", None)
+        return dramaturg.Settings(broker={"url": f"{broker_kind}://", "namespace": namespace}, **sections)
+    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    sections.setdefault("worker", {"threads": 4})
+    return dramaturg.Settings(broker=broker, state=state, **sections)
+
+
 @pytest.fixture(autouse=True)
 def isolated_app() -> Iterator[None]:
     """Each test starts without a broker; actors it declares are forgotten afterwards,

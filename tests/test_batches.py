@@ -25,7 +25,16 @@ from dramaturg.batches.state import MemoryBatchState, RedisBatchState
 from dramaturg.batches.tracker import callback_id
 from dramaturg.batches.writer import BatchWriter
 
-from .conftest import Runs, bin_path, broker_url, free_port, pending_messages, poll_until, run_cli, write_config
+from .conftest import (
+    Runs,
+    bin_path,
+    free_port,
+    pending_messages,
+    poll_until,
+    run_cli,
+    settings_with_state,
+    write_config,
+)
 
 MODES = ("rabbitmq", "redis", "embedded", "eager")
 
@@ -42,16 +51,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import dramaturg
 from dramaturg.status import state_store
 
-from .conftest import Runs, bin_path, broker_url, poll_until, run_cli
+from .conftest import Runs, bin_path, poll_until, run_cli, settings_with_state
 
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
 REPO = Path(__file__).resolve().parents[1]
@@ -32,16 +32,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 2}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path, worker={"threads": 2})
 
 
 def status_when(message_id: str, state: str) -> dramaturg.TaskStatus:

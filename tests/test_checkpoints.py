@@ -18,7 +18,7 @@ import dramaturg
 from dramaturg import app
 from dramaturg.checkpoints import Checkpoints
 
-from .conftest import Runs, broker_url, poll_until, write_config
+from .conftest import Runs, poll_until, settings_with_state, write_config
 
 MODES = ("rabbitmq", "redis", "embedded", "eager")
 REAL_BROKERS = ["rabbitmq", "redis", "embedded"]
@@ -33,17 +33,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store;
     retries come at once."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    retries = {"min_backoff": 10, "max_backoff": 10}
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace}, retries=retries)
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state, retries=retries)
+    return settings_with_state(broker_kind, request, tmp_path, retries={"min_backoff": 10, "max_backoff": 10})
 
 
 @pytest.fixture

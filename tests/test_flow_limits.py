@@ -21,7 +21,7 @@ import dramaturg
 from dramaturg.flow.control import wait_ms
 from dramaturg.flow.state import LimitSpec, MemoryFlowState, RedisFlowState
 
-from .conftest import Process, broker_url, poll_until, write_config
+from .conftest import Process, poll_until, settings_with_state, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("rabbitmq", "redis", "embedded", "eager")
@@ -36,15 +36,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path)
 
 
 @pytest.fixture

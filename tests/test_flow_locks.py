@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import redis
 
 import dramaturg
 
-from .conftest import Process, broker_url, write_config
+from .conftest import Process, settings_with_state, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("rabbitmq", "redis", "embedded", "eager")
@@ -33,15 +32,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path)
 
 
 @pytest.fixture

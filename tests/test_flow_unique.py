@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 
 import dramaturg
 
-from .conftest import Runs, broker_url, poll_until
+from .conftest import Runs, poll_until, settings_with_state
 
 MODES = ("rabbitmq", "redis", "embedded", "eager")
 REAL_BROKERS = ["rabbitmq", "redis", "embedded"]
@@ -29,15 +28,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind == "eager":
-        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path)
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)

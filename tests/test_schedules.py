@@ -25,7 +25,17 @@ from dramaturg import schedules
 from dramaturg.schedules import Schedule, Scheduler, firing_id, load_schedules, state_of
 from dramaturg.schedules.state import CLAIMED, MemoryScheduleState, RedisScheduleState
 
-from .conftest import Runs, bin_path, broker_url, free_port, pending_messages, poll_until, run_cli, write_config
+from .conftest import (
+    Runs,
+    bin_path,
+    broker_url,
+    free_port,
+    pending_messages,
+    poll_until,
+    run_cli,
+    settings_with_state,
+    write_config,
+)
 
 PARIS = ZoneInfo("Europe/Paris")
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
@@ -46,16 +56,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    if broker_kind in ("eager", "stub"):
-        return dramaturg.Settings(broker={"url": f"{broker_kind}://", "namespace": namespace})
-    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
-    state: dict[str, Any] = {}
-    if broker_kind == "rabbitmq":
-        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
-        server = request.getfixturevalue("redis_server")
-        state["url"] = f"redis://{server.host}:{server.port}/0"
-    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+    return settings_with_state(broker_kind, request, tmp_path)
 
 
 def at(year: int, month: int, day: int, hour: int, minute: int = 0) -> int:
