@@ -23,13 +23,7 @@ numbers and what they come from in ``docs/batches.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -40,39 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import dramatiq  # noqa: E402
+from drain_rounds import interleaved, print_table, private_redis  # noqa: E402
 
 import dramaturg  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server without persistence; its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH")
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", directory],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    return server, f"redis://127.0.0.1:{port}/0"
 
 
 def run_once(mode: str, url: str, count: int, threads: int) -> dict[str, float]:
@@ -130,32 +94,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=8, help="worker threads (default: 8)")
     args = parser.parse_args()
-    directory = tempfile.mkdtemp(prefix="bench-batches-")
-    server, url = start_redis(directory)
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
-    try:
-        for round_ in range(args.rounds):
-            for mode in ("plain", "batch") if round_ % 2 == 0 else ("batch", "plain"):
-                result = run_once(mode, url, args.count, args.threads)
-                results[mode].append(result)
-                print(f"round {round_ + 1} {mode}: {result['rate']:,.0f} msgs/s, {result['us_per_msg']:.1f} us/msg")
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(directory, ignore_errors=True)
-    medians = {
-        mode: {k: statistics.median(r[k] for r in rs) for k in ("rate", "us_per_msg")} for mode, rs in results.items()
-    }
-    plain, batch = medians["plain"], medians["batch"]
-    print()
-    print(f"{args.count:,} no-op tasks, Redis, one worker process with {args.threads} threads, median of {args.rounds}")
-    print(f"(machine: {os.cpu_count()} cores; python {sys.version.split()[0]})")
-    print()
-    print("| | drain (msgs/s) | CPU (us/msg) |")
-    print("|---|---:|---:|")
-    print(f"| plain | {plain['rate']:,.0f} | {plain['us_per_msg']:.1f} |")
-    print(f"| batch | {batch['rate']:,.0f} | {batch['us_per_msg']:.1f} |")
-    print(f"| batch / plain | {batch['rate'] / plain['rate']:.3f} | {batch['us_per_msg'] / plain['us_per_msg']:.3f} |")
+    with private_redis("bench-batches-") as url:
+        medians = interleaved(
+            ("plain", "batch"), args.rounds, lambda mode: run_once(mode, url, args.count, args.threads)
+        )
+    print_table(medians, "plain", count=args.count, threads=args.threads, rounds=args.rounds)
     return 0
 
 

@@ -18,11 +18,8 @@ machine; this one is steadier).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import dramatiq  # noqa: E402
-from batches import start_redis  # noqa: E402
+from drain_rounds import interleaved, print_table, private_redis  # noqa: E402
 from dramatiq.broker import MessageProxy  # noqa: E402
 
 import dramaturg  # noqa: E402
@@ -102,33 +99,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
     parser.add_argument("--threads", type=int, default=8, help="worker threads (default: 8)")
     args = parser.parse_args()
-    directory = tempfile.mkdtemp(prefix="bench-cancelling-")
-    server, url = start_redis(directory)
-    results: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
-    try:
-        for round_ in range(args.rounds):
-            for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                result = run_once(mode, url, args.count, args.threads)
-                results[mode].append(result)
-                print(f"round {round_ + 1} {mode}: {result['rate']:,.0f} msgs/s, {result['us_per_msg']:.1f} us/msg")
+    with private_redis("bench-cancelling-") as url:
+        medians = interleaved(("off", "on"), args.rounds, lambda mode: run_once(mode, url, args.count, args.threads))
         stack = stack_cost(url)
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(directory, ignore_errors=True)
-    medians = {
-        mode: {k: statistics.median(r[k] for r in rs) for k in ("rate", "us_per_msg")} for mode, rs in results.items()
-    }
-    off, on = medians["off"], medians["on"]
-    print()
-    print(f"{args.count:,} no-op tasks, Redis, one worker process with {args.threads} threads, median of {args.rounds}")
-    print(f"(machine: {os.cpu_count()} cores; python {sys.version.split()[0]})")
-    print()
-    print("| | drain (msgs/s) | CPU (us/msg) |")
-    print("|---|---:|---:|")
-    print(f"| without CancelWatch | {off['rate']:,.0f} | {off['us_per_msg']:.1f} |")
-    print(f"| with CancelWatch | {on['rate']:,.0f} | {on['us_per_msg']:.1f} |")
-    print(f"| with / without | {on['rate'] / off['rate']:.3f} | {on['us_per_msg'] / off['us_per_msg']:.3f} |")
+    labels = {"off": "without CancelWatch", "on": "with CancelWatch"}
+    print_table(medians, "off", count=args.count, threads=args.threads, rounds=args.rounds, labels=labels)
     print()
     print(
         f"The stack's hooks per task (CPU, median of 10): {stack['off']:.2f} us without CancelWatch,"
