@@ -19,6 +19,7 @@ import dramaturg
 from dramaturg.status import state_store
 
 from .conftest import Runs, bin_path, poll_until, run_cli, settings_with_state
+from .test_status import status_when
 
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
 REPO = Path(__file__).resolve().parents[1]
@@ -33,21 +34,6 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
     """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
     return settings_with_state(broker_kind, request, tmp_path, worker={"threads": 2})
-
-
-def status_when(message_id: str, state: str) -> dramaturg.TaskStatus:
-    """The task's status once it is ``state`` (the store lags its tasks by a flush interval)."""
-    seen: list[dramaturg.TaskStatus] = []
-
-    def check() -> bool:
-        seen[:] = [dramaturg.task_status(message_id)]
-        return seen[0].state == state
-
-    try:
-        poll_until(check, f"task {message_id} {state}", timeout=15)
-    except pytest.fail.Exception:
-        pytest.fail(f"task {message_id} was never {state}; last seen: {seen[0] if seen else None}")
-    return seen[0]
 
 
 def test_a_waiting_task_is_skipped_and_never_runs(broker: dramatiq.Broker, start_worker: Callable[..., Any]) -> None:
