@@ -36,12 +36,15 @@ from .errors import (
     DramaturgError,
     KickError,
     NotInTask,
+    QueueInUse,
+    QueueNotFound,
     SendError,
     StateUnavailable,
     TaskHeld,
     TaskNotFound,
 )
 from .held import HeldStore, HeldTask, held_tasks
+from .queue_admin import DeletedQueue, WaitingTask, delete_queue, peek_queue, purge_queue
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .schedules import periodic
 from .stats import QueueStats, queue_stats
@@ -74,6 +77,7 @@ __all__ = [
     "Cancellation",
     "ConfigError",
     "ContextError",
+    "DeletedQueue",
     "DrainSummary",
     "DramaturgError",
     "HeldStore",
@@ -81,6 +85,8 @@ __all__ = [
     "Hold",
     "KickError",
     "NotInTask",
+    "QueueInUse",
+    "QueueNotFound",
     "QueueStats",
     "Resource",
     "Retry",
@@ -95,6 +101,7 @@ __all__ = [
     "TaskNotFound",
     "TaskOutcome",
     "TaskStatus",
+    "WaitingTask",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -113,12 +120,15 @@ __all__ = [
     "context_restorer",
     "current_context",
     "current_task",
+    "delete_queue",
     "drain",
     "echo",
     "get_broker",
     "held_tasks",
     "load_settings",
+    "peek_queue",
     "periodic",
+    "purge_queue",
     "queue_stats",
     "resource",
     "shutdown",

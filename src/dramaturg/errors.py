@@ -23,6 +23,10 @@
      +-- TaskNotFound           dramaturg.cancel(): no task has that id (never sent, or its
      |                          record expired after [state] ttl)
      +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
+     +-- QueueNotFound          no queue of that name on the broker or among the actors' (the
+     |                          closest known one named)
+     +-- QueueInUse             dramaturg.delete_queue(): workers consume it, or tasks of it run
+     |                          or are held (force=True removes it anyway)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -68,6 +72,8 @@ __all__ = [
     "KickError",
     "NotInTask",
     "Poison",
+    "QueueInUse",
+    "QueueNotFound",
     "ScheduleNotFound",
     "SendError",
     "StateUnavailable",
@@ -229,6 +235,14 @@ class TaskNotFound(DramaturgError):
 
 class ScheduleNotFound(DramaturgError):
     """No schedule (in code or the config file) has this id."""
+
+
+class QueueNotFound(DramaturgError):
+    """No queue of this name on the broker or among the application's actors' queues."""
+
+
+class QueueInUse(DramaturgError):
+    """A queue could not be deleted: workers consume it, or tasks of it run or are held."""
 
 
 class BatchSendError(SendError, MiddlewareError):

@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
+"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``queue``, ``stats``, ``status``,
 ``cancel``, ``batch``, ``scheduler``, ``schedule``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
@@ -31,7 +31,7 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, cancel, config_cmd, dashboard, drain, held, schedule, scheduler, send, stats, status, worker
+from . import batch, cancel, config_cmd, dashboard, drain, held, queue, schedule, scheduler, send, stats, status, worker
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -63,6 +63,12 @@ examples:
   # How many tasks are ready, delayed, in flight, held, dead; how many workers, per queue
   $ dramaturg stats
   $ dramaturg stats imports --watch 2s
+
+  # Queues: their counts, the next waiting tasks, drop the waiting ones, remove one
+  $ dramaturg queue list
+  $ dramaturg queue peek imports --limit 5
+  $ dramaturg queue purge imports --yes
+  $ dramaturg queue delete old-imports
 
   # What became of a task: queued, running, succeeded, retrying, held, ...
   $ dramaturg status 1f0c2d7e-...
@@ -115,7 +121,21 @@ def make_parser() -> argparse.ArgumentParser:
         " (default: log.format, else text)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (worker, scheduler, drain, send, held, stats, status, cancel, batch, schedule, config_cmd, dashboard):
+    for module in (
+        worker,
+        scheduler,
+        drain,
+        send,
+        held,
+        queue,
+        stats,
+        status,
+        cancel,
+        batch,
+        schedule,
+        config_cmd,
+        dashboard,
+    ):
         module.add_parser(subparsers)
     return parser
 
