@@ -155,8 +155,13 @@ class QueueAdmin(ABC):
         """``(workers, running, held)`` of ``queue``, read now (not from lagging statistics)."""
 
     @abstractmethod
-    def remove(self, queue: str) -> list[str]:
-        """Remove what the broker keeps for ``queue``, held tasks included; returns the names removed."""
+    def parts(self, queue: str) -> list[str]:
+        """The names of what the broker keeps for ``queue`` now (the queue, its delay and
+        dead-letter queues, its held store, its lanes), as an operator reads them."""
+
+    @abstractmethod
+    def remove(self, queue: str) -> None:
+        """Remove what the broker keeps for ``queue``, held tasks included."""
 
 
 def queue_admin(broker: dramatiq.Broker | None = None) -> QueueAdmin:
@@ -230,8 +235,9 @@ def delete_queue(queue: str, *, force: bool = False, broker: dramatiq.Broker | N
             if count
         ]
         raise QueueInUse(f"queue {queue!r} is in use: {', '.join(reasons)}; stop them first, or give --force")
+    removed = admin.parts(queue)
     dropped = admin.purge(queue, delayed=True, on_purged=_recorder(admin.broker, queue))
-    removed = admin.remove(queue)
+    admin.remove(queue)
     return DeletedQueue(queue=queue, dropped=dropped + (held if force else 0), removed=removed)
 
 

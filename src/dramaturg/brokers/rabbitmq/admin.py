@@ -80,7 +80,8 @@ class RabbitmqQueueAdmin(QueueAdmin):
         """``(messages ready, consumers)`` of ``name``, or None when there is no such queue."""
         channel = connection.channel()
         try:
-            method = channel.queue_declare(name, passive=True).method
+            with quiet_pika():  # pika logs a WARNING for the 404 this answers with
+                method = channel.queue_declare(name, passive=True).method
         except pika.exceptions.ChannelClosedByBroker as error:
             if error.reply_code != 404:
                 raise
@@ -149,14 +150,14 @@ class RabbitmqQueueAdmin(QueueAdmin):
         workers = max(counts[queue][1], counts[f"{queue}.DQ"][1])
         return workers, 0, held[0]
 
-    def remove(self, queue: str) -> list[str]:
-        removed = []
+    def parts(self, queue: str) -> list[str]:
         with self._connection() as connection:
+            names = (queue, f"{queue}.DQ", f"{queue}.XQ", held_queue(queue))
+            return [name for name in names if self._declared(connection, name) is not None]
+
+    def remove(self, queue: str) -> None:
+        with self._connection() as connection:
+            channel = connection.channel()
             for name in (queue, f"{queue}.DQ", f"{queue}.XQ", held_queue(queue)):
-                if self._declared(connection, name) is None:
-                    continue
-                channel = connection.channel()
-                channel.queue_delete(name)
-                channel.close()
-                removed.append(name)
-        return removed
+                channel.queue_delete(name)  # none: nothing to do
+            channel.close()

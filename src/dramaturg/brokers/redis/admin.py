@@ -97,24 +97,37 @@ class RedisQueueAdmin(QueueAdmin):
         row = RedisStatsReader(self.redis_broker, self.redis_broker.settings).read([queue])[0]
         return row.workers or 0, row.in_flight or 0, row.held or 0
 
-    def remove(self, queue: str) -> list[str]:
-        names = [
-            f"{lane}{suffix}" for lane in lanes(queue) for suffix in ("", ".msgs", ".DQ", ".DQ.msgs", ".XQ", ".XQ.msgs")
-        ]
+    def parts(self, queue: str) -> list[str]:
+        """Each lane, delay and dead-letter queue that has keys, and ``<queue> (held)`` when
+        the held store has tasks of it."""
+        names = [f"{lane}{suffix}" for lane in lanes(queue) for suffix in ("", ".DQ", ".XQ")]
+        held = self.redis_broker.held
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.exists(self._key(name), self._key(f"{name}.msgs"))
+                pipe.exists(f"{held.prefix}:{queue}")
+                replies: list[Any] = pipe.execute()
+        except redis.RedisError as error:
+            raise self._unreachable(error) from None
+        found = [name for name, present in zip(names, replies, strict=False) if present]
+        return found + ([f"{queue} (held)"] if replies[-1] else [])
+
+    def remove(self, queue: str) -> None:
+        names = [f"{lane}{suffix}" for lane in lanes(queue) for suffix in _QUEUE_SUFFIXES]
         held = self.redis_broker.held
         held_keys = [f"{held.prefix}:{queue}{suffix}" for suffix in _HELD_SUFFIXES]
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                for name in names:
-                    pipe.exists(self._key(name))
                 pipe.delete(*[self._key(name) for name in names], *held_keys, self._key(f"__workers__:{queue}"))
                 pipe.srem(f"{held.prefix}:#queues", queue)
-                replies: list[Any] = pipe.execute()
+                pipe.execute()
         except redis.RedisError as error:
             raise self._unreachable(error) from None
-        return [name for name, present in zip(names, replies, strict=False) if present]
 
 
+#: The keys of a lane, after ``<ns>:<lane>``.
+_QUEUE_SUFFIXES = ("", ".msgs", ".DQ", ".DQ.msgs", ".XQ", ".XQ.msgs")
 #: The held store's keys of a queue, after ``<prefix>:<queue>`` (see RedisHeldStore._keys).
 _HELD_SUFFIXES = ("", "#order", "#kicking", "#kicking-order", "#kicking-token")
 
