@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import dramaturg
 from dramaturg.exit_codes import EXIT_FAILURE, EXIT_USAGE
 
-from .conftest import WAIT_S, Runs, bin_path, held_task, pending_messages, poll_until, run_cli, write_config
+from .conftest import WAIT_S, Runs, bin_path, broker_url, held_task, pending_messages, poll_until, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000
@@ -42,8 +43,20 @@ def expect_counts(broker: dramatiq.Broker, **expected: int) -> None:
         raise
 
 
-def has_state_store(broker_kind: str) -> bool:
-    return broker_kind != "rabbitmq"  # the tests' RabbitMQ has no [state] url
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store,
+    so that purged tasks' records and batches are checked on every broker."""
+    broker: dict[str, Any] = {
+        "url": broker_url(broker_kind, request, tmp_path),
+        "namespace": f"test-{uuid.uuid4().hex[:8]}",
+    }
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
 
 
 def test_purge_drops_waiting_tasks_never_running_or_held_ones(
@@ -78,10 +91,9 @@ def test_purge_drops_waiting_tasks_never_running_or_held_ones(
     assert len(ran.seen) == SENT - purged
     # The held tasks are untouched, and a purged task's record says so
     assert dramaturg.held_tasks(broker).count("imports") == 2
-    if has_state_store(broker_kind):
-        dropped = next(m for n, m in enumerate(sent) if n not in done)
-        status = dramaturg.task_status(dropped.message_id, broker)
-        assert (status.state, status.reason) == ("purged", "purged from imports")
+    dropped = next(m for n, m in enumerate(sent) if n not in done)
+    status = dramaturg.task_status(dropped.message_id, broker)
+    assert (status.state, status.reason) == ("purged", "purged from imports")
 
 
 def test_purge_keeps_delayed_tasks_unless_asked(broker: dramatiq.Broker) -> None:
@@ -215,3 +227,30 @@ def test_cli_purge_peek_delete_and_bad_names(
     code, out, err = cli(tmp_path, "delete", "imports", "--yes", "--force")
     assert code == 0, err
     assert out.startswith("deleted queue imports: 1 task(s) dropped")
+
+
+def test_purged_batch_members_end_as_cancelled_and_the_batch_completes(
+    broker_kind: str, broker: dramatiq.Broker, start_worker: Any
+) -> None:
+    report = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None: ...
+
+    @dramaturg.actor(queue_name="reports", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    # Given a batch of five members waiting, no worker on their queue
+    batch = dramaturg.batch("wrong queue", on_complete=on_complete.message())
+    with batch:
+        member.send_many(range(5))
+
+    # When the queue is purged, with a worker on the reports queue only
+    start_worker(queues={"reports"})
+    assert dramaturg.purge_queue("imports", broker=broker) == 5
+
+    # Then the batch ends, its members cancelled, and on_complete fires once
+    (summary,) = report.wait(1)
+    assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (5, 0, 5, 0)
+    assert batch.status().state == "complete"

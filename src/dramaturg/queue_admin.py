@@ -19,7 +19,9 @@ What each touches (the broker's own part is ``brokers/redis/admin.py`` and
   (taken by a worker, not acknowledged), never a held one (:mod:`dramaturg.held` has its own
   purge). A delayed task a worker already took to wait out its delay is running for
   this purpose: it is not dropped (``stats`` counts it as delayed). Where there is a
-  state store (:mod:`dramaturg.status`) each purged task's record says ``purged``.
+  state store (:mod:`dramaturg.status`) each purged task's record says ``purged``, and a
+  purged member of a batch ends as cancelled in it (its ``on_complete`` fires once every
+  member ended).
 - **peek** reads the next waiting tasks without taking them. On Redis it reads the lists
   and hashes: no side effect. RabbitMQ has no way to read a message and leave it
   untouched: peek takes them with ``basic.get`` and gives them back at once
@@ -50,6 +52,7 @@ from typing import Any
 import dramatiq
 from dramatiq import Message
 
+from .batches.tracker import BATCH_OPTION, tracker_of
 from .errors import DramaturgError, QueueInUse, QueueNotFound, StateUnavailable, did_you_mean
 from .masking import mask_text
 from .queues import canonical_queue, message_priority
@@ -243,7 +246,9 @@ def delete_queue(queue: str, *, force: bool = False, broker: dramatiq.Broker | N
 
 def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
     """Write ``purged`` records for the bodies given, and wait until they are written
-    (a purge that says it is done has said so in the store too)."""
+    (a purge that says it is done has said so in the store too). A purged member of a
+    batch ends as cancelled in it (neither succeeded nor failed), as a cancelled waiting
+    task does, and what that fires (the batch's ``on_complete``) is sent."""
     try:
         store = state_store(broker)
     except StateUnavailable:
@@ -251,6 +256,7 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
 
     def record(bodies: Sequence[bytes]) -> None:
         now = time.time()
+        members: list[tuple[str, str]] = []
         for body in bodies:
             try:
                 message = Message.decode(body)
@@ -259,9 +265,23 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
             fields = queued_fields(message, None)
             fields.update(state="purged", finished_at=int(now * 1000), reason=f"purged from {queue}")
             store.record(message.message_id, fields, at=now)
+            batch_id = message.options.get(BATCH_OPTION)
+            if batch_id:
+                members.append((str(batch_id), message.message_id))
         store.flush()
+        if members:
+            _end_members(broker, members)
 
     return record
+
+
+def _end_members(broker: dramatiq.Broker, members: Sequence[tuple[str, str]]) -> None:
+    tracker = tracker_of(broker)
+    writer = tracker.writer(broker)
+    for batch_id, message_id in members:
+        events = writer.end_durably((batch_id, message_id, "c"))
+        if events:
+            tracker.fire(broker, batch_id, events)
 
 
 def shorten(text: str, width: int = ARGUMENTS_WIDTH) -> str:
