@@ -4,6 +4,9 @@ real broker: what an operator who sent tasks to the wrong queue checks afterward
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -13,9 +16,21 @@ import dramatiq
 import pytest
 
 import dramaturg
-from dramaturg.exit_codes import EXIT_FAILURE, EXIT_USAGE
+from dramaturg.exit_codes import EXIT_BROKER_UNREACHABLE, EXIT_FAILURE, EXIT_USAGE
 
-from .conftest import WAIT_S, Runs, bin_path, broker_url, held_task, pending_messages, poll_until, run_cli, write_config
+from .conftest import (
+    WAIT_S,
+    Runs,
+    bin_path,
+    broker_url,
+    cli_env,
+    free_port,
+    held_task,
+    pending_messages,
+    poll_until,
+    run_cli,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000
@@ -41,6 +56,28 @@ def expect_counts(broker: dramatiq.Broker, **expected: int) -> None:
     except pytest.fail.Exception:
         assert seen[-1] == expected
         raise
+
+
+def at_terminal(tmp_path: Path, argv: list[str], *, answer: str) -> tuple[int, str]:
+    """Run ``dramaturg queue ARGV`` with a terminal as its stdin, answer the question, and
+    return the exit code and what it wrote."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [bin_path("dramaturg"), "queue", *argv],
+            cwd=tmp_path,
+            env=cli_env(PYTHONPATH=str(REPO)),
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        os.write(controller, answer.encode() + b"\n")  # read by input() once it asks
+        out, _ = process.communicate(timeout=60)
+        return process.returncode, out
+    finally:
+        os.close(controller)
+        os.close(terminal)
 
 
 @pytest.fixture
@@ -216,6 +253,11 @@ def test_cli_purge_peek_delete_and_bad_names(
     code, _, err = cli(tmp_path, "purge", "imports")
     assert code == EXIT_USAGE and "--yes" in err
 
+    # at a terminal, purge asks first, saying how many; "n" purges nothing
+    code, out = at_terminal(tmp_path, ["purge", "imports"], answer="n")
+    assert "Drop the 5 waiting tasks of imports? This cannot be undone. [y/N]" in out
+    assert (code, out.endswith("nothing purged\n")) == (EXIT_FAILURE, True)  # (the answer echoes on the terminal)
+
     # purge: says how many
     code, out, err = cli(tmp_path, "purge", "imports", "--yes")
     assert (code, out.strip()) == (0, "purged 5 waiting tasks of imports"), err
@@ -254,3 +296,16 @@ def test_purged_batch_members_end_as_cancelled_and_the_batch_completes(
     (summary,) = report.wait(1)
     assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (5, 0, 5, 0)
     assert batch.status().state == "complete"
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
+    for argv in (["list"], ["peek", "imports"], ["purge", "imports", "--yes"], ["delete", "imports", "--yes"]):
+        code, out, err = cli(tmp_path, *argv)
+        assert (code, out, len(err.splitlines())) == (EXIT_BROKER_UNREACHABLE, "", 1), argv
+        assert err.startswith("dramaturg: cannot reach Redis at redis://127.0.0.1:")
+
+
+def test_peek_limit_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, err = cli(tmp_path, "peek", "imports", "--limit", "0")
+    assert (code, err.strip()) == (EXIT_USAGE, "dramaturg: --limit must be from 1 to 1000, not 0")

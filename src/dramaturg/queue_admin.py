@@ -75,6 +75,8 @@ logger = logging.getLogger("dramaturg.queue_admin")
 
 #: How many characters of a task's arguments peek shows.
 ARGUMENTS_WIDTH = 60
+#: The most tasks one peek shows (on RabbitMQ it holds them all for a moment).
+MAX_PEEK = 1000
 
 #: Called with the bodies of the tasks a purge takes, before they are gone for good
 #: (RabbitMQ: before they are acknowledged), so their records can say ``purged``.
@@ -206,8 +208,8 @@ def check_queue(queue: str, broker: dramatiq.Broker | None = None) -> str:
 def peek_queue(queue: str, limit: int = 10, broker: dramatiq.Broker | None = None) -> list[WaitingTask]:
     """Up to ``limit`` waiting tasks of ``queue``, next first, without taking them (see the
     module docstring for what that costs on RabbitMQ)."""
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
+    if not 1 <= limit <= MAX_PEEK:
+        raise ValueError(f"limit must be from 1 to {MAX_PEEK}, not {limit}")
     admin = queue_admin(broker)
     check_queue(queue, admin.broker)
     return [WaitingTask.from_body(admin.broker, body) for body in admin.peek(queue, limit)]

@@ -11,13 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from .. import app
 from ..errors import QueueInUse, UsageError
 from ..exit_codes import EXIT_FAILURE
-from ..queue_admin import as_dicts, check_queue, delete_queue, list_queues, peek_queue, purge_queue, queue_admin
+from ..queue_admin import (
+    MAX_PEEK,
+    as_dicts,
+    check_queue,
+    delete_queue,
+    list_queues,
+    peek_queue,
+    purge_queue,
+    queue_admin,
+)
+from ..stats import queue_stats
 from .common import boot
 from .stats import document, table
 
@@ -47,7 +58,7 @@ def add_parser(subparsers: Any) -> None:
 
     peek = actions.add_parser("peek", help="the next waiting tasks, without taking them")
     peek.add_argument("queue", metavar="QUEUE")
-    peek.add_argument("--limit", type=int, default=10, help="at most this many (default: 10)")
+    peek.add_argument("--limit", type=int, default=10, help=f"at most this many, up to {MAX_PEEK} (default: 10)")
     peek.add_argument("--json", action="store_true", help="print JSON lines (default: a table)")
     peek.set_defaults(run=run_peek)
 
@@ -77,8 +88,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_peek(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, not {args.limit}")
+    if not 1 <= args.limit <= MAX_PEEK:
+        raise UsageError(f"--limit must be from 1 to {MAX_PEEK}, not {args.limit}")
     _, broker = boot(args, ping_first=True)
     try:
         tasks = peek_queue(args.queue, args.limit, broker)
@@ -107,7 +118,7 @@ def run_purge(args: argparse.Namespace) -> int:
     try:
         check_queue(args.queue, broker)
         what = "waiting and delayed" if args.delayed else "waiting"
-        if not _confirmed(args, f"Drop every {what} task of {args.queue}? This cannot be undone."):
+        if not _confirmed(args, lambda: _purge_question(broker, args.queue, what, args.delayed)):
             print("nothing purged")
             return EXIT_FAILURE
         purged = purge_queue(args.queue, delayed=args.delayed, broker=broker)
@@ -122,7 +133,9 @@ def run_delete(args: argparse.Namespace) -> int:
     try:
         check_queue(args.queue, broker)
         queue_admin(broker)  # no administration on this broker: said before asking
-        if not _confirmed(args, f"Delete queue {args.queue} and every task waiting in it? This cannot be undone."):
+        if not _confirmed(
+            args, lambda: f"Delete queue {args.queue} and every task waiting in it? This cannot be undone."
+        ):
             print("nothing deleted")
             return EXIT_FAILURE
         try:
@@ -137,12 +150,19 @@ def run_delete(args: argparse.Namespace) -> int:
         app.shutdown()
 
 
-def _confirmed(args: argparse.Namespace, question: str) -> bool:
+def _confirmed(args: argparse.Namespace, question: Callable[[], str]) -> bool:
     if args.yes:
         return True
     if not sys.stdin.isatty():
         raise UsageError(f"dramaturg queue {args.action} {args.queue} needs --yes when not asked at a terminal")
-    return input(f"{question} [y/N] ").strip().lower() in {"y", "yes"}
+    return input(f"{question()} [y/N] ").strip().lower() in {"y", "yes"}
+
+
+def _purge_question(broker: Any, queue: str, what: str, delayed: bool) -> str:
+    """The question says how many (RabbitMQ's count may lag by a few seconds)."""
+    row = queue_stats([queue], broker)[0]
+    count = (row.ready or 0) + ((row.delayed or 0) if delayed else 0)
+    return f"Drop the {count} {what} task{'s' if count != 1 else ''} of {queue}? This cannot be undone."
 
 
 def _at(ms: int | None) -> str:
