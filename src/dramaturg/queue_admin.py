@@ -278,7 +278,11 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
 
 
 def _end_members(broker: dramatiq.Broker, members: Sequence[tuple[str, str]]) -> None:
-    tracker = tracker_of(broker)
+    try:
+        tracker = tracker_of(broker)
+    except StateUnavailable as error:  # the tasks are gone whatever: say what their batches miss
+        logger.warning("purged %d batch members, but their batches cannot be told: %s", len(members), error)
+        return
     writer = tracker.writer(broker)
     for batch_id, message_id in members:
         events = writer.end_durably((batch_id, message_id, "c"))
