@@ -59,6 +59,9 @@ def open_dashboard(
 
     expect.set_options(timeout=EXPECT_MS)
     contexts: list[Any] = []
+    # Declared, so that the broker fixture deletes it and its held companion afterwards on
+    # RabbitMQ (the tests hold tasks of "imports"; left behind, the next test would list them).
+    broker.declare_queue("imports")
 
     def open_context(token: str | None = TOKEN, **options: Any) -> Any:
         server = serve(dramaturg.dashboard.app(broker=broker, token=token))

@@ -34,7 +34,11 @@ from .errors import (
     ConfigError,
     ContextError,
     DramaturgError,
+    DuplicateTask,
+    FlowSendError,
     KickError,
+    LockLost,
+    LockTimeout,
     NotInTask,
     QueueInUse,
     QueueNotFound,
@@ -43,6 +47,7 @@ from .errors import (
     TaskHeld,
     TaskNotFound,
 )
+from .flow import Lock, concurrency, lock, locked, rate, unique
 from .held import HeldStore, HeldTask, held_tasks
 from .queue_admin import DeletedQueue, WaitingTask, delete_queue, peek_queue, purge_queue
 from .resources import Resource, after_task, before_task, close_resources, resource
@@ -80,10 +85,15 @@ __all__ = [
     "DeletedQueue",
     "DrainSummary",
     "DramaturgError",
+    "DuplicateTask",
+    "FlowSendError",
     "HeldStore",
     "HeldTask",
     "Hold",
     "KickError",
+    "Lock",
+    "LockLost",
+    "LockTimeout",
     "NotInTask",
     "QueueInUse",
     "QueueNotFound",
@@ -115,6 +125,7 @@ __all__ = [
     "cancel",
     "cancel_batch",
     "close_resources",
+    "concurrency",
     "context",
     "context_provider",
     "context_restorer",
@@ -126,13 +137,17 @@ __all__ = [
     "get_broker",
     "held_tasks",
     "load_settings",
+    "lock",
+    "locked",
     "peek_queue",
     "periodic",
     "purge_queue",
     "queue_stats",
+    "rate",
     "resource",
     "shutdown",
     "task_status",
+    "unique",
 ]
 
 

@@ -20,6 +20,7 @@ import dramatiq
 
 from . import brokers
 from .batches.tracker import close_trackers
+from .flow.control import close_flow
 from .masking import install_log_masking, mask_url
 from .middleware import framework_middleware
 from .settings_data import SettingsData
@@ -78,6 +79,7 @@ def bootstrap(settings: Settings | None = None) -> dramatiq.Broker:
         if previous is not None:
             close_stores(previous.middleware)
             close_trackers(previous.middleware)
+            close_flow(previous.middleware)
             previous.close()
     logger.debug("dramaturg bootstrapped %s", _describe(settings))
     return broker
@@ -127,6 +129,7 @@ def shutdown() -> None:
         if broker is not None:
             close_stores(broker.middleware)
             close_trackers(broker.middleware)
+            close_flow(broker.middleware)
             broker.close()
             if dramatiq.broker.global_broker is broker:
                 dramatiq.broker.global_broker = None

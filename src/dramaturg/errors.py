@@ -15,6 +15,9 @@
      |    +-- BatchSendError    a batch member could not be recorded in the state store, so
      |    |                     it was not sent (also a MiddlewareError)
      |    +-- BulkSendError     send_many stopped: how many were sent, which were not, which may be
+     |    +-- FlowSendError     a limit's or unique key cannot be made from the message, or
+     |         |                the state store did not answer; not sent (also a MiddlewareError)
+     |         +-- DuplicateTask  a unique task is queued or running already (its id)
      +-- TaskHeld               eager mode: a task sent with send() was held (its reason)
      +-- NotInTask              current_task() outside a task handler
      +-- KickError              held tasks could not be requeued; they stay held
@@ -23,6 +26,8 @@
      +-- TaskNotFound           dramaturg.cancel(): no task has that id (never sent, or its
      |                          record expired after [state] ttl)
      +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
+     +-- LockTimeout            dramaturg.lock(): another held the lock for all of ``wait``
+     +-- LockLost               release or renew of a lock this holder no longer holds (ttl passed)
      +-- QueueNotFound          no queue of that name on the broker or among the actors' (the
      |                          closest known one named)
      +-- QueueInUse             dramaturg.delete_queue(): workers consume it, or tasks of it run
@@ -69,7 +74,11 @@ __all__ = [
     "ConfigError",
     "ContextError",
     "DramaturgError",
+    "DuplicateTask",
+    "FlowSendError",
     "KickError",
+    "LockLost",
+    "LockTimeout",
     "NotInTask",
     "Poison",
     "QueueInUse",
@@ -253,6 +262,47 @@ class BatchSendError(SendError, MiddlewareError):
     (A :class:`dramatiq.middleware.MiddlewareError`, so that Dramatiq lets it reach the
     sender instead of logging it and sending the message anyway.)
     """
+
+
+class FlowSendError(SendError, MiddlewareError):
+    """A message of an actor with limits or a unique key was not sent: a key template names
+    an argument or context value the message does not have (the message says which key),
+    or the state store that keeps the keys did not answer.
+
+    (A :class:`dramatiq.middleware.MiddlewareError`, so that Dramatiq lets it reach the
+    sender instead of logging it and sending the message anyway.)
+    """
+
+
+class DuplicateTask(FlowSendError):
+    """A task of a unique actor was not sent: ``existing_id`` names the task queued or
+    running for the same ``key``. Raised by ``send()`` for ``unique(..., on_duplicate="raise")``;
+    with the default ``"return"``, ``send()`` returns that task's message instead."""
+
+    def __init__(self, key: str, existing_id: str, actor_name: str = "") -> None:
+        super().__init__(
+            f"{actor_name or 'task'}: a task with unique key {key!r} is queued or running already"
+            f" ({existing_id}); not sent again"
+        )
+        self.key = key
+        self.existing_id = existing_id
+
+
+class LockTimeout(DramaturgError):
+    """:func:`dramaturg.lock` waited ``wait`` for the lock ``name`` and another still held it."""
+
+    def __init__(self, name: str, waited_ms: int, holder: str | None = None) -> None:
+        by = f" (held by {holder})" if holder else ""
+        super().__init__(f"lock {name!r} was not free within {waited_ms} ms{by}")
+        self.name = name
+        self.waited_ms = waited_ms
+        self.holder = holder
+
+
+class LockLost(DramaturgError):
+    """A release or renew of the lock ``name`` was refused: this holder no longer holds it
+    (its ttl passed, and someone else may hold it now). Whatever it guarded may have been
+    done by another holder meanwhile: compare fencing tokens (``lock.token``)."""
 
 
 class UsageError(DramaturgError):

@@ -85,6 +85,22 @@ class Actor(dramatiq.Actor[P, R]):
         self.broker  # noqa: B018 (bootstraps when needed)
         return super().message_with_options(args=args, kwargs=kwargs, **options)
 
+    def send_with_options(
+        self,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: Any = None,
+        **options: Any,
+    ) -> dramatiq.Message[R]:
+        """Send a message (see Dramatiq); for an actor with a unique key, a duplicate
+        returns the task already queued or running (see :mod:`dramaturg.flow`)."""
+        if "dramaturg_flow" not in self.options:
+            return super().send_with_options(args=args, kwargs=kwargs, delay=delay, **options)
+        from ..flow.control import send_with_flow
+
+        return send_with_flow(self, super().send_with_options, args, kwargs, delay, options)
+
     def send_many(
         self, items: Iterable[Any], *, chunk_size: int = bulk.DEFAULT_CHUNK, **options: Any
     ) -> bulk.BulkResult:
@@ -279,6 +295,10 @@ def actor(
                     + ("" if hint else f" (options: {', '.join(sorted(known))})")
                 )
         _check_option_values(where, options)
+        if "limits" in options or "unique" in options:
+            from ..flow.limits import check_actor_options
+
+            check_actor_options(where, fn, options)
         declared = Actor(fn, actor_name=name, queue_name=queue_name, priority=priority, options=options)
         previous = app.registered_actor(name)
         if previous is not None and previous.origin != declared.origin:

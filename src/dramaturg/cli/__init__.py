@@ -1,5 +1,5 @@
 """The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``queue``, ``stats``, ``status``,
-``cancel``, ``batch``, ``scheduler``, ``schedule``, ``config``, ``dashboard``.
+``cancel``, ``batch``, ``scheduler``, ``schedule``, ``locks``, ``limits``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; what they share (loading the application: ``common.boot``) is in
@@ -31,7 +31,22 @@ from ..exit_codes import (
     EXIT_USAGE,
 )
 from ..masking import install_log_masking, mask_text
-from . import batch, cancel, config_cmd, dashboard, drain, held, queue, schedule, scheduler, send, stats, status, worker
+from . import (
+    batch,
+    cancel,
+    config_cmd,
+    dashboard,
+    drain,
+    flow,
+    held,
+    queue,
+    schedule,
+    scheduler,
+    send,
+    stats,
+    status,
+    worker,
+)
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -88,6 +103,10 @@ examples:
   # A web page of queues and held tasks (kick, purge) on http://127.0.0.1:8700
   $ dramaturg dashboard
 
+  # Locks held now; limits declared and the keys in use
+  $ dramaturg locks list
+  $ dramaturg limits
+
   # Show the effective settings and where each came from; then test the broker
   $ dramaturg config show
   $ dramaturg config check
@@ -133,6 +152,7 @@ def make_parser() -> argparse.ArgumentParser:
         cancel,
         batch,
         schedule,
+        flow,
         config_cmd,
         dashboard,
     ):

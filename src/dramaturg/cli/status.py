@@ -91,6 +91,8 @@ def headline(status: TaskStatus) -> str:
         return f"succeeded at {_at(status.finished_at)} after {status.duration_ms} ms"
     if state == "held":
         return f"held: {status.reason}"
+    if state == "waiting":
+        return f"{status.reason}; next try at {_at(status.eta)}"
     if state == "failed":
         return "failed: it could not be retried or held, and was rejected into the dead-letter queue"
     if state == "cancelled":

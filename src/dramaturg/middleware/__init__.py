@@ -22,6 +22,7 @@ from dramatiq.middleware import (
 from ..batches.tracker import BatchTracker
 from ..cancelling.watch import CancelWatch
 from ..checkpoints import Checkpoints
+from ..flow.control import FlowControl
 from ..resources import Resources
 from ..status.recorder import StatusRecorder
 from ..task import RunOutcome, run_of
@@ -44,6 +45,7 @@ __all__ = [
     "CancelWatch",
     "Checkpoints",
     "ConsumerTimeoutCheck",
+    "FlowControl",
     "GracefulShutdown",
     "Metrics",
     "Outcomes",
@@ -88,6 +90,9 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         BatchTracker(state.url, settings.batch.ttl, settings.broker.namespace),
         # Before Outcomes too: its after-hook deletes the checkpoint of a task that succeeded.
         Checkpoints(state.url, settings.tasks.checkpoint_ttl, settings.broker.namespace),
+        # Just before Outcomes: a task that may not start is put back before Outcomes takes it
+        # as started, and its after-hook releases a unique key once Outcomes decided the end.
+        FlowControl(state.url, settings.broker.namespace),
         Outcomes(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
         # After Outcomes, so that the deadline is armed last, just before the handler runs.
         TimeToRun(default_ms=settings.tasks.ttr, queues={name: q.ttr for name, q in settings.queues.items()}),

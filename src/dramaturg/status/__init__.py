@@ -42,22 +42,23 @@ class TaskStatus:
     """What is known of one task. Times are ms since the epoch."""
 
     message_id: str
-    #: queued, delayed, running, succeeded, retrying, held, failed, cancelled, purged (dropped
-    #: from its queue by ``dramaturg queue purge``/``delete``) or unknown.
+    #: queued, delayed, waiting (for a limit: the reason says which), running, succeeded,
+    #: retrying, held, failed, cancelled, purged (dropped from its queue by ``dramaturg queue
+    #: purge``/``delete``) or unknown.
     state: str
     queue: str | None = None
     actor: str | None = None
     #: The attempt running, done, or next (1-based).
     attempt: int | None = None
     enqueued_at: int | None = None
-    #: delayed: until when; retrying: when the next attempt is due.
+    #: delayed: until when; retrying: when the next attempt is due; waiting: its next try.
     eta: int | None = None
     #: ``host:pid`` and thread of the worker running (or that ran) it.
     worker: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
     duration_ms: int | None = None
-    #: held: why.
+    #: held: why; waiting: for what (``waiting for concurrency tenant:fr``).
     reason: str | None = None
     #: The last error: ``Type: message``, and where it was raised when known.
     last_error: str | None = None
@@ -189,7 +190,7 @@ def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:
         actor=record.get("actor"),
         attempt=_int(record.get("attempt")),
         enqueued_at=_int(record.get("enqueued_at")),
-        eta=eta if state in {"delayed", "retrying"} else None,
+        eta=eta if state in {"delayed", "retrying", "waiting"} else None,
         worker=record.get("worker") if keep_times else None,
         started_at=_int(record.get("started_at")) if keep_times else None,
         finished_at=_int(record.get("finished_at")) if state in _ENDED else None,

@@ -30,6 +30,10 @@ __all__ = ["StatusRecorder", "close_stores"]
 _HOST = socket.gethostname()
 
 
+#: The message attribute (on Dramatiq's proxy) holding when this worker started it (wall clock).
+_STARTED_AT = "_dramaturg_started_at"
+
+
 class StatusRecorder(dramatiq.Middleware):
     """Records each task's changes in the :class:`~dramaturg.status.store.StateStore`, and counts outcomes.
 
@@ -98,7 +102,11 @@ class StatusRecorder(dramatiq.Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         start_run(message)
         inner = getattr(message, "_message", message)  # under Dramatiq's proxy: no __getattr__
-        self.store(broker).task_event(("start", inner.message_id, time.time(), inner, _worker_label()))
+        at = time.time()
+        # Kept for the end's record, so that both say the same start: recomputed there from
+        # the monotonic clock it could differ by a millisecond (the clocks' rounding, drift).
+        message.__dict__[_STARTED_AT] = at
+        self.store(broker).task_event(("start", inner.message_id, at, inner, _worker_label()))
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -116,7 +124,9 @@ class StatusRecorder(dramatiq.Middleware):
                 now,
                 inner,
                 _worker_label(),
-                now - (time.monotonic() - run.started),  # the run's start, in wall-clock time
+                # The run's start, in wall-clock time: as its start's record said, else from
+                # the monotonic start (no before-hook of this middleware ran).
+                message.__dict__.get(_STARTED_AT) or now - (time.monotonic() - run.started),
                 RunOutcome.SUCCEEDED if outcome is None else outcome,
                 run.error,
                 run.reason,

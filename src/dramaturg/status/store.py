@@ -328,6 +328,9 @@ def _running_fields(inner: Any, started: float, worker: str) -> dict[str, Any]:
     last_error = options.get("dramaturg_last_error")
     if last_error:
         fields["last_error"] = last_error
+    waiting = options.get("dramaturg_waiting")  # put back by a limit (dramaturg.flow.control)
+    if waiting:
+        fields["state"], fields["reason"] = "waiting", f"waiting for {waiting}"
     return fields
 
 
@@ -463,6 +466,9 @@ def queued_fields(message: Any, delay: int | None) -> dict[str, Any]:
     last_error = options.get("dramaturg_last_error")
     if last_error:
         fields["last_error"] = last_error
+    waiting = options.get("dramaturg_waiting")  # put back by a limit (dramaturg.flow.control)
+    if waiting:
+        fields["state"], fields["reason"] = "waiting", f"waiting for {waiting}"
     return fields
 
 

@@ -1,0 +1,111 @@
+-- Concurrency and rate limits (dramaturg.flow.limits): all of a task's limits are taken
+-- in one atomic step, or none of them.
+-- Times are Redis's own clock (TIME), so the workers' clocks do not matter.
+--
+-- A concurrency key is a sorted set of leases: member = the task's message id (so a
+-- redelivered or re-run task finds its own lease instead of taking a second slot),
+-- score = when the lease ends (ms). Leases past their end are dropped before counting:
+-- a worker killed with its slots frees them when their lease ends.
+-- A rate key is a sorted set of starts within the window: member = "<message id>:<time>:<n>",
+-- score = when it started; starts older than the window are dropped before counting
+-- (a sliding window: at most `limit` starts in any window of `ms`).
+--
+-- ARGV[1]: the step.
+-- acquire: ARGV[2] = the message id, then per limit (two keys each: see take) three
+--   values: "c" or "r", the limit, the lease or window in ms.
+-- acquire_many: the acquires of many tasks in one call (see below); one answer each.
+--   -> {1} when every limit let it start (each took its slot or its start),
+--      {0, i, ms} when limit i did not: ms until a lease ends or the oldest start leaves the window.
+-- release: ARGV[2] = the message id; its lease leaves every KEYS[i]. -> how many it held.
+-- release_many: ARGV[i + 1] = the message id whose lease leaves KEYS[i] (the releases of
+--   many tasks, written together off the message path). -> how many were held.
+-- renew: ARGV[2] = the message id, ARGV[3] = the lease in ms from now; every lease it
+--   still holds in KEYS[i] ends then. -> how many it still held.
+local call = redis.call
+local step, member = ARGV[1], ARGV[2]
+local time = call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- A task refused this long ago and not since is no longer counted as waiting (it was
+-- held, purged or lost meanwhile): the longest wait between two tries, with room to spare.
+local WAITING_MS = 60000
+-- Take every limit of one task: its keys are KEYS[k + 1 .. k + n], its values ARGV[a + 1 ..
+-- a + 3n] ("c" or "r", the limit, the lease or window in ms).
+-- Each limit has two keys: KEYS[k + 2i - 1] its leases or starts, KEYS[k + 2i] the tasks
+-- waiting for it (member = message id, score = when it was last refused), for `dramaturg limits`.
+local function refuse(waiting, member, wait)
+  call('ZADD', waiting, now, member)
+  call('PEXPIRE', waiting, WAITING_MS)
+  return wait
+end
+
+local function take(member, k, a, n)
+  for i = 1, n do
+    local kind, limit, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
+    local key, waiting = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
+    if kind == 'c' then
+      call('ZREMRANGEBYSCORE', key, '-inf', now)
+      if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
+        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return refuse(waiting, member, {0, i, math.max(0, tonumber(first[2]) - now)})
+      end
+    else
+      call('ZREMRANGEBYSCORE', key, '-inf', now - ms)
+      if call('ZCARD', key) >= limit then
+        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return refuse(waiting, member, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
+      end
+    end
+  end
+  for i = 1, n do
+    local kind, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i])
+    local key = KEYS[k + 2 * i - 1]
+    call('ZREM', KEYS[k + 2 * i], member)
+    if kind == 'c' then
+      call('ZADD', key, now + ms, member)
+    else
+      call('ZADD', key, now, member .. ':' .. time[1] .. time[2] .. ':' .. call('ZCARD', key))
+    end
+    if call('PTTL', key) < ms then
+      call('PEXPIRE', key, ms)
+    end
+  end
+  return {1}
+end
+
+if step == 'acquire' then
+  return take(member, 0, 2, #KEYS / 2)
+elseif step == 'acquire_many' then
+  -- ARGV[2 ..]: per task, its message id, its number of limits n, then its 3n values.
+  local answers, k, a = {}, 0, 2
+  while a < #ARGV do
+    local id, n = ARGV[a], tonumber(ARGV[a + 1])
+    answers[#answers + 1] = take(id, k, a + 1, n)
+    k, a = k + 2 * n, a + 2 + 3 * n
+  end
+  return answers
+elseif step == 'release' then
+  local held = 0
+  for i = 1, #KEYS do
+    held = held + call('ZREM', KEYS[i], member)
+  end
+  return held
+elseif step == 'release_many' then
+  local held = 0
+  for i = 1, #KEYS do
+    held = held + call('ZREM', KEYS[i], ARGV[i + 1])
+  end
+  return held
+elseif step == 'renew' then
+  local ms = tonumber(ARGV[3])
+  local held = 0
+  for i = 1, #KEYS do
+    if call('ZADD', KEYS[i], 'XX', 'CH', now + ms, member) == 1 or call('ZSCORE', KEYS[i], member) then
+      held = held + 1
+      if call('PTTL', KEYS[i]) < ms then
+        call('PEXPIRE', KEYS[i], ms)
+      end
+    end
+  end
+  return held
+end
+return redis.error_reply('limits.lua: unknown step ' .. tostring(step))

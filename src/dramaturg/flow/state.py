@@ -1,0 +1,446 @@
+"""Where flow control's state is kept: Redis (every real broker), or memory (eager mode).
+
+Both answer the same steps with the same meaning, so that a lock or a limit behaves the
+same inline as across workers:
+
+- locks: ``lock_acquire`` (with a fencing token from a counter per name that only
+  grows), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
+  ``lock_holder`` and ``locks`` (what is held, for ``dramaturg locks list``);
+- limits: ``acquire`` takes every limit of a task at once or none (a concurrency slot is
+  a lease named by the task's message id; a rate limit counts starts in a sliding
+  window), ``release`` and ``renew`` its leases, ``usage`` (for ``dramaturg limits``);
+- unique tasks: ``claim`` a key for a message id (or learn who holds it), ``unclaim``.
+
+On Redis each step is one call of a Lua script (``lock.lua``, ``limits.lua``,
+``unique.lua`` beside this module), on Redis's clock. Keys:
+``<namespace>:__lock__:<name>`` (a held lock), ``<namespace>:__lock_fences__`` (a hash:
+the last fencing token of each name; never expires, so tokens only grow),
+``<namespace>:__limit__:c:<key>`` and ``...:r:<key>`` (the leases, or the starts, of
+a concurrency or rate limit's key, expiring with the last lease or window),
+``<namespace>:__limit_waiting__:<key>`` (the tasks refused for the key),
+``<namespace>:__unique__:<key>`` (the task holding a key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["Denied", "FlowState", "HeldLock", "LimitSpec", "MemoryFlowState", "RedisFlowState", "Usage"]
+
+#: How long a refused task counts as waiting unless refused again (as WAITING_MS in limits.lua).
+WAITING_MS = 60_000
+
+_SCRIPTS = resources.files("dramaturg.flow")
+_LOCK = _SCRIPTS.joinpath("lock.lua").read_text(encoding="utf-8")
+_LIMITS = _SCRIPTS.joinpath("limits.lua").read_text(encoding="utf-8")
+_UNIQUE = _SCRIPTS.joinpath("unique.lua").read_text(encoding="utf-8")
+_LIMITS_SHA = hashlib.sha1(_LIMITS.encode()).hexdigest()
+#: How often a process writes the slot releases its tasks left (see RedisFlowState.release_later).
+RELEASE_INTERVAL_S = 0.005
+
+logger = logging.getLogger("dramaturg.flow")
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """One limit to take for a task: ``kind`` "c" (concurrency: ``limit`` running, each a
+    lease of ``ms``) or "r" (rate: ``limit`` starts in any window of ``ms``), on ``key``."""
+
+    kind: str
+    key: str
+    limit: int
+    ms: int
+
+
+@dataclass(frozen=True)
+class Denied:
+    """A task may not start: limit ``index`` of those asked for said no; ``wait_ms``: when a
+    lease ends (concurrency) or the oldest start leaves the window (rate)."""
+
+    index: int
+    wait_ms: int
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """A held lock as ``dramaturg locks list`` shows it."""
+
+    name: str
+    token: int
+    holder: str
+    expires_in_ms: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A limit's key as ``dramaturg limits`` shows it: leases (or starts in the window) now."""
+
+    key: str
+    #: Concurrency slots taken (leases that have not ended).
+    in_use: int
+    #: Tasks put back to wait for it in the last minute that have not started since.
+    waiting: int = 0
+    #: Rate: the starts of the window, as of the last start.
+    started: int = 0
+
+
+class FlowState(Protocol):
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]: ...
+    def lock_release(self, name: str, owner: str) -> bool: ...
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
+    def lock_holder(self, name: str) -> HeldLock | None: ...
+    def locks(self) -> list[HeldLock]: ...
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
+    def release(self, member: str, keys: Sequence[str]) -> int: ...
+    def release_later(self, member: str, keys: Sequence[str]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int: ...
+    def usage(self) -> list[Usage]: ...
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None: ...
+    def unclaim(self, key: str, message_id: str) -> bool: ...
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisFlowState:
+    """Flow control in a Redis (the broker's own, or ``[state] url``)."""
+
+    def __init__(self, client: redis.Redis, *, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.lock_prefix = f"{namespace}:__lock__:"
+        self.fences = f"{namespace}:__lock_fences__"
+        self.limit_prefix = f"{namespace}:__limit__:"
+        self.waiting_prefix = f"{namespace}:__limit_waiting__:"
+        self.unique_prefix = f"{namespace}:__unique__:"
+        self._lock = client.register_script(_LOCK)
+        self._limits = client.register_script(_LIMITS)
+        self._unique = client.register_script(_UNIQUE)
+        #: Per worker thread: a connection of its own for the message path (see OwnConnection).
+        self._own = threading.local()
+        self._releases: deque[tuple[str, str]] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._thread_pid = 0
+        self._closed = False
+        self._start_lock = threading.Lock()
+        from ..group_commit import GroupCommit
+
+        self._acquires: GroupCommit[tuple[str, Sequence[LimitSpec]], Denied | None] = GroupCommit(self._acquire_many)
+
+    def _run_own(self, keys: list[str], args: list[Any]) -> Any:
+        """``limits.lua`` on this thread's own connection: about 15 us of CPU a call against
+        40 through redis-py's ``Script`` (see :class:`~dramaturg.brokers.redis.connection.OwnConnection`)."""
+        own = getattr(self._own, "connection", None)
+        if own is None:
+            from ..brokers.redis.connection import OwnConnection  # redis: imported only when used
+
+            own = self._own.connection = OwnConnection(self.client)
+        return own.run(_LIMITS_SHA, _LIMITS, keys, args)
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]:
+        """(fencing token, 0) when taken; (None, ms until it expires) when another holds it."""
+        taken, value = self._lock(
+            keys=[self.lock_prefix + name, self.fences], args=["acquire", owner, ttl_ms, name, holder]
+        )
+        return (int(value), 0) if int(taken) else (None, max(0, int(value)))
+
+    def lock_release(self, name: str, owner: str) -> bool:
+        return bool(int(self._lock(keys=[self.lock_prefix + name, self.fences], args=["release", owner])))
+
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return bool(int(self._lock(keys=[self.lock_prefix + name, self.fences], args=["renew", owner, ttl_ms])))
+
+    def lock_holder(self, name: str) -> HeldLock | None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.lock_prefix + name)
+            pipe.pttl(self.lock_prefix + name)
+            value, pttl = pipe.execute()
+        if value is None:
+            return None
+        _, fence, holder = _text(value).split(" ", 2)
+        return HeldLock(name, int(fence), holder, max(0, int(pttl)))
+
+    def locks(self) -> list[HeldLock]:
+        found = []
+        for key in self.client.scan_iter(match=_glob(self.lock_prefix) + "*", count=500):
+            held = self.lock_holder(_text(key)[len(self.lock_prefix) :])
+            if held is not None:
+                found.append(held)
+        return sorted(found, key=lambda held: held.name)
+
+    # -- limits --------------------------------------------------------------------------
+
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
+        """Take every limit of the task ``member`` or none (see ``limits.lua``).
+
+        The worker threads starting tasks meanwhile share the round trip: their acquires go
+        in one call (:class:`~dramaturg.group_commit.GroupCommit`: a lone one goes at once,
+        nobody waits for a timer), each still all-or-none, in the order they came.
+        """
+        return self._acquires.submit((member, limits))
+
+    def _acquire_many(self, items: list[tuple[str, Sequence[LimitSpec]]]) -> list[Denied | None]:
+        keys: list[str] = []
+        args: list[Any] = ["acquire_many"]
+        for member, limits in items:
+            args += [member, len(limits)]
+            for spec in limits:
+                keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
+                args += [spec.kind, spec.limit, spec.ms]
+        return [
+            None if int(answer[0]) else Denied(int(answer[1]) - 1, int(answer[2]))
+            for answer in self._run_own(keys, args)
+        ]
+
+    def release(self, member: str, keys: Sequence[str]) -> int:
+        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["release", member]))
+
+    def release_later(self, member: str, keys: Sequence[str]) -> None:
+        """Release ``member``'s slots soon, off the message path: a thread of this process
+        writes the releases of every task that ended within :data:`RELEASE_INTERVAL_S` in
+        one call. A slot is freed that much later than its task ended, never earlier, so
+        the bound holds; releases not written when the process dies end with their lease."""
+        for key in keys:
+            self._releases.append((self.limit_prefix + "c:" + key, member))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None and self._thread_pid == os.getpid():
+                return
+            self._thread_pid = os.getpid()
+            self._thread = threading.Thread(target=self._release_loop, name="dramaturg-flow-release", daemon=True)
+            self._thread.start()
+
+    def _release_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(RELEASE_INTERVAL_S)  # gather the releases of the next few ms
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the releases buffered so far (a failed write is retried with the next)."""
+        items: list[tuple[str, str]] = []
+        while self._releases and len(items) < 1000:
+            items.append(self._releases.popleft())
+        if not items:
+            return
+        try:
+            self._limits(keys=[key for key, _ in items], args=["release_many", *(member for _, member in items)])
+        except Exception as error:
+            logger.warning("flow control: %d slot releases not written yet (%s); retrying", len(items), error)
+            self._releases.extendleft(reversed(items))
+            time.sleep(0.5)
+        if self._releases:
+            self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            self.flush()
+
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
+        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["renew", member, ms]))
+
+    def usage(self) -> list[Usage]:
+        now_s, now_us = self.client.time()
+        now = int(now_s) * 1000 + int(now_us) // 1000
+        found: dict[str, Usage] = {}
+        for key in self.client.scan_iter(match=_glob(self.limit_prefix) + "*", count=500):
+            kind, _, name = _text(key)[len(self.limit_prefix) :].partition(":")
+            before = found.get(name) or Usage(name, 0)
+            if kind == "c":
+                found[name] = replace(before, in_use=int(self.client.zcount(key, f"({now}", "+inf")))
+            else:
+                found[name] = replace(before, started=int(self.client.zcard(key)))
+        for key in self.client.scan_iter(match=_glob(self.waiting_prefix) + "*", count=500):
+            name = _text(key)[len(self.waiting_prefix) :]
+            waiting = int(self.client.zcount(key, now - WAITING_MS, "+inf"))
+            found[name] = replace(found.get(name) or Usage(name, 0), waiting=waiting)
+        return sorted(found.values(), key=lambda usage: usage.key)
+
+    # -- unique tasks ----------------------------------------------------------------------
+
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
+        holder = _text(self._unique(keys=[self.unique_prefix + key], args=["claim", message_id, ttl_ms]))
+        return holder or None
+
+    def unclaim(self, key: str, message_id: str) -> bool:
+        return bool(int(self._unique(keys=[self.unique_prefix + key], args=["release", message_id])))
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis's glob characters escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class MemoryFlowState:
+    """Flow control in this process (eager mode and the stub broker), with the same meaning
+    as in Redis; ``changed`` wakes a waiting lock as soon as one is released."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self._locks: dict[str, tuple[str, int, str, float]] = {}
+        self._fences: dict[str, int] = {}
+        self._limits: dict[str, dict[str, float]] = {}
+        self._unique: dict[str, tuple[str, float]] = {}
+        self._waiting: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic() * 1000
+
+    def lock_acquire(self, name: str, owner: str, ttl_ms: int, holder: str) -> tuple[int | None, int]:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is not None and held[3] > now:
+                return None, int(held[3] - now)
+            fence = self._fences[name] = self._fences.get(name, 0) + 1
+            self._locks[name] = (owner, fence, holder, now + ttl_ms)
+            return fence, 0
+
+    def lock_release(self, name: str, owner: str) -> bool:
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[0] != owner or held[3] <= self._now():
+                return False
+            del self._locks[name]
+            self.changed.notify_all()
+            return True
+
+    def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[0] != owner or held[3] <= now:
+                return False
+            self._locks[name] = (*held[:3], now + ttl_ms)
+            return True
+
+    def lock_holder(self, name: str) -> HeldLock | None:
+        now = self._now()
+        with self.changed:
+            held = self._locks.get(name)
+            if held is None or held[3] <= now:
+                return None
+            return HeldLock(name, held[1], held[2], int(held[3] - now))
+
+    def locks(self) -> list[HeldLock]:
+        found = [self.lock_holder(name) for name in sorted(self._locks)]
+        return [held for held in found if held is not None]
+
+    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
+        now = self._now()
+        with self.changed:
+            for index, spec in enumerate(limits):
+                entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
+                if spec.kind == "c":
+                    for name in [n for n, end in entries.items() if end <= now]:
+                        del entries[name]
+                    if member not in entries and len(entries) >= spec.limit:
+                        self._waiting.setdefault(spec.key, {})[member] = now
+                        return Denied(index, int(max(0, min(entries.values()) - now)))
+                else:
+                    for name in [n for n, at in entries.items() if at <= now - spec.ms]:
+                        del entries[name]
+                    if len(entries) >= spec.limit:
+                        self._waiting.setdefault(spec.key, {})[member] = now
+                        return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
+            for spec in limits:
+                entries = self._limits[f"{spec.kind}:{spec.key}"]
+                self._waiting.get(spec.key, {}).pop(member, None)
+                if spec.kind == "c":
+                    entries[member] = now + spec.ms
+                else:
+                    entries[f"{member}:{now}:{len(entries)}"] = now
+            return None
+
+    def release(self, member: str, keys: Sequence[str]) -> int:
+        with self.changed:
+            held = sum(1 for key in keys if self._limits.get("c:" + key, {}).pop(member, None) is not None)
+            self.changed.notify_all()
+            return held
+
+    def release_later(self, member: str, keys: Sequence[str]) -> None:
+        self.release(member, keys)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
+        now = self._now()
+        with self.changed:
+            held = 0
+            for key in keys:
+                entries = self._limits.get("c:" + key, {})
+                if member in entries:
+                    entries[member] = now + ms
+                    held += 1
+            return held
+
+    def usage(self) -> list[Usage]:
+        now = self._now()
+        with self.changed:
+            in_use: dict[str, int] = {}
+            started: dict[str, int] = {}
+            for stored, entries in self._limits.items():
+                kind, _, name = stored.partition(":")
+                if kind == "c":
+                    in_use[name] = sum(1 for end in entries.values() if end > now)
+                else:
+                    started[name] = len(entries)
+            waiting = {
+                name: sum(1 for at in entries.values() if at > now - WAITING_MS)
+                for name, entries in self._waiting.items()
+            }
+            names = sorted(
+                {n for n, c in in_use.items() if c}
+                | {n for n, c in started.items() if c}
+                | {n for n, w in waiting.items() if w}
+            )
+            return [Usage(name, in_use.get(name, 0), waiting.get(name, 0), started.get(name, 0)) for name in names]
+
+    def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
+        now = self._now()
+        with self.changed:
+            held = self._unique.get(key)
+            if held is not None and held[1] > now:
+                return held[0]
+            self._unique[key] = (message_id, now + ttl_ms)
+            return None
+
+    def unclaim(self, key: str, message_id: str) -> bool:
+        with self.changed:
+            held = self._unique.get(key)
+            if held is None or held[0] != message_id:
+                return False
+            del self._unique[key]
+            return True

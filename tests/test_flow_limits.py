@@ -1,0 +1,509 @@
+"""Concurrency and rate limits on actors: the bound holds across two worker processes (measured
+by the tasks themselves), every task runs once, a task that waits spends no retry and says what
+it waits for, a killed worker's slot frees within its lease; on RabbitMQ (with a Redis state
+store), Redis, embedded, and eager where it applies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+import dramaturg
+from dramaturg.flow.control import wait_ms
+from dramaturg.flow.state import LimitSpec, MemoryFlowState, RedisFlowState
+
+from .conftest import Process, broker_url, poll_until, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("rabbitmq", "redis", "embedded", "eager")
+REAL_BROKERS = ["rabbitmq", "redis", "embedded"]
+
+
+@pytest.fixture(params=MODES)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store."""
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    if broker_kind == "eager":
+        return dramaturg.Settings(broker={"url": "eager://", "namespace": namespace})
+    broker: dict[str, Any] = {"url": broker_url(broker_kind, request, tmp_path), "namespace": namespace}
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+
+
+@pytest.fixture
+def counter(redis_server: Any) -> Iterator[redis.Redis]:
+    """The Redis the tasks measure themselves in (db 1, emptied for each test)."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port, db=1)
+    client.flushdb()
+    os.environ["FLOW_COUNTER_URL"] = f"redis://{redis_server.host}:{redis_server.port}/1"
+    yield client
+    client.close()
+    os.environ.pop("FLOW_COUNTER_URL", None)
+
+
+@pytest.fixture
+def flow_project(settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path) -> Any:
+    """``tests.apps.flow_tasks`` bound to the test's broker, and a dramaturg.toml naming it."""
+    from dramaturg import app
+    from tests.apps import flow_tasks
+
+    for name in ("per_store", "solo", "rated"):
+        app.register(getattr(flow_tasks, name))
+    write_config(tmp_path, settings, modules=["tests.apps.flow_tasks"])
+    return flow_tasks
+
+
+def workers(spawn: Callable[..., Process], counter: Any, tmp_path: Path, threads: int = 4) -> list[Process]:
+    from .conftest import bin_path
+
+    started = [
+        spawn(
+            [bin_path("dramaturg"), "worker", "-p", "1", "-t", str(threads)],
+            PYTHONPATH=str(REPO),
+            FLOW_COUNTER_URL=os.environ["FLOW_COUNTER_URL"],
+            FLOW_LOG=str(tmp_path / "flow.log"),
+        )
+        for _ in range(2)
+    ]
+    for worker in started:
+        worker.wait_for_line("Worker process is ready for action.")
+    return started
+
+
+def starts(tmp_path: Path) -> list[tuple[str, int, float]]:
+    path = tmp_path / "flow.log"
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        _, message_id, pid, at = line.split()
+        found.append((message_id, int(pid), float(at)))
+    return found
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_two_workers_never_run_more_than_the_limit_per_key_and_run_each_task_once(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # Given two worker processes of four threads each (eight threads for a limit of two per store)
+    workers(spawn, counter, tmp_path)
+
+    # When 16 tasks of store "fr" and 6 of store "de" are sent, 100 ms each
+    sent = []
+    for store, count in (("fr", 16), ("de", 6)):
+        with dramaturg.context(store=store):
+            sent += [flow_project.per_store.send(n, 0.1).message_id for n in range(count)]
+
+    # Then every task ran exactly once, and never more than two of a store at once
+    poll_until(
+        lambda: int(counter.get("running:fr:done") or 0) == 16 and int(counter.get("running:de:done") or 0) == 6,
+        "every task ran",
+        timeout=60,
+    )
+    assert int(counter.get("running:fr:max")) == 2
+    assert int(counter.get("running:de:max")) <= 2
+    ran = [message_id for message_id, _, _ in starts(tmp_path)]
+    assert sorted(ran) == sorted(sent)
+    # and none spent a retry or was held for waiting
+    assert list(dramaturg.held_tasks().list("flow")) == []
+    assert {dramaturg.task_status(m).attempt for m in sent[:3]} == {1}
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_killed_workers_slot_frees_within_its_lease(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # Given two workers, and a task holding the only slot of its key (a 2 s lease: its ttr)
+    workers(spawn, counter, tmp_path, threads=1)
+    flow_project.solo.send(0, 120.0)
+    first = poll_until(lambda: starts(tmp_path), "the first task started")[0]
+
+    # When the worker running it is killed with SIGKILL, and another task of the key is sent
+    os.kill(first[1], signal.SIGKILL)
+    killed_at = time.time()
+    second = flow_project.solo.send(1, 0.01).message_id
+
+    # Then the other task starts within the lease, plus a wait's backoff and a fetch
+    started = poll_until(lambda: [s for s in starts(tmp_path) if s[0] == second], "the second task started")[0]
+    assert started[2] - killed_at < 2.0 + 2.0 + 1.5
+    poll_until(lambda: counter.get("running:solo:done"), "the second task ended")
+    assert int(counter.get("running:solo:max")) == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_task_that_waits_says_so_in_its_status_and_spends_no_retry(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given an actor limited to one at a time per store, whose first task blocks
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(1, key="tenant:{store}")])
+    def sync(n: int) -> None:
+        if n == 0:
+            started.set()
+            release.wait(20)
+        # A task that waited and now runs carries no mark of it (a retry would show "retrying")
+        assert "dramaturg_waiting" not in dramaturg.current_task().message.options
+        ran.append(n)
+
+    start_worker(threads=2)
+    with dramaturg.context(store="fr"):
+        sync.send(0)
+        assert started.wait(20)
+        sync.send(1)
+        waiting = sync.send(2).message_id
+
+    # When the second and third cannot start
+    status = poll_until(
+        lambda: (s := dramaturg.task_status(waiting)).state == "waiting" and s, "the task says it waits"
+    )
+    usage = poll_until(
+        lambda: [(u.key, u.in_use, u.waiting) for u in dramaturg.flow.limit_usage() if u.waiting == 2],
+        "both count as waiting",
+    )
+
+    # Then the status says what it waits for, on its first attempt, and the key counts it waiting
+    assert status.reason == "waiting for concurrency tenant:fr"
+    assert status.attempt == 1 and status.eta is not None
+    assert usage == [("tenant:fr", 1, 2)]
+
+    # and once the slot frees, they all run, on their first attempt
+    release.set()
+    poll_until(lambda: sorted(ran) == [0, 1, 2], "all three ran")
+    assert [(u.key, u.waiting) for u in dramaturg.flow.limit_usage()] in ([("tenant:fr", 0)], [])
+    done = poll_until(lambda: (s := dramaturg.task_status(waiting)).state == "succeeded" and s, "its status says so")
+    assert done.attempt == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])
+def test_eager_mode_keeps_the_limit_across_threads(broker: dramatiq.Broker) -> None:
+    import threading
+
+    running, top, lock = [0], [0], threading.Lock()
+
+    @dramaturg.actor(queue_name="flow", limits=[dramaturg.concurrency(2, key="k")])
+    def work() -> None:
+        with lock:
+            running[0] += 1
+            top[0] = max(top[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    threads = [threading.Thread(target=work.send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert top[0] == 2
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])
+def test_a_key_template_is_checked_at_decoration_and_at_send(broker: dramatiq.Broker) -> None:
+    # A position the handler cannot have, a limit of 0, a negative rate: refused at decoration
+    with pytest.raises(dramaturg.ActorError, match=r"key 'order:\{2\}' names argument \{2\}"):
+
+        @dramaturg.actor(limits=[dramaturg.concurrency(1, key="order:{2}")])
+        def bad(a: int) -> None: ...
+
+    with pytest.raises(ValueError, match="concurrency: the limit must be a whole number of 1 or more, not 0"):
+        dramaturg.concurrency(0, key="k")
+    with pytest.raises(ValueError, match="rate: the limit must be a whole number of 1 or more, not -5"):
+        dramaturg.rate(-5, per="1m", key="k")
+    with pytest.raises(dramaturg.ActorError, match="is not a limit"):
+
+        @dramaturg.actor(limits=["tenant"])
+        def worse() -> None: ...
+
+    # A context value the message lacks: refused at send, naming the key; nothing sent
+    @dramaturg.actor(queue_name="flow", limits=[dramaturg.concurrency(1, key="tenant:{store}:{order_id}")])
+    def sync(order_id: int) -> None: ...
+
+    with pytest.raises(dramaturg.FlowSendError, match=r"key 'tenant:\{store\}:\{order_id\}' cannot be made.*\{store\}"):
+        sync.send(7)
+
+
+def test_one_round_trip_takes_all_limits_or_none(redis_server: Any) -> None:
+    # Given a concurrency limit of 1 and a rate of 2 a second, in one store
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    both = [LimitSpec("c", "slot", 1, 5_000), LimitSpec("r", "api", 2, 1_000)]
+
+    # When a task takes both, a second is refused by the concurrency limit and takes no rate token
+    assert state.acquire("a", both) is None
+    denied = state.acquire("b", both)
+    assert denied is not None and denied.index == 0 and 0 < denied.wait_ms <= 5_000
+    # Then "a" asking again (a redelivery) keeps its slot, and counts a second start
+    assert state.acquire("a", both) is None
+    denied = state.acquire("a", both)
+    assert denied is not None and denied.index == 1 and 0 < denied.wait_ms <= 1_000
+    assert state.release("a", ["slot"]) == 1
+    assert state.acquire("b", [both[0]]) is None
+    assert state.renew("b", ["slot"], 60_000) == 1 and state.renew("a", ["slot"], 60_000) == 0
+    # and a task counts as waiting while refused ("a" by the rate), not once it started ("b")
+    assert [(u.key, u.in_use, u.started, u.waiting) for u in state.usage()] == [("api", 0, 2, 1), ("slot", 1, 0, 0)]
+
+
+def test_the_memory_state_answers_as_redis_does() -> None:
+    state = MemoryFlowState()
+    both = [LimitSpec("c", "slot", 1, 5_000), LimitSpec("r", "api", 2, 1_000)]
+    assert state.acquire("a", both) is None
+    assert state.acquire("b", both).index == 0  # type: ignore[union-attr]
+    assert state.acquire("a", both) is None
+    assert state.acquire("a", both).index == 1  # type: ignore[union-attr]
+    assert state.release("a", ["slot"]) == 1
+
+
+def test_the_wait_backs_off_and_never_passes_the_lease_it_waits_for() -> None:
+    slot = LimitSpec("c", "k", 1, 60_000)
+    assert all(50 <= wait_ms((slot, 60_000), 1) <= 100 for _ in range(50))
+    assert all(1_000 <= wait_ms((slot, 60_000), 9) <= 2_000 for _ in range(50))
+    assert all(wait_ms((slot, 300), 9) <= 300 for _ in range(50))
+    window = LimitSpec("r", "api", 100, 60_000)
+    assert all(700 <= wait_ms((window, 700), 1) <= 700 + 2_000 for _ in range(50))
+
+
+#: How far the starts the tasks log may stray from the window Redis counted them in: the
+#: time between the script's clock read and the handler's first line, on a loaded machine.
+RATE_TOLERANCE_S = 0.05
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_two_workers_start_at_most_the_rate_in_any_window_and_run_each_task_once(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # Given two worker processes of four threads, and a limit of five starts in any second
+    workers(spawn, counter, tmp_path)
+
+    # When 20 tasks are sent at once
+    sent = [flow_project.rated.send(n).message_id for n in range(20)]
+
+    # Then each runs exactly once, and no six starts fall within one second (less the tolerance)
+    poll_until(lambda: int(counter.get("rated:done") or 0) == 20, "every task ran", timeout=60)
+    found = sorted(starts(tmp_path), key=lambda start: start[2])
+    assert sorted(message_id for message_id, _, _ in found) == sorted(sent)
+    times = [at for _, _, at in found]
+    assert all(later - earlier >= 1.0 - RATE_TOLERANCE_S for earlier, later in zip(times, times[5:], strict=False))
+    # and at about the rate: 20 starts at 5 a second take three seconds and more, not much more
+    assert 3.0 - RATE_TOLERANCE_S <= times[-1] - times[0] < 10.0
+    assert list(dramaturg.held_tasks().list("flow")) == []
+
+
+@pytest.mark.parametrize("broker_kind", ["eager"])
+def test_eager_mode_keeps_the_rate(broker: dramatiq.Broker) -> None:
+    started: list[float] = []
+
+    @dramaturg.actor(queue_name="flow", limits=[dramaturg.rate(3, per="300ms", key="api")])
+    def call() -> None:
+        started.append(time.monotonic())
+
+    for _ in range(7):
+        call.send()
+    assert len(started) == 7
+    assert all(later - earlier >= 0.3 for earlier, later in zip(started, started[3:], strict=False))
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_the_locks_and_limits_commands(flow_project: Any, broker: dramatiq.Broker, tmp_path: Path) -> None:
+    from dramaturg.flow.control import state_of
+
+    from .conftest import bin_path, run_cli
+
+    # Given a lock held and a slot of store "fr" taken
+    dramaturg_cli = bin_path("dramaturg")
+    state_of(broker).acquire("m-1", [LimitSpec("c", "tenant:fr", 2, 60_000)])
+    with dramaturg.lock("import:users.csv", ttl="1m") as held:
+        token = held.token
+        locks = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
+        locks_json = run_cli([dramaturg_cli, "locks", "list", "--json"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    limits = run_cli([dramaturg_cli, "limits"], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    # Then each command shows it
+    assert locks.returncode == 0, locks.stderr
+    assert f"import:users.csv  token {token}" in locks.stdout
+    import json
+
+    assert json.loads(locks_json.stdout)["token"] == token
+    assert limits.returncode == 0, limits.stderr
+    assert "per_store: concurrency(2, key='tenant:{store}')" in limits.stdout
+    assert "tenant:fr: 1 in use of 2, 0 waiting" in limits.stdout
+    empty = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
+    assert empty.stdout.strip() == "no locks held"
+
+
+def test_the_commands_without_a_state_store_say_what_to_set(rabbitmq_server: Any, tmp_path: Path) -> None:
+    from .conftest import bin_path, run_cli
+
+    url = f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F"
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "{url}"\n')
+    result = run_cli([bin_path("dramaturg"), "locks", "list"], cwd=tmp_path)
+    assert result.returncode == 78
+    assert "need a state store" in result.stderr and "[state] url" in result.stderr
+    assert "guest:guest" not in result.stderr
+
+
+def test_with_the_state_store_down_limited_tasks_wait_and_all_run_once_it_is_back(rabbitmq_server: Any) -> None:
+    import logging
+    import subprocess
+    import threading
+
+    from .conftest import delete_rabbitmq_queues, free_port
+
+    # Given RabbitMQ with a state store of its own, and an actor limited to one at a time
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    store = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    worker = None
+    try:
+        client = redis.Redis(port=port)
+        poll_until(lambda: _pings(client), "the state store answers")
+        broker = dramaturg.bootstrap(
+            dramaturg.Settings(
+                broker={
+                    "url": f"amqp://guest:guest@{rabbitmq_server.host}:{rabbitmq_server.port}/%2F",
+                    "namespace": f"test-{uuid.uuid4().hex[:8]}",
+                },
+                state={"url": f"redis://127.0.0.1:{port}/0"},
+            )
+        )
+        ran: list[int] = []
+        running, top, guard = [0], [0], threading.Lock()
+
+        @dramaturg.actor(queue_name="flow-down", max_retries=0, limits=[dramaturg.concurrency(1, key="k")])
+        def sync(n: int) -> None:
+            with guard:
+                running[0] += 1
+                top[0] = max(top[0], running[0])
+            time.sleep(0.01)
+            with guard:
+                running[0] -= 1
+                ran.append(n)
+
+        @dramaturg.actor(queue_name="flow-down", unique=dramaturg.unique(key="digest"))
+        def digest() -> None: ...
+
+        outage = threading.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "the state store did not answer" in record.getMessage():
+                    outage.set()
+
+        watch = Watch()
+        logging.getLogger("dramaturg.flow").addHandler(watch)
+        dramaturg.flow.state_of(broker).usage()  # the store is made and answers
+        store.kill()
+        store.wait()
+
+        # When tasks are sent and a worker takes them while the store is down
+        for n in range(5):
+            sync.send(n)
+        worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+        worker.start()
+        assert outage.wait(20)
+
+        # Then none runs unlimited, and a unique send fails with a clear error
+        assert ran == []
+        with pytest.raises(dramaturg.FlowSendError, match=r"the state store did not answer.*digest was not sent"):
+            digest.send()
+
+        # When the store is back, every task runs once, one at a time
+        store = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        poll_until(lambda: sorted(ran) == [0, 1, 2, 3, 4], "every task ran once the store was back")
+        assert top[0] == 1
+        logging.getLogger("dramaturg.flow").removeHandler(watch)
+    finally:
+        if worker is not None:
+            worker.stop()
+        store.kill()
+        store.wait()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+#: How soon another tenant's tasks start behind a queue of one tenant's (see the docs' Fairness).
+FAIRNESS_BOUND_S = 8.0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queue(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    import threading
+
+    # Given 400 tasks of store "big" (300 ms each) queued before 10 of store "small", two per store at once
+    started: dict[str, list[float]] = {"big": [], "small": []}
+    guard = threading.Lock()
+
+    @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(2, key="tenant:{store}")])
+    def sync(n: int) -> None:
+        with guard:
+            started[dramaturg.current_task().context["store"]].append(time.monotonic())
+        time.sleep(0.3)
+
+    with dramaturg.context(store="big"):
+        sync.send_many(range(400))
+    with dramaturg.context(store="small"):
+        sync.send_many(range(10))
+
+    # When eight worker threads take them
+    began = time.monotonic()
+    start_worker(threads=8)
+
+    # Then the small store's ten start within the bound (without the limit: 400 x 300 ms / 8 = 15 s
+    # for the first), while the big one runs two at a time
+    poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=30)
+    assert max(started["small"]) - began < FAIRNESS_BOUND_S
+    assert len(started["big"]) < 60
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_a_concurrency_and_a_rate_limit_on_the_same_key_are_kept_apart(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # Given a concurrency limit of 1 and a rate of 5 a second, both on the key "shopify"
+    if store == "redis":
+        server = request.getfixturevalue("redis_server")
+        state: Any = RedisFlowState(
+            redis.Redis(host=server.host, port=server.port), namespace=f"t-{uuid.uuid4().hex[:8]}"
+        )
+    else:
+        state = MemoryFlowState()
+    both = [LimitSpec("c", "shopify", 1, 60_000), LimitSpec("r", "shopify", 5, 1_000)]
+
+    # When one task runs and another asks
+    assert state.acquire("a", both) is None
+    denied = state.acquire("b", both)
+
+    # Then the second waits for the concurrency slot, and the usage counts the slot and the start
+    assert denied is not None and denied.index == 0
+    assert state.release("a", ["shopify"]) == 1
+    assert state.acquire("b", both) is None
+    assert [(u.key, u.in_use, u.started) for u in state.usage()] == [("shopify", 1, 2)]  # b's slot; a's, b's starts
