@@ -327,3 +327,40 @@ def test_the_schedules_page_says_what_to_set_without_a_state_store(
     page = dashboard(token=None).get("/schedules")
     assert page.status_code == 200
     assert "schedules need a state store, and the rabbitmq broker has none of its own" in page.text
+
+
+def test_a_queue_page_shows_the_waiting_tasks_and_the_admin_purges_them(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given three waiting tasks, one with a password in its arguments, and a held one
+    @dramaturg.actor(queue_name="imports")
+    def fetch(url: str) -> None: ...
+
+    sent = [
+        fetch.send(url) for url in ("redis://shop:hunter2@cache/0", "https://example.org/a", "https://example.org/b")
+    ]
+    dramaturg.held_tasks().hold(held_task("imports", 1))
+    client = dashboard()
+
+    # When the queue's page is opened
+    page = client.get("/queues/imports")
+
+    # Then it lists them in order, masked, and nobody signed in has a purge form
+    assert page.status_code == 200
+    assert re.findall(r'<tr data-id="([^"]+)"', page.text) == [m.message_id for m in sent]
+    assert "hunter2" not in page.text and "shop:***@cache" in page.text
+    assert "/queues/imports/purge" not in page.text
+    assert client.get("/queues/imprts").status_code == 404
+
+    # When the admin purges without typing the name, then with it
+    csrf = signed_in(client)
+    unconfirmed = client.post("/queues/imports/purge", data={"csrf_token": csrf})
+    with caplog.at_level("INFO", logger="dramaturg.dashboard"):
+        done = client.post("/queues/imports/purge", data={"csrf_token": csrf, "confirm": "imports"})
+
+    # Then the first changes nothing, the second drops the waiting tasks, never the held one
+    assert unconfirmed.status_code == 400
+    assert done.status_code == 303 and "purged+3+waiting+tasks+of+imports" in done.headers["location"]
+    assert dramaturg.peek_queue("imports", broker=broker) == []
+    assert dramaturg.held_tasks().count("imports") == 1
+    assert any("alice purged 3 waiting tasks of imports" in line for line in caplog.messages), caplog.messages

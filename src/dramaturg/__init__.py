@@ -40,6 +40,8 @@ from .errors import (
     LockLost,
     LockTimeout,
     NotInTask,
+    QueueInUse,
+    QueueNotFound,
     SendError,
     StateUnavailable,
     TaskHeld,
@@ -47,6 +49,7 @@ from .errors import (
 )
 from .flow import Lock, concurrency, lock, locked, rate, unique
 from .held import HeldStore, HeldTask, held_tasks
+from .queue_admin import DeletedQueue, WaitingTask, delete_queue, peek_queue, purge_queue
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .schedules import periodic
 from .stats import QueueStats, queue_stats
@@ -79,6 +82,7 @@ __all__ = [
     "Cancellation",
     "ConfigError",
     "ContextError",
+    "DeletedQueue",
     "DrainSummary",
     "DramaturgError",
     "DuplicateTask",
@@ -91,6 +95,8 @@ __all__ = [
     "LockLost",
     "LockTimeout",
     "NotInTask",
+    "QueueInUse",
+    "QueueNotFound",
     "QueueStats",
     "Resource",
     "Retry",
@@ -105,6 +111,7 @@ __all__ = [
     "TaskNotFound",
     "TaskOutcome",
     "TaskStatus",
+    "WaitingTask",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -124,6 +131,7 @@ __all__ = [
     "context_restorer",
     "current_context",
     "current_task",
+    "delete_queue",
     "drain",
     "echo",
     "get_broker",
@@ -131,7 +139,9 @@ __all__ = [
     "load_settings",
     "lock",
     "locked",
+    "peek_queue",
     "periodic",
+    "purge_queue",
     "queue_stats",
     "rate",
     "resource",

@@ -28,6 +28,10 @@
      +-- ScheduleNotFound       no schedule has that id (dramaturg schedule run|pause|resume)
      +-- LockTimeout            dramaturg.lock(): another held the lock for all of ``wait``
      +-- LockLost               release or renew of a lock this holder no longer holds (ttl passed)
+     +-- QueueNotFound          no queue of that name on the broker or among the actors' (the
+     |                          closest known one named)
+     +-- QueueInUse             dramaturg.delete_queue(): workers consume it, or tasks of it run
+     |                          or are held (force=True removes it anyway)
      +-- UsageError             a command line mistake (dramaturg send/held/drain/stats/status: exit 2)
      +-- Poison                 a message taken from a broker that cannot be run; the consumer
                                 holds it and goes on (it never reaches application code)
@@ -77,6 +81,8 @@ __all__ = [
     "LockTimeout",
     "NotInTask",
     "Poison",
+    "QueueInUse",
+    "QueueNotFound",
     "ScheduleNotFound",
     "SendError",
     "StateUnavailable",
@@ -238,6 +244,14 @@ class TaskNotFound(DramaturgError):
 
 class ScheduleNotFound(DramaturgError):
     """No schedule (in code or the config file) has this id."""
+
+
+class QueueNotFound(DramaturgError):
+    """No queue of this name on the broker or among the application's actors' queues."""
+
+
+class QueueInUse(DramaturgError):
+    """A queue could not be deleted: workers consume it, or tasks of it run or are held."""
 
 
 class BatchSendError(SendError, MiddlewareError):

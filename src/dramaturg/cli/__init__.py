@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``stats``, ``status``,
+"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``queue``, ``stats``, ``status``,
 ``cancel``, ``batch``, ``scheduler``, ``schedule``, ``locks``, ``limits``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
@@ -39,6 +39,7 @@ from . import (
     drain,
     flow,
     held,
+    queue,
     schedule,
     scheduler,
     send,
@@ -77,6 +78,12 @@ examples:
   # How many tasks are ready, delayed, in flight, held, dead; how many workers, per queue
   $ dramaturg stats
   $ dramaturg stats imports --watch 2s
+
+  # Queues: their counts, the next waiting tasks, drop the waiting ones, remove one
+  $ dramaturg queue list
+  $ dramaturg queue peek imports --limit 5
+  $ dramaturg queue purge imports --yes
+  $ dramaturg queue delete old-imports
 
   # What became of a task: queued, running, succeeded, retrying, held, ...
   $ dramaturg status 1f0c2d7e-...
@@ -139,6 +146,7 @@ def make_parser() -> argparse.ArgumentParser:
         drain,
         send,
         held,
+        queue,
         stats,
         status,
         cancel,

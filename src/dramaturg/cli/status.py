@@ -22,7 +22,7 @@ examples:
   $ dramaturg status 1f0c2d7e-...            # one line of what it is doing, then the details
   $ dramaturg status 1f0c2d7e-... --json     # the same as one JSON object
 
-states: queued, delayed, running, succeeded, retrying, held, failed, cancelled, unknown
+states: queued, delayed, running, succeeded, retrying, held, failed, cancelled, purged, unknown
 """
 
 
@@ -99,6 +99,8 @@ def headline(status: TaskStatus) -> str:
         return f"cancelled at {_at(status.finished_at)}" + (
             f" (asked by {status.cancel_requested_by})" if status.cancel_requested_by else ""
         )
+    if state == "purged":
+        return f"purged at {_at(status.finished_at)}: dropped from its queue before it ran"
     if state == "unknown":
         return "unknown" + (f": {status.reason}" if status.reason else " (never sent, or its record expired)")
     return state

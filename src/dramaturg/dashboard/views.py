@@ -27,9 +27,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..batches import batches
-from ..errors import BrokerUnreachable, ConfigError, DramaturgError, KickError, StateUnavailable
+from ..errors import (
+    BrokerUnreachable,
+    ConfigError,
+    DramaturgError,
+    KickError,
+    QueueNotFound,
+    SendError,
+    StateUnavailable,
+)
 from ..held import HeldStore, held_tasks
 from ..masking import mask_text
+from ..queue_admin import MAX_PEEK, peek_queue, purge_queue
 from ..stats import QueueStats, queue_stats, totals
 from ..status import task_status
 from .auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, SESSION_S, Guard
@@ -131,6 +140,21 @@ class Dashboard:
             problem=problem,
             read_ms=round((time.perf_counter() - started) * 1000, 1),
             now=_when(int(time.time() * 1000)),
+        )
+
+    def waiting(self, request: Request) -> Response:
+        """The next waiting tasks of a queue (:func:`dramaturg.peek_queue`), and (admin) its purge form."""
+        queue = request.path_params["queue"]
+        limit = _int_param(request, "limit", PAGE, 1, MAX_PEEK)
+        try:
+            tasks = peek_queue(queue, limit, self.broker())
+            row = queue_stats([queue], self.broker())[0]
+        except (QueueNotFound, SendError) as error:
+            return self.error(request, str(error), 404)
+        except Exception as error:
+            return self.error(request, _unreachable(error), 503)
+        return self.render(
+            request, "queue_waiting.html", title=f"Waiting: {queue}", queue=queue, tasks=tasks, row=row, limit=limit
         )
 
     def held_index(self, request: Request) -> Response:
@@ -328,6 +352,44 @@ class Dashboard:
             return self.error(request, f"nothing to {action}: select held tasks, or use {action} all", 400)
         return await run_in_threadpool(self._act, request, who, queue, action, None if every else ids)
 
+    async def purge_waiting(self, request: Request) -> Response:
+        """``POST /queues/<queue>/purge``: drop the waiting tasks of the queue (``delayed=1``:
+        the delayed ones too), with ``confirm=<queue>``; as ``dramaturg queue purge``."""
+        from starlette.concurrency import run_in_threadpool
+
+        queue = request.path_params["queue"]
+        form = await request.form()
+        if not self.guard.csrf_ok(request, _text(form.get(CSRF_FIELD))):
+            return _forbidden("the form's CSRF token is missing or wrong: reload the page and try again")
+        who = self.guard.admin(request)
+        if who is None:
+            logger.warning("dashboard: purge of queue %s refused from %s: not signed in", queue, _client(request))
+            return _forbidden("read-only: sign in with the admin token to purge a queue")
+        if _text(form.get("confirm")) != queue:
+            return self.error(request, f"to purge every waiting task of {queue}, type its name to confirm", 400)
+        delayed = form.get("delayed") == "1"
+        return await run_in_threadpool(self._purge_waiting, request, who, queue, delayed)
+
+    def _purge_waiting(self, request: Request, who: str, queue: str, delayed: bool) -> Response:
+        what = "waiting and delayed" if delayed else "waiting"
+        try:
+            done = purge_queue(queue, delayed=delayed, broker=self.broker())
+        except (QueueNotFound, SendError) as error:
+            return self.error(request, str(error), 404)
+        except Exception as error:
+            line = _unreachable(error)
+            logger.error("dashboard: %s's purge of queue %s failed: %s", who, queue, line)
+            return self.error(request, line, 503)
+        notice = f"purged {done} {what} task{'' if done == 1 else 's'} of {queue}"
+        logger.info(
+            "dashboard: %s %s from %s",
+            who,
+            notice,
+            _client(request),
+            extra={"dramaturg": {"actor": who, "action": "queue purge", "queue": queue, "count": done}},
+        )
+        return RedirectResponse(f"{_base(request)}/queues/{queue}?{urlencode({'notice': notice})}", status_code=303)
+
     def _act(self, request: Request, who: str, queue: str, action: str, ids: list[str] | None) -> Response:
         store = self.store()
         try:
@@ -425,6 +487,8 @@ def build(broker: Callable[[], dramatiq.Broker], guard: Guard) -> Starlette:
         Route("/", home),
         Route("/queues", board.queues),
         Route("/queues/table", board.queues_table),
+        Route("/queues/{queue}", board.waiting),
+        Route("/queues/{queue}/purge", board.purge_waiting, methods=["POST"]),
         Route("/held", board.held_index),
         Route("/held/{queue}", board.held_list),
         Route("/held/{queue}/task", board.held_task),

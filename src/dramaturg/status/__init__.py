@@ -43,7 +43,8 @@ class TaskStatus:
 
     message_id: str
     #: queued, delayed, waiting (for a limit: the reason says which), running, succeeded,
-    #: retrying, held, failed, cancelled or unknown.
+    #: retrying, held, failed, cancelled, purged (dropped from its queue by ``dramaturg queue
+    #: purge``/``delete``) or unknown.
     state: str
     queue: str | None = None
     actor: str | None = None
@@ -181,7 +182,7 @@ def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:
     eta = _int(record.get("eta"))
     if state == "delayed" and eta is not None and eta <= time.time() * 1000:
         state = "queued"  # due: it waits on its queue now
-    keep_times = state in {"running", "succeeded", "failed", "cancelled", "unknown"}
+    keep_times = state in {"running", "succeeded", "failed", "cancelled", "purged", "unknown"}
     return TaskStatus(
         message_id=message_id,
         state=state,
@@ -200,7 +201,7 @@ def from_record(message_id: str, record: Mapping[str, Any]) -> TaskStatus:
     )
 
 
-_ENDED = frozenset({"succeeded", "failed", "cancelled", "unknown"})
+_ENDED = frozenset({"succeeded", "failed", "cancelled", "purged", "unknown"})
 
 
 def _int(value: Any) -> int | None:

@@ -32,6 +32,7 @@ from .stats import RabbitmqStatsReader
 
 if TYPE_CHECKING:
     from ...config import BrokerSettings
+    from .admin import RabbitmqQueueAdmin
 
 __all__ = ["RabbitmqBroker", "create_broker"]
 
@@ -81,6 +82,13 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     def stats(self) -> RabbitmqStatsReader:
         """Queue statistics (see :mod:`dramaturg.stats`)."""
         return RabbitmqStatsReader(self, self.settings)
+
+    @functools.cached_property
+    def queue_admin(self) -> RabbitmqQueueAdmin:
+        """Queue administration (see :mod:`dramaturg.queue_admin`)."""
+        from .admin import RabbitmqQueueAdmin
+
+        return RabbitmqQueueAdmin(self)
 
     @property
     def consumer_class(self) -> type[RabbitmqConsumer]:

@@ -37,6 +37,7 @@ from .stats import RedisStatsReader
 if TYPE_CHECKING:
     from ...bulk import EnqueueHooks
     from ...config import BrokerSettings
+    from .admin import RedisQueueAdmin
 
 __all__ = ["RedisBroker", "create_broker"]
 
@@ -91,6 +92,13 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
     def stats(self) -> RedisStatsReader:
         """Queue statistics (see :mod:`dramaturg.stats`)."""
         return RedisStatsReader(self, self.settings)
+
+    @functools.cached_property
+    def queue_admin(self) -> RedisQueueAdmin:
+        """Queue administration (see :mod:`dramaturg.queue_admin`)."""
+        from .admin import RedisQueueAdmin
+
+        return RedisQueueAdmin(self)
 
     @property
     def consumer_class(self) -> type[RedisConsumer]:

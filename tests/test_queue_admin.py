@@ -1,0 +1,311 @@
+"""Queue administration (`dramaturg queue`, `dramaturg.purge_queue` and friends) on every
+real broker: what an operator who sent tasks to the wrong queue checks afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+
+import dramaturg
+from dramaturg.exit_codes import EXIT_BROKER_UNREACHABLE, EXIT_FAILURE, EXIT_USAGE
+
+from .conftest import (
+    WAIT_S,
+    Runs,
+    bin_path,
+    broker_url,
+    cli_env,
+    free_port,
+    held_task,
+    pending_messages,
+    poll_until,
+    run_cli,
+    write_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HOUR_MS = 3_600_000
+SENT = 300
+
+
+def cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:
+    result = run_cli([bin_path("dramaturg"), "queue", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+    return result.returncode, result.stdout, result.stderr
+
+
+def counts(broker: dramatiq.Broker, queue: str = "imports") -> dict[str, Any]:
+    row = dramaturg.queue_stats([queue], broker)[0]
+    return {"ready": row.ready, "delayed": row.delayed, "held": row.held}
+
+
+def expect_counts(broker: dramatiq.Broker, **expected: int) -> None:
+    """The queue's counts become ``expected`` (RabbitMQ's management API lags by up to its
+    statistics interval, so they are read until they do)."""
+    seen: list[dict[str, Any]] = []
+    try:
+        poll_until(lambda: seen.append(counts(broker)) or seen[-1] == expected, "the counts", timeout=WAIT_S)
+    except pytest.fail.Exception:
+        assert seen[-1] == expected
+        raise
+
+
+def at_terminal(tmp_path: Path, argv: list[str], *, answer: str) -> tuple[int, str]:
+    """Run ``dramaturg queue ARGV`` with a terminal as its stdin, answer the question, and
+    return the exit code and what it wrote."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [bin_path("dramaturg"), "queue", *argv],
+            cwd=tmp_path,
+            env=cli_env(PYTHONPATH=str(REPO)),
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        os.write(controller, answer.encode() + b"\n")  # read by input() once it asks
+        out, _ = process.communicate(timeout=60)
+        return process.returncode, out
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dramaturg.Settings:
+    """A namespace of this test's own; RabbitMQ gets the private Redis as its state store,
+    so that purged tasks' records and batches are checked on every broker."""
+    broker: dict[str, Any] = {
+        "url": broker_url(broker_kind, request, tmp_path),
+        "namespace": f"test-{uuid.uuid4().hex[:8]}",
+    }
+    state: dict[str, Any] = {}
+    if broker_kind == "rabbitmq":
+        broker["management_url"] = request.getfixturevalue("rabbitmq_server").management_url
+        server = request.getfixturevalue("redis_server")
+        state["url"] = f"redis://{server.host}:{server.port}/0"
+    return dramaturg.Settings(broker=broker, worker={"threads": 4}, state=state)
+
+
+def test_purge_drops_waiting_tasks_never_running_or_held_ones(
+    broker_kind: str, broker: dramatiq.Broker, start_worker: Any
+) -> None:
+    # Given a worker with one thread busy on the first of 300 tasks (it holds up to its
+    # prefetch of them, 64 on Redis, 128 on RabbitMQ), and two held tasks
+    gate, started, ran = threading.Event(), threading.Event(), Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def step(n: int) -> None:
+        started.set()
+        gate.wait(WAIT_S)
+        ran.add(n)
+
+    sent = [step.send(n) for n in range(SENT)]
+    for n in range(2):
+        broker.held.hold(held_task("imports", n))  # type: ignore[attr-defined]
+    worker = start_worker(threads=1)
+    assert started.wait(WAIT_S)
+
+    # When the queue is purged
+    purged = dramaturg.purge_queue("imports", broker=broker)
+
+    # Then what the worker had taken still runs, and nothing else: sent == purged + run
+    gate.set()
+    assert 0 < purged < SENT
+    done = ran.wait(SENT - purged)
+    assert sorted(done) == sorted(set(done))
+    worker.stop()  # what it had not run would be back in the queue now
+    assert pending_messages(broker, "imports") == 0
+    assert len(ran.seen) == SENT - purged
+    # The held tasks are untouched, and a purged task's record says so
+    assert dramaturg.held_tasks(broker).count("imports") == 2
+    dropped = next(m for n, m in enumerate(sent) if n not in done)
+    status = dramaturg.task_status(dropped.message_id, broker)
+    assert (status.state, status.reason) == ("purged", "purged from imports")
+
+
+def test_purge_keeps_delayed_tasks_unless_asked(broker: dramatiq.Broker) -> None:
+    # Given 3 waiting tasks and 5 due in an hour, no worker
+    @dramaturg.actor(queue_name="imports")
+    def step(n: int) -> None: ...
+
+    for n in range(3):
+        step.send(n)
+    for n in range(5):
+        step.send_with_options(args=(n,), delay=HOUR_MS)
+
+    # Then a purge drops the waiting ones only, and --delayed the delayed ones
+    assert dramaturg.purge_queue("imports", broker=broker) == 3
+    expect_counts(broker, ready=0, delayed=5, held=0)
+    assert dramaturg.purge_queue("imports", delayed=True, broker=broker) == 5
+    expect_counts(broker, ready=0, delayed=0, held=0)
+
+
+def test_peek_shows_the_next_tasks_masked_and_leaves_them(broker: dramatiq.Broker, start_worker: Any) -> None:
+    # Given three waiting tasks, one with a password in its arguments, and one delayed
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def fetch(url: str, *, page: int = 1) -> None:
+        ran.add(url)
+
+    urls = ["redis://shop:s3cret@cache:6379/0", "https://example.org/a", "https://example.org/b"]
+    sent = [fetch.send(url, page=2) for url in urls]
+    later = fetch.send_with_options(args=("https://example.org/later",), delay=HOUR_MS)
+
+    # When the queue is peeked at
+    tasks = dramaturg.peek_queue("imports", limit=10, broker=broker)
+
+    # Then the waiting ones come first, in order, then the delayed one with when it is due
+    assert [t.message_id for t in tasks] == [m.message_id for m in [*sent, later]]
+    assert tasks[0].actor == "fetch"
+    assert "s3cret" not in tasks[0].arguments and "shop:***@cache" in tasks[0].arguments
+    assert tasks[0].arguments.endswith('{"page": 2}')
+    assert tasks[0].due_at is None and tasks[-1].due_at is not None
+    assert dramaturg.peek_queue("imports", limit=2, broker=broker)[1].message_id == sent[1].message_id
+    # and nothing was taken: a worker runs each waiting task once
+    worker = start_worker()
+    assert sorted(ran.wait(3)) == sorted(urls)
+    worker.stop()
+    assert pending_messages(broker, "imports") == 1  # the delayed one
+    assert len(ran.seen) == 3
+
+
+def test_delete_refuses_a_queue_with_held_tasks_then_removes_everything(broker: dramatiq.Broker) -> None:
+    # Given a queue with two waiting tasks, a delayed one and a held one
+    @dramaturg.actor(queue_name="imports")
+    def step(n: int) -> None: ...
+
+    step.send(1)
+    step.send(2)
+    step.send_with_options(args=(3,), delay=HOUR_MS)
+    broker.held.hold(held_task("imports", 1))  # type: ignore[attr-defined]
+
+    # Then delete refuses while a task is held, and changes nothing
+    with pytest.raises(dramaturg.QueueInUse, match="1 task\\(s\\) held"):
+        dramaturg.delete_queue("imports", broker=broker)
+    expect_counts(broker, ready=2, delayed=1, held=1)
+
+    # With force it drops them all and removes the queue with its companions
+    deleted = dramaturg.delete_queue("imports", force=True, broker=broker)
+    assert deleted.dropped == 4
+    assert "imports" in deleted.removed
+    expect_counts(broker, ready=0, delayed=0, held=0)
+    assert not broker.queue_admin.exists("imports")  # type: ignore[attr-defined]
+
+
+def test_delete_refuses_a_queue_workers_consume(broker: dramatiq.Broker, start_worker: Any) -> None:
+    @dramaturg.actor(queue_name="imports")
+    def step(n: int) -> None: ...
+
+    worker = start_worker()
+    poll_until(lambda: broker.queue_admin.usage("imports")[0] > 0, "the worker to consume")  # type: ignore[attr-defined]
+    with pytest.raises(dramaturg.QueueInUse, match="worker process"):
+        dramaturg.delete_queue("imports", broker=broker)
+    worker.stop()
+
+
+def test_cli_purge_peek_delete_and_bad_names(
+    broker_kind: str, settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given a project on this broker and 5 tasks waiting in "imports"
+    write_config(tmp_path, settings)
+
+    @dramaturg.actor(queue_name="imports")
+    def step(n: int) -> None: ...
+
+    sent = [step.send(n) for n in range(5)]
+
+    # list: the queue with its counts (RabbitMQ's lag by up to its statistics interval)
+    def listed() -> int:
+        code, out, err = cli(tmp_path, "list", "--json")
+        assert code == 0, err
+        rows = {row["queue"]: row for row in json.loads(out)["queues"]}
+        return int(rows["imports"]["ready"])
+
+    poll_until(lambda: listed() == 5, "dramaturg queue list to show 5 ready", timeout=WAIT_S)
+
+    # peek: a table of the next ones
+    code, out, err = cli(tmp_path, "peek", "imports", "--limit", "2")
+    assert code == 0, err
+    header, *lines = out.splitlines()
+    assert header.split()[:3] == ["id", "actor", "arguments"]
+    assert [line.split()[0] for line in lines] == [m.message_id for m in sent[:2]]
+
+    # bad names: one line, exit 2, the closest known queue named
+    code, _, err = cli(tmp_path, "purge", "imprts", "--yes")
+    assert (code, err.strip()) == (
+        EXIT_USAGE,
+        "dramaturg: no queue 'imprts' on the broker or among the actors' queues; did you mean 'imports'?",
+    )
+    code, _, err = cli(tmp_path, "purge", "imports.DQ", "--yes")
+    assert code == EXIT_USAGE and "reserved" in err and len(err.splitlines()) == 1
+    # not at a terminal, purge needs --yes
+    code, _, err = cli(tmp_path, "purge", "imports")
+    assert code == EXIT_USAGE and "--yes" in err
+
+    # at a terminal, purge asks first, saying how many; "n" purges nothing
+    code, out = at_terminal(tmp_path, ["purge", "imports"], answer="n")
+    assert "Drop the 5 waiting tasks of imports? This cannot be undone. [y/N]" in out
+    assert (code, out.endswith("nothing purged\n")) == (EXIT_FAILURE, True)  # (the answer echoes on the terminal)
+
+    # purge: says how many
+    code, out, err = cli(tmp_path, "purge", "imports", "--yes")
+    assert (code, out.strip()) == (0, "purged 5 waiting tasks of imports"), err
+
+    # delete: refused with a held task, then forced
+    broker.held.hold(held_task("imports", 1))  # type: ignore[attr-defined]
+    code, _, err = cli(tmp_path, "delete", "imports", "--yes")
+    assert code == EXIT_FAILURE and "held" in err
+    code, out, err = cli(tmp_path, "delete", "imports", "--yes", "--force")
+    assert code == 0, err
+    assert out.startswith("deleted queue imports: 1 task(s) dropped")
+
+
+def test_purged_batch_members_end_as_cancelled_and_the_batch_completes(
+    broker_kind: str, broker: dramatiq.Broker, start_worker: Any
+) -> None:
+    report = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None: ...
+
+    @dramaturg.actor(queue_name="reports", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    # Given a batch of five members waiting, no worker on their queue
+    batch = dramaturg.batch("wrong queue", on_complete=on_complete.message())
+    with batch:
+        member.send_many(range(5))
+
+    # When the queue is purged, with a worker on the reports queue only
+    start_worker(queues={"reports"})
+    assert dramaturg.purge_queue("imports", broker=broker) == 5
+
+    # Then the batch ends, its members cancelled, and on_complete fires once
+    (summary,) = report.wait(1)
+    assert (summary["total"], summary["succeeded"], summary["cancelled"], summary["failed"]) == (5, 0, 5, 0)
+    assert batch.status().state == "complete"
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
+    for argv in (["list"], ["peek", "imports"], ["purge", "imports", "--yes"], ["delete", "imports", "--yes"]):
+        code, out, err = cli(tmp_path, *argv)
+        assert (code, out, len(err.splitlines())) == (EXIT_BROKER_UNREACHABLE, "", 1), argv
+        assert err.startswith("dramaturg: cannot reach Redis at redis://127.0.0.1:")
+
+
+def test_peek_limit_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, err = cli(tmp_path, "peek", "imports", "--limit", "0")
+    assert (code, err.strip()) == (EXIT_USAGE, "dramaturg: --limit must be from 1 to 1000, not 0")
