@@ -259,22 +259,40 @@ def test_screenshots_of_each_page(
     for n in range(41, 53):
         send_welcome.send(f"user{n}@example.com")
     send_welcome.send_with_options(args=("later@example.com",), delay=3_600_000)
+    # and two schedules, one fired by hand and run
+    from dramaturg import schedules
 
-    context = open_dashboard(viewport={"width": 1280, "height": 720})
-    page = context.new_page()
-    sign_in(page, "olga")
+    dramaturg.periodic("0 3 * * *", id="nightly-sync", timezone="Europe/Paris", args=["berlin"])(sync_orders)
+    dramaturg.periodic(every="15m", id="mail-digest", overlap="skip", args=["digest@example.com"])(send_welcome)
+    try:
+        declared = schedules.load_schedules(dramaturg.app.current_settings(), broker)
+        digest = next(schedule for schedule in declared if schedule.id == "mail-digest")
+        fired = schedules.run_now(digest, broker)
+        worker = start_worker(threads=2, queues={"mail"})
+        poll_until(lambda: dramaturg.task_status(fired).state == "succeeded", "the digest to be recorded")
+        worker.stop()
+        for n in range(53, 60):
+            send_welcome.send(f"user{n}@example.com")
 
-    def shoot(path: str, name: str, ready: str) -> None:
-        page.goto(path)
-        expect(page.locator(ready).first).to_be_visible()
-        page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+        context = open_dashboard(viewport={"width": 1280, "height": 720})
+        page = context.new_page()
+        sign_in(page, "olga")
 
-    shoot("/queues", "queues", 'tr[data-queue="mail"]')
-    shoot("/held/imports", "held-list", "tr[data-id]")
-    first_held = store.list("imports", limit=1)[0]
-    shoot(f"/held/imports/task?id={first_held.message_id}", "held-task", "#reason")
-    shoot(f"/held/sync/task?id={failed.message_id}", "held-task-error", "#traceback")
-    shoot("/held/imports/confirm?action=purge", "purge-all", "form.confirm")
-    shoot(f"/tasks?id={welcome.message_id}", "task-lookup", "#state")
-    shoot("/batches", "batches", "tr[data-batch]")
-    assert "hunter2" not in page.content()
+        def shoot(path: str, name: str, ready: str) -> None:
+            page.goto(path)
+            expect(page.locator(ready).first).to_be_visible()
+            page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+        shoot("/queues", "queues", 'tr[data-queue="mail"]')
+        shoot("/held/imports", "held-list", "tr[data-id]")
+        first_held = store.list("imports", limit=1)[0]
+        shoot(f"/held/imports/task?id={first_held.message_id}", "held-task", "#reason")
+        shoot(f"/held/sync/task?id={failed.message_id}", "held-task-error", "#traceback")
+        shoot("/held/imports/confirm?action=purge", "purge-all", "form.confirm")
+        shoot(f"/tasks?id={welcome.message_id}", "task-lookup", "#state")
+        shoot("/batches", "batches", "tr[data-batch]")
+        shoot("/queues/mail", "queue-waiting", "tr[data-id]")
+        shoot("/schedules", "schedules", 'tr[data-schedule="mail-digest"]')
+        assert "hunter2" not in page.content()
+    finally:
+        schedules._forget_declared()
