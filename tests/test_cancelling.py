@@ -348,3 +348,21 @@ def test_a_task_cancelled_the_moment_it_was_sent_never_runs(
     # Then only the next one ran
     assert ran.wait(1) == [2]
     assert status_when(message.message_id, "cancelled").attempt == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_cancelling_a_purged_task_says_it_had_ended(broker: dramatiq.Broker) -> None:
+    @dramaturg.actor(queue_name="cancel-purged")
+    def work() -> None:
+        pass
+
+    # Given a task purged from its queue
+    message = work.send()
+    assert dramaturg.purge_queue("cancel-purged") == 1
+
+    # When it is cancelled
+    answer = dramaturg.cancel(message.message_id)
+
+    # Then nothing is requested: it had ended, purged
+    assert (answer.outcome, answer.state) == ("ended", "purged")
+    assert answer.detail.startswith("it was purged from its queue")

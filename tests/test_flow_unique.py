@@ -61,6 +61,25 @@ def test_a_duplicate_send_returns_the_queued_task_and_it_runs_once(
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_purged_unique_task_frees_its_key(broker: dramatiq.Broker) -> None:
+    @dramaturg.actor(queue_name="flow", unique=dramaturg.unique(key="reindex:{0}"))
+    def reindex(product_id: int) -> None:
+        pass
+
+    # Given a unique task waiting, and its queue purged
+    first = reindex.send(42)
+    assert dramaturg.purge_queue("flow") == 1
+
+    # When the same product is sent again
+    again = reindex.send(42)
+
+    # Then it is a new task, not the purged one
+    assert again.message_id != first.message_id
+    assert again.options.get("dramaturg_duplicate") is None
+    assert dramaturg.task_status(first.message_id).state == "purged"
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_until_started_frees_the_key_once_the_task_runs(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:

@@ -779,3 +779,59 @@ def test_config_show_says_the_schedules_come_from_the_file(tmp_path: Path) -> No
     assert loaded.source_of("schedules") == str(config)
     assert loaded.source_of("broker.prefetch") == "default"
     assert loaded.flat()["schedules"] == [{"id": "n", "every": 60_000, "actor": "a:b"}]
+
+
+def test_a_ledger_that_lost_its_data_is_registered_again_and_slots_go_on_firing(
+    eager: dramatiq.Broker, ledger: Any
+) -> None:
+    _tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="wiped", actor="tick", every_ms=60_000)
+    clock = Clock(start)
+    scheduler = Scheduler(eager, [schedule], ledger, clock=clock)
+    scheduler.register()
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    # Given a state store that lost its data (restarted without persistence, flushed)
+    if isinstance(ledger, MemoryScheduleState):
+        ledger.__init__()  # type: ignore[misc]
+    else:
+        ledger.client.delete(ledger.registry, *ledger.client.keys(ledger.prefix + "*"))
+    # When the next slots come
+    clock.now_ms = start + 120_000
+    scheduler.tick()  # finds nothing registered: registers again
+    scheduler.tick()
+    clock.now_ms = start + 180_000
+    scheduler.tick()
+    # Then the scheduler goes on firing them, once each
+    expected = [firing_id("wiped", start + n * 60_000) for n in (1, 2, 3)]
+    assert scheduler.fired == expected
+    assert ran.seen == expected
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_slot_of_a_unique_actor_whose_task_is_still_queued_is_left_out(
+    broker: dramatiq.Broker, settings: dramaturg.Settings
+) -> None:
+    @dramaturg.actor(queue_name="ticks", unique=dramaturg.unique(key="digest"))
+    def digest() -> None:
+        pass
+
+    start = 1_800_000_000_000
+    schedule = Schedule(id="digest", actor="digest", every_ms=60_000)
+    clock = Clock(start)
+    state = own_state(broker, settings)
+    scheduler = Scheduler(broker, [schedule], state, clock=clock)
+    scheduler.register()
+    # Given a firing still queued (no worker), holding the actor's unique key
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    first = firing_id("digest", start + 60_000)
+    # When the next slot comes
+    clock.now_ms = start + 120_000
+    scheduler.tick()
+    # Then it is left out, not kept pending to be sent again later
+    assert scheduler.fired == [first]
+    assert state.read("digest").get("pending", "") == ""
+    assert state.read("digest")["last_id"] == first
+    assert pending_messages(broker, "ticks") == 1

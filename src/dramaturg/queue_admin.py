@@ -256,6 +256,10 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
     except StateUnavailable:
         return lambda bodies: None
 
+    from .flow.control import UNIQUE_OPTION, FlowControl
+
+    control = next((m for m in broker.middleware if isinstance(m, FlowControl)), None)
+
     def record(bodies: Sequence[bytes]) -> None:
         now = time.time()
         members: list[tuple[str, str]] = []
@@ -267,6 +271,9 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
             fields = queued_fields(message, None)
             fields.update(state="purged", finished_at=int(now * 1000), reason=f"purged from {queue}")
             store.record(message.message_id, fields, at=now)
+            unique_key = message.options.get(UNIQUE_OPTION)
+            if unique_key and control is not None:  # a purged unique task frees its key
+                control.release_unique(broker, str(unique_key), message.message_id)
             batch_id = message.options.get(BATCH_OPTION)
             if batch_id:
                 members.append((str(batch_id), message.message_id))

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: Task states in which a task has ended (a cancel changes nothing).
-_ENDED = frozenset({"succeeded", "failed", "cancelled"})
+_ENDED = frozenset({"succeeded", "failed", "cancelled", "purged"})
 #: What a cancel does to a task in each state it may be in, in words.
 _WHAT_HAPPENS = {
     "queued": "it was queued; it is skipped when a worker takes it",
@@ -267,7 +267,9 @@ def _end_member(broker: dramatiq.Broker, batch_id: Any, message_id: str) -> None
 
 def _ended_words(status: Any) -> str:
     """``it had already ended: succeeded at 2026-12-01T03:40:12+00:00``, and who cancelled a cancelled one."""
-    words = "it was cancelled" if status.state == "cancelled" else f"it had already ended: {status.state}"
+    words = {"cancelled": "it was cancelled", "purged": "it was purged from its queue"}.get(
+        status.state, f"it had already ended: {status.state}"
+    )
     if status.finished_at:
         words += " at " + datetime.fromtimestamp(status.finished_at / 1000, UTC).isoformat(timespec="seconds")
     if status.state == "cancelled" and status.cancel_requested_by:

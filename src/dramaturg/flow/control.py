@@ -363,6 +363,12 @@ class FlowControl(dramatiq.Middleware):
             except Exception:
                 logger.warning("the concurrency slots of %s were not released", message.message_id, exc_info=True)
 
+    def release_unique(self, broker: dramatiq.Broker, key: str, message_id: str) -> None:
+        """Give back the unique key ``key`` that the task ``message_id`` holds, for a task
+        that ended without running (purged from its queue); a failure is logged, the key
+        then expires with its ttl."""
+        self._unclaim(broker, key, message_id)
+
     def _unclaim(self, broker: dramatiq.Broker, key: str, message_id: str) -> None:
         try:
             self.state(broker).unclaim(key, message_id)

@@ -36,7 +36,7 @@ from typing import Any
 
 import dramatiq
 
-from ..errors import TaskHeld
+from ..errors import DuplicateTask, TaskHeld
 from .spec import Schedule
 from .state import CLAIMED, PAUSED, STALE, ScheduleState
 
@@ -57,7 +57,7 @@ SCHEDULE_OPTION = "dramaturg_schedule"
 #: The namespace of firings' message ids (uuid5 of ``"<schedule id>@<slot ms>"``).
 _FIRING_IDS = uuid.UUID("0d7b5c36-2f4e-4f0a-9a3f-6f1b8e2c9d57")
 #: Task states in which a firing has not ended (``overlap = "skip"`` leaves a slot out then).
-_UNFINISHED = frozenset({"queued", "delayed", "running", "retrying"})
+_UNFINISHED = frozenset({"queued", "delayed", "running", "retrying", "waiting"})
 
 
 _counters: dict[str, Any] | None = None
@@ -99,10 +99,13 @@ def firing_id(schedule_id: str, slot_ms: int) -> str:
     return str(uuid.uuid5(_FIRING_IDS, f"{schedule_id}@{slot_ms}"))
 
 
-def send_firing(broker: dramatiq.Broker, schedule: Schedule, slot_ms: int | None, message_id: str) -> None:
+def send_firing(broker: dramatiq.Broker, schedule: Schedule, slot_ms: int | None, message_id: str) -> bool:
     """Send one firing of ``schedule`` (``slot_ms`` None: a manual run) as an ordinary message.
 
     In eager mode it runs now; a held firing is logged, not raised (a scheduler goes on).
+    False when a slot's firing was not sent because its actor is unique and its task is
+    still queued or running (the slot is left out); a manual run raises
+    :class:`~dramaturg.DuplicateTask` then.
     """
     actor = broker.get_actor(schedule.actor)
     message: dramatiq.Message[Any] = dramatiq.Message(
@@ -118,6 +121,12 @@ def send_firing(broker: dramatiq.Broker, schedule: Schedule, slot_ms: int | None
         broker.enqueue(message)
     except TaskHeld as error:
         logger.warning("schedule %s: the firing %s ran and was held: %s", schedule.id, message_id, error)
+    except DuplicateTask as error:  # a unique actor whose task is still queued or running
+        if slot_ms is None:
+            raise
+        logger.info("schedule %s: the firing %s was not sent: %s", schedule.id, message_id, error)
+        return False
+    return True
 
 
 class Scheduler:
@@ -211,6 +220,17 @@ class Scheduler:
                 schedule.id, schedule.digest, slot, self.clock(), self.lease_ms, max(0, missed), last
             )
             if answer == STALE:
+                if not self.state.registered():
+                    # No schedule registered at all: the store lost its data (a restart
+                    # without persistence, a failover, a flush), not a newer scheduler.
+                    logger.warning(
+                        "schedule %s: the ledger has no schedules registered (did the state store lose its data?);"
+                        " registering this scheduler's schedules again",
+                        schedule.id,
+                    )
+                    # From the start of the grace window: the slots within it still fire.
+                    self.state.register({s.id: s.digest for s in self.schedules.values()}, now - self.grace_ms - 1)
+                    return  # claimed at the next wake
                 self._stale.add(schedule.id)
                 logger.warning(
                     "schedule %s was changed or removed by a scheduler started since; this one no longer fires it"
@@ -238,8 +258,9 @@ class Scheduler:
             self._cancel_previous(schedule, slot)
         if schedule.drain_queues:
             self._start_drain(schedule, slot, message_id)
-        else:
-            send_firing(self.broker, schedule, slot, message_id)
+        elif not send_firing(self.broker, schedule, slot, message_id):
+            self.state.sent(schedule.id, slot, "", self.clock())  # left out, as overlap = "skip" does
+            return
         self.state.sent(schedule.id, slot, message_id, self.clock())
         self.fired.append(message_id)
         if "fired" in self._metrics:
