@@ -309,3 +309,24 @@ def test_an_unreachable_broker_is_one_line_and_exit_3(tmp_path: Path) -> None:
 def test_peek_limit_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     code, _, err = cli(tmp_path, "peek", "imports", "--limit", "0")
     assert (code, err.strip()) == (EXIT_USAGE, "dramaturg: --limit must be from 1 to 1000, not 0")
+
+
+def test_a_purge_while_the_state_store_does_not_answer_drops_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Given tasks waiting on Redis, whose state store ([state] url) does not answer
+    dead = free_port()
+    settings = dramaturg.Settings(
+        broker={"url": broker_url("redis", request, tmp_path), "namespace": f"test-{uuid.uuid4().hex[:8]}"},
+        state={"url": f"redis://127.0.0.1:{dead}/0"},
+    )
+    broker = dramaturg.bootstrap(settings)
+    broker.enqueue(dramatiq.Message(queue_name="mail", actor_name="send", args=(), kwargs={}, options={}))
+    broker.declare_queue("mail")
+
+    # When the queue is purged
+    with pytest.raises(dramaturg.BrokerUnreachable, match=r"the state store did not answer .*nothing was purged"):
+        dramaturg.purge_queue("mail")
+
+    # Then nothing was dropped
+    assert pending_messages(broker, "mail") == 1

@@ -835,3 +835,37 @@ def test_a_slot_of_a_unique_actor_whose_task_is_still_queued_is_left_out(
     assert state.read("digest").get("pending", "") == ""
     assert state.read("digest")["last_id"] == first
     assert pending_messages(broker, "ticks") == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_a_firing_sent_but_not_marked_sent_is_not_sent_again_by_another_scheduler(
+    broker: dramatiq.Broker, settings: dramaturg.Settings
+) -> None:
+    _tick, _ran = recording_actor()
+    start = 1_800_000_000_000
+    schedule = Schedule(id="hiccup", actor="tick", every_ms=60_000)
+    clock = Clock(start)
+    first_state, second_state = own_state(broker, settings), own_state(broker, settings)
+    first = Scheduler(broker, [schedule], first_state, clock=clock)
+    second = Scheduler(broker, [schedule], second_state, clock=clock)
+    first.register()
+
+    # Given a scheduler that sends a slot's firing, and then cannot mark it sent (the
+    # state store stopped answering just after the publish)
+    def unreachable(*args: Any) -> None:
+        raise ConnectionError("the state store went away")
+
+    first_state.sent = unreachable  # type: ignore[method-assign]
+    clock.now_ms = start + 60_000
+    first.tick()
+    firing = firing_id("hiccup", start + 60_000)
+    poll_until(lambda: dramaturg.task_status(firing, broker).state == "queued", "the firing recorded as queued")
+
+    # When another scheduler finds the slot pending after its lease
+    clock.now_ms = start + 60_000 + 31_000
+    second.tick()
+
+    # Then it marks it sent and does not send it again: one message on the queue
+    assert second.fired == []
+    assert second_state.read("hiccup").get("pending", "") == ""
+    assert pending_messages(broker, "ticks") == 1

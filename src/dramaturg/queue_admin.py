@@ -53,7 +53,7 @@ import dramatiq
 from dramatiq import Message
 
 from .batches.tracker import BATCH_OPTION, tracker_of
-from .errors import DramaturgError, QueueInUse, QueueNotFound, StateUnavailable, did_you_mean
+from .errors import BrokerUnreachable, DramaturgError, QueueInUse, QueueNotFound, StateUnavailable, did_you_mean
 from .masking import mask_text
 from .queues import canonical_queue, message_priority
 from .stats import QueueStats, queue_stats, stats_reader
@@ -255,6 +255,15 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
         store = state_store(broker)
     except StateUnavailable:
         return lambda bodies: None
+    try:
+        store.client.ping()
+    except Exception as error:
+        # Before anything is dropped: records and batch ends written while it does not
+        # answer would be kept in this process only, and lost when the command exits.
+        raise BrokerUnreachable(
+            f"the state store did not answer ({type(error).__name__}: {error}); nothing was purged:"
+            " try again once it answers"
+        ) from None
 
     from .flow.control import UNIQUE_OPTION, FlowControl
 

@@ -37,6 +37,7 @@ from typing import Any
 import dramatiq
 
 from ..errors import DuplicateTask, TaskHeld
+from ..held import durable_write
 from .spec import Schedule
 from .state import CLAIMED, PAUSED, STALE, ScheduleState
 
@@ -206,6 +207,8 @@ class Scheduler:
             recovered = self.state.recover(schedule.id, schedule.digest, now, self.lease_ms)
             if recovered is None:
                 break
+            if self._sent_already(schedule, recovered):
+                continue
             logger.warning("schedule %s: slot %d was claimed but not sent; sending it again", schedule.id, recovered)
             self._send(schedule, recovered)
             if self._busy(schedule):
@@ -261,11 +264,39 @@ class Scheduler:
         elif not send_firing(self.broker, schedule, slot, message_id):
             self.state.sent(schedule.id, slot, "", self.clock())  # left out, as overlap = "skip" does
             return
-        self.state.sent(schedule.id, slot, message_id, self.clock())
+        # Tried again a few times: a slot left pending is sent again by another scheduler
+        # once its lease ends (see _sent_already for what keeps that from a second send).
+        error = durable_write(lambda: self.state.sent(schedule.id, slot, message_id, self.clock()))
+        if error is not None:
+            raise error
         self.fired.append(message_id)
         if "fired" in self._metrics:
             self._metrics["fired"].labels(schedule.id).inc()
         logger.info("schedule %s: fired slot %d as %s", schedule.id, slot, message_id)
+
+    def _sent_already(self, schedule: Schedule, slot: int) -> bool:
+        """Whether a pending slot's firing reached the broker after all (its scheduler
+        published it, then failed to say so in the ledger): its task status knows it. Then
+        the slot is marked sent, not sent again. A firing whose scheduler died before its
+        status was written is unknown here, and is sent again (the same message id)."""
+        if schedule.drain_queues:
+            return False
+        message_id = firing_id(schedule.id, slot)
+        from ..status import task_status
+
+        try:
+            known = task_status(message_id, self.broker).state != "unknown"
+        except Exception:  # no status to read: it cannot be told; send it
+            return False
+        if known:
+            logger.warning(
+                "schedule %s: slot %d was claimed and its firing %s sent, but not marked sent; marked now",
+                schedule.id,
+                slot,
+                message_id,
+            )
+            self.state.sent(schedule.id, slot, message_id, self.clock())
+        return known
 
     def _start_drain(self, schedule: Schedule, slot: int, firing: str) -> None:
         """Work the drain's queues for its budget in a thread of this scheduler; its summary
