@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -120,6 +122,29 @@ def _quiet_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def server_port() -> int:
+    """A free port for a server the chaos tests restart, below the kernel's ephemeral range.
+
+    A restarted server binds its port again; one from the ephemeral range (what
+    :func:`free_port` gives) may meanwhile have become the local port of a client's
+    connection (the workers reconnect while it is down), and the restart then fails with
+    ``eaddrinuse``: the harness, not the code under test, failing a scenario."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 11000)
+    for _ in range(100):
+        port = random.randrange(10000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 class RabbitmqNode:
     """A RabbitMQ node of this suite's own, stopped and started by the scenarios.
 
@@ -130,7 +155,7 @@ class RabbitmqNode:
     def __init__(self, directory: Path, addresses: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.host = "127.0.0.1"
-        self.port = free_port()
+        self.port = server_port()
         self.addresses = addresses
         self.name = f"chaos-{self.port}@localhost"
         config = directory / "rabbitmq.conf"
@@ -145,7 +170,7 @@ class RabbitmqNode:
             RABBITMQ_MNESIA_BASE=str(directory / "mnesia"),
             RABBITMQ_LOG_BASE=str(directory / "log"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(directory / "plugins"),
-            RABBITMQ_DIST_PORT=str(free_port()),
+            RABBITMQ_DIST_PORT=str(server_port()),
             ERL_EPMD_ADDRESS="127.0.0.1",
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
@@ -198,7 +223,7 @@ class RedisServer:
     def __init__(self, directory: Path, addresses: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.host = "127.0.0.1"
-        self.port = free_port()
+        self.port = server_port()
         self.addresses = addresses
         self.process: subprocess.Popen[bytes] | None = None
 
