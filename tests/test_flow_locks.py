@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_a_held_lock_times_out_after_the_wait_naming_the_holder(broker: dramatiq
 def test_a_lock_is_renewed_by_touch_inside_a_task(broker: dramatiq.Broker) -> None:
     # Given a lock held inside a task handler (run in eager mode here, and in-process elsewhere)
     seen: list[int] = []
+    done = threading.Event()
 
     @dramaturg.actor(queue_name="flow")
     def guarded() -> None:
@@ -139,6 +141,7 @@ def test_a_lock_is_renewed_by_touch_inside_a_task(broker: dramatiq.Broker) -> No
                 time.sleep(0.15)
                 dramaturg.current_task().touch()  # renews it: 600 ms held on a 300 ms ttl
             seen.append(dramaturg.flow.lock_holder("guarded").token)  # type: ignore[union-attr]
+        done.set()
 
     if getattr(broker, "runs_inline", False):
         guarded.send()
@@ -147,9 +150,7 @@ def test_a_lock_is_renewed_by_touch_inside_a_task(broker: dramatiq.Broker) -> No
         worker.start()
         try:
             guarded.send()
-            deadline = time.monotonic() + 20
-            while not seen and time.monotonic() < deadline:
-                time.sleep(0.01)
+            done.wait(20)
         finally:
             worker.stop()
     assert len(seen) == 1 and not dramaturg.locked("guarded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -96,7 +97,7 @@ def hold(name: str, ttl: str) -> None:
     """Take the lock ``name`` for ``ttl``, say so, and sleep (to be killed)."""
     lk = dramaturg.lock(name, ttl=ttl).acquire()
     print(f"holding {lk.token}", flush=True)
-    time.sleep(600)
+    threading.Event().wait(600)  # until the test kills this process
 
 
 if __name__ == "__main__":

@@ -286,7 +286,14 @@ class Scheduler:
 
         try:
             known = task_status(message_id, self.broker).state != "unknown"
-        except Exception:  # no status to read: it cannot be told; send it
+        except Exception as error:  # no status to read: it cannot be told; send it
+            logger.warning(
+                "schedule %s: whether slot %d's firing was sent cannot be told (%s: %s); sending it again",
+                schedule.id,
+                slot,
+                type(error).__name__,
+                error,
+            )
             return False
         if known:
             logger.warning(
@@ -337,7 +344,14 @@ class Scheduler:
 
         try:
             return previous if task_status(previous, self.broker).state in _UNFINISHED else None
-        except Exception:  # no status to read: the policy cannot apply; send it
+        except Exception as error:  # no status to read: the policy cannot apply; send it
+            logger.warning(
+                "schedule %s: overlap = %r cannot read the previous firing's status (%s: %s); sending the slot",
+                schedule.id,
+                schedule.overlap,
+                type(error).__name__,
+                error,
+            )
             return None
 
     def _cancel_previous(self, schedule: Schedule, slot: int) -> None:
