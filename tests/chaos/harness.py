@@ -124,13 +124,16 @@ class Fault:
         began = self.end if self.silent else self.start + NOTICE_SLACK_S
         return run.start <= began and finished >= self.start - ACK_SLACK_S
 
-    def caught_waiting(self, runs: list[TaskRun]) -> bool:
+    def caught_waiting(self, runs: list[TaskRun], delayed_at: float | None = None) -> bool:
         """True if this fault, on every process, began while the task waited between two
-        attempts (a retry, due later): held by a consumer that moves it to its queue when
-        it is due, a move the fault may cut after its publish and before its acknowledgement."""
+        attempts (a retry, due later), or before its first (sent at ``delayed_at`` with a
+        delay): held by a consumer that moves it to its queue when it is due, a move the
+        fault may cut after its publish and before its acknowledgement."""
         if self.scope is not None:
             return False
         ordered = sorted(runs, key=lambda run: run.start)
+        if delayed_at is not None and delayed_at <= self.start and ordered and ordered[0].start >= self.start:
+            return True
         return any(
             earlier.end is not None and earlier.end <= self.start and later.start >= self.start
             for earlier, later in itertools.pairwise(ordered)
@@ -259,6 +262,8 @@ class Chaos:
         self.log_dir = tmp_path / "runs"
         self.log_dir.mkdir()
         self.sent: list[str] = []
+        #: When each task sent with a delay was sent (the last send's end: a bound).
+        self.delayed: dict[str, float] = {}
         self.faults: list[Fault] = []
         self.workers: list[Process] = []
         self.notes: list[str] = []
@@ -397,6 +402,8 @@ class Chaos:
             message = self.tasks.work.send_with_options(args=(n, length), delay=delay)
             ids.append(message.message_id)
         self.sent += ids
+        if delay:
+            self.delayed.update(dict.fromkeys(ids, time.time()))
         return ids
 
     def send_flaky(self, count: int, seconds: float) -> list[str]:
@@ -591,7 +598,7 @@ class Chaos:
             # By task: one whose outcome was in flight at a fault may run again, its
             # later attempts (a retry published twice) included.
             touched = any(f.touches(run) for f in self.faults for run in each) or any(
-                f.caught_waiting(each) for f in self.faults
+                f.caught_waiting(each, self.delayed.get(message_id)) for f in self.faults
             )
             at_fault = touched and (how == "ran twice" or how.startswith("succeeded, and is still queued"))
             # One still queued has not run again yet, so no line can say so yet.
