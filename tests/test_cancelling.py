@@ -16,6 +16,7 @@ import dramatiq
 import pytest
 
 import dramaturg
+from dramaturg.cancelling import settle, watch_of
 from dramaturg.status import state_store
 
 from .conftest import Runs, bin_path, poll_until, run_cli, settings_with_state
@@ -151,6 +152,34 @@ def test_a_held_task_is_purged_and_its_status_says_cancelled(
     status = status_when(message.message_id, "cancelled")
     assert status.cancel_requested_by == "ops@test"
     assert status.reason == "was held (row 7 has no email), then purged"
+
+
+def test_a_held_task_kicked_after_its_cancel_lapsed_runs(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="cancel-lapsed")
+    def picky(n: int) -> None:
+        task = dramaturg.current_task()
+        if task.kicks == 0:
+            task.hold("row 7 has no email")
+        ran.add(n)
+
+    # Given a task that ended held while a cancel request was on its way: the request
+    # lapsed (the task's status says held), and the request is kept, as after that race
+    start_worker(threads=1, queues={"cancel-lapsed"})
+    message = picky.send(7)
+    status_when(message.message_id, "held")
+    watch_of(broker).requests(broker).request([message.message_id], "ops@test")
+    settle()  # as cancel() does: from now on every worker knows of it before it takes a task
+
+    # When the held task is kicked: a later decision to run it
+    assert dramaturg.held_tasks().kick("cancel-lapsed", [message.message_id]) == 1
+
+    # Then it runs, and succeeds, rather than being skipped as cancelled
+    assert ran.wait(1) == [7]
+    status_when(message.message_id, "succeeded")
 
 
 def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
@@ -321,11 +350,17 @@ def test_two_cancels_racing_make_one_request_and_a_worker_reads_each_once(redis_
 
     # and a reader of the feed sees each request once, in order, reading on from where it stopped
     found, last = requests.feed(None)
-    assert [message_id for message_id, _ in found] == [f"task-{n}" for n in range(50)]
+    assert [(message_id, withdrawn) for message_id, _, withdrawn in found] == [(f"task-{n}", False) for n in range(50)]
     assert requests.feed(last) == ([], last)
     requests.request(["task-50", "task-0"], "ada")
+    found, last = requests.feed(last)
+    assert [message_id for message_id, _, _ in found] == ["task-50"]
+    # and a withdrawal (a kick's) comes after the request it withdraws, and a new request after it
+    assert requests.withdraw(["task-3", "task-999"]) == ["task-3"]
+    assert requests.get("task-3") is None
+    assert requests.request(["task-3"], "bob") == ["task-3"]
     found, _ = requests.feed(last)
-    assert [message_id for message_id, _ in found] == ["task-50"]
+    assert [(message_id, withdrawn) for message_id, _, withdrawn in found] == [("task-3", True), ("task-3", False)]
 
 
 def test_a_task_cancelled_the_moment_it_was_sent_never_runs(

@@ -426,6 +426,9 @@ class HeldStore(ABC):
         delay_ms: int | None,
         failures: builtins.list[tuple[str, str]],
     ) -> int:
+        from .cancelling import withdraw_lapsed
+
+        withdraw_lapsed(self.broker, [message.message_id for message, _ in batch])
         try:
             failed = self.requeue(queue, batch, delay_ms)
         except Exception as error:  # none of the batch was requeued; go on with the next

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +62,7 @@ __all__ = [
     "cancel_batch",
     "request_cancel",
     "settle",
+    "withdraw_lapsed",
 ]
 
 #: Task states in which a task has ended (a cancel changes nothing).
@@ -71,6 +74,8 @@ _WHAT_HAPPENS = {
     "retrying": "it was waiting to be retried; it is skipped when a worker takes it",
     "running": "it was running; it is interrupted within a second",
 }
+
+logger = logging.getLogger("dramaturg.cancelling")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,9 @@ def request_cancel(message_id: str, *, by: str | None = None, broker: dramatiq.B
         return Cancellation(message_id, "requested", state, _WHAT_HAPPENS.get(state, f"it was {state}"))
     held = broker.held.get(message_id, status.queue)  # type: ignore[attr-defined]
     if held is None or not broker.held.purge(held.queue_name, [message_id]):  # type: ignore[attr-defined]
+        # The kick withdrew the requests of what it took (see withdraw_lapsed): ask again.
+        requests.request([message_id], by)
+        settle()
         kicked = "it was held, and was kicked meanwhile; it is skipped when a worker takes it"
         return Cancellation(message_id, "requested", state, kicked)
     now = time.time()
@@ -228,6 +236,26 @@ def cancel_batch(batch_id: str, *, by: str | None = None, broker: dramatiq.Broke
     if status.state == "open":
         words += " (the batch is open: members sent from now on are not cancelled)"
     return BatchCancellation(batch_id, count, status.state, f"cancel requested for {words}")
+
+
+def withdraw_lapsed(broker: dramatiq.Broker, message_ids: Sequence[str]) -> None:
+    """Withdraw the cancel requests of held tasks about to be kicked: a request made while
+    a task ran lapses when the task ends held instead, and a kick is a later decision to
+    run it. Nothing to do without a state store; when the store does not answer, a WARNING
+    says so and the kick goes on (a task whose request stands is then skipped as cancelled)."""
+    watch = next((m for m in broker.middleware if isinstance(m, CancelWatch)), None)
+    if watch is None or not message_ids:
+        return
+    try:
+        watch.requests(broker).withdraw(message_ids)
+    except Exception as error:
+        logger.warning(
+            "could not withdraw the cancel requests of %d kicked tasks (%s: %s); any of them that had one"
+            " is skipped as cancelled when taken",
+            len(message_ids),
+            type(error).__name__,
+            error,
+        )
 
 
 def default_by() -> str:

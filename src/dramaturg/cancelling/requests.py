@@ -5,7 +5,8 @@
   ttl`` after it was made, as the task's status record does;
 - ``<namespace>:__cancels__``: the feed, a stream of the ids of the requests of the last
   ``[state] ttl`` (an entry per script call), written in the same atomic step
-  (``cancel.lua``).
+  (``cancel.lua``), and of the requests withdrawn (``withdraw.lua``: a held task that is
+  kicked runs again, though a request made before it ended held is kept).
 
 Workers never look a request up per task: each worker process reads the feed from where
 it last read (one round trip for every request made since, however many tasks it runs;
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["CancelRequests", "Request"]
 
 _SCRIPT = resources.files("dramaturg.cancelling").joinpath("cancel.lua").read_text(encoding="utf-8")
+_WITHDRAW = resources.files("dramaturg.cancelling").joinpath("withdraw.lua").read_text(encoding="utf-8")
 #: Ids per script call (a batch's members are asked for in chunks).
 CHUNK = 1000
 
@@ -53,6 +55,7 @@ class CancelRequests:
         self.feed_key = f"{namespace}:__cancels__"
         self.ttl_ms = ttl_ms
         self._script = client.register_script(_SCRIPT)
+        self._withdraw = client.register_script(_WITHDRAW)
 
     def request(self, message_ids: Sequence[str], by: str) -> list[str]:
         """Ask for ``message_ids`` to be cancelled; returns those that had no request yet."""
@@ -64,13 +67,25 @@ class CancelRequests:
             new += [message_id for message_id, answer in zip(chunk, answers, strict=True) if int(answer)]
         return new
 
+    def withdraw(self, message_ids: Sequence[str]) -> list[str]:
+        """Withdraw the requests for ``message_ids`` (the held tasks a kick runs again);
+        returns those that had one. Workers forget them at their next read of the feed,
+        and one that takes such a task before then looks its request up (:meth:`get`)."""
+        withdrawn: list[str] = []
+        for start in range(0, len(message_ids), CHUNK):
+            chunk = list(message_ids[start : start + CHUNK])
+            answers = self._withdraw(keys=[self.prefix, self.feed_key], args=[self.ttl_ms, *chunk])
+            withdrawn += [message_id for message_id, answer in zip(chunk, answers, strict=True) if int(answer)]
+        return withdrawn
+
     def get(self, message_id: str) -> Request | None:
         """The request for ``message_id``, or None."""
         return _decode(self.client.get(self.prefix + message_id))
 
-    def feed(self, after: str | None) -> tuple[list[tuple[str, float]], str | None]:
-        """``(message id, when asked: ms, the store's clock)`` for every request written
-        after the feed's entry ``after`` (None: every request kept), and the last entry read
+    def feed(self, after: str | None) -> tuple[list[tuple[str, float, bool]], str | None]:
+        """``(message id, when: ms, the store's clock, withdrawn)`` for every request
+        written (``withdrawn`` False) or withdrawn (True) after the feed's entry ``after``
+        (None: all that are kept), in the order they were, and the last entry read
         (``after`` again when there is none)."""
         found: list[tuple[Any, dict[Any, Any]]] = self.client.xrange(  # type: ignore[assignment]
             self.feed_key, "-" if after is None else f"({after}", "+"
@@ -78,7 +93,7 @@ class CancelRequests:
         requests = []
         for entry, fields in found:
             at = float(_text(entry).partition("-")[0])
-            requests += [(_text(message_id), at) for message_id in fields.values()]
+            requests += [(_text(message_id), at, _text(field).startswith("w")) for field, message_id in fields.items()]
         return requests, _text(found[-1][0]) if found else after
 
 

@@ -31,6 +31,7 @@ per outage); requests made meanwhile are honoured once it answers again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -111,8 +112,12 @@ class _Watcher:
                 self._failing = False
                 logger.warning("the state store answers again; cancel requests are read")
             fresh = []
-            for message_id, at in found:
-                if message_id not in self.cancelled:
+            for message_id, at, withdrawn in found:
+                if withdrawn:
+                    self.cancelled.pop(message_id, None)
+                    with contextlib.suppress(ValueError):
+                        fresh.remove(message_id)
+                elif message_id not in self.cancelled:
                     self.cancelled[message_id] = at
                     fresh.append(message_id)
                 if self._newest is None or at > self._newest:
@@ -187,10 +192,28 @@ class CancelWatch(dramatiq.Middleware):
             watcher.wake()
         if time.monotonic() - watcher.read_at > STALE_S:
             watcher.read(if_older_than=STALE_S)
-        if message_id in watcher.cancelled:
+        if message_id in watcher.cancelled and self._still_requested(watcher, message_id):
             if deadline is not None:
                 deadline.disarm()  # the reader may have interrupted it too: once is enough
             raise TaskCancelled("cancelled before it ran")
+
+    def _still_requested(self, watcher: _Watcher, message_id: str) -> bool:
+        """Whether the request read for ``message_id`` still stands: a kick withdraws it
+        (a held task kicked runs again) and the feed may not say so yet. One look-up, made
+        only for a task about to be skipped; when the store does not answer, it stands."""
+        try:
+            if watcher.requests.get(message_id) is not None:
+                return True
+        except Exception as error:
+            logger.warning(
+                "could not look up the cancel request for %s (%s: %s); it is skipped as cancelled",
+                message_id,
+                type(error).__name__,
+                error,
+            )
+            return True
+        watcher.cancelled.pop(message_id, None)
+        return False
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
