@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pytest
 
 import dramaturg
 from dramaturg import app
-from dramaturg.checkpoints import Checkpoints
+from dramaturg.checkpoints import KEPT_AFTER_END_MS, Checkpoints, RedisCheckpointStore
 
 from .conftest import Runs, poll_until, settings_with_state, write_config
 
@@ -47,13 +48,35 @@ def run_tasks(broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Work
     return start
 
 
+def checkpoint_store(broker: dramatiq.Broker) -> Any:
+    """Where ``broker``'s checkpoints are kept (as a run of a task on it sees them)."""
+    middleware = next(m for m in broker.middleware if isinstance(m, Checkpoints))
+    return middleware.for_run(broker, "").middleware.store()
+
+
 def stored(broker: dramatiq.Broker, message_id: str) -> str | None:
     """The checkpoint kept for ``message_id``, as its JSON text."""
-    middleware = next(m for m in broker.middleware if isinstance(m, Checkpoints))
-    return middleware.store().load(message_id)
+    return checkpoint_store(broker).load(message_id)  # type: ignore[no-any-return]
 
 
-def test_a_retried_task_goes_on_from_its_checkpoint_and_a_success_deletes_it(
+def expires_in_s(broker: dramatiq.Broker, message_id: str) -> float | None:
+    """How long the checkpoint of ``message_id`` is kept from now (None: there is none)."""
+    store = checkpoint_store(broker)
+    if isinstance(store, RedisCheckpointStore):
+        left_ms = store.client.pttl(store.prefix + message_id)
+        return None if left_ms < 0 else left_ms / 1000
+    found = store._values.get(message_id)  # type: ignore[attr-defined]
+    return None if found is None else found[1] - time.monotonic()
+
+
+def ended(broker: dramatiq.Broker, message_id: str) -> bool:
+    """Whether the checkpoint of ``message_id`` is left to expire as that of a task that
+    ended (within the hour, not the seven days of ``checkpoint_ttl``)."""
+    left = expires_in_s(broker, message_id)
+    return left is not None and left <= KEPT_AFTER_END_MS / 1000
+
+
+def test_a_retried_task_goes_on_from_its_checkpoint_and_a_success_lets_it_expire(
     broker: dramatiq.Broker, run_tasks: Callable[[], None]
 ) -> None:
     runs = Runs()
@@ -75,12 +98,12 @@ def test_a_retried_task_goes_on_from_its_checkpoint_and_a_success_deletes_it(
     message = import_file.send(100)
     seen = runs.wait(2)
 
-    # Then the second run reads where the first stopped, and its success deletes the checkpoint
+    # Then the second run reads where the first stopped, and its success lets the checkpoint expire
     assert seen[:2] == [
         {"attempt": 1, "resumed_from": None},
         {"attempt": 2, "resumed_from": {"offset": 40, "file": "users.csv"}},
     ]
-    poll_until(lambda: stored(broker, message.message_id) is None, "the checkpoint is deleted after the success")
+    poll_until(lambda: ended(broker, message.message_id), "the checkpoint expires within the hour after the success")
     assert len(runs.seen) == 2
 
 
@@ -116,7 +139,7 @@ def test_a_held_task_keeps_its_checkpoint_and_a_kick_goes_on_from_it(
 
     # Then the kicked run starts from the checkpoint the held run saved
     assert runs.wait(2)[1] == {"kicks": 1, "resumed_from": 50}
-    poll_until(lambda: stored(broker, message.message_id) is None, "the checkpoint is deleted after the success")
+    poll_until(lambda: ended(broker, message.message_id), "the checkpoint expires within the hour after the success")
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
@@ -245,4 +268,36 @@ def test_a_worker_killed_mid_task_has_the_next_run_start_at_the_last_checkpoint(
     assert max(before_kill) <= starts[1].offset <= max(before_kill) + checkpoint_tasks.EVERY
     assert starts[1].pid != killed.pid
     assert [line.offset for line in seen if line.event == "end"] == [10_000]
-    poll_until(lambda: stored(broker, message.message_id) is None, "the checkpoint is deleted after the success")
+    poll_until(lambda: ended(broker, message.message_id), "the checkpoint expires within the hour after the success")
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_task_delivered_again_after_its_success_goes_on_from_its_last_checkpoint(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.apps import checkpoint_tasks
+
+    from .test_recovery import start_workers
+
+    # Given a worker process that dies the moment its import has succeeded, before the
+    # broker hears so (its acknowledgement lost)
+    app.register(checkpoint_tasks.import_rows)
+    write_config(tmp_path, settings, modules=["tests.apps.checkpoint_tasks"])
+    log = tmp_path / "checkpoints.log"
+    (first,) = start_workers(spawn, 1, CHECKPOINT_LOG=str(log), CHECKPOINT_DIE_AFTER_END="1")
+    message = checkpoint_tasks.import_rows.send(1_000)
+    poll_until(lambda: any(line.event == "end" for line in lines(log)), "the first run ends")
+    first.popen.wait(30)
+
+    # When the task is delivered again, to another worker
+    start_workers(spawn, 1, CHECKPOINT_LOG=str(log))
+    poll_until(
+        lambda: len([line for line in lines(log) if line.event == "end"]) == 2, "the second run ends", timeout=60
+    )
+
+    # Then that run goes on from the last checkpoint (the end), not from row 0
+    starts = [line.offset for line in lines(log) if line.event == "start"]
+    assert starts == [0, 1_000]
+    # and the checkpoint is still kept for a while, to expire on its own
+    poll_until(lambda: ended(broker, message.message_id), "the checkpoint expires within the hour after the success")
+    assert stored(broker, message.message_id) == '{"offset":1000}'

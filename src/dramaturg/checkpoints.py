@@ -20,8 +20,11 @@ connection, kicks). The next run reads it as ``task.checkpoint_state``; a first 
 None. The value is written before ``checkpoint()`` returns (one round trip to the state
 store), so a worker killed the next instant loses nothing written before.
 
-What ends it: a run that succeeds deletes its task's checkpoint, and so does one rejected
-into the dead-letter queue. A held task keeps it, so a kick goes on from there. Otherwise
+What ends it: a run that succeeds, or is rejected into the dead-letter queue or
+cancelled, leaves its task's checkpoint to expire :data:`KEPT_AFTER_END_MS` (an hour)
+later: a copy of the task delivered again because the run's acknowledgement was lost (a
+worker killed or cut off after the handler returned) goes on from the last checkpoint,
+rather than from the start. A held task keeps it, so a kick goes on from there. Otherwise
 it expires ``[tasks] checkpoint_ttl`` (default seven days) after it was last written.
 
 Where it is kept: the state store (``[state] url``, else the broker's own Redis on the
@@ -61,6 +64,10 @@ __all__ = [
 
 #: The largest checkpoint, as JSON: a place to resume from, not the task's data.
 MAX_CHECKPOINT_BYTES = 64 * 1024
+#: How long a task's checkpoint is kept once a run of it ended for good (ms): long enough
+#: for a copy delivered again after a lost acknowledgement (a broker outage, a worker
+#: killed after its handler returned) to go on from it; never longer than the ttl.
+KEPT_AFTER_END_MS = 3_600_000
 
 
 class CheckpointStore(Protocol):
@@ -68,7 +75,7 @@ class CheckpointStore(Protocol):
 
     def save(self, message_id: str, text: str) -> None: ...
     def load(self, message_id: str) -> str | None: ...
-    def forget(self, message_id: str) -> None: ...
+    def forget(self, message_id: str, after_ms: int) -> None: ...
 
 
 class RedisCheckpointStore:
@@ -89,8 +96,9 @@ class RedisCheckpointStore:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    def forget(self, message_id: str) -> None:
-        self.client.delete(self.prefix + message_id)
+    def forget(self, message_id: str, after_ms: int) -> None:
+        """Let the checkpoint expire ``after_ms`` from now."""
+        self.client.pexpire(self.prefix + message_id, after_ms)
 
 
 class MemoryCheckpointStore:
@@ -115,9 +123,11 @@ class MemoryCheckpointStore:
                 return None
             return found[0]
 
-    def forget(self, message_id: str) -> None:
+    def forget(self, message_id: str, after_ms: int) -> None:
         with self._lock:
-            self._values.pop(message_id, None)
+            found = self._values.get(message_id)
+            if found is not None:
+                self._values[message_id] = (found[0], min(found[1], time.monotonic() + after_ms / 1000))
 
 
 class RunCheckpoint:
@@ -132,7 +142,7 @@ class RunCheckpoint:
     def __init__(self, middleware: Checkpoints, message_id: str) -> None:
         self.middleware = middleware
         self.message_id = message_id
-        #: Whether this run read or wrote the checkpoint (its end then deletes it on success).
+        #: Whether this run read or wrote the checkpoint (its end then lets it expire on success).
         self.used = False
         self._loaded = False
         self._state: Any = None
@@ -172,8 +182,8 @@ _ENDED = frozenset({RunOutcome.SUCCEEDED, RunOutcome.REJECTED, RunOutcome.CANCEL
 
 class Checkpoints(dramatiq.Middleware):
     """Keeps the checkpoints of the broker's tasks (a handler reaches it through
-    :meth:`dramaturg.Task.checkpoint`), and deletes the checkpoint of a task that ended for
-    good (succeeded, was rejected, or was cancelled)."""
+    :meth:`dramaturg.Task.checkpoint`), and lets the checkpoint of a task that ended for
+    good (succeeded, was rejected, or was cancelled) expire :data:`KEPT_AFTER_END_MS` later."""
 
     def __init__(self, url: str | None, ttl_ms: int, namespace: str = "dramaturg") -> None:
         self.url = url
@@ -219,6 +229,6 @@ class Checkpoints(dramatiq.Middleware):
         outcome = run.outcome  # type: ignore[union-attr]
         ended = outcome in _ENDED or (outcome is None and exception is None)
         if ended:
-            self.store().forget(checkpoint.message_id)
+            self.store().forget(checkpoint.message_id, min(KEPT_AFTER_END_MS, self.ttl_ms))
 
     after_skip_message = after_process_message
