@@ -1,7 +1,13 @@
 -- Locks (dramaturg.flow.locks): acquire, release, renew, each one atomic step.
 -- KEYS[1]: the lock, "<owner> <fence> <holder>" while held, expiring with its ttl.
--- KEYS[2]: the hash of fencing tokens, one counter per lock name, never expiring (so a
---          token only grows, even across the lock's expiry).
+-- KEYS[2]: the hash of fencing tokens, the last one handed out per lock name, never
+--          expiring (so a token only grows, even across the lock's expiry).
+-- A token is max(the last one + 1, Redis's clock in microseconds): it grows by at least
+-- one per holding while the hash is there, and a store wiped since (FLUSHALL, a restart
+-- without persistence, a new server) starts again from its clock, above every token
+-- handed out before as long as that clock reads later than when the last of them was
+-- handed out. The counter does not run ahead of the clock: two holdings of one name are
+-- at least an acquire and a release apart, each a call of this script (microseconds each).
 -- ARGV[1]: the step; ARGV[2]: the owner (a random id of this holding); ARGV[3]: the ttl
 -- in ms (acquire, renew); ARGV[4]: the name (acquire); ARGV[5]: the holder's label.
 -- acquire -> {1, fence} when taken, {0, ms until it expires} when held by another.
@@ -17,7 +23,12 @@ if step == 'acquire' then
   if call('EXISTS', KEYS[1]) == 1 then
     return {0, call('PTTL', KEYS[1])}
   end
-  local fence = call('HINCRBY', KEYS[2], ARGV[4], 1)
+  local time = call('TIME')
+  local last = tonumber(call('HGET', KEYS[2], ARGV[4]) or '0')
+  -- Under 2^53 (about 1.8e15 now), so exact in Lua's numbers; written with %.0f, not
+  -- tostring (which would write 1.7645e+15).
+  local fence = string.format('%.0f', math.max(last + 1, tonumber(time[1]) * 1000000 + tonumber(time[2])))
+  call('HSET', KEYS[2], ARGV[4], fence)
   call('SET', KEYS[1], owner .. ' ' .. fence .. ' ' .. ARGV[5], 'PX', ARGV[3])
   return {1, fence}
 elseif step == 'release' then

@@ -3,8 +3,11 @@
 Both answer the same steps with the same meaning, so that a lock or a limit behaves the
 same inline as across workers:
 
-- locks: ``lock_acquire`` (with a fencing token from a counter per name that only
-  grows), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
+- locks: ``lock_acquire`` (with a fencing token that only grows: the greater of the
+  name's last token + 1 and the store's clock in microseconds, so that a store wiped
+  since, whose counters are gone, still hands out greater tokens than before; assumed:
+  its clock, after the wipe, reads later than when the last token before it was handed
+  out), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
   ``lock_holder`` and ``locks`` (what is held, for ``dramaturg locks list``);
 - limits: ``acquire`` takes every limit of a task at once or none (a concurrency slot is
   a lease named by the task's message id; a rate limit counts starts in a sliding
@@ -14,7 +17,8 @@ same inline as across workers:
 On Redis each step is one call of a Lua script (``lock.lua``, ``limits.lua``,
 ``unique.lua`` beside this module), on Redis's clock. Keys:
 ``<namespace>:__lock__:<name>`` (a held lock), ``<namespace>:__lock_fences__`` (a hash:
-the last fencing token of each name; never expires, so tokens only grow),
+the last fencing token of each name; never expires, so tokens only grow, and once it is
+lost the clock keeps them growing),
 ``<namespace>:__limit__:c:<key>`` and ``...:r:<key>`` (the leases, or the starts, of
 a concurrency or rate limit's key, expiring with the last lease or window),
 ``<namespace>:__limit_waiting__:<key>`` (the tasks refused for the key),
@@ -320,7 +324,8 @@ class MemoryFlowState:
             held = self._locks.get(name)
             if held is not None and held[3] > now:
                 return None, int(held[3] - now)
-            fence = self._fences[name] = self._fences.get(name, 0) + 1
+            # As lock.lua: a process started again (its memory gone) goes on above the last.
+            fence = self._fences[name] = max(self._fences.get(name, 0) + 1, time.time_ns() // 1000)
             self._locks[name] = (owner, fence, holder, now + ttl_ms)
             return fence, 0
 
