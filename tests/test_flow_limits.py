@@ -676,3 +676,42 @@ def test_a_run_whose_lease_ended_releases_only_its_own_slot_not_the_next_runs(
     runs.let_go(2)
     runs.wait("every run ended", lambda: runs.ended == 3)
     assert runs.started == [first, first, other]
+
+
+def test_a_task_whose_ask_for_its_slots_lost_its_reply_does_not_wait_for_what_the_ask_took(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any
+) -> None:
+    from .conftest import delete_rabbitmq_queues
+    from .faults.proxy import FaultProxy
+
+    # Given RabbitMQ with its state store behind a proxy, and an actor limited to one at a
+    # time whose slots are leases of a minute
+    proxy = FaultProxy()
+    port = proxy.start((redis_server.host, redis_server.port))
+    worker = None
+    try:
+        settings = settings_with_state("rabbitmq", request, tmp_path)
+        state = settings.state.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+        broker = dramaturg.bootstrap(settings.model_copy(update={"state": state}))
+        ran = threading.Event()
+
+        @dramaturg.actor(queue_name="flowlost", max_retries=0, limits=[dramaturg.concurrency(1, key="lost", lease="1m")])
+        def sync() -> None:
+            ran.set()
+
+        # When the worker's ask for its slot runs in the store, and its reply is lost
+        proxy.drop_next_reply(containing=b"*1\r\n*1\r\n:1\r\n")  # acquire_many's answer for one task: taken
+        sync.send()
+        worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+        worker.start()
+
+        # Then the task is put back, and its next delivery runs soon: the slot the lost ask
+        # took was given back, not held until its lease (a minute) ended
+        assert ran.wait(15), "the task did not run: the slot its lost ask took is still held"
+        assert proxy.replies_dropped == 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        proxy.stop()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())
