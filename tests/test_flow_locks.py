@@ -210,3 +210,36 @@ def test_bad_lock_arguments_are_refused() -> None:
         dramaturg.lock("x", ttl=0)
     with pytest.raises(ValueError, match="non-empty string"):
         dramaturg.lock("")
+
+
+def test_a_holder_whose_acquire_lost_its_reply_gets_the_lock_when_it_asks_again(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any
+) -> None:
+    from .conftest import delete_rabbitmq_queues
+    from .faults.proxy import FaultProxy
+
+    # Given RabbitMQ with its state store behind a proxy
+    proxy = FaultProxy()
+    port = proxy.start((redis_server.host, redis_server.port))
+    try:
+        settings = settings_with_state("rabbitmq", request, tmp_path)
+        state = settings.state.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+        dramaturg.bootstrap(settings.model_copy(update={"state": state}))
+        lk = dramaturg.lock("nightly", ttl="1m")
+
+        # When its acquire takes the lock in the store, and the reply is lost
+        proxy.drop_next_reply(containing=b"*2\r\n:1\r\n")  # lock.lua's answer: taken, and the token
+        with pytest.raises(dramaturg.BrokerUnreachable, match="the lock step was not done"):
+            lk.acquire()
+        assert proxy.replies_dropped == 1
+
+        # Then asking again, the same holder gets it (not a wait for itself until the ttl, a minute)
+        lk.acquire()
+        holder = dramaturg.flow.lock_holder("nightly")
+        assert lk.token is not None and holder is not None and holder.token == lk.token
+        lk.release()
+        assert not dramaturg.locked("nightly")
+    finally:
+        proxy.stop()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())

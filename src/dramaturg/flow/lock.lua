@@ -10,7 +10,9 @@
 -- at least an acquire and a release apart, each a call of this script (microseconds each).
 -- ARGV[1]: the step; ARGV[2]: the owner (a random id of this holding); ARGV[3]: the ttl
 -- in ms (acquire, renew); ARGV[4]: the name (acquire); ARGV[5]: the holder's label.
--- acquire -> {1, fence} when taken, {0, ms until it expires} when held by another.
+-- acquire -> {1, fence} when taken, {0, ms until it expires} when held by another. Asked
+--   again by the same owner while it holds it (its first reply lost): {1, the same fence},
+--   its ttl from now, so the holding that took it is not left to wait for itself.
 -- release -> 1 when it was ours and is freed, 0 when it was not ours (expired, taken).
 -- renew   -> 1 when it was ours and now expires ttl from now, 0 when it was not ours.
 local step, owner = ARGV[1], ARGV[2]
@@ -20,7 +22,12 @@ local function ours()
   return value and string.sub(value, 1, #owner + 1) == owner .. ' '
 end
 if step == 'acquire' then
-  if call('EXISTS', KEYS[1]) == 1 then
+  local held = call('GET', KEYS[1])
+  if held then
+    if string.sub(held, 1, #owner + 1) == owner .. ' ' then
+      call('PEXPIRE', KEYS[1], ARGV[3])
+      return {1, string.match(held, '^%S+ (%d+)')}
+    end
     return {0, call('PTTL', KEYS[1])}
   end
   local time = call('TIME')

@@ -17,6 +17,9 @@
 - **Wait**: up to ``wait`` for a held lock (0, the default: try once), then
   :class:`~dramaturg.LockTimeout`, naming the holder. The waiting thread polls, 10 ms at
   first, backing off to 200 ms, never past the holder's expiry.
+- A step the store may have done without its answer coming back raises
+  :class:`~dramaturg.BrokerUnreachable`; :meth:`Lock.acquire` called again on the same
+  ``Lock`` then finds the lock its first ask took (same owner) and holds it, same token.
 - **Release** (the end of the ``with`` block, or :meth:`Lock.release`) and **renew** are
   refused with :class:`~dramaturg.LockLost` when this holder no longer holds it: its ttl
   passed, and another may hold it now. A holder that dies frees it when its ttl passes.

@@ -345,6 +345,9 @@ class MemoryFlowState:
         with self.changed:
             held = self._locks.get(name)
             if held is not None and held[3] > now:
+                if held[0] == owner:  # as lock.lua: this holding asking again
+                    self._locks[name] = (*held[:3], now + ttl_ms)
+                    return held[1], 0
                 return None, int(held[3] - now)
             # As lock.lua: a process started again (its memory gone) goes on above the last.
             fence = self._fences[name] = max(self._fences.get(name, 0) + 1, time.time_ns() // 1000)
