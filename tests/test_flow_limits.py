@@ -695,7 +695,9 @@ def test_a_task_whose_ask_for_its_slots_lost_its_reply_does_not_wait_for_what_th
         broker = dramaturg.bootstrap(settings.model_copy(update={"state": state}))
         ran = threading.Event()
 
-        @dramaturg.actor(queue_name="flowlost", max_retries=0, limits=[dramaturg.concurrency(1, key="lost", lease="1m")])
+        @dramaturg.actor(
+            queue_name="flowlost", max_retries=0, limits=[dramaturg.concurrency(1, key="lost", lease="1m")]
+        )
         def sync() -> None:
             ran.set()
 
