@@ -717,3 +717,24 @@ def test_a_task_whose_ask_for_its_slots_lost_its_reply_does_not_wait_for_what_th
         proxy.stop()
         if dramaturg.app.current_broker_or_none() is not None:
             delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())
+
+
+def test_in_a_long_outage_the_releases_of_asks_that_got_no_answer_stay_bounded() -> None:
+    from dramaturg.flow.state import MAYBE_RELEASES_MAX
+
+    from .conftest import free_port
+
+    # Given a state store nobody answers at
+    state = RedisFlowState(redis.Redis(port=free_port(), socket_connect_timeout=0.2), namespace="t-outage")
+    try:
+        # When many more asks than the bound fail (each task of a waiting queue, every try)
+        for n in range(MAYBE_RELEASES_MAX * 2):
+            state.release_later(f"m-{n}", "run-1", ["slot"], maybe=True)
+
+        # Then the worker keeps no more than the bound of their releases, and still every
+        # release of a task that ended
+        assert len(state._releases) <= MAYBE_RELEASES_MAX
+        state.release_later("ended", "run-1", ["slot"])
+        assert ("t-outage:__limit__:c:slot", "ended:run-1") in state._releases
+    finally:
+        state.close()

@@ -254,7 +254,8 @@ class FlowControl(dramatiq.Middleware):
                     # Its reply may be what was lost, the slots taken: give them back (this
                     # run's only) once the store answers, not when their lease ends.
                     with contextlib.suppress(Exception):
-                        state.release_later(message_id, run, [spec.key for spec in specs if spec.kind == "c"])
+                        keys = [spec.key for spec in specs if spec.kind == "c"]
+                        state.release_later(message_id, run, keys, maybe=True)
                 self._note_outage(error)
                 self._wait(broker, message, None, "the state store (limits cannot be checked)")
                 raise SkipMessage("the state store did not answer") from None

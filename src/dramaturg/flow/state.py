@@ -56,6 +56,9 @@ _UNIQUE = _SCRIPTS.joinpath("unique.lua").read_text(encoding="utf-8")
 _LIMITS_SHA = hashlib.sha1(_LIMITS.encode()).hexdigest()
 #: How often a process writes the slot releases its tasks left (see RedisFlowState.release_later).
 RELEASE_INTERVAL_S = 0.005
+#: How many releases a process buffers before it stops adding those of asks that may have
+#: taken nothing (``maybe``): in an outage every ask fails, and each would add one.
+MAYBE_RELEASES_MAX = 10_000
 
 logger = logging.getLogger("dramaturg.flow")
 
@@ -123,7 +126,7 @@ class FlowState(Protocol):
     def locks(self) -> list[HeldLock]: ...
     def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
-    def release_later(self, message_id: str, run: str, keys: Sequence[str]) -> None: ...
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int: ...
@@ -238,11 +241,16 @@ class RedisFlowState:
         keys = [self.limit_prefix + "c:" + key for key in keys]
         return int(self._limits(keys=keys, args=["release", run_name(message_id, run)]))
 
-    def release_later(self, message_id: str, run: str, keys: Sequence[str]) -> None:
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
         """Release the run's slots soon, off the message path: a thread of this process
         writes the releases of every task that ended within :data:`RELEASE_INTERVAL_S` in
         one call. A slot is freed that much later than its task ended, never earlier, so
-        the bound holds; releases not written when the process dies end with their lease."""
+        the bound holds; releases not written when the process dies end with their lease.
+        ``maybe``: the slots of an ask that got no answer, which may have taken nothing;
+        left out once :data:`MAYBE_RELEASES_MAX` releases wait (a store down for long: its
+        asks took nothing, and any that did ends with its lease)."""
+        if maybe and len(self._releases) >= MAYBE_RELEASES_MAX:
+            return
         member = run_name(message_id, run)
         for key in keys:
             self._releases.append((self.limit_prefix + "c:" + key, member))
@@ -418,7 +426,7 @@ class MemoryFlowState:
             self.changed.notify_all()
             return held
 
-    def release_later(self, message_id: str, run: str, keys: Sequence[str]) -> None:
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
         self.release(message_id, run, keys)
 
     def flush(self) -> None:
