@@ -164,6 +164,10 @@ class FlowControl(dramatiq.Middleware):
         try:
             holder = state.claim(key, message.message_id, spec.ttl_ms)
         except Exception as error:
+            # The claim may have been made and its reply lost: the key would then name, for
+            # its whole ttl, a task that was never sent, and every send of the key would
+            # return that one. Give it back (only if this message holds it).
+            self._unclaim(broker, key, message.message_id)
             raise FlowSendError(
                 f"the state store did not answer, so unique key {key!r} could not be claimed and"
                 f" {message.actor_name} was not sent: {type(error).__name__}: {error}"
