@@ -576,7 +576,7 @@ def runs() -> Iterator[Runs]:
 
 def deliver_again(broker: dramatiq.Broker, request: pytest.FixtureRequest, queue: str) -> None:
     """Make the broker deliver again what the worker is running, while it still runs it:
-    RabbitMQ after the worker's connection drops; Redis when another worker takes this
+    RabbitMQ after the worker's connection drops; Redis (and embedded) when another worker takes this
     one for dead and recovers its claims (as after a long pause or a network partition)."""
     if broker.settings.type == "rabbitmq":  # type: ignore[attr-defined]
         from .test_connection_drop import consumer_connection, drop_connection
@@ -596,7 +596,7 @@ def waiting_for(key: str) -> int:
     return sum(usage.waiting for usage in dramaturg.flow.limit_usage() if usage.key == key)
 
 
-@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_task_delivered_again_while_it_runs_waits_for_a_slot_of_its_own(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], request: pytest.FixtureRequest, runs: Runs
 ) -> None:
@@ -635,7 +635,7 @@ def test_a_task_delivered_again_while_it_runs_waits_for_a_slot_of_its_own(
     assert runs.top == 1
 
 
-@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_run_whose_lease_ended_releases_only_its_own_slot_not_the_next_runs(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], request: pytest.FixtureRequest, runs: Runs
 ) -> None:
