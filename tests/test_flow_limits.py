@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -241,29 +242,42 @@ def test_one_round_trip_takes_all_limits_or_none(redis_server: Any) -> None:
     state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
     both = [LimitSpec("c", "slot", 1, 5_000), LimitSpec("r", "api", 2, 1_000)]
 
-    # When a task takes both, a second is refused by the concurrency limit and takes no rate token
-    assert state.acquire("a", both) is None
-    denied = state.acquire("b", both)
+    # When a run of task "a" takes both, task "b" is refused by the concurrency limit and takes no rate token
+    assert state.acquire("a", "run-1", both) is None
+    denied = state.acquire("b", "run-1", both)
     assert denied is not None and denied.index == 0 and 0 < denied.wait_ms <= 5_000
-    # Then "a" asking again (a redelivery) keeps its slot, and counts a second start
-    assert state.acquire("a", both) is None
-    denied = state.acquire("a", both)
-    assert denied is not None and denied.index == 1 and 0 < denied.wait_ms <= 1_000
-    assert state.release("a", ["slot"]) == 1
-    assert state.acquire("b", [both[0]]) is None
-    assert state.renew("b", ["slot"], 60_000) == 1 and state.renew("a", ["slot"], 60_000) == 0
-    # and a task counts as waiting while refused ("a" by the rate), not once it started ("b")
-    assert [(u.key, u.in_use, u.started, u.waiting) for u in state.usage()] == [("api", 0, 2, 1), ("slot", 1, 0, 0)]
+    # Then the same run asking again (its reply lost) keeps its slot and counts no second start
+    assert state.acquire("a", "run-1", both) is None
+    # and a second run of "a" (a delivery again while the first runs) is refused as any other task
+    denied = state.acquire("a", "run-2", both)
+    assert denied is not None and denied.index == 0
+    # and the rate's second start goes to another task, its third is refused
+    assert state.acquire("c", "run-1", [both[1]]) is None
+    denied = state.acquire("d", "run-1", [both[1]])
+    assert denied is not None and denied.index == 0 and 0 < denied.wait_ms <= 1_000
+    # and a run releases and renews only its own slot
+    assert state.release("a", "run-2", ["slot"]) == 0
+    assert state.release("a", "run-1", ["slot"]) == 1
+    assert state.acquire("b", "run-1", [both[0]]) is None
+    assert state.renew("b", "run-1", ["slot"], 60_000) == 1 and state.renew("a", "run-1", ["slot"], 60_000) == 0
+    # and a task counts as waiting while refused ("a", "d"), not once it started ("b")
+    assert [(u.key, u.in_use, u.started, u.waiting) for u in state.usage()] == [("api", 0, 2, 1), ("slot", 1, 0, 1)]
 
 
 def test_the_memory_state_answers_as_redis_does() -> None:
     state = MemoryFlowState()
     both = [LimitSpec("c", "slot", 1, 5_000), LimitSpec("r", "api", 2, 1_000)]
-    assert state.acquire("a", both) is None
-    assert state.acquire("b", both).index == 0  # type: ignore[union-attr]
-    assert state.acquire("a", both) is None
-    assert state.acquire("a", both).index == 1  # type: ignore[union-attr]
-    assert state.release("a", ["slot"]) == 1
+    assert state.acquire("a", "run-1", both) is None
+    assert state.acquire("b", "run-1", both).index == 0  # type: ignore[union-attr]
+    assert state.acquire("a", "run-1", both) is None
+    assert state.acquire("a", "run-2", both).index == 0  # type: ignore[union-attr]
+    assert state.acquire("c", "run-1", [both[1]]) is None
+    assert state.acquire("d", "run-1", [both[1]]).index == 0  # type: ignore[union-attr]
+    assert state.release("a", "run-2", ["slot"]) == 0
+    assert state.release("a", "run-1", ["slot"]) == 1
+    assert state.acquire("b", "run-1", [both[0]]) is None
+    assert state.renew("b", "run-1", ["slot"], 60_000) == 1 and state.renew("a", "run-1", ["slot"], 60_000) == 0
+    assert [(u.key, u.in_use, u.started, u.waiting) for u in state.usage()] == [("api", 0, 2, 1), ("slot", 1, 0, 1)]
 
 
 def test_the_wait_backs_off_and_never_passes_the_lease_it_waits_for() -> None:
@@ -323,7 +337,7 @@ def test_the_locks_and_limits_commands(flow_project: Any, broker: dramatiq.Broke
 
     # Given a lock held and a slot of store "fr" taken
     dramaturg_cli = bin_path("dramaturg")
-    state_of(broker).acquire("m-1", [LimitSpec("c", "tenant:fr", 2, 60_000)])
+    state_of(broker).acquire("m-1", "run-1", [LimitSpec("c", "tenant:fr", 2, 60_000)])
     with dramaturg.lock("import:users.csv", ttl="1m") as held:
         token = held.token
         locks = run_cli([dramaturg_cli, "locks", "list"], cwd=tmp_path, PYTHONPATH=str(REPO))
@@ -491,11 +505,236 @@ def test_a_concurrency_and_a_rate_limit_on_the_same_key_are_kept_apart(
     both = [LimitSpec("c", "shopify", 1, 60_000), LimitSpec("r", "shopify", 5, 1_000)]
 
     # When one task runs and another asks
-    assert state.acquire("a", both) is None
-    denied = state.acquire("b", both)
+    assert state.acquire("a", "run-1", both) is None
+    denied = state.acquire("b", "run-1", both)
 
     # Then the second waits for the concurrency slot, and the usage counts the slot and the start
     assert denied is not None and denied.index == 0
-    assert state.release("a", ["shopify"]) == 1
-    assert state.acquire("b", both) is None
+    assert state.release("a", "run-1", ["shopify"]) == 1
+    assert state.acquire("b", "run-1", both) is None
     assert [(u.key, u.in_use, u.started) for u in state.usage()] == [("shopify", 1, 2)]  # b's slot; a's, b's starts
+
+
+class Runs:
+    """The runs of a test's tasks, in this process: each blocks until the test lets it end
+    (the runs from ``touch_from`` on calling ``touch()`` every 100 ms meanwhile)."""
+
+    def __init__(self, touch_from: int | None = None) -> None:
+        self.touch_from = touch_from
+        self.closed = False
+        self.changed = threading.Condition()
+        self.started: list[str] = []  # the message id of each run, in the order they started
+        self.ended = 0
+        self.running = 0
+        self.top = 0
+        self.gates: dict[int, threading.Event] = {}
+
+    def run(self) -> None:
+        task = dramaturg.current_task()
+        message_id = task.message_id
+        with self.changed:
+            index = len(self.started)
+            self.started.append(message_id)
+            self.running += 1
+            self.top = max(self.top, self.running)
+            gate = self.gates.setdefault(index, threading.Event())
+            self.changed.notify_all()
+        try:
+            touching = self.touch_from is not None and index >= self.touch_from
+            deadline = time.monotonic() + 30
+            while not gate.wait(0.1 if touching else 30):
+                assert time.monotonic() < deadline and not self.closed, f"run {index} was never let go"
+                task.touch()
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.ended += 1
+                self.changed.notify_all()
+
+    def let_go(self, index: int) -> None:
+        with self.changed:
+            self.gates.setdefault(index, threading.Event()).set()
+
+    def wait(self, what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(check, timeout), f"{what}: not within {timeout} s"
+
+    def close(self) -> None:
+        """Let every run go (a test that failed half-way does not leave its worker's threads blocked)."""
+        with self.changed:
+            self.closed = True
+            for index in range(len(self.started) + 10):
+                self.gates.setdefault(index, threading.Event()).set()
+
+
+@pytest.fixture
+def runs() -> Iterator[Runs]:
+    found = Runs()
+    yield found
+    found.close()
+
+
+def deliver_again(broker: dramatiq.Broker, request: pytest.FixtureRequest, queue: str) -> None:
+    """Make the broker deliver again what the worker is running, while it still runs it:
+    RabbitMQ after the worker's connection drops; Redis (and embedded) when another worker takes this
+    one for dead and recovers its claims (as after a long pause or a network partition)."""
+    if broker.settings.type == "rabbitmq":  # type: ignore[attr-defined]
+        from .test_connection_drop import consumer_connection, drop_connection
+
+        server = request.getfixturevalue("rabbitmq_server")
+        drop_connection(server, consumer_connection(server, queue))
+        return
+    from dramaturg.brokers.redis.recovery import DeadWorker, RedisRecoverer
+
+    recoverer = RedisRecoverer(broker)  # type: ignore[arg-type]
+    found_at = int(time.time() * 1000) + recoverer.heartbeat_timeout_ms + 1_000  # its last beat is long past then
+    recovered = recoverer.recover([DeadWorker(recoverer.worker_id, 0)], found_at)
+    assert sum(worker.total for worker in recovered) == 1, recovered
+
+
+def waiting_for(key: str) -> int:
+    return sum(usage.waiting for usage in dramaturg.flow.limit_usage() if usage.key == key)
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_task_delivered_again_while_it_runs_waits_for_a_slot_of_its_own(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], request: pytest.FixtureRequest, runs: Runs
+) -> None:
+    # Given an actor limited to one run at a time, and a task of it running (its first run)
+    @dramaturg.actor(queue_name="flowtwice", max_retries=0, limits=[dramaturg.concurrency(1, key="twice")])
+    def slow(n: int) -> None:
+        runs.run()
+
+    first = slow.send(0).message_id
+    start_worker(threads=4)
+    runs.wait("the first run started", lambda: len(runs.started) == 1)
+
+    # When the broker delivers it again while that run goes on
+    deliver_again(broker, request, "flowtwice")
+
+    # Then the second delivery is refused and waits as any other task would, not run beside the first
+    poll_until(lambda: waiting_for("twice") == 1 or len(runs.started) > 1, "the second delivery was seen")
+    assert runs.started == [first], "a second run of the task started beside the first, past the limit of 1"
+
+    # When the first run ends, the second starts, on a slot of its own
+    runs.let_go(0)
+    runs.wait("the second run started", lambda: len(runs.started) == 2)
+    assert runs.started == [first, first]
+
+    # Then the first run's release did not free the second's slot: another task waits for it
+    other = slow.send(1).message_id
+    poll_until(lambda: waiting_for("twice") == 1 or len(runs.started) > 2, "the other task was seen")
+    assert len(runs.started) == 2, "another task started beside the second run, past the limit of 1"
+
+    # and once the second run ends, the other task runs, and never more than one ran at once
+    runs.let_go(1)
+    runs.wait("the other task started", lambda: len(runs.started) == 3)
+    runs.let_go(2)
+    runs.wait("every run ended", lambda: runs.ended == 3)
+    assert runs.started == [first, first, other]
+    assert runs.top == 1
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_run_whose_lease_ended_releases_only_its_own_slot_not_the_next_runs(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], request: pytest.FixtureRequest, runs: Runs
+) -> None:
+    # Given an actor limited to one run at a time on a 500 ms lease, whose first run does not
+    # touch() (so its lease ends while it runs) and whose later runs do
+    runs.touch_from = 1
+
+    @dramaturg.actor(
+        queue_name="flowtwice", max_retries=0, limits=[dramaturg.concurrency(1, key="twice", lease="500ms")]
+    )
+    def slow(n: int) -> None:
+        runs.run()
+
+    first = slow.send(0).message_id
+    start_worker(threads=4)
+    runs.wait("the first run started", lambda: len(runs.started) == 1)
+
+    # When the broker delivers it again while that run goes on, and the second delivery
+    # starts once the first run's lease has ended
+    deliver_again(broker, request, "flowtwice")
+    runs.wait("the second run started", lambda: len(runs.started) == 2)
+    assert runs.started == [first, first]
+
+    # and the first run then ends, its release written
+    runs.let_go(0)
+    runs.wait("the first run ended", lambda: runs.ended == 1)
+    dramaturg.flow.state_of(broker).flush()  # the worker's buffered releases (it runs in this process)
+
+    # Then the second run still holds its slot: another task waits for it
+    assert [(u.key, u.in_use) for u in dramaturg.flow.limit_usage() if u.key == "twice"] == [("twice", 1)]
+    other = slow.send(1).message_id
+    poll_until(lambda: waiting_for("twice") == 1 or len(runs.started) > 2, "the other task was seen")
+    assert len(runs.started) == 2, "another task started beside the second run, past the limit of 1"
+
+    # and runs once the second run ends
+    runs.let_go(1)
+    runs.wait("the other task started", lambda: len(runs.started) == 3)
+    runs.let_go(2)
+    runs.wait("every run ended", lambda: runs.ended == 3)
+    assert runs.started == [first, first, other]
+
+
+def test_a_task_whose_ask_for_its_slots_lost_its_reply_does_not_wait_for_what_the_ask_took(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any
+) -> None:
+    from .conftest import delete_rabbitmq_queues
+    from .faults.proxy import FaultProxy
+
+    # Given RabbitMQ with its state store behind a proxy, and an actor limited to one at a
+    # time whose slots are leases of a minute
+    proxy = FaultProxy()
+    port = proxy.start((redis_server.host, redis_server.port))
+    worker = None
+    try:
+        settings = settings_with_state("rabbitmq", request, tmp_path)
+        state = settings.state.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+        broker = dramaturg.bootstrap(settings.model_copy(update={"state": state}))
+        ran = threading.Event()
+
+        @dramaturg.actor(
+            queue_name="flowlost", max_retries=0, limits=[dramaturg.concurrency(1, key="lost", lease="1m")]
+        )
+        def sync() -> None:
+            ran.set()
+
+        # When the worker's ask for its slot runs in the store, and its reply is lost
+        proxy.drop_next_reply(containing=b"*1\r\n*1\r\n:1\r\n")  # acquire_many's answer for one task: taken
+        sync.send()
+        worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+        worker.start()
+
+        # Then the task is put back, and its next delivery runs soon: the slot the lost ask
+        # took was given back, not held until its lease (a minute) ended
+        assert ran.wait(15), "the task did not run: the slot its lost ask took is still held"
+        assert proxy.replies_dropped == 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        proxy.stop()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())
+
+
+def test_in_a_long_outage_the_releases_of_asks_that_got_no_answer_stay_bounded() -> None:
+    from dramaturg.flow.state import MAYBE_RELEASES_MAX
+
+    from .conftest import free_port
+
+    # Given a state store nobody answers at
+    state = RedisFlowState(redis.Redis(port=free_port(), socket_connect_timeout=0.2), namespace="t-outage")
+    try:
+        # When many more asks than the bound fail (each task of a waiting queue, every try)
+        for n in range(MAYBE_RELEASES_MAX * 2):
+            state.release_later(f"m-{n}", "run-1", ["slot"], maybe=True)
+
+        # Then the worker keeps no more than the bound of their releases, and still every
+        # release of a task that ended
+        assert len(state._releases) <= MAYBE_RELEASES_MAX
+        state.release_later("ended", "run-1", ["slot"])
+        assert ("t-outage:__limit__:c:slot", "ended:run-1") in state._releases
+    finally:
+        state.close()

@@ -96,6 +96,48 @@ def test_a_killed_holder_frees_the_lock_when_its_ttl_passes(
     assert 0.2 < waited < 3.0
 
 
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_token_handed_out_after_the_state_store_was_wiped_is_greater_than_those_before(
+    broker: dramatiq.Broker,
+) -> None:
+    # Given a lock taken twice, and the token of its second holding
+    for _ in range(2):
+        with dramaturg.lock("nightly") as lk:
+            before = lk.token
+    assert before is not None
+
+    # When the state store loses everything (FLUSHALL, a restart without persistence)
+    dramaturg.flow.state_of(broker).client.flushdb()  # type: ignore[attr-defined]
+
+    # Then the next holder's token is still greater: a store fenced by the old tokens
+    # accepts the new holder's writes and still refuses the old holders'
+    with dramaturg.lock("nightly") as lk:
+        assert lk.token is not None and lk.token > before
+        after = lk.token
+    with dramaturg.lock("nightly") as lk:
+        assert lk.token is not None and lk.token > after
+
+
+def test_a_token_handed_out_in_memory_after_a_restart_is_greater_than_those_before() -> None:
+    from dramaturg.flow.state import MemoryFlowState
+
+    # Given a lock held and released in eager mode's memory store, twice
+    first = MemoryFlowState()
+    tokens = [first.lock_acquire("nightly", "owner-0", 1_000, "test")[0]]
+    assert first.lock_release("nightly", "owner-0")
+    tokens.append(first.lock_acquire("nightly", "owner-1", 1_000, "test")[0])
+
+    # When the process starts again (a new, empty store), later than the last token (a
+    # token is at least the clock in microseconds: a restart takes longer than that)
+    while time.time_ns() // 1000 <= tokens[1]:  # type: ignore[operator]
+        pass
+    again = MemoryFlowState()
+
+    # Then its first token is greater than the last one handed out before
+    token = again.lock_acquire("nightly", "owner-2", 1_000, "test")[0]
+    assert token is not None and tokens[1] is not None and token > tokens[1] > tokens[0]  # type: ignore[operator]
+
+
 def test_a_release_by_a_holder_whose_ttl_passed_is_refused(broker: dramatiq.Broker) -> None:
     # Given a lock whose ttl passed, and that another then took
     stale = dramaturg.lock("report", ttl="100ms").acquire()
@@ -168,3 +210,36 @@ def test_bad_lock_arguments_are_refused() -> None:
         dramaturg.lock("x", ttl=0)
     with pytest.raises(ValueError, match="non-empty string"):
         dramaturg.lock("")
+
+
+def test_a_holder_whose_acquire_lost_its_reply_gets_the_lock_when_it_asks_again(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any
+) -> None:
+    from .conftest import delete_rabbitmq_queues
+    from .faults.proxy import FaultProxy
+
+    # Given RabbitMQ with its state store behind a proxy
+    proxy = FaultProxy()
+    port = proxy.start((redis_server.host, redis_server.port))
+    try:
+        settings = settings_with_state("rabbitmq", request, tmp_path)
+        state = settings.state.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+        dramaturg.bootstrap(settings.model_copy(update={"state": state}))
+        lk = dramaturg.lock("nightly", ttl="1m")
+
+        # When its acquire takes the lock in the store, and the reply is lost
+        proxy.drop_next_reply(containing=b"*2\r\n:1\r\n")  # lock.lua's answer: taken, and the token
+        with pytest.raises(dramaturg.BrokerUnreachable, match="the lock step was not done"):
+            lk.acquire()
+        assert proxy.replies_dropped == 1
+
+        # Then asking again, the same holder gets it (not a wait for itself until the ttl, a minute)
+        lk.acquire()
+        holder = dramaturg.flow.lock_holder("nightly")
+        assert lk.token is not None and holder is not None and holder.token == lk.token
+        lk.release()
+        assert not dramaturg.locked("nightly")
+    finally:
+        proxy.stop()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())

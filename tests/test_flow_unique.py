@@ -230,3 +230,43 @@ def test_a_cancelled_unique_task_releases_its_key(
     # Then the key is free again, and only the new task runs
     again = poll_until(lambda: (m := reindex.send(42)).message_id != first.message_id and m, "the key is released")
     assert ran.wait(1) == [42] and again.options.get("dramaturg_duplicate") is None
+
+
+def test_a_send_whose_claim_lost_its_reply_leaves_the_key_free(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any
+) -> None:
+    from .conftest import delete_rabbitmq_queues
+    from .faults.proxy import FaultProxy
+
+    # Given RabbitMQ with its state store behind a proxy, and a unique actor
+    proxy = FaultProxy()
+    port = proxy.start((redis_server.host, redis_server.port))
+    worker = None
+    try:
+        settings = settings_with_state("rabbitmq", request, tmp_path)
+        state = settings.state.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+        broker = dramaturg.bootstrap(settings.model_copy(update={"state": state}))
+        ran = Runs()
+
+        @dramaturg.actor(queue_name="flowclaim", unique=dramaturg.unique(key="reindex:{0}"))
+        def reindex(product_id: int) -> None:
+            ran.add(product_id)
+
+        # When a send's claim of its key is made in the store and the reply is lost
+        proxy.drop_next_reply(containing=b"$0\r\n\r\n")  # unique.lua's answer: claimed ("")
+        with pytest.raises(dramaturg.FlowSendError, match="could not be claimed"):
+            reindex.send(42)
+        assert proxy.replies_dropped == 1
+
+        # Then the key does not name the task never sent: the next send is a task of its own, and runs
+        again = reindex.send(42)
+        assert again.options.get("dramaturg_duplicate") is None
+        worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+        worker.start()
+        assert ran.wait(1) == [42]
+    finally:
+        if worker is not None:
+            worker.stop()
+        proxy.stop()
+        if dramaturg.app.current_broker_or_none() is not None:
+            delete_rabbitmq_queues(dramaturg.app.current_broker_or_none())

@@ -17,7 +17,11 @@ context, status and batch middleware, whose hooks see a task that waits as one p
   enqueued with a delay and the delivery skipped, its status ``waiting`` with the reason
   ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit.
 - **Run**: the task's slots are leases (default: its ttr), renewed by its ``touch()``;
-  a worker killed mid-task frees them when they end.
+  a worker killed mid-task frees them when they end. A lease is named by the *run*: the
+  message id and a token made for this delivery, so two deliveries of one message
+  running at once (RabbitMQ delivering it again after a lost connection, or a Redis
+  claim recovered, while the first still runs) need a slot each, the second waiting as
+  any other task, and each run renews and releases only its own.
 - **End** (``after_process_message``, ``after_skip_message``): its slots are released
   whatever the outcome; its unique key on a terminal one (succeeded, held, rejected,
   cancelled), or
@@ -38,6 +42,7 @@ as if denied (a WARNING once per outage), never run unlimited.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -53,7 +58,7 @@ from ..held import durable_write
 from ..queues import canonical_queue
 from ..task import Hold, RunOutcome, Task, run_of, start_run, taken_back, touch_observers
 from .limits import Concurrency, Declared
-from .state import FlowState, LimitSpec, MemoryFlowState, RedisFlowState
+from .state import FlowState, LimitSpec, MemoryFlowState, RedisFlowState, new_run
 
 __all__ = [
     "FLOW_OPTION",
@@ -82,7 +87,8 @@ UNIQUE_OPTION = "dramaturg_unique"
 MAX_WAIT_MS = 2_000
 #: The first wait.
 FIRST_WAIT_MS = 100
-#: The attribute of a processed message (Dramatiq's proxy) naming the slots it holds.
+#: The attribute of a processed message (Dramatiq's proxy) naming the slots its run holds:
+#: (keys, lease in ms, the store, the run's token).
 _SLOTS = "_dramaturg_slots"
 #: Outcomes after which a task never runs again (None: its handler returned).
 _TERMINAL = frozenset({None, RunOutcome.SUCCEEDED, RunOutcome.HELD, RunOutcome.REJECTED, RunOutcome.CANCELLED})
@@ -158,6 +164,10 @@ class FlowControl(dramatiq.Middleware):
         try:
             holder = state.claim(key, message.message_id, spec.ttl_ms)
         except Exception as error:
+            # The claim may have been made and its reply lost: the key would then name, for
+            # its whole ttl, a task that was never sent, and every send of the key would
+            # return that one. Give it back (only if this message holds it).
+            self._unclaim(broker, key, message.message_id)
             raise FlowSendError(
                 f"the state store did not answer, so unique key {key!r} could not be claimed and"
                 f" {message.actor_name} was not sent: {type(error).__name__}: {error}"
@@ -239,10 +249,17 @@ class FlowControl(dramatiq.Middleware):
             else:
                 specs.append(LimitSpec("r", key, limit.limit, limit.per_ms))
         message_id = inner.message_id
+        run = new_run()  # this delivery's: the same for every ask below, so an ask repeated takes nothing twice
         while True:
             try:
-                denied = state.acquire(message_id, specs)
+                denied = state.acquire(message_id, run, specs)
             except Exception as error:
+                if lease_ms:
+                    # Its reply may be what was lost, the slots taken: give them back (this
+                    # run's only) once the store answers, not when their lease ends.
+                    with contextlib.suppress(Exception):
+                        keys = [spec.key for spec in specs if spec.kind == "c"]
+                        state.release_later(message_id, run, keys, maybe=True)
                 self._note_outage(error)
                 self._wait(broker, message, None, "the state store (limits cannot be checked)")
                 raise SkipMessage("the state store did not answer") from None
@@ -266,7 +283,7 @@ class FlowControl(dramatiq.Middleware):
             inner.options.pop(WAITING_OPTION, None)
             inner.options.pop(WAITS_OPTION, None)
         if lease_ms:
-            message.__dict__[_SLOTS] = ([spec.key for spec in specs if spec.kind == "c"], lease_ms, state)
+            message.__dict__[_SLOTS] = ([spec.key for spec in specs if spec.kind == "c"], lease_ms, state, run)
 
     def _ttr_ms(self, broker: dramatiq.Broker, message: Any) -> int:
         ttr = self._ttr
@@ -318,9 +335,9 @@ class FlowControl(dramatiq.Middleware):
         held = task.message.__dict__.get(_SLOTS)
         if held is None or held[2] is not self._state:
             return
-        slots, lease_ms, state = held
+        slots, lease_ms, state, run = held
         try:
-            if state.renew(task.message_id, slots, lease_ms) < len(slots):
+            if state.renew(task.message_id, run, slots, lease_ms) < len(slots):
                 logger.warning(
                     "%s (message %s): a concurrency slot's lease had ended before touch() (a slot of %s);"
                     " touch() more often than the lease (the ttr)",
@@ -337,7 +354,7 @@ class FlowControl(dramatiq.Middleware):
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
             try:
-                held[2].release_later(message.message_id, held[0])
+                held[2].release_later(message.message_id, held[3], held[0])
             except Exception as error:
                 logger.warning(
                     "the concurrency slots of %s (%s) were not released (%s); they free when their lease ends",
@@ -359,7 +376,7 @@ class FlowControl(dramatiq.Middleware):
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
             try:
-                held[2].release_later(message.message_id, held[0])
+                held[2].release_later(message.message_id, held[3], held[0])
             except Exception:
                 logger.warning("the concurrency slots of %s were not released", message.message_id, exc_info=True)
 

@@ -2,24 +2,30 @@
 -- in one atomic step, or none of them.
 -- Times are Redis's own clock (TIME), so the workers' clocks do not matter.
 --
--- A concurrency key is a sorted set of leases: member = the task's message id (so a
--- redelivered or re-run task finds its own lease instead of taking a second slot),
--- score = when the lease ends (ms). Leases past their end are dropped before counting:
--- a worker killed with its slots frees them when their lease ends.
--- A rate key is a sorted set of starts within the window: member = "<message id>:<time>:<n>",
--- score = when it started; starts older than the window are dropped before counting
--- (a sliding window: at most `limit` starts in any window of `ms`).
+-- A run is one delivery of a task being started: "<message id>:<run token>", the token
+-- made by the worker for that delivery before it asks (so two deliveries of one message
+-- running at once, as after a redelivery or a recovered claim while the first still
+-- runs, are two runs, and a call of this script run again after its reply was lost is
+-- the same run, and takes nothing twice).
+-- A concurrency key is a sorted set of leases: member = the run, score = when the lease
+-- ends (ms). Leases past their end are dropped before counting: a worker killed with its
+-- slots frees them when their lease ends. A run holds one slot of a key, and releases
+-- and renews only its own (by its member: compare-and-delete).
+-- A rate key is a sorted set of starts within the window: member = the run, score = when
+-- it started; starts older than the window are dropped before counting (a sliding
+-- window: at most `limit` starts in any window of `ms`).
 --
 -- ARGV[1]: the step.
--- acquire: ARGV[2] = the message id, then per limit (two keys each: see take) three
---   values: "c" or "r", the limit, the lease or window in ms.
+-- acquire: ARGV[2] = the message id, ARGV[3] = the run token, then per limit (two keys
+--   each: see take) three values: "c" or "r", the limit, the lease or window in ms.
 -- acquire_many: the acquires of many tasks in one call (see below); one answer each.
---   -> {1} when every limit let it start (each took its slot or its start),
---      {0, i, ms} when limit i did not: ms until a lease ends or the oldest start leaves the window.
--- release: ARGV[2] = the message id; its lease leaves every KEYS[i]. -> how many it held.
--- release_many: ARGV[i + 1] = the message id whose lease leaves KEYS[i] (the releases of
+--   -> {1} when every limit let it start (each took its slot or its start, or the run
+--      held them already), {0, i, ms} when limit i did not: ms until a lease ends or
+--      the oldest start leaves the window.
+-- release: ARGV[2] = the run; its lease leaves every KEYS[i]. -> how many it held.
+-- release_many: ARGV[i + 1] = the run whose lease leaves KEYS[i] (the releases of
 --   many tasks, written together off the message path). -> how many were held.
--- renew: ARGV[2] = the message id, ARGV[3] = the lease in ms from now; every lease it
+-- renew: ARGV[2] = the run, ARGV[3] = the lease in ms from now; every lease it
 --   still holds in KEYS[i] ends then. -> how many it still held.
 local call = redis.call
 local step, member = ARGV[1], ARGV[2]
@@ -32,38 +38,39 @@ local WAITING_MS = 60000
 -- a + 3n] ("c" or "r", the limit, the lease or window in ms).
 -- Each limit has two keys: KEYS[k + 2i - 1] its leases or starts, KEYS[k + 2i] the tasks
 -- waiting for it (member = message id, score = when it was last refused), for `dramaturg limits`.
-local function refuse(waiting, member, wait)
-  call('ZADD', waiting, now, member)
+local function refuse(waiting, id, wait)
+  call('ZADD', waiting, now, id)
   call('PEXPIRE', waiting, WAITING_MS)
   return wait
 end
 
-local function take(member, k, a, n)
+local function take(id, token, k, a, n)
+  local member = id .. ':' .. token
   for i = 1, n do
     local kind, limit, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
     local key, waiting = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
     if kind == 'c' then
       call('ZREMRANGEBYSCORE', key, '-inf', now)
-      if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
-        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
-        return refuse(waiting, member, {0, i, math.max(0, tonumber(first[2]) - now)})
-      end
     else
       call('ZREMRANGEBYSCORE', key, '-inf', now - ms)
-      if call('ZCARD', key) >= limit then
-        local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
-        return refuse(waiting, member, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
+    end
+    -- A run that holds it already (this call run again) is not counted against itself.
+    if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
+      local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      if kind == 'c' then
+        return refuse(waiting, id, {0, i, math.max(0, tonumber(first[2]) - now)})
       end
+      return refuse(waiting, id, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
     end
   end
   for i = 1, n do
     local kind, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i])
     local key = KEYS[k + 2 * i - 1]
-    call('ZREM', KEYS[k + 2 * i], member)
+    call('ZREM', KEYS[k + 2 * i], id)
     if kind == 'c' then
       call('ZADD', key, now + ms, member)
     else
-      call('ZADD', key, now, member .. ':' .. time[1] .. time[2] .. ':' .. call('ZCARD', key))
+      call('ZADD', key, 'NX', now, member)  -- a run counts one start, when it first took it
     end
     if call('PTTL', key) < ms then
       call('PEXPIRE', key, ms)
@@ -73,14 +80,14 @@ local function take(member, k, a, n)
 end
 
 if step == 'acquire' then
-  return take(member, 0, 2, #KEYS / 2)
+  return take(ARGV[2], ARGV[3], 0, 3, #KEYS / 2)
 elseif step == 'acquire_many' then
-  -- ARGV[2 ..]: per task, its message id, its number of limits n, then its 3n values.
+  -- ARGV[2 ..]: per task, its message id, its run token, its number of limits n, then its 3n values.
   local answers, k, a = {}, 0, 2
   while a < #ARGV do
-    local id, n = ARGV[a], tonumber(ARGV[a + 1])
-    answers[#answers + 1] = take(id, k, a + 1, n)
-    k, a = k + 2 * n, a + 2 + 3 * n
+    local id, token, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    answers[#answers + 1] = take(id, token, k, a + 2, n)
+    k, a = k + 2 * n, a + 3 + 3 * n
   end
   return answers
 elseif step == 'release' then

@@ -7,13 +7,19 @@
             write(chunk, fence=lk.token)    # a token that only grows, for writes guarded by it
             lk.renew()                      # or: task.touch() renews the locks its handler holds
 
-- **Acquire** takes the lock if nobody holds it, with a **fencing token**: a counter per
-  name, incremented in the same atomic step, that only grows (kept apart from the lock,
-  so it survives the lock's expiry). A store that accepts writes only with a token at
-  least as high as the last it saw cannot be written by a holder whose lock expired.
+- **Acquire** takes the lock if nobody holds it, with a **fencing token** that only
+  grows: taken in the same atomic step, the greater of the name's last token + 1 (kept
+  apart from the lock, so it survives the lock's expiry) and the state store's clock in
+  microseconds (so it grows across a wipe of the store too, as long as that clock does
+  not go back: see :mod:`dramaturg.flow.state`). A store that accepts writes only with a
+  token at least as high as the last it saw cannot be written by a holder whose lock
+  expired.
 - **Wait**: up to ``wait`` for a held lock (0, the default: try once), then
   :class:`~dramaturg.LockTimeout`, naming the holder. The waiting thread polls, 10 ms at
   first, backing off to 200 ms, never past the holder's expiry.
+- A step the store may have done without its answer coming back raises
+  :class:`~dramaturg.BrokerUnreachable`; :meth:`Lock.acquire` called again on the same
+  ``Lock`` then finds the lock its first ask took (same owner) and holds it, same token.
 - **Release** (the end of the ``with`` block, or :meth:`Lock.release`) and **renew** are
   refused with :class:`~dramaturg.LockLost` when this holder no longer holds it: its ttl
   passed, and another may hold it now. A holder that dies frees it when its ttl passes.

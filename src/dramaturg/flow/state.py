@@ -3,18 +3,24 @@
 Both answer the same steps with the same meaning, so that a lock or a limit behaves the
 same inline as across workers:
 
-- locks: ``lock_acquire`` (with a fencing token from a counter per name that only
-  grows), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
+- locks: ``lock_acquire`` (with a fencing token that only grows: the greater of the
+  name's last token + 1 and the store's clock in microseconds, so that a store wiped
+  since, whose counters are gone, still hands out greater tokens than before; assumed:
+  its clock, after the wipe, reads later than when the last token before it was handed
+  out), ``lock_release`` and ``lock_renew`` (refused unless the caller still holds it),
   ``lock_holder`` and ``locks`` (what is held, for ``dramaturg locks list``);
 - limits: ``acquire`` takes every limit of a task at once or none (a concurrency slot is
-  a lease named by the task's message id; a rate limit counts starts in a sliding
-  window), ``release`` and ``renew`` its leases, ``usage`` (for ``dramaturg limits``);
+  a lease named by the *run*: the task's message id and a token made for that delivery
+  by :func:`new_run`, so that two deliveries of one message running at once hold a slot
+  each; a rate limit counts starts in a sliding window), ``release`` and ``renew`` a
+  run's own leases (never another run's), ``usage`` (for ``dramaturg limits``);
 - unique tasks: ``claim`` a key for a message id (or learn who holds it), ``unclaim``.
 
 On Redis each step is one call of a Lua script (``lock.lua``, ``limits.lua``,
 ``unique.lua`` beside this module), on Redis's clock. Keys:
 ``<namespace>:__lock__:<name>`` (a held lock), ``<namespace>:__lock_fences__`` (a hash:
-the last fencing token of each name; never expires, so tokens only grow),
+the last fencing token of each name; never expires, so tokens only grow, and once it is
+lost the clock keeps them growing),
 ``<namespace>:__limit__:c:<key>`` and ``...:r:<key>`` (the leases, or the starts, of
 a concurrency or rate limit's key, expiring with the last lease or window),
 ``<namespace>:__limit_waiting__:<key>`` (the tasks refused for the key),
@@ -38,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["Denied", "FlowState", "HeldLock", "LimitSpec", "MemoryFlowState", "RedisFlowState", "Usage"]
+__all__ = ["Denied", "FlowState", "HeldLock", "LimitSpec", "MemoryFlowState", "RedisFlowState", "Usage", "new_run"]
 
 #: How long a refused task counts as waiting unless refused again (as WAITING_MS in limits.lua).
 WAITING_MS = 60_000
@@ -50,8 +56,23 @@ _UNIQUE = _SCRIPTS.joinpath("unique.lua").read_text(encoding="utf-8")
 _LIMITS_SHA = hashlib.sha1(_LIMITS.encode()).hexdigest()
 #: How often a process writes the slot releases its tasks left (see RedisFlowState.release_later).
 RELEASE_INTERVAL_S = 0.005
+#: How many releases a process buffers before it stops adding those of asks that may have
+#: taken nothing (``maybe``): in an outage every ask fails, and each would add one.
+MAYBE_RELEASES_MAX = 10_000
 
 logger = logging.getLogger("dramaturg.flow")
+
+
+def new_run() -> str:
+    """A token for one run of a task (one delivery being started): random, made before
+    the run asks for its limits, so that asking again with it (after a lost reply) is the
+    same run, and takes nothing twice."""
+    return os.urandom(8).hex()
+
+
+def run_name(message_id: str, run: str) -> str:
+    """What a run's leases and starts are named by (as ``limits.lua`` names them)."""
+    return f"{message_id}:{run}"
 
 
 @dataclass(frozen=True)
@@ -103,12 +124,12 @@ class FlowState(Protocol):
     def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
     def lock_holder(self, name: str) -> HeldLock | None: ...
     def locks(self) -> list[HeldLock]: ...
-    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
-    def release(self, member: str, keys: Sequence[str]) -> int: ...
-    def release_later(self, member: str, keys: Sequence[str]) -> None: ...
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
+    def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
-    def renew(self, member: str, keys: Sequence[str], ms: int) -> int: ...
+    def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int: ...
     def usage(self) -> list[Usage]: ...
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None: ...
     def unclaim(self, key: str, message_id: str) -> bool: ...
@@ -142,7 +163,9 @@ class RedisFlowState:
         self._start_lock = threading.Lock()
         from ..group_commit import GroupCommit
 
-        self._acquires: GroupCommit[tuple[str, Sequence[LimitSpec]], Denied | None] = GroupCommit(self._acquire_many)
+        self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec]], Denied | None] = GroupCommit(
+            self._acquire_many
+        )
 
     def _run_own(self, keys: list[str], args: list[Any]) -> Any:
         """``limits.lua`` on this thread's own connection: about 15 us of CPU a call against
@@ -189,20 +212,22 @@ class RedisFlowState:
 
     # -- limits --------------------------------------------------------------------------
 
-    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
-        """Take every limit of the task ``member`` or none (see ``limits.lua``).
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
+        """Take every limit of the run ``run`` (a token of :func:`new_run`) of the task
+        ``message_id``, or none (see ``limits.lua``). Asked again with the same run, it
+        answers as the first time and takes nothing more.
 
         The worker threads starting tasks meanwhile share the round trip: their acquires go
         in one call (:class:`~dramaturg.group_commit.GroupCommit`: a lone one goes at once,
         nobody waits for a timer), each still all-or-none, in the order they came.
         """
-        return self._acquires.submit((member, limits))
+        return self._acquires.submit((message_id, run, limits))
 
-    def _acquire_many(self, items: list[tuple[str, Sequence[LimitSpec]]]) -> list[Denied | None]:
+    def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec]]]) -> list[Denied | None]:
         keys: list[str] = []
         args: list[Any] = ["acquire_many"]
-        for member, limits in items:
-            args += [member, len(limits)]
+        for message_id, run, limits in items:
+            args += [message_id, run, len(limits)]
             for spec in limits:
                 keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
                 args += [spec.kind, spec.limit, spec.ms]
@@ -211,14 +236,22 @@ class RedisFlowState:
             for answer in self._run_own(keys, args)
         ]
 
-    def release(self, member: str, keys: Sequence[str]) -> int:
-        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["release", member]))
+    def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
+        """Give back the slots the run holds of ``keys`` (only its own): how many it held."""
+        keys = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=keys, args=["release", run_name(message_id, run)]))
 
-    def release_later(self, member: str, keys: Sequence[str]) -> None:
-        """Release ``member``'s slots soon, off the message path: a thread of this process
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
+        """Release the run's slots soon, off the message path: a thread of this process
         writes the releases of every task that ended within :data:`RELEASE_INTERVAL_S` in
         one call. A slot is freed that much later than its task ended, never earlier, so
-        the bound holds; releases not written when the process dies end with their lease."""
+        the bound holds; releases not written when the process dies end with their lease.
+        ``maybe``: the slots of an ask that got no answer, which may have taken nothing;
+        left out once :data:`MAYBE_RELEASES_MAX` releases wait (a store down for long: its
+        asks took nothing, and any that did ends with its lease)."""
+        if maybe and len(self._releases) >= MAYBE_RELEASES_MAX:
+            return
+        member = run_name(message_id, run)
         for key in keys:
             self._releases.append((self.limit_prefix + "c:" + key, member))
         if self._thread is None or self._thread_pid != os.getpid():
@@ -263,8 +296,9 @@ class RedisFlowState:
         with contextlib.suppress(Exception):
             self.flush()
 
-    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
-        return int(self._limits(keys=[self.limit_prefix + "c:" + key for key in keys], args=["renew", member, ms]))
+    def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int:
+        keys = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=keys, args=["renew", run_name(message_id, run), ms]))
 
     def usage(self) -> list[Usage]:
         now_s, now_us = self.client.time()
@@ -319,8 +353,12 @@ class MemoryFlowState:
         with self.changed:
             held = self._locks.get(name)
             if held is not None and held[3] > now:
+                if held[0] == owner:  # as lock.lua: this holding asking again
+                    self._locks[name] = (*held[:3], now + ttl_ms)
+                    return held[1], 0
                 return None, int(held[3] - now)
-            fence = self._fences[name] = self._fences.get(name, 0) + 1
+            # As lock.lua: a process started again (its memory gone) goes on above the last.
+            fence = self._fences[name] = max(self._fences.get(name, 0) + 1, time.time_ns() // 1000)
             self._locks[name] = (owner, fence, holder, now + ttl_ms)
             return fence, 0
 
@@ -354,8 +392,9 @@ class MemoryFlowState:
         found = [self.lock_holder(name) for name in sorted(self._locks)]
         return [held for held in found if held is not None]
 
-    def acquire(self, member: str, limits: Sequence[LimitSpec]) -> Denied | None:
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
         now = self._now()
+        member = run_name(message_id, run)
         with self.changed:
             for index, spec in enumerate(limits):
                 entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
@@ -363,31 +402,32 @@ class MemoryFlowState:
                     for name in [n for n, end in entries.items() if end <= now]:
                         del entries[name]
                     if member not in entries and len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[member] = now
+                        self._waiting.setdefault(spec.key, {})[message_id] = now
                         return Denied(index, int(max(0, min(entries.values()) - now)))
                 else:
                     for name in [n for n, at in entries.items() if at <= now - spec.ms]:
                         del entries[name]
-                    if len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[member] = now
+                    if member not in entries and len(entries) >= spec.limit:
+                        self._waiting.setdefault(spec.key, {})[message_id] = now
                         return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
             for spec in limits:
                 entries = self._limits[f"{spec.kind}:{spec.key}"]
-                self._waiting.get(spec.key, {}).pop(member, None)
+                self._waiting.get(spec.key, {}).pop(message_id, None)
                 if spec.kind == "c":
                     entries[member] = now + spec.ms
                 else:
-                    entries[f"{member}:{now}:{len(entries)}"] = now
+                    entries.setdefault(member, now)
             return None
 
-    def release(self, member: str, keys: Sequence[str]) -> int:
+    def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
+        member = run_name(message_id, run)
         with self.changed:
             held = sum(1 for key in keys if self._limits.get("c:" + key, {}).pop(member, None) is not None)
             self.changed.notify_all()
             return held
 
-    def release_later(self, member: str, keys: Sequence[str]) -> None:
-        self.release(member, keys)
+    def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
+        self.release(message_id, run, keys)
 
     def flush(self) -> None:
         pass
@@ -395,8 +435,9 @@ class MemoryFlowState:
     def close(self) -> None:
         pass
 
-    def renew(self, member: str, keys: Sequence[str], ms: int) -> int:
+    def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int:
         now = self._now()
+        member = run_name(message_id, run)
         with self.changed:
             held = 0
             for key in keys:
