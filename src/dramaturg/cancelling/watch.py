@@ -111,7 +111,7 @@ class _Watcher:
             if self._failing:
                 self._failing = False
                 logger.warning("the state store answers again; cancel requests are read")
-            fresh = []
+            fresh: list[str] = []
             for message_id, at, withdrawn in found:
                 if withdrawn:
                     self.cancelled.pop(message_id, None)
