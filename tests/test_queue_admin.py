@@ -330,3 +330,109 @@ def test_a_purge_while_the_state_store_does_not_answer_drops_nothing(
 
     # Then nothing was dropped
     assert pending_messages(broker, "mail") == 1
+
+
+def purge_in_steps_of(monkeypatch: pytest.MonkeyPatch, broker_kind: str, size: int) -> None:
+    """Purges take ``size`` tasks a step (the broker's own chunk is thousands)."""
+    from dramaturg.brokers.rabbitmq import admin as rabbitmq_admin
+    from dramaturg.brokers.redis import admin as redis_admin
+
+    monkeypatch.setattr(rabbitmq_admin if broker_kind == "rabbitmq" else redis_admin, "PURGE_CHUNK", size)
+
+
+def test_a_purge_whose_state_store_stops_answering_midway_loses_no_task(
+    broker_kind: str, broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from dramaturg.status import state_store
+
+    ran, report = Runs(), Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None:
+        ran.add(n)
+
+    @dramaturg.actor(queue_name="reports", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    # Given a batch of twelve tasks waiting, a purge that takes five a step, and a state
+    # store that stops answering once the first step's records are written
+    batch = dramaturg.batch("midway", on_complete=on_complete.message())
+    with batch:
+        sent = [member.send(n) for n in range(12)]
+    store = state_store(broker)
+    store.flush()
+    purge_in_steps_of(monkeypatch, broker_kind, 5)
+    write, writes = store._write, []
+
+    def stops_answering(*args: Any) -> None:
+        writes.append(args)
+        if len(writes) > 1:
+            raise redis.ConnectionError("the state store stopped answering")
+        write(*args)
+
+    monkeypatch.setattr(store, "_write", stops_answering)
+
+    # When the queue is purged, the purge stops with one clear error
+    with pytest.raises(dramaturg.BrokerUnreachable, match=r"5 task\(s\) were purged and recorded, the 5 taken last"):
+        dramaturg.purge_queue("imports", broker=broker)
+
+    # Then, once the store answers again, each task was either recorded as purged or is
+    # back on the queue: a worker runs those, and the batch completes, each member counted once
+    monkeypatch.undo()
+    start_worker(queues={"imports", "reports"})
+    (summary,) = report.wait(1)
+    purged = [n for n, m in enumerate(sent) if dramaturg.task_status(m.message_id, broker).state == "purged"]
+    assert len(purged) == 5
+    assert sorted(ran.wait(7)) == sorted(set(range(12)) - set(purged))
+    assert (summary["total"], summary["succeeded"], summary["cancelled"]) == (12, 7, 5)
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_a_task_purged_whose_acknowledgement_was_lost_is_never_run(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pika.adapters.blocking_connection import BlockingChannel
+
+    ran, report = Runs(), Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None:
+        ran.add(n)
+
+    @dramaturg.actor(queue_name="reports", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    # Given a batch of four tasks waiting, and a purge whose connection is lost once it
+    # has recorded them, before it acknowledges them
+    batch = dramaturg.batch("lost ack", on_complete=on_complete.message())
+    with batch:
+        sent = [member.send(n) for n in range(4)]
+    ack = BlockingChannel.basic_ack
+
+    def connection_lost(channel: BlockingChannel, *args: Any, **kwargs: Any) -> None:
+        channel.connection.close()
+        ack(channel, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_ack", connection_lost)
+    with pytest.raises(dramaturg.BrokerUnreachable, match="lost RabbitMQ"):
+        dramaturg.purge_queue("imports", broker=broker)
+    monkeypatch.undo()
+
+    # When a worker takes what RabbitMQ gave back (redelivered), then a task sent after
+    member.send(-1)
+    worker = start_worker(threads=1, queues={"imports", "reports"})
+    assert ran.wait(1) == [-1]
+    (summary,) = report.wait(1)
+    worker.stop()
+
+    # Then the purged tasks never ran: their records say purged, and the batch counted
+    # each once, as cancelled
+    assert pending_messages(broker, "imports") == 0
+    assert ran.seen == [-1]
+    assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}
+    assert (summary["total"], summary["succeeded"], summary["cancelled"]) == (4, 0, 4)
+    assert batch.status().state == "complete"

@@ -164,7 +164,7 @@ def test_a_slot_fires_on_time_once_and_a_late_one_within_grace_only(eager: drama
     start = 1_800_000_000_000  # a whole minute
     clock = Clock(start + 5)
     schedule = Schedule(id="every-minute", actor="tick", cron="* * * * *")
-    scheduler = Scheduler(eager, [schedule], MemoryScheduleState(), clock=clock, max_sleep_ms=3_600_000)
+    scheduler = Scheduler(eager, [schedule], MemoryScheduleState(clock), clock=clock, max_sleep_ms=3_600_000)
     scheduler.register()
     # The next wake is the next slot (it sleeps until then)
     assert scheduler.tick() == 60_000 - 5
@@ -183,7 +183,7 @@ def test_catch_up_fires_each_missed_slot_once_oldest_first(eager: dramatiq.Broke
     _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
-    state = MemoryScheduleState()
+    state = MemoryScheduleState(clock)
     schedule = Schedule(id="s", actor="tick", every_ms=60_000, catch_up_ms=3 * 60_000)
     Scheduler(eager, [schedule], state, clock=clock).register()
     # When no scheduler runs for five slots, then one starts
@@ -201,7 +201,7 @@ def test_a_paused_schedule_fires_nothing_and_resumes_from_its_next_slot(eager: d
     _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
-    state = MemoryScheduleState()
+    state = MemoryScheduleState(clock)  # the store's clock: where a resumed schedule starts
     schedule = Schedule(id="s", actor="tick", every_ms=60_000, catch_up_ms=3_600_000)
     scheduler = Scheduler(eager, [schedule], state, clock=clock)
     scheduler.register()
@@ -209,7 +209,7 @@ def test_a_paused_schedule_fires_nothing_and_resumes_from_its_next_slot(eager: d
     clock.now_ms = start + 2 * 60_000
     scheduler.tick()
     assert ran.seen == []
-    state.resume("s", clock.now_ms)
+    state.resume("s")
     scheduler.tick()
     assert ran.seen == []  # the paused slots never fire, even with catch-up
     clock.now_ms = start + 3 * 60_000
@@ -221,7 +221,7 @@ def test_a_removed_or_changed_schedule_stops_firing_on_older_schedulers(eager: d
     _tick, ran = recording_actor()
     start = 1_800_000_000_000
     clock = Clock(start)
-    state = MemoryScheduleState()
+    state = MemoryScheduleState(clock)
     old = Schedule(id="s", actor="tick", every_ms=60_000)
     older = Scheduler(eager, [old], state, clock=clock)
     older.register()
@@ -272,6 +272,14 @@ def own_state(broker: dramatiq.Broker, settings: dramaturg.Settings) -> RedisSch
     return RedisScheduleState(client, namespace=settings.broker.namespace)
 
 
+def registered_at(state: RedisScheduleState, schedule: Schedule) -> int:
+    """The schedule's last slot at or before it was registered (by the state store's
+    clock): a fake clock starting there sees the slots after it due, none before."""
+    assert schedule.every_ms is not None
+    last = int(state.read(schedule.id)["last"])
+    return last - last % schedule.every_ms
+
+
 class Killed(BaseException):
     """A scheduler killed between claiming a slot and sending it (as by kill -9)."""
 
@@ -281,9 +289,8 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
 ) -> None:
     # Given six schedulers with their own ledger clients, all looking at the same instants
     _tick, ran = recording_actor()
-    start = 1_800_000_000_000
     schedule = Schedule(id="race", actor="tick", every_ms=1000)
-    clock = Clock(start)
+    clock = Clock(0)
 
     def new_scheduler() -> Scheduler:
         made = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock, lease_ms=3000)
@@ -293,6 +300,7 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
 
     instances: list[Scheduler] = []
     seats = [new_scheduler() for _ in range(6)]
+    start = clock.now_ms = registered_at(seats[0].state, schedule)  # type: ignore[arg-type]
     worker = start_worker()
     slots, kill_at, restart_at = 20, 8, 12
     move = threading.Barrier(len(seats), action=lambda: setattr(clock, "now_ms", clock.now_ms + 1000))
@@ -330,9 +338,15 @@ def test_racing_schedulers_fire_each_slot_exactly_once(
         thread.join(60)
     assert not errors
 
-    # Then the worker ran each slot's firing once, by message id, and no other: the
-    # killed scheduler's slot was sent by another once its lease (3 s) ended
+    # Then, once the killed scheduler's lease (3 s by the state store's clock) has ended,
+    # another sends its slot
     expected = {firing_id("race", start + n * 1000) for n in range(1, slots + 1)}
+    killed_slot = firing_id("race", start + kill_at * 1000)
+    poll_until(
+        lambda: seats[2].tick() is not None and killed_slot in [m for i in instances for m in i.fired],
+        "the killed scheduler's slot sent again once its lease ended",
+    )
+    # And the worker ran each slot's firing once, by message id, and no other
     ran.wait(slots)
     worker.stop()  # what it took has run; nothing more waits on the queue
     assert pending_messages(broker, "ticks") == 0
@@ -350,22 +364,79 @@ def test_a_slot_whose_scheduler_died_mid_firing_is_sent_again_with_the_same_id(
     schedule = Schedule(id="crash", actor="tick", every_ms=60_000)
     clock = Clock(start)
     state = own_state(broker, settings)
-    survivor = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock, lease_ms=10_000)
+    survivor = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
     survivor.register()
-    # Given a scheduler that claimed the slot and died before sending it
+    # Given a scheduler that claimed the slot under a 2 s lease and died before sending it
     clock.now_ms = start + 60_000
-    assert state.claim("crash", schedule.digest, start + 60_000, clock.now_ms, 10_000, 0) == CLAIMED
+    assert state.claim("crash", schedule.digest, start + 60_000, 2000, 0) == CLAIMED
     survivor.tick()
     assert survivor.fired == []  # the claimant's lease runs
-    # When its lease ends
-    clock.now_ms += 10_001
-    survivor.tick()
+    # When its lease ends (by the state store's clock)
+    poll_until(lambda: survivor.tick() is not None and survivor.fired, "the slot sent again once its lease ended")
     survivor.tick()
     # Then the survivor sends it once, with the id derived from the slot
     start_worker()
     assert ran.wait(1) == [firing_id("crash", start + 60_000)]
     assert survivor.fired == [firing_id("crash", start + 60_000)]
     assert "pending" not in state.read("crash")
+
+
+def test_a_scheduler_whose_clock_runs_a_minute_ahead_takes_no_live_lease_and_fires_no_slot_twice(
+    broker: dramatiq.Broker, settings: dramaturg.Settings, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    _tick, ran = recording_actor()
+    schedule = Schedule(id="skew", actor="tick", every_ms=3_600_000)
+    slot = schedule.next_slot(int(time.time() * 1000))
+    clock = Clock(slot - 1000)
+    on_time = Scheduler(broker, [schedule], own_state(broker, settings), clock=clock)
+    on_time.register()
+    clock.now_ms = slot
+    # A minute ahead of the other: more than the 30 s lease
+    ahead = Scheduler(broker, [schedule], own_state(broker, settings), clock=Clock(slot + 60_000))
+    # Given a scheduler that claimed the slot and is still sending it (a slow publish)
+    claimed, release = threading.Event(), threading.Event()
+    send = on_time._send
+
+    def slow_send(schedule: Schedule, slot: int) -> None:
+        claimed.set()
+        assert release.wait(30)
+        send(schedule, slot)
+
+    on_time._send = slow_send  # type: ignore[method-assign]
+    sending = threading.Thread(target=on_time.tick)
+    sending.start()
+    assert claimed.wait(10)
+    # When the scheduler whose clock runs a minute ahead looks at the schedule, twice
+    ahead.tick()
+    ahead.tick()
+    release.set()
+    sending.join(30)
+    # Then it left the slot to its claimant, whose lease runs by the state store's clock
+    assert ahead.fired == []
+    assert on_time.fired == [firing_id("skew", slot)]
+    # And the slot's firing ran once, and nothing else waits
+    worker = start_worker()
+    assert ran.wait(1) == [firing_id("skew", slot)]
+    worker.stop()
+    assert pending_messages(broker, "ticks") == 0
+    assert ran.seen == [firing_id("skew", slot)]
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_scheduler_whose_clock_runs_a_minute_ahead_skips_no_slot_when_it_registers(
+    broker: dramatiq.Broker, settings: dramaturg.Settings
+) -> None:
+    recording_actor()
+    schedule = Schedule(id="early", actor="tick", every_ms=10_000)
+    now = int(time.time() * 1000)
+    slot = schedule.next_slot(now + 2000)  # 2 to 12 s from now
+    # Given a new schedule registered by a scheduler whose clock runs a minute ahead
+    Scheduler(broker, [schedule], own_state(broker, settings), clock=Clock(now + 60_000)).register()
+    # When a scheduler whose clock is right comes to the schedule's next slot
+    on_time = Scheduler(broker, [schedule], own_state(broker, settings), clock=Clock(slot))
+    on_time.tick()
+    # Then the slot fires: the schedule starts from the state store's now, not the minute ahead
+    assert firing_id("early", slot) in on_time.fired
 
 
 def test_stopped_schedulers_catch_up_each_missed_slot_once(
@@ -378,6 +449,7 @@ def test_stopped_schedulers_catch_up_each_missed_slot_once(
     first = [Scheduler(broker, [schedule], own_state(broker, settings), clock=clock) for _ in range(3)]
     for scheduler in first:
         scheduler.register()
+    start = clock.now_ms = registered_at(first[0].state, schedule)  # type: ignore[arg-type]
     clock.now_ms = start + 60_000
     for scheduler in first:
         scheduler.tick()
@@ -510,28 +582,32 @@ def ledger(request: pytest.FixtureRequest) -> Any:
 
 
 def test_the_ledger_counts_missed_slots_once_and_never_a_fired_one(ledger: Any) -> None:
-    ledger.register({"s": "d1"}, 1000)
+    # A schedule registered ten minutes back by the store's clock: its slots below are past
+    ledger.register({"s": "d1"}, back_ms=600_000)
+    base = int(ledger.read("s")["last"])
+    assert abs(base + 600_000 - time.time() * 1000) < 5000  # the store's clock, not the caller's
     # A claim that passes over two slots, from the newest it saw, counts them
-    assert ledger.claim("s", "d1", 4000, 4000, 30_000, 2, 1000) == CLAIMED
+    assert ledger.claim("s", "d1", base + 3000, 0, 2, base) == CLAIMED
     # One whose view is stale (another claimed since) counts nothing, and a slot not newer is taken
-    assert ledger.claim("s", "d1", 7000, 7000, 30_000, 5, 1000) == CLAIMED
-    assert ledger.claim("s", "d1", 7000, 7000, 30_000, 0, 4000) == 0
+    assert ledger.claim("s", "d1", base + 6000, 0, 5, base) == CLAIMED
+    assert ledger.claim("s", "d1", base + 6000, 30_000, 0, base + 3000) == 0
     assert ledger.read("s")["missed"] == "2"
-    # Both slots are pending until sent; the oldest whose lease ended is recovered first
-    assert ledger.read("s")["pending"] == "4000,7000"
-    assert ledger.recover("s", "d1", 40_000, 30_000) == 4000
-    assert ledger.recover("s", "d1", 40_000, 30_000) == 7000
-    assert ledger.recover("s", "d1", 40_000, 30_000) is None  # both under a new lease now
-    ledger.sent("s", 7000, "m7", 40_000)
-    ledger.sent("s", 4000, "m4", 40_001)  # an older slot sent later is not the last run
+    # Both slots are pending until sent; the oldest whose lease ended (a lease of 0 ms:
+    # at once) is recovered first
+    assert ledger.read("s")["pending"] == f"{base + 3000},{base + 6000}"
+    assert ledger.recover("s", "d1", 30_000) == base + 3000
+    assert ledger.recover("s", "d1", 30_000) == base + 6000
+    assert ledger.recover("s", "d1", 30_000) is None  # both under a new lease now
+    ledger.sent("s", base + 6000, "m7", 40_000)
+    ledger.sent("s", base + 3000, "m4", 40_001)  # an older slot sent later is not the last run
     assert (ledger.read("s")["last_id"], "pending" in ledger.read("s")) == ("m7", False)
     # A definition that is not the registered one claims nothing, recovers nothing
-    assert ledger.claim("s", "d0", 8000, 8000, 30_000, 0, 7000) == -2
+    assert ledger.claim("s", "d0", base + 9000, 30_000, 0, base + 6000) == -2
     ledger.pause("s")
-    assert ledger.claim("s", "d1", 8000, 8000, 30_000, 0, 7000) == -1
-    ledger.resume("s", 9500)
-    assert ledger.claim("s", "d1", 9000, 9500, 30_000, 0, 7000) == 0  # passed while paused
-    assert ledger.register({}, 10_000) == 1 and ledger.registered() == {}
+    assert ledger.claim("s", "d1", base + 9000, 30_000, 0, base + 6000) == -1
+    ledger.resume("s")  # from the store's now: the ten minutes passed while paused
+    assert ledger.claim("s", "d1", base + 9000, 30_000, 0, base + 6000) == 0
+    assert ledger.register({}) == 1 and ledger.registered() == {}
 
 
 def test_schedules_on_rabbitmq_need_a_state_store(request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -647,9 +723,9 @@ def test_missed_slots_and_firings_show_in_stats_and_the_worker_groups_metrics(
     project(tmp_path, settings, "")
     broker = dramaturg.bootstrap(settings)
     state = state_of(broker)
-    now = int(time.time() * 1000)
-    state.register({"every-second": "old-definition"}, now - 10_000)
-    assert state.claim("every-second", "old-definition", now - 9_000, now, 30_000, 2, now - 10_000) == CLAIMED
+    state.register({"every-second": "old-definition"}, back_ms=10_000)
+    last = int(state.read("every-second")["last"])
+    assert state.claim("every-second", "old-definition", last + 1000, 30_000, 2, last) == CLAIMED
     dramaturg.shutdown()
     dramaturg_bin = bin_path("dramaturg")
     # Then stats counts them, in its table and its JSON
@@ -850,7 +926,7 @@ def test_a_firing_sent_but_not_marked_sent_is_not_sent_again_by_another_schedule
     schedule = Schedule(id="hiccup", actor="hiccup_tick", every_ms=60_000)
     clock = Clock(start)
     first_state, second_state = own_state(broker, settings), own_state(broker, settings)
-    first = Scheduler(broker, [schedule], first_state, clock=clock)
+    first = Scheduler(broker, [schedule], first_state, clock=clock, lease_ms=1000)
     second = Scheduler(broker, [schedule], second_state, clock=clock)
     first.register()
 
@@ -865,11 +941,12 @@ def test_a_firing_sent_but_not_marked_sent_is_not_sent_again_by_another_schedule
     firing = firing_id("hiccup", start + 60_000)
     poll_until(lambda: dramaturg.task_status(firing, broker).state == "queued", "the firing recorded as queued")
 
-    # When another scheduler finds the slot pending after its lease
-    clock.now_ms = start + 60_000 + 31_000
-    second.tick()
+    # When another scheduler finds the slot pending after its lease (1 s, by the state store's clock)
+    poll_until(
+        lambda: second.tick() is not None and second_state.read("hiccup").get("pending", "") == "",
+        "the pending slot looked at by another scheduler once its lease ended",
+    )
 
     # Then it marks it sent and does not send it again: one message on the queue
     assert second.fired == []
-    assert second_state.read("hiccup").get("pending", "") == ""
     assert pending_messages(broker, "hiccup") == 1

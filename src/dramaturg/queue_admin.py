@@ -21,7 +21,9 @@ What each touches (the broker's own part is ``brokers/redis/admin.py`` and
   this purpose: it is not dropped (``stats`` counts it as delayed). Where there is a
   state store (:mod:`dramaturg.status`) each purged task's record says ``purged``, and a
   purged member of a batch ends as cancelled in it (its ``on_complete`` fires once every
-  member ended).
+  member ended). Those are written, step by step, before the step's tasks are gone for
+  good; a step whose writes fail is given back to the queue, and the purge stops
+  (:func:`purge_stopped`): no task is dropped without its record.
 - **peek** reads the next waiting tasks without taking them. On Redis it reads the lists
   and hashes: no side effect. RabbitMQ has no way to read a message and leave it
   untouched: peek takes them with ``basic.get`` and gives them back at once
@@ -41,6 +43,7 @@ an unknown one (:class:`~dramaturg.errors.QueueNotFound`) is named with the clos
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -54,6 +57,7 @@ from dramatiq import Message
 
 from .batches.tracker import BATCH_OPTION, tracker_of
 from .errors import BrokerUnreachable, DramaturgError, QueueInUse, QueueNotFound, StateUnavailable, did_you_mean
+from .held import durable_write
 from .masking import mask_text
 from .queues import canonical_queue, message_priority
 from .stats import QueueStats, queue_stats, stats_reader
@@ -79,8 +83,22 @@ ARGUMENTS_WIDTH = 60
 MAX_PEEK = 1000
 
 #: Called with the bodies of the tasks a purge takes, before they are gone for good
-#: (RabbitMQ: before they are acknowledged), so their records can say ``purged``.
+#: (RabbitMQ: before they are acknowledged), so their records can say ``purged``. When it
+#: raises, the purge gives those tasks back to the queue and stops (:func:`purge_stopped`).
 OnPurged = Callable[[Sequence[bytes]], None]
+
+
+def purge_stopped(error: Exception, purged: int, taken: int, lost: Exception | None = None) -> BrokerUnreachable:
+    """The error of a purge whose records could not be written midway: ``purged`` tasks
+    were dropped and recorded before; the ``taken`` of the last step are back on the
+    queue, unless giving them back failed too (``lost``: then the log names them)."""
+    text = f"the purge stopped: {error}; {purged} task(s) were purged and recorded"
+    if lost is None:
+        return BrokerUnreachable(f"{text}, the {taken} taken last are back on the queue: try again once it answers")
+    return BrokerUnreachable(
+        f"{text}; the {taken} taken last could not be given back either ({type(lost).__name__}: {lost}):"
+        " their ids and bodies are in the log at ERROR"
+    )
 
 
 @dataclass(frozen=True)
@@ -271,7 +289,9 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
 
     def record(bodies: Sequence[bytes]) -> None:
         now = time.time()
+        records: dict[str, tuple[float, dict[str, Any]]] = {}
         members: list[tuple[str, str]] = []
+        uniques: list[tuple[str, str]] = []
         for body in bodies:
             try:
                 message = Message.decode(body)
@@ -279,31 +299,49 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
                 continue
             fields = queued_fields(message, None)
             fields.update(state="purged", finished_at=int(now * 1000), reason=f"purged from {queue}")
-            store.record(message.message_id, fields, at=now)
+            records[message.message_id] = (now, fields)
             unique_key = message.options.get(UNIQUE_OPTION)
-            if unique_key and control is not None:  # a purged unique task frees its key
-                control.release_unique(broker, str(unique_key), message.message_id)
+            if unique_key and control is not None:
+                uniques.append((str(unique_key), message.message_id))
             batch_id = message.options.get(BATCH_OPTION)
             if batch_id:
                 members.append((str(batch_id), message.message_id))
-        store.flush()
-        if members:
-            _end_members(broker, members)
+        # Written now, not buffered: a store that stops answering midway raises here, and
+        # the purge gives these tasks back instead of dropping them with no record (the
+        # buffer would keep the records in this process only, lost when the command exits).
+        store.flush()  # what this process buffered before (a send's records), older news
+        error = durable_write(lambda: store.write_now(records))
+        if error is None and members:
+            error = _end_members(broker, members)
+        if error is not None:
+            raise BrokerUnreachable(f"the state store stopped answering ({type(error).__name__}: {error})") from None
+        for unique_key, message_id in uniques:  # a purged unique task frees its key (logged if not)
+            control.release_unique(broker, unique_key, message_id)  # type: ignore[union-attr]
 
     return record
 
 
-def _end_members(broker: dramatiq.Broker, members: Sequence[tuple[str, str]]) -> None:
+def _end_members(broker: dramatiq.Broker, members: Sequence[tuple[str, str]]) -> Exception | None:
+    """End purged members as cancelled in their batches, each write tried a few times;
+    the error when one still fails (the purge then gives the tasks back)."""
     try:
         tracker = tracker_of(broker)
-    except StateUnavailable as error:  # the tasks are gone whatever: say what their batches miss
+    except StateUnavailable as error:  # no batch state configured: say what their batches miss
         logger.warning("purged %d batch members, but their batches cannot be told: %s", len(members), error)
-        return
+        return None
     writer = tracker.writer(broker)
     for batch_id, message_id in members:
-        events = writer.end_durably((batch_id, message_id, "c"))
-        if events:
-            tracker.fire(broker, batch_id, events)
+        answer: list[list[str]] = []
+        failure = durable_write(functools.partial(_end_one, writer, (batch_id, message_id, "c"), answer))
+        if failure is not None:
+            return failure
+        if answer[0]:
+            tracker.fire(broker, batch_id, answer[0])
+    return None
+
+
+def _end_one(writer: Any, end: tuple[str, str, str], answer: list[list[str]]) -> None:
+    answer.append(writer.end(end))
 
 
 def shorten(text: str, width: int = ARGUMENTS_WIDTH) -> str:

@@ -149,6 +149,7 @@ class Run:
         "deadline",
         "error",
         "outcome",
+        "purged",
         "reason",
         "started",
     )
@@ -169,6 +170,10 @@ class Run:
         #: The attempt that ended, set once Outcomes counted its failure in the message's
         #: ``retries`` option (for Dramatiq's ``on_failure`` callbacks); None: that option says it.
         self.attempt: int | None = None
+        #: Its record says a queue purge dropped it, yet it was delivered again (on RabbitMQ,
+        #: a purge that lost its connection before acknowledging it): it is dropped, not run,
+        #: and its record stays ``purged`` (see :class:`~dramaturg.status.recorder.StatusRecorder`).
+        self.purged = False
         # The context middleware's (dramaturg.task_context): the context of the thread
         # before the run (an eager run is in its sender's thread), and what undoes the restorers'.
         self.context_outside: Mapping[str, Any] | None = None

@@ -186,6 +186,8 @@ class CancelWatch(dramatiq.Middleware):
         watcher = self.watcher(broker)
         message_id = getattr(message, "_message", message).message_id  # not through the proxy's __getattr__
         run = run_of(message)
+        if run is not None and run.purged:  # a purge dropped it, then lost its acknowledgement
+            raise TaskCancelled("purged before it ran")
         deadline = None if run is None else run.deadline
         if deadline is not None:
             watcher.running[message_id] = deadline  # before the check: the reader checks the other way round

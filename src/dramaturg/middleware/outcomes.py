@@ -176,13 +176,18 @@ class Outcomes(dramatiq.Middleware):
 
         if isinstance(exception, TaskCancelled):
             # Cancelled on request (dramaturg.cancel): done with, not the task's failure.
-            start_run(message).outcome = RunOutcome.CANCELLED
+            run = start_run(message)
+            run.outcome = RunOutcome.CANCELLED
             logger.info(
-                "%s (message %s, attempt %d) was cancelled %s; acknowledged, not retried",
+                "%s (message %s, attempt %d) was %s; acknowledged, not retried",
                 message.actor_name,
                 message.message_id,
                 retries + 1,
-                "while it ran" if str(exception) != "cancelled before it ran" else "before it ran",
+                "purged from its queue, and delivered again as the purge lost its connection; dropped, not run"
+                if run.purged
+                else "cancelled while it ran"
+                if str(exception) != "cancelled before it ran"
+                else "cancelled before it ran",
                 extra={
                     "dramaturg": {
                         "actor": message.actor_name,

@@ -343,7 +343,7 @@ def pause(schedule: Schedule, broker: dramatiq.Broker) -> None:
 
 def resume(schedule: Schedule, broker: dramatiq.Broker) -> None:
     """Fire ``schedule`` again from its next slot; the slots that passed while paused do not fire."""
-    state_of(broker).resume(schedule.id, int(time.time() * 1000))
+    state_of(broker).resume(schedule.id)
 
 
 def _forget_declared() -> None:

@@ -8,24 +8,34 @@
 -- last_slot, last_at). Beside it, "<hash>:pending": the slots claimed and not yet known
 -- to be sent, each with the end of its claimant's lease (ms); one per slot, so that a
 -- claimant that dies leaves its slot there while the next slots are claimed.
+--
+-- Time: every lease is dated, and read, by this server's clock (TIME), never a caller's:
+-- schedulers on hosts whose clocks disagree agree on whether a lease has ended, and on
+-- where a newly registered or resumed schedule starts. The slots themselves (which one is
+-- due) are the callers' wall-clock times.
 local prefix, registry = KEYS[1], KEYS[2]
 local step = ARGV[1]
 
+local function server_ms()
+  local time = redis.call("TIME")
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 if step == "claim" then
-  -- ARGV: id, digest, slot, now, lease, missed-before-it, the newest slot the caller saw
+  -- ARGV: id, digest, slot, lease, missed-before-it, the newest slot the caller saw
   -- claimed (the missed ones are counted only if it is still the newest: never twice)
   -- 1: claimed; 0: already claimed (by anyone); -1: paused; -2: this definition is not
   -- the registered one (a newer scheduler changed or removed it).
-  local id, digest, slot, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local id, digest, slot, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   if redis.call("HGET", registry, id) ~= digest then return -2 end
   local key = prefix .. id
   if redis.call("HGET", key, "paused") == "1" then return -1 end
   local last = tonumber(redis.call("HGET", key, "last") or "-1")
   if slot <= last then return 0 end
   redis.call("HSET", key, "last", slot)
-  redis.call("HSET", key .. ":pending", slot, now + lease)
-  local missed = tonumber(ARGV[7])
-  if missed > 0 and last == tonumber(ARGV[8]) then redis.call("HINCRBY", key, "missed", missed) end
+  redis.call("HSET", key .. ":pending", slot, server_ms() + lease)
+  local missed = tonumber(ARGV[6])
+  if missed > 0 and last == tonumber(ARGV[7]) then redis.call("HINCRBY", key, "missed", missed) end
   return 1
 end
 
@@ -50,9 +60,9 @@ if step == "outcome" then
 end
 
 if step == "recover" then
-  -- ARGV: id, digest, now, lease: the oldest slot whose claimant's lease ended before it
+  -- ARGV: id, digest, lease: the oldest slot whose claimant's lease ended before it
   -- said it was sent; the caller publishes it again (same message id), under a lease of its own.
-  local id, now = ARGV[2], tonumber(ARGV[4])
+  local id, now = ARGV[2], server_ms()
   if redis.call("HGET", registry, id) ~= ARGV[3] then return false end
   local pending = prefix .. id .. ":pending"
   local found = redis.call("HGETALL", pending)
@@ -63,14 +73,15 @@ if step == "recover" then
     end
   end
   if oldest == nil then return false end
-  redis.call("HSET", pending, oldest, now + tonumber(ARGV[5]))
+  redis.call("HSET", pending, oldest, now + tonumber(ARGV[4]))
   return oldest
 end
 
 if step == "register" then
-  -- ARGV: now, then id, digest pairs: the registry becomes exactly these schedules (the
-  -- last scheduler to start wins); a new one starts from now (its past slots never fire).
-  local now = ARGV[2]
+  -- ARGV: how far back from now a new schedule starts (ms, usually 0), then id, digest
+  -- pairs: the registry becomes exactly these schedules (the last scheduler to start
+  -- wins); a new one starts from then (its slots before it never fire).
+  local now = server_ms() - tonumber(ARGV[2])
   local keep = {}
   for i = 3, #ARGV, 2 do
     keep[ARGV[i]] = true
@@ -94,11 +105,12 @@ if step == "pause" then
 end
 
 if step == "resume" then
-  -- ARGV: id, now: the slots that passed while it was paused never fire
+  -- ARGV: id: the slots that passed while it was paused never fire
   local key = prefix .. ARGV[2]
   redis.call("HDEL", key, "paused")
   local last = tonumber(redis.call("HGET", key, "last") or "-1")
-  if tonumber(ARGV[3]) > last then redis.call("HSET", key, "last", ARGV[3]) end
+  local now = server_ms()
+  if now > last then redis.call("HSET", key, "last", now) end
   return 1
 end
 

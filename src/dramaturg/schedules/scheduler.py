@@ -15,13 +15,17 @@ claims the next slot counts them (``missed``, shown by ``dramaturg schedule list
 ``dramaturg stats``, and in the Prometheus metrics of ``dramaturg worker --scheduler``:
 :func:`prometheus_counters`).
 
-Clocks: the ledger only moves forward, so schedulers whose clocks disagree never fire a
-slot twice; the earliest clock fires it, up to that clock's error early. A slot is
-missed only if no scheduler's clock passes through ``[slot, slot + grace]`` while it
-runs: keep the clocks within :data:`GRACE_MS` (60 s) of each other (NTP keeps them within
-milliseconds). Between wakes a scheduler sleeps (an event wait, woken by ``stop()``) until
-the next slot of any schedule, and at most :data:`MAX_SLEEP_MS`, to see pauses, recover
-dead claimants' slots and notice that a newer scheduler changed the schedules.
+Clocks: a scheduler's clock only decides which slots are due; leases, and where a newly
+registered or resumed schedule starts, are dated by the state store's clock (Redis's
+``TIME``), so schedulers whose clocks disagree, by any amount, agree on whether a
+claimant's lease has ended, and none sends a slot its live claimant is sending. The
+ledger only moves forward, so they never fire a slot twice; the earliest clock fires
+it, up to that clock's error early. A slot is missed only if no scheduler's clock passes
+through ``[slot, slot + grace]`` while it runs: keep the clocks within :data:`GRACE_MS`
+(60 s) of each other (NTP keeps them within milliseconds). Between wakes a scheduler
+sleeps (an event wait, woken by ``stop()``) until the next slot of any schedule, and at
+most :data:`MAX_SLEEP_MS`, to see pauses, recover dead claimants' slots and notice that a
+newer scheduler changed the schedules.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ logger = logging.getLogger("dramaturg.schedules")
 #: busy, or a clock a little behind).
 GRACE_MS = 60_000
 #: How long a claimed slot waits for its scheduler to say it was sent before another
-#: scheduler sends it again.
+#: scheduler sends it again (by the state store's clock).
 LEASE_MS = 30_000
 #: The longest a scheduler sleeps between two looks at the ledger.
 MAX_SLEEP_MS = 15_000
@@ -163,7 +167,7 @@ class Scheduler:
     def register(self) -> int:
         """Upsert this scheduler's schedules by id in the ledger; the others stop firing.
         Returns how many were dropped."""
-        removed = self.state.register({s.id: s.digest for s in self.schedules.values()}, self.clock())
+        removed = self.state.register({s.id: s.digest for s in self.schedules.values()})
         if removed:
             logger.info("scheduler: %d schedule(s) no longer declared stop firing", removed)
         return removed
@@ -204,7 +208,7 @@ class Scheduler:
         if self._busy(schedule):
             return
         for _ in range(100):  # bounded: the rest at the next wake
-            recovered = self.state.recover(schedule.id, schedule.digest, now, self.lease_ms)
+            recovered = self.state.recover(schedule.id, schedule.digest, self.lease_ms)
             if recovered is None:
                 break
             if self._sent_already(schedule, recovered):
@@ -219,9 +223,7 @@ class Scheduler:
         # interval is not walked through at every wake.
         for slot in schedule.slots_between(max(now - window, last), now):
             missed = schedule.count_between(last, slot) - 1 if last >= 0 else 0
-            answer = self.state.claim(
-                schedule.id, schedule.digest, slot, self.clock(), self.lease_ms, max(0, missed), last
-            )
+            answer = self.state.claim(schedule.id, schedule.digest, slot, self.lease_ms, max(0, missed), last)
             if answer == STALE:
                 if not self.state.registered():
                     # No schedule registered at all: the store lost its data (a restart
@@ -232,7 +234,7 @@ class Scheduler:
                         schedule.id,
                     )
                     # From the start of the grace window: the slots within it still fire.
-                    self.state.register({s.id: s.digest for s in self.schedules.values()}, now - self.grace_ms - 1)
+                    self.state.register({s.id: s.digest for s in self.schedules.values()}, self.grace_ms + 1)
                     return  # claimed at the next wake
                 self._stale.add(schedule.id)
                 logger.warning(

@@ -13,6 +13,7 @@ and :mod:`dramaturg.status.store` for why it costs the queue little).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,8 @@ from ..task import RunOutcome, start_run
 from .store import StateStore, queued_fields, store_for
 
 __all__ = ["StatusRecorder", "close_stores"]
+
+logger = logging.getLogger("dramaturg.status")
 
 _HOST = socket.gethostname()
 
@@ -100,18 +103,42 @@ class StatusRecorder(dramatiq.Middleware):
     # and ended in the same interval costs one record.
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        start_run(message)
+        run = start_run(message)
         inner = getattr(message, "_message", message)  # under Dramatiq's proxy: no __getattr__
+        if message.__dict__.get("redelivered") and self._purged(broker, inner.message_id):
+            # A queue purge recorded it and then lost its connection before acknowledging
+            # it (RabbitMQ): the purge is finished here. Dropped before it runs (by
+            # CancelWatch, with every before-hook done), its batch and unique key released
+            # as a cancelled task's, and its record stays "purged".
+            run.purged = True
+            return
         at = time.time()
         # Kept for the end's record, so that both say the same start: recomputed there from
         # the monotonic clock it could differ by a millisecond (the clocks' rounding, drift).
         message.__dict__[_STARTED_AT] = at
         self.store(broker).task_event(("start", inner.message_id, at, inner, _worker_label()))
 
+    def _purged(self, broker: dramatiq.Broker, message_id: str) -> bool:
+        """Whether the record of a task delivered again says a purge dropped it: one read,
+        for redelivered messages only. A store that does not answer: it runs (at least once)."""
+        try:
+            found = self.store(broker).get(message_id)
+        except Exception as error:
+            logger.warning(
+                "could not read the record of %s, delivered again (%s: %s); it runs",
+                message_id,
+                type(error).__name__,
+                error,
+            )
+            return False
+        return found is not None and found.get("state") == "purged"
+
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         run = start_run(message)  # made here only when no before-hook ran (an earlier one raised)
+        if run.purged:
+            return  # its record says purged, as the purge wrote it
         outcome = run.outcome
         if outcome is RunOutcome.RELEASED or outcome is RunOutcome.UNSETTLED:
             return  # put back untouched (its copy's enqueue said "queued"), or it runs again

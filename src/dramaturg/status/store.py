@@ -121,6 +121,17 @@ class StateStore:
         if full:
             self._wake.set()
 
+    def write_now(self, records: Mapping[str, tuple[float, Mapping[str, Any]]]) -> None:
+        """Write whole records now, bypassing the buffer: ``message id -> (at, fields)``.
+
+        For a writer that must know they are written before it goes on (a queue purge
+        records what it drops before it is gone for good): the store's error is raised,
+        and nothing is kept to be written later (the caller undoes what it did instead).
+        """
+        if records:
+            pending = {message_id: [at, dict(fields)] for message_id, (at, fields) in records.items()}
+            self._write(pending, Counter(), [], {})
+
     def task_event(self, event: tuple[Any, ...]) -> None:
         """A task started or ended (see :class:`~dramaturg.status.recorder.StatusRecorder`); its record is made at the
         next flush, in the writer thread, not in the worker thread."""

@@ -13,9 +13,12 @@ priorities of the one queue), ``q.DQ`` (delayed), ``q.XQ`` (dead letters) and ``
   too, so it is not used.
 - purge: ``basic.get`` until the queue is empty (at most the count it had when the purge
   began, so a sender cannot keep it going forever), 500 at a time: the bodies are given
-  to the status records first, then acknowledged. A purge that dies half-way leaves the
-  unacknowledged rest in the queue; their records may say purged until a worker runs
-  them (the worker's newer record wins). ``queue.purge`` would be one call, but cannot
+  to the status records first, then acknowledged. A step whose records cannot be written
+  (the state store stopped answering) is given back (``basic.nack``, requeue) and the
+  purge stops. A purge that dies half-way (or whose acknowledgement is lost with its
+  connection) leaves the unacknowledged rest in the queue, flagged redelivered; a worker
+  that takes one whose record says purged drops it without running it (see
+  :class:`~dramaturg.status.recorder.StatusRecorder`). ``queue.purge`` would be one call, but cannot
   say which tasks it dropped. Unacknowledged messages (running, or delayed ones a worker
   keeps until due) are not visible to ``basic.get``: they stay.
 - usage: the consumers of ``q`` and ``q.DQ`` and the messages of ``q.HQ``, by a passive
@@ -26,6 +29,7 @@ priorities of the one queue), ``q.DQ`` (delayed), ``q.XQ`` (dead letters) and ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -35,7 +39,7 @@ import pika.exceptions
 
 from ...errors import BrokerUnreachable
 from ...masking import mask_url
-from ...queue_admin import OnPurged, QueueAdmin
+from ...queue_admin import OnPurged, QueueAdmin, purge_stopped
 from .connection import error_text, quiet_pika, unreachable
 from .held import held_queue
 
@@ -120,12 +124,12 @@ class RabbitmqQueueAdmin(QueueAdmin):
                 if declared is None:
                     continue
                 channel = connection.channel()
-                purged += self._drain(channel, name, declared[0], on_purged)
+                purged += self._drain(channel, name, declared[0], on_purged, purged)
                 channel.close()
         return purged
 
     @staticmethod
-    def _drain(channel: BlockingChannel, name: str, at_most: int, on_purged: OnPurged) -> int:
+    def _drain(channel: BlockingChannel, name: str, at_most: int, on_purged: OnPurged, before: int) -> int:
         taken = 0
         while taken < at_most:
             bodies: list[bytes] = []
@@ -138,7 +142,13 @@ class RabbitmqQueueAdmin(QueueAdmin):
                 bodies.append(body)
             if not bodies:
                 break
-            on_purged(bodies)
+            try:
+                on_purged(bodies)
+            except Exception as error:  # their records were not written: back they go
+                # If the connection is gone, RabbitMQ requeues what was not acknowledged anyway.
+                with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                    channel.basic_nack(delivery_tag=last_tag, multiple=True, requeue=True)
+                raise purge_stopped(error, before + taken, len(bodies)) from None
             channel.basic_ack(delivery_tag=last_tag, multiple=True)
             taken += len(bodies)
         return taken

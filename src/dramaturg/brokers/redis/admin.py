@@ -10,21 +10,25 @@ yet acknowledged in the hash ``<ns>:<lane>.msgs``; its delay queue is the same p
 - purge runs ``queue_purge.lua`` until the lists are empty (at most what they held when it
   began), each call an atomic step over up to ``PURGE_CHUNK`` ids from the lists' heads
   and their bodies; a running task's id is in its worker's claim set, not in a list, so it
-  stays;
+  stays. A step whose records cannot be written (the state store stopped answering) is
+  given back to the lists' heads (``queue_give_back.lua``), and the purge stops;
 - delete removes every key above, the held store's keys of the queue
   (:class:`~dramaturg.brokers.redis.RedisHeldStore`) and the queue's worker heartbeats.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message
 
 from ...errors import BrokerUnreachable
-from ...masking import mask_url
-from ...queue_admin import OnPurged, QueueAdmin
+from ...held import durable_write
+from ...masking import mask_text, mask_url
+from ...queue_admin import OnPurged, QueueAdmin, purge_stopped
 from ...queues import lanes
 from .connection import script
 from .stats import RedisStatsReader
@@ -34,7 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisQueueAdmin"]
 
+logger = logging.getLogger("dramaturg.queue_admin")
+
 _PURGE = script("queue_purge")
+_GIVE_BACK = script("queue_give_back")
 #: Ids one call of queue_purge.lua takes: ~10 ms of Redis time, so a purge of millions
 #: never blocks other clients for long.
 PURGE_CHUNK = 5000
@@ -49,6 +56,7 @@ class RedisQueueAdmin(QueueAdmin):
         self.client: redis.Redis = broker.client
         self.namespace: str = broker.namespace
         self._purge = self.client.register_script(_PURGE)
+        self._give_back = self.client.register_script(_GIVE_BACK)
 
     def _key(self, name: str) -> str:
         return f"{self.namespace}:{name}"
@@ -98,11 +106,24 @@ class RedisQueueAdmin(QueueAdmin):
                 left = sum(int(n) for n in pipe.execute())
             while left > 0:
                 answer: list[Any] = self._purge(keys=keys, args=[min(PURGE_CHUNK, left)])
-                taken, bodies = int(answer[0]), answer[1:]
+                taken, found = int(answer[0]), answer[1:]
                 if taken == 0:
                     break
                 left -= taken
-                on_purged(bodies)
+                bodies = found[2::3]
+                try:
+                    on_purged(bodies)
+                except Exception as error:  # their records were not written: back they go
+                    lost = durable_write(functools.partial(self._give_back, keys=keys, args=found))
+                    if lost is not None:
+                        logger.error(
+                            "purge of %s: %d task(s) taken off the queue could not be recorded nor given back;"
+                            " ids and bodies: %r",
+                            queue,
+                            len(bodies),
+                            [(_text(i), mask_text(_text(b))) for i, b in zip(found[1::3], bodies, strict=True)],
+                        )
+                    raise purge_stopped(error, purged, len(bodies), lost) from None
                 purged += len(bodies)
         except redis.RedisError as error:
             raise self._unreachable(error) from None
@@ -145,6 +166,10 @@ class RedisQueueAdmin(QueueAdmin):
 _QUEUE_SUFFIXES = ("", ".msgs", ".DQ", ".DQ.msgs", ".XQ", ".XQ.msgs")
 #: The held store's keys of a queue, after ``<prefix>:<queue>`` (see RedisHeldStore._keys).
 _HELD_SUFFIXES = ("", "#order", "#kicking", "#kicking-order", "#kicking-token")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _eta(body: bytes) -> int:
