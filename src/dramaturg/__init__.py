@@ -56,6 +56,7 @@ from .stats import QueueStats, queue_stats
 from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
+from .workers import WorkerInfo, workers
 
 if typing.TYPE_CHECKING:
     from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
@@ -112,6 +113,7 @@ __all__ = [
     "TaskOutcome",
     "TaskStatus",
     "WaitingTask",
+    "WorkerInfo",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -148,6 +150,7 @@ __all__ = [
     "shutdown",
     "task_status",
     "unique",
+    "workers",
 ]
 
 
