@@ -4,7 +4,9 @@ that serves it. The same pages driven in Chromium: tests/test_dashboard_browser.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -364,3 +366,50 @@ def test_a_queue_page_shows_the_waiting_tasks_and_the_admin_purges_them(
     assert dramaturg.peek_queue("imports", broker=broker) == []
     assert dramaturg.held_tasks().count("imports") == 1
     assert any("alice purged 3 waiting tasks of imports" in line for line in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "embedded"])  # RabbitMQ with a state store: tests/test_workers.py
+def test_the_workers_page_lists_each_live_worker_and_forgets_it_when_it_stops(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given a worker of two threads consuming the imports queue
+    @dramaturg.actor(queue_name="imports")
+    def import_row(row: int) -> None: ...
+
+    worker = start_worker(threads=2, queues={"imports"})
+    poll_until(dramaturg.workers, "the worker to be listed", timeout=WAIT_S)
+    client = dashboard(token=None)
+
+    # When the workers page is opened
+    page = client.get("/workers")
+
+    # Then it shows the worker's host, pid, queue (linked), running tasks and threads
+    assert page.status_code == 200, page.text
+    row = re.search(r'<tr data-worker="([^"]+)">(.*?)</tr>', page.text, re.S)
+    assert row, page.text
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(2), re.S)
+    assert cells[:5] == [
+        socket.gethostname(),
+        str(os.getpid()),
+        '<a href="/queues/imports">imports</a>',
+        "0",
+        "2",
+    ]
+    assert cells[5].endswith(" UTC") and " s ago)" in cells[6]
+    assert 'hx-get="/workers/table"' in page.text  # refreshed live
+
+    # When the worker stops, the refreshed table no longer has it
+    worker.stop()
+    table = client.get("/workers/table")
+    assert table.status_code == 200
+    assert "data-worker=" not in table.text and "no worker is running" in table.text
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_the_workers_page_says_what_to_set_without_a_state_store(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    page = dashboard(token=None).get("/workers")
+    assert page.status_code == 200
+    assert "the worker list needs a state store, and the rabbitmq broker has none of its own" in page.text
+    assert "set [state] url" in page.text
