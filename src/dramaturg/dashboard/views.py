@@ -176,11 +176,24 @@ class Dashboard:
             return self.error(request, str(error), 404)
         offset = _int_param(request, "offset", 0, 0, 10**12)
         limit = _int_param(request, "limit", PAGE, 1, MAX_PAGE)
+        # Filters: the reason contains this text (ignoring case); the actor is this one.
+        reason = " ".join(request.query_params.get("reason", "").split())[:200]
+        actor = request.query_params.get("actor", "").strip()[:200]
+        matches = None
         try:
             total = store.count(queue)
-            tasks = store.list(queue, offset=offset, limit=limit)
+            if reason or actor:
+                matches = store.find(queue, reason=reason, actor=actor, offset=offset, limit=limit)
+                tasks, shown_of = matches.tasks, matches.matched
+            else:
+                tasks, shown_of = store.list(queue, offset=offset, limit=limit), total
         except Exception as error:
             return self.error(request, _unreachable(error), 503)
+        filters = {name: value for name, value in (("reason", reason), ("actor", actor)) if value}
+
+        def page(at: int) -> str:
+            return "?" + urlencode({"offset": at, "limit": limit, **filters})
+
         return self.render(
             request,
             "held_list.html",
@@ -190,8 +203,12 @@ class Dashboard:
             total=total,
             offset=offset,
             limit=limit,
-            previous=max(offset - limit, 0) if offset > 0 else None,
-            next=offset + limit if offset + len(tasks) < total else None,
+            reason=reason,
+            actor=actor,
+            matches=matches,
+            actors=sorted(self.broker().get_declared_actors()),
+            previous=page(max(offset - limit, 0)) if offset > 0 else None,
+            next=page(offset + limit) if offset + len(tasks) < shown_of else None,
         )
 
     def held_task(self, request: Request) -> Response:
