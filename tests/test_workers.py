@@ -4,6 +4,7 @@ store; what ``dramaturg.workers()`` and ``dramaturg workers`` say."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -16,7 +17,7 @@ import pytest
 import dramaturg
 from dramaturg.workers import registry_of
 
-from .conftest import WAIT_S, poll_until, settings_with_state
+from .conftest import WAIT_S, Process, bin_path, poll_until, run_cli, settings_with_state, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +100,49 @@ def test_without_a_state_store_the_list_says_what_to_set(request: pytest.Fixture
     # When the workers are listed, then the error names the setting
     with pytest.raises(dramaturg.StateUnavailable, match=r"set \[state\] url"):
         dramaturg.workers()
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])
+def test_the_workers_command_lists_a_worker_process_until_it_stops(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    # Given a worker process started through the CLI for the shop's actors
+    write_config(tmp_path, settings, modules=["tests.apps.shop_tasks"])
+    worker = spawn([bin_path("dramaturg"), "worker", "--processes", "1", "--threads", "3"], PYTHONPATH=str(REPO))
+    worker.wait_for_line("Worker process is ready for action.")
+
+    def listed() -> list[dict[str, object]]:
+        done = run_cli([bin_path("dramaturg"), "workers", "--json"], cwd=tmp_path, PYTHONPATH=str(REPO))
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    # When the workers are listed, as JSON and as a table
+    (record,) = poll_until(listed, "the worker process to be listed", timeout=WAIT_S)
+    text = run_cli([bin_path("dramaturg"), "workers"], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    # Then it is a live process of this host other than this one, on the shop's queue, with 3 threads
+    assert record["host"] == socket.gethostname()
+    pid = record["pid"]
+    assert isinstance(pid, int) and pid != os.getpid()
+    os.kill(pid, 0)  # it exists
+    assert "imports" in record["queues"] and record["threads"] == 3 and record["running"] == 0  # type: ignore[operator]
+    header, row = text.stdout.splitlines()
+    assert header.split() == ["host", "pid", "queues", "running", "started", "last", "seen"]
+    assert row.split()[:2] == [socket.gethostname(), str(pid)] and " 0/3 " in row
+
+    # When the worker is stopped (SIGTERM), it is no longer listed
+    assert worker.stop() == 0, worker.output
+    assert listed() == []
+
+
+def test_the_workers_command_without_a_state_store_is_one_line_and_exit_78(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    server = request.getfixturevalue("rabbitmq_server")
+    (tmp_path / "dramaturg.toml").write_text(f'[broker]\nurl = "amqp://guest:guest@{server.host}:{server.port}/%2F"\n')
+    done = run_cli([bin_path("dramaturg"), "workers"], cwd=tmp_path)
+    assert done.returncode == 78
+    assert done.stderr.strip().splitlines() == [
+        "dramaturg: configuration error: the worker list needs a state store, and the rabbitmq broker has none"
+        ' of its own: set [state] url = "redis://..." (or DRAMATURG_STATE_URL)'
+    ]

@@ -48,7 +48,7 @@ from .errors import (
     TaskNotFound,
 )
 from .flow import Lock, concurrency, lock, locked, rate, unique
-from .held import HeldStore, HeldTask, held_tasks
+from .held import HeldMatches, HeldStore, HeldTask, held_tasks
 from .queue_admin import DeletedQueue, WaitingTask, delete_queue, peek_queue, purge_queue
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .schedules import periodic
@@ -88,6 +88,7 @@ __all__ = [
     "DramaturgError",
     "DuplicateTask",
     "FlowSendError",
+    "HeldMatches",
     "HeldStore",
     "HeldTask",
     "Hold",
