@@ -4,7 +4,10 @@ that serves it. The same pages driven in Chromium: tests/test_dashboard_browser.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -188,10 +191,10 @@ def test_ten_thousand_held_tasks_page_without_loading_them_whole(
     client = dashboard()
     client.get("/queues")  # the first request bootstraps nothing more, but warms the templates
 
-    # When the queues page, the list's first and a later page are opened
+    # When the queues page, the list's first and a later page, and a filtered one are opened
     timings = {}
     pages = {}
-    for path in ("/queues", "/held/imports", "/held/imports?offset=9950"):
+    for path in ("/queues", "/held/imports", "/held/imports?offset=9950", "/held/imports?reason=row+99"):
         started = time.perf_counter()
         pages[path] = client.get(path)
         timings[path] = time.perf_counter() - started
@@ -204,6 +207,8 @@ def test_ten_thousand_held_tasks_page_without_loading_them_whole(
     assert "10,000 held; showing 1 to 50," in first
     assert 'href="?offset=50&amp;limit=50"' in first
     assert "showing 9,951 to 10,000," in pages["/held/imports?offset=9950"].text
+    # (rows 99, 990 to 999 and 9900 to 9999, filtered on the server from all 10,000)
+    assert "111 of 10,000 held match; showing 1 to 50," in pages["/held/imports?reason=row+99"].text
     print(f"render times with 10,000 held: {', '.join(f'{p} {s * 1000:.0f} ms' for p, s in timings.items())}")
     assert max(timings.values()) < 1.0, timings
 
@@ -364,3 +369,96 @@ def test_a_queue_page_shows_the_waiting_tasks_and_the_admin_purges_them(
     assert dramaturg.peek_queue("imports", broker=broker) == []
     assert dramaturg.held_tasks().count("imports") == 1
     assert any("alice purged 3 waiting tasks of imports" in line for line in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "embedded"])  # RabbitMQ with a state store: tests/test_workers.py
+def test_the_workers_page_lists_each_live_worker_and_forgets_it_when_it_stops(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given a worker of two threads consuming the imports queue
+    @dramaturg.actor(queue_name="imports")
+    def import_row(row: int) -> None: ...
+
+    worker = start_worker(threads=2, queues={"imports"})
+    poll_until(dramaturg.workers, "the worker to be listed", timeout=WAIT_S)
+    client = dashboard(token=None)
+
+    # When the workers page is opened
+    page = client.get("/workers")
+
+    # Then it shows the worker's host, pid, queue (linked), running tasks and threads
+    assert page.status_code == 200, page.text
+    row = re.search(r'<tr data-worker="([^"]+)">(.*?)</tr>', page.text, re.S)
+    assert row, page.text
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(2), re.S)
+    assert cells[:5] == [
+        socket.gethostname(),
+        str(os.getpid()),
+        '<a href="/queues/imports">imports</a>',
+        "0",
+        "2",
+    ]
+    assert cells[5].endswith(" UTC") and " s ago)" in cells[6]
+    assert 'hx-get="/workers/table"' in page.text  # refreshed live
+
+    # When the worker stops, the refreshed table no longer has it
+    worker.stop()
+    table = client.get("/workers/table")
+    assert table.status_code == 200
+    assert "data-worker=" not in table.text and "no worker is running" in table.text
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_the_workers_page_says_what_to_set_without_a_state_store(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    page = dashboard(token=None).get("/workers")
+    assert page.status_code == 200
+    assert "the worker list needs a state store, and the rabbitmq broker has none of its own" in page.text
+    assert "set [state] url" in page.text
+
+
+def test_held_tasks_are_filtered_by_reason_and_actor_on_the_server(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given 60 held tasks of imports: every third of sync_orders, every fifth timed out
+    store = dramaturg.held_tasks()
+    for number in range(60):
+        task = held_task("imports", number, actor="sync_orders" if number % 3 == 0 else "import_user")
+        if number % 5 == 0:
+            task = dataclasses.replace(task, reason=f"TTR exceeded after 30 s (row {number})")
+        store.hold(task)
+    client = dashboard(token=None)
+
+    # When the held list is filtered by a reason's words, in another case
+    by_reason = client.get("/held/imports", params={"reason": "ttr EXCEEDED", "limit": 5})
+
+    # Then it shows the first 5 of the 12 that match, oldest first, and pages within them
+    assert by_reason.status_code == 200
+    assert "12 of 60 held match; showing 1 to 5, oldest first." in by_reason.text
+    assert row_numbers(by_reason.text) == [0, 5, 10, 15, 20]
+    assert 'href="?offset=5&amp;limit=5&amp;reason=ttr+EXCEEDED"' in by_reason.text
+    last = client.get("/held/imports", params={"reason": "ttr EXCEEDED", "limit": 5, "offset": 10})
+    assert row_numbers(last.text) == [50, 55] and 'rel="next"' not in last.text
+
+    # When it is filtered by actor, and by both
+    by_actor = client.get("/held/imports", params={"actor": "sync_orders"})
+    both = client.get("/held/imports", params={"actor": "sync_orders", "reason": "ttr exceeded"})
+
+    # Then each shows only what matches all it was given
+    assert "20 of 60 held match;" in by_actor.text
+    assert row_numbers(by_actor.text) == list(range(0, 60, 3))
+    assert row_numbers(both.text) == [0, 15, 30, 45]
+
+    # When the filter matches nothing, or holds markup
+    nothing = client.get("/held/imports", params={"actor": "<script>alert(1)</script>"})
+
+    # Then it says so, escaped
+    assert "0 of 60 held match." in nothing.text and "<tr data-id=" not in nothing.text
+    assert "<script>alert(1)</script>" not in nothing.text
+    assert 'value="&lt;script&gt;alert(1)&lt;/script&gt;"' in nothing.text
+
+
+def row_numbers(html: str) -> list[int]:
+    """The row numbers of the held tasks listed (their ids are ``m-<number>-...``)."""
+    return [int(number) for number in re.findall(r'<tr data-id="m-(\d+)-', html)]

@@ -14,6 +14,7 @@ a Redis with queues, held tasks and batches and saves a picture of each page for
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import pytest
 
 import dramaturg
 import dramaturg.dashboard
+from dramaturg.workers import registry_of
+from dramaturg.workers.registry import INTERVAL_MS
 
 from .conftest import IN_CI, WAIT_S, LiveServer, Runs, held_task, poll_until
 
@@ -207,6 +210,55 @@ def test_a_browser_without_the_token_or_the_csrf_field_is_refused(
     assert store.count("imports") == 2
 
 
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the server side on each broker: test_dashboard.py
+def test_an_operator_filters_held_tasks_as_they_type_and_ticks_a_checkbox_beside_its_label(
+    broker: dramatiq.Broker, open_dashboard: Callable[..., Any]
+) -> None:
+    from playwright.sync_api import expect
+
+    # Given 12 held tasks of imports, every fourth of sync_orders
+    store = dramaturg.held_tasks()
+    for number in range(12):
+        store.hold(held_task("imports", number, actor="sync_orders" if number % 4 == 0 else "import_user"))
+    page = open_dashboard().new_page()
+    sign_in(page, "olga")
+    page.goto("/held/imports")
+    rows = page.locator("tr[data-id]")
+    expect(rows).to_have_count(12)
+
+    # When they type words of a reason, without submitting
+    page.get_by_label("reason contains").press_sequentially("ROW 1")
+
+    # Then the list follows: rows 1, 10 and 11, and the address keeps the filter
+    expect(page.locator("#held-total")).to_contain_text("3 of 12 held match")
+    expect(rows).to_have_count(3)
+    assert "reason=ROW%201" in page.url
+
+    # When they add an actor and submit
+    page.get_by_label("actor").fill("sync_orders")
+    page.get_by_role("button", name="Filter").click()
+
+    # Then only the tasks matching both are left, and kick all is not offered
+    expect(page.locator("#held-total")).to_contain_text("0 of 12 held match")
+    page.get_by_label("reason contains").fill("")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("#held-total")).to_contain_text("3 of 12 held match")
+    expect(page.get_by_role("link", name="Kick all…")).to_have_count(0)
+
+    # When they open a queue's purge form
+    page.goto("/queues/imports")
+    checkbox = page.get_by_label("the delayed ones too")
+    label = page.locator("label", has=checkbox)
+
+    # Then the checkbox sits before its text on one line, and ticking it works
+    box, around = checkbox.bounding_box(), label.bounding_box()
+    assert box and around
+    assert abs((box["y"] + box["height"] / 2) - (around["y"] + around["height"] / 2)) < 2, (box, around)
+    assert around["height"] < 2 * box["height"] + 8, (box, around)  # one line, not two
+    label.get_by_text("the delayed ones too").click()
+    expect(checkbox).to_be_checked()
+
+
 # -- screenshots for the docs (make screenshots) -------------------------------------------
 
 SCREENSHOTS = os.environ.get("DRAMATURG_SCREENSHOTS")
@@ -239,6 +291,14 @@ def test_screenshots_of_each_page(
     def sync_orders(shop: str) -> None:
         ran.add(shop)
         raise ConnectionError(f"could not connect to postgres://shop:hunter2@db.internal:5432/{shop}")
+
+    # (declared before any worker starts: a stopped worker would still add a consumer for a later one)
+    started, release = threading.Semaphore(0), threading.Event()
+
+    @dramaturg.actor(queue_name="reports")
+    def monthly_report(month: str) -> None:
+        started.release()
+        release.wait(WAIT_S)
 
     rows = [{"id": n, "email": f"user{n}@example.com" if n % 7 else ""} for n in range(1, 141)]
     with dramaturg.batch("import users.csv"):
@@ -285,6 +345,7 @@ def test_screenshots_of_each_page(
 
         shoot("/queues", "queues", 'tr[data-queue="mail"]')
         shoot("/held/imports", "held-list", "tr[data-id]")
+        shoot("/held/imports?reason=row+1", "held-filtered", "tr[data-id]")
         first_held = store.list("imports", limit=1)[0]
         shoot(f"/held/imports/task?id={first_held.message_id}", "held-task", "#reason")
         shoot(f"/held/sync/task?id={failed.message_id}", "held-task-error", "#traceback")
@@ -294,5 +355,23 @@ def test_screenshots_of_each_page(
         shoot("/queues/mail", "queue-waiting", "tr[data-id]")
         shoot("/schedules", "schedules", 'tr[data-schedule="mail-digest"]')
         assert "hunter2" not in page.content()
+
+        # and a worker running two reports (its record written every 200 ms, not 5 s)
+        registry_of(broker).interval_ms = 200
+        start_worker(threads=4, queues={"reports", "sync"})
+        for month in ("2026-10", "2026-11"):
+            monthly_report.send(month)
+        try:
+            for _ in range(2):
+                assert started.acquire(timeout=WAIT_S)
+            poll_until(lambda: [w.running for w in dramaturg.workers()] == [2], "the running reports to be counted")
+            # the page says the usual period: the next record is written with it (and its TTL)
+            registry = registry_of(broker)
+            registry.interval_ms = INTERVAL_MS
+            (writer,) = registry._threads.values()
+            poll_until(lambda: registry.client(broker).pttl(writer.key) > 1000, "a record with the usual TTL")
+            shoot("/workers", "workers", "tr[data-worker]")
+        finally:
+            release.set()
     finally:
         schedules._forget_declared()

@@ -48,7 +48,7 @@ from .errors import (
     TaskNotFound,
 )
 from .flow import Lock, concurrency, lock, locked, rate, unique
-from .held import HeldStore, HeldTask, held_tasks
+from .held import HeldMatches, HeldStore, HeldTask, held_tasks
 from .queue_admin import DeletedQueue, WaitingTask, delete_queue, peek_queue, purge_queue
 from .resources import Resource, after_task, before_task, close_resources, resource
 from .schedules import periodic
@@ -56,6 +56,7 @@ from .stats import QueueStats, queue_stats
 from .status import TaskStatus, task_status
 from .task import Hold, Retry, Success, SuspendQueue, Task, TaskOutcome, current_task
 from .task_context import bind_contextvar, context, context_provider, context_restorer, current_context
+from .workers import WorkerInfo, workers
 
 if typing.TYPE_CHECKING:
     from .config import BrokerSettings, RetrySettings, Settings, WorkerSettings, load_settings
@@ -87,6 +88,7 @@ __all__ = [
     "DramaturgError",
     "DuplicateTask",
     "FlowSendError",
+    "HeldMatches",
     "HeldStore",
     "HeldTask",
     "Hold",
@@ -112,6 +114,7 @@ __all__ = [
     "TaskOutcome",
     "TaskStatus",
     "WaitingTask",
+    "WorkerInfo",
     "WorkerSettings",
     "__version__",
     "actor",
@@ -148,6 +151,7 @@ __all__ = [
     "shutdown",
     "task_status",
     "unique",
+    "workers",
 ]
 
 

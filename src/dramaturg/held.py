@@ -54,7 +54,7 @@ import dramatiq
 from .errors import DramaturgError, KickError, Poison, SendError
 from .masking import mask_text
 
-__all__ = ["HeldStore", "HeldTask", "KickError", "durable_write", "held_tasks", "hold_poison"]
+__all__ = ["HeldMatches", "HeldStore", "HeldTask", "KickError", "durable_write", "held_tasks", "hold_poison"]
 
 # The outcome lines' logger (dramaturg.middleware.outcomes): holding a poison message is
 # its outcome, and a failed durable write is one's.
@@ -73,6 +73,8 @@ LEASE_LOST = (
     "not requeued by this kick: it stalled past its lease and the task was given back"
     " (another kick may have requeued it; otherwise it is still held)"
 )
+#: The oldest held tasks of a queue that :meth:`HeldStore.find` reads at most.
+FIND_SCAN = 10_000
 # Dramatiq's queue names (dramatiq.actor's pattern); the suffixes are dramaturg's own.
 _QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 _RESERVED_SUFFIXES = (".DQ", ".XQ", ".HQ", ".P1", ".P2")
@@ -299,6 +301,20 @@ def origin(exception: BaseException) -> str | None:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
+@dataclass(frozen=True)
+class HeldMatches:
+    """A page of the held tasks that match a filter (:meth:`HeldStore.find`)."""
+
+    #: The page: matching tasks, oldest first.
+    tasks: list[HeldTask]
+    #: How many of the tasks read match.
+    matched: int
+    #: How many tasks were read (the oldest of the queue).
+    scanned: int
+    #: Whether every held task of the queue was read (else ``matched`` counts the oldest ``scanned``).
+    complete: bool
+
+
 class HeldStore(ABC):
     """Where a broker keeps its held tasks. Get it with :func:`held_tasks`.
 
@@ -387,6 +403,38 @@ class HeldStore(ABC):
         return queue
 
     # -- shared behaviour -------------------------------------------------------------
+
+    def find(
+        self,
+        queue: str,
+        *,
+        reason: str | None = None,
+        actor: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+        scan: int = FIND_SCAN,
+    ) -> HeldMatches:
+        """The held tasks of ``queue`` whose reason contains ``reason`` (ignoring case) and
+        whose actor is ``actor`` (exactly), oldest first: the page ``offset``, ``limit``
+        of them.
+
+        No broker indexes held tasks by reason or actor: this reads the oldest ``scan``
+        tasks of the queue in one listing (one Lua call on Redis, one pass over the held
+        queue on RabbitMQ) and filters them here; ``complete`` says whether that was all.
+
+        >>> store.find("imports", reason="retries exhausted", actor="sync_orders").matched  # doctest: +SKIP
+        12
+        """
+        read = self.list(queue, offset=0, limit=scan + 1)
+        complete = len(read) <= scan
+        read = read[:scan]
+        needle = reason.casefold() if reason else None
+        hits = [
+            task
+            for task in read
+            if (needle is None or needle in task.reason.casefold()) and (not actor or task.actor_name == actor)
+        ]
+        return HeldMatches(hits[offset : offset + limit], len(hits), len(read), complete)
 
     def kick(self, queue: str, message_ids: Sequence[str] | None = None, *, delay_ms: int | None = None) -> int:
         """Requeue held tasks (all of ``queue`` when ``message_ids`` is None); returns how many.

@@ -1,4 +1,4 @@
-"""The ``dramaturg`` command: ``worker``, ``drain``, ``send``, ``held``, ``queue``, ``stats``, ``status``,
+"""The ``dramaturg`` command: ``worker``, ``workers``, ``drain``, ``send``, ``held``, ``queue``, ``stats``, ``status``,
 ``cancel``, ``batch``, ``scheduler``, ``schedule``, ``locks``, ``limits``, ``config``, ``dashboard``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
@@ -46,6 +46,7 @@ from . import (
     stats,
     status,
     worker,
+    workers,
 )
 
 __all__ = [
@@ -95,6 +96,9 @@ examples:
   # Where a batch stands; a progress bar until it ends
   $ dramaturg batch show 6a1f...
   $ dramaturg batch watch 6a1f...
+
+  # The worker processes alive now: host, pid, queues, tasks running
+  $ dramaturg workers
 
   # Fire the periodic tasks (on every host if you like: each slot fires once)
   $ dramaturg scheduler
@@ -155,6 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
         flow,
         config_cmd,
         dashboard,
+        workers,
     ):
         module.add_parser(subparsers)
     return parser

@@ -11,11 +11,13 @@ it as an ASGI app::
 
 Pages: queues (ready, delayed, in flight, held, dead, workers and the last minute's
 counts, refreshed every few seconds), held tasks per queue (paged through the held
-store's ``offset``/``limit``, so a queue of 100,000 held tasks is never loaded whole), a
-held task's page (arguments, context, reason, traceback, attempts, kicks), task lookup
-by message id, batches with progress bars. Everything they show comes from the public
-functions the CLI uses (:func:`dramaturg.queue_stats`, :func:`dramaturg.held_tasks`,
-:func:`dramaturg.task_status`, :func:`dramaturg.batches`); every page is masked
+store's ``offset``/``limit``, so a queue of 100,000 held tasks is never loaded whole;
+filtered by reason and actor through :meth:`dramaturg.HeldStore.find`), a held task's
+page (arguments, context, reason, traceback, attempts, kicks), task lookup by message
+id, batches with progress bars, schedules, and the live worker processes. Everything
+they show comes from the public functions the CLI uses (:func:`dramaturg.queue_stats`,
+:func:`dramaturg.held_tasks`, :func:`dramaturg.task_status`, :func:`dramaturg.batches`,
+:func:`dramaturg.workers`); every page is masked
 (:func:`dramaturg.masking.mask_text`) as a whole before it is sent, so a URL password in
 an exception message never reaches a browser.
 

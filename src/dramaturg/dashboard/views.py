@@ -41,6 +41,8 @@ from ..masking import mask_text
 from ..queue_admin import MAX_PEEK, peek_queue, purge_queue
 from ..stats import QueueStats, queue_stats, totals
 from ..status import task_status
+from ..workers import registry as worker_registry
+from ..workers import registry_of, workers
 from .auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, SESSION_S, Guard
 
 logger = logging.getLogger("dramaturg.dashboard")
@@ -174,11 +176,24 @@ class Dashboard:
             return self.error(request, str(error), 404)
         offset = _int_param(request, "offset", 0, 0, 10**12)
         limit = _int_param(request, "limit", PAGE, 1, MAX_PAGE)
+        # Filters: the reason contains this text (ignoring case); the actor is this one.
+        reason = " ".join(request.query_params.get("reason", "").split())[:200]
+        actor = request.query_params.get("actor", "").strip()[:200]
+        matches = None
         try:
             total = store.count(queue)
-            tasks = store.list(queue, offset=offset, limit=limit)
+            if reason or actor:
+                matches = store.find(queue, reason=reason, actor=actor, offset=offset, limit=limit)
+                tasks, shown_of = matches.tasks, matches.matched
+            else:
+                tasks, shown_of = store.list(queue, offset=offset, limit=limit), total
         except Exception as error:
             return self.error(request, _unreachable(error), 503)
+        filters = {name: value for name, value in (("reason", reason), ("actor", actor)) if value}
+
+        def page(at: int) -> str:
+            return "?" + urlencode({"offset": at, "limit": limit, **filters})
+
         return self.render(
             request,
             "held_list.html",
@@ -188,8 +203,12 @@ class Dashboard:
             total=total,
             offset=offset,
             limit=limit,
-            previous=max(offset - limit, 0) if offset > 0 else None,
-            next=offset + limit if offset + len(tasks) < total else None,
+            reason=reason,
+            actor=actor,
+            matches=matches,
+            actors=sorted(self.broker().get_declared_actors()),
+            previous=page(max(offset - limit, 0)) if offset > 0 else None,
+            next=page(offset + limit) if offset + len(tasks) < shown_of else None,
         )
 
     def held_task(self, request: Request) -> Response:
@@ -279,6 +298,37 @@ class Dashboard:
         except Exception as error:
             problem = _unreachable(error)
         return self.render(request, "schedules.html", title="Schedules", schedules=rows, problem=problem)
+
+    def worker_list(self, request: Request) -> Response:
+        return self._workers(request, "workers.html")
+
+    def workers_table(self, request: Request) -> Response:
+        return self._workers(request, "_workers_table.html")
+
+    def _workers(self, request: Request, template: str) -> Response:
+        """The live worker processes (:func:`dramaturg.workers`); without a state store, one line saying so."""
+        rows = []
+        problem = None
+        interval_ms, ttl_ms = worker_registry.INTERVAL_MS, worker_registry.TTL_MS
+        try:
+            broker = self.broker()
+            registry = registry_of(broker)
+            interval_ms, ttl_ms = registry.interval_ms, registry.ttl_ms
+            rows = workers(broker)
+        except StateUnavailable as error:
+            problem = str(error)
+        except Exception as error:
+            problem = _unreachable(error)
+        return self.render(
+            request,
+            template,
+            title="Workers",
+            workers=rows,
+            problem=problem,
+            now_ms=int(time.time() * 1000),
+            interval_s=f"{interval_ms / 1000:g}",
+            ttl_s=f"{ttl_ms / 1000:g}",
+        )
 
     def _settings(self) -> Any:
         """The settings the dashboard's broker was made from (for the config file's schedules)."""
@@ -497,6 +547,8 @@ def build(broker: Callable[[], dramatiq.Broker], guard: Guard) -> Starlette:
         Route("/tasks", board.lookup),
         Route("/batches", board.batch_list),
         Route("/schedules", board.schedules),
+        Route("/workers", board.worker_list),
+        Route("/workers/table", board.workers_table),
         Route("/login", board.login_form, methods=["GET"]),
         Route("/login", board.login, methods=["POST"]),
         Route("/logout", board.logout, methods=["POST"]),

@@ -27,6 +27,7 @@ from ..resources import Resources
 from ..status.recorder import StatusRecorder
 from ..task import RunOutcome, run_of
 from ..task_context import ContextMiddleware
+from ..workers.registry import WorkerRegistry
 from .consumer_timeout import ConsumerTimeoutCheck
 from .metrics import Metrics
 from .outcomes import Outcomes
@@ -56,6 +57,7 @@ __all__ = [
     "TimeToRun",
     "TimeToRunExceeded",
     "WorkerConfig",
+    "WorkerRegistry",
     "framework_middleware",
 ]
 
@@ -110,6 +112,8 @@ def framework_middleware(settings: Settings) -> list[Middleware]:
         ),
         *([RedisRecovery(settings.broker.heartbeat_timeout)] if broker_type in {"redis", "embedded"} else []),
         *([ConsumerTimeoutCheck(settings.broker.consumer_timeout)] if broker_type == "rabbitmq" else []),
+        # Each worker's record in the state store, for dramaturg.workers() (writes nothing without one).
+        WorkerRegistry(state.url, settings.broker.namespace),
         Resources(),
     ]
 
