@@ -35,6 +35,7 @@ import dramaturg
 import dramaturg.actors.builtin  # the echo actor, declared once and kept by isolated_app
 from dramaturg import app, resources, suspension, task_context
 from dramaturg.held import HeldTask
+from dramaturg.queues import BANDS, band, lane_queue
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 BROKERS = ("rabbitmq", "redis", "embedded")
@@ -291,8 +292,17 @@ def held_task(queue: str, number: int, *, actor: str = "import_user") -> HeldTas
     )
 
 
-def raw_publish(broker: Any, queue: str, body: bytes) -> None:
-    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would."""
+def raw_publish(broker: Any, queue: str, body: bytes, *, priority: int | None = 0) -> None:
+    """Put ``body`` on ``queue`` without Dramatiq, as a foreign or broken producer would.
+
+    It goes in the priority band ``send()`` puts a message of ``priority`` in (0, the
+    default, is the band of a message sent with none), so that a message sent after it
+    is delivered after it. ``None`` publishes as a producer that knows nothing of the
+    bands: on RabbitMQ a message without a priority, which is RabbitMQ's lowest, so that
+    a message of the default band sent after it is delivered before it; on Redis and
+    embedded the queue's first lane, the default band's.
+    """
+    banded = priority is not None and broker.settings.priorities
     if broker.settings.type == "rabbitmq":
         import pika
 
@@ -301,15 +311,18 @@ def raw_publish(broker: Any, queue: str, body: bytes) -> None:
         try:
             channel = connection.channel()
             channel.confirm_delivery()  # on the queue before anything sent after it
-            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+            # RabbitMQ's priority for the band, as the priority middleware publishes it
+            published = len(BANDS) - 1 - band(priority) if banded and priority is not None else None
+            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2, priority=published))
         finally:
             connection.close()
         return
     broker.declare_queue(queue)
+    lane = lane_queue(queue, priority) if banded and priority is not None else queue
     redis_id = str(uuid.uuid4())
-    # Dramatiq's Redis layout: the body in <queue>.msgs, the id on the <queue> list.
-    broker.client.hset(f"{broker.namespace}:{queue}.msgs", redis_id, body)
-    broker.client.rpush(f"{broker.namespace}:{queue}", redis_id)
+    # Dramatiq's Redis layout: the body in <lane>.msgs, the id on the <lane> list.
+    broker.client.hset(f"{broker.namespace}:{lane}.msgs", redis_id, body)
+    broker.client.rpush(f"{broker.namespace}:{lane}", redis_id)
 
 
 # -- subprocesses -----------------------------------------------------------------------

@@ -87,7 +87,9 @@ def test_an_undecodable_message_is_held_and_the_worker_goes_on(
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
     # Given a body that is not a message, put straight onto the queue by another client
-    raw_publish(broker, "imports", b"\x80not json at all")
+    # (in the band of the default priority: one without a priority is RabbitMQ's lowest,
+    # and a good message sent after it would be delivered before it)
+    raw_publish(broker, "imports", b"\x80not json at all", priority=0)
     # and a good message behind it
     import_user.send({"id": 1})
 
@@ -285,8 +287,9 @@ def test_a_password_in_a_poison_message_is_masked(
     import_user: dramaturg.Actor[..., None],
     start_worker: Callable[..., dramatiq.Worker],
 ) -> None:
-    # Given an undecodable body that holds a URL with its password
-    raw_publish(broker, "imports", b"\x80 redis://:" + SECRET.encode() + b"@cache:6379/0")
+    # Given an undecodable body that holds a URL with its password, from a producer that
+    # sets no priority (on RabbitMQ the lowest: the good message sent after it comes first)
+    raw_publish(broker, "imports", b"\x80 redis://:" + SECRET.encode() + b"@cache:6379/0", priority=None)
     import_user.send({"id": 1})
 
     start_worker()
