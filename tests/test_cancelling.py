@@ -401,3 +401,28 @@ def test_cancelling_a_purged_task_says_it_had_ended(broker: dramatiq.Broker) -> 
     # Then nothing is requested: it had ended, purged
     assert (answer.outcome, answer.state) == ("ended", "purged")
     assert answer.detail.startswith("it was purged from its queue")
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_stopped_worker_leaves_no_cancel_reader_behind(
+    broker: dramatiq.Broker, start_worker: Callable[..., Any]
+) -> None:
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="cancel-reader")
+    def work() -> None:
+        ran.add(1)
+
+    def readers() -> int:
+        return sum(thread.name == "dramaturg-cancel-watch" and thread.is_alive() for thread in threading.enumerate())
+
+    # Given a worker that ran a task (its process reads the cancel feed meanwhile)
+    before = readers()
+    worker = start_worker(threads=1, queues={"cancel-reader"})
+    work.send()
+    ran.wait(1)
+    assert readers() == before + 1
+
+    # When it stops, its reader thread ends with it
+    worker.stop()
+    assert readers() == before

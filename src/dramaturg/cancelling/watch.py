@@ -78,8 +78,15 @@ class _Watcher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._failing = False
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="dramaturg-cancel-watch", daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        """End the reading thread (its worker stopped); waits for it a moment."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(POLL_S * 4)
 
     def wake(self) -> None:
         if not self._wake.is_set():
@@ -135,10 +142,10 @@ class _Watcher:
                 logger.info("task %s is interrupted: it was cancelled", message_id)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped:
             self._wake.wait()
             self._wake.clear()
-            while self.running:
+            while self.running and not self._stopped:
                 try:
                     self.read()
                 except Exception:  # never let the reader die: the next poll tries again
@@ -228,6 +235,12 @@ class CancelWatch(dramatiq.Middleware):
                 watcher.running.pop(message_id, None)
 
     after_skip_message = after_process_message
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        with self._lock:
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
 
 
 def watch_of(broker: dramatiq.Broker) -> CancelWatch:
