@@ -1,6 +1,6 @@
 """The queues page's chart of the last hour, read as the page renders it: a bar a minute
-per queue (``data-*`` attributes and the bars' heights), on Redis and on RabbitMQ with a
-state store (without one, the page says what to set: tests/test_dashboard.py).
+per queue (``data-*`` attributes and the bars' heights), on Redis, embedded and on RabbitMQ
+with a state store (without one, the page says what to set: tests/test_dashboard.py).
 
 The app is served in this process (``serve``); the chart is server-made SVG, read from
 the HTML as a browser gets it.
@@ -27,7 +27,7 @@ from dramaturg.status.store import HISTORY_TTL_MS
 from .conftest import WAIT_S, LiveServer, poll_until, settings_with_state
 
 
-@pytest.fixture(params=["redis", "rabbitmq"])
+@pytest.fixture(params=["redis", "rabbitmq", "embedded"])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -118,3 +118,23 @@ def test_the_chart_counts_the_minutes_tasks_and_shows_no_minute_older_than_an_ho
     empty = chart_of(client.get("/queues").text, "quiet")
     assert empty["bars"] == {} and empty["attributes"]["data-bars"] == "0"
     assert empty["attributes"]["aria-label"] == "quiet: nothing processed or held in the last 60 minutes"
+
+
+def test_the_chart_escapes_what_it_draws() -> None:
+    # Given a chart of a queue whose name has markup in it (Dramatiq's names never do: the
+    # template must not rely on it) — pure rendering, no broker
+    from dramaturg.dashboard.chart import HEIGHT, WIDTH, minute_chart
+    from dramaturg.dashboard.views import _templates
+
+    chart = minute_chart(
+        'q"><script>x</script>', [(1764580800, {"processed": 2, "failed": 1, "retried": 0, "held": 0})]
+    )
+
+    # When it is drawn
+    macro = _templates.get_template("_chart.html").module.minute_chart  # type: ignore[attr-defined]
+    svg = str(macro(chart, WIDTH, HEIGHT))
+
+    # Then the name is text in its attributes and title, never markup
+    assert "<script>" not in svg
+    assert 'data-queue="q&#34;&gt;&lt;script&gt;x&lt;/script&gt;"' in svg
+    assert "<title>q&#34;&gt;&lt;script&gt;x&lt;/script&gt;, last 60 minutes: 2 processed, 1 failed" in svg

@@ -39,6 +39,7 @@ from ..errors import (
 from ..held import HeldStore, held_tasks
 from ..masking import mask_text
 from ..queue_admin import MAX_PEEK, peek_queue, purge_queue
+from ..state_redis import no_store_reason
 from ..stats import QueueStats, queue_stats, totals
 from ..status import state_store, task_status
 from ..workers import registry as worker_registry
@@ -143,8 +144,8 @@ class Dashboard:
                 names = [row.queue for row in rows]
                 history = state_store(self.broker()).minute_history(names)
                 charts = {queue: minute_chart(queue, history[queue]) for queue in names}
-            except StateUnavailable as error:
-                history_problem = str(error)
+            except StateUnavailable:
+                history_problem = no_store_reason(self.broker(), needs="the chart of the last hour needs")
             except Exception as error:  # the state store's client error: one line, the table stays
                 history_problem = _unreachable(error)
         return self.render(
