@@ -326,6 +326,24 @@ def test_the_schedules_page_shows_each_schedule_with_its_next_and_last_run(
 
 
 @pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_the_queues_page_has_no_chart_without_a_state_store(
+    broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
+) -> None:
+    # Given RabbitMQ without [state] url, and a declared queue
+    broker.declare_queue("imports")
+
+    # When the queues page is opened
+    page = dashboard(token=None).get("/queues")
+
+    # Then the queue's row has no chart of the last hour, and the page says what to set
+    assert page.status_code == 200, page.text
+    assert 'data-queue="imports"' in page.text and '<svg class="chart"' not in page.text
+    assert '<td class="text" data-column="last_hour">-</td>' in page.text
+    assert "the chart of the last hour needs a state store, and the rabbitmq broker has none of its own" in page.text
+    assert "set [state] url" in page.text
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
 def test_the_schedules_page_says_what_to_set_without_a_state_store(
     broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,23 @@ def test_screenshots_of_each_page(
         worker.stop()
         for n in range(53, 60):
             send_welcome.send(f"user{n}@example.com")
+        # and an hour behind the queues for their charts: counted as a worker's flushes count
+        # (mail steady, imports in bursts with some held, sync failing now and then)
+        from dramaturg.status import state_store
+
+        history, now = state_store(broker), time.time()
+        for ago in range(1, 60):
+            at = now - ago * 60
+            for _ in range(20 + (ago * 7) % 13):
+                history.count("mail", "processed", at=at)
+            if ago % 15 in (3, 4):
+                for n in range(110 + ago % 40):
+                    history.count("imports", "processed", at=at)
+                    if n % 7 == 0:
+                        history.count("imports", "failed", "held", at=at)
+            if ago % 10 == 6:
+                history.count("sync", "processed", "failed", "retried", at=at)
+        history.flush()
 
         context = open_dashboard(viewport={"width": 1280, "height": 720})
         page = context.new_page()
@@ -343,7 +361,7 @@ def test_screenshots_of_each_page(
             expect(page.locator(ready).first).to_be_visible()
             page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
-        shoot("/queues", "queues", 'tr[data-queue="mail"]')
+        shoot("/queues", "queues", 'svg.chart[data-queue="mail"] g.bar')
         shoot("/held/imports", "held-list", "tr[data-id]")
         shoot("/held/imports?reason=row+1", "held-filtered", "tr[data-id]")
         first_held = store.list("imports", limit=1)[0]

@@ -39,11 +39,15 @@ from ..errors import (
 from ..held import HeldStore, held_tasks
 from ..masking import mask_text
 from ..queue_admin import MAX_PEEK, peek_queue, purge_queue
+from ..state_redis import no_store_reason
 from ..stats import QueueStats, queue_stats, totals
-from ..status import task_status
+from ..status import state_store, task_status
 from ..workers import registry as worker_registry
 from ..workers import registry_of, workers
 from .auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, SESSION_S, Guard
+from .chart import HEIGHT as CHART_H
+from .chart import WIDTH as CHART_W
+from .chart import MinuteChart, minute_chart
 
 logger = logging.getLogger("dramaturg.dashboard")
 
@@ -129,10 +133,21 @@ class Dashboard:
         rows: list[QueueStats] = []
         problem = None
         started = time.perf_counter()
+        charts: dict[str, MinuteChart] | None = None
+        history_problem = None
         try:
             rows = queue_stats(broker=self.broker())
         except Exception as error:  # the broker's client error too: one line on the page
             problem = _unreachable(error)
+        if rows:
+            try:
+                names = [row.queue for row in rows]
+                history = state_store(self.broker()).minute_history(names)
+                charts = {queue: minute_chart(queue, history[queue]) for queue in names}
+            except StateUnavailable:
+                history_problem = no_store_reason(self.broker(), needs="the chart of the last hour needs")
+            except Exception as error:  # the state store's client error: one line, the table stays
+                history_problem = _unreachable(error)
         return self.render(
             request,
             template,
@@ -142,6 +157,10 @@ class Dashboard:
             problem=problem,
             read_ms=round((time.perf_counter() - started) * 1000, 1),
             now=_when(int(time.time() * 1000)),
+            charts=charts,
+            history_problem=history_problem,
+            chart_w=CHART_W,
+            chart_h=CHART_H,
         )
 
     def waiting(self, request: Request) -> Response:

@@ -15,10 +15,16 @@ A flush that fails is retried with the next one; past ``MAX_PENDING`` records th
 changes are dropped with a warning.
 
 The same flushes add the per-minute counts ``dramaturg stats`` shows (:data:`COUNTERS`),
-in buckets of 5 s kept ten minutes.
+in buckets of 5 s kept ten minutes, and the same counts per calendar minute, kept
+``HISTORY_TTL_MS`` (65 minutes), for the dashboard's chart of the last hour
+(:meth:`StateStore.minute_history`). The history costs no round trip of its own: its
+``HINCRBY`` and ``PEXPIRE`` go in the flush's pipeline, two commands per queue, minute and
+counter that changed in a flush (at most ten flushes a second per process, whatever
+the rate of tasks), ~61 small hashes per queue in Redis.
 
 Keys: ``<broker.namespace>:__state__:<message id>`` for records,
-``<broker.namespace>:__counts__:<queue>:<bucket>`` for counts. The Lua scripts are the
+``<broker.namespace>:__counts__:<queue>:<bucket>`` for counts,
+``<broker.namespace>:__minutes__:<queue>:<minute>`` for the history (minute: since the epoch). The Lua scripts are the
 ``.lua`` files beside this module, read once when it is imported.
 """
 
@@ -58,6 +64,11 @@ MAX_PENDING = 200_000
 #: Counts are kept per bucket of this many seconds, for ``COUNTS_TTL_MS``.
 BUCKET_S = 5
 COUNTS_TTL_MS = 10 * 60 * 1000
+#: The history's counts are kept per minute (since the epoch) for this long: an hour, and
+#: a margin for clocks a little apart.
+HISTORY_TTL_MS = 65 * 60 * 1000
+#: Minutes of history :meth:`StateStore.minute_history` reads, the current one included.
+HISTORY_MINUTES = 60
 #: The per-minute counts, per queue: attempts that ended (any way), ended with an error,
 #: were followed by a retry, or got the task held. ``dramaturg stats`` shows them as the
 #: ``<name>/min`` columns (:class:`~dramaturg.QueueStats`' ``<name>_per_min``).
@@ -150,9 +161,9 @@ class StateStore:
             self._new.append((record, list(message_ids)))
         self._ensure_thread()
 
-    def count(self, queue: str, *names: str) -> None:
-        """Add one to each count ``names`` (in :data:`COUNTERS`) of ``queue``, now."""
-        bucket = int(time.time() // BUCKET_S)
+    def count(self, queue: str, *names: str, at: float | None = None) -> None:
+        """Add one to each count ``names`` (in :data:`COUNTERS`) of ``queue``, now (or ``at``, s since the epoch)."""
+        bucket = int((time.time() if at is None else at) // BUCKET_S)
         with self._lock:
             for name in names:
                 self._counts[(queue, bucket, name)] += 1
@@ -204,11 +215,20 @@ class StateStore:
                 batch = records[start : start + BATCH]
                 keys = [prefix + message_id for message_id, _ in batch]
                 script(keys=keys, args=[self.ttl_ms, *(record for _, record in batch)], client=pipe)
+            minutes: Counter[tuple[str, int, str]] = Counter()
             for (queue, bucket, name), n in counts.items():
                 key = f"{self.namespace}:__counts__:{queue}:{bucket}"
                 pipe.hincrby(key, name, n)
                 pipe.pexpire(key, COUNTS_TTL_MS)
+                minutes[(queue, bucket * BUCKET_S // 60, name)] += n
+            for (queue, minute, name), n in minutes.items():
+                key = self._minute_key(queue, minute)
+                pipe.hincrby(key, name, n)
+                pipe.pexpire(key, HISTORY_TTL_MS)
             pipe.execute()
+
+    def _minute_key(self, queue: str, minute: int) -> str:
+        return f"{self.namespace}:__minutes__:{queue}:{minute}"
 
     def _put_back(self, pending: dict[str, list[Any]], counts: Counter[tuple[str, int, str]], error: Exception) -> None:
         with self._lock:
@@ -294,6 +314,31 @@ class StateStore:
                     totals[name] += int(counts.get(name.encode(), 0)) * weight
             result[queue] = totals
         return {queue: {name: round(value) for name, value in totals.items()} for queue, totals in result.items()}
+
+    def minute_history(
+        self, queues: Sequence[str], minutes: int = HISTORY_MINUTES
+    ) -> dict[str, list[tuple[int, dict[str, int]]]]:
+        """Per queue, the last ``minutes`` calendar minutes, oldest first, the current one
+        (still counting) last: ``(minute's start, s since the epoch, {counter: n})`` with
+        each of :data:`COUNTERS`, 0 where nothing happened. One pipelined read of
+        ``minutes`` small hashes per queue. ``minutes`` is at most :data:`HISTORY_MINUTES`
+        (older ones have expired).
+        """
+        minutes = max(1, min(minutes, HISTORY_MINUTES))
+        newest = int(time.time() // 60)
+        span = range(newest - minutes + 1, newest + 1)
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for minute in span:
+                    pipe.hgetall(self._minute_key(queue, minute))
+            replies = iter(pipe.execute())
+        return {
+            queue: [
+                (minute * 60, {name: int(counts.get(name.encode(), 0)) for name in COUNTERS})
+                for minute, counts in zip(span, replies, strict=False)
+            ]
+            for queue in queues
+        }
 
 
 _stores: weakref.WeakSet[StateStore] = weakref.WeakSet()
