@@ -154,7 +154,7 @@ def test_a_held_task_is_purged_and_its_status_says_cancelled(
     assert status.reason == "was held (row 7 has no email), then purged"
 
 
-def test_a_held_task_kicked_after_its_cancel_lapsed_runs(
+def test_a_held_task_kicked_after_its_cancel_lapsed_runs_and_one_cancelled_while_held_does_not(
     broker: dramatiq.Broker, start_worker: Callable[..., Any]
 ) -> None:
     ran = Runs()
@@ -166,20 +166,29 @@ def test_a_held_task_kicked_after_its_cancel_lapsed_runs(
             task.hold("row 7 has no email")
         ran.add(n)
 
-    # Given a task that ended held while a cancel request was on its way: the request
-    # lapsed (the task's status says held), and the request is kept, as after that race
+    # Given two held tasks: one that ended held while a cancel request was on its way (the
+    # request, made while it ran, lapsed: its status says held, and the request is kept),
+    # and one whose cancel came once it was held, its purge beaten by the kick below
     start_worker(threads=1, queues={"cancel-lapsed"})
-    message = picky.send(7)
-    status_when(message.message_id, "held")
-    watch_of(broker).requests(broker).request([message.message_id], "ops@test")
-    settle()  # as cancel() does: from now on every worker knows of it before it takes a task
+    lapsed, deliberate = picky.send(7), picky.send(8)
+    for message in (lapsed, deliberate):
+        status_when(message.message_id, "held")
+    requests = watch_of(broker).requests(broker)
+    held_at = dramaturg.held_tasks().get(lapsed.message_id).held_at  # type: ignore[union-attr]
+    before = json.dumps({"by": "ops@test", "at": held_at - 2_000})
+    requests._script(keys=[requests.prefix, requests.feed_key], args=[requests.ttl_ms, before, lapsed.message_id])
+    requests.request([deliberate.message_id], "ops@test")
+    settle()  # as cancel() does: from now on every worker knows of them before it takes a task
 
-    # When the held task is kicked: a later decision to run it
-    assert dramaturg.held_tasks().kick("cancel-lapsed", [message.message_id]) == 1
+    # When both are kicked: a later decision to run them
+    assert dramaturg.held_tasks().kick("cancel-lapsed") == 2
 
-    # Then it runs, and succeeds, rather than being skipped as cancelled
+    # Then the one whose request lapsed runs, and succeeds, rather than being skipped
     assert ran.wait(1) == [7]
-    status_when(message.message_id, "succeeded")
+    status_when(lapsed.message_id, "succeeded")
+    # and the one cancelled while held is skipped, as its cancel said
+    assert status_when(deliberate.message_id, "cancelled").cancel_requested_by == "ops@test"
+    assert ran.seen == [7]
 
 
 def test_cancelling_a_batch_cancels_the_members_that_have_not_ended(
@@ -356,8 +365,10 @@ def test_two_cancels_racing_make_one_request_and_a_worker_reads_each_once(redis_
     found, last = requests.feed(last)
     assert [message_id for message_id, _, _ in found] == ["task-50"]
     # and a withdrawal (a kick's) comes after the request it withdraws, and a new request after it
-    assert requests.withdraw(["task-3", "task-999"]) == ["task-3"]
-    assert requests.get("task-3") is None
+    # (only a request made before its task was held: a later one is a deliberate cancel)
+    now_ms = int(time.time() * 1000) + 60_000
+    assert requests.withdraw({"task-3": now_ms, "task-999": now_ms, "task-4": 0}) == ["task-3"]
+    assert requests.get("task-3") is None and requests.get("task-4") is not None
     assert requests.request(["task-3"], "bob") == ["task-3"]
     found, _ = requests.feed(last)
     assert [(message_id, withdrawn) for message_id, _, withdrawn in found] == [("task-3", True), ("task-3", False)]

@@ -436,3 +436,50 @@ def test_a_task_purged_whose_acknowledgement_was_lost_is_never_run(
     assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}
     assert (summary["total"], summary["succeeded"], summary["cancelled"]) == (4, 0, 4)
     assert batch.status().state == "complete"
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_a_purged_task_delivered_again_is_dropped_even_when_its_limit_is_full(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pika.adapters.blocking_connection import BlockingChannel
+
+    from dramaturg.flow.control import FlowControl
+    from dramaturg.flow.state import LimitSpec
+
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports", limits=[dramaturg.concurrency(1, key="shop")])
+    def member(n: int) -> None:
+        ran.add(n)
+
+    @dramaturg.actor(queue_name="imports")
+    def after() -> None:
+        ran.add("after")
+
+    # Given two tasks of an actor with a concurrency limit, purged by a purge whose
+    # connection was lost after it recorded them and before it acknowledged them
+    sent = [member.send(n) for n in range(2)]
+    ack = BlockingChannel.basic_ack
+
+    def connection_lost(channel: BlockingChannel, *args: Any, **kwargs: Any) -> None:
+        channel.connection.close()
+        ack(channel, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_ack", connection_lost)
+    with pytest.raises(dramaturg.BrokerUnreachable, match="lost RabbitMQ"):
+        dramaturg.purge_queue("imports", broker=broker)
+    monkeypatch.undo()
+    # and the limit's one slot taken by another task for a minute
+    flow = next(m for m in broker.middleware if isinstance(m, FlowControl))
+    assert flow.state(broker).acquire("another-task", "run-1", [LimitSpec("c", "shop", 1, 60_000)]) is None
+
+    # When a worker takes what RabbitMQ gave back, then a task sent after them
+    after.send()
+    worker = start_worker(threads=1, queues={"imports"})
+    assert ran.wait(1) == ["after"]
+    worker.stop()
+
+    # Then the purged tasks were dropped, not put back to wait for the slot as fresh copies
+    assert pending_messages(broker, "imports") == 0
+    assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}

@@ -445,18 +445,20 @@ class HeldStore(ABC):
         :class:`KickError` says which, and how many were requeued.
         """
         kicked, failures = 0, []
+        held_at: dict[str, int] = {}  # when each task of the batch was held (ms)
         with self.taking(queue, message_ids) as taken:
             batch: builtins.list[tuple[dramatiq.Message[Any], Any]] = []
             for task, receipt in taken:
                 try:
                     batch.append((task.to_message(), receipt))
+                    held_at[task.message_id] = task.held_at
                 except KickError as error:
                     failures.append((task.message_id, str(error)))
                 if len(batch) >= KICK_BATCH:
-                    kicked += self._requeue_batch(queue, batch, delay_ms, failures)
-                    batch = []
+                    kicked += self._requeue_batch(queue, batch, delay_ms, failures, held_at)
+                    batch, held_at = [], {}
             if batch:
-                kicked += self._requeue_batch(queue, batch, delay_ms, failures)
+                kicked += self._requeue_batch(queue, batch, delay_ms, failures, held_at)
         if failures:
             first_id, first_why = failures[0]
             raise KickError(
@@ -473,10 +475,11 @@ class HeldStore(ABC):
         batch: Sequence[tuple[dramatiq.Message[Any], Any]],
         delay_ms: int | None,
         failures: builtins.list[tuple[str, str]],
+        held_at: dict[str, int],
     ) -> int:
         from .cancelling import withdraw_lapsed
 
-        withdraw_lapsed(self.broker, [message.message_id for message, _ in batch])
+        withdraw_lapsed(self.broker, held_at)
         try:
             failed = self.requeue(queue, batch, delay_ms)
         except Exception as error:  # none of the batch was requeued; go on with the next

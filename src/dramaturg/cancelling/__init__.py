@@ -39,7 +39,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -169,11 +169,14 @@ def request_cancel(message_id: str, *, by: str | None = None, broker: dramatiq.B
         return Cancellation(message_id, "requested", state, _WHAT_HAPPENS.get(state, f"it was {state}"))
     held = broker.held.get(message_id, status.queue)  # type: ignore[attr-defined]
     if held is None or not broker.held.purge(held.queue_name, [message_id]):  # type: ignore[attr-defined]
-        # The kick withdrew the requests of what it took (see withdraw_lapsed): ask again.
-        requests.request([message_id], by)
+        # Taken meanwhile by a kick (which leaves a request made after the task was held
+        # standing: see withdraw_lapsed) or by a reader of the held queue (RabbitMQ).
         settle()
-        kicked = "it was held, and was kicked meanwhile; it is skipped when a worker takes it"
-        return Cancellation(message_id, "requested", state, kicked)
+        taken = (
+            "it was held, and was taken from the held store meanwhile (a kick, or a reader on RabbitMQ);"
+            " it is skipped when a worker takes it"
+        )
+        return Cancellation(message_id, "requested", state, taken)
     now = time.time()
     store = state_store(broker)
     store.record(
@@ -238,21 +241,24 @@ def cancel_batch(batch_id: str, *, by: str | None = None, broker: dramatiq.Broke
     return BatchCancellation(batch_id, count, status.state, f"cancel requested for {words}")
 
 
-def withdraw_lapsed(broker: dramatiq.Broker, message_ids: Sequence[str]) -> None:
-    """Withdraw the cancel requests of held tasks about to be kicked: a request made while
-    a task ran lapses when the task ends held instead, and a kick is a later decision to
-    run it. Nothing to do without a state store; when the store does not answer, a WARNING
-    says so and the kick goes on (a task whose request stands is then skipped as cancelled)."""
+def withdraw_lapsed(broker: dramatiq.Broker, held_at: Mapping[str, int]) -> None:
+    """Withdraw the cancel requests that lapsed of held tasks about to be kicked: a
+    request made while a task ran lapses when the task ends held instead (the request is
+    older than ``held_at``, when each was held, ms), and a kick is a later decision to run
+    it. A request made once the task was held stands (the cancel's purge lost a race with
+    this kick). Nothing to do without a state store; when the store does not answer, a
+    WARNING says so and the kick goes on (a task whose request stands is then skipped as
+    cancelled)."""
     watch = next((m for m in broker.middleware if isinstance(m, CancelWatch)), None)
-    if watch is None or not message_ids:
+    if watch is None or not held_at:
         return
     try:
-        watch.requests(broker).withdraw(message_ids)
+        watch.requests(broker).withdraw(held_at)
     except Exception as error:
         logger.warning(
             "could not withdraw the cancel requests of %d kicked tasks (%s: %s); any of them that had one"
             " is skipped as cancelled when taken",
-            len(message_ids),
+            len(held_at),
             type(error).__name__,
             error,
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -67,15 +67,18 @@ class CancelRequests:
             new += [message_id for message_id, answer in zip(chunk, answers, strict=True) if int(answer)]
         return new
 
-    def withdraw(self, message_ids: Sequence[str]) -> list[str]:
-        """Withdraw the requests for ``message_ids`` (the held tasks a kick runs again);
-        returns those that had one. Workers forget them at their next read of the feed,
-        and one that takes such a task before then looks its request up (:meth:`get`)."""
+    def withdraw(self, held_at: Mapping[str, int]) -> list[str]:
+        """Withdraw the requests for the message ids of ``held_at`` that were made before
+        each was held (its value, ms: a held task about to be kicked); returns those
+        withdrawn. Workers forget them at their next read of the feed, and one that takes
+        such a task before then looks its request up (:meth:`get`)."""
         withdrawn: list[str] = []
-        for start in range(0, len(message_ids), CHUNK):
-            chunk = list(message_ids[start : start + CHUNK])
-            answers = self._withdraw(keys=[self.prefix, self.feed_key], args=[self.ttl_ms, *chunk])
-            withdrawn += [message_id for message_id, answer in zip(chunk, answers, strict=True) if int(answer)]
+        items = list(held_at.items())
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            args = [self.ttl_ms, *(part for message_id, at in chunk for part in (message_id, at))]
+            answers = self._withdraw(keys=[self.prefix, self.feed_key], args=args)
+            withdrawn += [message_id for (message_id, _), answer in zip(chunk, answers, strict=True) if int(answer)]
         return withdrawn
 
     def get(self, message_id: str) -> Request | None:

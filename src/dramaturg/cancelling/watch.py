@@ -166,6 +166,7 @@ class CancelWatch(dramatiq.Middleware):
         self._watcher: _Watcher | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._workers = 0  # the workers of this process booted and not yet stopped
 
     def requests(self, broker: dramatiq.Broker) -> CancelRequests:
         """The cancel requests of ``broker``, in its state store (raises :class:`~dramaturg.StateUnavailable`)."""
@@ -236,8 +237,16 @@ class CancelWatch(dramatiq.Middleware):
 
     after_skip_message = after_process_message
 
-    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         with self._lock:
+            self._workers += 1
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # The reader is the process's: it ends with the last of its workers.
+        with self._lock:
+            self._workers -= 1
+            if self._workers > 0:
+                return
             watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()

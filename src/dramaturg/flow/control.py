@@ -219,6 +219,9 @@ class FlowControl(dramatiq.Middleware):
         declared = declared_of(broker, message.actor_name)
         if declared is None:
             return
+        run = run_of(message)
+        if run is not None and run.purged:
+            return  # dropped unrun further on (CancelWatch): never put back to wait as a fresh copy
         if declared.limits:
             self._take_limits(broker, message, declared)
         key = message.options.get(UNIQUE_OPTION)
