@@ -91,6 +91,11 @@ class BatchWriter:
         self._ended.add(end[1])
         return answer
 
+    def ending(self, member_id: str) -> None:
+        """A member whose end is written elsewhere (with its acknowledgement): its notes
+        are dropped at the next flush, as those of an end written here."""
+        self._ended.add(member_id)
+
     def _write_ends(self, ends: list[End]) -> list[list[str]]:
         return self.state.end(ends)
 
