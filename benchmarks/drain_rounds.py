@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -21,8 +22,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
-__all__ = ["free_port", "interleaved", "print_table", "private_redis", "start_redis"]
+__all__ = ["free_port", "interleaved", "print_table", "private_rabbitmq", "private_redis", "start_redis"]
 
 #: What one drain measures: msgs/s, and CPU us per message.
 KEYS = ("rate", "us_per_msg")
@@ -72,6 +74,48 @@ def private_redis(prefix: str) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@contextmanager
+def private_rabbitmq(prefix: str) -> Iterator[str]:
+    """A private RabbitMQ node (a free port, its own directory, no plugins) for the ``with``
+    block; its AMQP URL."""
+    binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    if not os.path.exists(binary):
+        raise SystemExit(f"RabbitMQ is not installed ({binary})")
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    port, dist_port = free_port(), free_port()
+    (directory / "plugins").write_text("[].\n")
+    (directory / "rabbitmq.conf").write_text("loopback_users.guest = true\n")
+    env = {
+        **os.environ,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_NODENAME": f"bench-{port}@localhost",
+        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(directory / "log"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "plugins"),
+        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "HOME": os.environ.get("HOME") or str(directory),
+    }
+    server = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the private RabbitMQ node did not start") from None
+                time.sleep(0.2)
+        yield f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the node's Erlang processes
+        server.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def interleaved(
     modes: Sequence[str], rounds: int, run_once: Callable[[str], dict[str, float]]
 ) -> dict[str, dict[str, float]]:
@@ -92,13 +136,14 @@ def print_table(
     count: int,
     threads: int,
     rounds: int,
+    broker: str = "Redis",
     labels: Mapping[str, str] | None = None,
 ) -> None:
     """The medians as a Markdown table, each mode's ratio to ``base``'s."""
     labels = labels or {}
     plain = medians[base]
     print()
-    print(f"{count:,} no-op tasks, Redis, one worker process with {threads} threads, median of {rounds}")
+    print(f"{count:,} no-op tasks, {broker}, one worker process with {threads} threads, median of {rounds}")
     print(f"(machine: {os.cpu_count()} cores; python {sys.version.split()[0]})")
     print()
     print(f"| | drain (msgs/s) | CPU (us/msg) | drain / {base} | CPU / {base} |")

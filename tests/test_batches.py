@@ -535,3 +535,42 @@ def test_a_member_taken_out_unsent_lets_its_batch_complete(redis_server: Any) ->
         # Then the batch completed with the one member that ran, which stays
         meta, _ = state.read("b")  # type: ignore[misc]
         assert (meta["total"], meta["succeeded"]) == ("1", "1")
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_on_redis_a_members_end_costs_no_call_of_its_own(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a Redis broker keeping its batches in its own Redis, and a worker of one thread
+    # (so that no two ends or acknowledgements could share a call anyway)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+    start_worker(threads=1)
+    client: Any = broker.client  # type: ignore[attr-defined]
+
+    def script_calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+    # When 100 tasks are drained alone, then 100 as the members of a batch
+    client.config_resetstat()
+    member.send_many(range(100))
+    runs.wait(100)
+    plain = script_calls()
+    client.config_resetstat()
+    batch = dramaturg.batch("costs", on_complete=report.actor.message("done"))
+    with batch:
+        member.send_many(range(100, 200))
+    report.calls.wait(1)
+    batched = script_calls()
+
+    # Then the batch's drain took about as many script calls as the plain one: each
+    # member's end was written by the call that acknowledged it (a call per end would be 100 more)
+    assert runs.wait(200)[100:] == list(range(100, 200))
+    assert batched - plain < 30, (plain, batched)
+    assert batch.status().succeeded == 100

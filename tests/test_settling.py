@@ -174,3 +174,51 @@ def test_a_worker_settles_every_task_through_it(broker: Any, start_worker: Calla
     assert sum(calls) == 200
     assert broker.client.hlen(f"{broker.namespace}:settle.msgs") == 0
     assert broker.client.scard(f"{broker.namespace}:__acks__.{broker.broker_id}.settle") == 0
+
+
+def test_a_batch_members_end_goes_with_its_acknowledgement_and_one_that_fires_leaves_it_claimed(broker: Any) -> None:
+    # Given a sealed batch of two claimed members
+    from dramaturg.batches.tracker import tracker_of
+
+    @dramaturg.actor(queue_name="settle")
+    def member(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="settle-done")
+    def report(summary: dict[str, Any]) -> None:
+        pass
+
+    batch = dramaturg.batch("settle", on_complete=report.message())
+    with batch:
+        member.send_many(range(2))
+    messages = [dramatiq.Message.decode(body) for body in broker.do_fetch("settle", 2)]
+    state: Any = tracker_of(broker).state(broker)
+
+    def end_of(message: Any) -> tuple[Any, ...]:
+        return (state.prefix, state.ttl_ms, batch.id, message.message_id, "s")
+
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
+    first, last = ((m.options["redis_message_id"], end_of(m)) for m in messages)
+
+    # When the first is acknowledged with its end
+    # Then it is settled and counted, in that one call
+    assert broker.do_ack("settle", *first) == 1
+    assert not broker.client.sismember(acks, first[0])
+    assert (batch.status().succeeded, batch.status().state) == (1, "running")
+
+    # When the last is acknowledged with its end, which completes the batch
+    # Then the end is counted and its events are the answer, but the message stays claimed
+    # (its callbacks are published before it is settled)
+    assert broker.do_ack("settle", *last) == ["complete", "success"]
+    assert broker.client.sismember(acks, last[0])
+    assert broker.client.hexists(f"{broker.namespace}:settle.msgs", last[0])
+    assert (batch.status().succeeded, batch.status().state) == (2, "complete")
+
+    # When the worker died before publishing them and the member's end comes again
+    # Then it is counted once and fires again (the callback's message id is the same)
+    assert broker.do_ack("settle", *last) == ["complete", "success"]
+    assert batch.status().succeeded == 2
+
+    # When the message is then acknowledged alone, it is settled
+    assert broker.do_ack("settle", last[0]) == 1
+    assert not broker.client.sismember(acks, last[0])

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from . import Batch
 
 __all__ = [
+    "BATCH_END",
     "BATCH_OPTION",
     "CALLBACK_OPTION",
     "BatchTracker",
@@ -63,6 +64,9 @@ logger = logging.getLogger("dramaturg.batches")
 
 #: The message option naming the batch a message is a member of.
 BATCH_OPTION = "dramaturg_batch"
+#: Where a member's end waits, on the processed message, for the Redis broker's
+#: acknowledgement that writes it (see :meth:`BatchTracker.after_process_message`).
+BATCH_END = "_dramaturg_batch_end"
 #: The message option of a batch's callback (the batch id): it joins no batch.
 CALLBACK_OPTION = "dramaturg_batch_of"
 #: The namespace of callbacks' message ids (uuid5 of "<batch id>:<event>").
@@ -243,9 +247,22 @@ class BatchTracker(dramatiq.Middleware):
         else:  # retried, released: it runs again; unsettled: the broker gives it back
             self.writer(broker).note((batch_id, message.message_id, "w", ""))
             return
-        events = self.writer(broker).end_durably((batch_id, message.message_id, code))
+        writer = self.writer(broker)
+        if code == "s" and self._ends_with_ack(broker):
+            # Written by the acknowledgement itself, in the same script (see settle.lua):
+            # durable no later than the ack, and no call of its own.
+            state: Any = self._state
+            message.__dict__[BATCH_END] = (state.prefix, state.ttl_ms, batch_id, message.message_id, code)
+            writer.ending(message.message_id)
+            return
+        events = writer.end_durably((batch_id, message.message_id, code))
         if events:
             self.fire(broker, batch_id, events)
+
+    def _ends_with_ack(self, broker: dramatiq.Broker) -> bool:
+        """Whether members' ends go with their acknowledgements: the Redis broker's
+        settling, with the batches in that same Redis (no ``[state] url``)."""
+        return self.url is None and hasattr(broker, "settler") and isinstance(self._state, RedisBatchState)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         batch_id = _options(message).get(BATCH_OPTION)

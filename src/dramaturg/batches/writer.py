@@ -28,12 +28,16 @@ the status store's records; the notes of a member whose end was written meanwhil
 dropped there (a short member costs its end alone). A lost note changes what a status
 shows for a moment, never a count or a callback.
 
-What it costs: ``benchmarks/batches.py`` (numbers in ``docs/batches.md``). About half of
-it is this wait: a thread waits twice per member, for its end here and for its
-acknowledgement in the broker's own group commit. Writing the end in the group that
-acknowledges the message (the Redis broker's settling, the RabbitMQ consumer's
-acknowledgements) would make that one wait; not done here, as it changes the brokers'
-acknowledgement paths.
+**On the Redis broker** (and embedded), with the batches in the broker's own Redis (no
+``[state] url``), the end of a member that succeeded is not written here at all: the
+tracker leaves it on the message, and the script that acknowledges the message
+(``settle.lua``, in the broker's group commit of acknowledgements,
+:mod:`dramaturg.brokers.redis.settling`) writes it first, in the same call. It is durable
+no later than the acknowledgement and costs neither a call nor a wait of its own. An end
+that fires callbacks leaves the message claimed: the consumer publishes them, then
+acknowledges it alone. Other ends (held, rejected, cancelled, and every end on RabbitMQ
+or with a state store of its own) are written here, grouped across threads as above.
+``benchmarks/batches.py`` measures what is left (numbers in ``docs/batches.md``).
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ class BatchWriter:
         answer = self._ends.submit(end)
         self._ended.add(end[1])
         return answer
+
+    def ending(self, member_id: str) -> None:
+        """A member whose end is written elsewhere (with its acknowledgement): its notes
+        are dropped at the next flush, as those of an end written here."""
+        self._ended.add(member_id)
 
     def _write_ends(self, ends: list[End]) -> list[list[str]]:
         return self.state.end(ends)

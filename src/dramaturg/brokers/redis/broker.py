@@ -266,19 +266,25 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         """Claim up to ``count`` messages of ``queue_name``; their bodies."""
         return self.claims.fetch(queue_name, count)
 
-    def do_ack(self, queue_name: str, redis_id: str) -> int:
+    def do_ack(self, queue_name: str, redis_id: str, end: tuple[Any, ...] | None = None) -> int | list[str]:
         """Acknowledge a message: its body is deleted and its claim released. 1 if it was
         claimed by this worker; else nothing changed, and 0 if its body is there (another
         worker recovered it), -1 if not (see settle.lua). Sent with those of the other
-        threads (:mod:`dramaturg.brokers.redis.settling`)."""
-        result = self.settler.settle("a", queue_name, redis_id)
+        threads (:mod:`dramaturg.brokers.redis.settling`). With ``end`` (a batch member's),
+        the end is written in the same call; if it fires callbacks the message stays claimed
+        and their events are the answer (see :meth:`Settler.settle`)."""
+        result = self.settler.settle("a", queue_name, redis_id, end)
+        if isinstance(result, list):
+            return result  # still claimed: the callbacks are published first
         self.claims.release(queue_name, (redis_id,))  # only now: until Redis did it, it is held
         return result
 
-    def do_nack(self, queue_name: str, redis_id: str) -> int:
+    def do_nack(self, queue_name: str, redis_id: str, end: tuple[Any, ...] | None = None) -> int | list[str]:
         """Reject a message into the dead-letter queue and release its claim; the same
         answer as :meth:`do_ack`."""
-        result = self.settler.settle("n", queue_name, redis_id)
+        result = self.settler.settle("n", queue_name, redis_id, end)
+        if isinstance(result, list):
+            return result
         self.claims.release(queue_name, (redis_id,))
         return result
 

@@ -4,15 +4,35 @@
 -- worker recovered the message while this one was taken for dead: it runs again), -1 once it
 -- is gone (settled already: by an earlier try whose reply was lost, or by the worker that
 -- ran it again). A rejected message goes into its queue's dead letters.
--- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a" or "n", its queue, its Redis id
+--
+-- A message that is a batch member carries its end ("A" or "N" instead of "a" or "n", then
+-- the batch keys' prefix, the batches' ttl (ms), the batch id, the member id, its end code):
+-- the end is written first, in this same script (batch_end, batch.lua's "end" prepended by
+-- settling.py), so it is durable no later than the acknowledgement and costs no call of
+-- its own. If the end fires callbacks, the message is NOT settled and its answer is
+-- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
+-- between runs the member again; its repeated end fires them again, with the same ids).
+-- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a" or "n", its queue, its
+-- Redis id (and for "A"/"N" the five end fields)
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 local answers = {}
-for i = 3, #ARGV, 3 do
-    local queue, id = ARGV[i + 1], ARGV[i + 2]
+local i = 3
+while i <= #ARGV do
+    local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local bodies = namespace .. ":" .. queue .. ".msgs"
-    local answer
-    if redis.call("srem", namespace .. ":__acks__." .. worker .. "." .. queue, id) == 1 then
-        if ARGV[i] == "n" then
+    local answer, fired
+    if kind == "A" or kind == "N" then
+        local events = batch_end({ARGV[i + 3]}, {"end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]})[1]
+        if events ~= "" and events ~= "gone" then fired = events end
+        kind = string.lower(kind)
+        i = i + 8
+    else
+        i = i + 3
+    end
+    if fired then
+        answer = "fire:" .. fired
+    elseif redis.call("srem", namespace .. ":__acks__." .. worker .. "." .. queue, id) == 1 then
+        if kind == "n" then
             local body = redis.call("hget", bodies, id)
             if body then
                 local dead = namespace .. ":" .. string.gsub(queue, "%.DQ$", "") .. ".XQ"

@@ -23,12 +23,15 @@ from typing import Any
 
 from dramatiq.common import current_millis
 
+from ...batches.state import _SCRIPT as _BATCH
 from ...group_commit import GroupCommit
 from .connection import OwnConnection, script
 
 __all__ = ["Settler"]
 
-_SETTLE = script("settle")
+#: settle.lua, with batch.lua as the function ``batch_end`` (its "end" step) before it:
+#: a batch member's end is written in the call that acknowledges it.
+_SETTLE = "local function batch_end(KEYS, ARGV)\n" + _BATCH + "\nend\n" + script("settle")
 _SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
 
 
@@ -40,25 +43,41 @@ class Settler:
         self._connection = OwnConnection(client)
         self._namespace = namespace
         self._worker_id = worker_id
-        self._groups: GroupCommit[tuple[str, str, str], int] = GroupCommit(self._send_group)
+        self._groups: GroupCommit[tuple[Any, ...], int | list[str]] = GroupCommit(self._send_group)
 
     @property
     def waiting(self) -> int:
         """How many messages wait for the call out to end."""
         return self._groups.waiting
 
-    def settle(self, kind: str, queue_name: str, redis_id: str) -> int:
-        """Acknowledge (``kind`` "a") or reject ("n") one claimed message; its answer."""
-        return self._groups.submit((kind, queue_name, redis_id))
+    def settle(self, kind: str, queue_name: str, redis_id: str, end: tuple[Any, ...] | None = None) -> int | list[str]:
+        """Acknowledge (``kind`` "a") or reject ("n") one claimed message; its answer.
 
-    def _send_group(self, group: list[tuple[str, str, str]]) -> list[int]:
+        ``end``: the message is a batch member whose end (batch keys' prefix, ttl ms,
+        batch id, member id, code) is written in the same call, first. If that end fires
+        callbacks the message is not settled, and the answer is their events (see settle.lua).
+        """
+        if end is None:
+            return self._groups.submit((kind, queue_name, redis_id))
+        return self._groups.submit((kind.upper(), queue_name, redis_id, *end))
+
+    def _send_group(self, group: list[tuple[Any, ...]]) -> list[int | list[str]]:
         args: list[Any] = [self._worker_id, current_millis()]
         for settling in group:
             args += settling
-        return [int(answer) for answer in self._call(args)]
+        return [_answer(answer) for answer in self._call(args)]
 
     def _call(self, args: list[Any]) -> Any:
         return self._connection.run(_SETTLE_SHA, _SETTLE, [self._namespace], args)
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _answer(answer: Any) -> int | list[str]:
+    """1, 0, -1; or the events a batch member's end fired ("fire:complete,success")."""
+    if isinstance(answer, bytes | str):
+        text = answer.decode() if isinstance(answer, bytes) else answer
+        if text.startswith("fire:"):
+            return [event for event in text[5:].split(",") if event]
+    return int(answer)
