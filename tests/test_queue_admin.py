@@ -31,6 +31,7 @@ from .conftest import (
     run_cli,
     write_config,
 )
+from .test_status import status_when
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000
@@ -483,3 +484,44 @@ def test_a_purged_task_delivered_again_is_dropped_even_when_its_limit_is_full(
     # Then the purged tasks were dropped, not put back to wait for the slot as fresh copies
     assert pending_messages(broker, "imports") == 0
     assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}
+
+
+def test_a_purge_whose_batch_ends_fail_gives_its_tasks_back_to_run(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from dramaturg import queue_admin
+
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None:
+        ran.add(n)
+
+    # Given four members of a batch waiting, and a purge that records them as purged and
+    # then cannot end them in their batch (the store stops answering after the first end)
+    batch = dramaturg.batch("ends fail")
+    with batch:
+        sent = [member.send(n) for n in range(4)]
+    real, calls = queue_admin._end_one, []
+
+    def fails_after_first(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise redis.ConnectionError("the state store stopped answering")
+        real(*args)
+
+    monkeypatch.setattr(queue_admin, "_end_one", fails_after_first)
+    with pytest.raises(dramaturg.BrokerUnreachable, match="taken last are back on the queue"):
+        dramaturg.purge_queue("imports", broker=broker)
+    monkeypatch.undo()
+
+    # When a worker takes what was given back
+    start_worker(queues={"imports"})
+
+    # Then each task runs, as the error said, and ends succeeded (its record does not
+    # say purged: on RabbitMQ a worker would drop it as purged)
+    assert sorted(ran.wait(4)) == [0, 1, 2, 3]
+    for message in sent:
+        assert status_when(message.message_id, "succeeded").state == "succeeded"

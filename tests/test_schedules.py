@@ -950,3 +950,31 @@ def test_a_firing_sent_but_not_marked_sent_is_not_sent_again_by_another_schedule
     # Then it marks it sent and does not send it again: one message on the queue
     assert second.fired == []
     assert pending_messages(broker, "hiccup") == 1
+
+
+def test_a_state_store_whose_clock_runs_ahead_skips_no_slot_after_a_register_or_resume(eager: dramatiq.Broker) -> None:
+    _tick, ran = recording_actor()
+    start = 1_800_000_000_000
+    clock = Clock(start + 5)
+
+    # Given a state store whose clock runs 90 s ahead of the scheduler's, and a schedule
+    # registered (then paused and resumed) with it
+    def store_clock() -> int:
+        return clock.now_ms + 90_000
+
+    state = MemoryScheduleState(store_clock)
+    schedule = Schedule(id="every-minute", actor="tick", cron="* * * * *")
+    scheduler = Scheduler(eager, [schedule], state, clock=clock, max_sleep_ms=3_600_000)
+    scheduler.register()
+
+    # When the scheduler's clock reaches the next slot, then the one after a pause and resume
+    clock.now_ms = start + 60_000
+    scheduler.tick()
+    state.pause("every-minute")
+    clock.now_ms = start + 90_000
+    state.resume("every-minute", now_ms=clock.now_ms)
+    clock.now_ms = start + 120_000
+    scheduler.tick()
+
+    # Then each fired: neither start was dated by the store's clock, ahead of the slots
+    assert len(ran.seen) == 2

@@ -86,6 +86,11 @@ class RedisCheckpointStore:
         self.client = client
         self.prefix = f"{namespace}:__checkpoint__:"
         self.ttl_ms = ttl_ms
+        # PEXPIRE ... LT needs Redis 7: the same, for 6.2 as well.
+        self._shorten = client.register_script(
+            "local left = redis.call('PTTL', KEYS[1])"
+            " if left > tonumber(ARGV[1]) then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end return 0"
+        )
 
     def save(self, message_id: str, text: str) -> None:
         self.client.set(self.prefix + message_id, text, px=self.ttl_ms)
@@ -97,8 +102,8 @@ class RedisCheckpointStore:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     def forget(self, message_id: str, after_ms: int) -> None:
-        """Let the checkpoint expire ``after_ms`` from now."""
-        self.client.pexpire(self.prefix + message_id, after_ms)
+        """Let the checkpoint expire ``after_ms`` from now, or sooner if it was due sooner."""
+        self._shorten(keys=[self.prefix + message_id], args=[after_ms])
 
 
 class MemoryCheckpointStore:

@@ -290,6 +290,7 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
     def record(bodies: Sequence[bytes]) -> None:
         now = time.time()
         records: dict[str, tuple[float, dict[str, Any]]] = {}
+        queued: dict[str, tuple[float, dict[str, Any]]] = {}  # the same, as they were
         members: list[tuple[str, str]] = []
         uniques: list[tuple[str, str]] = []
         for body in bodies:
@@ -298,6 +299,7 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
             except Exception:  # an undecodable body has no id to record
                 continue
             fields = queued_fields(message, None)
+            queued[message.message_id] = (now, dict(fields))
             fields.update(state="purged", finished_at=int(now * 1000), reason=f"purged from {queue}")
             records[message.message_id] = (now, fields)
             unique_key = message.options.get(UNIQUE_OPTION)
@@ -313,6 +315,15 @@ def _recorder(broker: dramatiq.Broker, queue: str) -> OnPurged:
         error = durable_write(lambda: store.write_now(records))
         if error is None and members:
             error = _end_members(broker, members)
+            # The tasks go back: their records must not say purged (a worker drops a task
+            # delivered again whose record does). Tried; the error says so if it failed.
+            again = time.time()  # newer news than the purged records
+            restore = {message_id: (again, fields) for message_id, (_, fields) in queued.items()}
+            if error is not None and durable_write(lambda: store.write_now(restore)) is not None:
+                raise BrokerUnreachable(
+                    f"the state store stopped answering ({type(error).__name__}: {error}); the records of the"
+                    " tasks taken last still say purged: on RabbitMQ a worker drops them when it takes them"
+                ) from None
         if error is not None:
             raise BrokerUnreachable(f"the state store stopped answering ({type(error).__name__}: {error})") from None
         for unique_key, message_id in uniques:  # a purged unique task frees its key (logged if not)

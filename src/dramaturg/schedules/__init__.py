@@ -343,7 +343,7 @@ def pause(schedule: Schedule, broker: dramatiq.Broker) -> None:
 
 def resume(schedule: Schedule, broker: dramatiq.Broker) -> None:
     """Fire ``schedule`` again from its next slot; the slots that passed while paused do not fire."""
-    state_of(broker).resume(schedule.id)
+    state_of(broker).resume(schedule.id, now_ms=int(time.time() * 1000))
 
 
 def _forget_declared() -> None:

@@ -77,13 +77,22 @@ if step == "recover" then
   return oldest
 end
 
+-- Where a newly registered or resumed schedule starts: the earlier of the store's now and
+-- the caller's (ARGV, "" for none). Slots are due by the schedulers' clocks: a start by a
+-- clock ahead of theirs would skip the slots in between.
+local function start_ms(caller)
+  local now = server_ms()
+  if caller ~= nil and caller ~= "" and tonumber(caller) < now then return tonumber(caller) end
+  return now
+end
+
 if step == "register" then
-  -- ARGV: how far back from now a new schedule starts (ms, usually 0), then id, digest
-  -- pairs: the registry becomes exactly these schedules (the last scheduler to start
-  -- wins); a new one starts from then (its slots before it never fire).
-  local now = server_ms() - tonumber(ARGV[2])
+  -- ARGV: how far back from now a new schedule starts (ms, usually 0), the caller's now
+  -- (ms, or ""), then id, digest pairs: the registry becomes exactly these schedules (the
+  -- last scheduler to start wins); a new one starts from then (its slots before it never fire).
+  local now = start_ms(ARGV[3]) - tonumber(ARGV[2])
   local keep = {}
-  for i = 3, #ARGV, 2 do
+  for i = 4, #ARGV, 2 do
     keep[ARGV[i]] = true
     redis.call("HSET", registry, ARGV[i], ARGV[i + 1])
     redis.call("HSETNX", prefix .. ARGV[i], "last", now)
@@ -105,11 +114,11 @@ if step == "pause" then
 end
 
 if step == "resume" then
-  -- ARGV: id: the slots that passed while it was paused never fire
+  -- ARGV: id, the caller's now (ms, or ""): the slots that passed while it was paused never fire
   local key = prefix .. ARGV[2]
   redis.call("HDEL", key, "paused")
   local last = tonumber(redis.call("HGET", key, "last") or "-1")
-  local now = server_ms()
+  local now = start_ms(ARGV[3])
   if now > last then redis.call("HSET", key, "last", now) end
   return 1
 end

@@ -15,10 +15,11 @@ claims the next slot counts them (``missed``, shown by ``dramaturg schedule list
 ``dramaturg stats``, and in the Prometheus metrics of ``dramaturg worker --scheduler``:
 :func:`prometheus_counters`).
 
-Clocks: a scheduler's clock only decides which slots are due; leases, and where a newly
-registered or resumed schedule starts, are dated by the state store's clock (Redis's
-``TIME``), so schedulers whose clocks disagree, by any amount, agree on whether a
-claimant's lease has ended, and none sends a slot its live claimant is sending. The
+Clocks: a scheduler's clock only decides which slots are due; leases are dated by the
+state store's clock (Redis's ``TIME``), and a newly registered or resumed schedule starts
+at the earlier of the store's now and its caller's (a start by a clock ahead would skip
+the slots in between, one behind fires up to that much of the past), so schedulers
+whose clocks disagree, by any amount, agree on whether a claimant's lease has ended, and none sends a slot its live claimant is sending. The
 ledger only moves forward, so they never fire a slot twice; the earliest clock fires
 it, up to that clock's error early. A slot is missed only if no scheduler's clock passes
 through ``[slot, slot + grace]`` while it runs: keep the clocks within :data:`GRACE_MS`
@@ -167,7 +168,7 @@ class Scheduler:
     def register(self) -> int:
         """Upsert this scheduler's schedules by id in the ledger; the others stop firing.
         Returns how many were dropped."""
-        removed = self.state.register({s.id: s.digest for s in self.schedules.values()})
+        removed = self.state.register({s.id: s.digest for s in self.schedules.values()}, now_ms=self.clock())
         if removed:
             logger.info("scheduler: %d schedule(s) no longer declared stop firing", removed)
         return removed
@@ -234,7 +235,8 @@ class Scheduler:
                         schedule.id,
                     )
                     # From the start of the grace window: the slots within it still fire.
-                    self.state.register({s.id: s.digest for s in self.schedules.values()}, self.grace_ms + 1)
+                    digests = {s.id: s.digest for s in self.schedules.values()}
+                    self.state.register(digests, self.grace_ms + 1, now_ms=self.clock())
                     return  # claimed at the next wake
                 self._stale.add(schedule.id)
                 logger.warning(

@@ -57,7 +57,7 @@ CLAIMED, TAKEN, PAUSED, STALE = 1, 0, -1, -2
 class ScheduleState(Protocol):
     """The steps every ledger of schedules answers (see the module)."""
 
-    def register(self, digests: Mapping[str, str], back_ms: int = 0) -> int: ...
+    def register(self, digests: Mapping[str, str], back_ms: int = 0, now_ms: int | None = None) -> int: ...
     def claim(
         self, schedule_id: str, digest: str, slot_ms: int, lease_ms: int, missed: int, seen_last: int = -1
     ) -> int: ...
@@ -65,7 +65,7 @@ class ScheduleState(Protocol):
     def recover(self, schedule_id: str, digest: str, lease_ms: int) -> int | None: ...
     def outcome(self, schedule_id: str, slot_ms: int, text: str) -> None: ...
     def pause(self, schedule_id: str) -> None: ...
-    def resume(self, schedule_id: str) -> None: ...
+    def resume(self, schedule_id: str, now_ms: int | None = None) -> None: ...
     def read(self, schedule_id: str) -> dict[str, str]: ...
     def registered(self) -> dict[str, str]: ...
 
@@ -82,8 +82,8 @@ class RedisScheduleState:
     def _run(self, *args: Any) -> Any:
         return self._script(keys=[self.prefix, self.registry], args=list(args))
 
-    def register(self, digests: Mapping[str, str], back_ms: int = 0) -> int:
-        args: list[Any] = ["register", back_ms]
+    def register(self, digests: Mapping[str, str], back_ms: int = 0, now_ms: int | None = None) -> int:
+        args: list[Any] = ["register", back_ms, "" if now_ms is None else now_ms]
         for schedule_id, digest in digests.items():
             args += [schedule_id, digest]
         return int(self._run(*args))
@@ -106,8 +106,8 @@ class RedisScheduleState:
     def pause(self, schedule_id: str) -> None:
         self._run("pause", schedule_id)
 
-    def resume(self, schedule_id: str) -> None:
-        self._run("resume", schedule_id)
+    def resume(self, schedule_id: str, now_ms: int | None = None) -> None:
+        self._run("resume", schedule_id, "" if now_ms is None else now_ms)
 
     def read(self, schedule_id: str) -> dict[str, str]:
         """The schedule's fields; ``pending``: its pending slots, comma-separated, if any."""
@@ -139,12 +139,13 @@ class MemoryScheduleState:
     def _get(self, schedule_id: str) -> dict[str, str]:
         return self._schedules.setdefault(schedule_id, {})
 
-    def register(self, digests: Mapping[str, str], back_ms: int = 0) -> int:
+    def register(self, digests: Mapping[str, str], back_ms: int = 0, now_ms: int | None = None) -> int:
         with self._lock:
             removed = len(set(self._registry) - set(digests))
             self._registry = dict(digests)
+            start = self.clock() if now_ms is None else min(now_ms, self.clock())
             for schedule_id in digests:
-                self._get(schedule_id).setdefault("last", str(self.clock() - back_ms))
+                self._get(schedule_id).setdefault("last", str(start - back_ms))
             return removed
 
     def claim(
@@ -195,9 +196,9 @@ class MemoryScheduleState:
         with self._lock:
             self._get(schedule_id)["paused"] = "1"
 
-    def resume(self, schedule_id: str) -> None:
+    def resume(self, schedule_id: str, now_ms: int | None = None) -> None:
         with self._lock:
-            now_ms = self.clock()
+            now_ms = self.clock() if now_ms is None else min(now_ms, self.clock())
             found = self._get(schedule_id)
             found.pop("paused", None)
             if now_ms > int(found.get("last", "-1")):

@@ -113,7 +113,7 @@ class RedisQueueAdmin(QueueAdmin):
                 bodies = found[2::3]
                 try:
                     on_purged(bodies)
-                except Exception as error:  # their records were not written: back they go
+                except BaseException as error:  # their records were not written (or ^C): back they go
                     lost = durable_write(functools.partial(self._give_back, keys=keys, args=found))
                     if lost is not None:
                         logger.error(
@@ -123,6 +123,8 @@ class RedisQueueAdmin(QueueAdmin):
                             len(bodies),
                             [(_text(i), mask_text(_text(b))) for i, b in zip(found[1::3], bodies, strict=True)],
                         )
+                    if not isinstance(error, Exception):
+                        raise  # interrupted: the step is given back, and the interrupt goes on
                     raise purge_stopped(error, purged, len(bodies), lost) from None
                 purged += len(bodies)
         except redis.RedisError as error:

@@ -3,9 +3,14 @@
 -- bodies (a worker takes them next, as it would have).
 -- KEYS: pairs of (list, bodies hash), as queue_purge.lua's. ARGV: (list's index in KEYS,
 -- id, body) for each task, in the order queue_purge.lua returned them.
+-- A task whose body is there already was given back by an earlier call (this one is a
+-- retry whose first reply was lost): it is not pushed twice.
+local given = 0
 for a = #ARGV - 2, 1, -3 do
     local i = tonumber(ARGV[a])
-    redis.call("hset", KEYS[i + 1], ARGV[a + 1], ARGV[a + 2])
-    redis.call("lpush", KEYS[i], ARGV[a + 1])
+    if redis.call("hsetnx", KEYS[i + 1], ARGV[a + 1], ARGV[a + 2]) == 1 then
+        redis.call("lpush", KEYS[i], ARGV[a + 1])
+        given = given + 1
+    end
 end
-return #ARGV / 3
+return given
