@@ -738,3 +738,42 @@ def test_in_a_long_outage_the_releases_of_asks_that_got_no_answer_stay_bounded()
         assert ("t-outage:__limit__:c:slot", "ended:run-1") in state._releases
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_stats_shows_the_tasks_waiting_for_a_limit_per_queue(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    import json
+
+    from .conftest import bin_path, run_cli
+
+    def stats(*argv: str) -> Any:
+        return run_cli([bin_path("dramaturg"), "stats", "flow", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    def waiting() -> int | None:
+        found = stats("--json")
+        assert found.returncode == 0, found.stderr
+        value: int | None = json.loads(found.stdout)["queues"][0]["waiting_for_limits"]
+        return value
+
+    # Given two worker processes, and five tasks of store "fr" (at most two at once) of 3 s each
+    workers(spawn, counter, tmp_path)
+    with dramaturg.context(store="fr"):
+        for n in range(5):
+            flow_project.per_store.send(n, 3.0)
+
+    # When two run, the three others wait for a slot
+    poll_until(lambda: int(counter.get("running:fr") or 0) == 2, "two tasks run")
+
+    # Then `dramaturg stats` counts the three as waiting for a limit on queue "flow", in JSON and in the table
+    poll_until(lambda: waiting() == 3, "stats --json counts three tasks waiting for a limit")
+    table = stats()
+    assert table.returncode == 0, table.stderr
+    header, line = table.stdout.splitlines()[:2]
+    assert header.endswith("waiting for limits")
+    assert line.split()[0] == "flow" and line.split()[-1] in ("3", "2", "1")  # some may have started since
+
+    # and once every task ran, none waits
+    poll_until(lambda: int(counter.get("running:fr:done") or 0) == 5, "every task ran", timeout=60)
+    assert waiting() == 0

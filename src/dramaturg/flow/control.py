@@ -249,10 +249,11 @@ class FlowControl(dramatiq.Middleware):
             else:
                 specs.append(LimitSpec("r", key, limit.limit, limit.per_ms))
         message_id = inner.message_id
+        queue = canonical_queue(inner.queue_name)
         run = new_run()  # this delivery's: the same for every ask below, so an ask repeated takes nothing twice
         while True:
             try:
-                denied = state.acquire(message_id, run, specs)
+                denied = state.acquire(message_id, run, specs, queue)
             except Exception as error:
                 if lease_ms:
                     # Its reply may be what was lost, the slots taken: give them back (this

@@ -16,9 +16,9 @@
 -- window: at most `limit` starts in any window of `ms`).
 --
 -- ARGV[1]: the step.
--- acquire: ARGV[2] = the message id, ARGV[3] = the run token, then per limit (two keys
---   each: see take) three values: "c" or "r", the limit, the lease or window in ms.
 -- acquire_many: the acquires of many tasks in one call (see below); one answer each.
+--   Per task, KEYS: the tasks of its queue waiting for a limit (for `dramaturg stats`),
+--   then two per limit (see take).
 --   -> {1} when every limit let it start (each took its slot or its start, or the run
 --      held them already), {0, i, ms} when limit i did not: ms until a lease ends or
 --      the oldest start leaves the window.
@@ -38,13 +38,17 @@ local WAITING_MS = 60000
 -- a + 3n] ("c" or "r", the limit, the lease or window in ms).
 -- Each limit has two keys: KEYS[k + 2i - 1] its leases or starts, KEYS[k + 2i] the tasks
 -- waiting for it (member = message id, score = when it was last refused), for `dramaturg limits`.
-local function refuse(waiting, id, wait)
+-- `queued`: the tasks of the task's queue that wait for a limit (member = message id,
+-- score = when it was last refused), for the waiting column of `dramaturg stats`.
+local function refuse(waiting, queued, id, wait)
   call('ZADD', waiting, now, id)
   call('PEXPIRE', waiting, WAITING_MS)
+  call('ZADD', queued, now, id)
+  call('PEXPIRE', queued, WAITING_MS)
   return wait
 end
 
-local function take(id, token, k, a, n)
+local function take(id, token, queued, k, a, n)
   local member = id .. ':' .. token
   for i = 1, n do
     local kind, limit, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
@@ -58,9 +62,9 @@ local function take(id, token, k, a, n)
     if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
       local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
       if kind == 'c' then
-        return refuse(waiting, id, {0, i, math.max(0, tonumber(first[2]) - now)})
+        return refuse(waiting, queued, id, {0, i, math.max(0, tonumber(first[2]) - now)})
       end
-      return refuse(waiting, id, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
+      return refuse(waiting, queued, id, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
     end
   end
   for i = 1, n do
@@ -76,18 +80,17 @@ local function take(id, token, k, a, n)
       call('PEXPIRE', key, ms)
     end
   end
+  call('ZREM', queued, id)
   return {1}
 end
 
-if step == 'acquire' then
-  return take(ARGV[2], ARGV[3], 0, 3, #KEYS / 2)
-elseif step == 'acquire_many' then
+if step == 'acquire_many' then
   -- ARGV[2 ..]: per task, its message id, its run token, its number of limits n, then its 3n values.
   local answers, k, a = {}, 0, 2
   while a < #ARGV do
     local id, token, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-    answers[#answers + 1] = take(id, token, k, a + 2, n)
-    k, a = k + 2 * n, a + 3 + 3 * n
+    answers[#answers + 1] = take(id, token, KEYS[k + 1], k + 1, a + 2, n)
+    k, a = k + 1 + 2 * n, a + 3 + 3 * n
   end
   return answers
 elseif step == 'release' then

@@ -124,13 +124,14 @@ class FlowState(Protocol):
     def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
     def lock_holder(self, name: str) -> HeldLock | None: ...
     def locks(self) -> list[HeldLock]: ...
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None: ...
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int: ...
     def usage(self) -> list[Usage]: ...
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]: ...
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None: ...
     def unclaim(self, key: str, message_id: str) -> bool: ...
 
@@ -149,6 +150,7 @@ class RedisFlowState:
         self.fences = f"{namespace}:__lock_fences__"
         self.limit_prefix = f"{namespace}:__limit__:"
         self.waiting_prefix = f"{namespace}:__limit_waiting__:"
+        self.queue_waiting_prefix = f"{namespace}:__limit_waiting_queue__:"
         self.unique_prefix = f"{namespace}:__unique__:"
         self._lock = client.register_script(_LOCK)
         self._limits = client.register_script(_LIMITS)
@@ -163,7 +165,7 @@ class RedisFlowState:
         self._start_lock = threading.Lock()
         from ..group_commit import GroupCommit
 
-        self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec]], Denied | None] = GroupCommit(
+        self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec], str], Denied | None] = GroupCommit(
             self._acquire_many
         )
 
@@ -212,21 +214,23 @@ class RedisFlowState:
 
     # -- limits --------------------------------------------------------------------------
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None:
         """Take every limit of the run ``run`` (a token of :func:`new_run`) of the task
         ``message_id``, or none (see ``limits.lua``). Asked again with the same run, it
-        answers as the first time and takes nothing more.
+        answers as the first time and takes nothing more. A task refused counts as waiting
+        in ``queue`` (its canonical queue, for ``dramaturg stats``) until it is let start.
 
         The worker threads starting tasks meanwhile share the round trip: their acquires go
         in one call (:class:`~dramaturg.group_commit.GroupCommit`: a lone one goes at once,
         nobody waits for a timer), each still all-or-none, in the order they came.
         """
-        return self._acquires.submit((message_id, run, limits))
+        return self._acquires.submit((message_id, run, limits, queue))
 
-    def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec]]]) -> list[Denied | None]:
+    def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec], str]]) -> list[Denied | None]:
         keys: list[str] = []
         args: list[Any] = ["acquire_many"]
-        for message_id, run, limits in items:
+        for message_id, run, limits, queue in items:
+            keys.append(self.queue_waiting_prefix + queue)
             args += [message_id, run, len(limits)]
             for spec in limits:
                 keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
@@ -317,6 +321,19 @@ class RedisFlowState:
             found[name] = replace(found.get(name) or Usage(name, 0), waiting=waiting)
         return sorted(found.values(), key=lambda usage: usage.key)
 
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]:
+        """How many tasks of each of ``queues`` were put back to wait for a limit in the
+        last minute and have not started since (one call, whatever the number of queues)."""
+        if not queues:
+            return {}
+        now_s, now_us = self.client.time()
+        since = int(now_s) * 1000 + int(now_us) // 1000 - WAITING_MS
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcount(self.queue_waiting_prefix + queue, since, "+inf")
+            counts = pipe.execute()
+        return {queue: int(count) for queue, count in zip(queues, counts, strict=True)}
+
     # -- unique tasks ----------------------------------------------------------------------
 
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
@@ -343,6 +360,7 @@ class MemoryFlowState:
         self._limits: dict[str, dict[str, float]] = {}
         self._unique: dict[str, tuple[str, float]] = {}
         self._waiting: dict[str, dict[str, float]] = {}
+        self._queue_waiting: dict[str, dict[str, float]] = {}
 
     @staticmethod
     def _now() -> float:
@@ -392,32 +410,41 @@ class MemoryFlowState:
         found = [self.lock_holder(name) for name in sorted(self._locks)]
         return [held for held in found if held is not None]
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
+    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None:
         now = self._now()
         member = run_name(message_id, run)
         with self.changed:
-            for index, spec in enumerate(limits):
-                entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
-                if spec.kind == "c":
-                    for name in [n for n, end in entries.items() if end <= now]:
-                        del entries[name]
-                    if member not in entries and len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[message_id] = now
-                        return Denied(index, int(max(0, min(entries.values()) - now)))
-                else:
-                    for name in [n for n, at in entries.items() if at <= now - spec.ms]:
-                        del entries[name]
-                    if member not in entries and len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[message_id] = now
-                        return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
-            for spec in limits:
-                entries = self._limits[f"{spec.kind}:{spec.key}"]
-                self._waiting.get(spec.key, {}).pop(message_id, None)
-                if spec.kind == "c":
-                    entries[member] = now + spec.ms
-                else:
-                    entries.setdefault(member, now)
-            return None
+            denied = self._take(message_id, member, limits, now)
+            waiting = self._queue_waiting.setdefault(queue, {})
+            if denied is None:
+                waiting.pop(message_id, None)
+            else:
+                waiting[message_id] = now
+            return denied
+
+    def _take(self, message_id: str, member: str, limits: Sequence[LimitSpec], now: float) -> Denied | None:
+        for index, spec in enumerate(limits):
+            entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
+            if spec.kind == "c":
+                for name in [n for n, end in entries.items() if end <= now]:
+                    del entries[name]
+                if member not in entries and len(entries) >= spec.limit:
+                    self._waiting.setdefault(spec.key, {})[message_id] = now
+                    return Denied(index, int(max(0, min(entries.values()) - now)))
+            else:
+                for name in [n for n, at in entries.items() if at <= now - spec.ms]:
+                    del entries[name]
+                if member not in entries and len(entries) >= spec.limit:
+                    self._waiting.setdefault(spec.key, {})[message_id] = now
+                    return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
+        for spec in limits:
+            entries = self._limits[f"{spec.kind}:{spec.key}"]
+            self._waiting.get(spec.key, {}).pop(message_id, None)
+            if spec.kind == "c":
+                entries[member] = now + spec.ms
+            else:
+                entries.setdefault(member, now)
+        return None
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         member = run_name(message_id, run)
@@ -468,6 +495,13 @@ class MemoryFlowState:
                 | {n for n, w in waiting.items() if w}
             )
             return [Usage(name, in_use.get(name, 0), waiting.get(name, 0), started.get(name, 0)) for name in names]
+
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]:
+        since = self._now() - WAITING_MS
+        with self.changed:
+            return {
+                queue: sum(1 for at in self._queue_waiting.get(queue, {}).values() if at > since) for queue in queues
+            }
 
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
         now = self._now()
