@@ -253,7 +253,7 @@ class FlowControl(dramatiq.Middleware):
         run = new_run()  # this delivery's: the same for every ask below, so an ask repeated takes nothing twice
         while True:
             try:
-                denied = state.acquire(message_id, run, specs, queue)
+                denied = state.acquire(message_id, run, specs, queue, waited=WAITING_OPTION in inner.options)
             except Exception as error:
                 if lease_ms:
                     # Its reply may be what was lost, the slots taken: give them back (this

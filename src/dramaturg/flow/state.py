@@ -59,6 +59,15 @@ RELEASE_INTERVAL_S = 0.005
 #: How many releases a process buffers before it stops adding those of asks that may have
 #: taken nothing (``maybe``): in an outage every ask fails, and each would add one.
 MAYBE_RELEASES_MAX = 10_000
+#: How long a limit's credit may be used after the call that took it was sent (as
+#: CREDIT_MS in limits.lua; see RedisFlowState.acquire).
+CREDIT_S = 0.2
+#: The most credits a call takes for one limit, and the part of the limit they may be at
+#: most (a limit under 16 takes none: a credit unused holds a start or a slot for 200 ms).
+CREDITS_MAX = 32
+CREDITS_PART = 16
+#: How many buffered slot releases an ask carries along (see RedisFlowState._acquire_many).
+RELEASES_PER_ASK = 200
 
 logger = logging.getLogger("dramaturg.flow")
 
@@ -124,7 +133,9 @@ class FlowState(Protocol):
     def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
     def lock_holder(self, name: str) -> HeldLock | None: ...
     def locks(self) -> list[HeldLock]: ...
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None: ...
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None: ...
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
     def flush(self) -> None: ...
@@ -168,6 +179,12 @@ class RedisFlowState:
         self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec], str], Denied | None] = GroupCommit(
             self._acquire_many
         )
+        #: Credits this process holds, by (stored key, lease or window): (usable until, member), oldest first.
+        self._credits: dict[tuple[str, int], deque[tuple[float, str]]] = {}
+        #: The concurrency credits runs took, by (message id, run): {key: the slot's member}.
+        self._lent: dict[tuple[str, str], dict[str, str]] = {}
+        self._credit_lock = threading.Lock()
+        self._credit_pid = os.getpid()
 
     def _run_own(self, keys: list[str], args: list[Any]) -> Any:
         """``limits.lua`` on this thread's own connection: about 15 us of CPU a call against
@@ -214,7 +231,9 @@ class RedisFlowState:
 
     # -- limits --------------------------------------------------------------------------
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None:
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None:
         """Take every limit of the run ``run`` (a token of :func:`new_run`) of the task
         ``message_id``, or none (see ``limits.lua``). Asked again with the same run, it
         answers as the first time and takes nothing more. A task refused counts as waiting
@@ -223,27 +242,122 @@ class RedisFlowState:
         The worker threads starting tasks meanwhile share the round trip: their acquires go
         in one call (:class:`~dramaturg.group_commit.GroupCommit`: a lone one goes at once,
         nobody waits for a timer), each still all-or-none, in the order they came.
+
+        A task may start on credits instead, with no call: starts and slots a call took
+        ahead for this process where there was room and nobody waited (up to
+        :data:`CREDITS_MAX` a limit, a :data:`CREDITS_PART` of the limit at most), used only
+        within :data:`CREDIT_S` of the call and counted in the store as taken until then
+        (see ``limits.lua``), so the bound stays exact; those left unused are given back.
+        A concurrency credit is a slot of its own: the run releases and renews it as it
+        would its slot. ``waited``: the task was put back to wait before, and asks the store
+        (which then stops counting it as waiting).
         """
+        if not waited and self._credits and self._use_credits(message_id, run, limits):
+            return None
         return self._acquires.submit((message_id, run, limits, queue))
 
+    def _use_credits(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> bool:
+        """Take a credit of every limit in ``limits`` if this process holds one of each."""
+        now = time.monotonic()
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():  # a forked child: its parent's credits are the parent's
+                self._credits.clear()
+                return False
+            found = []
+            for spec in limits:
+                stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                credits = self._credits.get((stored, spec.ms))
+                if not credits:
+                    return False
+                while credits and credits[0][0] <= now:
+                    self._give_back(stored, credits.popleft()[1])
+                if not credits:
+                    return False
+                found.append(credits)
+            slots = {}
+            for spec, credits in zip(limits, found, strict=True):
+                member = credits.popleft()[1]
+                if spec.kind == "c":
+                    slots[spec.key] = member
+            if slots:
+                self._lent[(message_id, run)] = slots
+            return True
+
+    def _member(self, message_id: str, run: str, key: str, *, done: bool = False) -> str:
+        """What the run's slot of ``key`` is named by: its own, or the credit it took."""
+        lent = self._lent.get((message_id, run))
+        if lent is None:
+            return run_name(message_id, run)
+        member = lent.get(key) or run_name(message_id, run)
+        if done:
+            self._lent.pop((message_id, run), None)
+        return member
+
+    def _give_back(self, stored: str, member: str) -> None:
+        """An unused credit leaves the window with the next write of releases."""
+        self._releases.append((stored, member))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()
+        self._wake.set()
+
     def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec], str]]) -> list[Denied | None]:
-        keys: list[str] = []
-        args: list[Any] = ["acquire_many"]
+        # The slot releases buffered so far go first, in the same call (their runs ended
+        # before; a call that fails gives them back to the buffer: a release is idempotent).
+        releases: list[tuple[str, str]] = []
+        with contextlib.suppress(IndexError):  # another thread may take the last
+            while self._releases and len(releases) < RELEASES_PER_ASK:
+                releases.append(self._releases.popleft())
+        keys: list[str] = [key for key, _ in releases]
+        args: list[Any] = ["acquire_many", len(releases), *(member for _, member in releases)]
+        asked: set[tuple[str, int]] = set()
         for message_id, run, limits, queue in items:
             keys.append(self.queue_waiting_prefix + queue)
             args += [message_id, run, len(limits)]
             for spec in limits:
-                keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
-                args += [spec.kind, spec.limit, spec.ms]
-        return [
-            None if int(answer[0]) else Denied(int(answer[1]) - 1, int(answer[2]))
-            for answer in self._run_own(keys, args)
-        ]
+                stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                keys += [stored, self.waiting_prefix + spec.key]
+                want = 0
+                if (stored, spec.ms) not in asked:  # the first of a group asks for its key's credits
+                    asked.add((stored, spec.ms))
+                    want = min(CREDITS_MAX, spec.limit // CREDITS_PART)
+                args += [spec.kind, spec.limit, spec.ms, want]
+        sent = time.monotonic()
+        try:
+            answers = self._run_own(keys, args)
+        except BaseException:
+            self._releases.extendleft(reversed(releases))
+            raise
+        found: list[Denied | None] = []
+        for (message_id, run, limits, _), answer in zip(items, answers, strict=True):
+            if not int(answer[0]):
+                found.append(Denied(int(answer[1]) - 1, int(answer[2])))
+                continue
+            found.append(None)
+            if len(answer) > 1:
+                self._keep_credits(run_name(message_id, run), limits, [int(n) for n in answer[1:]], sent)
+        return found
+
+    def _keep_credits(self, member: str, limits: Sequence[LimitSpec], granted: list[int], sent: float) -> None:
+        until = sent + CREDIT_S
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():
+                self._credits.clear()
+                self._credit_pid = os.getpid()
+            for spec, count in zip(limits, granted, strict=True):
+                if count:
+                    stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                    credits = self._credits.setdefault((stored, spec.ms), deque())
+                    credits.extend((until, f"{member}:{j}") for j in range(1, count + 1))
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         """Give back the slots the run holds of ``keys`` (only its own): how many it held."""
-        keys = [self.limit_prefix + "c:" + key for key in keys]
-        return int(self._limits(keys=keys, args=["release", run_name(message_id, run)]))
+        if (message_id, run) in self._lent:
+            members = [self._member(message_id, run, key) for key in keys]
+            self._lent.pop((message_id, run), None)
+            stored = [self.limit_prefix + "c:" + key for key in keys]
+            return int(self._limits(keys=stored, args=["release_many", *members]))
+        stored = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=stored, args=["release", run_name(message_id, run)]))
 
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
         """Release the run's slots soon, off the message path: a thread of this process
@@ -255,9 +369,9 @@ class RedisFlowState:
         asks took nothing, and any that did ends with its lease)."""
         if maybe and len(self._releases) >= MAYBE_RELEASES_MAX:
             return
-        member = run_name(message_id, run)
         for key in keys:
-            self._releases.append((self.limit_prefix + "c:" + key, member))
+            self._releases.append((self.limit_prefix + "c:" + key, self._member(message_id, run, key)))
+        self._lent.pop((message_id, run), None)
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()
         if not self._wake.is_set():
@@ -297,12 +411,26 @@ class RedisFlowState:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+        with self._credit_lock:
+            if self._credit_pid == os.getpid():
+                for (stored, _), credits in self._credits.items():
+                    self._releases.extend((stored, member) for _, member in credits)
+            self._credits.clear()
         with contextlib.suppress(Exception):
             self.flush()
 
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int:
-        keys = [self.limit_prefix + "c:" + key for key in keys]
-        return int(self._limits(keys=keys, args=["renew", run_name(message_id, run), ms]))
+        if (message_id, run) in self._lent:  # a slot taken on credit is named by the credit
+            return sum(
+                int(
+                    self._limits(
+                        keys=[self.limit_prefix + "c:" + key], args=["renew", self._member(message_id, run, key), ms]
+                    )
+                )
+                for key in keys
+            )
+        stored = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=stored, args=["renew", run_name(message_id, run), ms]))
 
     def usage(self) -> list[Usage]:
         now_s, now_us = self.client.time()
@@ -410,7 +538,9 @@ class MemoryFlowState:
         found = [self.lock_holder(name) for name in sorted(self._locks)]
         return [held for held in found if held is not None]
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "") -> Denied | None:
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None:
         now = self._now()
         member = run_name(message_id, run)
         with self.changed:
