@@ -829,6 +829,10 @@ def test_credits_left_unused_are_given_back(redis_server: Any) -> None:
     spec = [LimitSpec("c", "wide", 64, 60_000)]
     assert state.acquire("a", "run-1", spec) is None
     taken = {u.key: u.in_use for u in state.usage()}["wide"]
+    # and a second task that took its slot on credit, renewed and released as its own
+    assert state.acquire("b", "run-1", spec) is None
+    assert state.renew("b", "run-1", ["wide"], 60_000) == 1
+    assert state.release("b", "run-1", ["wide"]) == 1
 
     # When it stops (a worker shutting down)
     state.close()
