@@ -182,7 +182,7 @@ class RedisFlowState:
         #: Credits this process holds, by (stored key, lease or window): (usable until, member), oldest first.
         self._credits: dict[tuple[str, int], deque[tuple[float, str]]] = {}
         #: The concurrency credits runs took, by (message id, run): {key: the slot's member}.
-        self._lent: dict[tuple[str, str], dict[str, str]] = {}
+        self._lent: dict[tuple[str, str], dict[str, tuple[str, float, int]]] = {}
         self._credit_lock = threading.Lock()
         self._credit_pid = os.getpid()
 
@@ -276,9 +276,9 @@ class RedisFlowState:
                 found.append(credits)
             slots = {}
             for spec, credits in zip(limits, found, strict=True):
-                member = credits.popleft()[1]
+                until, member = credits.popleft()
                 if spec.kind == "c":
-                    slots[spec.key] = member
+                    slots[spec.key] = (member, until, spec.ms)
             if slots:
                 self._lent[(message_id, run)] = slots
             return True
@@ -288,10 +288,28 @@ class RedisFlowState:
         lent = self._lent.get((message_id, run))
         if lent is None:
             return run_name(message_id, run)
-        member = lent.get(key) or run_name(message_id, run)
+        slot = lent.get(key)
+        member = run_name(message_id, run) if slot is None else slot[0]
         if done:
             self._lent.pop((message_id, run), None)
         return member
+
+    def _recycle(self, lent: dict[str, tuple[str, float, int]], keys: Sequence[str]) -> list[str]:
+        """A slot taken on credit whose credit is still good goes back to the credits, for
+        the next task of the process (its lease still runs the whole lease past the credit's
+        end, and it never stopped counting as taken); the keys left to release."""
+        now = time.monotonic()
+        left = []
+        with self._credit_lock:
+            same = self._credit_pid == os.getpid()
+            for key in keys:
+                slot = lent.get(key)
+                if slot is None or not same or slot[1] <= now:
+                    left.append(key)
+                    continue
+                stored = self.limit_prefix + "c:" + key
+                self._credits.setdefault((stored, slot[2]), deque()).appendleft((slot[1], slot[0]))
+        return left
 
     def _give_back(self, stored: str, member: str) -> None:
         """An unused credit leaves the window with the next write of releases."""
@@ -366,12 +384,19 @@ class RedisFlowState:
         the bound holds; releases not written when the process dies end with their lease.
         ``maybe``: the slots of an ask that got no answer, which may have taken nothing;
         left out once :data:`MAYBE_RELEASES_MAX` releases wait (a store down for long: its
-        asks took nothing, and any that did ends with its lease)."""
+        asks took nothing, and any that did ends with its lease). A slot the run took on
+        credit goes back to the credits instead while the credit is good (see :meth:`_recycle`)."""
         if maybe and len(self._releases) >= MAYBE_RELEASES_MAX:
             return
+        lent = self._lent.pop((message_id, run), None)
+        if lent is not None:
+            keys = self._recycle(lent, keys)
+        member = run_name(message_id, run)
         for key in keys:
-            self._releases.append((self.limit_prefix + "c:" + key, self._member(message_id, run, key)))
-        self._lent.pop((message_id, run), None)
+            slot = None if lent is None else lent.get(key)
+            self._releases.append((self.limit_prefix + "c:" + key, member if slot is None else slot[0]))
+        if not keys:
+            return
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()
         if not self._wake.is_set():
