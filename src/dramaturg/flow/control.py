@@ -13,7 +13,8 @@ context, status and batch middleware, whose hooks see a task that waits as one p
   to wait, retried or kicked carries its key already and claims nothing.
 - **Start** (``before_process_message``): every limit is taken in one round trip, all or
   none (``limits.lua``), or with no call on credits the process took ahead where a limit
-  has room (:meth:`~dramaturg.flow.state.RedisFlowState.acquire`). A task that may not start now is **put back to wait**: a copy,
+  has room (:meth:`~dramaturg.flow.state.RedisFlowState.acquire`). A task that may not
+  start now is **put back to wait**: a copy,
   same id, options and attempt (no retry spent, nothing counted as a failure), is
   enqueued with a delay and the delivery skipped, its status ``waiting`` with the reason
   ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit.
