@@ -859,3 +859,17 @@ def test_two_workers_never_exceed_a_roomy_limit_taken_on_credit(
     assert 1 < int(counter.get("running:wide:max")) <= 32
     assert sorted(message_id for message_id, _, _ in starts(tmp_path)) == sorted(sent)
     assert list(dramaturg.held_tasks().list("flow")) == []
+
+
+def test_credits_a_process_stops_needing_are_given_back_soon(redis_server: Any) -> None:
+    # Given a running process that started one task under a roomy concurrency limit (taking credits ahead)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    spec = [LimitSpec("c", "wide", 64, 600_000)]
+    assert state.acquire("a", "run-1", spec) is None
+    assert {u.key: u.in_use for u in state.usage()}["wide"] > 1
+
+    # When no other task of the key comes to it
+    # Then the credits it holds are given back within a second, not when their 10-minute lease ends
+    poll_until(lambda: {u.key: u.in_use for u in state.usage()}["wide"] == 1, "the credits came back", timeout=2)
+    state.close()

@@ -366,6 +366,8 @@ class RedisFlowState:
                     stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
                     credits = self._credits.setdefault((stored, spec.ms), deque())
                     credits.extend((until, f"{member}:{j}") for j in range(1, count + 1))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()  # it gives back the credits left unused
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         """Give back the slots the run holds of ``keys`` (only its own): how many it held."""
@@ -412,10 +414,29 @@ class RedisFlowState:
 
     def _release_loop(self) -> None:
         while not self._closed:
-            self._wake.wait()
+            # While credits are held, wake to give back those that ran out unused (a key no
+            # task of this process asks for again would otherwise hold them until their lease ends).
+            if not self._wake.wait(CREDIT_S if self._credits else None):
+                self._sweep_credits()
+                continue  # flush at the next turn, with any release that comes meanwhile
             self._wake.clear()
             time.sleep(RELEASE_INTERVAL_S)  # gather the releases of the next few ms
+            self._sweep_credits()
             self.flush()
+
+    def _sweep_credits(self) -> None:
+        """Give back every credit this process may no longer use."""
+        now = time.monotonic()
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():
+                return
+            for (stored, ms), credits in list(self._credits.items()):
+                good = deque(credit for credit in credits if credit[0] > now)
+                if len(good) != len(credits):
+                    self._releases.extend((stored, member) for until, member in credits if until <= now)
+                    self._credits[(stored, ms)] = good
+        if self._releases:
+            self._wake.set()
 
     def flush(self) -> None:
         """Write the releases buffered so far (a failed write is retried with the next)."""
