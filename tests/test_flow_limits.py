@@ -57,7 +57,7 @@ def flow_project(settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path
     from dramaturg import app
     from tests.apps import flow_tasks
 
-    for name in ("per_store", "solo", "rated"):
+    for name in ("per_store", "solo", "rated", "wide"):
         app.register(getattr(flow_tasks, name))
     write_config(tmp_path, settings, modules=["tests.apps.flow_tasks"])
     return flow_tasks
@@ -738,3 +738,138 @@ def test_in_a_long_outage_the_releases_of_asks_that_got_no_answer_stay_bounded()
         assert ("t-outage:__limit__:c:slot", "ended:run-1") in state._releases
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_stats_shows_the_tasks_waiting_for_a_limit_per_queue(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    import json
+
+    from .conftest import bin_path, run_cli
+
+    def stats(*argv: str) -> Any:
+        return run_cli([bin_path("dramaturg"), "stats", "flow", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+
+    def waiting() -> int | None:
+        found = stats("--json")
+        assert found.returncode == 0, found.stderr
+        value: int | None = json.loads(found.stdout)["queues"][0]["waiting_for_limits"]
+        return value
+
+    # Given two worker processes, and five tasks of store "fr" (at most two at once) of 3 s each
+    workers(spawn, counter, tmp_path)
+    with dramaturg.context(store="fr"):
+        for n in range(5):
+            flow_project.per_store.send(n, 3.0)
+
+    # When two run, the three others wait for a slot
+    poll_until(lambda: int(counter.get("running:fr") or 0) == 2, "two tasks run")
+
+    # Then `dramaturg stats` counts the three as waiting for a limit on queue "flow", in JSON and in the table
+    poll_until(lambda: waiting() == 3, "stats --json counts three tasks waiting for a limit")
+    table = stats()
+    assert table.returncode == 0, table.stderr
+    header, line = table.stdout.splitlines()[:2]
+    assert header.endswith("waiting for limits")
+    assert line.split()[0] == "flow" and line.split()[-1] in ("3", "2", "1")  # some may have started since
+
+    # and once every task ran, none waits
+    poll_until(lambda: int(counter.get("running:fr:done") or 0) == 5, "every task ran", timeout=60)
+    assert waiting() == 0
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    """How many scripts the Redis server ran so far (each limits.lua call is one)."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("kind", ["c", "r"])
+def test_a_roomy_limit_costs_a_call_for_many_tasks_and_two_processes_still_share_it_exactly(
+    redis_server: Any, kind: str
+) -> None:
+    # Given a limit of 64 (slots, or starts in a minute) and two processes' stores
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    first, second = (RedisFlowState(client, namespace=namespace) for _ in range(2))
+    spec = [LimitSpec(kind, "wide", 64, 60_000)]
+
+    # When the first process starts ten tasks while nobody waits
+    calls = evalsha_calls(client)
+    assert all(first.acquire(f"a{n}", "run-1", spec) is None for n in range(10))
+
+    # Then it asked the store far fewer times than once a task (credits taken ahead)
+    assert evalsha_calls(client) - calls <= 5
+
+    # When both processes start tasks, in turns, until refused
+    started = 10
+    refused = {"first": False, "second": False}
+    for n in range(100):
+        for name, state in (("first", first), ("second", second)):
+            if not refused[name]:
+                if state.acquire(f"{name}{n}", "run-2", spec) is None:
+                    started += 1
+                else:
+                    refused[name] = True
+
+    # Then together they started exactly the limit, never more
+    assert started == 64
+    # and the store counts the limit full
+    usage = {u.key: (u.in_use if kind == "c" else u.started) for u in first.usage()}
+    assert usage["wide"] == 64
+    first.close()
+    second.close()
+
+
+def test_credits_left_unused_are_given_back(redis_server: Any) -> None:
+    # Given a process that started one task under a roomy concurrency limit (taking credits ahead)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    spec = [LimitSpec("c", "wide", 64, 60_000)]
+    assert state.acquire("a", "run-1", spec) is None
+    taken = {u.key: u.in_use for u in state.usage()}["wide"]
+    # and a second task that took its slot on credit, renewed and released as its own
+    assert state.acquire("b", "run-1", spec) is None
+    assert state.renew("b", "run-1", ["wide"], 60_000) == 1
+    assert state.release("b", "run-1", ["wide"]) == 1
+
+    # When it stops (a worker shutting down)
+    state.close()
+
+    # Then only the running task's slot stays taken: the credits it held came back
+    assert taken > 1
+    assert {u.key: u.in_use for u in state.usage()}["wide"] == 1
+    # and the task's own slot is released by its run as before
+    assert state.release("a", "run-1", ["wide"]) == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_two_workers_never_exceed_a_roomy_limit_taken_on_credit(
+    flow_project: Any, counter: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # Given two worker processes of 24 threads each, and a limit of 32 at once (roomy: credits are taken ahead)
+    workers(spawn, counter, tmp_path, threads=24)
+
+    # When 300 tasks of 20 ms are sent at once
+    sent = [flow_project.wide.send(n, 0.02).message_id for n in range(300)]
+
+    # Then every task ran exactly once, and never more than 32 at once
+    poll_until(lambda: int(counter.get("running:wide:done") or 0) == 300, "every task ran", timeout=120)
+    assert 1 < int(counter.get("running:wide:max")) <= 32
+    assert sorted(message_id for message_id, _, _ in starts(tmp_path)) == sorted(sent)
+    assert list(dramaturg.held_tasks().list("flow")) == []
+
+
+def test_credits_a_process_stops_needing_are_given_back_soon(redis_server: Any) -> None:
+    # Given a running process that started one task under a roomy concurrency limit (taking credits ahead)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    spec = [LimitSpec("c", "wide", 64, 600_000)]
+    assert state.acquire("a", "run-1", spec) is None
+    assert {u.key: u.in_use for u in state.usage()}["wide"] > 1
+
+    # When no other task of the key comes to it
+    # Then the credits it holds are given back within a second, not when their 10-minute lease ends
+    poll_until(lambda: {u.key: u.in_use for u in state.usage()}["wide"] == 1, "the credits came back", timeout=2)
+    state.close()

@@ -26,7 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 READY = "Worker process is ready for action."
 WAIT_S = 30.0
 HOUR_MS = 3_600_000
-PER_MINUTE = {"processed_per_min": None, "failed_per_min": None, "retried_per_min": None, "held_per_min": None}
+PER_MINUTE = {
+    "processed_per_min": None,
+    "failed_per_min": None,
+    "retried_per_min": None,
+    "held_per_min": None,
+    "waiting_for_limits": None,
+}
 
 
 def row(queue: str, **counts: int | None) -> dict[str, Any]:
@@ -40,8 +46,9 @@ def row(queue: str, **counts: int | None) -> dict[str, Any]:
 
 
 def per_minute(broker_kind: str, processed: int = 0) -> dict[str, int | None]:
-    """The per-minute columns: counted by the state store (the broker's own Redis), none on
-    RabbitMQ here (no ``[state] url``); ``processed`` tasks all succeeded."""
+    """The per-minute columns and the tasks waiting for limits: counted in the state store
+    (the broker's own Redis), none on RabbitMQ here (no ``[state] url``); ``processed``
+    tasks all succeeded."""
     if broker_kind == "rabbitmq":
         return dict(PER_MINUTE)
     return {**dict.fromkeys(PER_MINUTE, 0), "processed_per_min": processed}
@@ -164,8 +171,9 @@ def test_the_table_has_fixed_columns_and_a_total_row(broker_kind: str, broker: d
         "failed/min",
         "retried/min",
         "held/min",
+        "waiting for limits",
     ]
-    counted = ["-"] * 4 if broker_kind == "rabbitmq" else ["0"] * 4  # per minute: the state store's
+    counted = ["-"] * 5 if broker_kind == "rabbitmq" else ["0"] * 5  # the state store's (none on RabbitMQ here)
     assert [line.split() for line in lines] == [
         ["reports", "10", "3", "0", "2", "1", "0", *counted],
         ["emails", "1", "0", "0", "0", "0", "0", *counted],
@@ -333,11 +341,12 @@ def test_counters_fill_the_per_minute_columns() -> None:
             "failed_per_min": 3,
             "retried_per_min": 2,
             "held_per_min": 1,
+            "waiting_for_limits": 0,  # flow control's store is in memory: none waits
         },
-        {**row("emails"), "workers": None},
+        {**row("emails"), "workers": None, "waiting_for_limits": 0},
     ]
     # and the table shows them, "-" where unknown
-    assert table(rows).splitlines()[1].split() == ["reports", "2", "0", "0", "0", "0", "-", "120", "3", "2", "1"]
+    assert table(rows).splitlines()[1].split() == ["reports", "2", "0", "0", "0", "0", "-", "120", "3", "2", "1", "0"]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ dead-letter queues, and its priority lanes on Redis, are counted in its row.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,8 @@ from .errors import DramaturgError, StateUnavailable
 from .queues import canonical_queue
 from .status import state_store
 from .status.store import COUNTERS
+
+logger = logging.getLogger("dramaturg.stats")
 
 __all__ = ["COUNTERS", "Counters", "QueueStats", "StatsReader", "queue_stats", "stats_reader"]
 
@@ -65,6 +68,10 @@ class QueueStats:
     failed_per_min: int | None = None
     retried_per_min: int | None = None
     held_per_min: int | None = None
+    #: Tasks put back to wait for a concurrency slot or a rate token (see
+    #: :mod:`dramaturg.flow`), refused in the last minute and not started since; they are
+    #: among ``delayed`` (or ``ready`` once their wait is over). ``None`` without a state store.
+    waiting_for_limits: int | None = None
 
     def with_counters(self, counts: Mapping[str, int] | None) -> QueueStats:
         """This row with the per-minute counts of a counter store (``None``: unknown)."""
@@ -130,10 +137,15 @@ def queue_stats(
     rows = reader.read(names)
     if counters is None:
         counters = _state_store_counts(broker)
-    if counters is None or not rows:
+    if not rows:
         return rows
-    counts = counters([row.queue for row in rows])
-    return [row.with_counters(counts.get(row.queue)) for row in rows]
+    if counters is not None:
+        counts = counters([row.queue for row in rows])
+        rows = [row.with_counters(counts.get(row.queue)) for row in rows]
+    waiting = _waiting_for_limits(reader.broker, [row.queue for row in rows])
+    if waiting is None:
+        return rows
+    return [replace(row, waiting_for_limits=waiting.get(row.queue, 0)) for row in rows]
 
 
 def totals(rows: Sequence[QueueStats]) -> dict[str, Any]:
@@ -148,6 +160,20 @@ def totals(rows: Sequence[QueueStats]) -> dict[str, Any]:
         values = [getattr(row, name) for row in rows]
         summed[name] = None if any(value is None for value in values) else sum(values)
     return summed
+
+
+def _waiting_for_limits(broker: dramatiq.Broker, queues: Sequence[str]) -> dict[str, int] | None:
+    """Per queue, the tasks waiting for a limit (see :mod:`dramaturg.flow`); ``None``
+    without a flow control state store, or when it does not answer."""
+    from .flow.control import state_of
+
+    try:
+        return state_of(broker).waiting_in(queues)
+    except StateUnavailable:
+        return None
+    except Exception as error:  # the queues' own numbers are still worth showing
+        logger.warning("stats: the tasks waiting for limits could not be read: %s: %s", type(error).__name__, error)
+        return None
 
 
 def _state_store_counts(broker: dramatiq.Broker | None) -> Counters | None:

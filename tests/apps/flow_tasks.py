@@ -73,6 +73,12 @@ def solo(n: int, first_run_s: float) -> None:
         _run("running:solo", 0.01)
 
 
+@dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(32, key="wide")])
+def wide(n: int, seconds: float) -> None:
+    """At most 32 at once: a limit roomy enough that workers take slots ahead on credit."""
+    _run("running:wide", seconds)
+
+
 @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.rate(5, per="1s", key="api")])
 def rated(n: int) -> None:
     """At most five starts in any second."""

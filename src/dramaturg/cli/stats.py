@@ -1,7 +1,8 @@
 """``dramaturg stats [QUEUE...] [--json] [--watch 2s]``: the state of the queues.
 
 The same columns on every broker (see :mod:`dramaturg.stats`): ready, delayed, in flight,
-held, dead, workers, and the per-minute counts of a counter store (``-`` without one).
+held, dead, workers, the per-minute counts of a counter store (``-`` without one), and
+the tasks waiting for a concurrency slot or a rate token (``-`` without a state store).
 Without queue names: the queues of ``worker.modules``' actors, those with held tasks and
 those the broker holds messages or workers for.
 """
@@ -44,6 +45,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("failed/min", "failed_per_min"),
     ("retried/min", "retried_per_min"),
     ("held/min", "held_per_min"),
+    ("waiting for limits", "waiting_for_limits"),
 )
 #: The shortest --watch interval.
 MIN_WATCH_MS = 100

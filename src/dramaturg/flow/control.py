@@ -12,7 +12,9 @@ context, status and batch middleware, whose hooks see a task that waits as one p
   (which ``Actor.send`` turns into that task's message, by default). A message put back
   to wait, retried or kicked carries its key already and claims nothing.
 - **Start** (``before_process_message``): every limit is taken in one round trip, all or
-  none (``limits.lua``). A task that may not start now is **put back to wait**: a copy,
+  none (``limits.lua``), or with no call on credits the process took ahead where a limit
+  has room (:meth:`~dramaturg.flow.state.RedisFlowState.acquire`). A task that may not
+  start now is **put back to wait**: a copy,
   same id, options and attempt (no retry spent, nothing counted as a failure), is
   enqueued with a delay and the delivery skipped, its status ``waiting`` with the reason
   ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit.
@@ -252,10 +254,11 @@ class FlowControl(dramatiq.Middleware):
             else:
                 specs.append(LimitSpec("r", key, limit.limit, limit.per_ms))
         message_id = inner.message_id
+        queue = canonical_queue(inner.queue_name)
         run = new_run()  # this delivery's: the same for every ask below, so an ask repeated takes nothing twice
         while True:
             try:
-                denied = state.acquire(message_id, run, specs)
+                denied = state.acquire(message_id, run, specs, queue, waited=WAITING_OPTION in inner.options)
             except Exception as error:
                 if lease_ms:
                     # Its reply may be what was lost, the slots taken: give them back (this

@@ -16,12 +16,14 @@
 -- window: at most `limit` starts in any window of `ms`).
 --
 -- ARGV[1]: the step.
--- acquire: ARGV[2] = the message id, ARGV[3] = the run token, then per limit (two keys
---   each: see take) three values: "c" or "r", the limit, the lease or window in ms.
--- acquire_many: the acquires of many tasks in one call (see below); one answer each.
+-- acquire_many: ARGV[2] = r, then releases written first (as release_many: KEYS[1 .. r],
+--   the runs ARGV[3 .. r + 2]), then the acquires of many tasks (see below); one answer each.
+--   Per task, KEYS: the tasks of its queue waiting for a limit (for `dramaturg stats`),
+--   then two per limit (see take).
 --   -> {1} when every limit let it start (each took its slot or its start, or the run
---      held them already), {0, i, ms} when limit i did not: ms until a lease ends or
---      the oldest start leaves the window.
+--      held them already), {1, g1, .., gn} when it also took gi credits of limit i
+--      (see take), {0, i, ms} when limit i did not: ms until a lease ends or the oldest
+--      start leaves the window.
 -- release: ARGV[2] = the run; its lease leaves every KEYS[i]. -> how many it held.
 -- release_many: ARGV[i + 1] = the run whose lease leaves KEYS[i] (the releases of
 --   many tasks, written together off the message path). -> how many were held.
@@ -34,20 +36,34 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- A task refused this long ago and not since is no longer counted as waiting (it was
 -- held, purged or lost meanwhile): the longest wait between two tries, with room to spare.
 local WAITING_MS = 60000
--- Take every limit of one task: its keys are KEYS[k + 1 .. k + n], its values ARGV[a + 1 ..
--- a + 3n] ("c" or "r", the limit, the lease or window in ms).
+-- Take every limit of one task: its keys are KEYS[k + 1 .. k + 2n], its values ARGV[a + 1 ..
+-- a + 4n] ("c" or "r", the limit, the lease or window in ms, the credits wanted).
+--
+-- Credits: starts or slots taken ahead for the asking process to hand out to its next
+-- tasks itself, with no call (dramaturg.flow.state); the process uses one at most CREDIT_MS
+-- after it sent this call (which is before now), and gives back (releases) those it did not.
+-- A rate credit counts as a start at now + CREDIT_MS: a start made with it falls before the
+-- start it counts as, so any window holding the real start also holds its count, and the
+-- bound stays exact. A concurrency credit is a slot whose lease ends at now + CREDIT_MS +
+-- the lease: counted as in use from now, it leaves the run that takes it the whole lease.
+-- They are taken only where nobody waits for the key and there is room.
+local CREDIT_MS = 200
 -- Each limit has two keys: KEYS[k + 2i - 1] its leases or starts, KEYS[k + 2i] the tasks
 -- waiting for it (member = message id, score = when it was last refused), for `dramaturg limits`.
-local function refuse(waiting, id, wait)
+-- `queued`: the tasks of the task's queue that wait for a limit (member = message id,
+-- score = when it was last refused), for the waiting column of `dramaturg stats`.
+local function refuse(waiting, queued, id, wait)
   call('ZADD', waiting, now, id)
   call('PEXPIRE', waiting, WAITING_MS)
+  call('ZADD', queued, now, id)
+  call('PEXPIRE', queued, WAITING_MS)
   return wait
 end
 
-local function take(id, token, k, a, n)
+local function take(id, token, queued, k, a, n)
   local member = id .. ':' .. token
   for i = 1, n do
-    local kind, limit, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
+    local kind, limit, ms = ARGV[a + 4 * i - 3], tonumber(ARGV[a + 4 * i - 2]), tonumber(ARGV[a + 4 * i - 1])
     local key, waiting = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
     if kind == 'c' then
       call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -58,36 +74,60 @@ local function take(id, token, k, a, n)
     if not call('ZSCORE', key, member) and call('ZCARD', key) >= limit then
       local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
       if kind == 'c' then
-        return refuse(waiting, id, {0, i, math.max(0, tonumber(first[2]) - now)})
+        return refuse(waiting, queued, id, {0, i, math.max(0, tonumber(first[2]) - now)})
       end
-      return refuse(waiting, id, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
+      return refuse(waiting, queued, id, {0, i, math.max(1, tonumber(first[2]) + ms - now)})
     end
   end
+  local answer, granted = {1}, 0
   for i = 1, n do
-    local kind, ms = ARGV[a + 3 * i - 2], tonumber(ARGV[a + 3 * i])
+    local kind, limit, ms, want = ARGV[a + 4 * i - 3], tonumber(ARGV[a + 4 * i - 2]), tonumber(ARGV[a + 4 * i - 1]), tonumber(ARGV[a + 4 * i])
     local key = KEYS[k + 2 * i - 1]
     call('ZREM', KEYS[k + 2 * i], id)
+    local credits, score = 0, now + CREDIT_MS
     if kind == 'c' then
       call('ZADD', key, now + ms, member)
+      score = score + ms
     else
       call('ZADD', key, 'NX', now, member)  -- a run counts one start, when it first took it
     end
+    if want > 0 and call('EXISTS', KEYS[k + 2 * i]) == 0 then
+      credits = math.min(want, limit - call('ZCARD', key))
+      if credits > 0 then
+        local entries = {}
+        for j = 1, credits do
+          entries[2 * j - 1], entries[2 * j] = score, member .. ':' .. j
+        end
+        call('ZADD', key, unpack(entries))
+        ms = ms + CREDIT_MS
+      else
+        credits = 0
+      end
+    end
+    answer[i + 1], granted = credits, granted + credits
     if call('PTTL', key) < ms then
       call('PEXPIRE', key, ms)
     end
   end
-  return {1}
+  call('ZREM', queued, id)
+  if granted == 0 then
+    return {1}
+  end
+  return answer
 end
 
-if step == 'acquire' then
-  return take(ARGV[2], ARGV[3], 0, 3, #KEYS / 2)
-elseif step == 'acquire_many' then
-  -- ARGV[2 ..]: per task, its message id, its run token, its number of limits n, then its 3n values.
-  local answers, k, a = {}, 0, 2
+if step == 'acquire_many' then
+  -- ARGV[2] = r releases (see above); then per task, its message id, its run token, its
+  -- number of limits n, then its 4n values.
+  local r = tonumber(ARGV[2])
+  for i = 1, r do
+    call('ZREM', KEYS[i], ARGV[i + 2])
+  end
+  local answers, k, a = {}, r, r + 3
   while a < #ARGV do
     local id, token, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-    answers[#answers + 1] = take(id, token, k, a + 2, n)
-    k, a = k + 2 * n, a + 3 + 3 * n
+    answers[#answers + 1] = take(id, token, KEYS[k + 1], k + 1, a + 2, n)
+    k, a = k + 1 + 2 * n, a + 3 + 4 * n
   end
   return answers
 elseif step == 'release' then

@@ -59,6 +59,15 @@ RELEASE_INTERVAL_S = 0.005
 #: How many releases a process buffers before it stops adding those of asks that may have
 #: taken nothing (``maybe``): in an outage every ask fails, and each would add one.
 MAYBE_RELEASES_MAX = 10_000
+#: How long a limit's credit may be used after the call that took it was sent (as
+#: CREDIT_MS in limits.lua; see RedisFlowState.acquire).
+CREDIT_S = 0.2
+#: The most credits a call takes for one limit, and the part of the limit they may be at
+#: most (a limit under 16 takes none: a credit unused holds a start or a slot for 200 ms).
+CREDITS_MAX = 32
+CREDITS_PART = 16
+#: How many buffered slot releases an ask carries along (see RedisFlowState._acquire_many).
+RELEASES_PER_ASK = 200
 
 logger = logging.getLogger("dramaturg.flow")
 
@@ -124,13 +133,16 @@ class FlowState(Protocol):
     def lock_renew(self, name: str, owner: str, ttl_ms: int) -> bool: ...
     def lock_holder(self, name: str) -> HeldLock | None: ...
     def locks(self) -> list[HeldLock]: ...
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None: ...
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None: ...
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int: ...
     def usage(self) -> list[Usage]: ...
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]: ...
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None: ...
     def unclaim(self, key: str, message_id: str) -> bool: ...
 
@@ -149,6 +161,7 @@ class RedisFlowState:
         self.fences = f"{namespace}:__lock_fences__"
         self.limit_prefix = f"{namespace}:__limit__:"
         self.waiting_prefix = f"{namespace}:__limit_waiting__:"
+        self.queue_waiting_prefix = f"{namespace}:__limit_waiting_queue__:"
         self.unique_prefix = f"{namespace}:__unique__:"
         self._lock = client.register_script(_LOCK)
         self._limits = client.register_script(_LIMITS)
@@ -163,9 +176,15 @@ class RedisFlowState:
         self._start_lock = threading.Lock()
         from ..group_commit import GroupCommit
 
-        self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec]], Denied | None] = GroupCommit(
+        self._acquires: GroupCommit[tuple[str, str, Sequence[LimitSpec], str], Denied | None] = GroupCommit(
             self._acquire_many
         )
+        #: Credits this process holds, by (stored key, lease or window): (usable until, member), oldest first.
+        self._credits: dict[tuple[str, int], deque[tuple[float, str]]] = {}
+        #: The concurrency credits runs took, by (message id, run): {key: the slot's member}.
+        self._lent: dict[tuple[str, str], dict[str, tuple[str, float, int]]] = {}
+        self._credit_lock = threading.Lock()
+        self._credit_pid = os.getpid()
 
     def _run_own(self, keys: list[str], args: list[Any]) -> Any:
         """``limits.lua`` on this thread's own connection: about 15 us of CPU a call against
@@ -212,34 +231,153 @@ class RedisFlowState:
 
     # -- limits --------------------------------------------------------------------------
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None:
         """Take every limit of the run ``run`` (a token of :func:`new_run`) of the task
         ``message_id``, or none (see ``limits.lua``). Asked again with the same run, it
-        answers as the first time and takes nothing more.
+        answers as the first time and takes nothing more. A task refused counts as waiting
+        in ``queue`` (its canonical queue, for ``dramaturg stats``) until it is let start.
 
         The worker threads starting tasks meanwhile share the round trip: their acquires go
         in one call (:class:`~dramaturg.group_commit.GroupCommit`: a lone one goes at once,
         nobody waits for a timer), each still all-or-none, in the order they came.
-        """
-        return self._acquires.submit((message_id, run, limits))
 
-    def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec]]]) -> list[Denied | None]:
-        keys: list[str] = []
-        args: list[Any] = ["acquire_many"]
-        for message_id, run, limits in items:
+        A task may start on credits instead, with no call: starts and slots a call took
+        ahead for this process where there was room and nobody waited (up to
+        :data:`CREDITS_MAX` a limit, a :data:`CREDITS_PART` of the limit at most), used only
+        within :data:`CREDIT_S` of the call and counted in the store as taken until then
+        (see ``limits.lua``), so the bound stays exact; those left unused are given back.
+        A concurrency credit is a slot of its own: the run releases and renews it as it
+        would its slot. ``waited``: the task was put back to wait before, and asks the store
+        (which then stops counting it as waiting).
+        """
+        if not waited and self._credits and self._use_credits(message_id, run, limits):
+            return None
+        return self._acquires.submit((message_id, run, limits, queue))
+
+    def _use_credits(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> bool:
+        """Take a credit of every limit in ``limits`` if this process holds one of each."""
+        now = time.monotonic()
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():  # a forked child: its parent's credits are the parent's
+                self._credits.clear()
+                return False
+            found = []
+            for spec in limits:
+                stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                credits = self._credits.get((stored, spec.ms))
+                if not credits:
+                    return False
+                while credits and credits[0][0] <= now:
+                    self._give_back(stored, credits.popleft()[1])
+                if not credits:
+                    return False
+                found.append(credits)
+            slots = {}
+            for spec, credits in zip(limits, found, strict=True):
+                until, member = credits.popleft()
+                if spec.kind == "c":
+                    slots[spec.key] = (member, until, spec.ms)
+            if slots:
+                self._lent[(message_id, run)] = slots
+            return True
+
+    def _member(self, message_id: str, run: str, key: str, *, done: bool = False) -> str:
+        """What the run's slot of ``key`` is named by: its own, or the credit it took."""
+        lent = self._lent.get((message_id, run))
+        if lent is None:
+            return run_name(message_id, run)
+        slot = lent.get(key)
+        member = run_name(message_id, run) if slot is None else slot[0]
+        if done:
+            self._lent.pop((message_id, run), None)
+        return member
+
+    def _recycle(self, lent: dict[str, tuple[str, float, int]], keys: Sequence[str]) -> list[str]:
+        """A slot taken on credit whose credit is still good goes back to the credits, for
+        the next task of the process (its lease still runs the whole lease past the credit's
+        end, and it never stopped counting as taken); the keys left to release."""
+        now = time.monotonic()
+        left = []
+        with self._credit_lock:
+            same = self._credit_pid == os.getpid()
+            for key in keys:
+                slot = lent.get(key)
+                if slot is None or not same or slot[1] <= now:
+                    left.append(key)
+                    continue
+                stored = self.limit_prefix + "c:" + key
+                self._credits.setdefault((stored, slot[2]), deque()).appendleft((slot[1], slot[0]))
+        return left
+
+    def _give_back(self, stored: str, member: str) -> None:
+        """An unused credit leaves the window with the next write of releases."""
+        self._releases.append((stored, member))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()
+        self._wake.set()
+
+    def _acquire_many(self, items: list[tuple[str, str, Sequence[LimitSpec], str]]) -> list[Denied | None]:
+        # The slot releases buffered so far go first, in the same call (their runs ended
+        # before; a call that fails gives them back to the buffer: a release is idempotent).
+        releases: list[tuple[str, str]] = []
+        with contextlib.suppress(IndexError):  # another thread may take the last
+            while self._releases and len(releases) < RELEASES_PER_ASK:
+                releases.append(self._releases.popleft())
+        keys: list[str] = [key for key, _ in releases]
+        args: list[Any] = ["acquire_many", len(releases), *(member for _, member in releases)]
+        asked: set[tuple[str, int]] = set()
+        for message_id, run, limits, queue in items:
+            keys.append(self.queue_waiting_prefix + queue)
             args += [message_id, run, len(limits)]
             for spec in limits:
-                keys += [f"{self.limit_prefix}{spec.kind}:{spec.key}", self.waiting_prefix + spec.key]
-                args += [spec.kind, spec.limit, spec.ms]
-        return [
-            None if int(answer[0]) else Denied(int(answer[1]) - 1, int(answer[2]))
-            for answer in self._run_own(keys, args)
-        ]
+                stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                keys += [stored, self.waiting_prefix + spec.key]
+                want = 0
+                if (stored, spec.ms) not in asked:  # the first of a group asks for its key's credits
+                    asked.add((stored, spec.ms))
+                    want = min(CREDITS_MAX, spec.limit // CREDITS_PART)
+                args += [spec.kind, spec.limit, spec.ms, want]
+        sent = time.monotonic()
+        try:
+            answers = self._run_own(keys, args)
+        except BaseException:
+            self._releases.extendleft(reversed(releases))
+            raise
+        found: list[Denied | None] = []
+        for (message_id, run, limits, _), answer in zip(items, answers, strict=True):
+            if not int(answer[0]):
+                found.append(Denied(int(answer[1]) - 1, int(answer[2])))
+                continue
+            found.append(None)
+            if len(answer) > 1:
+                self._keep_credits(run_name(message_id, run), limits, [int(n) for n in answer[1:]], sent)
+        return found
+
+    def _keep_credits(self, member: str, limits: Sequence[LimitSpec], granted: list[int], sent: float) -> None:
+        until = sent + CREDIT_S
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():
+                self._credits.clear()
+                self._credit_pid = os.getpid()
+            for spec, count in zip(limits, granted, strict=True):
+                if count:
+                    stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                    credits = self._credits.setdefault((stored, spec.ms), deque())
+                    credits.extend((until, f"{member}:{j}") for j in range(1, count + 1))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()  # it gives back the credits left unused
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         """Give back the slots the run holds of ``keys`` (only its own): how many it held."""
-        keys = [self.limit_prefix + "c:" + key for key in keys]
-        return int(self._limits(keys=keys, args=["release", run_name(message_id, run)]))
+        if (message_id, run) in self._lent:
+            members = [self._member(message_id, run, key) for key in keys]
+            self._lent.pop((message_id, run), None)
+            stored = [self.limit_prefix + "c:" + key for key in keys]
+            return int(self._limits(keys=stored, args=["release_many", *members]))
+        stored = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=stored, args=["release", run_name(message_id, run)]))
 
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
         """Release the run's slots soon, off the message path: a thread of this process
@@ -248,12 +386,19 @@ class RedisFlowState:
         the bound holds; releases not written when the process dies end with their lease.
         ``maybe``: the slots of an ask that got no answer, which may have taken nothing;
         left out once :data:`MAYBE_RELEASES_MAX` releases wait (a store down for long: its
-        asks took nothing, and any that did ends with its lease)."""
+        asks took nothing, and any that did ends with its lease). A slot the run took on
+        credit goes back to the credits instead while the credit is good (see :meth:`_recycle`)."""
         if maybe and len(self._releases) >= MAYBE_RELEASES_MAX:
             return
+        lent = self._lent.pop((message_id, run), None)
+        if lent is not None:
+            keys = self._recycle(lent, keys)
         member = run_name(message_id, run)
         for key in keys:
-            self._releases.append((self.limit_prefix + "c:" + key, member))
+            slot = None if lent is None else lent.get(key)
+            self._releases.append((self.limit_prefix + "c:" + key, member if slot is None else slot[0]))
+        if not keys:
+            return
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()
         if not self._wake.is_set():
@@ -269,10 +414,29 @@ class RedisFlowState:
 
     def _release_loop(self) -> None:
         while not self._closed:
-            self._wake.wait()
+            # While credits are held, wake to give back those that ran out unused (a key no
+            # task of this process asks for again would otherwise hold them until their lease ends).
+            if not self._wake.wait(CREDIT_S if self._credits else None):
+                self._sweep_credits()
+                continue  # flush at the next turn, with any release that comes meanwhile
             self._wake.clear()
             time.sleep(RELEASE_INTERVAL_S)  # gather the releases of the next few ms
+            self._sweep_credits()
             self.flush()
+
+    def _sweep_credits(self) -> None:
+        """Give back every credit this process may no longer use."""
+        now = time.monotonic()
+        with self._credit_lock:
+            if self._credit_pid != os.getpid():
+                return
+            for (stored, ms), credits in list(self._credits.items()):
+                good = deque(credit for credit in credits if credit[0] > now)
+                if len(good) != len(credits):
+                    self._releases.extend((stored, member) for until, member in credits if until <= now)
+                    self._credits[(stored, ms)] = good
+        if self._releases:
+            self._wake.set()
 
     def flush(self) -> None:
         """Write the releases buffered so far (a failed write is retried with the next)."""
@@ -293,12 +457,26 @@ class RedisFlowState:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+        with self._credit_lock:
+            if self._credit_pid == os.getpid():
+                for (stored, _), credits in self._credits.items():
+                    self._releases.extend((stored, member) for _, member in credits)
+            self._credits.clear()
         with contextlib.suppress(Exception):
             self.flush()
 
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int:
-        keys = [self.limit_prefix + "c:" + key for key in keys]
-        return int(self._limits(keys=keys, args=["renew", run_name(message_id, run), ms]))
+        if (message_id, run) in self._lent:  # a slot taken on credit is named by the credit
+            return sum(
+                int(
+                    self._limits(
+                        keys=[self.limit_prefix + "c:" + key], args=["renew", self._member(message_id, run, key), ms]
+                    )
+                )
+                for key in keys
+            )
+        stored = [self.limit_prefix + "c:" + key for key in keys]
+        return int(self._limits(keys=stored, args=["renew", run_name(message_id, run), ms]))
 
     def usage(self) -> list[Usage]:
         now_s, now_us = self.client.time()
@@ -316,6 +494,19 @@ class RedisFlowState:
             waiting = int(self.client.zcount(key, now - WAITING_MS, "+inf"))
             found[name] = replace(found.get(name) or Usage(name, 0), waiting=waiting)
         return sorted(found.values(), key=lambda usage: usage.key)
+
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]:
+        """How many tasks of each of ``queues`` were put back to wait for a limit in the
+        last minute and have not started since (one call, whatever the number of queues)."""
+        if not queues:
+            return {}
+        now_s, now_us = self.client.time()
+        since = int(now_s) * 1000 + int(now_us) // 1000 - WAITING_MS
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcount(self.queue_waiting_prefix + queue, since, "+inf")
+            counts = pipe.execute()
+        return {queue: int(count) for queue, count in zip(queues, counts, strict=True)}
 
     # -- unique tasks ----------------------------------------------------------------------
 
@@ -343,6 +534,7 @@ class MemoryFlowState:
         self._limits: dict[str, dict[str, float]] = {}
         self._unique: dict[str, tuple[str, float]] = {}
         self._waiting: dict[str, dict[str, float]] = {}
+        self._queue_waiting: dict[str, dict[str, float]] = {}
 
     @staticmethod
     def _now() -> float:
@@ -392,32 +584,43 @@ class MemoryFlowState:
         found = [self.lock_holder(name) for name in sorted(self._locks)]
         return [held for held in found if held is not None]
 
-    def acquire(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> Denied | None:
+    def acquire(
+        self, message_id: str, run: str, limits: Sequence[LimitSpec], queue: str = "", *, waited: bool = False
+    ) -> Denied | None:
         now = self._now()
         member = run_name(message_id, run)
         with self.changed:
-            for index, spec in enumerate(limits):
-                entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
-                if spec.kind == "c":
-                    for name in [n for n, end in entries.items() if end <= now]:
-                        del entries[name]
-                    if member not in entries and len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[message_id] = now
-                        return Denied(index, int(max(0, min(entries.values()) - now)))
-                else:
-                    for name in [n for n, at in entries.items() if at <= now - spec.ms]:
-                        del entries[name]
-                    if member not in entries and len(entries) >= spec.limit:
-                        self._waiting.setdefault(spec.key, {})[message_id] = now
-                        return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
-            for spec in limits:
-                entries = self._limits[f"{spec.kind}:{spec.key}"]
-                self._waiting.get(spec.key, {}).pop(message_id, None)
-                if spec.kind == "c":
-                    entries[member] = now + spec.ms
-                else:
-                    entries.setdefault(member, now)
-            return None
+            denied = self._take(message_id, member, limits, now)
+            waiting = self._queue_waiting.setdefault(queue, {})
+            if denied is None:
+                waiting.pop(message_id, None)
+            else:
+                waiting[message_id] = now
+            return denied
+
+    def _take(self, message_id: str, member: str, limits: Sequence[LimitSpec], now: float) -> Denied | None:
+        for index, spec in enumerate(limits):
+            entries = self._limits.setdefault(f"{spec.kind}:{spec.key}", {})
+            if spec.kind == "c":
+                for name in [n for n, end in entries.items() if end <= now]:
+                    del entries[name]
+                if member not in entries and len(entries) >= spec.limit:
+                    self._waiting.setdefault(spec.key, {})[message_id] = now
+                    return Denied(index, int(max(0, min(entries.values()) - now)))
+            else:
+                for name in [n for n, at in entries.items() if at <= now - spec.ms]:
+                    del entries[name]
+                if member not in entries and len(entries) >= spec.limit:
+                    self._waiting.setdefault(spec.key, {})[message_id] = now
+                    return Denied(index, int(max(1, min(entries.values()) + spec.ms - now)))
+        for spec in limits:
+            entries = self._limits[f"{spec.kind}:{spec.key}"]
+            self._waiting.get(spec.key, {}).pop(message_id, None)
+            if spec.kind == "c":
+                entries[member] = now + spec.ms
+            else:
+                entries.setdefault(member, now)
+        return None
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         member = run_name(message_id, run)
@@ -468,6 +671,13 @@ class MemoryFlowState:
                 | {n for n, w in waiting.items() if w}
             )
             return [Usage(name, in_use.get(name, 0), waiting.get(name, 0), started.get(name, 0)) for name in names]
+
+    def waiting_in(self, queues: Sequence[str]) -> dict[str, int]:
+        since = self._now() - WAITING_MS
+        with self.changed:
+            return {
+                queue: sum(1 for at in self._queue_waiting.get(queue, {}).values() if at > since) for queue in queues
+            }
 
     def claim(self, key: str, message_id: str, ttl_ms: int) -> str | None:
         now = self._now()
