@@ -16,16 +16,17 @@ claims the next slot counts them (``missed``, shown by ``dramaturg schedule list
 :func:`prometheus_counters`).
 
 Clocks: a scheduler's clock only decides which slots are due; leases are dated by the
-state store's clock (Redis's ``TIME``), and a newly registered or resumed schedule starts
-at the earlier of the store's now and its caller's (a start by a clock ahead would skip
-the slots in between, one behind fires up to that much of the past), so schedulers
-whose clocks disagree, by any amount, agree on whether a claimant's lease has ended,
-and none sends a slot its live claimant is sending. The ledger only moves forward, so they never fire a slot twice; the earliest clock fires
-it, up to that clock's error early. A slot is missed only if no scheduler's clock passes
-through ``[slot, slot + grace]`` while it runs: keep the clocks within :data:`GRACE_MS`
-(60 s) of each other (NTP keeps them within milliseconds). Between wakes a scheduler
-sleeps (an event wait, woken by ``stop()``) until the next slot of any schedule, and at
-most :data:`MAX_SLEEP_MS`, to see pauses, recover dead claimants' slots and notice that a
+state store's clock (Redis's ``TIME``), and a newly registered or resumed schedule
+starts at the earlier of the store's now and its caller's (a start by a clock ahead
+would skip the slots in between, one behind fires up to that much of the past), so
+schedulers whose clocks disagree, by any amount, agree on whether a claimant's lease has
+ended, and none sends a slot its live claimant is sending. The ledger only moves
+forward, so they never fire a slot twice; the earliest clock fires it, up to that
+clock's error early. A slot is missed only if no scheduler's clock passes through
+``[slot, slot + grace]`` while it runs: keep the clocks within :data:`GRACE_MS` (60 s)
+of each other (NTP keeps them within milliseconds). Between wakes a scheduler sleeps (an
+event wait, woken by ``stop()``) until the next slot of any schedule, and at most
+:data:`MAX_SLEEP_MS`, to see pauses, recover dead claimants' slots and notice that a
 newer scheduler changed the schedules.
 """
 
