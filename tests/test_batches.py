@@ -441,9 +441,19 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         state.sent("b", "complete")
         assert writer.end(("b", "b", "h")) == []  # published: never again
         assert writer.end(("b", "b", "s")) == ["success"]  # kicked, then succeeded
+        state.sent("b", "success")
         assert writer.end(("b", "a", "f")) == []  # a succeeded member never leaves "succeeded"
         meta, _ = state.read("b")  # type: ignore[misc]
         assert (meta["total"], meta["succeeded"], meta["failed"], meta["held"]) == ("2", "2", "0", "0")
+        # A last member whose worker died before its callbacks were published runs again,
+        # and this time ends otherwise (held): they go out again, and it stays succeeded
+        state.create("c", {"name": "rerun", "created_at": "1"})
+        state.add("c", ["x"])
+        state.seal("c")
+        assert writer.end(("c", "x", "s")) == ["complete", "success"]
+        assert writer.end(("c", "x", "h")) == ["complete", "success"]
+        meta, _ = state.read("c")  # type: ignore[misc]
+        assert (meta["succeeded"], meta["failed"]) == ("1", "0")
         writer.close()
 
 

@@ -440,6 +440,9 @@ def test_held_tasks_are_filtered_by_reason_and_actor_on_the_server(
     broker: dramatiq.Broker, dashboard: Callable[..., httpx.Client]
 ) -> None:
     # Given 60 held tasks of imports: every third of sync_orders, every fifth timed out
+    # (the queue declared, so that on RabbitMQ the broker fixture deletes its held
+    # companion afterwards: left behind, the next test's held counts would include them)
+    broker.declare_queue("imports")
     store = dramaturg.held_tasks()
     for number in range(60):
         task = held_task("imports", number, actor="sync_orders" if number % 3 == 0 else "import_user")

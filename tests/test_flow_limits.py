@@ -873,3 +873,32 @@ def test_credits_a_process_stops_needing_are_given_back_soon(redis_server: Any) 
     # Then the credits it holds are given back within a second, not when their 10-minute lease ends
     poll_until(lambda: {u.key: u.in_use for u in state.usage()}["wide"] == 1, "the credits came back", timeout=2)
     state.close()
+
+
+def test_credits_an_ask_took_are_given_back_when_its_reply_is_lost(redis_server: Any) -> None:
+    # Given a process whose ask for a slot under a roomy limit (credits taken ahead) ran
+    # in the store, and whose reply was lost
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisFlowState(client, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    spec = [LimitSpec("c", "wide", 64, 600_000)]
+    run_own = state._run_own
+
+    def reply_lost(*args: Any) -> Any:
+        run_own(*args)
+        raise redis.ConnectionError("the connection dropped before the reply came")
+
+    state._run_own = reply_lost  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        state.acquire("a", "run-1", spec)
+    state._run_own = run_own  # type: ignore[method-assign]
+    assert {u.key: u.in_use for u in state.usage()}["wide"] > 1
+
+    # When the task's own slot is released (as the worker does after such an error) and
+    # the process writes its releases
+    assert state.release("a", "run-1", ["wide"]) == 1
+    state.flush()
+
+    # Then nothing of the key stays taken: the credits the lost ask took came back too,
+    # not at the end of their ten-minute lease
+    assert {u.key: u.in_use for u in state.usage()}.get("wide", 0) == 0
+    state.close()

@@ -111,9 +111,11 @@ if op == 'end' then
       last[id] = n
       local members = meta .. ':m'
       local old = redis.call('HGET', members, member)
-      if old == new then
-        repeats[id] = true
-      elseif old ~= 's' then
+      -- A member that had ended already (run again after its worker died, or kicked): the
+      -- run before may have left the batch firing, its callbacks unpublished; they go
+      -- out again (their ids are the same), however this run ended.
+      if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then repeats[id] = true end
+      if old ~= new and old ~= 's' then
         if not old then
           redis.call('HINCRBY', meta, 'total', 1)
         elseif old == 'r' then

@@ -272,8 +272,9 @@ class MemoryBatchState:
                     continue
                 meta, members, progress, _ = found
                 old = members.get(member)
-                repeated = old == new
-                if not repeated and old != "s":
+                # A member that had ended already: callbacks left firing go out again (batch.lua).
+                repeated = old == new or old in ("s", "f", "h", "c")
+                if old != new and old != "s":
                     if old is None:
                         meta["total"] += 1
                     elif old == "r":

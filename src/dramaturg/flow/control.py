@@ -400,6 +400,11 @@ class FlowControl(dramatiq.Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self._state is not None:
+            # Its threads have stopped: the credits it holds go back with the releases
+            # (a worker process exits without close()).
+            give_back = getattr(self._state, "give_back_credits", None)
+            if give_back is not None:
+                give_back()
             self._state.flush()
 
     def close(self) -> None:

@@ -328,6 +328,7 @@ class RedisFlowState:
         keys: list[str] = [key for key, _ in releases]
         args: list[Any] = ["acquire_many", len(releases), *(member for _, member in releases)]
         asked: set[tuple[str, int]] = set()
+        wanted: list[tuple[str, str]] = []  # the credits this call may take: (limit key, member)
         for message_id, run, limits, queue in items:
             keys.append(self.queue_waiting_prefix + queue)
             args += [message_id, run, len(limits)]
@@ -338,12 +339,15 @@ class RedisFlowState:
                 if (stored, spec.ms) not in asked:  # the first of a group asks for its key's credits
                     asked.add((stored, spec.ms))
                     want = min(CREDITS_MAX, spec.limit // CREDITS_PART)
+                    wanted += [(stored, f"{run_name(message_id, run)}:{j}") for j in range(1, want + 1)]
                 args += [spec.kind, spec.limit, spec.ms, want]
         sent = time.monotonic()
         try:
             answers = self._run_own(keys, args)
         except BaseException:
             self._releases.extendleft(reversed(releases))
+            # Credits it may have taken, its reply lost: given back (a release of one never taken is harmless).
+            self._releases.extend(wanted)
             raise
         found: list[Denied | None] = []
         for (message_id, run, limits, _), answer in zip(items, answers, strict=True):
@@ -368,6 +372,7 @@ class RedisFlowState:
                     credits.extend((until, f"{member}:{j}") for j in range(1, count + 1))
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()  # it gives back the credits left unused
+        self._wake.set()  # a thread waiting with no credits to sweep: it sweeps these
 
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int:
         """Give back the slots the run holds of ``keys`` (only its own): how many it held."""
@@ -434,7 +439,10 @@ class RedisFlowState:
                 good = deque(credit for credit in credits if credit[0] > now)
                 if len(good) != len(credits):
                     self._releases.extend((stored, member) for until, member in credits if until <= now)
+                if good:
                     self._credits[(stored, ms)] = good
+                else:  # a key of a template (tenant:{store}) must not stay here for ever
+                    del self._credits[(stored, ms)]
         if self._releases:
             self._wake.set()
 
@@ -454,14 +462,18 @@ class RedisFlowState:
         if self._releases:
             self._wake.set()
 
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
+    def give_back_credits(self) -> None:
+        """Put every credit this process holds among the releases to write (its worker stopped)."""
         with self._credit_lock:
             if self._credit_pid == os.getpid():
                 for (stored, _), credits in self._credits.items():
                     self._releases.extend((stored, member) for _, member in credits)
             self._credits.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self.give_back_credits()
         with contextlib.suppress(Exception):
             self.flush()
 
