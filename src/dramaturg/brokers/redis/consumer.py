@@ -81,7 +81,7 @@ class RedisConsumer(_RedisConsumer):
     def nack(self, message: Any) -> None:
         self._settle(message, self.broker.do_nack, "was rejected")
 
-    def _settle(self, message: Any, command: Callable[[str, str, Any], Any], what: str) -> None:
+    def _settle(self, message: Any, command: Callable[..., Any], what: str) -> None:
         # The current queue, not message.queue_name: a delayed message is acknowledged on
         # the delay queue it came from (as in Dramatiq's consumer).
         redis_id = message.options["redis_message_id"]
@@ -90,14 +90,15 @@ class RedisConsumer(_RedisConsumer):
                 self._claims.let_go(self.queue_name, (redis_id,))
                 return
             end = message.__dict__.get(BATCH_END)
-            result = command(self.queue_name, redis_id, end)
+            # Dramatiq's two-argument call when there is no end (code that wraps do_ack keeps working).
+            result = command(self.queue_name, redis_id) if end is None else command(self.queue_name, redis_id, end)
             if isinstance(result, list):
                 # The member's end (written) fired its batch's callbacks: published before
                 # the message is settled, so a worker killed meanwhile runs it again and
                 # its repeated end publishes them again (same message ids).
                 tracker_of(self.broker).fire(self.broker, end[2], result)
                 message.__dict__.pop(BATCH_END, None)
-                result = command(self.queue_name, redis_id, None)
+                result = command(self.queue_name, redis_id)
             if result == 1:
                 return
             claims, unsure = self._claims, message.__dict__.get("_dramaturg_unsure")
