@@ -10,6 +10,8 @@ environment (set by throughput.py):
   Dramatiq's RabbitMQ broker (dramaturg always confirms); ``BENCH_MAX_PRIORITY``: its
   queues' ``x-max-priority``; ``BENCH_SETTINGS``: JSON overrides of dramaturg's settings;
 - ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed;
+- ``BENCH_DROP``: comma-separated middleware class names taken out of the stack, to see
+  what one costs (``BENCH_DROP=CancelWatch``; for experiments, not a configuration);
 - ``BENCH_QUEUE``: the queue (default ``bench``; peers.py uses its own).
 
 Both systems get the same counting middleware, so its cost is the same on both sides.
@@ -116,6 +118,9 @@ def peer_sleep(number: int) -> None:
 def peer_import_user(row: dict[str, Any]) -> None:
     work.import_user(row)
 
+
+for _name in filter(None, os.environ.get("BENCH_DROP", "").split(",")):
+    broker.middleware[:] = [m for m in broker.middleware if type(m).__name__ != _name]
 
 if os.environ.get("BENCH_COUNT_DIR"):
     broker.add_middleware(Counter(Path(os.environ["BENCH_COUNT_DIR"])))
