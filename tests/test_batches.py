@@ -23,7 +23,7 @@ from dramatiq.worker import ConsumerThread
 import dramaturg
 from dramaturg import app
 from dramaturg.batches.state import MemoryBatchState, RedisBatchState
-from dramaturg.batches.tracker import callback_id
+from dramaturg.batches.tracker import BatchTracker, callback_id
 from dramaturg.batches.writer import BatchWriter
 
 from .conftest import (
@@ -659,4 +659,41 @@ def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowle
     assert runs.wait(2) == [7, 7]
     assert (summary["total"], summary["succeeded"], summary["failed"]) == (1, 1, 0)
     assert failures == [0]
+    assert len(report.calls.seen) == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_on_rabbitmq_the_last_member_is_acknowledged_only_once_its_callbacks_are_out(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose first try to publish its callbacks fails (the state store's read of it)
+    tries = [0]
+    fire = BatchTracker.fire
+
+    def failing_once(tracker: BatchTracker, broker: Any, batch_id: str, events: Any) -> None:
+        tries[0] += 1
+        if tries[0] == 1:
+            raise redis.ConnectionError("the state store does not answer")
+        fire(tracker, broker, batch_id, events)
+
+    monkeypatch.setattr(BatchTracker, "fire", failing_once)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When its one member succeeds, and its end fires on_complete
+    batch = dramaturg.batch("last", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(1)
+    start_worker(threads=1)
+
+    # Then its message was not acknowledged before the callback was out: it ran again, its
+    # repeated end fired on_complete again, and that was published (once)
+    assert report.calls.wait(1)[0][0] == "done"
+    assert runs.wait(2) == [1, 1]
+    assert (batch.status().total, batch.status().succeeded) == (1, 1)
     assert len(report.calls.seen) == 1

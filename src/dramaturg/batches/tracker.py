@@ -15,8 +15,9 @@ broker's consumer acknowledges the message.
   ``send_many``, whose chunk joined at once) is a member already.
 - **Ending** (``after_process_message``): succeeded, held, rejected or cancelled ends the member,
   written before the acknowledgement (:mod:`dramaturg.batches.writer` says why and how
-  it stays cheap); a retry or a release makes it wait again. What the end fires is
-  published from the same thread.
+  it stays cheap: a succeeded member's end is written with its acknowledgement on Redis
+  and RabbitMQ); a retry or a release makes it wait again. What the end fires is
+  published before its message is acknowledged.
 - **Firing**: a callback is a copy of the message given as ``on_complete`` /
   ``on_success``, with the batch's summary (:meth:`BatchStatus.to_dict`) as its last
   argument and the message id derived from batch id and event; a batch that is a member
