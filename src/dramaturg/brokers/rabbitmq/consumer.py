@@ -336,10 +336,8 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             item: Any = tag
         else:
             target, item = self._acks, (tag, None)
-        try:
+        with contextlib.suppress(ConnectionClosed):  # the connection is gone: RabbitMQ has the message back
             self._hand_over(target, item)
-        except ConnectionClosed:
-            pass  # the connection is gone: RabbitMQ has taken the message back
 
     def nack(self, message: Any) -> None:
         if self._came_from_here(message, "was rejected"):
