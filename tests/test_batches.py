@@ -18,11 +18,12 @@ import dramatiq
 import pytest
 import redis
 from dramatiq.middleware import MiddlewareError
+from dramatiq.worker import ConsumerThread
 
 import dramaturg
 from dramaturg import app
 from dramaturg.batches.state import MemoryBatchState, RedisBatchState
-from dramaturg.batches.tracker import callback_id
+from dramaturg.batches.tracker import BatchTracker, callback_id
 from dramaturg.batches.writer import BatchWriter
 
 from .conftest import (
@@ -584,3 +585,115 @@ def test_on_redis_a_members_end_costs_no_call_of_its_own(
     assert runs.wait(200)[100:] == list(range(100, 200))
     assert batched - plain < 30, (plain, batched)
     assert batch.status().succeeded == 100
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_on_rabbitmq_the_consumer_thread_writes_the_ends_of_its_acknowledgements_together(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given RabbitMQ with its batches in a Redis state store, and every write of ends watched
+    calls: list[tuple[bool, int]] = []
+    end = RedisBatchState.end
+
+    def watched(state: RedisBatchState, ends: Any) -> list[list[str]]:
+        calls.append((isinstance(threading.current_thread(), ConsumerThread), len(ends)))
+        return end(state, ends)
+
+    monkeypatch.setattr(RedisBatchState, "end", watched)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When 200 members of a batch are drained by 8 worker threads
+    batch = dramaturg.batch("together", on_complete=report.actor.message("done"))
+    with batch:
+        member.send_many(range(200))
+    start_worker(threads=8)
+
+    # Then every end was written by the consumer's thread (the one that acknowledges),
+    # none by a worker thread waiting for it, and the batch counted each member once
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (200, 200)
+    assert sorted(runs.wait(200)) == list(range(200))
+    assert all(by_consumer for by_consumer, _ in calls), calls
+    assert sum(size for _, size in calls) == 200
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowledged_and_it_counts_once(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a state store that fails the first four writes of ends (one try and the
+    # three of a durable write), then answers
+    failures = [4]
+    end = RedisBatchState.end
+
+    def failing(state: RedisBatchState, ends: Any) -> list[list[str]]:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise redis.ConnectionError("the state store does not answer")
+        return end(state, ends)
+
+    monkeypatch.setattr(RedisBatchState, "end", failing)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When the one member of a batch succeeds while its end cannot be written
+    batch = dramaturg.batch("unwritten", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(7)
+    start_worker(threads=1)
+
+    # Then its message was not acknowledged as if the end were written: it went back to
+    # the queue and ran again, and the batch counted it once and fired once
+    ((_, summary),) = report.calls.wait(1)
+    assert runs.wait(2) == [7, 7]
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (1, 1, 0)
+    assert failures == [0]
+    assert len(report.calls.seen) == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_on_rabbitmq_the_last_member_is_acknowledged_only_once_its_callbacks_are_out(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose first try to publish its callbacks fails (the state store's read of it)
+    tries = [0]
+    fire = BatchTracker.fire
+
+    def failing_once(tracker: BatchTracker, broker: Any, batch_id: str, events: Any) -> None:
+        tries[0] += 1
+        if tries[0] == 1:
+            raise redis.ConnectionError("the state store does not answer")
+        fire(tracker, broker, batch_id, events)
+
+    monkeypatch.setattr(BatchTracker, "fire", failing_once)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When its one member succeeds, and its end fires on_complete
+    batch = dramaturg.batch("last", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(1)
+    start_worker(threads=1)
+
+    # Then its message was not acknowledged before the callback was out: it ran again, its
+    # repeated end fired on_complete again, and that was published (once)
+    assert report.calls.wait(1)[0][0] == "done"
+    assert runs.wait(2) == [1, 1]
+    assert (batch.status().total, batch.status().succeeded) == (1, 1)
+    assert len(report.calls.seen) == 1

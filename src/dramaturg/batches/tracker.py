@@ -15,8 +15,9 @@ broker's consumer acknowledges the message.
   ``send_many``, whose chunk joined at once) is a member already.
 - **Ending** (``after_process_message``): succeeded, held, rejected or cancelled ends the member,
   written before the acknowledgement (:mod:`dramaturg.batches.writer` says why and how
-  it stays cheap); a retry or a release makes it wait again. What the end fires is
-  published from the same thread.
+  it stays cheap: a succeeded member's end is written with its acknowledgement on Redis
+  and RabbitMQ); a retry or a release makes it wait again. What the end fires is
+  published before its message is acknowledged.
 - **Firing**: a callback is a copy of the message given as ``on_complete`` /
   ``on_success``, with the batch's summary (:meth:`BatchStatus.to_dict`) as its last
   argument and the message id derived from batch id and event; a batch that is a member
@@ -64,8 +65,9 @@ logger = logging.getLogger("dramaturg.batches")
 
 #: The message option naming the batch a message is a member of.
 BATCH_OPTION = "dramaturg_batch"
-#: Where a member's end waits, on the processed message, for the Redis broker's
-#: acknowledgement that writes it (see :meth:`BatchTracker.after_process_message`).
+#: Where a member's end waits, on the processed message, for the acknowledgement that
+#: writes it (Redis, RabbitMQ; see :meth:`BatchTracker.after_process_message`): (batch
+#: keys' prefix, ttl ms, batch id, member id, code).
 BATCH_END = "_dramaturg_batch_end"
 #: The message option of a batch's callback (the batch id): it joins no batch.
 CALLBACK_OPTION = "dramaturg_batch_of"
@@ -249,8 +251,9 @@ class BatchTracker(dramatiq.Middleware):
             return
         writer = self.writer(broker)
         if code == "s" and self._ends_with_ack(broker):
-            # Written by the acknowledgement itself, in the same script (see settle.lua):
-            # durable no later than the ack, and no call of its own.
+            # Written with the acknowledgement (Redis: in the same script, see settle.lua;
+            # RabbitMQ: by the consumer thread, for all the acks it sends at once, before
+            # it sends them): durable no later than the ack, and no call of its own.
             state: Any = self._state
             message.__dict__[BATCH_END] = (state.prefix, state.ttl_ms, batch_id, message.message_id, code)
             writer.ending(message.message_id)
@@ -261,8 +264,22 @@ class BatchTracker(dramatiq.Middleware):
 
     def _ends_with_ack(self, broker: dramatiq.Broker) -> bool:
         """Whether members' ends go with their acknowledgements: the Redis broker's
-        settling, with the batches in that same Redis (no ``[state] url``)."""
-        return self.url is None and hasattr(broker, "settler") and isinstance(self._state, RedisBatchState)
+        settling, with the batches in that same Redis (no ``[state] url``); or the RabbitMQ
+        consumer's, which writes the ends of the acknowledgements it is about to send in
+        one call, then sends them (:mod:`dramaturg.brokers.rabbitmq.consumer`)."""
+        if not isinstance(self._state, RedisBatchState):
+            return False
+        if getattr(broker, "acks_write_batch_ends", False):
+            return True
+        return self.url is None and hasattr(broker, "settler")
+
+    def end_left(self, broker: dramatiq.Broker, end: tuple[Any, ...]) -> None:
+        """Write an end left on a message for its acknowledgement (:data:`BATCH_END`) now,
+        from this thread, and publish what it fires: for a message settled otherwise."""
+        batch_id, member_id, code = end[2:]
+        events = self.writer(broker).end_durably((batch_id, member_id, code))
+        if events:
+            self.fire(broker, batch_id, events)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         batch_id = _options(message).get(BATCH_OPTION)

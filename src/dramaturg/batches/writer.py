@@ -35,8 +35,22 @@ tracker leaves it on the message, and the script that acknowledges the message
 :mod:`dramaturg.brokers.redis.settling`) writes it first, in the same call. It is durable
 no later than the acknowledgement and costs neither a call nor a wait of its own. An end
 that fires callbacks leaves the message claimed: the consumer publishes them, then
-acknowledges it alone. Other ends (held, rejected, cancelled, and every end on RabbitMQ
-or with a state store of its own) are written here, grouped across threads as above.
+acknowledges it alone.
+
+**On RabbitMQ** (batches in the Redis of ``[state] url``) the end of a member that
+succeeded is left on the message too, and the consumer's thread, which sends the
+acknowledgements the worker threads hand it, writes the ends of all it is about to send
+in one call of ``batch.lua``, then sends them
+(:meth:`~dramaturg.brokers.rabbitmq.consumer.RabbitmqConsumer._send_acks`). The worker
+thread waits for nothing: an acknowledgement on RabbitMQ is a frame sent without an
+answer, so the wait for its end was the whole of a member's cost there. An end that
+fires callbacks leaves its message unacknowledged until another thread has published
+them; a write that still fails after a durable write's tries gives its messages back
+to the queue (they run again, and count once), never acknowledged as if written.
+
+Other ends (held, rejected, cancelled, and every end with the Redis broker and a state
+store of its own) are written here, grouped across threads as above: they are rarer, and
+what decided them (a hold, a rejection) was written by the same thread before.
 ``benchmarks/batches.py`` measures what is left (numbers in ``docs/batches.md``).
 """
 

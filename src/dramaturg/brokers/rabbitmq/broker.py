@@ -45,6 +45,10 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     Connections are opened lazily, one per thread, as in Dramatiq.
     """
 
+    #: Its consumers write the ends of batch members with the acknowledgements they send
+    #: (see :meth:`RabbitmqConsumer._send_acks <dramaturg.brokers.rabbitmq.consumer.RabbitmqConsumer._send_acks>`).
+    acks_write_batch_ends = True
+
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
         parameters = connection_parameters(settings)  # a clear error for a bad URL, before pika's
         super().__init__(

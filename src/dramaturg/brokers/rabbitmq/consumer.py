@@ -8,6 +8,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from queue import Empty
 from typing import Any
 
@@ -18,8 +20,9 @@ from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 
 from ... import envelope, suspension, unknown_actors
+from ...batches.tracker import BATCH_END, tracker_of
 from ...durations import format_ms
-from ...held import HeldTask, hold_poison
+from ...held import HeldTask, durable_write, hold_poison
 from ...masking import mask_url
 from ...queues import canonical_queue
 from .connection import error_text
@@ -118,8 +121,13 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         #: Another thread asked for a close; the owner does it at its next step.
         self._leave = False
         self._in_next = False  # the owner is in __next__ (where a wake-up can reach it)
-        #: Delivery tags the worker threads finished, for the owner to acknowledge.
-        self._acks: deque[int] = deque()
+        #: Delivery tags the worker threads finished, for the owner to acknowledge, each
+        #: with the batch member's end to write first (:data:`BATCH_END`), or None.
+        self._acks: deque[tuple[int, tuple[Any, ...] | None]] = deque()
+        #: Delivery tags to give back to the queue: their members' ends could not be written.
+        self._requeues: deque[int] = deque()
+        #: Publishes the callbacks an end fired, then acknowledges its message (made on first use).
+        self._firing: ThreadPoolExecutor | None = None
         self._acks_due = False  # a call of _send_acks is on its way to the owner
         #: (monotonic time, message id) of the delayed messages this consumer moved lately.
         self._recent_moves: deque[tuple[float, str]] = deque(maxlen=1_000)
@@ -188,7 +196,10 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         if not self._came_from_here(message, "finished"):
             return
         tag = message._tag
+        end = message.__dict__.pop(BATCH_END, None)
         if threading.current_thread() is self._owner:
+            if end is not None:  # not so far: this thread acknowledges only the delayed messages it moves
+                tracker_of(self.broker).end_left(self.broker, end)
             # The consumer's own thread acknowledges a delayed message it has just moved to
             # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
             # due messages are moved: a connection lost meanwhile would deliver this one
@@ -211,7 +222,11 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         # Handed to the consumer's thread (pika's connection is not thread-safe), as Dramatiq
         # does, but together: one wake-up for the acknowledgements that pile up meanwhile,
         # and one write of their frames, where pika writes and polls after each.
-        self._acks.append(tag)
+        self._hand_over(self._acks, (tag, end))
+
+    def _hand_over(self, to: deque[Any], item: Any) -> None:
+        """Queue an acknowledgement (or a requeue) for the consumer's thread, and wake it once."""
+        to.append(item)
         if not self._acks_due:
             self._acks_due = True
             try:
@@ -220,25 +235,115 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 raise ConnectionClosed(e) from None
 
     def _send_acks(self) -> None:
-        """In the consumer's thread: acknowledge every delivery the worker threads finished."""
+        """In the consumer's thread: acknowledge every delivery the worker threads finished.
+
+        The batch members' ends among them are written first, all in one call of
+        ``batch.lua`` (one round trip to the state store), and only then acknowledged: an
+        end is durable before its message is acknowledged, as when the worker thread wrote
+        it, but the worker thread waits for nothing and the ends of a whole wake-up share a
+        call. A worker killed between the write and the acknowledgement runs the member
+        again; its end repeats and counts once (by message id).
+
+        An end that fires callbacks is not acknowledged here: its message stays
+        unacknowledged while another thread publishes them, and then it is acknowledged
+        (a worker killed meanwhile runs it again; its repeated end fires them again, with
+        the same message ids), as the Redis broker does with such an end.
+
+        A write that fails is tried again (:func:`~dramaturg.held.durable_write`), this
+        thread waiting: nothing else is acknowledged meanwhile, so the prefetch fills and
+        no more is delivered while the store does not answer. If it still fails, those
+        messages go back to the queue unacknowledged (a requeue): they run again and their
+        ends are written then, counted once. Never acknowledged as if written: an end kept
+        in memory would be lost with the process, and its batch would wait for good.
+        """
         self._acks_due = False  # first: a tag added after this is sent by the next call
-        tags = []
+        finished = []
         while True:
             try:
-                tags.append(self._acks.popleft())
+                finished.append(self._acks.popleft())
+            except IndexError:
+                break
+        requeues = []
+        while True:
+            try:
+                requeues.append(self._requeues.popleft())
             except IndexError:
                 break
         # Not self.gone: a close sets it before it runs the callbacks still queued, this one
         # among them, whose acknowledgements must go out first (as Dramatiq's close does).
-        if not tags or not self.channel.is_open:
-            return  # the channel is closed or lost: RabbitMQ has taken them back
+        if not (finished or requeues) or not self.channel.is_open:
+            return  # the channel is closed or lost: RabbitMQ has taken them back (ends not written: they repeat)
+        ends = [(tag, end) for tag, end in finished if end is not None]
+        tags = [tag for tag, end in finished if end is None]
+        if ends:
+            written, back = self._write_ends(ends)
+            tags += written
+            requeues += back
+        frames = [(tag, False) for tag in tags] + [(tag, True) for tag in requeues]
+        if not frames:
+            return
         buffered = self.channel._impl  # pika's channel under the blocking one: writes a frame, no flush
-        for tag in tags[:-1]:
-            buffered.basic_ack(tag)
-        self.channel.basic_ack(tags[-1])  # writes them all
+        for tag, requeue in frames[:-1]:
+            if requeue:
+                buffered.basic_nack(tag, requeue=True)
+            else:
+                buffered.basic_ack(tag)
+        tag, requeue = frames[-1]  # through the blocking channel: writes them all
+        if requeue:
+            self.channel.basic_nack(tag, requeue=True)
+        else:
+            self.channel.basic_ack(tag)
+
+    def _write_ends(self, ends: Sequence[tuple[int, tuple[Any, ...]]]) -> tuple[list[int], list[int]]:
+        """Write the ends of ``ends`` (delivery tag, end) in one call; the tags to acknowledge
+        now, and those to give back. Those whose end fired callbacks are neither: they are
+        acknowledged once the callbacks are published (see :meth:`_send_acks`)."""
+        tracker = tracker_of(self.broker)
+        state = tracker.state(self.broker)
+        items = [end[2:] for _, end in ends]
+        answers: list[list[list[str]]] = []
+        try:
+            answers.append(state.end(items))
+        except Exception:
+            error = durable_write(lambda: answers.append(state.end(items)))
+            if error is not None:
+                logger.error(
+                    "could not record the ends of %d batch members (%s: %s); their messages go back to the queue"
+                    " and run again (each end counts once)",
+                    len(ends),
+                    type(error).__name__,
+                    error,
+                )
+                return [], [tag for tag, _ in ends]
+        tags = []
+        for (tag, end), events in zip(ends, answers[0], strict=True):
+            if events:
+                if self._firing is None:
+                    self._firing = ThreadPoolExecutor(1, thread_name_prefix="dramaturg-batch-callbacks")
+                self._firing.submit(self._fire_then_ack, tag, end[2], events)
+            else:
+                tags.append(tag)
+        return tags, []
+
+    def _fire_then_ack(self, tag: int, batch_id: str, events: list[str]) -> None:
+        """Publish the callbacks an end fired, then acknowledge its message (or give it back
+        if they could not be read: it runs again, and its repeated end fires them again)."""
+        try:
+            tracker_of(self.broker).fire(self.broker, batch_id, events)
+        except Exception:
+            logger.exception("could not publish the callbacks of batch %s; its last member runs again", batch_id)
+            target: deque[Any] = self._requeues
+            item: Any = tag
+        else:
+            target, item = self._acks, (tag, None)
+        with contextlib.suppress(ConnectionClosed):  # the connection is gone: RabbitMQ has the message back
+            self._hand_over(target, item)
 
     def nack(self, message: Any) -> None:
         if self._came_from_here(message, "was rejected"):
+            end = message.__dict__.pop(BATCH_END, None)
+            if end is not None:  # not so far: an end is left only on a message that succeeded
+                tracker_of(self.broker).end_left(self.broker, end)
             super().nack(message)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
@@ -290,6 +395,9 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 return
             self._closed = True
             self.gone = True
+            if self._firing is not None:
+                # Callbacks being published: their messages' acknowledgements go out before the close.
+                self._firing.shutdown(wait=True)
             super().close()  # type: ignore[no-untyped-call]
 
     def _came_from_here(self, message: Any, what: str) -> bool:
