@@ -17,7 +17,11 @@ context, status and batch middleware, whose hooks see a task that waits as one p
   start now is **put back to wait**: a copy,
   same id, options and attempt (no retry spent, nothing counted as a failure), is
   enqueued with a delay and the delivery skipped, its status ``waiting`` with the reason
-  ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit.
+  ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit. A process
+  the store refused a key puts the key's next tasks back for :data:`REMEMBER_REFUSAL_MS`
+  without asking (:meth:`FlowControl._refused_locally`); on Redis and embedded the copy is
+  written by the delivery's acknowledgement, in the same step
+  (:meth:`~dramaturg.brokers.redis.RedisBroker.put_back_with_ack`).
 - **Run**: the task's slots are leases (default: its ttr), renewed by its ``touch()``;
   a worker killed mid-task frees them when they end. A lease is named by the *run*: the
   message id and a token made for this delivery, so two deliveries of one message
