@@ -41,6 +41,10 @@ def servers(kind: str) -> Iterator[tuple[str, str | None]]:
     elif kind == "embedded":
         with tempfile.TemporaryDirectory(prefix="bench-fair-") as directory:
             yield f"embedded://{os.path.join(directory, 'embedded.db')}", None
+            # The broker closed: its watchdog stops the server, which needs the directory until then.
+            deadline = time.monotonic() + 20
+            while os.path.exists(os.path.join(directory, "embedded.db.sock")) and time.monotonic() < deadline:
+                time.sleep(0.1)
     else:
         with private_redis("bench-fair-") as state, private_rabbitmq("bench-fair-") as url:
             yield url, state
@@ -86,6 +90,7 @@ def run_once(url: str, state: str | None, ahead: int, threads: int) -> dict[str,
     big = len(started["big"])
     worker.stop()
     dramaturg.shutdown()
+    broker.close()  # embedded: detach, so that the server stops
     return {"seconds": seconds, "ms_per_ahead": seconds / ahead * 1000, "cpu_s": cpu, "big_started": big}
 
 
