@@ -222,3 +222,60 @@ def test_a_batch_members_end_goes_with_its_acknowledgement_and_one_that_fires_le
     # When the message is then acknowledged alone, it is settled
     assert broker.do_ack("settle", last[0]) == 1
     assert not broker.client.sismember(acks, last[0])
+
+
+def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it_is_claimed(broker: Any) -> None:
+    from dramatiq.broker import MessageProxy
+
+    from dramaturg.brokers.redis.consumer import PUT_BACK
+
+    # Given two claimed messages, the second's claim taken by another worker (it was
+    # recovered while this one was taken for dead), each put back to wait 1 s
+    ids = claimed_ids(broker, "settle", 2)
+    bodies = broker.client.hmget(f"{broker.namespace}:settle.msgs", ids)
+    proxies = [MessageProxy(dramatiq.Message.decode(body)) for body in bodies]
+    for proxy in proxies:
+        assert broker.put_back_with_ack(proxy, proxy.copy(options={"dramaturg_waiting": "x"}), delay=1_000)
+    broker.client.srem(f"{broker.namespace}:__acks__.{broker.broker_id}.settle", ids[1])
+
+    # When their acknowledgements are sent (the first's twice, as after a lost reply)
+    answers = [
+        broker.do_put_back("settle", redis_id, p.__dict__[PUT_BACK]) for redis_id, p in zip(ids, proxies, strict=True)
+    ]
+    again = broker.do_put_back("settle", ids[0], proxies[0].__dict__[PUT_BACK])
+
+    # Then the first is settled and its copy is on the delay queue once, with its options;
+    # the second is left to the worker that recovered it, and no copy of it is made
+    assert (answers, again) == ([1, 0], -1)
+    delayed = broker.client.lrange(f"{broker.namespace}:settle.DQ", 0, -1)
+    assert len(delayed) == 1
+    copy = dramatiq.Message.decode(broker.client.hget(f"{broker.namespace}:settle.DQ.msgs", delayed[0]))
+    assert (copy.message_id, copy.options["dramaturg_waiting"]) == (proxies[0].message_id, "x")
+    assert copy.options["eta"] > 0
+    assert not broker.client.hexists(f"{broker.namespace}:settle.msgs", ids[0])
+    assert broker.client.hexists(f"{broker.namespace}:settle.msgs", ids[1])
+
+
+def test_a_delayed_message_now_due_is_moved_by_its_acknowledgement(
+    broker: Any, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a task sent with a delay
+    ran: list[int] = []
+
+    @dramaturg.actor(queue_name="moved")
+    def task(n: int) -> None:
+        ran.append(n)
+
+    task.send_with_options(args=(1,), delay=200)
+    calls = calls_of(broker)
+    enqueued: list[str] = []
+    enqueue_once = broker._enqueue_once
+    broker._enqueue_once = lambda **kw: enqueued.append(kw["keys"][0]) or enqueue_once(**kw)
+
+    # When a worker moves it to its queue and runs it
+    start_worker(threads=1)
+    poll_until(lambda: ran == [1], "the delayed task ran")
+
+    # Then the move was no write of its own: its acknowledgement from the delay queue carried it
+    assert enqueued == []
+    assert len(calls) >= 2  # the move, then the task's own acknowledgement

@@ -17,7 +17,11 @@ context, status and batch middleware, whose hooks see a task that waits as one p
   start now is **put back to wait**: a copy,
   same id, options and attempt (no retry spent, nothing counted as a failure), is
   enqueued with a delay and the delivery skipped, its status ``waiting`` with the reason
-  ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit.
+  ``waiting for concurrency tenant:fr``. No worker thread sleeps on a limit. A process
+  the store refused a key puts the key's next tasks back for :data:`REMEMBER_REFUSAL_MS`
+  without asking (:meth:`FlowControl._refused_locally`); on Redis and embedded the copy is
+  written by the delivery's acknowledgement, in the same step
+  (:meth:`~dramaturg.brokers.redis.RedisBroker.put_back_with_ack`).
 - **Run**: the task's slots are leases (default: its ttr), renewed by its ``touch()``;
   a worker killed mid-task frees them when they end. A lease is named by the *run*: the
   message id and a token made for this delivery, so two deliveries of one message
@@ -89,6 +93,10 @@ UNIQUE_OPTION = "dramaturg_unique"
 MAX_WAIT_MS = 2_000
 #: The first wait.
 FIRST_WAIT_MS = 100
+#: How long a worker process that was refused a limit's key puts the key's next tasks back
+#: without asking the state store (see FlowControl._refused_locally): its own release of a
+#: slot of the key ends it sooner.
+REMEMBER_REFUSAL_MS = 100
 #: The attribute of a processed message (Dramatiq's proxy) naming the slots its run holds:
 #: (keys, lease in ms, the store, the run's token).
 _SLOTS = "_dramaturg_slots"
@@ -117,6 +125,9 @@ class FlowControl(dramatiq.Middleware):
         self._ttr: Any = None
         #: Per thread: the unique key the last send claimed, until its enqueue is done.
         self._sending = threading.local()
+        #: The limits' keys this process was refused lately ("c:tenant:fr"): until when (the
+        #: monotonic clock), and the wait the store gave (see _refused_locally).
+        self._refused: dict[str, tuple[float, float]] = {}
         if self._renew_on_touch not in touch_observers:
             touch_observers.append(self._renew_on_touch)
 
@@ -255,6 +266,17 @@ class FlowControl(dramatiq.Middleware):
                 specs.append(LimitSpec("r", key, limit.limit, limit.per_ms))
         message_id = inner.message_id
         queue = canonical_queue(inner.queue_name)
+        inline = getattr(broker, "runs_inline", False)
+        if self._refused and not inline:
+            local = self._refused_locally(specs)
+            if local is not None:
+                index, until_ms = local
+                spec = specs[index]
+                what = f"{'concurrency' if spec.kind == 'c' else 'rate'} {spec.key}"
+                with contextlib.suppress(Exception):
+                    state.refused_later(message_id, spec.key, queue)
+                self._wait(broker, message, (spec, until_ms), what)
+                raise SkipMessage(f"waiting for {what}")
         run = new_run()  # this delivery's: the same for every ask below, so an ask repeated takes nothing twice
         while True:
             try:
@@ -276,11 +298,12 @@ class FlowControl(dramatiq.Middleware):
                 break
             spec = specs[denied.index]
             what = f"{'concurrency' if spec.kind == 'c' else 'rate'} {spec.key}"
-            if getattr(broker, "runs_inline", False):
+            if inline:
                 # Eager mode: the sender's own thread runs it, so it waits here, as it would queued.
                 with state.changed:  # type: ignore[attr-defined]
                     state.changed.wait(min(max(denied.wait_ms, 1), 50) / 1000)  # type: ignore[attr-defined]
                 continue
+            self._remember_refusal(spec, denied.wait_ms)
             self._wait(broker, message, (spec, denied.wait_ms), what)
             raise SkipMessage(f"waiting for {what}")
         if WAITING_OPTION in inner.options:
@@ -290,6 +313,45 @@ class FlowControl(dramatiq.Middleware):
             inner.options.pop(WAITS_OPTION, None)
         if lease_ms:
             message.__dict__[_SLOTS] = ([spec.key for spec in specs if spec.kind == "c"], lease_ms, state, run)
+
+    def _remember_refusal(self, spec: LimitSpec, wait_ms: int) -> None:
+        """The store refused ``spec``'s key: its next tasks in this process are put back
+        without asking, for :data:`REMEMBER_REFUSAL_MS` (or the wait, if shorter)."""
+        now = time.monotonic()
+        refused = self._refused
+        if len(refused) >= 10_000:  # keys of a template (tenant:{store}) must not pile up
+            for name in [name for name, entry in list(refused.items()) if entry[0] <= now]:
+                refused.pop(name, None)
+        refused[spec.kind + ":" + spec.key] = (now + min(wait_ms, REMEMBER_REFUSAL_MS) / 1000, now + wait_ms / 1000)
+
+    def _refused_locally(self, specs: Sequence[LimitSpec]) -> tuple[int, int] | None:
+        """A limit of ``specs`` this process was refused within :data:`REMEMBER_REFUSAL_MS`:
+        its index, and the ms until the lease or window end the store named (for the backoff).
+
+        Why: a tenant's long queue makes every worker thread take its tasks, one by one,
+        and put them back; asking the store for each costs a round trip and the store's
+        time, for an answer that a refusal a few ms earlier already gave. Remembering it
+        only ever refuses (a task is put back, never started, without the store), so no
+        limit can be exceeded; a slot freed meanwhile by another process is taken up to
+        :data:`REMEMBER_REFUSAL_MS` later, a slot freed by this process at once (its
+        release forgets the refusal). Entries are dropped when they run out."""
+        now = time.monotonic()
+        refused = self._refused
+        for index, spec in enumerate(specs):
+            name = spec.kind + ":" + spec.key
+            entry = refused.get(name)
+            if entry is None:
+                continue
+            if entry[0] > now:
+                return index, max(0, int((entry[1] - now) * 1000))
+            refused.pop(name, None)
+        return None
+
+    def _forget_refusals(self, keys: Sequence[str]) -> None:
+        """This process releases slots of ``keys``: a task of theirs asks the store again."""
+        if self._refused:
+            for key in keys:
+                self._refused.pop("c:" + key, None)
 
     def _ttr_ms(self, broker: dramatiq.Broker, message: Any) -> int:
         ttr = self._ttr
@@ -311,6 +373,11 @@ class FlowControl(dramatiq.Middleware):
         copy = message.copy(
             queue_name=canonical_queue(message.queue_name), options={WAITING_OPTION: what, WAITS_OPTION: waits}
         )
+        put_back = getattr(broker, "put_back_with_ack", None)
+        if put_back is not None and put_back(message, copy, delay=delay):
+            # Redis, embedded: the copy is enqueued by the acknowledgement, in the same step.
+            logger.debug("%s (message %s) waits %d ms for %s", message.actor_name, message.message_id, delay, what)
+            return
         error = durable_write(lambda: _enqueue_copy(broker)(copy, delay=delay))
         if error is not None:
             outcome = _undone(broker, message, error)
@@ -359,6 +426,7 @@ class FlowControl(dramatiq.Middleware):
     ) -> None:
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
+            self._forget_refusals(held[0])
             try:
                 held[2].release_later(message.message_id, held[3], held[0])
             except Exception as error:
@@ -381,6 +449,7 @@ class FlowControl(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
+            self._forget_refusals(held[0])
             try:
                 held[2].release_later(message.message_id, held[3], held[0])
             except Exception:

@@ -27,6 +27,9 @@
 -- release: ARGV[2] = the run; its lease leaves every KEYS[i]. -> how many it held.
 -- release_many: ARGV[i + 1] = the run whose lease leaves KEYS[i] (the releases of
 --   many tasks, written together off the message path). -> how many were held.
+-- refused_many: tasks a worker process put back without asking (it was refused their key
+--   a moment before; dramaturg.flow.control): per task, KEYS the key's waiting tasks and its
+--   queue's, ARGV[i + 1] its message id; they count as waiting as if refused here. -> 0.
 -- renew: ARGV[2] = the run, ARGV[3] = the lease in ms from now; every lease it
 --   still holds in KEYS[i] ends then. -> how many it still held.
 local call = redis.call
@@ -142,6 +145,11 @@ elseif step == 'release_many' then
     held = held + call('ZREM', KEYS[i], ARGV[i + 1])
   end
   return held
+elseif step == 'refused_many' then
+  for i = 1, #KEYS, 2 do
+    refuse(KEYS[i], KEYS[i + 1], ARGV[(i + 1) / 2 + 1], 0)
+  end
+  return 0
 elseif step == 'renew' then
   local ms = tonumber(ARGV[3])
   local held = 0

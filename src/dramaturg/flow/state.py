@@ -138,6 +138,7 @@ class FlowState(Protocol):
     ) -> Denied | None: ...
     def release(self, message_id: str, run: str, keys: Sequence[str]) -> int: ...
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None: ...
+    def refused_later(self, message_id: str, key: str, queue: str) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def renew(self, message_id: str, run: str, keys: Sequence[str], ms: int) -> int: ...
@@ -169,6 +170,8 @@ class RedisFlowState:
         #: Per worker thread: a connection of its own for the message path (see OwnConnection).
         self._own = threading.local()
         self._releases: deque[tuple[str, str]] = deque()
+        #: Tasks put back without asking, to count as waiting (see refused_later).
+        self._refusals: deque[tuple[str, str, str]] = deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
@@ -409,6 +412,19 @@ class RedisFlowState:
         if not self._wake.is_set():
             self._wake.set()
 
+    def refused_later(self, message_id: str, key: str, queue: str) -> None:
+        """Count a task put back without asking (its process was refused ``key`` a moment
+        before) as waiting for ``key``, as a refusal would: written with the releases, off
+        the message path; at most :data:`MAYBE_RELEASES_MAX` wait (beyond, a task is counted
+        at its next refusal by the store)."""
+        if len(self._refusals) >= MAYBE_RELEASES_MAX:
+            return
+        self._refusals.append((self.waiting_prefix + key, self.queue_waiting_prefix + queue, message_id))
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._start()
+        if not self._wake.is_set():
+            self._wake.set()
+
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is not None and self._thread_pid == os.getpid():
@@ -447,7 +463,18 @@ class RedisFlowState:
             self._wake.set()
 
     def flush(self) -> None:
-        """Write the releases buffered so far (a failed write is retried with the next)."""
+        """Write the releases buffered so far (a failed write is retried with the next), and
+        the refusals (a failed write is dropped: they only count what waits)."""
+        refusals: list[tuple[str, str, str]] = []
+        with contextlib.suppress(IndexError):
+            while self._refusals and len(refusals) < 1000:
+                refusals.append(self._refusals.popleft())
+        if refusals:
+            try:
+                keys = [key for waiting, queued, _ in refusals for key in (waiting, queued)]
+                self._limits(keys=keys, args=["refused_many", *(message_id for _, _, message_id in refusals)])
+            except Exception as error:
+                logger.warning("flow control: %d tasks put back were not counted as waiting (%s)", len(refusals), error)
         items: list[tuple[str, str]] = []
         while self._releases and len(items) < 1000:
             items.append(self._releases.popleft())
@@ -459,7 +486,7 @@ class RedisFlowState:
             logger.warning("flow control: %d slot releases not written yet (%s); retrying", len(items), error)
             self._releases.extendleft(reversed(items))
             time.sleep(0.5)
-        if self._releases:
+        if self._releases or self._refusals:
             self._wake.set()
 
     def give_back_credits(self) -> None:
@@ -643,6 +670,12 @@ class MemoryFlowState:
 
     def release_later(self, message_id: str, run: str, keys: Sequence[str], *, maybe: bool = False) -> None:
         self.release(message_id, run, keys)
+
+    def refused_later(self, message_id: str, key: str, queue: str) -> None:
+        now = self._now()
+        with self.changed:
+            self._waiting.setdefault(key, {})[message_id] = now
+            self._queue_waiting.setdefault(queue, {})[message_id] = now
 
     def flush(self) -> None:
         pass

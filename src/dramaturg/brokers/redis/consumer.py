@@ -26,6 +26,11 @@ from ...queues import canonical_queue
 from ...task import RunOutcome, outcome_of
 from .claims import RedisClaims
 
+#: The attribute of a delivered message whose acknowledgement enqueues a copy of it
+#: (:meth:`~dramaturg.brokers.redis.RedisBroker.put_back_with_ack`): the copy, its delay,
+#: the copy as placed, its Redis id and its body.
+PUT_BACK = "_dramaturg_put_back"
+
 __all__ = ["RedisConsumer"]
 
 logger = logging.getLogger("dramaturg.recovery")
@@ -71,12 +76,29 @@ class RedisConsumer(_RedisConsumer):
         # delay queue holds this consumer's delayed messages.
         self._thread = threading.get_ident()
         self._claims: RedisClaims = broker.claims
+        #: A delay queue's: the message id and move of the delayed message that its
+        #: acknowledgement moves to its queue (see RedisBroker._move_with_ack).
+        self.moving: tuple[str, tuple[Any, ...]] | None = None
         #: The claims' epoch this consumer was made in (see dramaturg.brokers.redis.claims).
         self.epoch = self._claims.epoch
         self._claims.consumer_started(queue_name)
 
     def ack(self, message: Any) -> None:
-        self._settle(message, self.broker.do_ack, "ended")
+        moving, self.moving = self.moving, None
+        if moving is not None and moving[0] == message.message_id:
+            message.__dict__[PUT_BACK] = moving[1]  # a delayed message now due: moved by this ack
+        put_back = message.__dict__.get(PUT_BACK)
+        if put_back is None:
+            self._settle(message, self.broker.do_ack, "ended")
+            return
+        if message.__dict__.get(BATCH_END) is not None:
+            # Not made by dramaturg (a put-back is no batch member's end); should it be, the
+            # copy is written first, as any copy, so that the end can go with the ack.
+            message.__dict__.pop(PUT_BACK, None)
+            self.broker.enqueue_copy(put_back[0], delay=put_back[1])
+            self._settle(message, self.broker.do_ack, "ended")
+            return
+        self._settle(message, functools.partial(self.broker.do_put_back, put_back=put_back), "was put back")
 
     def nack(self, message: Any) -> None:
         self._settle(message, self.broker.do_nack, "was rejected")

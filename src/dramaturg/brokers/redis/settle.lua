@@ -12,16 +12,25 @@
 -- its own. If the end fires callbacks, the message is NOT settled and its answer is
 -- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
 -- between runs the member again; its repeated end fires them again, with the same ids).
--- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a" or "n", its queue, its
--- Redis id (and for "A"/"N" the five end fields)
+-- A message put back to wait for a limit ("m", dramaturg.flow) is acknowledged and its copy
+-- enqueued in one step: the copy's queue (the delay queue), its Redis id and its body follow.
+-- The copy is written only if the message was still claimed, so a worker taken for dead
+-- meanwhile (whose message another worker recovered) queues no second copy; a try run again
+-- after its reply was lost finds the message settled (-1) and its copy written once.
+-- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a", "n" or "m", its queue, its
+-- Redis id (and for "A"/"N" the five end fields, for "m" the copy's three)
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 local answers = {}
 local i = 3
 while i <= #ARGV do
     local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local bodies = namespace .. ":" .. queue .. ".msgs"
-    local answer, fired
-    if kind == "A" or kind == "N" then
+    local answer, fired, copy
+    if kind == "m" then
+        copy = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
+        kind = "a"
+        i = i + 6
+    elseif kind == "A" or kind == "N" then
         local events = batch_end({ARGV[i + 3]}, {"end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]})[1]
         if events ~= "" and events ~= "gone" then fired = events end
         kind = string.lower(kind)
@@ -38,6 +47,12 @@ while i <= #ARGV do
                 local dead = namespace .. ":" .. string.gsub(queue, "%.DQ$", "") .. ".XQ"
                 redis.call("zadd", dead, now, id)
                 redis.call("hset", dead .. ".msgs", id, body)
+            end
+        end
+        if copy then
+            local target = namespace .. ":" .. copy[1]
+            if redis.call("hsetnx", target .. ".msgs", copy[2], copy[3]) == 1 then
+                redis.call("rpush", target, copy[2])
             end
         end
         redis.call("hdel", bodies, id)

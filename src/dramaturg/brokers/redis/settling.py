@@ -61,6 +61,13 @@ class Settler:
             return self._groups.submit((kind, queue_name, redis_id))
         return self._groups.submit((kind.upper(), queue_name, redis_id, *end))
 
+    def put_back(self, queue_name: str, redis_id: str, copy_queue: str, copy_id: str, body: bytes) -> int:
+        """Acknowledge one claimed message and enqueue its copy (``body`` under ``copy_id``
+        on ``copy_queue``) in the same step, the copy only if it was still claimed; the
+        answer as :meth:`settle`'s (see settle.lua)."""
+        answer = self._groups.submit(("m", queue_name, redis_id, copy_queue, copy_id, body))
+        return answer if isinstance(answer, int) else 0
+
     def _send_group(self, group: list[tuple[Any, ...]]) -> list[int | list[str]]:
         args: list[Any] = [self._worker_id, current_millis()]
         for settling in group:

@@ -1,0 +1,114 @@
+"""How soon another tenant's tasks start behind a long queue of one tenant's, under a limit per tenant.
+
+``N`` tasks of store "big" (300 ms each) are queued before 10 of store "small", every
+task under ``concurrency(2, key="tenant:{store}")``; a worker (``--threads`` threads, in
+this process) then starts, and the time from its start until the small store's ten have
+all started is printed, with that time per task ahead. Without the limit the first of
+the small store's would start after N x 300 ms / threads.
+
+    python benchmarks/fairness.py --broker redis --ahead 10000
+    python benchmarks/fairness.py --broker rabbitmq --ahead 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import dramatiq  # noqa: E402
+from drain_rounds import private_rabbitmq, private_redis  # noqa: E402
+
+import dramaturg  # noqa: E402
+
+
+@contextlib.contextmanager
+def servers(kind: str) -> Iterator[tuple[str, str | None]]:
+    """The broker URL and the state store's (RabbitMQ needs a Redis beside it)."""
+    if kind == "redis":
+        with private_redis("bench-fair-") as url:
+            yield url, None
+    elif kind == "embedded":
+        with tempfile.TemporaryDirectory(prefix="bench-fair-") as directory:
+            yield f"embedded://{os.path.join(directory, 'embedded.db')}", None
+            # The broker closed: its watchdog stops the server, which needs the directory until then.
+            deadline = time.monotonic() + 20
+            while os.path.exists(os.path.join(directory, "embedded.db.sock")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    else:
+        with private_redis("bench-fair-") as state, private_rabbitmq("bench-fair-") as url:
+            yield url, state
+
+
+def run_once(url: str, state: str | None, ahead: int, threads: int) -> dict[str, float]:
+    settings = dramaturg.Settings(
+        broker={"url": url, "namespace": f"bench-{uuid.uuid4().hex[:8]}"},
+        worker={"threads": threads},
+        **({"state": {"url": state}} if state else {}),
+    )
+    broker = dramaturg.bootstrap(settings)
+    started: dict[str, list[float]] = {"big": [], "small": []}
+    guard = threading.Lock()
+    small_done = threading.Event()
+
+    @dramaturg.actor(
+        queue_name="fair",
+        actor_name="fair_sync",
+        max_retries=0,
+        limits=[dramaturg.concurrency(2, key="tenant:{store}")],
+    )
+    def sync(n: int) -> None:
+        store = dramaturg.current_task().context["store"]
+        with guard:
+            started[store].append(time.monotonic())
+            if len(started["small"]) == 10:
+                small_done.set()
+        time.sleep(0.3)
+
+    with dramaturg.context(store="big"):
+        for first in range(0, ahead, 1000):
+            sync.send_many(range(first, min(ahead, first + 1000)))
+    with dramaturg.context(store="small"):
+        sync.send_many(range(10))
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    began = time.monotonic()
+    cpu0 = time.process_time()
+    worker.start()
+    if not small_done.wait(timeout=600):
+        raise SystemExit(f"the small store's tasks did not all start ({len(started['small'])} of 10)")
+    seconds, cpu = time.monotonic() - began, time.process_time() - cpu0
+    big = len(started["big"])
+    worker.stop()
+    dramaturg.shutdown()
+    broker.close()  # embedded: detach, so that the server stops
+    return {"seconds": seconds, "ms_per_ahead": seconds / ahead * 1000, "cpu_s": cpu, "big_started": big}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", choices=("redis", "rabbitmq", "embedded"), default="redis")
+    parser.add_argument("--ahead", type=int, default=2000, help="the big store's tasks queued first (default: 2000)")
+    parser.add_argument("--threads", type=int, default=8, help="worker threads (default: 8)")
+    args = parser.parse_args()
+    with servers(args.broker) as (url, state):
+        result = run_once(url, state, args.ahead, args.threads)
+    print(
+        f"{args.broker}: {args.ahead} ahead, {args.threads} threads: the small store's ten started after"
+        f" {result['seconds']:.2f} s ({result['ms_per_ahead']:.2f} ms per task ahead; {result['cpu_s']:.1f} s CPU;"
+        f" {result['big_started']:.0f} of the big store's started meanwhile)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
