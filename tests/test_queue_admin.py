@@ -587,3 +587,52 @@ def test_a_purge_killed_before_recording_its_step_loses_none_of_it(
     worker.stop()
     assert (len(report.seen), ran.seen) == (1, [0])
     assert broker.client.zcard(f"{broker.namespace}:{admin.STEPS}") == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_step_another_process_took_over_is_never_given_back(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from dramaturg import queue_admin
+    from dramaturg.brokers.redis import admin
+
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None:
+        ran.add(n)
+
+    # Given four tasks waiting, and a purge so slow to record them that another process
+    # takes its step for left behind and finishes it; then its own writes fail
+    sent = [member.send(n) for n in range(4)]
+    real, slowed, taken_over = queue_admin._recorder, [], []
+
+    def slow(broker: dramatiq.Broker, queue: str) -> queue_admin.OnPurged:
+        if slowed:  # the other process's recorder
+            return real(broker, queue)
+        slowed.append(queue)
+
+        def record(bodies: Any) -> None:
+            monkeypatch.setattr(admin, "LEFT_STEP_MS", 0)
+            taken_over.extend(queue_admin.finish_left_purges(broker))
+            raise redis.ConnectionError("the state store stopped answering")
+
+        return record
+
+    monkeypatch.setattr(queue_admin, "_recorder", slow)
+    with pytest.raises(dramaturg.BrokerUnreachable, match="the 4 taken last are purged too: another process took"):
+        dramaturg.purge_queue("imports", broker=broker)
+    monkeypatch.undo()
+    assert [(step.queue, step.tasks) for step in taken_over] == [("imports", 4)]
+
+    # When a worker runs the queue, and a task sent after
+    member.send(-1)
+    worker = start_worker(queues={"imports"})
+    assert ran.wait(1) == [-1]
+    worker.stop()
+
+    # Then none of the four went back to run: their records say purged
+    assert ran.seen == [-1]
+    assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}

@@ -95,12 +95,20 @@ MAX_PEEK = 1000
 OnPurged = Callable[[Sequence[bytes]], None]
 
 
-def purge_stopped(error: Exception, purged: int, taken: int, lost: Exception | None = None) -> BrokerUnreachable:
+def purge_stopped(
+    error: Exception, purged: int, taken: int, lost: Exception | None = None, *, taken_over: bool = False
+) -> BrokerUnreachable:
     """The error of a purge whose records could not be written midway: ``purged`` tasks
     were dropped and recorded before; the ``taken`` of the last step are back on the
     queue, unless giving them back failed too (``lost``: then the log names them, and on
-    Redis they wait in their purge step, finished as purged by a later purge or worker)."""
+    Redis they wait in their purge step, finished as purged by a later purge or worker), or
+    another process had taken the step over (``taken_over``, on Redis: the purge was slower
+    than ``LEFT_STEP_MS``), which records them as purged."""
     text = f"the purge stopped: {error}; {purged} task(s) were purged and recorded"
+    if taken_over:
+        return BrokerUnreachable(
+            f"{text}; the {taken} taken last are purged too: another process took them over and records them"
+        )
     if lost is None:
         return BrokerUnreachable(f"{text}, the {taken} taken last are back on the queue: try again once it answers")
     return BrokerUnreachable(

@@ -155,23 +155,14 @@ class RedisQueueAdmin(QueueAdmin):
                     on_purged(bodies)
                 except BaseException as error:  # their records were not written (or ^C): back they go
                     given: list[int] = []
-                    lost = durable_write(
-                        lambda: given.append(self._give_back(keys=[*step_keys, *keys], args=[step, token, *found]))
-                    )
-                    if lost is None and given[-1] == -1:
-                        # Slower than LEFT_STEP_MS: another process took the step over and
-                        # finishes it as purged. They are purged, never run.
-                        logger.warning(
-                            "purge of %s: %d task(s) taken off the queue were taken over by another process,"
-                            " which records them as purged",
-                            queue,
-                            len(bodies),
-                        )
-                        purged += len(bodies)
-                    elif lost is not None:
+                    give_back = functools.partial(self._give_back, keys=[*step_keys, *keys], args=[step, token, *found])
+                    lost = durable_write(lambda: given.append(give_back()))  # noqa: B023 (called at once)
+                    taken_over = lost is None and given[-1] == -1
+                    if lost is not None:
                         logger.error(
                             "purge of %s: %d task(s) taken off the queue could not be recorded nor given back;"
-                            " their bodies stay in %s, finished as purged by the next purge; ids and bodies: %r",
+                            " their bodies stay in %s, recorded as purged by a later purge or a worker;"
+                            " ids and bodies: %r",
                             queue,
                             len(bodies),
                             step_keys[1],
@@ -179,7 +170,9 @@ class RedisQueueAdmin(QueueAdmin):
                         )
                     if not isinstance(error, Exception):
                         raise  # interrupted: the step is given back, and the interrupt goes on
-                    raise purge_stopped(error, purged, len(bodies), lost) from None
+                    # Taken over: slower than LEFT_STEP_MS, another process took the step for
+                    # left behind and records its tasks as purged. Never given back, never run.
+                    raise purge_stopped(error, purged, len(bodies), lost, taken_over=taken_over) from None
                 # Recorded: the step goes (had another process taken it over meanwhile, it
                 # deletes it once it has written the same records).
                 self._done(keys=step_keys, args=[step, token])
