@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import threading
@@ -529,7 +530,7 @@ def test_a_purge_whose_batch_ends_fail_gives_its_tasks_back_to_run(
 
 
 @pytest.mark.parametrize("broker_kind", ["redis", "embedded"])
-@pytest.mark.parametrize("finisher", ["next purge", "worker"])
+@pytest.mark.parametrize("finisher", ["next purge", "queue list", "worker"])
 def test_a_purge_killed_before_recording_its_step_loses_none_of_it(
     finisher: str,
     settings: dramaturg.Settings,
@@ -558,18 +559,28 @@ def test_a_purge_killed_before_recording_its_step_loses_none_of_it(
     with batch:
         sent = [member.send(n) for n in range(3)]
     write_config(tmp_path, settings, modules=["tests.apps.purge_kill"])
-    purge = spawn([bin_path("dramaturg"), "queue", "purge", "imports", "--yes"], PYTHONPATH=str(REPO))
+    purge = spawn([bin_path("dramaturg"), "queue", "purge", "imports", "--yes"], PYTHONPATH=str(REPO), PURGE_KILL="1")
     purge.wait_for_line("took 3 task(s); killed")
     assert purge.popen.wait(timeout=WAIT_S) == -signal.SIGKILL
     assert pending_messages(broker, "imports") == 0
     assert "purged" not in {dramaturg.task_status(m.message_id, broker).state for m in sent}
 
     # When what it left is a minute old (here: at once), and the next purge of any queue
-    # runs, or a worker is up
+    # runs, or `dramaturg queue list`, or a worker is up
     monkeypatch.setattr(admin, "LEFT_STEP_MS", 0)
     if finisher == "next purge":
         broker.declare_queue("mail")
         assert dramaturg.purge_queue("mail", broker=broker) == 0
+    if finisher == "queue list":
+        result = run_cli([bin_path("dramaturg"), "queue", "list"], cwd=tmp_path, PYTHONPATH=str(REPO), LEFT_STEP_MS="0")
+        assert result.returncode == 0, result.stderr
+        (line,) = result.stderr.splitlines()  # says so in one line
+        assert re.fullmatch(
+            r"WARNING dramaturg.queue_admin: finished what a purge that stopped midway \(\d+ s ago\) left"
+            r" unrecorded: 3 task\(s\) of imports recorded as purged",
+            line,
+        ), line
+    if finisher != "worker":
         assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}
     worker = start_worker(queues={"imports", "reports"})
 

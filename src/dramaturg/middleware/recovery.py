@@ -29,7 +29,7 @@ queue of that call: with idle workers that takes minutes to tens of minutes
    at most every ``LEFT_STEP_MS`` / 6 (10 s), a thread of its own takes over one step a
    minute old and records its tasks as purged, so that their batch completes and their
    unique keys are free without waiting for the next purge. Its own thread, because one
-   step is up to 5,000 records and batch ends (a second or more), which must not hold the
+   step is up to 3,000 records and batch ends (a second or more), which must not hold the
    heartbeat up; one step a time, and the step's compare-and-delete, so that workers
    finishing at once each finish a different step and no task is counted twice;
 5. on a Redis error, logs it and tries again at the next tick.
