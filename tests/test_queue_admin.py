@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
+import signal
 import subprocess
 import threading
 import uuid
@@ -525,3 +527,123 @@ def test_a_purge_whose_batch_ends_fail_gives_its_tasks_back_to_run(
     assert sorted(ran.wait(4)) == [0, 1, 2, 3]
     for message in sent:
         assert status_when(message.message_id, "succeeded").state == "succeeded"
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "embedded"])
+@pytest.mark.parametrize("finisher", ["next purge", "queue list", "worker"])
+def test_a_purge_killed_before_recording_its_step_loses_none_of_it(
+    finisher: str,
+    settings: dramaturg.Settings,
+    broker: Any,
+    start_worker: Any,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dramaturg.brokers.redis import admin
+
+    ran, report = Runs(), Runs()
+
+    @dramaturg.actor(queue_name="imports", unique=dramaturg.unique(key="import:{0}"))
+    def member(n: int) -> None:
+        ran.add(n)
+
+    @dramaturg.actor(queue_name="reports", actor_name="report")
+    def on_complete(summary: dict[str, Any]) -> None:
+        report.add(summary)
+
+    # Given a batch of three members waiting, each holding a unique key, and a purge of
+    # their queue killed (SIGKILL) once it has taken them off the queue, before it wrote
+    # their records and batch ends
+    batch = dramaturg.batch("killed purge", on_complete=on_complete.message())
+    with batch:
+        sent = [member.send(n) for n in range(3)]
+    write_config(tmp_path, settings, modules=["tests.apps.purge_kill"])
+    purge = spawn([bin_path("dramaturg"), "queue", "purge", "imports", "--yes"], PYTHONPATH=str(REPO), PURGE_KILL="1")
+    purge.wait_for_line("took 3 task(s); killed")
+    assert purge.popen.wait(timeout=WAIT_S) == -signal.SIGKILL
+    assert pending_messages(broker, "imports") == 0
+    assert "purged" not in {dramaturg.task_status(m.message_id, broker).state for m in sent}
+
+    # When what it left is a minute old (here: at once), and the next purge of any queue
+    # runs, or `dramaturg queue list`, or a worker is up
+    monkeypatch.setattr(admin, "LEFT_STEP_MS", 0)
+    if finisher == "next purge":
+        broker.declare_queue("mail")
+        assert dramaturg.purge_queue("mail", broker=broker) == 0
+    if finisher == "queue list":
+        result = run_cli([bin_path("dramaturg"), "queue", "list"], cwd=tmp_path, PYTHONPATH=str(REPO), LEFT_STEP_MS="0")
+        assert result.returncode == 0, result.stderr
+        (line,) = result.stderr.splitlines()  # says so in one line
+        assert re.fullmatch(
+            r"WARNING dramaturg.queue_admin: finished what a purge that stopped midway \(\d+ s ago\) left"
+            r" unrecorded: 3 task\(s\) of imports recorded as purged",
+            line,
+        ), line
+    if finisher != "worker":
+        assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}
+    worker = start_worker(queues={"imports", "reports"})
+
+    # Then the batch completes, its members cancelled, and on_complete fires once; each
+    # record says purged, nothing purged ran, and the unique keys are free again
+    (summary,) = report.wait(1)
+    assert (summary["total"], summary["succeeded"], summary["cancelled"]) == (3, 0, 3)
+    assert batch.status().state == "complete"
+    for message in sent:
+        status = dramaturg.task_status(message.message_id, broker)
+        assert (status.state, status.reason) == ("purged", "purged from imports")
+    again = member.send(0)
+    assert (again.message_id != sent[0].message_id, again.options.get("dramaturg_duplicate")) == (True, None)
+    assert ran.wait(1) == [0]
+    worker.stop()
+    assert (len(report.seen), ran.seen) == (1, [0])
+    assert broker.client.zcard(f"{broker.namespace}:{admin.STEPS}") == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_step_another_process_took_over_is_never_given_back(
+    broker: dramatiq.Broker, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from dramaturg import queue_admin
+    from dramaturg.brokers.redis import admin
+
+    ran = Runs()
+
+    @dramaturg.actor(queue_name="imports")
+    def member(n: int) -> None:
+        ran.add(n)
+
+    # Given four tasks waiting, and a purge so slow to record them that another process
+    # takes its step for left behind and finishes it; then its own writes fail
+    sent = [member.send(n) for n in range(4)]
+    real, slowed, taken_over = queue_admin._recorder, [], []
+
+    def slow(broker: dramatiq.Broker, queue: str) -> queue_admin.OnPurged:
+        if slowed:  # the other process's recorder
+            return real(broker, queue)
+        slowed.append(queue)
+
+        def record(bodies: Any) -> None:
+            monkeypatch.setattr(admin, "LEFT_STEP_MS", 0)
+            taken_over.extend(queue_admin.finish_left_purges(broker))
+            raise redis.ConnectionError("the state store stopped answering")
+
+        return record
+
+    monkeypatch.setattr(queue_admin, "_recorder", slow)
+    with pytest.raises(dramaturg.BrokerUnreachable, match="the 4 taken last are purged too: another process took"):
+        dramaturg.purge_queue("imports", broker=broker)
+    monkeypatch.undo()
+    assert [(step.queue, step.tasks) for step in taken_over] == [("imports", 4)]
+
+    # When a worker runs the queue, and a task sent after
+    member.send(-1)
+    worker = start_worker(queues={"imports"})
+    assert ran.wait(1) == [-1]
+    worker.stop()
+
+    # Then none of the four went back to run: their records say purged
+    assert ran.seen == [-1]
+    assert {dramaturg.task_status(m.message_id, broker).state for m in sent} == {"purged"}

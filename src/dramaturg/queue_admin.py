@@ -23,7 +23,12 @@ What each touches (the broker's own part is ``brokers/redis/admin.py`` and
   purged member of a batch ends as cancelled in it (its ``on_complete`` fires once every
   member ended). Those are written, step by step, before the step's tasks are gone for
   good; a step whose writes fail is given back to the queue, and the purge stops
-  (:func:`purge_stopped`): no task is dropped without its record.
+  (:func:`purge_stopped`): no task is dropped without its record. A purge *killed*
+  between taking a step and writing its records loses nothing either: on RabbitMQ the
+  step's messages were not acknowledged and come back (a worker drops those whose record
+  says purged); on Redis the step waits in a record of its own and, once it is a minute
+  old, the next purge or ``queue list`` of any queue, or any worker, finishes it
+  (:func:`finish_left_purges`; see :mod:`dramaturg.brokers.redis.admin`).
 - **peek** reads the next waiting tasks without taking them. On Redis it reads the lists
   and hashes: no side effect. RabbitMQ has no way to read a message and leave it
   untouched: peek takes them with ``basic.get`` and gives them back at once
@@ -66,9 +71,11 @@ from .status.store import queued_fields
 
 __all__ = [
     "DeletedQueue",
+    "LeftStep",
     "QueueAdmin",
     "WaitingTask",
     "delete_queue",
+    "finish_left_purges",
     "list_queues",
     "peek_queue",
     "purge_queue",
@@ -88,16 +95,26 @@ MAX_PEEK = 1000
 OnPurged = Callable[[Sequence[bytes]], None]
 
 
-def purge_stopped(error: Exception, purged: int, taken: int, lost: Exception | None = None) -> BrokerUnreachable:
+def purge_stopped(
+    error: Exception, purged: int, taken: int, lost: Exception | None = None, *, taken_over: bool = False
+) -> BrokerUnreachable:
     """The error of a purge whose records could not be written midway: ``purged`` tasks
     were dropped and recorded before; the ``taken`` of the last step are back on the
-    queue, unless giving them back failed too (``lost``: then the log names them)."""
+    queue, unless giving them back failed too (``lost``: then the log names them, and on
+    Redis they wait in their purge step, finished as purged by a later purge or worker), or
+    another process had taken the step over (``taken_over``, on Redis: the purge was slower
+    than ``LEFT_STEP_MS``), which records them as purged."""
     text = f"the purge stopped: {error}; {purged} task(s) were purged and recorded"
+    if taken_over:
+        return BrokerUnreachable(
+            f"{text}; the {taken} taken last are purged too: another process took them over and records them"
+        )
     if lost is None:
         return BrokerUnreachable(f"{text}, the {taken} taken last are back on the queue: try again once it answers")
     return BrokerUnreachable(
         f"{text}; the {taken} taken last could not be given back either ({type(lost).__name__}: {lost}):"
-        " their ids and bodies are in the log at ERROR"
+        " their ids and bodies are in the log at ERROR (on Redis a later purge, or a worker, records them as"
+        " purged once the store answers)"
     )
 
 
@@ -155,6 +172,17 @@ class DeletedQueue:
     removed: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LeftStep:
+    """A step of a purge that stopped midway (killed), finished by :func:`finish_left_purges`:
+    its ``tasks`` were taken off ``queue`` at ``taken_at`` (ms since the epoch) and are now
+    recorded as purged."""
+
+    queue: str
+    tasks: int
+    taken_at: int
+
+
 class QueueAdmin(ABC):
     """One broker's part of queue administration. Get it with :func:`queue_admin`."""
 
@@ -172,6 +200,13 @@ class QueueAdmin(ABC):
     @abstractmethod
     def purge(self, queue: str, *, delayed: bool, on_purged: OnPurged) -> int:
         """Drop the waiting tasks of ``queue`` (and its delayed ones); returns how many."""
+
+    def finish_left(self, recorder: Callable[[str], OnPurged], *, limit: int | None = None) -> list[LeftStep]:
+        """Finish what purges that died left taken and unrecorded (at most ``limit`` steps),
+        writing their records with ``recorder(queue)``. None on RabbitMQ: a purge acknowledges
+        only after its writes, so a dead purge's messages are redelivered, and dropped as purged
+        or run (see :mod:`dramaturg.brokers.rabbitmq.admin`)."""
+        return []
 
     @abstractmethod
     def usage(self, queue: str) -> tuple[int, int, int]:
@@ -235,10 +270,41 @@ def peek_queue(queue: str, limit: int = 10, broker: dramatiq.Broker | None = Non
 
 def purge_queue(queue: str, *, delayed: bool = False, broker: dramatiq.Broker | None = None) -> int:
     """Drop the waiting tasks of ``queue`` (with ``delayed``, those in its delay queue too);
-    returns how many. Running and held tasks stay. Their records say ``purged``."""
+    returns how many. Running and held tasks stay. Their records say ``purged``. What an
+    earlier purge that died left unrecorded is finished first (:func:`finish_left_purges`)."""
     admin = queue_admin(broker)
     check_queue(queue, admin.broker)
+    finish_left_purges(admin.broker)
     return admin.purge(queue, delayed=delayed, on_purged=_recorder(admin.broker, queue))
+
+
+def finish_left_purges(broker: dramatiq.Broker | None = None, *, limit: int | None = None) -> list[LeftStep]:
+    """Finish what purges that died (killed between taking tasks and recording them) left
+    behind, on any queue of the broker: their tasks' records say ``purged``, their batch
+    members end as cancelled, their unique keys are released. Returns what was finished
+    (in one WARNING line); on RabbitMQ always nothing. ``purge_queue``, ``dramaturg
+    queue list`` and the workers' recovery thread call it; only steps a minute old are
+    taken (a younger one may be its purge's, still writing)."""
+    admin = queue_admin(broker)
+    recorders: dict[str, OnPurged] = {}
+
+    def recorder(queue: str) -> OnPurged:
+        if queue not in recorders:
+            recorders[queue] = _recorder(admin.broker, queue)
+        return recorders[queue]
+
+    left = admin.finish_left(recorder, limit=limit)
+    if left:
+        counts: dict[str, int] = {}
+        for step in left:
+            counts[step.queue] = counts.get(step.queue, 0) + step.tasks
+        oldest_s = (time.time() * 1000 - min(step.taken_at for step in left)) / 1000
+        logger.warning(
+            "finished what a purge that stopped midway (%.0f s ago) left unrecorded: %s recorded as purged",
+            oldest_s,
+            ", ".join(f"{count} task(s) of {queue}" for queue, count in sorted(counts.items())),
+        )
+    return left
 
 
 def delete_queue(queue: str, *, force: bool = False, broker: dramatiq.Broker | None = None) -> DeletedQueue:

@@ -24,7 +24,15 @@ queue of that call: with idle workers that takes minutes to tens of minutes
    whose reply was lost, messages a consumer dropped after a connection error), with one
    WARNING naming them: see :mod:`dramaturg.brokers.redis.claims`, which also does it
    when a consumer restarts and explains why a message a thread holds is never given back;
-4. on a Redis error, logs it and tries again at the next tick.
+4. finishes what a purge that died left behind (``dramaturg queue purge`` killed between
+   taking tasks off a queue and recording them; see :mod:`dramaturg.brokers.redis.admin`):
+   at most every ``LEFT_STEP_MS`` / 6 (10 s), a thread of its own takes over one step a
+   minute old and records its tasks as purged, so that their batch completes and their
+   unique keys are free without waiting for the next purge. Its own thread, because one
+   step is up to 3,000 records and batch ends (a second or more), which must not hold the
+   heartbeat up; one step a time, and the step's compare-and-delete, so that workers
+   finishing at once each finish a different step and no task is counted twice;
+5. on a Redis error, logs it and tries again at the next tick.
 
 **Taken for dead.** A live worker is taken for dead by the others when its heartbeat is
 ``heartbeat_timeout`` old: cut off from Redis that long (or Redis unreachable, or paused),
@@ -82,7 +90,8 @@ until one boots; the first tick at boot recovers then.
 **Cost.** On the message path, a dict write per delayed message (which thread's delay
 queue holds it); one round trip per tick per worker process (a small script per lane for
 the dead letters), one SMEMBERS per queue it fetched from, and a SCAN only when a worker
-is dead.
+is dead; every 10 s a short-lived thread and one small script call (a range of a sorted
+set that is empty unless a purge died).
 """
 
 from __future__ import annotations
@@ -150,7 +159,7 @@ class RedisRecovery(dramatiq.Middleware):
             return sorted({canonical_queue(name) for name in list(getattr(worker, "consumers", {}))})
 
         recoverer = RedisRecoverer(broker, self.heartbeat_timeout_ms, queues)  # type: ignore[arg-type]
-        thread = _RecoveryThread(recoverer, self.tick_ms / 1000, worker)
+        thread = _RecoveryThread(recoverer, self.tick_ms / 1000, worker, broker)
         with self._lock:
             self._threads[id(worker)] = thread
         thread.start()
@@ -190,11 +199,17 @@ class RedisRecovery(dramatiq.Middleware):
 
 
 class _RecoveryThread(threading.Thread):
-    def __init__(self, recoverer: RedisRecoverer, tick_s: float, worker: Any = None) -> None:
+    def __init__(
+        self, recoverer: RedisRecoverer, tick_s: float, worker: Any = None, broker: dramatiq.Broker | None = None
+    ) -> None:
         super().__init__(name="dramaturg-recovery", daemon=True)
         self.recoverer = recoverer
         self.tick_s = tick_s
         self.worker = worker
+        #: The broker whose left purge steps this worker finishes (None: it does not).
+        self.broker = broker
+        self.finisher: threading.Thread | None = None
+        self.next_finish_ms = 0
         self.stopped = threading.Event()
         self.failing = False
         #: When this worker's heartbeat was last written (ms since the epoch).
@@ -207,6 +222,9 @@ class _RecoveryThread(threading.Thread):
         self.stopped.set()
         if self is not threading.current_thread():
             self.join(_JOIN_TIMEOUT_S)
+        finisher = self.finisher
+        if finisher is not None:
+            finisher.join(_JOIN_TIMEOUT_S)  # a step it did not finish is taken over again later
 
     def run(self) -> None:
         while True:
@@ -250,9 +268,24 @@ class _RecoveryThread(threading.Thread):
         except Exception as error:
             self._failed(error)
             return
+        self._finish_left_purges(now_ms)
         if self.failing:
             logger.info("heartbeat and recovery work again")
             self.failing = False
+
+    def _finish_left_purges(self, now_ms: int) -> None:
+        """Start a thread that finishes one purge step left behind, if it is time and none runs."""
+        from ..brokers.redis import admin
+
+        if self.broker is None or now_ms < self.next_finish_ms:
+            return
+        if self.finisher is not None and self.finisher.is_alive():
+            return
+        self.next_finish_ms = now_ms + admin.LEFT_STEP_MS // 6
+        self.finisher = threading.Thread(
+            target=_finish_left_purges, args=(self.broker,), name="dramaturg-purge-finisher", daemon=True
+        )
+        self.finisher.start()
 
     def _failed(self, error: Exception) -> None:
         from redis import RedisError
@@ -290,6 +323,15 @@ class _RecoveryThread(threading.Thread):
                 f" and {more} more" if more else "",
             )
         claims.trust()
+
+
+def _finish_left_purges(broker: dramatiq.Broker) -> None:
+    from ..queue_admin import finish_left_purges
+
+    try:
+        finish_left_purges(broker, limit=1)
+    except Exception as error:  # taken over again once it is LEFT_STEP_MS old
+        logger.warning("could not finish a purge that stopped midway (%s); trying again later", error)
 
 
 def _drop_from_work_queue(worker: Any, redis_ids: set[str]) -> list[Any]:

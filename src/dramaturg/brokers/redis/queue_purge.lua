@@ -1,16 +1,23 @@
--- Drops up to ARGV[1] messages waiting in lists, from their heads, and returns how many
--- ids it took followed by (list's index in KEYS, id, body) for each that had a body
--- (dramaturg queue purge calls it until the lists are empty, so that no single call blocks
--- Redis for long; it gives a step's tasks back with queue_give_back.lua when their records
--- cannot be written).
+-- Takes up to ARGV[1] messages waiting in lists, from their heads, into a purge step,
+-- and returns how many ids it took followed by (list's index in KEYS, id, body) for each
+-- that had a body (dramaturg queue purge calls it until the lists are empty, so that no
+-- single call blocks Redis for long).
+-- The bodies are not dropped but moved into the step, a hash that outlives the purge:
+-- the purge deletes it once the tasks' records and batch ends are written
+-- (queue_purge_done.lua), or gives it back to the lists when they cannot be
+-- (queue_give_back.lua); a step its purge left behind (killed midway) is finished by
+-- another process, found in the sorted set of steps (queue_purge_claim.lua).
 -- Only ids still in a list go: a claimed (running) message's id is in its worker's claim
 -- set, not in the list, so its body stays. Each call is atomic, so a worker's fetch
 -- (fetch.lua) takes an id either before (it runs) or never (it is purged).
--- KEYS: pairs of (list, bodies hash). ARGV: the most ids to take.
+-- KEYS: the sorted set of steps, this step's hash, then pairs of (list, bodies hash).
+-- ARGV: the most ids to take, the step's name, now (ms), the queue, the purge's token.
+-- The step's hash: queue, owner (a token), taken_at (ms), and "m:<id>" -> body.
 local left = tonumber(ARGV[1])
 local taken = 0
+local kept = 0
 local found = {0}
-for i = 1, #KEYS, 2 do
+for i = 3, #KEYS, 2 do
     if left <= 0 then
         break
     end
@@ -21,17 +28,28 @@ for i = 1, #KEYS, 2 do
             local chunk = {unpack(ids, first, math.min(first + 999, #ids))}
             local bodies = redis.call("hmget", KEYS[i + 1], unpack(chunk))
             redis.call("hdel", KEYS[i + 1], unpack(chunk))
+            local fields = {}
             for k = 1, #chunk do
                 if bodies[k] then
                     found[#found + 1] = i
                     found[#found + 1] = chunk[k]
                     found[#found + 1] = bodies[k]
+                    fields[#fields + 1] = "m:" .. chunk[k]
+                    fields[#fields + 1] = bodies[k]
                 end
+            end
+            if #fields > 0 then
+                redis.call("hset", KEYS[2], unpack(fields))
+                kept = kept + #fields / 2
             end
         end
         taken = taken + #ids
         left = left - #ids
     end
+end
+if kept > 0 then
+    redis.call("hset", KEYS[2], "queue", ARGV[4], "owner", ARGV[5], "taken_at", ARGV[3])
+    redis.call("zadd", KEYS[1], ARGV[3], ARGV[2])
 end
 found[1] = taken
 return found
