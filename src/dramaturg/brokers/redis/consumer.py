@@ -82,6 +82,9 @@ class RedisConsumer(_RedisConsumer):
         #: The claims' epoch this consumer was made in (see dramaturg.brokers.redis.claims).
         self.epoch = self._claims.epoch
         self._claims.consumer_started(queue_name)
+        #: Set by an acknowledgement that made room in a full prefetch (see _wait_for_room).
+        self._room = threading.Event()
+        self._waiting_for_room = False
 
     def ack(self, message: Any) -> None:
         moving, self.moving = self.moving, None
@@ -149,6 +152,7 @@ class RedisConsumer(_RedisConsumer):
             raise ConnectionClosed(error) from None
         finally:
             self.queued_message_ids.discard(message.message_id)
+            self._made_room()
 
     def requeue(self, messages: Iterable[Any]) -> None:
         # Dramatiq's lets redis.ConnectionError out, which its ConsumerThread.close and
@@ -213,6 +217,8 @@ class RedisConsumer(_RedisConsumer):
                     self.message_cache = bodies = self.broker.do_fetch(
                         self.queue_name, self.prefetch - self.outstanding_message_count
                     )
+                elif self._wait_for_room():
+                    return None
                 if not bodies:
                     # Nothing came: poll less often, up to the idle timeout.
                     self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
@@ -220,6 +226,31 @@ class RedisConsumer(_RedisConsumer):
                     return None
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise ConnectionClosed(e) from None
+
+    def _wait_for_room(self) -> bool:
+        """The prefetch is full: wait until the worker threads' acknowledgements have made
+        room for a quarter of it (or the idle timeout), instead of polling with a backoff
+        that grows while it stays full (Dramatiq's: up to the idle timeout, while the
+        threads empty the work queue and then wait for messages). False for a delay queue, whose
+        prefetch holds messages waiting for their time: this thread moves them, between
+        polls, and must not sleep through their time."""
+        if self.queue_name.endswith(".DQ"):
+            return False
+        self._room.clear()
+        self._waiting_for_room = True
+        if self.outstanding_message_count >= self.prefetch:  # again, now that an ack would wake it
+            self._room.wait(self.timeout / 1000)
+        self._waiting_for_room = False
+        return True
+
+    def _made_room(self) -> None:
+        """After an acknowledgement: wake the consumer thread waiting for room, once a
+        quarter of the prefetch is free (one wake-up per quarter of a prefetch, not one per
+        message: 16 acknowledgements with the default prefetch of 64; the first one for a
+        prefetch under 8, which long tasks use)."""
+        if self._waiting_for_room and self.outstanding_message_count <= self.prefetch - max(1, self.prefetch // 4):
+            self._waiting_for_room = False
+            self._room.set()
 
     def _let_go_after_suspicion(self) -> None:
         """The worker may have been taken for dead since this consumer was made: give back
