@@ -697,3 +697,46 @@ def test_on_rabbitmq_the_last_member_is_acknowledged_only_once_its_callbacks_are
     assert runs.wait(2) == [1, 1]
     assert (batch.status().total, batch.status().succeeded) == (1, 1)
     assert len(report.calls.seen) == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_on_redis_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose callback's queue refuses its first two publishes (each after the
+    # durable write's own tries), with an error that is not Redis's
+    import dramatiq.worker
+
+    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
+    refusals = [2]
+    publish = BatchTracker._publish
+
+    def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise RuntimeError("the callback's queue refused it")
+        publish(tracker, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTracker, "_publish", refusing)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When its one member succeeds, and its end fires on_complete
+    batch = dramaturg.batch("refused", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(1)
+    start_worker(threads=1)
+
+    # Then the member's message stayed claimed while the publish failed, its acknowledgement
+    # was tried again, and the callback went out once (it was lost before: the batch stayed
+    # "firing" and the message was acknowledged)
+    assert report.calls.wait(1)[0][0] == "done"
+    assert refusals == [0]
+    assert runs.seen == [1]
+    assert (batch.status().total, batch.status().succeeded) == (1, 1)
+    assert len(report.calls.seen) == 1

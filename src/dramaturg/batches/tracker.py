@@ -309,8 +309,16 @@ class BatchTracker(dramatiq.Middleware):
         if events:
             self.fire(broker, batch_id, events)
 
-    def fire(self, broker: dramatiq.Broker, batch_id: str, events: Sequence[str]) -> None:
-        """Publish the callbacks of ``events``; end the batch as a member of its parent."""
+    def fire(self, broker: dramatiq.Broker, batch_id: str, events: Sequence[str], *, strict: bool = False) -> None:
+        """Publish the callbacks of ``events``; end the batch as a member of its parent.
+
+        A callback that cannot be published (after :func:`~dramaturg.held.durable_write`'s
+        tries) leaves its event "firing": a repeated end of the member publishes it again.
+        ``strict``: raise that error once the others are done, for a caller that then
+        leaves the member's message unacknowledged, so that it is tried again (the Redis
+        consumer's acknowledgement); without it the error is logged and the member's
+        message is acknowledged all the same (an end written from a worker's after-hook).
+        """
         state = self.state(broker)
         read = state.read(batch_id)
         if read is None:
@@ -318,6 +326,7 @@ class BatchTracker(dramatiq.Middleware):
         meta, progress = read
         summary = from_fields(batch_id, meta, progress).to_dict()
         held: TaskHeld | None = None
+        failed: Exception | None = None
         for event in events:
             stored = meta.get(f"on_{event}")
             if stored:
@@ -329,12 +338,14 @@ class BatchTracker(dramatiq.Middleware):
                     # Left "firing": a repeated end of this member (it runs again if its
                     # worker dies before acknowledging it) publishes it again.
                     logger.error(
-                        "could not publish on_%s of batch %s (%s: %s); it is not sent",
+                        "could not publish on_%s of batch %s (%s: %s); %s",
                         event,
                         batch_id,
                         type(error).__name__,
                         error,
+                        "its last member's message stays unacknowledged, to try again" if strict else "it is not sent",
                     )
+                    failed = failed or error
                     continue
             state.sent(batch_id, event)
         parent = meta.get("parent")
@@ -347,6 +358,8 @@ class BatchTracker(dramatiq.Middleware):
                 self.fire(broker, parent, parent_events)
         if held is not None:
             raise held
+        if strict and failed is not None:
+            raise failed
 
     def _publish(
         self, broker: dramatiq.Broker, batch_id: str, event: str, stored: dict[str, Any], summary: dict[str, Any]

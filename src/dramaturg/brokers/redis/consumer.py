@@ -121,7 +121,14 @@ class RedisConsumer(_RedisConsumer):
                 # The member's end (written) fired its batch's callbacks: published before
                 # the message is settled, so a worker killed meanwhile runs it again and
                 # its repeated end publishes them again (same message ids).
-                tracker_of(self.broker).fire(self.broker, end[2], result)
+                try:
+                    tracker_of(self.broker).fire(self.broker, end[2], result, strict=True)
+                except redis.RedisError:
+                    raise
+                except Exception as error:
+                    # Not published: the message stays claimed and Dramatiq tries its
+                    # acknowledgement again (ConnectionClosed), whose repeated end fires them again.
+                    raise ConnectionClosed(error) from None
                 message.__dict__.pop(BATCH_END, None)
                 result = command(self.queue_name, redis_id)
             if result == 1:
