@@ -239,14 +239,23 @@ def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it
     broker.client.srem(f"{broker.namespace}:__acks__.{broker.broker_id}.settle", ids[1])
 
     # When their acknowledgements are sent (the first's twice, as after a lost reply)
+    hooked: list[str] = []
+    emit_after = broker.emit_after
+    broker.emit_after = lambda signal, *args, **kw: (
+        hooked.append(args[0].message_id) if signal == "enqueue" else None,
+        emit_after(signal, *args, **kw),
+    )
     answers = [
         broker.do_put_back("settle", redis_id, p.__dict__[PUT_BACK]) for redis_id, p in zip(ids, proxies, strict=True)
     ]
     again = broker.do_put_back("settle", ids[0], proxies[0].__dict__[PUT_BACK])
 
     # Then the first is settled and its copy is on the delay queue once, with its options;
-    # the second is left to the worker that recovered it, and no copy of it is made
-    assert (answers, again) == ([1, 0], -1)
+    # the try after the lost reply finds it settled with its copy waiting, and the enqueue
+    # hooks (the task's status: waiting) run for that copy as for the first try; the
+    # second is left to the worker that recovered it, and no copy of it is made
+    assert (answers, again) == ([1, 0], 1)
+    assert hooked == [proxies[0].message_id, proxies[0].message_id]
     delayed = broker.client.lrange(f"{broker.namespace}:settle.DQ", 0, -1)
     assert len(delayed) == 1
     copy = dramatiq.Message.decode(broker.client.hget(f"{broker.namespace}:settle.DQ.msgs", delayed[0]))

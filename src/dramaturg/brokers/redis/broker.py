@@ -193,6 +193,8 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         _, delay, copy, copy_id, body = put_back
         result = self.settler.put_back(queue_name, redis_id, copy.queue_name, copy_id, body)
         self.claims.release(queue_name, (redis_id,))
+        if result == 2:  # an earlier try, whose reply was lost, settled it: its copy waits
+            result = 1
         if result == 1:
             self.emit_after("enqueue", copy, delay)
         return result

@@ -87,9 +87,13 @@ class RedisConsumer(_RedisConsumer):
         self._waiting_for_room = False
 
     def ack(self, message: Any) -> None:
-        moving, self.moving = self.moving, None
-        if moving is not None and moving[0] == message.message_id:
-            message.__dict__[PUT_BACK] = moving[1]  # a delayed message now due: moved by this ack
+        moving = self.moving
+        if moving is not None and moving[0] == message.message_id and threading.get_ident() == self._thread:
+            # A delayed message now due: moved by this ack, which Dramatiq's consumer thread
+            # sends right after the move. Taken only there and only for that message: an ack
+            # of another thread meanwhile must not clear it (the move would be lost).
+            self.moving = None
+            message.__dict__[PUT_BACK] = moving[1]
         put_back = message.__dict__.get(PUT_BACK)
         if put_back is None:
             self._settle(message, self.broker.do_ack, "ended")

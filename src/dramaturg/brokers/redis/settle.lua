@@ -16,7 +16,8 @@
 -- enqueued in one step: the copy's queue (the delay queue), its Redis id and its body follow.
 -- The copy is written only if the message was still claimed, so a worker taken for dead
 -- meanwhile (whose message another worker recovered) queues no second copy; a try run again
--- after its reply was lost finds the message settled (-1) and its copy written once.
+-- after its reply was lost finds the message settled and its copy written once: it answers 2
+-- while that copy still waits (so that the sender's after-enqueue hooks run for it), else -1.
 -- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a", "n" or "m", its queue, its
 -- Redis id (and for "A"/"N" the five end fields, for "m" the copy's three)
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
@@ -59,6 +60,8 @@ while i <= #ARGV do
         answer = 1
     elseif redis.call("hexists", bodies, id) == 1 then
         answer = 0
+    elseif copy and redis.call("hexists", namespace .. ":" .. copy[1] .. ".msgs", copy[2]) == 1 then
+        answer = 2  -- settled by an earlier try whose reply was lost: its copy is there, still waiting
     else
         answer = -1
     end
