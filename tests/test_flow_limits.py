@@ -956,3 +956,24 @@ def test_credits_an_ask_took_are_given_back_when_its_reply_is_lost(redis_server:
     # not at the end of their ten-minute lease
     assert {u.key: u.in_use for u in state.usage()}.get("wide", 0) == 0
     state.close()
+
+
+def test_a_remembered_refusal_refuses_only_limits_as_low_or_lower() -> None:
+    # Pure logic: what a worker process remembers of a refusal by the state store.
+    from dramaturg.flow.control import FlowControl
+
+    flow = FlowControl(None)
+    # Given the store refused key "shopify" to an actor limited to 2 running
+    flow._remember_refusal(LimitSpec("c", "shopify", 2, 60_000), 5_000)
+
+    # Then an actor sharing the key with a limit of 2 or 1 is refused without asking,
+    # one with a limit of 5 asks (the store may let it start), and another key asks too
+    assert flow._refused_locally([LimitSpec("c", "shopify", 2, 30_000)]) is not None
+    assert flow._refused_locally([LimitSpec("c", "shopify", 1, 60_000)]) is not None
+    assert flow._refused_locally([LimitSpec("c", "shopify", 5, 60_000)]) is None
+    assert flow._refused_locally([LimitSpec("c", "tenant:fr", 2, 60_000)]) is None
+
+    # And a rate refusal holds only for the same window: 100 a minute refused says nothing of 100 a second
+    flow._remember_refusal(LimitSpec("r", "api", 100, 60_000), 5_000)
+    assert flow._refused_locally([LimitSpec("r", "api", 100, 60_000)]) is not None
+    assert flow._refused_locally([LimitSpec("r", "api", 100, 1_000)]) is None

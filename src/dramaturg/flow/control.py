@@ -126,8 +126,9 @@ class FlowControl(dramatiq.Middleware):
         #: Per thread: the unique key the last send claimed, until its enqueue is done.
         self._sending = threading.local()
         #: The limits' keys this process was refused lately ("c:tenant:fr"): until when (the
-        #: monotonic clock), and the wait the store gave (see _refused_locally).
-        self._refused: dict[str, tuple[float, float]] = {}
+        #: monotonic clock), the wait the store gave, and the limit (and a rate's window)
+        #: refused (see _refused_locally).
+        self._refused: dict[str, tuple[float, float, int, int]] = {}
         if self._renew_on_touch not in touch_observers:
             touch_observers.append(self._renew_on_touch)
 
@@ -322,7 +323,12 @@ class FlowControl(dramatiq.Middleware):
         if len(refused) >= 10_000:  # keys of a template (tenant:{store}) must not pile up
             for name in [name for name, entry in list(refused.items()) if entry[0] <= now]:
                 refused.pop(name, None)
-        refused[spec.kind + ":" + spec.key] = (now + min(wait_ms, REMEMBER_REFUSAL_MS) / 1000, now + wait_ms / 1000)
+        refused[spec.kind + ":" + spec.key] = (
+            now + min(wait_ms, REMEMBER_REFUSAL_MS) / 1000,
+            now + wait_ms / 1000,
+            spec.limit,
+            spec.ms,
+        )
 
     def _refused_locally(self, specs: Sequence[LimitSpec]) -> tuple[int, int] | None:
         """A limit of ``specs`` this process was refused within :data:`REMEMBER_REFUSAL_MS`:
@@ -342,9 +348,12 @@ class FlowControl(dramatiq.Middleware):
             entry = refused.get(name)
             if entry is None:
                 continue
-            if entry[0] > now:
+            if entry[0] <= now:
+                refused.pop(name, None)
+            elif spec.limit <= entry[2] and (spec.kind == "c" or spec.ms == entry[3]):
+                # Refused at that limit: refused at any lower one too. Actors that share a key
+                # with a higher limit (or another window) ask the store: it may let them start.
                 return index, max(0, int((entry[1] - now) * 1000))
-            refused.pop(name, None)
         return None
 
     def _forget_refusals(self, keys: Sequence[str]) -> None:
