@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -143,7 +142,7 @@ class RedisQueueAdmin(QueueAdmin):
                 step = f"{token}:{number}"
                 step_keys = [self._key(STEPS), self._key(f"{STEPS}:{step}")]
                 answer: list[Any] = self._purge(
-                    keys=[*step_keys, *keys], args=[min(PURGE_CHUNK, left), step, _now_ms(), queue, token]
+                    keys=[*step_keys, *keys], args=[min(PURGE_CHUNK, left), step, queue, token]
                 )
                 taken, found = int(answer[0]), answer[1:]
                 if taken == 0:
@@ -191,9 +190,8 @@ class RedisQueueAdmin(QueueAdmin):
         finished: list[LeftStep] = []
         try:
             while limit is None or len(finished) < limit:
-                now = _now_ms()
                 answer: list[Any] = self._claim(
-                    keys=[self._key(STEPS)], args=[self._key(f"{STEPS}:"), now - LEFT_STEP_MS, now, token]
+                    keys=[self._key(STEPS)], args=[self._key(f"{STEPS}:"), LEFT_STEP_MS, token]
                 )
                 if not answer:
                     break
@@ -245,10 +243,6 @@ class RedisQueueAdmin(QueueAdmin):
 _QUEUE_SUFFIXES = ("", ".msgs", ".DQ", ".DQ.msgs", ".XQ", ".XQ.msgs")
 #: The held store's keys of a queue, after ``<prefix>:<queue>`` (see RedisHeldStore._keys).
 _HELD_SUFFIXES = ("", "#order", "#kicking", "#kicking-order", "#kicking-token")
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _text(value: bytes | str) -> str:

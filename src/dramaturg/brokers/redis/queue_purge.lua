@@ -11,8 +11,10 @@
 -- set, not in the list, so its body stays. Each call is atomic, so a worker's fetch
 -- (fetch.lua) takes an id either before (it runs) or never (it is purged).
 -- KEYS: the sorted set of steps, this step's hash, then pairs of (list, bodies hash).
--- ARGV: the most ids to take, the step's name, now (ms), the queue, the purge's token.
--- The step's hash: queue, owner (a token), taken_at (ms), and "m:<id>" -> body.
+-- ARGV: the most ids to take, the step's name, the queue, the purge's token.
+-- The step's hash: queue, owner (a token), taken_at (ms, Redis's clock: the age a step is
+-- taken over at is then measured on one clock, whichever hosts purge and finish), and
+-- "m:<id>" -> body.
 local left = tonumber(ARGV[1])
 local taken = 0
 local kept = 0
@@ -48,8 +50,10 @@ for i = 3, #KEYS, 2 do
     end
 end
 if kept > 0 then
-    redis.call("hset", KEYS[2], "queue", ARGV[4], "owner", ARGV[5], "taken_at", ARGV[3])
-    redis.call("zadd", KEYS[1], ARGV[3], ARGV[2])
+    local time = redis.call("time")
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    redis.call("hset", KEYS[2], "queue", ARGV[3], "owner", ARGV[4], "taken_at", now)
+    redis.call("zadd", KEYS[1], now, ARGV[2])
 end
 found[1] = taken
 return found
