@@ -27,6 +27,7 @@ from ..hooks import HookDispatch
 from .confirms import ConfirmWindow
 from .connection import connection_parameters
 from .consumer import RabbitmqConsumer
+from .ends import close_end_writer
 from .held import RabbitmqHeldStore
 from .stats import RabbitmqStatsReader
 
@@ -45,8 +46,8 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     Connections are opened lazily, one per thread, as in Dramatiq.
     """
 
-    #: Its consumers write the ends of batch members with the acknowledgements they send
-    #: (see :meth:`RabbitmqConsumer._send_acks <dramaturg.brokers.rabbitmq.consumer.RabbitmqConsumer._send_acks>`).
+    #: Its consumers have the ends of batch members written before the acknowledgements
+    #: they send, many in one call, by a thread of the process (see :mod:`.ends`).
     acks_write_batch_ends = True
 
     def __init__(self, settings: BrokerSettings, *, middleware: list[Middleware]) -> None:
@@ -204,6 +205,7 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
         for window in windows:
             window.close()
         self.held.close()
+        close_end_writer(self)
         super().close()
 
     def __repr__(self) -> str:

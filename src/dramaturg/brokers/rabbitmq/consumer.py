@@ -8,8 +8,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from queue import Empty
 from typing import Any
 
@@ -20,12 +18,14 @@ from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 
 from ... import envelope, suspension, unknown_actors
-from ...batches.tracker import BATCH_END, tracker_of
+from ...batches.tracker import BATCH_END
 from ...durations import format_ms
-from ...held import HeldTask, durable_write, hold_poison
+from ...held import HeldTask, hold_poison
 from ...masking import mask_url
 from ...queues import canonical_queue
 from .connection import error_text
+from .ends import CLOSE_WAIT_S as ENDS_CLOSE_WAIT_S
+from .ends import RabbitmqEndWriter, end_writer_of
 
 __all__ = ["CLOSE_WAIT_S", "RabbitmqConsumer"]
 
@@ -121,13 +121,16 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         #: Another thread asked for a close; the owner does it at its next step.
         self._leave = False
         self._in_next = False  # the owner is in __next__ (where a wake-up can reach it)
-        #: Delivery tags the worker threads finished, for the owner to acknowledge, each
-        #: with the batch member's end to write first (:data:`BATCH_END`), or None.
-        self._acks: deque[tuple[int, tuple[Any, ...] | None]] = deque()
-        #: Delivery tags to give back to the queue: their members' ends could not be written.
-        self._requeues: deque[int] = deque()
-        #: Publishes the callbacks an end fired, then acknowledges its message (made on first use).
-        self._firing: ThreadPoolExecutor | None = None
+        #: Delivery tags for the owner to acknowledge: finished by the worker threads, or
+        #: handed back by the end writer once their batch members' ends are written.
+        self._acks: deque[int] = deque()
+        #: Delivery tags for the owner to reject, handed back by the end writer.
+        self._rejects: deque[int] = deque()
+        #: Writes the batch members' ends left on the messages acknowledged (see
+        #: :mod:`.ends`); set on first use.
+        self._end_writer: RabbitmqEndWriter | None = None
+        #: Set by the end writer when this consumer closes: its ends not yet written are dropped.
+        self.ends_dropped = False
         self._acks_due = False  # a call of _send_acks is on its way to the owner
         #: (monotonic time, message id) of the delayed messages this consumer moved lately.
         self._recent_moves: deque[tuple[float, str]] = deque(maxlen=1_000)
@@ -197,9 +200,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
             return
         tag = message._tag
         end = message.__dict__.pop(BATCH_END, None)
+        if end is not None:
+            # A batch member that succeeded: its end is written first, by the end writer's
+            # thread, which then hands the tag back to be acknowledged (see _send_end).
+            self._send_end(tag, end, reject=False)
+            return
         if threading.current_thread() is self._owner:
-            if end is not None:  # not so far: this thread acknowledges only the delayed messages it moves
-                tracker_of(self.broker).end_left(self.broker, end)
             # The consumer's own thread acknowledges a delayed message it has just moved to
             # its queue. Dramatiq's ack would wait for the next poll, after the rest of the
             # due messages are moved: a connection lost meanwhile would deliver this one
@@ -222,11 +228,40 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         # Handed to the consumer's thread (pika's connection is not thread-safe), as Dramatiq
         # does, but together: one wake-up for the acknowledgements that pile up meanwhile,
         # and one write of their frames, where pika writes and polls after each.
-        self._hand_over(self._acks, (tag, end))
+        self._acks.append(tag)
+        self._acks_to_owner()
 
-    def _hand_over(self, to: deque[Any], item: Any) -> None:
-        """Queue an acknowledgement (or a requeue) for the consumer's thread, and wake it once."""
-        to.append(item)
+    def _send_end(self, tag: int, end: tuple[Any, ...], *, reject: bool) -> None:
+        """Hand a batch member's end to the end writer, which writes it, then hands ``tag``
+        back to be acknowledged (or rejected) in this consumer's thread (see :mod:`.ends`).
+
+        Not written in the consumer's thread, which serves pika's connection: a state store
+        that does not answer would hold its heartbeats and deliveries. Not in the worker
+        thread either, which would wait for it (the whole of a member's cost on RabbitMQ).
+        While the store does not answer the message stays unacknowledged (never given back
+        to the queue: each member runs once, and the full prefetch stops deliveries).
+        """
+        try:
+            self.known_tags.remove(tag)
+        except KeyError:
+            logger.warning("failed to settle delivery %d: not among this channel's deliveries", tag)
+            return
+        writer = self._end_writer
+        if writer is None:
+            writer = self._end_writer = end_writer_of(self.broker)
+        writer.submit(self, tag, end, reject=reject)
+
+    def ends_written(self, acks: list[int], rejects: list[int]) -> None:
+        """From the end writer's thread: the ends of these deliveries are written; acknowledge
+        ``acks`` and reject ``rejects``, in this consumer's thread. Ignored once the
+        connection is closed: RabbitMQ has them back (they run again, and count once)."""
+        self._acks.extend(acks)
+        self._rejects.extend(rejects)
+        with contextlib.suppress(ConnectionClosed):
+            self._acks_to_owner()
+
+    def _acks_to_owner(self) -> None:
+        """Wake the consumer's thread once to send what is queued in ``_acks`` and ``_rejects``."""
         if not self._acks_due:
             self._acks_due = True
             try:
@@ -235,115 +270,48 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 raise ConnectionClosed(e) from None
 
     def _send_acks(self) -> None:
-        """In the consumer's thread: acknowledge every delivery the worker threads finished.
-
-        The batch members' ends among them are written first, all in one call of
-        ``batch.lua`` (one round trip to the state store), and only then acknowledged: an
-        end is durable before its message is acknowledged, as when the worker thread wrote
-        it, but the worker thread waits for nothing and the ends of a whole wake-up share a
-        call. A worker killed between the write and the acknowledgement runs the member
-        again; its end repeats and counts once (by message id).
-
-        An end that fires callbacks is not acknowledged here: its message stays
-        unacknowledged while another thread publishes them, and then it is acknowledged
-        (a worker killed meanwhile runs it again; its repeated end fires them again, with
-        the same message ids), as the Redis broker does with such an end.
-
-        A write that fails is tried again (:func:`~dramaturg.held.durable_write`), this
-        thread waiting: nothing else is acknowledged meanwhile, so the prefetch fills and
-        no more is delivered while the store does not answer. If it still fails, those
-        messages go back to the queue unacknowledged (a requeue): they run again and their
-        ends are written then, counted once. Never acknowledged as if written: an end kept
-        in memory would be lost with the process, and its batch would wait for good.
-        """
+        """In the consumer's thread: acknowledge every delivery the worker threads finished
+        (and those whose batch members' ends the end writer has written), in one write of
+        their frames."""
         self._acks_due = False  # first: a tag added after this is sent by the next call
-        finished = []
+        tags = []
         while True:
             try:
-                finished.append(self._acks.popleft())
+                tags.append(self._acks.popleft())
             except IndexError:
                 break
-        requeues = []
+        rejects = []
         while True:
             try:
-                requeues.append(self._requeues.popleft())
+                rejects.append(self._rejects.popleft())
             except IndexError:
                 break
         # Not self.gone: a close sets it before it runs the callbacks still queued, this one
         # among them, whose acknowledgements must go out first (as Dramatiq's close does).
-        if not (finished or requeues) or not self.channel.is_open:
-            return  # the channel is closed or lost: RabbitMQ has taken them back (ends not written: they repeat)
-        ends = [(tag, end) for tag, end in finished if end is not None]
-        tags = [tag for tag, end in finished if end is None]
-        if ends:
-            written, back = self._write_ends(ends)
-            tags += written
-            requeues += back
-        frames = [(tag, False) for tag in tags] + [(tag, True) for tag in requeues]
-        if not frames:
-            return
+        if not (tags or rejects) or not self.channel.is_open:
+            return  # the channel is closed or lost: RabbitMQ has taken them back
+        frames = [(tag, False) for tag in tags] + [(tag, True) for tag in rejects]
         buffered = self.channel._impl  # pika's channel under the blocking one: writes a frame, no flush
-        for tag, requeue in frames[:-1]:
-            if requeue:
-                buffered.basic_nack(tag, requeue=True)
+        for tag, reject in frames[:-1]:
+            if reject:
+                buffered.basic_nack(tag, requeue=False)
             else:
                 buffered.basic_ack(tag)
-        tag, requeue = frames[-1]  # through the blocking channel: writes them all
-        if requeue:
-            self.channel.basic_nack(tag, requeue=True)
+        tag, reject = frames[-1]  # through the blocking channel: writes them all
+        if reject:
+            self.channel.basic_nack(tag, requeue=False)
         else:
             self.channel.basic_ack(tag)
-
-    def _write_ends(self, ends: Sequence[tuple[int, tuple[Any, ...]]]) -> tuple[list[int], list[int]]:
-        """Write the ends of ``ends`` (delivery tag, end) in one call; the tags to acknowledge
-        now, and those to give back. Those whose end fired callbacks are neither: they are
-        acknowledged once the callbacks are published (see :meth:`_send_acks`)."""
-        tracker = tracker_of(self.broker)
-        state = tracker.state(self.broker)
-        items = [end[2:] for _, end in ends]
-        answers: list[list[list[str]]] = []
-        try:
-            answers.append(state.end(items))
-        except Exception:
-            error = durable_write(lambda: answers.append(state.end(items)))
-            if error is not None:
-                logger.error(
-                    "could not record the ends of %d batch members (%s: %s); their messages go back to the queue"
-                    " and run again (each end counts once)",
-                    len(ends),
-                    type(error).__name__,
-                    error,
-                )
-                return [], [tag for tag, _ in ends]
-        tags = []
-        for (tag, end), events in zip(ends, answers[0], strict=True):
-            if events:
-                if self._firing is None:
-                    self._firing = ThreadPoolExecutor(1, thread_name_prefix="dramaturg-batch-callbacks")
-                self._firing.submit(self._fire_then_ack, tag, end[2], events)
-            else:
-                tags.append(tag)
-        return tags, []
-
-    def _fire_then_ack(self, tag: int, batch_id: str, events: list[str]) -> None:
-        """Publish the callbacks an end fired, then acknowledge its message (or give it back
-        if they could not be read: it runs again, and its repeated end fires them again)."""
-        try:
-            tracker_of(self.broker).fire(self.broker, batch_id, events)
-        except Exception:
-            logger.exception("could not publish the callbacks of batch %s; its last member runs again", batch_id)
-            target: deque[Any] = self._requeues
-            item: Any = tag
-        else:
-            target, item = self._acks, (tag, None)
-        with contextlib.suppress(ConnectionClosed):  # the connection is gone: RabbitMQ has the message back
-            self._hand_over(target, item)
 
     def nack(self, message: Any) -> None:
         if self._came_from_here(message, "was rejected"):
             end = message.__dict__.pop(BATCH_END, None)
-            if end is not None:  # not so far: an end is left only on a message that succeeded
-                tracker_of(self.broker).end_left(self.broker, end)
+            if end is not None:
+                # Not so far (an end is left only on a message that succeeded): should a
+                # later middleware fail it, the end is written before the message is
+                # rejected for good, as before an acknowledgement.
+                self._send_end(message._tag, end, reject=True)
+                return
             super().nack(message)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
@@ -395,9 +363,11 @@ class RabbitmqConsumer(_RabbitmqConsumer):
                 return
             self._closed = True
             self.gone = True
-            if self._firing is not None:
-                # Callbacks being published: their messages' acknowledgements go out before the close.
-                self._firing.shutdown(wait=True)
+            if self._end_writer is not None:
+                # Ends being written: handed back first, so that Dramatiq's close, which
+                # runs the callbacks queued before it closes, sends their acknowledgements.
+                # On a lost connection they are dropped at once (RabbitMQ has them back).
+                self._end_writer.release(self, ENDS_CLOSE_WAIT_S if self.channel.is_open else 0)
             super().close()  # type: ignore[no-untyped-call]
 
     def _came_from_here(self, message: Any, what: str) -> bool:

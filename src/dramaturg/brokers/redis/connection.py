@@ -9,7 +9,6 @@ the module that runs them is imported.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from redis.retry import Retry
 
 from ...errors import BrokerUnreachable, ConfigError
 from ...masking import mask_url
+from ...state_redis import client_options
 
 if TYPE_CHECKING:
     from ...config import BrokerSettings
@@ -87,19 +87,7 @@ def socket_options(settings: BrokerSettings) -> dict[str, Any]:
     timeout (:func:`read_timeout_ms`), and for TCP keepalive probes after as many idle
     seconds, every third of it, three of them (a dead idle connection is dropped, not
     handed out), where the platform has them."""
-    timeout_s = read_timeout_ms(settings) / 1000
-    options: dict[str, Any] = {
-        "socket_connect_timeout": settings.connect_timeout / 1000,
-        "socket_timeout": timeout_s,
-    }
-    if not (settings.url or "").startswith("unix:"):
-        idle = max(1, round(timeout_s))
-        probes = {"TCP_KEEPIDLE": idle, "TCP_KEEPINTVL": max(1, idle // 3), "TCP_KEEPCNT": 3}
-        options["socket_keepalive"] = True
-        options["socket_keepalive_options"] = {
-            getattr(socket, name): value for name, value in probes.items() if hasattr(socket, name)
-        }
-    return options
+    return client_options(settings.url, settings.connect_timeout / 1000, read_timeout_ms(settings) / 1000)
 
 
 def make_client(settings: BrokerSettings) -> redis.Redis:
