@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import pytest
 import redis
 
 import dramaturg
+from dramaturg.batches.state import RedisBatchState
 
-from .conftest import Runs, delete_rabbitmq_queues, free_port, poll_until
+from .conftest import Runs, delete_rabbitmq_queues, free_port, pending_messages, poll_until
 
 
 class Store:
@@ -36,8 +38,10 @@ class Store:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "yes"]
-            + ["--appendfsync", "always", "--dir", str(self.directory)],
+            [
+                *("redis-server", "--port", str(self.port), "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)),
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
@@ -190,6 +194,46 @@ def test_members_ending_while_the_state_store_is_down_are_not_given_back_and_cou
     assert (summary["total"], summary["succeeded"]) == (20, 20)
     assert sorted(runs.seen) == list(range(20))
     assert len(done.seen) == 1
+
+
+def test_a_stopping_worker_acknowledges_the_members_whose_ends_it_was_writing(
+    outage_broker: dramatiq.Broker, worker: list[dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a state store whose writes of ends take 0.2 s each
+    end = RedisBatchState.end
+
+    def slow(state: RedisBatchState, ends: Any) -> list[list[str]]:
+        time.sleep(0.2)
+        return end(state, ends)
+
+    monkeypatch.setattr(RedisBatchState, "end", slow)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-outage")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    @dramaturg.actor(queue_name="batch-outage-callbacks")
+    def report(summary: dict[str, Any]) -> None:
+        pass
+
+    batch = dramaturg.batch("stopping", on_complete=report.message())
+    with batch:
+        member.send_many(range(10))
+    start(outage_broker, worker)
+
+    # When the worker stops as soon as the members ran, their ends (the last one firing
+    # on_complete) still being written
+    runs.wait(10)
+    worker.pop().stop()
+
+    # Then its consumer waited for them before it closed: every member's message was
+    # acknowledged (none is back on the queue to run again), and on_complete was published
+    status = dramaturg.batch_status(batch.id)
+    assert (status.total, status.succeeded, status.state) == (10, 10, "complete")
+    assert pending_messages(outage_broker, "batch-outage") == 0
+    assert pending_messages(outage_broker, "batch-outage-callbacks") == 1
+    assert sorted(runs.seen) == list(range(10))
 
 
 def _pings(client: redis.Redis) -> bool:

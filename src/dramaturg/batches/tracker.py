@@ -252,8 +252,9 @@ class BatchTracker(dramatiq.Middleware):
         writer = self.writer(broker)
         if code == "s" and self._ends_with_ack(broker):
             # Written with the acknowledgement (Redis: in the same script, see settle.lua;
-            # RabbitMQ: by the consumer thread, for all the acks it sends at once, before
-            # it sends them): durable no later than the ack, and no call of its own.
+            # RabbitMQ: by the process's end writer thread, many in one call, before it
+            # hands their acks to the consumers): durable no later than the ack, and no
+            # call of its own.
             state: Any = self._state
             message.__dict__[BATCH_END] = (state.prefix, state.ttl_ms, batch_id, message.message_id, code)
             writer.ending(message.message_id)
@@ -265,21 +266,14 @@ class BatchTracker(dramatiq.Middleware):
     def _ends_with_ack(self, broker: dramatiq.Broker) -> bool:
         """Whether members' ends go with their acknowledgements: the Redis broker's
         settling, with the batches in that same Redis (no ``[state] url``); or the RabbitMQ
-        consumer's, which writes the ends of the acknowledgements it is about to send in
-        one call, then sends them (:mod:`dramaturg.brokers.rabbitmq.consumer`)."""
+        consumers', whose end writer thread writes the ends of the messages the worker
+        threads acknowledge, many in one call, then has them acknowledged
+        (:mod:`dramaturg.brokers.rabbitmq.ends`)."""
         if not isinstance(self._state, RedisBatchState):
             return False
         if getattr(broker, "acks_write_batch_ends", False):
             return True
         return self.url is None and hasattr(broker, "settler")
-
-    def end_left(self, broker: dramatiq.Broker, end: tuple[Any, ...]) -> None:
-        """Write an end left on a message for its acknowledgement (:data:`BATCH_END`) now,
-        from this thread, and publish what it fires: for a message settled otherwise."""
-        batch_id, member_id, code = end[2:]
-        events = self.writer(broker).end_durably((batch_id, member_id, code))
-        if events:
-            self.fire(broker, batch_id, events)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         batch_id = _options(message).get(BATCH_OPTION)

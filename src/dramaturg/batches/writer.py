@@ -38,15 +38,17 @@ that fires callbacks leaves the message claimed: the consumer publishes them, th
 acknowledges it alone.
 
 **On RabbitMQ** (batches in the Redis of ``[state] url``) the end of a member that
-succeeded is left on the message too, and the consumer's thread, which sends the
-acknowledgements the worker threads hand it, writes the ends of all it is about to send
-in one call of ``batch.lua``, then sends them
-(:meth:`~dramaturg.brokers.rabbitmq.consumer.RabbitmqConsumer._send_acks`). The worker
-thread waits for nothing: an acknowledgement on RabbitMQ is a frame sent without an
-answer, so the wait for its end was the whole of a member's cost there. An end that
-fires callbacks leaves its message unacknowledged until another thread has published
-them; a write that still fails after a durable write's tries gives its messages back
-to the queue (they run again, and count once), never acknowledged as if written.
+succeeded is left on the message too. The worker thread hands it, with the delivery, to
+the process's end writer thread (:mod:`dramaturg.brokers.rabbitmq.ends`) and waits for
+nothing (an acknowledgement on RabbitMQ is a frame sent without an answer, so a wait for
+the end was the whole of a member's cost there). That thread writes the ends that came
+meanwhile, of all the consumers, in one call of ``batch.lua``, and then hands their
+deliveries to their consumers' threads to acknowledge; an end that fires callbacks is
+handed back once it has published them. Not the consumers' threads: they serve pika's
+connection, which a state store that does not answer would stall. While the store does
+not answer, the ends are kept and written again after pauses (0.1 s doubling to 5 s),
+their messages unacknowledged: never given back to the queue to run again, and the full
+prefetch stops deliveries until the store answers.
 
 Other ends (held, rejected, cancelled, and every end with the Redis broker and a state
 store of its own) are written here, grouped across threads as above: they are rarer, and

@@ -96,6 +96,12 @@ class RabbitmqConsumer(_RabbitmqConsumer):
     next consumer drops the delayed messages Dramatiq still holds from this one.
     RabbitMQ delivers all of them again; only the tasks running at the drop run twice.
 
+    A batch member's end left on a message (:data:`BATCH_END`) is written before the
+    message is acknowledged, by the process's end writer thread (:mod:`.ends`), never by
+    this consumer's thread: a state store that does not answer would stop its heartbeats
+    and deliveries. The writer hands the delivery back (:meth:`ends_written`) once the end
+    is written.
+
     Its connection is used by its own thread only (pika's connections are not
     thread-safe). Dramatiq's ``Worker.stop`` closes consumers from its own thread, after
     waiting ``shutdown_timeout`` at most for them to leave; a consumer still polling then

@@ -69,10 +69,10 @@ _made = threading.Lock()
 def end_writer_of(broker: dramatiq.Broker) -> RabbitmqEndWriter:
     """The end writer of ``broker``'s consumers in this process (made on first use)."""
     writer: RabbitmqEndWriter | None = getattr(broker, "_dramaturg_end_writer", None)
-    if writer is None:
+    if writer is None or writer.pid not in (0, os.getpid()):
         with _made:
             writer = getattr(broker, "_dramaturg_end_writer", None)
-            if writer is None:
+            if writer is None or writer.pid not in (0, os.getpid()):  # a forked child makes its own
                 writer = RabbitmqEndWriter(broker)
                 broker._dramaturg_end_writer = writer  # type: ignore[attr-defined]
     return writer
@@ -86,7 +86,7 @@ def close_end_writer(broker: dramatiq.Broker) -> None:
 
 
 class _Unpublished(Exception):
-    """Callbacks an end fired could not be published: written again later (see :meth:`RabbitmqEndWriter._fire`)."""
+    """Callbacks an end fired could not be published: written again later (see :meth:`RabbitmqEndWriter._write`)."""
 
 
 class RabbitmqEndWriter:
@@ -107,7 +107,8 @@ class RabbitmqEndWriter:
         #: Since when writes fail (monotonic), or None; a close does not wait meanwhile.
         self.failing_since: float | None = None
         self._thread: threading.Thread | None = None
-        self._pid = 0
+        #: The process whose thread writes (0 before its first end).
+        self.pid = 0
 
     def submit(self, consumer: RabbitmqConsumer, tag: int, end: tuple[Any, ...], *, reject: bool = False) -> None:
         """Write ``end``, then have ``consumer`` acknowledge delivery ``tag`` (or reject it)."""
@@ -136,12 +137,12 @@ class RabbitmqEndWriter:
         )
 
     def _ensure_thread(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self.pid == os.getpid():
             return
         with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
+            if self._thread is not None and self.pid == os.getpid():
                 return
-            self._pid = os.getpid()  # after a fork the parent's thread is not ours
+            self.pid = os.getpid()  # after a fork the parent's thread is not ours
             self._thread = threading.Thread(target=self._run, name="dramaturg-batch-ends", daemon=True)
             self._thread.start()
 
@@ -194,23 +195,19 @@ class RabbitmqEndWriter:
         firing = [(item, events) for item, events in zip(batch, answers, strict=True) if events]
         done = [item for item, events in zip(batch, answers, strict=True) if not events]
         self._hand_back(done)
-        unpublished = 0
+        unpublished: list[str] = []
         for item, events in firing:
+            batch_id = item[2][2]
             try:
-                if tracker.fire(self.broker, item[2][2], events):
-                    raise _Unpublished
-            except Exception:
-                unpublished += 1
-                logger.warning(
-                    "could not publish the callbacks of batch %s; the end of its last member is written again"
-                    " and they are published then (its message is acknowledged after that)",
-                    item[2][2],
-                    exc_info=True,
-                )
+                if tracker.fire(self.broker, batch_id, events):
+                    unpublished.append(batch_id)
+                    continue
+            except Exception as error:
+                unpublished.append(f"{batch_id} ({type(error).__name__}: {error})")
                 continue
             self._hand_back([item])
         if unpublished:
-            raise _Unpublished(f"{unpublished} batches' callbacks are not out")
+            raise _Unpublished("could not publish the callbacks of batch " + ", ".join(unpublished))
 
     def _hand_back(self, items: list[_Item]) -> None:
         """Their ends are written: out of ``_held``, and to their consumers to acknowledge."""
@@ -232,9 +229,9 @@ class RabbitmqEndWriter:
         if self.failing_since is None:  # once per outage, not every try
             self.failing_since = time.monotonic()
             logger.warning(
-                "could not record the ends of %d batch members (%s: %s); they are kept and written again,"
-                " with pauses of up to %g s, while their messages stay unacknowledged (this worker takes no more"
-                " than its prefetch meanwhile)",
+                "could not record the ends of %d batch members (%s: %s); they are kept and written again"
+                " (an end that fired callbacks until they are published), with pauses of up to %g s, while"
+                " their messages stay unacknowledged (this worker takes no more than its prefetch meanwhile)",
                 len(batch),
                 type(error).__name__,
                 error,
@@ -254,5 +251,5 @@ class RabbitmqEndWriter:
         self._stop.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+        if thread is not None and thread is not threading.current_thread() and self.pid == os.getpid():
             thread.join(timeout=5)
