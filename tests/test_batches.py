@@ -671,11 +671,11 @@ def test_on_rabbitmq_the_last_member_is_acknowledged_only_once_its_callbacks_are
     tries = [0]
     fire = BatchTracker.fire
 
-    def failing_once(tracker: BatchTracker, broker: Any, batch_id: str, events: Any) -> None:
+    def failing_once(tracker: BatchTracker, broker: Any, batch_id: str, events: Any, **options: Any) -> None:
         tries[0] += 1
         if tries[0] == 1:
             raise redis.ConnectionError("the state store does not answer")
-        fire(tracker, broker, batch_id, events)
+        fire(tracker, broker, batch_id, events, **options)
 
     monkeypatch.setattr(BatchTracker, "fire", failing_once)
     runs = Runs()

@@ -199,9 +199,7 @@ class RabbitmqEndWriter:
         for item, events in firing:
             batch_id = item[2][2]
             try:
-                if tracker.fire(self.broker, batch_id, events):
-                    unpublished.append(batch_id)
-                    continue
+                tracker.fire(self.broker, batch_id, events, strict=True)
             except Exception as error:
                 unpublished.append(f"{batch_id} ({type(error).__name__}: {error})")
                 continue
