@@ -104,50 +104,69 @@ class _Watcher:
             self._parked = False
             self._wake.set()
 
-    def read(self, *, if_older_than: float | None = None) -> None:
+    @property
+    def failing(self) -> bool:
+        """The last read failed: the store does not answer."""
+        return self._failing
+
+    def read(self, *, if_older_than: float | None = None, wait: float | None = None) -> None:
         """Read the feed from where the last read ended; interrupt running tasks it names.
 
         ``if_older_than``: only if the last read is older than that many seconds (checked
-        again under the lock, so threads taking tasks together read once).
+        again under the lock, so threads taking tasks together read once). ``wait``: give
+        up (reading nothing) when another read holds the lock that long: it waits on a
+        store that does not answer (up to the client's read timeout).
         """
-        with self._lock:
-            now = time.monotonic()
-            if if_older_than is not None and now - self.read_at <= if_older_than:
-                return
-            try:
-                found, self._last = self.requests.feed(self._last)
-            except Exception as error:
-                self.read_at = now  # a store that does not answer is tried once per interval, not per task
-                if not self._failing:
-                    self._failing = True
-                    logger.warning(
-                        "could not read cancel requests from the state store (%s: %s); tasks run meanwhile,"
-                        " and requests made now are honoured once it answers",
-                        type(error).__name__,
-                        error,
-                    )
-                return
-            if self._failing:
-                self._failing = False
-                logger.warning("the state store answers again; cancel requests are read")
-            fresh: list[str] = []
-            for message_id, at, withdrawn in found:
-                if withdrawn:
-                    self.cancelled.pop(message_id, None)
-                    with contextlib.suppress(ValueError):
-                        fresh.remove(message_id)
-                elif message_id not in self.cancelled:
-                    self.cancelled[message_id] = at
-                    fresh.append(message_id)
-                if self._newest is None or at > self._newest:
-                    self._newest = at
-            if now - self._pruned_at > PRUNE_S and self._newest is not None:
-                self._pruned_at = now
-                oldest = self._newest - self.requests.ttl_ms
-                self.cancelled = {i: at for i, at in self.cancelled.items() if at >= oldest}
-            # Only now, and as of when the read began: a thread that finds the read fresh
-            # finds every request made before then in ``cancelled`` already.
-            self.read_at = now
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            return
+        try:
+            fresh = self._read(if_older_than)
+        finally:
+            self._lock.release()
+        self._interrupt(fresh)
+
+    def _read(self, if_older_than: float | None) -> list[str]:
+        """The read itself, under the lock: the ids of the requests new since the last."""
+        now = time.monotonic()
+        if if_older_than is not None and now - self.read_at <= if_older_than:
+            return []
+        try:
+            found, self._last = self.requests.feed(self._last)
+        except Exception as error:
+            self.read_at = now  # a store that does not answer is tried once per interval, not per task
+            if not self._failing:
+                self._failing = True
+                logger.warning(
+                    "could not read cancel requests from the state store (%s: %s); tasks run meanwhile,"
+                    " and requests made now are honoured once it answers",
+                    type(error).__name__,
+                    error,
+                )
+            return []
+        if self._failing:
+            self._failing = False
+            logger.warning("the state store answers again; cancel requests are read")
+        fresh: list[str] = []
+        for message_id, at, withdrawn in found:
+            if withdrawn:
+                self.cancelled.pop(message_id, None)
+                with contextlib.suppress(ValueError):
+                    fresh.remove(message_id)
+            elif message_id not in self.cancelled:
+                self.cancelled[message_id] = at
+                fresh.append(message_id)
+            if self._newest is None or at > self._newest:
+                self._newest = at
+        if now - self._pruned_at > PRUNE_S and self._newest is not None:
+            self._pruned_at = now
+            oldest = self._newest - self.requests.ttl_ms
+            self.cancelled = {i: at for i, at in self.cancelled.items() if at >= oldest}
+        # Only now, and as of when the read began: a thread that finds the read fresh
+        # finds every request made before then in ``cancelled`` already.
+        self.read_at = now
+        return fresh
+
+    def _interrupt(self, fresh: list[str]) -> None:
         for message_id in fresh:
             deadline = self.running.get(message_id)
             if deadline is not None and deadline.fire(TaskCancelled):
@@ -223,8 +242,12 @@ class CancelWatch(dramatiq.Middleware):
         if deadline is not None:
             watcher.running[message_id] = deadline  # before the check: the reader checks the other way round
             watcher.wake()
-        if time.monotonic() - watcher.read_at > STALE_S:
-            watcher.read(if_older_than=STALE_S)
+        if time.monotonic() - watcher.read_at > STALE_S and not watcher.failing:
+            # Not while the store does not answer (the reader thread finds out when it does),
+            # and not for longer than STALE_S behind another thread's read: a store that
+            # stops answering holds that read for the client's read timeout, and would hold
+            # every thread that takes a task with it.
+            watcher.read(if_older_than=STALE_S, wait=STALE_S)
         if message_id in watcher.cancelled and self._still_requested(watcher, message_id):
             if deadline is not None:
                 deadline.disarm()  # the reader may have interrupted it too: once is enough
