@@ -22,7 +22,7 @@ from dramatiq.middleware import MiddlewareError
 import dramaturg
 from dramaturg import app
 from dramaturg.batches.state import MemoryBatchState, RedisBatchState
-from dramaturg.batches.tracker import BatchTracker, callback_id
+from dramaturg.batches.tracker import BatchTracker, callback_id, tracker_of
 from dramaturg.batches.writer import BatchWriter
 
 from .conftest import (
@@ -584,6 +584,78 @@ def test_on_redis_a_members_end_costs_no_call_of_its_own(
     assert runs.wait(200)[100:] == list(range(100, 200))
     assert batched - plain < 30, (plain, batched)
     assert batch.status().succeeded == 100
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "embedded"])
+def test_on_redis_a_member_joins_its_batch_in_the_call_that_enqueues_it(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a Redis broker keeping its batches in its own Redis, and every join of its own watched
+    joins: list[int] = []
+    add = RedisBatchState.add
+
+    def watched(state: RedisBatchState, batch_id: str, member_ids: Any) -> int:
+        joins.append(len(member_ids))
+        return add(state, batch_id, member_ids)
+
+    monkeypatch.setattr(RedisBatchState, "add", watched)
+
+    @dramaturg.actor(queue_name="batch-members")
+    def leaf(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="batch-members")
+    def fan_out(n: int) -> None:
+        for child in range(n):
+            leaf.send(child)
+
+    report = Callback("report")
+    client: Any = broker.client  # type: ignore[attr-defined]
+
+    def script_calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+    # When ten members are sent one by one inside the block (no worker yet), counting the
+    # script calls of the sends alone, and then one of them fans out into ten more
+    batch = dramaturg.batch("joined", on_complete=report.actor.message("done"))
+    with batch:
+        leaf.send(0)  # the first loads the script into Redis
+        client.config_resetstat()
+        for n in range(1, 9):
+            leaf.send(n)
+        fan_out.send(10)
+        calls = script_calls()
+        assert (batch.status().total, pending_messages(broker, "batch-members")) == (10, 10)
+    start_worker()
+
+    # Then each send was one script call, its join and its enqueue (two before), none
+    # joined with a call of its own, and the fan-out's members counted as they ran
+    assert calls == 9
+    ((_, summary),) = report.calls.wait(1)
+    assert (summary["total"], summary["succeeded"]) == (20, 20)
+    assert joins == []
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_send_into_a_batch_that_is_gone_fails_and_enqueues_nothing(broker: dramatiq.Broker) -> None:
+    # Given a batch whose keys expired while its block was still open
+    @dramaturg.actor(queue_name="batch-members")
+    def member() -> None:
+        pass
+
+    batch = dramaturg.batch("expired")
+    state: Any = tracker_of(broker).state(broker)
+    state.client.delete(state.prefix + batch.id)
+
+    # When a member is sent into it
+    with pytest.raises(dramaturg.BatchNotFound), batch:  # sealing it at the end finds it gone too
+        with pytest.raises(dramaturg.BatchSendError, match="is gone"):
+            member.send()
+
+    # Then nothing was enqueued, and the batch got no member
+    assert pending_messages(broker, "batch-members") == 0
+    assert not state.client.exists(state.prefix + batch.id, state.prefix + batch.id + ":m")
 
 
 @pytest.mark.parametrize("broker_kind", ["rabbitmq"])

@@ -8,6 +8,8 @@ broker's consumer acknowledges the message.
 - **Joining** (``before_enqueue``): a message sent inside ``with batch:``, or from a
   running member of a batch (a member that fans out), is recorded as a member of that
   batch *before* it is sent, and carries the batch id in its ``dramaturg_batch`` option.
+  On Redis, with the batches in the broker's own Redis, the join is left on the message
+  (:data:`BATCH_JOIN`) and written by the script that enqueues it, in the same step.
   If it cannot be recorded the send fails with :class:`~dramaturg.BatchSendError` and
   nothing is sent; if the send itself fails, the member is taken out again
   (:meth:`BatchTracker.forget_unsent`, and ``after_unsent_many`` for ``send_many``). A
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_END",
+    "BATCH_JOIN",
     "BATCH_OPTION",
     "CALLBACK_OPTION",
     "BatchTracker",
@@ -69,6 +72,10 @@ BATCH_OPTION = "dramaturg_batch"
 #: writes it (Redis, RabbitMQ; see :meth:`BatchTracker.after_process_message`): (batch
 #: keys' prefix, ttl ms, batch id, member id, code).
 BATCH_END = "_dramaturg_batch_end"
+#: Where a member's join waits, on the message being enqueued, for the enqueue that writes
+#: it (the Redis broker, batches in its own Redis; see :meth:`BatchTracker.before_enqueue`):
+#: (batch keys' prefix, batch id). The broker puts None there first to say it can.
+BATCH_JOIN = "_dramaturg_batch_join"
 #: The message option of a batch's callback (the batch id): it joins no batch.
 CALLBACK_OPTION = "dramaturg_batch_of"
 #: The namespace of callbacks' message ids (uuid5 of "<batch id>:<event>").
@@ -151,6 +158,14 @@ class BatchTracker(dramatiq.Middleware):
         batch_id = current_batch_id()
         if batch_id is not None:
             self.forget_unsent(broker)
+            if BATCH_JOIN in message.__dict__ and self._joins_with_enqueue(broker):
+                # Joined by the script that enqueues it (Redis: see the broker's enqueue),
+                # in the same step: no call of its own, and a send that fails leaves no
+                # member behind. A batch that is gone fails the send there.
+                state: Any = self._state
+                message.__dict__[BATCH_JOIN] = (state.prefix, batch_id)
+                options[BATCH_OPTION] = batch_id
+                return
             self.join(broker, batch_id, [message])
             self._sending.member = (batch_id, message.message_id)
 
@@ -262,6 +277,17 @@ class BatchTracker(dramatiq.Middleware):
         events = writer.end_durably((batch_id, message.message_id, code))
         if events:
             self.fire(broker, batch_id, events)
+
+    def _joins_with_enqueue(self, broker: dramatiq.Broker) -> bool:
+        """Whether a member's join can go with its enqueue: the batches are in the broker's
+        own Redis (no ``[state] url``), as for :meth:`_ends_with_ack`."""
+        if self.url is not None:
+            return False
+        try:
+            state = self.state(broker)
+        except Exception:
+            return False  # join() says why, as a BatchSendError
+        return isinstance(state, RedisBatchState)
 
     def _ends_with_ack(self, broker: dramatiq.Broker) -> bool:
         """Whether members' ends go with their acknowledgements: the Redis broker's

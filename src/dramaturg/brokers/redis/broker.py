@@ -6,7 +6,8 @@ priority (:mod:`.placement`);
 and it fetches, acknowledges and rejects through the claims of its worker
 (:mod:`dramaturg.brokers.redis.claims`), the acknowledgements and rejections of its
 threads sent together (:mod:`dramaturg.brokers.redis.settling`). Its scripts:
-``enqueue_many.lua``, ``enqueue_once.lua``.
+``enqueue_many.lua``, ``enqueue_once.lua``, and ``enqueue_joined.lua`` (a new batch member
+joined and enqueued in one step).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from dramatiq.brokers.redis import RedisBroker as _DramatiqRedisBroker
 from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 
+from ...batches.state import _SCRIPT as _BATCH
+from ...batches.tracker import BATCH_JOIN
 from ...bulk import new_ids
+from ...errors import BatchSendError
 from ...masking import mask_url
 from ...queues import canonical_queue, lanes
 from ..hooks import HookDispatch
@@ -43,6 +47,8 @@ __all__ = ["RedisBroker", "create_broker"]
 
 _ENQUEUE_MANY = script("enqueue_many")
 _ENQUEUE_ONCE = script("enqueue_once")
+#: enqueue_joined.lua, with batch.lua as the function ``batch`` before it (as settle.lua's).
+_ENQUEUE_JOINED = "local function batch(KEYS, ARGV)\n" + _BATCH + "\nend\n" + script("enqueue_joined")
 
 
 class RedisBroker(HookDispatch, _DramatiqRedisBroker):
@@ -84,6 +90,7 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         self.held = RedisHeldStore(self, settings)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
         self._enqueue_once = self.client.register_script(_ENQUEUE_ONCE)
+        self._enqueue_joined = self.client.register_script(_ENQUEUE_JOINED)
         self.settler = Settler(self.client, self.namespace, self.broker_id)
         self.claims = RedisClaims(self)
         self._requeue = self._dispatch("requeue")  # type: ignore[no-untyped-call]
@@ -125,7 +132,12 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue on the lane of the message's priority, as Dramatiq's broker does otherwise,
         except that a new message's Redis id is its own id (see :meth:`find_message`), and
-        that a delayed message now due is moved as a copy (:meth:`enqueue_copy`)."""
+        that a delayed message now due is moved as a copy (:meth:`enqueue_copy`).
+
+        A new member of a batch kept in this Redis joins it in the script call that enqueues
+        it (the batch tracker leaves the join on the message, :data:`BATCH_JOIN`, instead of
+        a call of its own): both or neither. A batch that is gone raises
+        :class:`~dramaturg.BatchSendError`, and nothing is enqueued."""
         if "redis_message_id" in message.options:
             consumer = getattr(threading.current_thread(), "consumer", None)
             if isinstance(consumer, RedisConsumer) and consumer.queue_name.endswith(".DQ"):
@@ -139,10 +151,25 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
                     return self._move_with_ack(consumer, message)
                 return self.enqueue_copy(message, delay=delay)
         message, redis_id = placed(self, message, delay, priorities=self.settings.priorities)
+        message.__dict__[BATCH_JOIN] = None  # here, a batch member's join may be left for the enqueue
         self.emit_before("enqueue", message, delay)
-        self.do_enqueue(message.queue_name, redis_id, message.encode())
+        join = message.__dict__.pop(BATCH_JOIN, None)
+        if join is None:
+            self.do_enqueue(message.queue_name, redis_id, message.encode())
+        else:
+            self._enqueue_with_join(message, redis_id, join)
         self.emit_after("enqueue", message, delay)
         return message
+
+    def _enqueue_with_join(self, message: Message[Any], redis_id: str, join: tuple[str, str]) -> None:
+        """Enqueue a new batch member and add it to its batch (``join``: the batch keys'
+        prefix, the batch id) in one script call (enqueue_joined.lua). Any other error is
+        the enqueue's own, as :meth:`do_enqueue`'s: the message may or may not be sent."""
+        prefix, batch_id = join
+        base = f"{self.namespace}:{message.queue_name}"
+        keys = [base, base + ".msgs"]
+        if self._enqueue_joined(keys=keys, args=[redis_id, message.encode(), prefix, batch_id, message.message_id]) == -1:
+            raise BatchSendError(f"batch {batch_id!r} is gone (expired); the message was not sent")
 
     def enqueue_copy(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Enqueue a copy of a message enqueued before (a retry, a release, a delayed message
