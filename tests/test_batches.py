@@ -648,10 +648,9 @@ def test_a_send_into_a_batch_that_is_gone_fails_and_enqueues_nothing(broker: dra
     state: Any = tracker_of(broker).state(broker)
     state.client.delete(state.prefix + batch.id)
 
-    # When a member is sent into it
-    with pytest.raises(dramaturg.BatchNotFound), batch:  # sealing it at the end finds it gone too
-        with pytest.raises(dramaturg.BatchSendError, match="is gone"):
-            member.send()
+    # When a member is sent into it (and the block's end seals it, which finds it gone too)
+    with pytest.raises(dramaturg.BatchNotFound), batch, pytest.raises(dramaturg.BatchSendError, match="is gone"):
+        member.send()
 
     # Then nothing was enqueued, and the batch got no member
     assert pending_messages(broker, "batch-members") == 0
