@@ -167,7 +167,7 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         the enqueue's own, as :meth:`do_enqueue`'s: the message may or may not be sent."""
         prefix, batch_id = join
         base = f"{self.namespace}:{message.queue_name}"
-        args = [redis_id, message.encode(), prefix, batch_id, message.message_id]
+        args: list[Any] = [redis_id, message.encode(), prefix, batch_id, message.message_id]
         if self._enqueue_joined(keys=[base, base + ".msgs"], args=args) == -1:
             raise BatchSendError(f"batch {batch_id!r} is gone (expired); the message was not sent")
 
