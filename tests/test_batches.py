@@ -657,6 +657,28 @@ def test_a_send_into_a_batch_that_is_gone_fails_and_enqueues_nothing(broker: dra
     assert not state.client.exists(state.prefix + batch.id, state.prefix + batch.id + ":m")
 
 
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_unique_task_sent_through_the_broker_into_a_gone_batch_gives_its_key_back(broker: dramatiq.Broker) -> None:
+    # Given a unique actor, and a batch whose keys expired while its block was still open
+    @dramaturg.actor(queue_name="batch-members", unique=dramaturg.unique(key="only:{0}"))
+    def member(n: int) -> None:
+        pass
+
+    batch = dramaturg.batch("expired")
+    state: Any = tracker_of(broker).state(broker)
+    state.client.delete(state.prefix + batch.id)
+
+    # When a member is enqueued into it through the broker (as Dramatiq's group and pipeline
+    # do, not through Actor.send), which fails
+    with pytest.raises(dramaturg.BatchNotFound), batch, pytest.raises(dramaturg.BatchSendError, match="is gone"):
+        broker.enqueue(member.message(1))
+
+    # Then its unique key was given back: the same task sent afterwards is sent, not a duplicate
+    again = member.send(1)
+    assert not again.options.get("dramaturg_duplicate")
+    assert pending_messages(broker, "batch-members") == 1
+
+
 @pytest.mark.parametrize("broker_kind", ["rabbitmq"])
 def test_on_rabbitmq_the_end_writer_thread_writes_the_ends_of_the_acknowledgements_together(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch

@@ -153,8 +153,8 @@ class BatchTracker(dramatiq.Middleware):
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
         options = message.options
-        if BATCH_OPTION in options or CALLBACK_OPTION in options:
-            return
+        if BATCH_OPTION in options or CALLBACK_OPTION in options or "dramaturg_kicks" in options:
+            return  # a member already, a callback, or a held task kicked (never the kicker's member)
         batch_id = current_batch_id()
         if batch_id is not None:
             self.forget_unsent(broker)

@@ -46,7 +46,7 @@ from ..middleware.ttr import Deadline, TaskCancelled
 from ..task import run_of
 from .requests import CancelRequests
 
-__all__ = ["POLL_S", "SETTLE_S", "STALE_S", "CancelWatch", "watch_of"]
+__all__ = ["POLL_S", "READ_WAIT_S", "SETTLE_S", "STALE_S", "CancelWatch", "watch_of"]
 
 logger = logging.getLogger("dramaturg.cancelling")
 
@@ -54,6 +54,10 @@ logger = logging.getLogger("dramaturg.cancelling")
 POLL_S = 0.25
 #: Polls in a row that find no task running before the reader sleeps until one is taken.
 IDLE_POLLS = 4
+#: The longest a thread taking a task waits behind another thread's read of the feed
+#: before it goes on without (seconds; a store that stops answering holds a read for the
+#: client's read timeout, 10 s).
+READ_WAIT_S = 2.0
 #: The oldest a read of the feed may be when a task is taken (seconds).
 STALE_S = 0.5
 #: How long :func:`dramaturg.cancel` waits after writing a request before it returns: by
@@ -118,6 +122,12 @@ class _Watcher:
         store that does not answer (up to the client's read timeout).
         """
         if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            if not self._failing:
+                logger.warning(
+                    "a read of cancel requests has taken over %.1f s; a task is taken without it (a request"
+                    " made just before may then interrupt it once it runs, instead of skipping it)",
+                    wait,
+                )
             return
         try:
             fresh = self._read(if_older_than)
@@ -178,7 +188,10 @@ class _Watcher:
             self._wake.clear()
             idle = 0
             while not self._stopped and idle < IDLE_POLLS:
-                if self.running:
+                # Also while the last read failed: until a read succeeds, threads taking a
+                # task do not read (see CancelWatch.before_process_message), so this thread
+                # must find out that the store answers again, idle or not.
+                if self.running or self._failing:
                     idle = 0
                     try:
                         self.read()
@@ -243,11 +256,11 @@ class CancelWatch(dramatiq.Middleware):
             watcher.running[message_id] = deadline  # before the check: the reader checks the other way round
             watcher.wake()
         if time.monotonic() - watcher.read_at > STALE_S and not watcher.failing:
-            # Not while the store does not answer (the reader thread finds out when it does),
-            # and not for longer than STALE_S behind another thread's read: a store that
+            # Not while the store does not answer (the reader thread polls until it does),
+            # and not for longer than READ_WAIT_S behind another thread's read: a store that
             # stops answering holds that read for the client's read timeout, and would hold
             # every thread that takes a task with it.
-            watcher.read(if_older_than=STALE_S, wait=STALE_S)
+            watcher.read(if_older_than=STALE_S, wait=READ_WAIT_S)
         if message_id in watcher.cancelled and self._still_requested(watcher, message_id):
             if deadline is not None:
                 deadline.disarm()  # the reader may have interrupted it too: once is enough

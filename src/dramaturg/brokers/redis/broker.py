@@ -157,7 +157,16 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         if join is None:
             self.do_enqueue(message.queue_name, redis_id, message.encode())
         else:
-            self._enqueue_with_join(message, redis_id, join)
+            try:
+                self._enqueue_with_join(message, redis_id, join)
+            except BatchSendError:
+                # Certainly not sent: what the before-hooks claimed for it goes back (a unique
+                # key: Actor.send does this too, a send through the broker alone did not).
+                for middleware in self.middleware:
+                    forget = getattr(middleware, "forget_unsent", None)
+                    if forget is not None:
+                        forget(self)
+                raise
         self.emit_after("enqueue", message, delay)
         return message
 
