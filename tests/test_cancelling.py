@@ -437,3 +437,32 @@ def test_a_stopped_worker_leaves_no_cancel_reader_behind(
     # When it stops, its reader thread ends with it
     worker.stop()
     assert readers() == before
+
+
+def test_the_reader_finds_the_store_answering_again_while_no_task_runs() -> None:
+    # Pure logic, with a feed of the test's own: a read failed (the store did not answer) and
+    # then the process had no task to run. Threads taking a task do not read while the last
+    # read failed, so the reader thread itself must find out that the store answers again:
+    # had it slept until a task was taken, a task cancelled meanwhile would start unchecked.
+    from dramaturg.cancelling.watch import _Watcher
+
+    class Feed:
+        ttl_ms = 60_000
+        answers = 0
+
+        def feed(self, after: str | None) -> tuple[list[tuple[str, float, bool]], str | None]:
+            self.answers += 1
+            if self.answers == 1:
+                raise ConnectionError("the state store does not answer")
+            return [("cancelled-meanwhile", time.time() * 1000, False)], "1-0"
+
+    watcher = _Watcher(Feed())  # type: ignore[arg-type]
+    try:
+        watcher.read()
+        assert watcher.failing
+        watcher.wake()  # a task was taken and ended at once: nothing runs now
+
+        poll_until(lambda: not watcher.failing, "the reader reads again while idle", timeout=5)
+        assert "cancelled-meanwhile" in watcher.cancelled
+    finally:
+        watcher.stop()
