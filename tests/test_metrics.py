@@ -86,9 +86,16 @@ def test_a_worker_group_counts_each_outcome_per_actor_and_serves_the_sums_on_loo
         OBSERVE_LOG=str(log),
         DRAMATURG_BROKER_PREFETCH="1",
     )
+    # Each run's outcome and duration are two updates: a scrape between them (another
+    # process's, a moment later) sees one without the other, so both are waited for.
     samples = poll_until(
-        lambda: (s := scrape(port)) is not None and value(s, "dramaturg_tasks_total") >= settled and s,
-        f"{settled} settled tasks counted at :{port}/metrics",
+        lambda: (
+            (s := scrape(port)) is not None
+            and value(s, "dramaturg_tasks_total") >= settled
+            and value(s, "dramaturg_task_duration_seconds_count") >= settled
+            and s
+        ),
+        f"{settled} settled tasks and their durations counted at :{port}/metrics",
         timeout=90,
     )
 
