@@ -46,7 +46,7 @@ from ..middleware.ttr import Deadline, TaskCancelled
 from ..task import run_of
 from .requests import CancelRequests
 
-__all__ = ["POLL_S", "READ_WAIT_S", "SETTLE_S", "STALE_S", "CancelWatch", "watch_of"]
+__all__ = ["POLL_S", "SETTLE_S", "STALE_S", "CancelWatch", "watch_of"]
 
 logger = logging.getLogger("dramaturg.cancelling")
 
@@ -54,10 +54,6 @@ logger = logging.getLogger("dramaturg.cancelling")
 POLL_S = 0.25
 #: Polls in a row that find no task running before the reader sleeps until one is taken.
 IDLE_POLLS = 4
-#: The longest a thread taking a task waits behind another thread's read of the feed
-#: before it goes on without (seconds; a store that stops answering holds a read for the
-#: client's read timeout, 10 s).
-READ_WAIT_S = 2.0
 #: The oldest a read of the feed may be when a task is taken (seconds).
 STALE_S = 0.5
 #: How long :func:`dramaturg.cancel` waits after writing a request before it returns: by
@@ -113,33 +109,24 @@ class _Watcher:
         """The last read failed: the store does not answer."""
         return self._failing
 
-    def read(self, *, if_older_than: float | None = None, wait: float | None = None) -> None:
+    def read(self, *, if_older_than: float | None = None) -> None:
         """Read the feed from where the last read ended; interrupt running tasks it names.
 
         ``if_older_than``: only if the last read is older than that many seconds (checked
-        again under the lock, so threads taking tasks together read once). ``wait``: give
-        up (reading nothing) when another read holds the lock that long: it waits on a
-        store that does not answer (up to the client's read timeout).
+        again under the lock, so threads taking tasks together read once). The lock is
+        taken with ``with``, never a timed acquire and a ``try``: a worker thread reads with
+        its task's deadline armed, and a TTR interrupt landing between the two would leave
+        the lock taken for good (every later read would wait on it).
         """
-        if not self._lock.acquire(timeout=-1 if wait is None else wait):
-            if not self._failing:
-                logger.warning(
-                    "a read of cancel requests has taken over %.1f s; a task is taken without it (a request"
-                    " made just before may then interrupt it once it runs, instead of skipping it)",
-                    wait,
-                )
-            return
-        try:
+        with self._lock:
             fresh = self._read(if_older_than)
-        finally:
-            self._lock.release()
         self._interrupt(fresh)
 
     def _read(self, if_older_than: float | None) -> list[str]:
         """The read itself, under the lock: the ids of the requests new since the last."""
         now = time.monotonic()
-        if if_older_than is not None and now - self.read_at <= if_older_than:
-            return []
+        if if_older_than is not None and (now - self.read_at <= if_older_than or self._failing):
+            return []  # read meanwhile by another thread, or the store does not answer (the reader tries)
         try:
             found, self._last = self.requests.feed(self._last)
         except Exception as error:
@@ -256,11 +243,10 @@ class CancelWatch(dramatiq.Middleware):
             watcher.running[message_id] = deadline  # before the check: the reader checks the other way round
             watcher.wake()
         if time.monotonic() - watcher.read_at > STALE_S and not watcher.failing:
-            # Not while the store does not answer (the reader thread polls until it does),
-            # and not for longer than READ_WAIT_S behind another thread's read: a store that
-            # stops answering holds that read for the client's read timeout, and would hold
-            # every thread that takes a task with it.
-            watcher.read(if_older_than=STALE_S, wait=READ_WAIT_S)
+            # Not while the store does not answer (the reader thread polls until it does):
+            # a store that stops answering holds a read for the client's read timeout, and
+            # would hold every thread that takes a task with it, again and again.
+            watcher.read(if_older_than=STALE_S)
         if message_id in watcher.cancelled and self._still_requested(watcher, message_id):
             if deadline is not None:
                 deadline.disarm()  # the reader may have interrupted it too: once is enough
