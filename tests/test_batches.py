@@ -687,9 +687,9 @@ def test_on_rabbitmq_the_end_writer_thread_writes_the_ends_of_the_acknowledgemen
     calls: list[tuple[str, int]] = []
     end = RedisBatchState.end
 
-    def watched(state: RedisBatchState, ends: Any) -> list[list[str]]:
+    def watched(state: RedisBatchState, ends: Any, **kwargs: Any) -> list[list[str]]:
         calls.append((threading.current_thread().name, len(ends)))
-        return end(state, ends)
+        return end(state, ends, **kwargs)
 
     monkeypatch.setattr(RedisBatchState, "end", watched)
     runs = Runs()
@@ -725,11 +725,11 @@ def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowle
     failures = [4]
     end = RedisBatchState.end
 
-    def failing(state: RedisBatchState, ends: Any) -> list[list[str]]:
+    def failing(state: RedisBatchState, ends: Any, **kwargs: Any) -> list[list[str]]:
         if failures[0] > 0:
             failures[0] -= 1
             raise redis.ConnectionError("the state store does not answer")
-        return end(state, ends)
+        return end(state, ends, **kwargs)
 
     monkeypatch.setattr(RedisBatchState, "end", failing)
     runs = Runs()
@@ -760,12 +760,17 @@ def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowle
 def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a batch whose callback's queue refuses its first two publishes (each after the
-    # durable write's own tries), with an error that is not Redis's
+    # Given a batch whose callback's queue refuses its first five publishes (each after the
+    # durable write's own tries), with an error that is not Redis's, while the worker also
+    # looks for callbacks left unpublished every 50 ms
     import dramatiq.worker
 
+    from dramaturg.batches import tracker as tracker_module
+
     monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
-    refusals = [2]
+    monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", 0.05)
+    monkeypatch.setattr(tracker_module, "REFIRE_AFTER_MS", 100)
+    refusals = [5]
     publish = BatchTracker._publish
 
     def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
@@ -797,4 +802,65 @@ def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
     assert refusals == [0]
     assert runs.seen == [1]
     assert (batch.status().total, batch.status().succeeded) == (1, 1)
+    assert len(report.calls.seen) == 1
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+@pytest.mark.parametrize("last_end", ["a member held", "the seal"])
+def test_a_callback_left_unpublished_is_published_again_by_a_worker(
+    broker: dramatiq.Broker,
+    start_worker: Callable[..., dramatiq.Worker],
+    monkeypatch: pytest.MonkeyPatch,
+    last_end: str,
+) -> None:
+    # Given a broker whose callback queue refuses the first publish of on_complete (after
+    # the durable write's own tries), where nothing else tries it again: the end of a
+    # member that was held is written by a worker's after-hook, which acknowledges the
+    # member all the same; a seal that fires is the sender's
+    from dramaturg.batches import tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", 0.1)
+    monkeypatch.setattr(tracker_module, "REFIRE_AFTER_MS", 300)
+    refusals = [1]
+    publish = BatchTracker._publish
+
+    def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise RuntimeError("the callback's queue refused it")
+        publish(tracker, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTracker, "_publish", refusing)
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        runs.add(n)
+        if n == 2:
+            dramaturg.current_task().hold("row 2 has no email")
+
+    report = Callback("report")
+    batch = dramaturg.batch("left unpublished", on_complete=report.actor.message("done"))
+
+    # When the batch ends that way and its on_complete's publish fails once
+    if last_end == "a member held":
+        with batch:
+            member.send_many([1, 2])
+        start_worker(threads=1)
+    else:
+        start_worker(threads=1)
+        with batch:
+            member.send_many([1, 2])
+            runs.wait(2)
+            poll_until(lambda: batch.status().running + batch.status().pending == 0, "both members ended")
+
+    # Then a worker publishes it again once it has been left unpublished a while, and it
+    # runs once, with the summary of both members (one held, counted failed)
+    ((label, summary),) = report.calls.wait(1)
+    assert label == "done"
+    assert (summary["total"], summary["succeeded"], summary["failed"], summary["held"]) == (2, 1, 1, 1)
+    assert refusals == [0]
+    assert sorted(runs.seen) == [1, 2]
+    state = tracker_of(broker).state(broker)
+    poll_until(lambda: (state.read(batch.id) or ({}, {}))[0].get("complete") == "sent", "on_complete marked sent")
     assert len(report.calls.seen) == 1

@@ -202,9 +202,9 @@ def test_a_stopping_worker_acknowledges_the_members_whose_ends_it_was_writing(
     # Given a state store whose writes of ends take 0.2 s each
     end = RedisBatchState.end
 
-    def slow(state: RedisBatchState, ends: Any) -> list[list[str]]:
+    def slow(state: RedisBatchState, ends: Any, **kwargs: Any) -> list[list[str]]:
         time.sleep(0.2)
-        return end(state, ends)
+        return end(state, ends, **kwargs)
 
     monkeypatch.setattr(RedisBatchState, "end", slow)
     runs = Runs()

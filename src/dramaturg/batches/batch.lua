@@ -17,8 +17,22 @@
 --   end   <now ms> <ttl ms> (<id> <member> <s|f|h|c>)...
 --                                           -> per member: "gone" (no such batch), or the
 --                                              events that fire (on one member per batch)
+--   owned-end <now ms> <ttl ms> (...)       -> the same, for a caller that keeps the
+--                                              member's message unacknowledged until what
+--                                              fires is published (the acknowledgements'
+--                                              ends): not put in the firing index
 --   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
 --   sent  <id> <event>                      -> the event's callback was published
+--   stale <older ms> <limit>                -> ids of batches with an event firing for longer
+--                                              than that (Redis's clock), each taken for
+--                                              another <older ms> (see the firing index)
+--
+-- The firing index, <prefix>~firing (sorted set: batch id -> when it started firing, Redis
+-- time in ms): a batch is in it from the step that fires an event until every event it
+-- fired is "sent". A callback whose publish failed where nothing tries it again (an end
+-- written from a worker's after-hook, a seal) is found there by `stale` and published
+-- again (BatchTracker.refire). What an owned-end fires is not put there: its caller tries
+-- until it is out, and if it dies the member is delivered again and fires it again.
 --
 -- Members are counted by message id: an end that repeats changes nothing, and a member
 -- leaves "succeeded" never (a redelivered copy of a task that succeeded does not undo it).
@@ -32,7 +46,12 @@ local op = ARGV[1]
 -- redelivered after its worker died between firing and publishing) fires it again while
 -- it is "firing", and the callback's message id, derived from batch id and event, makes
 -- that the same message.
-local function fire(meta, now, ttl, repeated)
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fire(meta, now, ttl, repeated, owned)
   local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled')
   if f[1] ~= '1' then return '' end
   local total, succeeded, failed = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
@@ -54,6 +73,9 @@ local function fire(meta, now, ttl, repeated)
     elseif f[6] == 'firing' and repeated then
       events[#events + 1] = 'success'
     end
+  end
+  if #events > 0 and not owned then
+    redis.call('ZADD', prefix .. '~firing', 'NX', redis_ms(), string.sub(meta, #prefix + 1))
   end
   return table.concat(events, ',')
 end
@@ -92,7 +114,7 @@ if op == 'drop' then
   return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
 end
 
-if op == 'end' then
+if op == 'end' or op == 'owned-end' then
   -- The batches are looked up, and what fires is decided, once per batch per call: the
   -- events go to the last of its members here (any thread of the group may publish them:
   -- none of their messages is acknowledged yet).
@@ -142,7 +164,7 @@ if op == 'end' then
     end
   end
   for id, index in pairs(last) do
-    out[index] = fire(prefix .. id, now, ttl, repeats[id] == true)
+    out[index] = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end')
   end
   return out
 end
@@ -173,7 +195,31 @@ if op == 'sent' then
   if redis.call('HGET', meta, ARGV[3]) == 'firing' then
     redis.call('HSET', meta, ARGV[3], 'sent')
   end
+  local f = redis.call('HMGET', meta, 'complete', 'success')
+  if f[1] ~= 'firing' and f[2] ~= 'firing' then
+    redis.call('ZREM', prefix .. '~firing', ARGV[2])
+  end
   return 0
+end
+
+if op == 'stale' then
+  -- Batches firing for longer than ARGV[2] ms; each one returned is taken for as long
+  -- again (its score moved to now), so that the workers sweeping at once publish it once.
+  -- A batch gone (expired) or with nothing firing any more leaves the index.
+  local index = prefix .. '~firing'
+  local now = redis_ms()
+  local found = redis.call('ZRANGEBYSCORE', index, '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
+  local out = {}
+  for _, id in ipairs(found) do
+    local f = redis.call('HMGET', prefix .. id, 'complete', 'success')
+    if f[1] == 'firing' or f[2] == 'firing' then
+      redis.call('ZADD', index, 'XX', now, id)
+      out[#out + 1] = id
+    else
+      redis.call('ZREM', index, id)
+    end
+  end
+  return out
 end
 
 return redis.error_reply('batch.lua: unknown operation ' .. tostring(op))

@@ -15,6 +15,9 @@ inline as on workers:
   fires then;
 - ``note``: best-effort news of members (running, waiting again, progress);
 - ``sent``: a callback was published;
+- ``stale``: the batches whose callbacks have been firing (not yet published) for longer
+  than a while, each taken for as long again by the caller that gets it, for a worker to
+  publish them again (:meth:`BatchTracker.refire <dramaturg.batches.tracker.BatchTracker.refire>`);
 - ``unended``: the members that have not ended (for cancelling a batch), and
   ``describe``: fields that only tell (who asked for it to be cancelled, and when).
 
@@ -68,10 +71,11 @@ class BatchState(Protocol):
     def add(self, batch_id: str, member_ids: Sequence[str]) -> int: ...
     def seal(self, batch_id: str) -> list[str]: ...
     def drop(self, batch_id: str, member_ids: Sequence[str]) -> list[str]: ...
-    def end(self, ends: Sequence[End]) -> list[list[str]]: ...
+    def end(self, ends: Sequence[End], *, owned: bool = False) -> list[list[str]]: ...
     def note(self, notes: Sequence[Note]) -> None: ...
     def task_progress(self, items: Sequence[tuple[str, str]]) -> None: ...
     def sent(self, batch_id: str, event: str) -> None: ...
+    def stale(self, older_ms: int, limit: int) -> list[str]: ...
     def close(self) -> None: ...
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None: ...
     def ids(self, limit: int) -> list[str]: ...
@@ -132,8 +136,10 @@ class RedisBatchState:
         answer = self._run("drop", batch_id, _now_ms(), self.ttl_ms, *member_ids)
         return [] if answer == -1 else fired(answer)
 
-    def end(self, ends: Sequence[End]) -> list[list[str]]:
-        args: list[Any] = ["end", _now_ms(), self.ttl_ms]
+    def end(self, ends: Sequence[End], *, owned: bool = False) -> list[list[str]]:
+        """``owned``: the caller keeps each member's message unacknowledged until what
+        it fires is published (so it is not put in the firing index; see ``batch.lua``)."""
+        args: list[Any] = ["owned-end" if owned else "end", _now_ms(), self.ttl_ms]
         for end in ends:
             args += end
         with self._own_lock:  # one caller at a time: the group commit's writer, nearly always alone
@@ -158,6 +164,11 @@ class RedisBatchState:
 
     def sent(self, batch_id: str, event: str) -> None:
         self._run("sent", batch_id, event)
+
+    def stale(self, older_ms: int, limit: int) -> list[str]:
+        """Up to ``limit`` batches with a callback firing for over ``older_ms`` (Redis's
+        clock), each taken for ``older_ms`` more: another caller meanwhile gets the others."""
+        return [_text(batch_id) for batch_id in self._run("stale", older_ms, limit)]
 
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None:
         """The batch's fields and its running members' progress; None if there is no such batch."""
@@ -262,7 +273,7 @@ class MemoryBatchState:
                     meta["total"] -= 1
             return self._fire(found, repeated=False)
 
-    def end(self, ends: Sequence[End]) -> list[list[str]]:
+    def end(self, ends: Sequence[End], *, owned: bool = False) -> list[list[str]]:
         answers: list[list[str]] = []
         with self._lock:
             for batch_id, member, new in ends:
@@ -339,6 +350,11 @@ class MemoryBatchState:
             found = self._get(batch_id)
             if found is not None and found[0].get(event) == "firing":
                 found[0][event] = "sent"
+
+    def stale(self, older_ms: int, limit: int) -> list[str]:
+        """None: in eager mode a callback is published (run) by the send that fires it, and
+        one that fails raises there."""
+        return []
 
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None:
         with self._lock:

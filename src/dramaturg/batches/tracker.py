@@ -81,6 +81,14 @@ CALLBACK_OPTION = "dramaturg_batch_of"
 #: The namespace of callbacks' message ids (uuid5 of "<batch id>:<event>").
 _CALLBACK_IDS = uuid.UUID("5b0f6f8e-4a8e-4b38-9a55-2b8d3d1f6c41")
 
+#: How often a worker process looks for callbacks left unpublished (:meth:`BatchTracker.refire`)...
+REFIRE_EVERY_S = 30.0
+#: ...that have been firing for longer than this: much longer than the durable write's
+#: tries of the publisher that fired them, which has given up by then.
+REFIRE_AFTER_MS = 60_000
+#: At most this many batches per look.
+REFIRE_LIMIT = 100
+
 #: The batch whose ``with`` block this thread (or coroutine) is in.
 _current: ContextVar[Batch | None] = ContextVar("dramaturg_current_batch", default=None)
 
@@ -118,6 +126,8 @@ class BatchTracker(dramatiq.Middleware):
         #: Per thread: the member joined by the last ``send()`` until its enqueue is done
         #: (see :meth:`forget_unsent`).
         self._sending = threading.local()
+        #: Set when the worker stops: the refire thread ends (see :meth:`after_worker_boot`).
+        self._stopping = threading.Event()
         if self._observe_progress not in progress_observers:
             progress_observers.append(self._observe_progress)
 
@@ -400,6 +410,55 @@ class BatchTracker(dramatiq.Middleware):
         if error is not None:
             raise error
 
+    def refire(self, broker: dramatiq.Broker) -> int:
+        """Publish again the callbacks left firing for over :data:`REFIRE_AFTER_MS`; how
+        many batches were tried.
+
+        A callback whose publish failed after the durable write's tries, where nothing
+        tries it again (an end written by a worker's after-hook: a member held, rejected or
+        cancelled; a seal; a purge), would leave its batch "firing" for good. ``batch.lua``
+        keeps such batches in its firing index until their callbacks are out; each worker
+        process looks there every :data:`REFIRE_EVERY_S`, and the one that takes a batch
+        (taken for as long again) publishes it, with the callback's own message id.
+        """
+        state = self.state(broker)
+        taken = state.stale(REFIRE_AFTER_MS, REFIRE_LIMIT)
+        for batch_id in taken:
+            read = state.read(batch_id)
+            if read is None:
+                continue  # expired meanwhile: the next look drops it from the index
+            events = [event for event in ("complete", "success") if read[0].get(event) == "firing"]
+            if events:
+                logger.warning("batch %s: publishing on_%s again (left unpublished)", batch_id, "/on_".join(events))
+                self.fire(broker, batch_id, events)
+        return len(taken)
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Start the thread that publishes callbacks left unpublished (:meth:`refire`), on a
+        broker with a queue and a state store."""
+        if getattr(broker, "runs_inline", False):
+            return
+        self._stopping.clear()
+        threading.Thread(target=self._refire_loop, args=(broker,), name="dramaturg-batch-refire", daemon=True).start()
+
+    def _refire_loop(self, broker: dramatiq.Broker) -> None:
+        failing = False
+        while not self._stopping.wait(REFIRE_EVERY_S):
+            try:
+                self.refire(broker)
+            except StateUnavailable:
+                return  # no state store (RabbitMQ without [state] url): no batches
+            except Exception as error:
+                if not failing:
+                    logger.warning(
+                        "could not look for batch callbacks left unpublished (%s: %s); trying again",
+                        type(error).__name__,
+                        error,
+                    )
+                failing = True
+            else:
+                failing = False
+
     def _fire_written(self, broker: dramatiq.Broker, written: list[tuple[End, list[str]]]) -> None:
         for (batch_id, _, _), events in written:
             if events:
@@ -408,10 +467,12 @@ class BatchTracker(dramatiq.Middleware):
     # -- the end -----------------------------------------------------------------------------
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self._stopping.set()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        self._stopping.set()
         if self._observe_progress in progress_observers:
             progress_observers.remove(self._observe_progress)
         if self._writer is not None:

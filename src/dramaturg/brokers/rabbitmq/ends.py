@@ -191,7 +191,7 @@ class RabbitmqEndWriter:
         when callbacks could not be published (their ends stay held: written again, they
         fire the same callbacks again while those are not out, see ``batch.lua``)."""
         tracker = tracker_of(self.broker)
-        answers = tracker.state(self.broker).end([item[2][2:] for item in batch])
+        answers = tracker.state(self.broker).end([item[2][2:] for item in batch], owned=True)
         firing = [(item, events) for item, events in zip(batch, answers, strict=True) if events]
         done = [item for item, events in zip(batch, answers, strict=True) if not events]
         self._hand_back(done)

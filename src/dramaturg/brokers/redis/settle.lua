@@ -7,8 +7,8 @@
 --
 -- A message that is a batch member carries its end ("A" or "N" instead of "a" or "n", then
 -- the batch keys' prefix, the batches' ttl (ms), the batch id, the member id, its end code):
--- the end is written first, in this same script (batch_end, batch.lua's "end" prepended by
--- settling.py), so it is durable no later than the acknowledgement and costs no call of
+-- the end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
+-- by settling.py), so it is durable no later than the acknowledgement and costs no call of
 -- its own. If the end fires callbacks, the message is NOT settled and its answer is
 -- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
 -- between runs the member again; its repeated end fires them again, with the same ids).
@@ -32,7 +32,7 @@ while i <= #ARGV do
         kind = "a"
         i = i + 6
     elseif kind == "A" or kind == "N" then
-        local events = batch_end({ARGV[i + 3]}, {"end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]})[1]
+        local events = batch_end({ARGV[i + 3]}, {"owned-end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]})[1]
         if events ~= "" and events ~= "gone" then fired = events end
         kind = string.lower(kind)
         i = i + 8
