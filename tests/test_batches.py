@@ -756,21 +756,17 @@ def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowle
     assert len(report.calls.seen) == 1
 
 
-@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])
-def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
-    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a batch whose callback's queue refuses its first five publishes (each after the
-    # durable write's own tries), with an error that is not Redis's, while the worker also
-    # looks for callbacks left unpublished every 50 ms
-    import dramatiq.worker
-
+def refuse_publishes(
+    monkeypatch: pytest.MonkeyPatch, count: int, *, refire_every_s: float, refire_after_ms: int
+) -> list[int]:
+    """Make the first ``count`` publishes of batch callbacks fail (each as after the durable
+    write's own tries, with an error that is not Redis's), and the workers look for callbacks
+    left unpublished as often as given; returns the refusals left (a one-item list)."""
     from dramaturg.batches import tracker as tracker_module
 
-    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
-    monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", 0.05)
-    monkeypatch.setattr(tracker_module, "REFIRE_AFTER_MS", 100)
-    refusals = [5]
+    monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", refire_every_s)
+    monkeypatch.setattr(tracker_module, "REFIRE_AFTER_MS", refire_after_ms)
+    refusals = [count]
     publish = BatchTracker._publish
 
     def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
@@ -780,6 +776,20 @@ def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
         publish(tracker, *args, **kwargs)
 
     monkeypatch.setattr(BatchTracker, "_publish", refusing)
+    return refusals
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq", "redis"])
+def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose callback's queue refuses its first five publishes (each after the
+    # durable write's own tries), with an error that is not Redis's, while the worker also
+    # looks for callbacks left unpublished every 50 ms
+    import dramatiq.worker
+
+    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
+    refusals = refuse_publishes(monkeypatch, 5, refire_every_s=0.05, refire_after_ms=100)
     runs = Runs()
 
     @dramaturg.actor(queue_name="batch-members")
@@ -817,20 +827,7 @@ def test_a_callback_left_unpublished_is_published_again_by_a_worker(
     # the durable write's own tries), where nothing else tries it again: the end of a
     # member that was held is written by a worker's after-hook, which acknowledges the
     # member all the same; a seal that fires is the sender's
-    from dramaturg.batches import tracker as tracker_module
-
-    monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", 0.1)
-    monkeypatch.setattr(tracker_module, "REFIRE_AFTER_MS", 300)
-    refusals = [1]
-    publish = BatchTracker._publish
-
-    def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
-        if refusals[0] > 0:
-            refusals[0] -= 1
-            raise RuntimeError("the callback's queue refused it")
-        publish(tracker, *args, **kwargs)
-
-    monkeypatch.setattr(BatchTracker, "_publish", refusing)
+    refusals = refuse_publishes(monkeypatch, 1, refire_every_s=0.1, refire_after_ms=300)
     runs = Runs()
 
     @dramaturg.actor(queue_name="batch-members", max_retries=0)
