@@ -26,6 +26,7 @@ from dramaturg.batches.tracker import BatchTracker, callback_id, tracker_of
 from dramaturg.batches.writer import BatchWriter
 
 from .conftest import (
+    WAIT_S,
     Runs,
     bin_path,
     free_port,
@@ -454,6 +455,55 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         assert writer.end(("c", "x", "h")) == ["complete", "success"]
         meta, _ = state.read("c")  # type: ignore[misc]
         assert (meta["succeeded"], meta["failed"]) == ("1", "0")
+        writer.close()
+
+
+def test_the_batch_writer_goes_on_when_what_its_kept_ends_fired_cannot_be_published(redis_server: Any) -> None:
+    # Given two batches of one member each, sealed, and a state store whose writes of ends
+    # fail four times in a row (the end's write and the durable write's three tries), so
+    # that each end is kept for the writer's background thread
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisBatchState(client, namespace=f"test-writer-{uuid.uuid4().hex}", ttl_ms=60_000)
+    for batch_id in ("b1", "b2"):
+        state.create(batch_id, {"name": batch_id, "created_at": "1"})
+        state.add(batch_id, ["m"])
+        state.seal(batch_id)
+    failures = [0]
+    end = state.end
+
+    def failing(ends: Any, **kwargs: Any) -> list[list[str]]:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise redis.ConnectionError("the state store does not answer")
+        return end(ends, **kwargs)
+
+    state.end = failing  # type: ignore[method-assign]
+    writer = BatchWriter(state)
+    fired: list[str] = []
+    first, published = threading.Event(), threading.Event()
+
+    def on_written(written: list[Any]) -> None:
+        fired.extend(item[0][0] for item in written)
+        if len(fired) == 1:
+            first.set()
+            raise redis.ConnectionError("publishing what fired failed")
+        published.set()
+
+    writer.on_written = on_written
+    try:
+        # When the first end is written by the background thread and publishing what it
+        # fired raises, and then a second end is kept the same way
+        failures[0] = 4
+        assert writer.end_durably(("b1", "m", "s")) == []
+        assert first.wait(WAIT_S)
+        failures[0] = 4
+        assert writer.end_durably(("b2", "m", "s")) == []
+
+        # Then the thread is still there to write it, and hands on what it fired
+        assert published.wait(WAIT_S)
+        assert fired == ["b1", "b2"]
+        assert state.read("b2")[0]["complete"] == "firing"  # type: ignore[index]
+    finally:
         writer.close()
 
 

@@ -216,7 +216,18 @@ class BatchWriter:
             self._wake.clear()
             written = self.flush()
             if written and self.on_written is not None:
-                self.on_written(written)
+                try:
+                    self.on_written(written)
+                except Exception as error:
+                    # The thread goes on (it alone writes the ends kept after a failure). What
+                    # those ends fired and could not publish waits in the firing index, for a
+                    # worker to publish (BatchTracker.refire).
+                    logger.error(
+                        "could not publish what %d batch members' ends fired (%s: %s); left to be published again",
+                        len(written),
+                        type(error).__name__,
+                        error,
+                    )
 
     def close(self) -> None:
         """Write what is buffered and stop the background thread."""
