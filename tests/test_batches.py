@@ -458,6 +458,49 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         writer.close()
 
 
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_callback_published_whose_mark_was_lost_is_not_published_again(
+    broker: dramatiq.Broker,
+    start_worker: Callable[..., dramatiq.Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given workers that look for callbacks left unpublished every 100 ms, and a state
+    # store that fails the first "published" mark after on_complete was published
+    refuse_publishes(monkeypatch, 0, refire_every_s=0.1, refire_after_ms=1000)
+    marks = [1]
+    sent = RedisBatchState.sent
+
+    def failing(state: RedisBatchState, *args: Any) -> None:
+        if marks[0] > 0:
+            marks[0] -= 1
+            raise redis.ConnectionError("the state store did not answer")
+        sent(state, *args)
+
+    monkeypatch.setattr(RedisBatchState, "sent", failing)
+
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        dramaturg.current_task().hold("row has no email")
+
+    report = Callback("report")
+
+    # When the batch's one member is held (its end written by the worker's after-hook),
+    # and the batch stays "firing" after its callback went out
+    batch = dramaturg.batch("mark lost", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(1)
+    start_worker(threads=1)
+    report.calls.wait(1)
+    state = tracker_of(broker).state(broker)
+    poll_until(lambda: (state.read(batch.id) or ({}, {}))[0].get("complete") == "sent", "on_complete marked sent")
+
+    # Then a worker found the callback's trace and only marked it: what the callbacks'
+    # queue runs next is a later message, not the callback again
+    report.actor.send("later", {})
+    assert [label for label, _ in report.calls.wait(2)] == ["done", "later"]
+    assert marks == [0]
+
+
 def test_the_batch_writer_goes_on_when_what_its_kept_ends_fired_cannot_be_published(redis_server: Any) -> None:
     # Given two batches of one member each, sealed, and a state store whose writes of ends
     # fail four times in a row (the end's write and the durable write's three tries), so

@@ -75,7 +75,9 @@ local function fire(meta, now, ttl, repeated, owned)
     end
   end
   if #events > 0 and not owned then
-    redis.call('ZADD', prefix .. '~firing', 'NX', redis_ms(), string.sub(meta, #prefix + 1))
+    -- Dated now, also when it was there already (an earlier event unpublished): its
+    -- publisher is at work now, and the sweep leaves it a minute.
+    redis.call('ZADD', prefix .. '~firing', redis_ms(), string.sub(meta, #prefix + 1))
   end
   return table.concat(events, ',')
 end

@@ -126,8 +126,9 @@ class BatchTracker(dramatiq.Middleware):
         #: Per thread: the member joined by the last ``send()`` until its enqueue is done
         #: (see :meth:`forget_unsent`).
         self._sending = threading.local()
-        #: Set when the worker stops: the refire thread ends (see :meth:`after_worker_boot`).
-        self._stopping = threading.Event()
+        #: Per worker of this process (by id): set when it stops, to end its refire thread
+        #: (see :meth:`after_worker_boot`).
+        self._refire_stops: dict[int, threading.Event] = {}
         if self._observe_progress not in progress_observers:
             progress_observers.append(self._observe_progress)
 
@@ -420,6 +421,11 @@ class BatchTracker(dramatiq.Middleware):
         keeps such batches in its firing index until their callbacks are out; each worker
         process looks there every :data:`REFIRE_EVERY_S`, and the one that takes a batch
         (taken for as long again) publishes it, with the callback's own message id.
+
+        A callback that was published after all (its "published" mark lost: the publisher
+        killed between the two, the state store failing in that moment) has left a trace:
+        its task status (queued, running or ended; on Redis the message itself while it
+        waits). Such a callback is only marked published, not published again.
         """
         state = self.state(broker)
         taken = state.stale(REFIRE_AFTER_MS, REFIRE_LIMIT)
@@ -427,7 +433,14 @@ class BatchTracker(dramatiq.Middleware):
             read = state.read(batch_id)
             if read is None:
                 continue  # expired meanwhile: the next look drops it from the index
-            events = [event for event in ("complete", "success") if read[0].get(event) == "firing"]
+            events = []
+            for event in ("complete", "success"):
+                if read[0].get(event) != "firing":
+                    continue
+                if _was_published(broker, callback_id(batch_id, event)):
+                    state.sent(batch_id, event)
+                else:
+                    events.append(event)
             if events:
                 logger.warning("batch %s: publishing on_%s again (left unpublished)", batch_id, "/on_".join(events))
                 self.fire(broker, batch_id, events)
@@ -438,12 +451,14 @@ class BatchTracker(dramatiq.Middleware):
         broker with a queue and a state store."""
         if getattr(broker, "runs_inline", False):
             return
-        self._stopping.clear()
-        threading.Thread(target=self._refire_loop, args=(broker,), name="dramaturg-batch-refire", daemon=True).start()
+        stop = self._refire_stops[id(worker)] = threading.Event()
+        threading.Thread(
+            target=self._refire_loop, args=(broker, stop), name="dramaturg-batch-refire", daemon=True
+        ).start()
 
-    def _refire_loop(self, broker: dramatiq.Broker) -> None:
+    def _refire_loop(self, broker: dramatiq.Broker, stop: threading.Event) -> None:
         failing = False
-        while not self._stopping.wait(REFIRE_EVERY_S):
+        while not stop.wait(REFIRE_EVERY_S):
             try:
                 self.refire(broker)
             except StateUnavailable:
@@ -467,18 +482,32 @@ class BatchTracker(dramatiq.Middleware):
     # -- the end -----------------------------------------------------------------------------
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
-        self._stopping.set()
+        stop = self._refire_stops.pop(id(worker), None)
+        if stop is not None:
+            stop.set()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        self._stopping.set()
+        for stop in list(self._refire_stops.values()):
+            stop.set()
         if self._observe_progress in progress_observers:
             progress_observers.remove(self._observe_progress)
         if self._writer is not None:
             self._writer.close()
         if self._state is not None:
             self._state.close()
+
+
+def _was_published(broker: dramatiq.Broker, message_id: str) -> bool:
+    """Whether the task ``message_id`` is known (its status: queued, running, ended, held;
+    on Redis also the message waiting in its queue). Unknown when the store cannot say."""
+    from ..status import task_status
+
+    try:
+        return task_status(message_id, broker).state != "unknown"
+    except Exception:
+        return False
 
 
 def tracker_of(broker: dramatiq.Broker) -> BatchTracker:
