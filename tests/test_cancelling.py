@@ -466,3 +466,77 @@ def test_the_reader_finds_the_store_answering_again_while_no_task_runs() -> None
         assert "cancelled-meanwhile" in watcher.cancelled
     finally:
         watcher.stop()
+
+
+def test_a_read_interrupted_after_the_feed_answered_is_read_again() -> None:
+    # Pure logic, with a feed of the test's own: a worker thread reads the feed with its
+    # task's TTR deadline armed, and the interrupt may land while the requests found are
+    # being recorded. Where the feed ended must not be kept then: the next read starts
+    # where that one did, and finds the requests it had not recorded.
+    from dramaturg.cancelling.watch import _Watcher
+
+    class Interrupted(BaseException):
+        pass
+
+    class Landing:
+        """The requests found; the interrupt lands after the first is recorded."""
+
+        def __iter__(self) -> Any:
+            yield ("first", time.time() * 1000, False)
+            raise Interrupted
+
+    class Feed:
+        ttl_ms = 60_000
+
+        def __init__(self) -> None:
+            self.afters: list[str | None] = []
+
+        def feed(self, after: str | None) -> tuple[Any, str | None]:
+            self.afters.append(after)
+            if len(self.afters) == 1:
+                return Landing(), "2-0"
+            return [("first", time.time() * 1000, False), ("second", time.time() * 1000, False)], "2-0"
+
+    feed = Feed()
+    watcher = _Watcher(feed)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(Interrupted):
+            watcher.read()
+        watcher.read()
+        assert feed.afters[:2] == [None, None]
+        assert {"first", "second"} <= set(watcher.cancelled)
+    finally:
+        watcher.stop()
+
+
+def test_the_reader_interrupts_a_running_task_whose_interrupt_was_lost() -> None:
+    # Pure logic: a request was recorded by a worker thread's read, but the interrupt it sent
+    # to the running task was lost (that thread interrupted meanwhile). The reader thread,
+    # polling while tasks run, sends it again.
+    from dramaturg.cancelling.watch import _Watcher
+
+    class Feed:
+        ttl_ms = 60_000
+
+        def feed(self, after: str | None) -> tuple[list[tuple[str, float, bool]], str | None]:
+            return [], after
+
+    class Deadline:
+        def __init__(self) -> None:
+            self.fired = threading.Event()
+
+        def fire(self, exception: type[BaseException]) -> bool:
+            if self.fired.is_set():
+                return False
+            self.fired.set()
+            return True
+
+    watcher = _Watcher(Feed())  # type: ignore[arg-type]
+    try:
+        deadline = Deadline()
+        watcher.cancelled["lost"] = time.time() * 1000
+        watcher.running["lost"] = deadline  # type: ignore[assignment]
+        watcher.wake()
+        assert deadline.fired.wait(5)
+    finally:
+        watcher.stop()

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import dramatiq
@@ -128,7 +129,10 @@ class _Watcher:
         if if_older_than is not None and (now - self.read_at <= if_older_than or self._failing):
             return []  # read meanwhile by another thread, or the store does not answer (the reader tries)
         try:
-            found, self._last = self.requests.feed(self._last)
+            # Where the feed ends is kept only once what it found is in ``cancelled`` (the
+            # last step below): a TTR interrupt landing in a worker thread's read before
+            # then leaves it to be read again, not skipped.
+            found, last = self.requests.feed(self._last)
         except Exception as error:
             self.read_at = now  # a store that does not answer is tried once per interval, not per task
             if not self._failing:
@@ -160,14 +164,23 @@ class _Watcher:
             self.cancelled = {i: at for i, at in self.cancelled.items() if at >= oldest}
         # Only now, and as of when the read began: a thread that finds the read fresh
         # finds every request made before then in ``cancelled`` already.
+        self._last = last
         self.read_at = now
         return fresh
 
-    def _interrupt(self, fresh: list[str]) -> None:
+    def _interrupt(self, fresh: Iterable[str]) -> None:
         for message_id in fresh:
             deadline = self.running.get(message_id)
             if deadline is not None and deadline.fire(TaskCancelled):
                 logger.info("task %s is interrupted: it was cancelled", message_id)
+
+    def _interrupt_running(self) -> None:
+        """Interrupt every running task that ``cancelled`` names, read now or before: an
+        interrupt sent by a worker thread's read can be lost (a TTR interrupt landing in
+        that thread meanwhile), so the reader sends them again each poll (a deadline
+        fires once, so a task is interrupted once)."""
+        cancelled = self.cancelled
+        self._interrupt([message_id for message_id in list(self.running) if message_id in cancelled])
 
     def _run(self) -> None:
         while not self._stopped:
@@ -182,6 +195,7 @@ class _Watcher:
                     idle = 0
                     try:
                         self.read()
+                        self._interrupt_running()
                     except Exception:  # never let the reader die: the next poll tries again
                         logger.exception("reading cancel requests failed")
                 else:
