@@ -20,6 +20,7 @@ member's end goes with its acknowledgement); numbers, and RabbitMQ's, in ``docs/
     python benchmarks/batches.py                         # 100,000 tasks, 3 rounds
     python benchmarks/batches.py --count 20000 --rounds 1
     python benchmarks/batches.py --broker rabbitmq       # RabbitMQ, batches in a private Redis
+    python benchmarks/batches.py --broker rabbitmq --prefetch 512   # room for ends being written
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from drain_rounds import interleaved, print_table, private_rabbitmq, private_red
 import dramaturg  # noqa: E402
 
 
-def run_once(mode: str, url: str, state_url: str | None, count: int, threads: int) -> dict[str, float]:
+def run_once(
+    mode: str, url: str, state_url: str | None, count: int, threads: int, prefetch: int | None = None
+) -> dict[str, float]:
     """One drain of ``count`` no-op tasks; its rate and CPU time per task."""
     settings = dramaturg.Settings(
-        broker={"url": url, "namespace": f"bench-{uuid.uuid4().hex[:8]}"},
+        broker={"url": url, "namespace": f"bench-{uuid.uuid4().hex[:8]}", "prefetch": prefetch},
         state={"url": state_url} if state_url else {},
         worker={"threads": threads},
     )
@@ -99,6 +102,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=8, help="worker threads (default: 8)")
     parser.add_argument(
+        "--prefetch", type=int, default=None, help="the worker's prefetch (default: dramaturg's for the broker)"
+    )
+    parser.add_argument(
         "--broker",
         choices=("redis", "rabbitmq"),
         default="redis",
@@ -111,7 +117,9 @@ def main() -> int:
         if args.broker == "rabbitmq":
             url, state_url = stack.enter_context(private_rabbitmq("bench-batches-rabbitmq-")), redis_url
         medians = interleaved(
-            ("plain", "batch"), args.rounds, lambda mode: run_once(mode, url, state_url, args.count, args.threads)
+            ("plain", "batch"),
+            args.rounds,
+            lambda mode: run_once(mode, url, state_url, args.count, args.threads, args.prefetch),
         )
     name = "RabbitMQ (state in Redis)" if args.broker == "rabbitmq" else "Redis"
     print_table(medians, "plain", count=args.count, threads=args.threads, rounds=args.rounds, broker=name)

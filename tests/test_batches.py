@@ -458,6 +458,44 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         writer.close()
 
 
+def test_one_call_of_many_ends_counts_as_the_ends_one_by_one(redis_server: Any) -> None:
+    # batch.lua adds up a call's changes per batch and writes each count once: the sums
+    # must be those of the ends taken one at a time (the in-memory store's), across two
+    # batches, a running member, a member unknown to its batch, and a member ended twice
+    # in the same call (held, then kicked and succeeded)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    ends = [
+        ("one", "a", "s"),
+        ("two", "x", "h"),
+        ("one", "b", "h"),
+        ("one", "r", "s"),
+        ("two", "y", "c"),
+        ("one", "b", "s"),
+        ("one", "stranger", "f"),
+        ("two", "z", "s"),
+        ("two", "x", "h"),
+        ("one", "c", "s"),
+    ]
+    counts = ("total", "running", "succeeded", "failed", "held", "cancelled", "complete")
+    seen = []
+    for state in (RedisBatchState(client, namespace="test-sums", ttl_ms=60_000), MemoryBatchState(ttl_ms=60_000)):
+        # Given two sealed batches, one member of the first running
+        for batch_id, members in (("one", ["a", "b", "c", "r"]), ("two", ["x", "y", "z"])):
+            state.create(batch_id, {"name": batch_id, "created_at": "1"})
+            state.add(batch_id, members)
+            state.seal(batch_id)
+        state.note([("one", "r", "r", "")])
+        # When all their ends come in one call
+        answers = state.end(ends)
+        # Then each batch fires in that call (on Redis at its last end there), and its counts are the sums
+        if isinstance(state, RedisBatchState):
+            assert answers == [[]] * 8 + [["complete"], ["complete"]], answers
+        seen.append([tuple(state.read(b)[0].get(name) for name in counts) for b in ("one", "two")])  # type: ignore[index]
+    assert seen[0] == seen[1]
+    assert seen[0][0][:6] == ("5", "0", "4", "1", "0", "0")
+    assert seen[0][1][:6] == ("3", "0", "1", "1", "1", "1")
+
+
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_callback_published_whose_mark_was_lost_is_not_published_again(
     broker: dramatiq.Broker,

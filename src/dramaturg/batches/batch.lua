@@ -122,6 +122,14 @@ if op == 'end' or op == 'owned-end' then
   -- none of their messages is acknowledged yet).
   local now, ttl = ARGV[2], tonumber(ARGV[3])
   local out, live, last, repeats = {}, {}, {}, {}
+  -- The counts' changes, added up per batch and written once per batch and count after
+  -- the loop (nothing in it reads them): two HINCRBYs per call, not two per member.
+  local deltas = {}
+  local function add(id, field, by)
+    local d = deltas[id]
+    if d == nil then d = {}; deltas[id] = d end
+    d[field] = (d[field] or 0) + by
+  end
   local n = 0
   for i = 4, #ARGV, 3 do
     n = n + 1
@@ -141,28 +149,33 @@ if op == 'end' or op == 'owned-end' then
       if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then repeats[id] = true end
       if old ~= new and old ~= 's' then
         if not old then
-          redis.call('HINCRBY', meta, 'total', 1)
+          add(id, 'total', 1)
         elseif old == 'r' then
-          redis.call('HINCRBY', meta, 'running', -1)
+          add(id, 'running', -1)
         elseif old == 'f' then
-          redis.call('HINCRBY', meta, 'failed', -1)
+          add(id, 'failed', -1)
         elseif old == 'h' then
-          redis.call('HINCRBY', meta, 'failed', -1)
-          redis.call('HINCRBY', meta, 'held', -1)
+          add(id, 'failed', -1)
+          add(id, 'held', -1)
         elseif old == 'c' then
-          redis.call('HINCRBY', meta, 'cancelled', -1)
+          add(id, 'cancelled', -1)
         end
         redis.call('HSET', members, member, new)
         if new == 's' then
-          redis.call('HINCRBY', meta, 'succeeded', 1)
+          add(id, 'succeeded', 1)
         elseif new == 'c' then
-          redis.call('HINCRBY', meta, 'cancelled', 1)
+          add(id, 'cancelled', 1)
         else
-          redis.call('HINCRBY', meta, 'failed', 1)
-          if new == 'h' then redis.call('HINCRBY', meta, 'held', 1) end
+          add(id, 'failed', 1)
+          if new == 'h' then add(id, 'held', 1) end
         end
         redis.call('HDEL', meta .. ':p', member)
       end
+    end
+  end
+  for id, d in pairs(deltas) do
+    for field, by in pairs(d) do
+      if by ~= 0 then redis.call('HINCRBY', prefix .. id, field, by) end
     end
   end
   for id, index in pairs(last) do

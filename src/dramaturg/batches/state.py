@@ -144,7 +144,7 @@ class RedisBatchState:
             args += end
         with self._own_lock:  # one caller at a time: the group commit's writer, nearly always alone
             answers = self._own.run(_SCRIPT_SHA, _SCRIPT, [self.prefix], args)
-        return [fired(answer) for answer in answers]
+        return [fired(answer) if answer else [] for answer in answers]  # nearly all '': nothing fired
 
     def close(self) -> None:
         self._own.close()

@@ -250,18 +250,21 @@ class BatchTracker(dramatiq.Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         self._broker = broker  # for progress(), which has the task but not its broker
-        batch_id = _options(message).get(BATCH_OPTION)
+        inner = getattr(message, "_message", message)  # not through the proxy: see _options
+        batch_id = inner.options.get(BATCH_OPTION)
         if batch_id:
-            self.writer(broker).note((batch_id, message.message_id, "r", ""))
+            self.writer(broker).note((batch_id, inner.message_id, "r", ""))
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         if getattr(self._sending, "member", None) is not None:
             self.forget_unsent(broker)  # a send of its handler failed
-        batch_id = _options(message).get(BATCH_OPTION)
+        inner = getattr(message, "_message", message)  # not through the proxy: see _options
+        batch_id = inner.options.get(BATCH_OPTION)
         if not batch_id:
             return
+        member_id = inner.message_id
         run = run_of(message)
         outcome = None if run is None else run.outcome
         if outcome is None or outcome is RunOutcome.SUCCEEDED:
@@ -273,7 +276,7 @@ class BatchTracker(dramatiq.Middleware):
         elif outcome is RunOutcome.CANCELLED:
             code = "c"
         else:  # retried, released: it runs again; unsettled: the broker gives it back
-            self.writer(broker).note((batch_id, message.message_id, "w", ""))
+            self.writer(broker).note((batch_id, member_id, "w", ""))
             return
         writer = self.writer(broker)
         if code == "s" and self._ends_with_ack(broker):
@@ -282,10 +285,10 @@ class BatchTracker(dramatiq.Middleware):
             # hands their acks to the consumers): durable no later than the ack, and no
             # call of its own.
             state: Any = self._state
-            message.__dict__[BATCH_END] = (state.prefix, state.ttl_ms, batch_id, message.message_id, code)
-            writer.ending(message.message_id)
+            message.__dict__[BATCH_END] = (state.prefix, state.ttl_ms, batch_id, member_id, code)
+            writer.ending(member_id)
             return
-        events = writer.end_durably((batch_id, message.message_id, code))
+        events = writer.end_durably((batch_id, member_id, code))
         if events:
             self.fire(broker, batch_id, events)
 

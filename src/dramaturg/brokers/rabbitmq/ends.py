@@ -192,8 +192,13 @@ class RabbitmqEndWriter:
         fire the same callbacks again while those are not out, see ``batch.lua``)."""
         tracker = tracker_of(self.broker)
         answers = tracker.state(self.broker).end([item[2][2:] for item in batch], owned=True)
-        firing = [(item, events) for item, events in zip(batch, answers, strict=True) if events]
-        done = [item for item, events in zip(batch, answers, strict=True) if not events]
+        done: list[_Item] = []
+        firing: list[tuple[_Item, list[str]]] = []
+        for item, events in zip(batch, answers, strict=True):
+            if events:
+                firing.append((item, events))
+            else:
+                done.append(item)
         self._hand_back(done)
         unpublished: list[str] = []
         for item, events in firing:
@@ -217,9 +222,12 @@ class RabbitmqEndWriter:
             if found is None:
                 found = by_consumer[id(consumer)] = (consumer, [], [])
             (found[2] if reject else found[1]).append(tag)
-        out = {id(item) for item in items}
         with self._lock:
-            self._held = [item for item in self._held if id(item) not in out]
+            if len(items) == len(self._held) and all(a is b for a, b in zip(items, self._held, strict=True)):
+                self._held = []  # the whole round, nearly always
+            else:
+                out = {id(item) for item in items}
+                self._held = [item for item in self._held if id(item) not in out]
         for consumer, acks, rejects in by_consumer.values():
             consumer.ends_written(acks, rejects)  # ignored once its connection is closed
 
