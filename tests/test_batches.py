@@ -888,11 +888,17 @@ def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowle
 
 
 def refuse_publishes(
-    monkeypatch: pytest.MonkeyPatch, count: int, *, refire_every_s: float, refire_after_ms: int
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    *,
+    refire_every_s: float,
+    refire_after_ms: int,
+    error: Callable[[], Exception] = lambda: dramatiq.errors.ConnectionClosed(OSError("the broker is out of reach")),
 ) -> list[int]:
     """Make the first ``count`` publishes of batch callbacks fail (each as after the durable
-    write's own tries, with an error that is not Redis's), and the workers look for callbacks
-    left unpublished as often as given; returns the refusals left (a one-item list)."""
+    write's own tries; by default as a lost connection to the broker does), and the workers
+    look for callbacks left unpublished as often as given; returns the refusals left (a
+    one-item list)."""
     from dramaturg.batches import tracker as tracker_module
 
     monkeypatch.setattr(tracker_module, "REFIRE_EVERY_S", refire_every_s)
@@ -903,7 +909,7 @@ def refuse_publishes(
     def refusing(tracker: BatchTracker, *args: Any, **kwargs: Any) -> None:
         if refusals[0] > 0:
             refusals[0] -= 1
-            raise RuntimeError("the callback's queue refused it")
+            raise error()
         publish(tracker, *args, **kwargs)
 
     monkeypatch.setattr(BatchTracker, "_publish", refusing)
@@ -914,8 +920,8 @@ def refuse_publishes(
 def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a batch whose callback's queue refuses its first five publishes (each after the
-    # durable write's own tries), with an error that is not Redis's, while the worker also
+    # Given a batch whose callback's first five publishes fail (each after the durable
+    # write's own tries) as a broker out of reach makes them fail, while the worker also
     # looks for callbacks left unpublished every 50 ms
     import dramatiq.worker
 
@@ -943,6 +949,61 @@ def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
     assert refusals == [0]
     assert runs.seen == [1]
     assert (batch.status().total, batch.status().succeeded) == (1, 1)
+    assert len(report.calls.seen) == 1
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_callback_refused_for_good_holds_no_member_and_goes_out_once_accepted(
+    broker_kind: str,
+    broker: dramatiq.Broker,
+    start_worker: Callable[..., dramatiq.Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a batch whose callback is refused (not a broker out of reach: as a unique key
+    # that another task holds refuses it) until the test says otherwise, and workers that
+    # look for callbacks left unpublished every 100 ms
+    refusals = refuse_publishes(
+        monkeypatch,
+        1_000_000,
+        refire_every_s=0.1,
+        refire_after_ms=300,
+        error=lambda: ValueError("refused: its unique key is taken"),
+    )
+    runs = Runs()
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        runs.add(n)
+
+    report = Callback("report")
+
+    # When its one member succeeds and its end fires on_complete, refused
+    batch = dramaturg.batch("refused for good", on_complete=report.actor.message("done"))
+    with batch:
+        member.send(1)
+    start_worker(threads=1)
+    runs.wait(1)
+
+    # Then the worker's one thread is not held by it: a task sent next runs (on Redis the
+    # member's acknowledgement was retried for as long as the publish failed, every 5 s),
+    # and on RabbitMQ the end writer holds no delivery for it (it kept the member's
+    # delivery unacknowledged, and wrote its end again, for as long)
+    member.send(2)
+    assert runs.wait(2) == [1, 2]
+    if broker_kind == "rabbitmq":
+        from dramaturg.brokers.rabbitmq.ends import end_writer_of
+
+        writer = end_writer_of(broker)
+        poll_until(lambda: not writer._held and not writer._incoming, "the end writer holds nothing")
+        assert writer.failing_since is None
+    assert report.calls.seen == []
+
+    # And once the callback is accepted, a worker publishes it, once
+    refusals[0] = 0
+    ((label, summary),) = report.calls.wait(1)
+    assert (label, summary["total"], summary["succeeded"]) == ("done", 1, 1)
+    state = tracker_of(broker).state(broker)
+    poll_until(lambda: (state.read(batch.id) or ({}, {}))[0].get("complete") == "sent", "on_complete marked sent")
     assert len(report.calls.seen) == 1
 
 

@@ -23,6 +23,8 @@
 --                                              ends): not put in the firing index
 --   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
 --   sent  <id> <event>                      -> the event's callback was published
+--   disown <id>                             -> its firing events go into the firing index (an
+--                                              owner that stops trying them: 1), or 0
 --   stale <older ms> <limit>                -> ids of batches with an event firing for longer
 --                                              than that (Redis's clock), each taken for
 --                                              another <older ms> (see the firing index)
@@ -215,6 +217,13 @@ if op == 'sent' then
     redis.call('ZREM', prefix .. '~firing', ARGV[2])
   end
   return 0
+end
+
+if op == 'disown' then
+  local f = redis.call('HMGET', prefix .. ARGV[2], 'complete', 'success')
+  if f[1] ~= 'firing' and f[2] ~= 'firing' then return 0 end
+  redis.call('ZADD', prefix .. '~firing', redis_ms(), ARGV[2])
+  return 1
 end
 
 if op == 'stale' then

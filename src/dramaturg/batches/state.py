@@ -75,6 +75,7 @@ class BatchState(Protocol):
     def note(self, notes: Sequence[Note]) -> None: ...
     def task_progress(self, items: Sequence[tuple[str, str]]) -> None: ...
     def sent(self, batch_id: str, event: str) -> None: ...
+    def disown(self, batch_id: str) -> None: ...
     def stale(self, older_ms: int, limit: int) -> list[str]: ...
     def close(self) -> None: ...
     def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]] | None: ...
@@ -164,6 +165,11 @@ class RedisBatchState:
 
     def sent(self, batch_id: str, event: str) -> None:
         self._run("sent", batch_id, event)
+
+    def disown(self, batch_id: str) -> None:
+        """Put the batch's firing events in the firing index: their owner (see ``end``'s
+        ``owned``) stops trying them, and leaves them to the workers' sweep."""
+        self._run("disown", batch_id)
 
     def stale(self, older_ms: int, limit: int) -> list[str]:
         """Up to ``limit`` batches with a callback firing for over ``older_ms`` (Redis's
@@ -350,6 +356,9 @@ class MemoryBatchState:
             found = self._get(batch_id)
             if found is not None and found[0].get(event) == "firing":
                 found[0][event] = "sent"
+
+    def disown(self, batch_id: str) -> None:
+        pass  # eager mode: nothing owns a firing callback (see stale)
 
     def stale(self, older_ms: int, limit: int) -> list[str]:
         """None: in eager mode a callback is published (run) by the send that fires it, and

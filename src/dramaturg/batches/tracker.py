@@ -369,6 +369,21 @@ class BatchTracker(dramatiq.Middleware):
                 except TaskHeld as error:  # eager mode: the callback ran and was held
                     held = held or error
                 except Exception as error:
+                    if strict and not _passing(error):
+                        # It would fail again however often the member's end is tried (a
+                        # unique key another task holds, a limit's key that cannot be made):
+                        # the member's message is not kept for it (that would hold a worker
+                        # thread, or a delivery, for good). Left to the workers' sweep
+                        # (refire), which tries it every minute, with this line each time.
+                        state.disown(batch_id)
+                        logger.error(
+                            "could not publish on_%s of batch %s (%s: %s); left to be published again later",
+                            event,
+                            batch_id,
+                            type(error).__name__,
+                            error,
+                        )
+                        continue
                     # Left "firing": a repeated end of this member (it runs again if its
                     # worker dies before acknowledging it) publishes it again.
                     logger.error(
@@ -500,6 +515,18 @@ class BatchTracker(dramatiq.Middleware):
             self._writer.close()
         if self._state is not None:
             self._state.close()
+
+
+def _passing(error: BaseException) -> bool:
+    """Whether a publish failed for a cause that passes: the broker or the store out of
+    reach (a lost connection, a timeout), rather than the message refused."""
+    if isinstance(error, (dramatiq.errors.BrokerConnectionError, OSError)):
+        return True
+    try:
+        import redis
+    except ImportError:  # a RabbitMQ-only install
+        return False
+    return isinstance(error, (redis.ConnectionError, redis.TimeoutError))
 
 
 def _was_published(broker: dramatiq.Broker, message_id: str) -> bool:
