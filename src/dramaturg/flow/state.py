@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -72,11 +73,21 @@ RELEASES_PER_ASK = 200
 logger = logging.getLogger("dramaturg.flow")
 
 
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)  # a forked worker must not repeat its parent's tokens
+
+
 def new_run() -> str:
     """A token for one run of a task (one delivery being started): random, made before
     the run asks for its limits, so that asking again with it (after a lost reply) is the
-    same run, and takes nothing twice."""
-    return os.urandom(8).hex()
+    same run, and takes nothing twice.
+
+    From a generator of its own seeded from ``os.urandom`` (again in a forked child; a
+    user's ``random.seed()`` does not reach it), not ``os.urandom`` for each: that call
+    lets go of the GIL, and a worker thread getting it back behind the other threads
+    cost more than the rest of the limit's work per task (py-spy, ``benchmarks/flow.py``).
+    Tokens are unique, not secret."""
+    return f"{_random.getrandbits(64):016x}"
 
 
 def run_name(message_id: str, run: str) -> str:
