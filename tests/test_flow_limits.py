@@ -289,6 +289,59 @@ def test_the_wait_backs_off_and_never_passes_the_lease_it_waits_for() -> None:
     assert all(700 <= wait_ms((window, 700), 1) <= 700 + 2_000 for _ in range(50))
 
 
+def test_run_tokens_differ_in_a_forked_worker_and_after_a_users_random_seed() -> None:
+    # Given: a process about to fork a worker, whose handlers seed random for their own use
+    from dramaturg.flow.state import new_run
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next tokens, to the parent
+        os.write(write, ",".join(new_run() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    # When: both make their next tokens
+    mine = [new_run() for _ in range(3)]
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    # Then: none is the same (two deliveries of one message in two workers are two runs,
+    # each needing a slot), nor repeated after random.seed()
+    assert len(theirs) == 3 and not set(mine) & set(theirs)
+    import random
+
+    random.seed(7)
+    first = new_run()
+    random.seed(7)
+    assert new_run() != first
+
+
+def test_the_lease_of_a_constant_key_follows_the_messages_own_ttr(redis_server: Any) -> None:
+    # Given: an actor whose concurrency key is constant and whose lease is its ttr
+    from dramatiq.broker import MessageProxy
+
+    from dramaturg.flow.control import FlowControl, declared_of
+
+    url = f"redis://{redis_server.host}:{redis_server.port}/0"
+    settings = dramaturg.Settings(broker={"url": url, "namespace": f"t-{uuid.uuid4().hex[:8]}"})
+    broker = dramaturg.bootstrap(settings)
+    try:
+
+        @dramaturg.actor(queue_name="q", actor_name="leased", ttr=60_000, limits=[dramaturg.concurrency(1, key="k")])
+        def leased() -> None: ...
+
+        flow = next(m for m in broker.middleware if isinstance(m, FlowControl))
+        declared = declared_of(broker, "leased")
+        assert declared is not None
+        # When: a task with no ttr of its own is taken, then one with its own, then one without
+        plain = MessageProxy(leased.message())
+        own = MessageProxy(leased.message_with_options(ttr=5_000))
+        leases = [flow._specs_of(broker, m._message, declared)[1] for m in (plain, own, plain)]
+        # Then: each has its own lease, the one kept for the actor never standing in for the message's
+        assert leases == [60_000, 5_000, 60_000]
+    finally:
+        dramaturg.shutdown()
+
+
 #: How far the starts the tasks log may stray from the window Redis counted them in: the
 #: time between the script's clock read and the handler's first line, on a loaded machine.
 RATE_TOLERANCE_S = 0.05

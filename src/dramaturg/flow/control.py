@@ -129,6 +129,12 @@ class FlowControl(dramatiq.Middleware):
         #: monotonic clock), the wait the store gave, and the limit (and a rate's window)
         #: refused (see _refused_locally).
         self._refused: dict[str, tuple[float, float, int, int]] = {}
+        #: What a task of an actor whose keys are all constant asks for, by (its Declared's
+        #: id, queue name): (the Declared, the specs, the longest lease, the canonical queue,
+        #: the concurrency keys). Made once instead of for every task (see _specs_of).
+        self._specs: dict[tuple[int, str], tuple[Declared, tuple[LimitSpec, ...], int, str, tuple[str, ...]]] = {}
+        #: (the broker, whether it runs tasks inline), looked up once.
+        self._inline: tuple[Any, bool] = (None, False)
         if self._renew_on_touch not in touch_observers:
             touch_observers.append(self._renew_on_touch)
 
@@ -230,7 +236,8 @@ class FlowControl(dramatiq.Middleware):
     # -- starting ----------------------------------------------------------------------------
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        declared = declared_of(broker, message.actor_name)
+        inner = getattr(message, "_message", message)  # the proxy's __getattr__ costs ~1 us a name
+        declared = declared_of(broker, inner.actor_name)
         if declared is None:
             return
         run = run_of(message)
@@ -238,9 +245,9 @@ class FlowControl(dramatiq.Middleware):
             return  # dropped unrun further on (CancelWatch): never put back to wait as a fresh copy
         if declared.limits:
             self._take_limits(broker, message, declared)
-        key = message.options.get(UNIQUE_OPTION)
+        key = inner.options.get(UNIQUE_OPTION)
         if key and declared.unique is not None and declared.unique[0].until == "started":
-            self._unclaim(broker, key, message.message_id)
+            self._unclaim(broker, key, inner.message_id)
 
     def _take_limits(self, broker: dramatiq.Broker, message: Any, declared: Declared) -> None:
         try:
@@ -248,26 +255,9 @@ class FlowControl(dramatiq.Middleware):
         except StateUnavailable as error:
             raise Hold(str(error)) from None
         inner = getattr(message, "_message", message)  # the proxy's __getattr__ costs ~1 us a name
-        specs = []
-        lease_ms = 0
-        for limit, template in declared.limits:
-            key = template.constant
-            if key is None:
-                try:
-                    key = template.render(inner.args, inner.kwargs, inner.options.get("dramaturg_context") or {})
-                except KeyError as missing:
-                    raise Hold(
-                        f"{limit.describe}: the key cannot be made: the message has no {missing.args[0]}"
-                    ) from None
-            if isinstance(limit, Concurrency):
-                ms = limit.lease_ms or self._ttr_ms(broker, inner)
-                lease_ms = max(lease_ms, ms)
-                specs.append(LimitSpec("c", key, limit.limit, ms))
-            else:
-                specs.append(LimitSpec("r", key, limit.limit, limit.per_ms))
+        specs, lease_ms, queue, slot_keys = self._specs_of(broker, inner, declared)
         message_id = inner.message_id
-        queue = canonical_queue(inner.queue_name)
-        inline = getattr(broker, "runs_inline", False)
+        inline = self._inline[1] if self._inline[0] is broker else self._runs_inline(broker)
         if self._refused and not inline:
             local = self._refused_locally(specs)
             if local is not None:
@@ -287,8 +277,7 @@ class FlowControl(dramatiq.Middleware):
                     # Its reply may be what was lost, the slots taken: give them back (this
                     # run's only) once the store answers, not when their lease ends.
                     with contextlib.suppress(Exception):
-                        keys = [spec.key for spec in specs if spec.kind == "c"]
-                        state.release_later(message_id, run, keys, maybe=True)
+                        state.release_later(message_id, run, slot_keys, maybe=True)
                 self._note_outage(error)
                 self._wait(broker, message, None, "the state store (limits cannot be checked)")
                 raise SkipMessage("the state store did not answer") from None
@@ -313,7 +302,56 @@ class FlowControl(dramatiq.Middleware):
             inner.options.pop(WAITING_OPTION, None)
             inner.options.pop(WAITS_OPTION, None)
         if lease_ms:
-            message.__dict__[_SLOTS] = ([spec.key for spec in specs if spec.kind == "c"], lease_ms, state, run)
+            message.__dict__[_SLOTS] = (slot_keys, lease_ms, state, run)
+
+    def _specs_of(
+        self, broker: dramatiq.Broker, inner: Any, declared: Declared
+    ) -> tuple[tuple[LimitSpec, ...], int, str, tuple[str, ...]]:
+        """What the task ``inner`` asks for: its limits' specs, the longest lease among
+        them (0: no concurrency limit), its canonical queue and its concurrency keys.
+
+        Kept per actor and queue where every key is constant and the message names no ttr
+        of its own (a lease is the ttr unless given): making them cost about a third of a
+        limit's work per task. A key made from the task's arguments or context is made
+        for each task (raises :class:`~dramaturg.Hold` when it cannot be)."""
+        options = inner.options
+        own_ttr = "ttr" in options
+        if not own_ttr:
+            found = self._specs.get((id(declared), inner.queue_name))
+            if found is not None and found[0] is declared:
+                return found[1], found[2], found[3], found[4]
+        made: list[LimitSpec] = []
+        lease_ms = 0
+        constant = True
+        for limit, template in declared.limits:
+            key = template.constant
+            if key is None:
+                constant = False
+                try:
+                    key = template.render(inner.args, inner.kwargs, options.get("dramaturg_context") or {})
+                except KeyError as missing:
+                    raise Hold(
+                        f"{limit.describe}: the key cannot be made: the message has no {missing.args[0]}"
+                    ) from None
+            if isinstance(limit, Concurrency):
+                ms = limit.lease_ms or self._ttr_ms(broker, inner)
+                lease_ms = max(lease_ms, ms)
+                made.append(LimitSpec("c", key, limit.limit, ms))
+            else:
+                made.append(LimitSpec("r", key, limit.limit, limit.per_ms))
+        specs = tuple(made)
+        queue = canonical_queue(inner.queue_name)
+        slot_keys = tuple(spec.key for spec in specs if spec.kind == "c")
+        if constant and not own_ttr:
+            if len(self._specs) >= 1_000:  # actors declared again and again (tests): never grows for ever
+                self._specs.clear()
+            self._specs[(id(declared), inner.queue_name)] = (declared, specs, lease_ms, queue, slot_keys)
+        return specs, lease_ms, queue, slot_keys
+
+    def _runs_inline(self, broker: dramatiq.Broker) -> bool:
+        inline = bool(getattr(broker, "runs_inline", False))  # RedisBroker's __getattr__: ~1 us
+        self._inline = (broker, inline)
+        return inline
 
     def _remember_refusal(self, spec: LimitSpec, wait_ms: int) -> None:
         """The store refused ``spec``'s key: its next tasks in this process are put back
@@ -433,19 +471,21 @@ class FlowControl(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
+        inner = getattr(message, "_message", message)
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
-            self._forget_refusals(held[0])
+            if self._refused:
+                self._forget_refusals(held[0])
             try:
-                held[2].release_later(message.message_id, held[3], held[0])
+                held[2].release_later(inner.message_id, held[3], held[0])
             except Exception as error:
                 logger.warning(
                     "the concurrency slots of %s (%s) were not released (%s); they free when their lease ends",
-                    message.message_id,
+                    inner.message_id,
                     ", ".join(held[0]),
                     error,
                 )
-        key = message.options.get(UNIQUE_OPTION)
+        key = inner.options.get(UNIQUE_OPTION)
         if not key:
             return
         run = run_of(message)

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -72,11 +73,21 @@ RELEASES_PER_ASK = 200
 logger = logging.getLogger("dramaturg.flow")
 
 
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)  # a forked worker must not repeat its parent's tokens
+
+
 def new_run() -> str:
     """A token for one run of a task (one delivery being started): random, made before
     the run asks for its limits, so that asking again with it (after a lost reply) is the
-    same run, and takes nothing twice."""
-    return os.urandom(8).hex()
+    same run, and takes nothing twice.
+
+    From a generator of its own seeded from ``os.urandom`` (again in a forked child; a
+    user's ``random.seed()`` does not reach it), not ``os.urandom`` for each: that call
+    lets go of the GIL, and a worker thread getting it back behind the other threads
+    cost more than the rest of the limit's work per task (py-spy, ``benchmarks/flow.py``).
+    Tokens are unique, not secret."""
+    return f"{_random.getrandbits(64):016x}"
 
 
 def run_name(message_id: str, run: str) -> str:
@@ -262,27 +273,31 @@ class RedisFlowState:
     def _use_credits(self, message_id: str, run: str, limits: Sequence[LimitSpec]) -> bool:
         """Take a credit of every limit in ``limits`` if this process holds one of each."""
         now = time.monotonic()
+        prefix = self.limit_prefix
         with self._credit_lock:
             if self._credit_pid != os.getpid():  # a forked child: its parent's credits are the parent's
                 self._credits.clear()
                 return False
             found = []
             for spec in limits:
-                stored = f"{self.limit_prefix}{spec.kind}:{spec.key}"
+                stored = prefix + spec.kind + ":" + spec.key
                 credits = self._credits.get((stored, spec.ms))
                 if not credits:
                     return False
-                while credits and credits[0][0] <= now:
-                    self._give_back(stored, credits.popleft()[1])
-                if not credits:
-                    return False
+                if credits[0][0] <= now:
+                    while credits and credits[0][0] <= now:
+                        self._give_back(stored, credits.popleft()[1])
+                    if not credits:
+                        return False
                 found.append(credits)
-            slots = {}
+            slots = None
             for spec, credits in zip(limits, found, strict=True):
                 until, member = credits.popleft()
                 if spec.kind == "c":
+                    if slots is None:
+                        slots = {}
                     slots[spec.key] = (member, until, spec.ms)
-            if slots:
+            if slots is not None:
                 self._lent[(message_id, run)] = slots
             return True
 
@@ -303,6 +318,7 @@ class RedisFlowState:
         end, and it never stopped counting as taken); the keys left to release."""
         now = time.monotonic()
         left = []
+        prefix = self.limit_prefix + "c:"
         with self._credit_lock:
             same = self._credit_pid == os.getpid()
             for key in keys:
@@ -310,8 +326,11 @@ class RedisFlowState:
                 if slot is None or not same or slot[1] <= now:
                     left.append(key)
                     continue
-                stored = self.limit_prefix + "c:" + key
-                self._credits.setdefault((stored, slot[2]), deque()).appendleft((slot[1], slot[0]))
+                stored = (prefix + key, slot[2])
+                credits = self._credits.get(stored)
+                if credits is None:
+                    credits = self._credits[stored] = deque()
+                credits.appendleft((slot[1], slot[0]))
         return left
 
     def _give_back(self, stored: str, member: str) -> None:
@@ -401,12 +420,12 @@ class RedisFlowState:
         lent = self._lent.pop((message_id, run), None)
         if lent is not None:
             keys = self._recycle(lent, keys)
+        if not keys:
+            return  # every slot went back to the credits (or none held): nothing to write
         member = run_name(message_id, run)
         for key in keys:
             slot = None if lent is None else lent.get(key)
             self._releases.append((self.limit_prefix + "c:" + key, member if slot is None else slot[0]))
-        if not keys:
-            return
         if self._thread is None or self._thread_pid != os.getpid():
             self._start()
         if not self._wake.is_set():
