@@ -379,7 +379,9 @@ def test_eager_mode_keeps_the_rate(broker: dramatiq.Broker) -> None:
     for _ in range(7):
         call.send()
     assert len(started) == 7
-    assert all(later - earlier >= 0.3 for earlier, later in zip(started, started[3:], strict=False))
+    # The window is Redis's clock; the handler notes its start a moment after it was let
+    # through, by as much as the machine makes it wait (the stated tolerance)
+    assert all(later - earlier >= 0.3 - RATE_TOLERANCE_S for earlier, later in zip(started, started[3:], strict=False))
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
