@@ -22,6 +22,7 @@ from dramatiq.middleware import MiddlewareError
 import dramaturg
 from dramaturg import app
 from dramaturg.batches.state import MemoryBatchState, RedisBatchState
+from dramaturg.batches.summary import from_fields
 from dramaturg.batches.tracker import BatchTracker, callback_id, tracker_of
 from dramaturg.batches.writer import BatchWriter
 
@@ -497,15 +498,21 @@ def test_one_call_of_many_ends_counts_as_the_ends_one_by_one(redis_server: Any) 
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+@pytest.mark.parametrize("outcome", ["held", "succeeded"])
 def test_a_callback_published_whose_mark_was_lost_is_not_published_again(
     broker: dramatiq.Broker,
     start_worker: Callable[..., dramatiq.Worker],
     monkeypatch: pytest.MonkeyPatch,
+    outcome: str,
 ) -> None:
     # Given workers that look for callbacks left unpublished every 100 ms, and a state
-    # store that fails the first "published" mark after on_complete was published
+    # store that fails the "published" mark after on_complete was published (the mark's
+    # three tries)
+    import dramatiq.worker
+
+    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
     refuse_publishes(monkeypatch, 0, refire_every_s=0.1, refire_after_ms=1000)
-    marks = [1]
+    marks = [3]
     sent = RedisBatchState.sent
 
     def failing(state: RedisBatchState, *args: Any) -> None:
@@ -518,12 +525,14 @@ def test_a_callback_published_whose_mark_was_lost_is_not_published_again(
 
     @dramaturg.actor(queue_name="batch-members", max_retries=0)
     def member(n: int) -> None:
-        dramaturg.current_task().hold("row has no email")
+        if outcome == "held":
+            dramaturg.current_task().hold("row has no email")
 
     report = Callback("report")
 
-    # When the batch's one member is held (its end written by the worker's after-hook),
-    # and the batch stays "firing" after its callback went out
+    # When the batch's one member ends, held (its end written by the worker's after-hook:
+    # the batch is left "firing" for the workers' sweep) or succeeded (its end written with
+    # its acknowledgement, which is tried again), and the callback went out
     batch = dramaturg.batch("mark lost", on_complete=report.actor.message("done"))
     with batch:
         member.send(1)
@@ -532,11 +541,62 @@ def test_a_callback_published_whose_mark_was_lost_is_not_published_again(
     state = tracker_of(broker).state(broker)
     poll_until(lambda: (state.read(batch.id) or ({}, {}))[0].get("complete") == "sent", "on_complete marked sent")
 
-    # Then a worker found the callback's trace and only marked it: what the callbacks'
-    # queue runs next is a later message, not the callback again
+    # Then the callback was only marked, not published again (the sweep found its trace;
+    # the acknowledgement's retry knew it had published it): what the callbacks' queue
+    # runs next is a later message, not the callback again
     report.actor.send("later", {})
     assert [label for label, _ in report.calls.wait(2)] == ["done", "later"]
     assert marks == [0]
+
+
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_nested_batch_whose_publisher_died_after_publishing_still_ends_in_its_parent(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch holding a nested batch, whose one member is held (its end written by
+    # the worker's after-hook), and a worker that dies, in effect, right after it published
+    # the nested batch's on_complete: nothing marked published, the outer batch not told
+    # (the fire stops there), while workers look for callbacks left unpublished often
+    refuse_publishes(monkeypatch, 0, refire_every_s=0.1, refire_after_ms=1000)
+    fire = BatchTracker.fire
+    died: list[str] = []
+
+    def dying(tracker: BatchTracker, broker: dramatiq.Broker, batch_id: str, events: Any, **kwargs: Any) -> None:
+        state = tracker.state(broker)
+        found = state.read(batch_id)
+        if not died and found is not None and found[0].get("parent") and events:
+            died.append(batch_id)
+            meta, progress = found
+            summary = from_fields(batch_id, meta, progress).to_dict()
+            for event in events:
+                tracker._publish(broker, batch_id, event, json.loads(meta[f"on_{event}"]), summary)
+            return
+        fire(tracker, broker, batch_id, events, **kwargs)
+
+    monkeypatch.setattr(BatchTracker, "fire", dying)
+
+    @dramaturg.actor(queue_name="batch-members", max_retries=0)
+    def member(n: int) -> None:
+        dramaturg.current_task().hold("row has no email")
+
+    inner_report, outer_report = Callback("inner-report"), Callback("outer-report")
+
+    # When the nested batch's member ends
+    outer = dramaturg.batch("outer", on_complete=outer_report.actor.message("outer done"))
+    with outer, dramaturg.batch("inner", on_complete=inner_report.actor.message("inner done")):
+        member.send(1)
+    start_worker(threads=1)
+
+    # Then a worker finds the nested batch's callback out (its trace), marks it, and ends
+    # the nested batch in the outer one, which completes: each callback ran once
+    ((_, summary),) = outer_report.calls.wait(1)
+    assert (summary["total"], summary["failed"]) == (1, 1)
+    assert len(died) == 1
+    assert [label for label, _ in inner_report.calls.seen] == ["inner done"]
+    state = tracker_of(broker).state(broker)
+    poll_until(lambda: (state.read(died[0]) or ({}, {}))[0].get("complete") == "sent", "inner marked sent")
+    assert len(inner_report.calls.seen) == 1
+    assert len(outer_report.calls.seen) == 1
 
 
 def test_the_batch_writer_goes_on_when_what_its_kept_ends_fired_cannot_be_published(redis_server: Any) -> None:
@@ -926,7 +986,7 @@ def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
     import dramatiq.worker
 
     monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
-    refusals = refuse_publishes(monkeypatch, 5, refire_every_s=0.05, refire_after_ms=100)
+    refusals = refuse_publishes(monkeypatch, 5, refire_every_s=0.05, refire_after_ms=60_000)
     runs = Runs()
 
     @dramaturg.actor(queue_name="batch-members")
@@ -953,21 +1013,32 @@ def test_a_callback_that_cannot_be_published_is_tried_again_until_it_is_out(
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+@pytest.mark.parametrize("refusal", ["refused", "out of reach for a minute"])
 def test_a_callback_refused_for_good_holds_no_member_and_goes_out_once_accepted(
     broker_kind: str,
     broker: dramatiq.Broker,
     start_worker: Callable[..., dramatiq.Worker],
     monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
 ) -> None:
-    # Given a batch whose callback is refused (not a broker out of reach: as a unique key
-    # that another task holds refuses it) until the test says otherwise, and workers that
-    # look for callbacks left unpublished every 100 ms
+    # Given a batch whose callback is refused until the test says otherwise: refused (not
+    # a broker out of reach: as a unique key that another task holds refuses it), or out of
+    # reach for longer than the sweep's wait (here 300 ms; a minute by default, as a queue
+    # RabbitMQ refuses is reported as a lost connection); workers look for callbacks left
+    # unpublished every 100 ms
+    import dramatiq.worker
+
+    monkeypatch.setattr(dramatiq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
     refusals = refuse_publishes(
         monkeypatch,
         1_000_000,
         refire_every_s=0.1,
         refire_after_ms=300,
-        error=lambda: ValueError("refused: its unique key is taken"),
+        error=(
+            (lambda: ValueError("refused: its unique key is taken"))
+            if refusal == "refused"
+            else (lambda: dramatiq.errors.ConnectionClosed(OSError("the broker is out of reach")))
+        ),
     )
     runs = Runs()
 

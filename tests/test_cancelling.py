@@ -509,16 +509,26 @@ def test_a_read_interrupted_after_the_feed_answered_is_read_again() -> None:
         watcher.stop()
 
 
-def test_the_reader_interrupts_a_running_task_whose_interrupt_was_lost() -> None:
-    # Pure logic: a request was recorded by a worker thread's read, but the interrupt it sent
-    # to the running task was lost (that thread interrupted meanwhile). The reader thread,
-    # polling while tasks run, sends it again.
+def test_the_reader_interrupts_a_running_task_whose_interrupt_was_lost_and_no_other() -> None:
+    # Pure logic: a request was recorded by a worker thread's read, but the interrupt it
+    # was to send to the running task was lost (that thread interrupted meanwhile). The
+    # reader thread, polling while tasks run, sends it; not to a running task named by an
+    # older request (it may no longer stand: kicked since, its withdrawal not read yet).
     from dramaturg.cancelling.watch import _Watcher
 
     class Feed:
         ttl_ms = 60_000
 
+        def __init__(self) -> None:
+            self.reads = 0
+            self.polled = threading.Event()
+
         def feed(self, after: str | None) -> tuple[list[tuple[str, float, bool]], str | None]:
+            self.reads += 1
+            if self.reads == 1:
+                return [("lost", time.time() * 1000, False)], "1-0"
+            if self.reads >= 4:
+                self.polled.set()
             return [], after
 
     class Deadline:
@@ -531,12 +541,18 @@ def test_the_reader_interrupts_a_running_task_whose_interrupt_was_lost() -> None
             self.fired.set()
             return True
 
-    watcher = _Watcher(Feed())  # type: ignore[arg-type]
+    feed = Feed()
+    watcher = _Watcher(feed)  # type: ignore[arg-type]
     try:
-        deadline = Deadline()
-        watcher.cancelled["lost"] = time.time() * 1000
-        watcher.running["lost"] = deadline  # type: ignore[assignment]
+        lost, older = Deadline(), Deadline()
+        watcher.running["lost"] = lost  # type: ignore[assignment]
+        watcher.running["older"] = older  # type: ignore[assignment]
+        watcher.cancelled["older"] = time.time() * 1000 - 5_000
+        with watcher._lock:
+            assert watcher._read(None) == ["lost"]  # recorded; its interrupt never sent
         watcher.wake()
-        assert deadline.fired.wait(5)
+        assert lost.fired.wait(5)
+        assert feed.polled.wait(5)  # three polls more
+        assert not older.fired.is_set()
     finally:
         watcher.stop()

@@ -30,6 +30,7 @@ broker's consumer acknowledges the message.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -86,8 +87,11 @@ REFIRE_EVERY_S = 30.0
 #: ...that have been firing for longer than this: much longer than the durable write's
 #: tries of the publisher that fired them, which has given up by then.
 REFIRE_AFTER_MS = 60_000
-#: At most this many batches per look.
+#: At most this many batches per look (each taken alone, just before it is published, so
+#: that a slow publish never outlasts the others' takes).
 REFIRE_LIMIT = 100
+#: How many callbacks this process published, remembered (see BatchTracker._published).
+PUBLISHED_KEPT = 10_000
 
 #: The batch whose ``with`` block this thread (or coroutine) is in.
 _current: ContextVar[Batch | None] = ContextVar("dramaturg_current_batch", default=None)
@@ -129,6 +133,13 @@ class BatchTracker(dramatiq.Middleware):
         #: Per worker of this process (by id): set when it stops, to end its refire thread
         #: (see :meth:`after_worker_boot`).
         self._refire_stops: dict[int, threading.Event] = {}
+        #: The callbacks this process published, (batch id, event), the newest
+        #: :data:`PUBLISHED_KEPT`: a fire tried again after its "published" mark failed
+        #: (its owner retrying the member's end) marks them, and does not publish them again.
+        self._published: dict[tuple[str, str], None] = {}
+        #: (batch id, event) -> when this process's publishes of it began failing (monotonic):
+        #: an owner stops keeping its member for it after :data:`REFIRE_AFTER_MS`.
+        self._failing_since: dict[tuple[str, str], float] = {}
         if self._observe_progress not in progress_observers:
             progress_observers.append(self._observe_progress)
 
@@ -350,8 +361,15 @@ class BatchTracker(dramatiq.Middleware):
         tries) leaves its event "firing": a repeated end of the member publishes it again.
         ``strict``: raise that error once the others are done, for a caller that then
         leaves the member's message unacknowledged, so that it is tried again (the Redis
-        consumer's acknowledgement); without it the error is logged and the member's
-        message is acknowledged all the same (an end written from a worker's after-hook).
+        consumer's acknowledgement, the RabbitMQ end writer: the "owners" of what their
+        ends fire); without it the error is logged and the member's message is
+        acknowledged all the same (an end written from a worker's after-hook), the batch
+        waiting in the firing index for the workers' sweep (:meth:`refire`).
+
+        A callback this process published already (its "published" mark failed) is only
+        marked. An owner stops keeping its member for a callback that is refused rather
+        than out of reach, or that has failed for :data:`REFIRE_AFTER_MS`: the batch goes
+        to the firing index (``disown``) and the member is acknowledged.
         """
         state = self.state(broker)
         read = state.read(batch_id)
@@ -363,19 +381,25 @@ class BatchTracker(dramatiq.Middleware):
         failed: Exception | None = None
         for event in events:
             stored = meta.get(f"on_{event}")
-            if stored:
+            key = (batch_id, event)
+            if stored and key not in self._published:
                 try:
                     self._publish(broker, batch_id, event, json.loads(stored), summary)
                 except TaskHeld as error:  # eager mode: the callback ran and was held
                     held = held or error
                 except Exception as error:
-                    if strict and not _passing(error):
+                    if len(self._failing_since) > PUBLISHED_KEPT:
+                        self._failing_since.clear()
+                    since = self._failing_since.setdefault(key, time.monotonic())
+                    if strict and (not _passing(error) or time.monotonic() - since > REFIRE_AFTER_MS / 1000):
                         # It would fail again however often the member's end is tried (a
-                        # unique key another task holds, a limit's key that cannot be made):
-                        # the member's message is not kept for it (that would hold a worker
-                        # thread, or a delivery, for good). Left to the workers' sweep
-                        # (refire), which tries it every minute, with this line each time.
+                        # unique key another task holds, a limit's key that cannot be made,
+                        # a queue RabbitMQ refuses), or it has failed for a minute: the
+                        # member's message is not kept for it (that holds a worker thread,
+                        # or a delivery). Left to the workers' sweep, which tries it every
+                        # minute, with this line each time.
                         state.disown(batch_id)
+                        self._failing_since.pop(key, None)
                         logger.error(
                             "could not publish on_%s of batch %s (%s: %s); left to be published again later",
                             event,
@@ -396,7 +420,22 @@ class BatchTracker(dramatiq.Middleware):
                     )
                     failed = failed or error
                     continue
-            state.sent(batch_id, event)
+                self._failing_since.pop(key, None)
+                self._published[key] = None
+                if len(self._published) > PUBLISHED_KEPT:
+                    self._published.pop(next(iter(self._published)), None)
+            mark_error = durable_write(functools.partial(state.sent, batch_id, event))
+            if mark_error is not None:
+                # Published, not marked: an owner tries again (and only marks it, see
+                # _published); otherwise the sweep finds its trace and marks it.
+                logger.warning(
+                    "on_%s of batch %s was published, but could not be marked so (%s: %s)",
+                    event,
+                    batch_id,
+                    type(mark_error).__name__,
+                    mark_error,
+                )
+                failed = failed or mark_error
         parent = meta.get("parent")
         if parent:
             code = "s" if int(meta.get("succeeded", 0)) == int(meta.get("total", 0)) else "f"
@@ -442,27 +481,48 @@ class BatchTracker(dramatiq.Middleware):
 
         A callback that was published after all (its "published" mark lost: the publisher
         killed between the two, the state store failing in that moment) has left a trace:
-        its task status (queued, running or ended; on Redis the message itself while it
-        waits). Such a callback is only marked published, not published again.
+        its record in the state store (queued, running, ended, held; on Redis also the
+        message itself while it waits). Such a callback is only marked published, not
+        published again.
+
+        Each batch is taken alone, just before its callbacks are published, so that a slow
+        publish never outlasts the take of another batch (whose callbacks another worker
+        would then publish too). If its trace cannot be read, the batch waits for a later
+        look. Either way the batch then ends as a member of its parent, as :meth:`fire`
+        ends it (a repeated end counts once): the publisher may have been killed before.
         """
         state = self.state(broker)
-        taken = state.stale(REFIRE_AFTER_MS, REFIRE_LIMIT)
-        for batch_id in taken:
+        tried = 0
+        while tried < REFIRE_LIMIT:
+            taken = state.stale(REFIRE_AFTER_MS, 1)
+            if not taken:
+                break
+            tried += 1
+            batch_id = taken[0]
             read = state.read(batch_id)
             if read is None:
                 continue  # expired meanwhile: the next look drops it from the index
-            events = []
-            for event in ("complete", "success"):
-                if read[0].get(event) != "firing":
-                    continue
-                if _was_published(broker, callback_id(batch_id, event)):
-                    state.sent(batch_id, event)
-                else:
-                    events.append(event)
+            events: list[str] = []
+            try:
+                for event in ("complete", "success"):
+                    if read[0].get(event) != "firing":
+                        continue
+                    if _was_published(broker, callback_id(batch_id, event)):
+                        state.sent(batch_id, event)
+                    else:
+                        events.append(event)
+            except Exception as error:
+                logger.warning(
+                    "batch %s: could not tell whether its callbacks went out (%s: %s); looked at again later",
+                    batch_id,
+                    type(error).__name__,
+                    error,
+                )
+                continue
             if events:
                 logger.warning("batch %s: publishing on_%s again (left unpublished)", batch_id, "/on_".join(events))
-                self.fire(broker, batch_id, events)
-        return len(taken)
+            self.fire(broker, batch_id, events)
+        return tried
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Start the thread that publishes callbacks left unpublished (:meth:`refire`), on a
@@ -530,14 +590,21 @@ def _passing(error: BaseException) -> bool:
 
 
 def _was_published(broker: dramatiq.Broker, message_id: str) -> bool:
-    """Whether the task ``message_id`` is known (its status: queued, running, ended, held;
-    on Redis also the message waiting in its queue). Unknown when the store cannot say."""
-    from ..status import task_status
+    """Whether the task ``message_id`` left a trace: its record in the state store (queued,
+    running, ended, held), or on Redis the message waiting in its queue. Raises when the
+    store cannot say. (Not the held stores: on RabbitMQ a lookup there reads every held
+    queue; a held task's record says held.)"""
+    from ..status import state_store
 
     try:
-        return task_status(message_id, broker).state != "unknown"
-    except Exception:
-        return False
+        store = state_store(broker)
+    except StateUnavailable:
+        store = None  # task status is off
+    if store is not None and store.get(message_id) is not None:
+        return True
+    if getattr(broker, "finds_messages", False):
+        return broker.find_message(message_id) is not None  # type: ignore[attr-defined]
+    return False
 
 
 def tracker_of(broker: dramatiq.Broker) -> BatchTracker:

@@ -74,6 +74,11 @@ class _Watcher:
         self.running: dict[str, Deadline] = {}
         #: Message id -> when it was asked for (the store's clock, ms).
         self.cancelled: dict[str, float] = {}
+        #: The requests read since the reader's last poll, whose running tasks it interrupts
+        #: (again: an interrupt sent by a worker thread's read can be lost, see
+        #: _interrupt_running). Only those: an older entry of ``cancelled`` may no longer
+        #: stand (a task kicked since, whose withdrawal this process has not read yet).
+        self._unsent: set[str] = set()
         #: When the feed was last read, or tried (time.monotonic()).
         self.read_at = float("-inf")
         self._last: str | None = None  # the feed's last entry read
@@ -150,10 +155,12 @@ class _Watcher:
         fresh: list[str] = []
         for message_id, at, withdrawn in found:
             if withdrawn:
+                self._unsent.discard(message_id)
                 self.cancelled.pop(message_id, None)
                 with contextlib.suppress(ValueError):
                     fresh.remove(message_id)
             elif message_id not in self.cancelled:
+                self._unsent.add(message_id)  # first: interrupted before the next line, it is read again
                 self.cancelled[message_id] = at
                 fresh.append(message_id)
             if self._newest is None or at > self._newest:
@@ -175,12 +182,15 @@ class _Watcher:
                 logger.info("task %s is interrupted: it was cancelled", message_id)
 
     def _interrupt_running(self) -> None:
-        """Interrupt every running task that ``cancelled`` names, read now or before: an
+        """Interrupt the running tasks the requests read since the last poll name: an
         interrupt sent by a worker thread's read can be lost (a TTR interrupt landing in
-        that thread meanwhile), so the reader sends them again each poll (a deadline
-        fires once, so a task is interrupted once)."""
-        cancelled = self.cancelled
-        self._interrupt([message_id for message_id in list(self.running) if message_id in cancelled])
+        that thread meanwhile), so the reader sends them again (a deadline fires once, so
+        a task is interrupted once). A task of theirs not running now is skipped when it
+        is taken (it is in ``cancelled``)."""
+        with self._lock:
+            unsent, self._unsent = self._unsent, set()
+        if unsent:
+            self._interrupt([message_id for message_id in unsent if message_id in self.running])
 
     def _run(self) -> None:
         while not self._stopped:
