@@ -2,10 +2,10 @@
 
 Three scenarios, each system doing the same work (``peer_apps/work.py``):
 
-- ``noop``: N no-op tasks (default 20,000): enqueue rate, drain rate, worker CPU per task;
+- ``noop``: N no-op tasks (default 10,000): enqueue rate, drain rate, worker CPU per task;
 - ``sleep``: tasks that sleep 10 ms (default 2,000): drain rate, and efficiency, the rate
   over what the worker's slots (processes x threads) could do at best (slots / 10 ms);
-- ``import``: the user import (default 100,000 rows): validate the e-mail address and
+- ``import``: the user import (default 20,000 rows): validate the e-mail address and
   upsert the row into SQLite (WAL) through a per-thread connection.
 
 For each broker, scenario and system, in interleaved rounds: clear the broker (its own
@@ -470,13 +470,13 @@ def main() -> int:
     parser.add_argument("--brokers", nargs="+", default=["redis", "rabbitmq"], choices=["redis", "rabbitmq"])
     parser.add_argument("--systems", nargs="+", default=names, choices=names, help="(default: all)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS, help="(default: all)")
-    parser.add_argument("--count", type=int, default=20_000, help="no-op tasks per run (default: 20000)")
+    parser.add_argument("--count", type=int, default=10_000, help="no-op tasks per run (default: 10000)")
     parser.add_argument("--sleep-count", type=int, default=2_000, help="10 ms tasks per run (default: 2000)")
-    parser.add_argument("--import-count", type=int, default=100_000, help="user rows per run (default: 100000)")
+    parser.add_argument("--import-count", type=int, default=20_000, help="user rows per run (default: 20000)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default: 8)")
-    parser.add_argument("--max-drain-seconds", type=float, default=120, help="cut a longer drain there (default: 120)")
+    parser.add_argument("--max-drain-seconds", type=float, default=30, help="cut a longer drain there (default: 30)")
     parser.add_argument(
         "--redis-url",
         default="redis://127.0.0.1:6379/9",
