@@ -72,7 +72,7 @@ def test_every_state_of_a_task_is_told(broker: dramatiq.Broker, start_worker: An
         release.wait(30)
 
     # Before any worker runs: queued, and delayed until when it was asked for
-    sent_at = time.time() * 1000
+    sent_at = int(time.time() * 1000)  # whole ms, as the message's timestamp (and so its eta) is made
     first = ok.send()
     later = ok.send_with_options(delay=LATER_MS)
     queued = status_when(first.message_id, "queued")
