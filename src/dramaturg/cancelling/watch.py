@@ -187,10 +187,11 @@ class _Watcher:
         that thread meanwhile), so the reader sends them again (a deadline fires once, so
         a task is interrupted once). A task of theirs not running now is skipped when it
         is taken (it is in ``cancelled``)."""
+        if not self._unsent:
+            return  # nearly every poll: no lock taken
         with self._lock:
             unsent, self._unsent = self._unsent, set()
-        if unsent:
-            self._interrupt([message_id for message_id in unsent if message_id in self.running])
+        self._interrupt([message_id for message_id in unsent if message_id in self.running])
 
     def _run(self) -> None:
         while not self._stopped:
@@ -204,7 +205,9 @@ class _Watcher:
                 if self.running or self._failing:
                     idle = 0
                     try:
-                        self.read()
+                        # What the read finds goes to ``_unsent`` too: interrupted once, there.
+                        with self._lock:
+                            self._read(None)
                         self._interrupt_running()
                     except Exception:  # never let the reader die: the next poll tries again
                         logger.exception("reading cancel requests failed")
