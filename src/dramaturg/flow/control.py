@@ -39,7 +39,10 @@ needs no second queue per key nor a kicker that must itself survive crashes, and
 works the same on RabbitMQ, Redis and embedded. The price is latency and polling: a
 concurrency wait backs off from 100 ms to :data:`MAX_WAIT_MS` (never past the lease it
 waits for), so a freed slot is taken within that; a rate wait is the exact time until
-the oldest start leaves the window, spread by a jitter of a few token intervals.
+the oldest start leaves the window, spread by a jitter of a few token intervals. A key
+with a queue has its tasks' returns paced at the rate it takes them
+(:mod:`dramaturg.flow.pacing`), so that they are not turned over again and again ahead
+of other keys' tasks.
 
 The state store going away: a send that needs it (a unique key) fails with
 :class:`~dramaturg.FlowSendError`; a task that cannot take its limits is put back to wait
@@ -64,6 +67,7 @@ from ..held import durable_write
 from ..queues import canonical_queue
 from ..task import Hold, RunOutcome, Task, run_of, start_run, taken_back, touch_observers
 from .limits import Concurrency, Declared
+from .pacing import Pacing
 from .state import FlowState, LimitSpec, MemoryFlowState, RedisFlowState, new_run
 
 __all__ = [
@@ -98,7 +102,7 @@ FIRST_WAIT_MS = 100
 #: slot of the key ends it sooner.
 REMEMBER_REFUSAL_MS = 100
 #: The attribute of a processed message (Dramatiq's proxy) naming the slots its run holds:
-#: (keys, lease in ms, the store, the run's token).
+#: (keys, lease in ms, the store, the run's token, when it started on the monotonic clock).
 _SLOTS = "_dramaturg_slots"
 #: Outcomes after which a task never runs again (None: its handler returned).
 _TERMINAL = frozenset({None, RunOutcome.SUCCEEDED, RunOutcome.HELD, RunOutcome.REJECTED, RunOutcome.CANCELLED})
@@ -135,6 +139,8 @@ class FlowControl(dramatiq.Middleware):
         self._specs: dict[tuple[int, str], tuple[Declared, tuple[LimitSpec, ...], int, str, tuple[str, ...]]] = {}
         #: (the broker, whether it runs tasks inline), looked up once.
         self._inline: tuple[Any, bool] = (None, False)
+        #: When the tasks put back for each key come back (see dramaturg.flow.pacing).
+        self._pacing = Pacing()
         if self._renew_on_touch not in touch_observers:
             touch_observers.append(self._renew_on_touch)
 
@@ -302,7 +308,7 @@ class FlowControl(dramatiq.Middleware):
             inner.options.pop(WAITING_OPTION, None)
             inner.options.pop(WAITS_OPTION, None)
         if lease_ms:
-            message.__dict__[_SLOTS] = (slot_keys, lease_ms, state, run)
+            message.__dict__[_SLOTS] = (slot_keys, lease_ms, state, run, time.monotonic())
 
     def _specs_of(
         self, broker: dramatiq.Broker, inner: Any, declared: Declared
@@ -414,6 +420,8 @@ class FlowControl(dramatiq.Middleware):
 
         waits = int(message.options.get(WAITS_OPTION, 0)) + 1
         delay = wait_ms(denied, waits)
+        if denied is not None:
+            delay = self._pacing.delay_ms(denied[0], delay)
         start_run(message).outcome = RunOutcome.RELEASED
         if taken_back(message):  # RabbitMQ delivers it again by itself
             return
@@ -455,7 +463,7 @@ class FlowControl(dramatiq.Middleware):
         held = task.message.__dict__.get(_SLOTS)
         if held is None or held[2] is not self._state:
             return
-        slots, lease_ms, state, run = held
+        slots, lease_ms, state, run, _ = held
         try:
             if state.renew(task.message_id, run, slots, lease_ms) < len(slots):
                 logger.warning(
@@ -474,6 +482,8 @@ class FlowControl(dramatiq.Middleware):
         inner = getattr(message, "_message", message)
         held = message.__dict__.pop(_SLOTS, None)
         if held is not None:
+            if self._pacing.watching:
+                self._pacing.ran(held[0], time.monotonic() - held[4])
             if self._refused:
                 self._forget_refusals(held[0])
             try:
@@ -515,6 +525,10 @@ class FlowControl(dramatiq.Middleware):
             self.state(broker).unclaim(key, message_id)
         except Exception as error:
             logger.warning("unique key %r of %s was not released (%s); it expires with its ttl", key, message_id, error)
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Pacing holds at most three quarters of the copies its delay queues' consumers can hold (see pacing).
+        self._pacing.budget = int(getattr(worker, "delay_prefetch", 0)) * 3 // 4
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self._state is not None:
