@@ -11,13 +11,19 @@ was put back five times before the other's ten had started.
 So a worker process paces the returns of each key's tasks at the rate the key can take
 them: a concurrency key frees a slot every *run time / limit* (the run time: the shorter
 of the moving average and the last of this process's runs holding a slot of it, erring
-towards coming back early), a rate key lets a start through
-every *window / limit*. Each task put back is given the next return time of its key's
-schedule (at the earliest its backoff, or the store's wait for a rate), a little faster
-than that pace (:data:`PACE`) so that a slot seldom stands idle while the next task
-sleeps; a task that comes back too early is put back again, at the end of the schedule.
-The queue then holds a key's tasks as they are due rather than all of them, and another
-key's tasks are reached after one pass over what was queued before them.
+towards coming back early), a rate key lets a start through every *window / limit*.
+While a key has few tasks out (:data:`POLLERS_MIN` to :data:`POLLERS_MAX`, twice its
+limit) they wait their plain backoff as before: they take its slots as they free, within
+the backoff, so a key with a short queue is served as fast as without pacing. Each task
+put back beyond them is given the next return time of its key's schedule (at the
+earliest its backoff, or the store's wait for a rate), four times faster than that pace
+(:data:`PACE`), so that a slot freed is soon met by a return; one that comes back too
+early is put back again, at the end of the schedule. The schedule's end is never later than the tasks
+paced at the moment need at the current pace, so a slow run or a copy that never came
+back (cancelled, purged) leaves no hole in it. The queue then holds a key's tasks as
+they are due rather than all of them, and another key's tasks are reached after one pass
+over what was queued before them. A key is paced from the first run of it that ended in
+this process (before, its run time is not known).
 
 Bounded, because a delayed copy waits in a worker's memory: Dramatiq's consumer of a
 delay queue takes its messages in the order they were put back, holds up to its prefetch
@@ -27,9 +33,9 @@ due at once) from being taken: with 10,000 tasks of one key paced over a minute,
 threads, the other key's copies waited 30 s behind them. So a process paces at most three
 quarters of its delay prefetch of copies at a time (:attr:`Pacing.budget`, leaving room
 for other delayed messages); beyond that a task waits its plain backoff, as without
-pacing. And no return is scheduled past :data:`HORIZON_MS` (RabbitMQ also closes a
-channel holding a delivery past its ``consumer_timeout``): a task beyond it comes back
-within its second half, without extending the schedule.
+pacing. And no return is scheduled past :data:`HORIZON_MS`, which bounds what a wrong
+estimate of the pace can cost: a task beyond it comes back within its second half,
+without extending the schedule (a rate's wait already longer is left as it is).
 
 Per process: the processes of a worker group pace their own put-backs, so with *n*
 processes refusing one key its tasks come back up to *n* times as often as it takes them,
@@ -46,17 +52,47 @@ from collections.abc import Callable, Sequence
 
 from .state import LimitSpec
 
-__all__ = ["HORIZON_MS", "PACE", "Pacing"]
+__all__ = ["HORIZON_MS", "PACE", "POLLERS_MAX", "POLLERS_MIN", "Pacing"]
 
-#: The latest a task put back is scheduled to come back, in ms from now.
+#: The latest a task put back is scheduled to come back, in ms from now: what a wrong
+#: estimate of the pace can cost (tasks asleep while their key's slots are free).
 HORIZON_MS = 30_000
-#: Returns are scheduled this fraction of the key's pace apart (below 1: a few early ones
-#: are put back again, rather than a slot standing idle).
-PACE = 0.8
+BEYOND_MS = (HORIZON_MS / 2, HORIZON_MS)
+#: Returns are scheduled this fraction of the key's pace apart: a slot that frees waits
+#: for the next return, so they come four times as often as the key can start them (the
+#: extra ones are put back again; their number follows the key's pace, not its queue).
+#: Measured by simulation (test_pacing_keeps_a_keys_slots_busy): at 0.8, a key of limit 1
+#: drained its own queue 4-56% slower than unpaced.
+PACE = 0.25
 #: The weight of a new run in a key's moving average of run times.
 ALPHA = 0.3
-#: The most keys remembered (keys of a template, tenant:{store}, must not pile up).
+#: How many of a key's tasks keep waiting their plain backoff before any is paced: twice
+#: its limit, within these bounds. They take its slots as they free (each tries again
+#: within 2 s), so that pacing the rest leaves no slot idle; a key with fewer tasks
+#: waiting is never paced.
+POLLERS_MIN = 8
+POLLERS_MAX = 64
+#: The most keys remembered (keys of a template, tenant:{store}, must not pile up), and how
+#: often, at the most, the ones done with are dropped once there are that many.
 KEYS_MAX = 10_000
+PRUNE_EVERY_S = 1.0
+
+
+class _Key:
+    """A key's copies out (put back and not yet due, by when they come back: heaps) and the
+    last return its schedule gave."""
+
+    __slots__ = ("last", "paced", "polling")
+
+    def __init__(self) -> None:
+        self.polling: list[float] = []
+        self.paced: list[float] = []
+        self.last = 0.0
+
+
+def _drop_due(heap: list[float], now: float) -> None:
+    while heap and heap[0] <= now:
+        heapq.heappop(heap)
 
 
 class Pacing:
@@ -68,8 +104,9 @@ class Pacing:
         #: the last one). The pace uses the shorter: a task that comes back too early is put
         #: back once more, one that comes back too late leaves a slot idle.
         self._runs: dict[str, tuple[float, float]] = {}
-        #: A key's ("c:tenant:fr", "r:shopify") last return scheduled (the monotonic clock).
-        self._next: dict[str, float] = {}
+        #: The keys put back for ("c:tenant:fr", "r:shopify").
+        self._keys: dict[str, _Key] = {}
+        self._pruned = 0.0
         #: When the copies paced and not yet due come back (a heap): at most `budget` of them.
         self._out: list[float] = []
         #: How many copies may be paced at a time (3/4 of the worker's delay prefetch, set
@@ -79,9 +116,9 @@ class Pacing:
 
     @property
     def watching(self) -> bool:
-        """Whether any key was paced: only then are run times measured (nothing on the
-        message path of a process whose limits never refuse)."""
-        return bool(self._next)
+        """Whether any key was put back for: only then are run times measured (nothing on
+        the message path of a process whose limits never refuse)."""
+        return bool(self._keys)
 
     def ran(self, keys: Sequence[str], seconds: float) -> None:
         """A run that held a slot of each of ``keys`` (concurrency keys) took ``seconds``."""
@@ -94,8 +131,10 @@ class Pacing:
             runs[key] = (average, seconds)
 
     def delay_ms(self, spec: LimitSpec, earliest_ms: int) -> int:
-        """How long a task refused ``spec`` waits: its key's next return time, at the
-        earliest ``earliest_ms`` from now (the backoff, or a rate's exact wait)."""
+        """How long a task refused ``spec`` waits: its plain ``earliest_ms`` (the backoff, or
+        a rate's exact wait) while its key has few tasks out, else its key's next return time."""
+        if earliest_ms >= HORIZON_MS:
+            return earliest_ms  # a long rate wait: nothing to pace within the horizon
         if spec.kind == "c":
             run = self._runs.get(spec.key)
             gap = 0.0 if run is None else min(run) / spec.limit * PACE
@@ -104,21 +143,37 @@ class Pacing:
         name = spec.kind + ":" + spec.key
         now = self._clock()
         with self._lock:
-            out = self._out
-            while out and out[0] <= now:
-                heapq.heappop(out)
-            if len(out) >= self.budget:
+            key = self._keys.get(name)
+            if key is None:
+                if len(self._keys) >= KEYS_MAX and now - self._pruned >= PRUNE_EVERY_S:
+                    self._prune(now)
+                key = self._keys[name] = _Key()
+            _drop_due(key.polling, now)
+            _drop_due(key.paced, now)
+            _drop_due(self._out, now)
+            pollers = min(POLLERS_MAX, max(POLLERS_MIN, 2 * spec.limit))
+            if gap <= 0 or len(key.polling) < pollers or len(self._out) >= self.budget:
+                heapq.heappush(key.polling, now + earliest_ms / 1000)
                 return earliest_ms
-            at = max(now + earliest_ms / 1000, self._next.get(name, 0.0) + gap)
+            # The schedule's end, no later than the copies paced now need at the current pace
+            # (a pace that was slower, or copies that never came back, leave no hole).
+            last = min(key.last, now + earliest_ms / 1000 + len(key.paced) * gap)
+            at = max(now + earliest_ms / 1000, last + gap)
             if at - now > HORIZON_MS / 1000:
                 # Past the horizon: it comes back within its second half, and the schedule
                 # stays where it is for the tasks that come back before it.
-                wait_ms = max(earliest_ms, int(random.uniform(HORIZON_MS / 2, HORIZON_MS)))
-                heapq.heappush(out, now + wait_ms / 1000)
-                return wait_ms
-            if len(self._next) >= KEYS_MAX:
-                for stale in [key for key, when in self._next.items() if when <= now]:
-                    del self._next[stale]
-            self._next[name] = at
-            heapq.heappush(out, at)
+                at = now + random.uniform(*BEYOND_MS) / 1000
+            else:
+                key.last = at
+            heapq.heappush(key.paced, at)
+            heapq.heappush(self._out, at)
         return max(earliest_ms, round((at - now) * 1000))
+
+    def _prune(self, now: float) -> None:
+        """Forget the keys with no copy out and no schedule ahead (under the lock)."""
+        self._pruned = now
+        for name, key in list(self._keys.items()):
+            _drop_due(key.polling, now)
+            _drop_due(key.paced, now)
+            if key.last <= now and not key.paced and not key.polling:
+                del self._keys[name]
