@@ -34,8 +34,8 @@ threads, the other key's copies waited 30 s behind them. So a process paces at m
 quarters of its delay prefetch of copies at a time (:attr:`Pacing.budget`, leaving room
 for other delayed messages); beyond that a task waits its plain backoff, as without
 pacing. And no return is scheduled past :data:`HORIZON_MS`, which bounds what a wrong
-estimate of the pace can cost: a task beyond it comes back within its second half,
-without extending the schedule (a rate's wait already longer is left as it is).
+estimate of the pace can cost: a task beyond it comes back 30 s to 2 min later
+(:data:`BEYOND_MS`), without extending the schedule (a rate's wait already longer is left as it is).
 
 Per process: the processes of a worker group pace their own put-backs, so with *n*
 processes refusing one key its tasks come back up to *n* times as often as it takes them,
@@ -52,12 +52,17 @@ from collections.abc import Callable, Sequence
 
 from .state import LimitSpec
 
-__all__ = ["HORIZON_MS", "PACE", "POLLERS_MAX", "POLLERS_MIN", "Pacing"]
+__all__ = ["BEYOND_MS", "HORIZON_MS", "PACE", "POLLERS_MAX", "POLLERS_MIN", "Pacing"]
 
 #: The latest a task put back is scheduled to come back, in ms from now: what a wrong
 #: estimate of the pace can cost (tasks asleep while their key's slots are free).
 HORIZON_MS = 30_000
-BEYOND_MS = (HORIZON_MS / 2, HORIZON_MS)
+#: When a task whose turn is past the horizon comes back (ms from now, at random): it would
+#: only be put back again before, so as late as keeps its copy's place in a worker's memory
+#: short (and far within RabbitMQ's consumer_timeout). Coming back again and again within
+#: 15-30 s, 10,000 tasks of one tenant kept RabbitMQ busy enough (two worker processes)
+#: that another tenant's tasks waited as long as without pacing.
+BEYOND_MS = (HORIZON_MS, 4 * HORIZON_MS)
 #: Returns are scheduled this fraction of the key's pace apart: a slot that frees waits
 #: for the next return, so they come four times as often as the key can start them (the
 #: extra ones are put back again; their number follows the key's pace, not its queue).
@@ -160,7 +165,7 @@ class Pacing:
             last = min(key.last, now + earliest_ms / 1000 + len(key.paced) * gap)
             at = max(now + earliest_ms / 1000, last + gap)
             if at - now > HORIZON_MS / 1000:
-                # Past the horizon: it comes back within its second half, and the schedule
+                # Past the horizon: it comes back later (BEYOND_MS), and the schedule
                 # stays where it is for the tasks that come back before it.
                 at = now + random.uniform(*BEYOND_MS) / 1000
             else:
