@@ -631,8 +631,8 @@ def _pings(client: redis.Redis) -> bool:
 
 
 #: How soon another tenant's tasks start behind a queue of one tenant's, per task ahead, and
-#: the time to start a worker (see the docs' Fairness): measured 1.6-1.8 ms on Redis and
-#: embedded, 2.3-2.5 ms on RabbitMQ, with 8 threads on the 2-core machine under load.
+#: the time to start a worker (see the docs' Fairness): measured 1.9-2.3 ms on Redis and
+#: embedded, 2.8-4.5 ms on RabbitMQ, with 8 threads on the 2-core machine under load.
 FAIRNESS_MS_PER_TASK_AHEAD = {"redis": 4.0, "embedded": 4.0, "rabbitmq": 8.0}
 FAIRNESS_START_S = 2.0
 
