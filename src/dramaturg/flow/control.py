@@ -420,11 +420,11 @@ class FlowControl(dramatiq.Middleware):
 
         waits = int(message.options.get(WAITS_OPTION, 0)) + 1
         delay = wait_ms(denied, waits)
-        if denied is not None:
-            delay = self._pacing.delay_ms(denied[0], delay)
         start_run(message).outcome = RunOutcome.RELEASED
         if taken_back(message):  # RabbitMQ delivers it again by itself
             return
+        if denied is not None:  # (after: a copy never made must not take a place in the schedule)
+            delay = self._pacing.delay_ms(denied[0], delay)
         copy = message.copy(
             queue_name=canonical_queue(message.queue_name), options={WAITING_OPTION: what, WAITS_OPTION: waits}
         )
