@@ -124,6 +124,9 @@ if op == 'end' or op == 'owned-end' then
   -- none of their messages is acknowledged yet).
   local now, ttl = ARGV[2], tonumber(ARGV[3])
   local out, live, last, repeats = {}, {}, {}, {}
+  -- Whether the batch has a progress hash at all (looked up once per batch per call): most
+  -- have none, and then no member's progress is there to delete (one call per member less).
+  local progress = {}
   -- The counts' changes, added up per batch and written once per batch and count after
   -- the loop (nothing in it reads them): two HINCRBYs per call, not two per member.
   local deltas = {}
@@ -171,7 +174,8 @@ if op == 'end' or op == 'owned-end' then
           add(id, 'failed', 1)
           if new == 'h' then add(id, 'held', 1) end
         end
-        redis.call('HDEL', meta .. ':p', member)
+        if progress[id] == nil then progress[id] = redis.call('EXISTS', meta .. ':p') == 1 end
+        if progress[id] then redis.call('HDEL', meta .. ':p', member) end
       end
     end
   end

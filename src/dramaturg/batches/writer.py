@@ -77,6 +77,18 @@ FLUSH_INTERVAL_S = 0.1
 #: Notes past which the oldest are dropped (the store does not answer).
 MAX_NOTES = 100_000
 
+#: This process's id, kept up to date across forks: ``os.getpid()`` is a system call
+#: (about 0.3 us here), and :meth:`BatchWriter.note` looks at it for every member.
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class BatchWriter:
     """Writes one process's batch news to a :class:`~dramaturg.batches.state.BatchState` (see the module)."""
@@ -96,7 +108,7 @@ class BatchWriter:
         self._unwritten: list[End] = []
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._pid = _pid
         self._closed = False
         self._failing = False  # the last flush failed (logged once)
 
@@ -198,12 +210,12 @@ class BatchWriter:
         return written
 
     def _ensure_thread(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self._pid == _pid:
             return
         with self._lock:
-            if self._closed or (self._thread is not None and self._pid == os.getpid()):
+            if self._closed or (self._thread is not None and self._pid == _pid):
                 return
-            self._pid = os.getpid()  # after a fork the parent's thread is not ours
+            self._pid = _pid  # after a fork the parent's thread is not ours
             self._thread = threading.Thread(target=self._run, name="dramaturg-batches", daemon=True)
             self._thread.start()
 
