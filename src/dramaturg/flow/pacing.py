@@ -33,9 +33,12 @@ due at once) from being taken: with 10,000 tasks of one key paced over a minute,
 threads, the other key's copies waited 30 s behind them. So a process paces at most three
 quarters of its delay prefetch of copies at a time (:attr:`Pacing.budget`, leaving room
 for other delayed messages); beyond that a task waits its plain backoff, as without
-pacing. And no return is scheduled past :data:`HORIZON_MS`, which bounds what a wrong
-estimate of the pace can cost: a task beyond it comes back 30 s to 2 min later
-(:data:`BEYOND_MS`), without extending the schedule (a rate's wait already longer is left as it is).
+pacing (the budget counts the copies paced: the first few of each key, and those put back
+beyond the budget, are not counted, as before pacing). No return is scheduled past
+:data:`HORIZON_MS`: a task beyond it comes back 30 s to 2 min later (:data:`BEYOND_MS`),
+out of the schedule, which is what a pace estimated too slow can cost a task at most (a
+rate's wait already longer is left as it is). A copy that could not be put back (the
+broker refused it) keeps its place until its time passes.
 
 Per process: the processes of a worker group pace their own put-backs, so with *n*
 processes refusing one key its tasks come back up to *n* times as often as it takes them,
@@ -54,8 +57,7 @@ from .state import LimitSpec
 
 __all__ = ["BEYOND_MS", "HORIZON_MS", "PACE", "POLLERS_MAX", "POLLERS_MIN", "Pacing"]
 
-#: The latest a task put back is scheduled to come back, in ms from now: what a wrong
-#: estimate of the pace can cost (tasks asleep while their key's slots are free).
+#: The latest a task put back is scheduled to come back, in ms from now (later ones: BEYOND_MS).
 HORIZON_MS = 30_000
 #: When a task whose turn is past the horizon comes back (ms from now, at random): it would
 #: only be put back again before, so as late as keeps its copy's place in a worker's memory
@@ -160,17 +162,20 @@ class Pacing:
             if gap <= 0 or len(key.polling) < pollers or len(self._out) >= self.budget:
                 heapq.heappush(key.polling, now + earliest_ms / 1000)
                 return earliest_ms
-            # The schedule's end, no later than the copies paced now need at the current pace
-            # (a pace that was slower, or copies that never came back, leave no hole).
-            last = min(key.last, now + earliest_ms / 1000 + len(key.paced) * gap)
-            at = max(now + earliest_ms / 1000, last + gap)
-            if at - now > HORIZON_MS / 1000:
-                # Past the horizon: it comes back later (BEYOND_MS), and the schedule
-                # stays where it is for the tasks that come back before it.
+            # The schedule: a turn every gap from now (a concurrency key's backoff is jitter,
+            # which must not push it on), or from the end of a rate's wait (the same for all
+            # the tasks of its window); its end no later than the copies paced now need at the
+            # current pace (a pace that was slower, or copies that never came back, leave no hole).
+            base = now if spec.kind == "c" else now + earliest_ms / 1000
+            turn = max(base, min(key.last, base + len(key.paced) * gap)) + gap
+            if turn - now > HORIZON_MS / 1000:
+                # Past the horizon: it comes back later (BEYOND_MS), out of the schedule (the
+                # tasks that come back before it keep their turns).
                 at = now + random.uniform(*BEYOND_MS) / 1000
             else:
-                key.last = at
-            heapq.heappush(key.paced, at)
+                key.last = turn
+                at = max(now + earliest_ms / 1000, turn)
+                heapq.heappush(key.paced, at)
             heapq.heappush(self._out, at)
         return max(earliest_ms, round((at - now) * 1000))
 
