@@ -192,9 +192,6 @@ class RabbitmqEndWriter:
         fire the same callbacks again while those are not out, see ``batch.lua``)."""
         tracker = tracker_of(self.broker)
         answers = tracker.state(self.broker).end([item[2][2:] for item in batch], owned=True)
-        if not any(answers):  # nearly always: nothing fired (one look, not a step per member)
-            self._hand_back(batch)
-            return
         done: list[_Item] = []
         firing: list[tuple[_Item, list[str]]] = []
         for item, events in zip(batch, answers, strict=True):
@@ -220,15 +217,11 @@ class RabbitmqEndWriter:
         if not items:
             return
         by_consumer: dict[int, tuple[RabbitmqConsumer, list[int], list[int]]] = {}
-        first = items[0][0]
-        if all(item[0] is first and not item[3] for item in items):  # one consumer's acks: nearly always
-            by_consumer[id(first)] = (first, [item[1] for item in items], [])
-        else:
-            for consumer, tag, _, reject in items:
-                found = by_consumer.get(id(consumer))
-                if found is None:
-                    found = by_consumer[id(consumer)] = (consumer, [], [])
-                (found[2] if reject else found[1]).append(tag)
+        for consumer, tag, _, reject in items:
+            found = by_consumer.get(id(consumer))
+            if found is None:
+                found = by_consumer[id(consumer)] = (consumer, [], [])
+            (found[2] if reject else found[1]).append(tag)
         with self._lock:
             if len(items) == len(self._held) and all(a is b for a, b in zip(items, self._held, strict=True)):
                 self._held = []  # the whole round, nearly always
