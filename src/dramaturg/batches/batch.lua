@@ -14,9 +14,15 @@
 --   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
 --   drop  <id> <now ms> <ttl ms> <member>... -> members added but certainly not sent leave
 --                                              it (those still "p"); what fires then
---   end   <now ms> <ttl ms> (<id> <member> <s|f|h|c>)...
---                                           -> per member: "gone" (no such batch), or the
---                                              events that fire (on one member per batch)
+--   end   <now ms> <ttl ms> (<id> <s|f|h|c> <count> <member>...)...
+--                                           -> the ends that fire events, as pairs: the
+--                                              end's place in the call (from 1), the events
+--                                              (a batch's go to its last end here; a batch
+--                                              that is gone fires nothing). Grouped by batch
+--                                              and outcome, one argument a member, and an
+--                                              answer only for what fired: on RabbitMQ's end
+--                                              writer's path, about 0.6 us a member less of
+--                                              the worker's CPU than a triple and an answer each
 --   owned-end <now ms> <ttl ms> (...)       -> the same, for a caller that keeps the
 --                                              member's message unacknowledged until what
 --                                              fires is published (the acknowledgements'
@@ -135,49 +141,52 @@ if op == 'end' or op == 'owned-end' then
     if d == nil then d = {}; deltas[id] = d end
     d[field] = (d[field] or 0) + by
   end
-  local n = 0
-  for i = 4, #ARGV, 3 do
-    n = n + 1
-    local id, member, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local n, i = 0, 4
+  while i <= #ARGV do
+    local id, new, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
     local meta = prefix .. id
+    local members = meta .. ':m'
     if live[id] == nil then live[id] = redis.call('EXISTS', meta) == 1 end
     if not live[id] then
-      out[n] = 'gone'
+      n = n + count
     else
-      out[n] = ''
-      last[id] = n
-      local members = meta .. ':m'
-      local old = redis.call('HGET', members, member)
-      -- A member that had ended already (run again after its worker died, or kicked): the
-      -- run before may have left the batch firing, its callbacks unpublished; they go
-      -- out again (their ids are the same), however this run ended.
-      if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then repeats[id] = true end
-      if old ~= new and old ~= 's' then
-        if not old then
-          add(id, 'total', 1)
-        elseif old == 'r' then
-          add(id, 'running', -1)
-        elseif old == 'f' then
-          add(id, 'failed', -1)
-        elseif old == 'h' then
-          add(id, 'failed', -1)
-          add(id, 'held', -1)
-        elseif old == 'c' then
-          add(id, 'cancelled', -1)
+      for j = i + 3, i + 2 + count do
+        n = n + 1
+        last[id] = n
+        local member = ARGV[j]
+        local old = redis.call('HGET', members, member)
+        -- A member that had ended already (run again after its worker died, or kicked): the
+        -- run before may have left the batch firing, its callbacks unpublished; they go
+        -- out again (their ids are the same), however this run ended.
+        if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then repeats[id] = true end
+        if old ~= new and old ~= 's' then
+          if not old then
+            add(id, 'total', 1)
+          elseif old == 'r' then
+            add(id, 'running', -1)
+          elseif old == 'f' then
+            add(id, 'failed', -1)
+          elseif old == 'h' then
+            add(id, 'failed', -1)
+            add(id, 'held', -1)
+          elseif old == 'c' then
+            add(id, 'cancelled', -1)
+          end
+          redis.call('HSET', members, member, new)
+          if new == 's' then
+            add(id, 'succeeded', 1)
+          elseif new == 'c' then
+            add(id, 'cancelled', 1)
+          else
+            add(id, 'failed', 1)
+            if new == 'h' then add(id, 'held', 1) end
+          end
+          if progress[id] == nil then progress[id] = redis.call('EXISTS', meta .. ':p') == 1 end
+          if progress[id] then redis.call('HDEL', meta .. ':p', member) end
         end
-        redis.call('HSET', members, member, new)
-        if new == 's' then
-          add(id, 'succeeded', 1)
-        elseif new == 'c' then
-          add(id, 'cancelled', 1)
-        else
-          add(id, 'failed', 1)
-          if new == 'h' then add(id, 'held', 1) end
-        end
-        if progress[id] == nil then progress[id] = redis.call('EXISTS', meta .. ':p') == 1 end
-        if progress[id] then redis.call('HDEL', meta .. ':p', member) end
       end
     end
+    i = i + 3 + count
   end
   for id, d in pairs(deltas) do
     for field, by in pairs(d) do
@@ -185,7 +194,11 @@ if op == 'end' or op == 'owned-end' then
     end
   end
   for id, index in pairs(last) do
-    out[index] = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end')
+    local events = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end')
+    if events ~= '' then
+      out[#out + 1] = index
+      out[#out + 1] = events
+    end
   end
   return out
 end

@@ -57,6 +57,10 @@ End = tuple[str, str, str]
 Note = tuple[str, str, str, str]
 
 
+#: The answer of an end that fired nothing, shared (callers only read answers).
+_NOTHING: list[str] = []
+
+
 def fired(answer: Any) -> list[str]:
     """The events an answer of ``seal`` or ``end`` names (``"complete,success"`` -> both)."""
     if isinstance(answer, bytes):
@@ -141,11 +145,24 @@ class RedisBatchState:
         """``owned``: the caller keeps each member's message unacknowledged until what
         it fires is published (so it is not put in the firing index; see ``batch.lua``)."""
         args: list[Any] = ["owned-end" if owned else "end", _now_ms(), self.ttl_ms]
-        for end in ends:
-            args += end
+        group: tuple[str, str] | None = None
+        count_at = 0  # where the count of the group being filled goes
+        for batch_id, member_id, code in ends:
+            if group is None or batch_id != group[0] or code != group[1]:
+                if group is not None:
+                    args[count_at] = len(args) - count_at - 1
+                group = (batch_id, code)
+                args += (batch_id, code, 0)
+                count_at = len(args) - 1
+            args.append(member_id)
+        if group is not None:
+            args[count_at] = len(args) - count_at - 1
         with self._own_lock:  # one caller at a time: the group commit's writer, nearly always alone
-            answers = self._own.run(_SCRIPT_SHA, _SCRIPT, [self.prefix], args)
-        return [fired(answer) if answer else [] for answer in answers]  # nearly all '': nothing fired
+            answer = self._own.run(_SCRIPT_SHA, _SCRIPT, [self.prefix], args)
+        answers: list[list[str]] = [_NOTHING] * len(ends)  # nearly all: nothing fired (never changed in place)
+        for i in range(0, len(answer), 2):
+            answers[int(answer[i]) - 1] = fired(answer[i + 1])
+        return answers
 
     def close(self) -> None:
         self._own.close()

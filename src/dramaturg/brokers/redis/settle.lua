@@ -32,8 +32,7 @@ while i <= #ARGV do
         kind = "a"
         i = i + 6
     elseif kind == "A" or kind == "N" then
-        local events = batch_end({ARGV[i + 3]}, {"owned-end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]})[1]
-        if events ~= "" and events ~= "gone" then fired = events end
+        fired = batch_end({ARGV[i + 3]}, {"owned-end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 7], 1, ARGV[i + 6]})[2]
         kind = string.lower(kind)
         i = i + 8
     else
