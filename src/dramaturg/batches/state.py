@@ -65,7 +65,7 @@ def fired(answer: Any) -> list[str]:
     """The events an answer of ``seal`` or ``end`` names (``"complete,success"`` -> both)."""
     if isinstance(answer, bytes):
         answer = answer.decode()
-    return [event for event in str(answer).split(",") if event and event != "gone"]
+    return [event for event in str(answer).split(",") if event]
 
 
 class BatchState(Protocol):
