@@ -35,10 +35,12 @@ finds its batch gone).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import BatchNotFound
@@ -57,6 +59,9 @@ End = tuple[str, str, str]
 Note = tuple[str, str, str, str]
 
 
+#: An end's batch and outcome (its group in ``batch.lua``'s end step), and its member.
+_BATCH_AND_CODE = itemgetter(0, 2)
+_MEMBER = itemgetter(1)
 #: The answer of an end that fired nothing, shared (callers only read answers).
 _NOTHING: list[str] = []
 
@@ -145,18 +150,9 @@ class RedisBatchState:
         """``owned``: the caller keeps each member's message unacknowledged until what
         it fires is published (so it is not put in the firing index; see ``batch.lua``)."""
         args: list[Any] = ["owned-end" if owned else "end", _now_ms(), self.ttl_ms]
-        group: tuple[str, str] | None = None
-        count_at = 0  # where the count of the group being filled goes
-        for batch_id, member_id, code in ends:
-            if group is None or batch_id != group[0] or code != group[1]:
-                if group is not None:
-                    args[count_at] = len(args) - count_at - 1
-                group = (batch_id, code)
-                args += (batch_id, code, 0)
-                count_at = len(args) - 1
-            args.append(member_id)
-        if group is not None:
-            args[count_at] = len(args) - count_at - 1
+        for (batch_id, code), group in itertools.groupby(ends, _BATCH_AND_CODE):
+            members = list(map(_MEMBER, group))
+            args += (batch_id, code, len(members), *members)
         with self._own_lock:  # one caller at a time: the group commit's writer, nearly always alone
             answer = self._own.run(_SCRIPT_SHA, _SCRIPT, [self.prefix], args)
         answers: list[list[str]] = [_NOTHING] * len(ends)  # nearly all: nothing fired (never changed in place)
