@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import threading
@@ -44,6 +45,18 @@ import dramatiq  # noqa: E402
 from drain_rounds import KEYS, print_table, private_rabbitmq, private_redis  # noqa: E402
 
 import dramaturg  # noqa: E402
+
+
+def machine_cpu() -> tuple[float, float]:
+    """The machine's busy and idle CPU seconds so far, all cores (``/proc/stat``; 0, 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:8]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / tick, idle / tick
 
 
 def run_round(
@@ -87,7 +100,7 @@ def run_round(
     with batch:
         noops["batch"].send_many(range(count))
 
-    spent = {mode: {"tasks": 0.0, "seconds": 0.0, "cpu": 0.0} for mode in ended}
+    spent = {mode: {"tasks": 0.0, "seconds": 0.0, "cpu": 0.0, "busy": 0.0, "idle": 0.0} for mode in ended}
     order = [("plain", "batch")[(i + i // 2) % 2] for i in range(2 * segments)]  # plain, batch, batch, plain...
     for i, mode in enumerate(order):
         left = order[i:].count(mode)
@@ -95,17 +108,19 @@ def run_round(
         turn.update(mode=mode, until=before + (count - before) // left, first=0.0, last=0.0)
         done.clear()
         worker = dramatiq.Worker(broker, queues={f"bench-{mode}"}, worker_threads=threads, worker_timeout=100)
-        cpu0 = time.process_time()
+        cpu0, (busy0, idle0) = time.process_time(), machine_cpu()
         worker.start()
         if not done.wait(timeout=max(120, count / segments / 100)):
             raise SystemExit(f"{mode}: only {ended[mode]} of {turn['until']} ran")
-        cpu = time.process_time() - cpu0
+        cpu, (busy, idle) = time.process_time() - cpu0, machine_cpu()
         worker.stop()
         # Each Worker adds its own middleware to the broker and leaves it there.
         broker.middleware[:] = [m for m in broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
         spent[mode]["tasks"] += turn["until"] - before - 1  # timed from the first task's end
         spent[mode]["seconds"] += turn["last"] - turn["first"]
         spent[mode]["cpu"] += cpu * (turn["until"] - before - 1) / (turn["until"] - before)
+        spent[mode]["busy"] += busy - busy0
+        spent[mode]["idle"] += idle - idle0
     if ended["plain"] < count or ended["batch"] < count:
         raise SystemExit(f"not every task ran: {ended}")
     worker = dramatiq.Worker(broker, queues={"bench-done"}, worker_threads=1, worker_timeout=100)
@@ -119,7 +134,12 @@ def run_round(
     assert len(completes) == 1, completes
     dramaturg.shutdown()
     return {
-        mode: {"rate": s["tasks"] / s["seconds"], "us_per_msg": s["cpu"] / s["tasks"] * 1e6}
+        mode: {
+            "rate": s["tasks"] / s["seconds"],
+            "us_per_msg": s["cpu"] / s["tasks"] * 1e6,
+            "machine_us_per_msg": s["busy"] / s["tasks"] * 1e6,
+            "idle": s["idle"] / max(s["busy"] + s["idle"], 1e-9),
+        }
         for mode, s in spent.items()
     }
 
@@ -153,7 +173,9 @@ def main() -> int:
             print(
                 f"round {round_ + 1}: plain {result['plain']['rate']:,.0f} msgs/s, "
                 f"{result['plain']['us_per_msg']:.1f} us/msg; batch {result['batch']['rate']:,.0f} msgs/s, "
-                f"{result['batch']['us_per_msg']:.1f} us/msg; "
+                f"{result['batch']['us_per_msg']:.1f} us/msg; machine CPU (all processes) "
+                f"{result['plain']['machine_us_per_msg']:.0f} and {result['batch']['machine_us_per_msg']:.0f} us/msg, "
+                f"idle {result['plain']['idle']:.0%} and {result['batch']['idle']:.0%}; "
                 f"drain {result['batch']['rate'] / result['plain']['rate']:.3f} of plain",
                 flush=True,
             )
