@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import dramatiq  # noqa: E402
 from drain_rounds import KEYS, print_table, private_rabbitmq, private_redis  # noqa: E402
+from throughput import children, counts, cpu_seconds, wait_for  # noqa: E402
 
 import dramaturg  # noqa: E402
 
@@ -59,73 +62,88 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(fields) - idle) / tick, idle / tick
 
 
+def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threads: int) -> dict[str, float]:
+    """Start ``dramatiq bench_app`` on the queue of ``mode``; time it from its first task to
+    its ``tasks``-th (from the counts bench_app's processes write every 10 ms), then stop it."""
+    with tempfile.TemporaryDirectory() as directory:
+        count_dir = Path(directory)
+        worker = subprocess.Popen(
+            [
+                *(str(Path(sys.executable).with_name("dramatiq")), "bench_app", "--path", str(HERE)),
+                *("--processes", str(processes), "--threads", str(threads), "--queues", f"bench-{mode}"),
+            ],
+            env={**env, "BENCH_QUEUE": f"bench-{mode}", "BENCH_COUNT_DIR": directory},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            first = wait_for(lambda: counts(count_dir)[0] > 0, 120, "the worker never started")
+            pids = children(worker.pid)
+            cpu0, (busy0, idle0), done0 = cpu_seconds(pids), machine_cpu(), counts(count_dir)[0]
+            last = wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the {mode} turn never finished")
+            cpu, (busy, idle), done = cpu_seconds(pids), machine_cpu(), counts(count_dir)[0]
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    return {
+        "tasks": tasks - 1,  # timed from the first task's end
+        "seconds": last - first,
+        "cpu_tasks": done - done0,
+        "cpu": cpu - cpu0,
+        "busy": busy - busy0,
+        "idle": idle - idle0,
+    }
+
+
 def run_round(
-    url: str, state_url: str | None, count: int, threads: int, segments: int, prefetch: int | None = None
+    url: str, state_url: str | None, count: int, processes: int, threads: int, segments: int, prefetch: int | None
 ) -> dict[str, dict[str, float]]:
     """One round: ``count`` tasks of each mode drained in alternating turns; each mode's rate and CPU per task."""
-    settings = dramaturg.Settings(
-        broker={"url": url, "namespace": f"bench-{uuid.uuid4().hex[:8]}", "prefetch": prefetch},
-        state={"url": state_url} if state_url else {},
-        worker={"threads": threads},
+    overrides: dict[str, Any] = {"broker": {"prefetch": prefetch}, "state": {"url": state_url} if state_url else {}}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DRAMATURG_", "dramatiq_"))},
+        "BENCH_SYSTEM": "dramaturg",
+        "BENCH_URL": url,
+        "BENCH_SETTINGS": json.dumps(overrides),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")]),  # this checkout
+    }
+    # The sender: bench_app's namespace and settings, its actor names, one queue per mode.
+    broker = dramaturg.bootstrap(
+        dramaturg.Settings(
+            broker={"url": url, "namespace": "bench-dramaturg", "prefetch": prefetch}, state=overrides["state"]
+        )
     )
-    broker = dramaturg.bootstrap(settings)
-    lock = threading.Lock()
-    done = threading.Event()
-    ended = {"plain": 0, "batch": 0}
-    turn: dict[str, Any] = {"mode": "", "until": 0, "first": 0.0, "last": 0.0}
     completes: list[dict[str, Any]] = []
 
-    def noop_of(mode: str) -> Any:
-        @dramaturg.actor(queue_name=f"bench-{mode}", actor_name=f"noop_{mode}")
-        def noop(n: int) -> None:
-            with lock:
-                ended[mode] += 1
-                if mode == turn["mode"]:
-                    now = time.perf_counter()
-                    turn["first"] = turn["first"] or now
-                    if ended[mode] == turn["until"]:
-                        turn["last"] = now
-                        done.set()
-
-        return noop
-
-    noops = {mode: noop_of(mode) for mode in ended}
-
-    @dramaturg.actor(queue_name="bench-done", actor_name="report")
-    def report(summary: dict[str, Any]) -> None:
+    @dramaturg.actor(queue_name="bench-done", actor_name="batch_done")
+    def batch_done(summary: dict[str, Any]) -> None:
         completes.append(summary)
 
-    noops["plain"].send_many(range(count))
-    batch = dramaturg.batch("bench", on_complete=report.message())
-    with batch:
-        noops["batch"].send_many(range(count))
+    for mode in ("plain", "batch"):
+        noop = dramaturg.actor(queue_name=f"bench-{mode}", actor_name="noop")(lambda number: None)
+        if mode == "plain":
+            noop.send_many(range(count))
+        else:
+            batch = dramaturg.batch("bench", on_complete=batch_done.message())
+            with batch:
+                noop.send_many(range(count))
+        broker.actors.pop("noop")  # the next mode's queue
 
-    spent = {mode: {"tasks": 0.0, "seconds": 0.0, "cpu": 0.0, "busy": 0.0, "idle": 0.0} for mode in ended}
+    keys = ("tasks", "seconds", "cpu_tasks", "cpu", "busy", "idle")
+    spent = {mode: dict.fromkeys(keys, 0.0) for mode in ("plain", "batch")}
     order = [("plain", "batch")[(i + i // 2) % 2] for i in range(2 * segments)]  # plain, batch, batch, plain...
     for i, mode in enumerate(order):
-        left = order[i:].count(mode)
-        before = ended[mode]
-        turn.update(mode=mode, until=before + (count - before) // left, first=0.0, last=0.0)
-        done.clear()
-        worker = dramatiq.Worker(broker, queues={f"bench-{mode}"}, worker_threads=threads, worker_timeout=100)
-        cpu0, (busy0, idle0) = time.process_time(), machine_cpu()
-        worker.start()
-        if not done.wait(timeout=max(120, count / segments / 100)):
-            raise SystemExit(f"{mode}: only {ended[mode]} of {turn['until']} ran")
-        cpu, (busy, idle) = time.process_time() - cpu0, machine_cpu()
-        worker.stop()
-        # Each Worker adds its own middleware to the broker and leaves it there.
-        broker.middleware[:] = [m for m in broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
-        spent[mode]["tasks"] += turn["until"] - before - 1  # timed from the first task's end
-        spent[mode]["seconds"] += turn["last"] - turn["first"]
-        spent[mode]["cpu"] += cpu * (turn["until"] - before - 1) / (turn["until"] - before)
-        spent[mode]["busy"] += busy - busy0
-        spent[mode]["idle"] += idle - idle0
-    if ended["plain"] < count or ended["batch"] < count:
-        raise SystemExit(f"not every task ran: {ended}")
+        waiting = dramaturg.queue_stats([f"bench-{mode}"], broker)[0].ready or 0
+        turn = drain_turn(env, mode, waiting // order[i:].count(mode), processes, threads)
+        for key in spent[mode]:
+            spent[mode][key] += turn[key]
     worker = dramatiq.Worker(broker, queues={"bench-done"}, worker_threads=1, worker_timeout=100)
-    worker.start()  # the batch's on_complete
-    deadline = time.monotonic() + 30
+    worker.start()  # the batch's on_complete, once every member has ended
+    deadline = time.monotonic() + 60
     while not completes and time.monotonic() < deadline:
         time.sleep(0.01)
     worker.stop()
@@ -136,8 +154,8 @@ def run_round(
     return {
         mode: {
             "rate": s["tasks"] / s["seconds"],
-            "us_per_msg": s["cpu"] / s["tasks"] * 1e6,
-            "machine_us_per_msg": s["busy"] / s["tasks"] * 1e6,
+            "us_per_msg": s["cpu"] / s["cpu_tasks"] * 1e6,
+            "machine_us_per_msg": s["busy"] / s["cpu_tasks"] * 1e6,
             "idle": s["idle"] / max(s["busy"] + s["idle"], 1e-9),
         }
         for mode, s in spent.items()
@@ -149,7 +167,10 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=100_000, help="tasks per drain (default: 100000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     parser.add_argument("--segments", type=int, default=10, help="turns of each mode in a round (default: 10)")
-    parser.add_argument("--threads", type=int, default=8, help="worker threads (default: 8)")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="worker processes (default: 2, dramaturg worker's on 2 cores)"
+    )
+    parser.add_argument("--threads", type=int, default=8, help="worker threads per process (default: 8)")
     parser.add_argument(
         "--prefetch", type=int, default=None, help="the worker's prefetch (default: dramaturg's for the broker)"
     )
@@ -167,7 +188,7 @@ def main() -> int:
             url, state_url = stack.enter_context(private_rabbitmq("bench-batches-rabbitmq-")), redis_url
         results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
         for round_ in range(args.rounds):
-            result = run_round(url, state_url, args.count, args.threads, args.segments, args.prefetch)
+            result = run_round(url, state_url, args.count, args.processes, args.threads, args.segments, args.prefetch)
             for mode, measured in result.items():
                 results[mode].append(measured)
             print(
@@ -181,7 +202,15 @@ def main() -> int:
             )
     medians = {mode: {k: statistics.median(r[k] for r in rs) for k in KEYS} for mode, rs in results.items()}
     name = "RabbitMQ (state in Redis)" if args.broker == "rabbitmq" else "Redis"
-    print_table(medians, "plain", count=args.count, threads=args.threads, rounds=args.rounds, broker=name)
+    print_table(
+        medians,
+        "plain",
+        count=args.count,
+        threads=args.threads,
+        rounds=args.rounds,
+        broker=name,
+        processes=args.processes,
+    )
     return 0
 
 

@@ -138,12 +138,16 @@ def print_table(
     rounds: int,
     broker: str = "Redis",
     labels: Mapping[str, str] | None = None,
+    processes: int = 1,
 ) -> None:
     """The medians as a Markdown table, each mode's ratio to ``base``'s."""
     labels = labels or {}
     plain = medians[base]
     print()
-    print(f"{count:,} no-op tasks, {broker}, one worker process with {threads} threads, median of {rounds}")
+    worker = f"one worker process with {threads} threads"
+    if processes > 1:
+        worker = f"a worker of {processes} processes with {threads} threads each"
+    print(f"{count:,} no-op tasks, {broker}, {worker}, median of {rounds}")
     print(f"(machine: {os.cpu_count()} cores; python {sys.version.split()[0]})")
     print()
     print(f"| | drain (msgs/s) | CPU (us/msg) | drain / {base} | CPU / {base} |")
