@@ -138,7 +138,9 @@ def run_round(
     order = [("plain", "batch")[(i + i // 2) % 2] for i in range(2 * segments)]  # plain, batch, batch, plain...
     for i, mode in enumerate(order):
         waiting = dramaturg.queue_stats([f"bench-{mode}"], broker)[0].ready or 0
-        turn = drain_turn(env, mode, waiting // order[i:].count(mode), processes, threads)
+        if waiting < 2:  # the turns before ran it all (a worker stopping finishes what it has)
+            continue
+        turn = drain_turn(env, mode, max(2, waiting // order[i:].count(mode)), processes, threads)
         for key in spent[mode]:
             spent[mode][key] += turn[key]
     worker = dramatiq.Worker(broker, queues={"bench-done"}, worker_threads=1, worker_timeout=100)
