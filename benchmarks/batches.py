@@ -5,24 +5,26 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 
 1. sends N no-op messages to one queue ("plain") and N to another as the members of one
    batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed);
-2. drains them in turns, ``--segments`` turns of each (N / segments tasks a turn, in the
-   order plain, batch, batch, plain, plain, batch...): a Dramatiq worker started in this
-   process for the turn's queue (``--threads`` threads), timed from its first task to the
-   turn's last, and stopped. The machine's speed drifts over minutes on a shared host;
-   turns of a second or two, alternated, see the same drift (whole drains of 100,000 one
-   after the other scattered by 15%, more than the cost measured);
+2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
+   left, in the order plain, batch, batch, plain, plain, batch...). A turn starts
+   ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
+   ``dramaturg worker`` on 2 cores; ``--threads``), times it from its first task to the
+   turn's last (the counts its processes write every 10 ms, as ``throughput.py``), and
+   stops it. The machine's speed drifts over minutes on a shared host; turns of a second
+   or two, alternated, see the same drift (whole drains of 100,000 one after the other
+   scattered by 15%, more than the cost measured);
 3. checks that the batch is complete with N succeeded and that ``on_complete`` ran once.
 
-Per round and mode: tasks / drain time (msgs/s) and the CPU time this process spent in
-the turns per task (us/msg: it includes the Redis client's work, not Redis's own).
-Medians over the rounds are printed as a Markdown table with the batch's ratio to plain.
-The issue's bar: a 100,000-member batch costs at most 5% of the drain rate. Numbers in
-``docs/batches.md``.
+Per round and mode: tasks / drain time (msgs/s); the worker processes' CPU per task
+(us/msg); and the machine's, every process counted (the worker, RabbitMQ, Redis), with
+its idle share. Medians over the rounds are printed as a Markdown table with the batch's
+ratio to plain. The issue's bar: a 100,000-member batch costs at most 5% of the drain
+rate. Numbers in ``docs/batches.md``.
 
-    python benchmarks/batches.py                         # 100,000 tasks each, 10 turns, 3 rounds
+    python benchmarks/batches.py                         # Redis, 100,000 tasks each, 10 turns, 3 rounds
     python benchmarks/batches.py --count 20000 --rounds 1
     python benchmarks/batches.py --broker rabbitmq       # RabbitMQ, batches in a private Redis
-    python benchmarks/batches.py --broker rabbitmq --prefetch 512   # room for ends being written
+    python benchmarks/batches.py --processes 1           # one worker process, as before 2026-12-02
 """
 
 from __future__ import annotations
