@@ -205,6 +205,13 @@ def main() -> int:
                 flush=True,
             )
     medians = {mode: {k: statistics.median(r[k] for r in rs) for k in KEYS} for mode, rs in results.items()}
+    ratios = [b["rate"] / p["rate"] for p, b in zip(results["plain"], results["batch"], strict=True)]
+    # Each round is a pair (its turns alternate): its own ratio is the steadier figure.
+    print(
+        "drain / plain per round: "
+        + ", ".join(f"{ratio:.3f}" for ratio in ratios)
+        + f" (median {statistics.median(ratios):.3f}); the table below compares each mode's median"
+    )
     name = "RabbitMQ (state in Redis)" if args.broker == "rabbitmq" else "Redis"
     print_table(
         medians,
