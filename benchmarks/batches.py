@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import dramatiq  # noqa: E402
 from drain_rounds import KEYS, print_table, private_rabbitmq, private_redis  # noqa: E402
-from throughput import children, counts, cpu_seconds, wait_for  # noqa: E402
+from throughput import children, counts, cpu_seconds, stop, wait_for  # noqa: E402
 
 import dramaturg  # noqa: E402
 
@@ -89,12 +88,7 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
             last = wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the {mode} turn never finished")
             cpu, (busy, idle), done = cpu_seconds(pids), machine_cpu(), counts(count_dir)[0]
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     return {
         "tasks": done - done0,
         "seconds": last - first,

@@ -179,6 +179,16 @@ def wait_for(predicate: Any, timeout: float, what: str) -> float:
         time.sleep(0.005)
 
 
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    """Stop a ``dramatiq`` worker as a user would (SIGTERM), killed after a minute."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
 def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
     reset(url)
     env = {
@@ -231,12 +241,7 @@ def run_once(config: Config, url: str, args: argparse.Namespace) -> Result:
             latencies = sorted(counts(count_dir)[1])
             rss = max((peak_rss_mb(pid) for pid in children(worker.pid)), default=0.0)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     return Result(
         enqueue=enqueue_rate,
         drain=drain_rate,

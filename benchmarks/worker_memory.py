@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from throughput import stop
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -109,12 +110,7 @@ def run_once(label: str, url: str, count: int) -> dict[str, float]:
             (pid,) = children(worker.pid)
             return memory_mb(pid)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop(worker)
 
 
 def main() -> int:
