@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import dramatiq  # noqa: E402
-from drain_rounds import KEYS, print_table, private_rabbitmq, private_redis  # noqa: E402
+from drain_rounds import medians, print_table, private_rabbitmq, private_redis  # noqa: E402
 from throughput import children, counts, cpu_seconds, stop, wait_for  # noqa: E402
 
 import dramaturg  # noqa: E402
@@ -82,11 +82,17 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
             stderr=subprocess.DEVNULL,
         )
         try:
-            first = wait_for(lambda: counts(count_dir)[0] >= max(1, tasks // 10), 120, "the worker never started")
+            wait_for(lambda: counts(count_dir)[0] >= max(1, tasks // 10), 120, "the worker never started")
             pids = children(worker.pid)
-            cpu0, (busy0, idle0), done0 = cpu_seconds(pids), machine_cpu(), counts(count_dir)[0]
-            last = wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the {mode} turn never finished")
-            cpu, (busy, idle), done = cpu_seconds(pids), machine_cpu(), counts(count_dir)[0]
+            # Each count read with the clock and the CPU times it is timed with.
+            first, done0, cpu0, (busy0, idle0) = (
+                time.perf_counter(),
+                counts(count_dir)[0],
+                cpu_seconds(pids),
+                machine_cpu(),
+            )
+            wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the {mode} turn never finished")
+            last, done, cpu, (busy, idle) = time.perf_counter(), counts(count_dir)[0], cpu_seconds(pids), machine_cpu()
         finally:
             stop(worker)
     return {
@@ -201,7 +207,6 @@ def main() -> int:
                 f"drain {result['batch']['rate'] / result['plain']['rate']:.3f} of plain",
                 flush=True,
             )
-    medians = {mode: {k: statistics.median(r[k] for r in rs) for k in KEYS} for mode, rs in results.items()}
     ratios = [b["rate"] / p["rate"] for p, b in zip(results["plain"], results["batch"], strict=True)]
     # Each round is a pair (its turns alternate): its own ratio is the steadier figure.
     print(
@@ -211,7 +216,7 @@ def main() -> int:
     )
     name = "RabbitMQ (state in Redis)" if args.broker == "rabbitmq" else "Redis"
     print_table(
-        medians,
+        medians(results),
         "plain",
         count=args.count,
         threads=args.threads,

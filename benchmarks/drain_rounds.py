@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["free_port", "interleaved", "print_table", "private_rabbitmq", "private_redis", "start_redis"]
+__all__ = ["free_port", "interleaved", "medians", "print_table", "private_rabbitmq", "private_redis", "start_redis"]
 
 #: What one drain measures: msgs/s, and CPU us per message.
 KEYS = ("rate", "us_per_msg")
@@ -126,6 +126,11 @@ def interleaved(
             result = run_once(mode)
             results[mode].append(result)
             print(f"round {round_ + 1} {mode}: {result['rate']:,.0f} msgs/s, {result['us_per_msg']:.1f} us/msg")
+    return medians(results)
+
+
+def medians(results: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each mode's median rate and CPU per message over its rounds."""
     return {mode: {k: statistics.median(r[k] for r in rs) for k in KEYS} for mode, rs in results.items()}
 
 
