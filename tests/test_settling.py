@@ -224,6 +224,67 @@ def test_a_batch_members_end_goes_with_its_acknowledgement_and_one_that_fires_le
     assert not broker.client.sismember(acks, last[0])
 
 
+def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_keeps_one_member_claimed(
+    broker: Any,
+) -> None:
+    # Given a batch of three claimed members, two claimed members of a batch of three (its
+    # third waits in another queue), and a claimed task of no batch
+    from dramaturg.batches.tracker import tracker_of
+
+    @dramaturg.actor(queue_name="settle")
+    def member(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="settle-later")
+    def later(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="settle-done")
+    def report(summary: dict[str, Any]) -> None:
+        pass
+
+    sealed = dramaturg.batch("three", on_complete=report.message())
+    with sealed:
+        member.send_many(range(3))
+    waiting = dramaturg.batch("waits for one", on_complete=report.message())
+    with waiting:
+        member.send_many(range(2))
+        later.send(2)
+    member.send(9)
+    messages = [dramatiq.Message.decode(body) for body in broker.do_fetch("settle", 6)]
+    state: Any = tracker_of(broker).state(broker)
+    settling: list[tuple[str, tuple[Any, ...] | None]] = []
+    for message in messages:
+        batch_id = message.options.get("dramaturg_batch")
+        end = None if batch_id is None else (state.prefix, state.ttl_ms, batch_id, message.message_id, "s")
+        settling.append((message.options["redis_message_id"], end))
+
+    # When the six are acknowledged in one group (after a first call out alone)
+    gate = threading.Event()
+    calls = calls_of(broker, gate)
+    first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), claimed_ids(broker, "other", 1))
+    poll_until(lambda: len(calls) == 1, "the first call out")
+    ends = dict(settling)
+    results, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id, ends[redis_id]), list(ends))
+    poll_until(lambda: broker.settler.waiting == 6, "6 waiting")
+    gate.set()
+    for thread in threads + more:
+        thread.join(10)
+
+    # Then they went in one call, and every end is counted
+    assert len(calls) == 2
+    assert (sealed.status().succeeded, sealed.status().state) == (3, "complete")
+    assert (waiting.status().succeeded, waiting.status().state) == (2, "running")
+    # and the ends that completed the sealed batch fired its events once, on one message of
+    # it (left claimed, to be settled once they are published): the others are settled
+    fired = [redis_id for redis_id, answer in results.items() if answer != 1]
+    assert len(fired) == 1, results
+    assert results[fired[0]] == ["complete", "success"]
+    assert ends[fired[0]] is not None and ends[fired[0]][2] == sealed.id
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
+    assert broker.client.smembers(acks) == {fired[0].encode()}
+
+
 def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it_is_claimed(broker: Any) -> None:
     from dramatiq.broker import MessageProxy
 

@@ -9,9 +9,13 @@
 -- the batch keys' prefix, the batches' ttl (ms), the batch id, the member id, its end code):
 -- the end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
 -- by settling.py), so it is durable no later than the acknowledgement and costs no call of
--- its own. If the end fires callbacks, the message is NOT settled and its answer is
--- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
--- between runs the member again; its repeated end fires them again, with the same ids).
+-- its own. The ends of a call go to batch_end together, one call of it per batch keys'
+-- prefix: each batch is looked up, its counts changed and what fires decided once per
+-- call, not once per member (each redis.call costs Redis a microsecond or more besides the
+-- command). If the ends fire callbacks, they go to the batch's last member in the call:
+-- that message is NOT settled and its answer is "fire:<events>": the worker publishes
+-- them, then settles it alone (a worker killed in between runs the member again; its
+-- repeated end fires them again, with the same ids).
 -- A message put back to wait for a limit ("m", dramaturg.flow) is acknowledged and its copy
 -- enqueued in one step: the copy's queue (the delay queue), its Redis id and its body follow.
 -- The copy is written only if the message was still claimed, so a worker taken for dead
@@ -21,18 +25,55 @@
 -- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a", "n" or "m", its queue, its
 -- Redis id (and for "A"/"N" the five end fields, for "m" the copy's three)
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
-local answers = {}
+
+-- The batch ends, by batch keys' prefix and ttl: batch_end's arguments, and the place in
+-- ARGV of each end's message (batch_end answers an end's place among its own).
+local ends, prefixes = {}, {}
 local i = 3
+while i <= #ARGV do
+    local kind = ARGV[i]
+    if kind == "m" then
+        i = i + 6
+    elseif kind == "A" or kind == "N" then
+        local key = ARGV[i + 3] .. " " .. ARGV[i + 4]
+        local group = ends[key]
+        if group == nil then
+            group = {args = {"owned-end", now, ARGV[i + 4]}, at = {}}
+            ends[key] = group
+            prefixes[#prefixes + 1] = {key, ARGV[i + 3]}
+        end
+        local args = group.args
+        args[#args + 1] = ARGV[i + 5]  -- batch id
+        args[#args + 1] = ARGV[i + 7]  -- end code
+        args[#args + 1] = 1
+        args[#args + 1] = ARGV[i + 6]  -- member id
+        group.at[#group.at + 1] = i
+        i = i + 8
+    else
+        i = i + 3
+    end
+end
+local fires = {}  -- place in ARGV -> the events its end fired
+for _, found in ipairs(prefixes) do
+    local group = ends[found[1]]
+    local out = batch_end({found[2]}, group.args)
+    for j = 1, #out, 2 do
+        fires[group.at[out[j]]] = out[j + 1]
+    end
+end
+
+local answers = {}
+i = 3
 while i <= #ARGV do
     local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local bodies = namespace .. ":" .. queue .. ".msgs"
-    local answer, fired, copy
+    local answer, copy
+    local fired = fires[i]
     if kind == "m" then
         copy = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
         kind = "a"
         i = i + 6
     elseif kind == "A" or kind == "N" then
-        fired = batch_end({ARGV[i + 3]}, {"owned-end", now, ARGV[i + 4], ARGV[i + 5], ARGV[i + 7], 1, ARGV[i + 6]})[2]
         kind = string.lower(kind)
         i = i + 8
     else
