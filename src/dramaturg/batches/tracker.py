@@ -140,6 +140,8 @@ class BatchTracker(dramatiq.Middleware):
         #: (batch id, event) -> when this process's publishes of it began failing (monotonic):
         #: an owner stops keeping its member for it after :data:`REFIRE_AFTER_MS`.
         self._failing_since: dict[tuple[str, str], float] = {}
+        #: What :meth:`_ends_with_ack` found, and for which broker (it does not change).
+        self._with_ack: tuple[dramatiq.Broker, bool] | None = None
         if self._observe_progress not in progress_observers:
             progress_observers.append(self._observe_progress)
 
@@ -320,11 +322,17 @@ class BatchTracker(dramatiq.Middleware):
         consumers', whose end writer thread writes the ends of the messages the worker
         threads acknowledge, many in one call, then has them acknowledged
         (:mod:`dramaturg.brokers.rabbitmq.ends`)."""
+        known = self._with_ack
+        if known is not None and known[0] is broker:
+            return known[1]  # asked for every member: the lookups below cost a microsecond
         if not isinstance(self._state, RedisBatchState):
             return False
-        if getattr(broker, "acks_write_batch_ends", False):
-            return True
-        return self.url is None and hasattr(broker, "settler")
+        # A miss on Dramatiq's RedisBroker goes through its __getattr__, which raises.
+        value = bool(getattr(broker, "acks_write_batch_ends", False)) or (
+            self.url is None and hasattr(broker, "settler")
+        )
+        self._with_ack = (broker, value)
+        return value
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         batch_id = _options(message).get(BATCH_OPTION)

@@ -6,7 +6,8 @@
 -- ran it again). A rejected message goes into its queue's dead letters.
 --
 -- A message that is a batch member carries its end ("A" or "N" instead of "a" or "n", then
--- the batch keys' prefix, the batches' ttl (ms), the batch id, the member id, its end code):
+-- the batch id, the member id, its end code; the batch keys' prefix and the batches' ttl
+-- (ms) are those of the last "B" entry before it: "B", prefix, ttl, once per call):
 -- the end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
 -- by settling.py), so it is durable no later than the acknowledgement and costs no call of
 -- its own. The ends of a call go to batch_end together, one call of it per batch keys'
@@ -23,32 +24,36 @@
 -- after its reply was lost finds the message settled and its copy written once: it answers 2
 -- while that copy still waits (so that the sender's after-enqueue hooks run for it), else -1.
 -- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a", "n" or "m", its queue, its
--- Redis id (and for "A"/"N" the five end fields, for "m" the copy's three)
+-- Redis id (and for "A"/"N" the three end fields, for "m" the copy's three); "B" entries
+-- between them, as above
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 
 -- The batch ends, by batch keys' prefix and ttl: batch_end's arguments, and the place in
 -- ARGV of each end's message (batch_end answers an end's place among its own).
 local ends, prefixes = {}, {}
+local group
 local i = 3
 while i <= #ARGV do
     local kind = ARGV[i]
     if kind == "m" then
         i = i + 6
-    elseif kind == "A" or kind == "N" then
-        local key = ARGV[i + 3] .. " " .. ARGV[i + 4]
-        local group = ends[key]
+    elseif kind == "B" then
+        local key = ARGV[i + 1] .. " " .. ARGV[i + 2]
+        group = ends[key]
         if group == nil then
-            group = {args = {"owned-end", now, ARGV[i + 4]}, at = {}}
+            group = {args = {"owned-end", now, ARGV[i + 2]}, at = {}}
             ends[key] = group
-            prefixes[#prefixes + 1] = {key, ARGV[i + 3]}
+            prefixes[#prefixes + 1] = {key, ARGV[i + 1]}
         end
+        i = i + 3
+    elseif kind == "A" or kind == "N" then
         local args = group.args
-        args[#args + 1] = ARGV[i + 5]  -- batch id
-        args[#args + 1] = ARGV[i + 7]  -- end code
+        args[#args + 1] = ARGV[i + 3]  -- batch id
+        args[#args + 1] = ARGV[i + 5]  -- end code
         args[#args + 1] = 1
-        args[#args + 1] = ARGV[i + 6]  -- member id
+        args[#args + 1] = ARGV[i + 4]  -- member id
         group.at[#group.at + 1] = i
-        i = i + 8
+        i = i + 6
     else
         i = i + 3
     end
@@ -65,46 +70,50 @@ end
 local answers = {}
 i = 3
 while i <= #ARGV do
-    local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    local bodies = namespace .. ":" .. queue .. ".msgs"
-    local answer, copy
-    local fired = fires[i]
-    if kind == "m" then
-        copy = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
-        kind = "a"
-        i = i + 6
-    elseif kind == "A" or kind == "N" then
-        kind = string.lower(kind)
-        i = i + 8
-    else
+    if ARGV[i] == "B" then
         i = i + 3
-    end
-    if fired then
-        answer = "fire:" .. fired
-    elseif redis.call("srem", namespace .. ":__acks__." .. worker .. "." .. queue, id) == 1 then
-        if kind == "n" then
-            local body = redis.call("hget", bodies, id)
-            if body then
-                local dead = namespace .. ":" .. string.gsub(queue, "%.DQ$", "") .. ".XQ"
-                redis.call("zadd", dead, now, id)
-                redis.call("hset", dead .. ".msgs", id, body)
-            end
-        end
-        if copy then
-            local target = namespace .. ":" .. copy[1]
-            if redis.call("hsetnx", target .. ".msgs", copy[2], copy[3]) == 1 then
-                redis.call("rpush", target, copy[2])
-            end
-        end
-        redis.call("hdel", bodies, id)
-        answer = 1
-    elseif redis.call("hexists", bodies, id) == 1 then
-        answer = 0
-    elseif copy and redis.call("hexists", namespace .. ":" .. copy[1] .. ".msgs", copy[2]) == 1 then
-        answer = 2  -- settled by an earlier try whose reply was lost: its copy is there, still waiting
     else
-        answer = -1
+        local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+        local bodies = namespace .. ":" .. queue .. ".msgs"
+        local answer, copy
+        local fired = fires[i]
+        if kind == "m" then
+            copy = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
+            kind = "a"
+            i = i + 6
+        elseif kind == "A" or kind == "N" then
+            kind = string.lower(kind)
+            i = i + 6
+        else
+            i = i + 3
+        end
+        if fired then
+            answer = "fire:" .. fired
+        elseif redis.call("srem", namespace .. ":__acks__." .. worker .. "." .. queue, id) == 1 then
+            if kind == "n" then
+                local body = redis.call("hget", bodies, id)
+                if body then
+                    local dead = namespace .. ":" .. string.gsub(queue, "%.DQ$", "") .. ".XQ"
+                    redis.call("zadd", dead, now, id)
+                    redis.call("hset", dead .. ".msgs", id, body)
+                end
+            end
+            if copy then
+                local target = namespace .. ":" .. copy[1]
+                if redis.call("hsetnx", target .. ".msgs", copy[2], copy[3]) == 1 then
+                    redis.call("rpush", target, copy[2])
+                end
+            end
+            redis.call("hdel", bodies, id)
+            answer = 1
+        elseif redis.call("hexists", bodies, id) == 1 then
+            answer = 0
+        elseif copy and redis.call("hexists", namespace .. ":" .. copy[1] .. ".msgs", copy[2]) == 1 then
+            answer = 2  -- settled by an earlier try whose reply was lost: its copy is there, still waiting
+        else
+            answer = -1
+        end
+        answers[#answers + 1] = answer
     end
-    answers[#answers + 1] = answer
 end
 return answers

@@ -70,8 +70,18 @@ class Settler:
 
     def _send_group(self, group: list[tuple[Any, ...]]) -> list[int | list[str]]:
         args: list[Any] = [self._worker_id, current_millis()]
+        batches: tuple[Any, ...] = ()
         for settling in group:
-            args += settling
+            if settling[0] == "A" or settling[0] == "N":
+                # A batch member's end: its batch keys' prefix and ttl once per call (a "B"
+                # entry, again only where they change), the rest with its message.
+                kind, queue_name, redis_id, prefix, ttl_ms, *end = settling
+                if batches != (prefix, ttl_ms):
+                    batches = (prefix, ttl_ms)
+                    args += ("B", prefix, ttl_ms)
+                args += (kind, queue_name, redis_id, *end)
+            else:
+                args += settling
         return [_answer(answer) for answer in self._call(args)]
 
     def _call(self, args: list[Any]) -> Any:
