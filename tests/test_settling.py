@@ -262,7 +262,8 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
     # When the six are acknowledged in one group (after a first call out alone)
     gate = threading.Event()
     calls = calls_of(broker, gate)
-    first, threads = in_threads(lambda redis_id: broker.do_ack("settle", redis_id), claimed_ids(broker, "other", 1))
+    alone = claimed_ids(broker, "other", 1)
+    first, threads = in_threads(lambda redis_id: broker.do_ack("other", redis_id), alone)
     poll_until(lambda: len(calls) == 1, "the first call out")
     ends = dict(settling)
     results, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id, ends[redis_id]), list(ends))
@@ -273,6 +274,7 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
 
     # Then they went in one call, and every end is counted
     assert len(calls) == 2
+    assert first == {alone[0]: 1}
     assert (sealed.status().succeeded, sealed.status().state) == (3, "complete")
     assert (waiting.status().succeeded, waiting.status().state) == (2, "running")
     # and the ends that completed the sealed batch fired its events once, on one message of
