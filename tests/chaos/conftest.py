@@ -236,8 +236,11 @@ class RedisServer:
             "redis-server",
             "--port",
             str(self.port),
+            # One argument per address: Redis 6.2 (the venv's redis-server, for the embedded
+            # broker, comes first on an activated venv's PATH) takes no spaces in one.
             "--bind",
-            " ".join(("127.0.0.1", *self.addresses)),
+            "127.0.0.1",
+            *self.addresses,
             "--protected-mode",
             "no",
             "--dir",
