@@ -42,13 +42,23 @@ def calls_of(broker: Any, gate: threading.Event | None = None) -> list[int]:
     call = settler._call
 
     def counted(args: list[Any]) -> Any:
-        calls.append((len(args) - 2) // 3)
+        calls.append(messages_in(args))
         if gate is not None and len(calls) == 1:
             assert gate.wait(10)
         return call(args)
 
     settler._call = counted
     return calls
+
+
+def messages_in(args: list[Any]) -> int:
+    """How many messages a call of settle.lua carries (its entries: see the script)."""
+    count, i = 0, 2
+    while i < len(args):
+        kind = args[i]
+        count += kind != "B"
+        i += 3 if kind in ("a", "n", "B") else 6
+    return count
 
 
 def in_threads(work: Callable[[str], Any], ids: list[str]) -> tuple[dict[str, Any], list[threading.Thread]]:
@@ -273,7 +283,7 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
         thread.join(10)
 
     # Then they went in one call, and every end is counted
-    assert len(calls) == 2
+    assert calls == [1, 6]
     assert first == {alone[0]: 1}
     assert (sealed.status().succeeded, sealed.status().state) == (3, "complete")
     assert (waiting.status().succeeded, waiting.status().state) == (2, "running")
@@ -285,6 +295,54 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
     assert ends[fired[0]] is not None and ends[fired[0]][2] == sealed.id
     acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
     assert broker.client.smembers(acks) == {fired[0].encode()}
+
+
+def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: Any) -> None:
+    # Given a batch of three claimed members, one of them acknowledged with its end
+    from dramaturg.batches.tracker import tracker_of
+
+    @dramaturg.actor(queue_name="settle")
+    def member(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="settle-done")
+    def report(summary: dict[str, Any]) -> None:
+        pass
+
+    batch = dramaturg.batch("tried again", on_complete=report.message())
+    with batch:
+        member.send_many(range(3))
+    state: Any = tracker_of(broker).state(broker)
+    entry = {}
+    for body in broker.do_fetch("settle", 3):
+        message = dramatiq.Message.decode(body)
+        redis_id = message.options["redis_message_id"]
+        entry[redis_id] = ("A", "settle", redis_id, state.prefix, state.ttl_ms, batch.id, message.message_id, "s")
+    first, second, third = entry
+    settler = broker.settler
+    assert settler._send_group([entry[first]]) == [1]
+
+    # When the other two go in one call that completes the batch (its reply lost: the worker
+    # does not publish), and the worker tries both again in one call, in the other order
+    answers = settler._send_group([entry[second], entry[third]])
+    assert sorted(answers, key=str) == [1, ["complete", "success"]]
+    held = (second, third)[answers.index(["complete", "success"])]
+    settled = third if held == second else second
+    again = settler._send_group([entry[held], entry[settled]])
+
+    # Then the member still claimed keeps the events (it is not settled), whatever the order;
+    # the one settled by the first try answers "gone"
+    assert again == [["complete", "success"], -1]
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
+    assert broker.client.smembers(acks) == {held.encode()}
+    assert (batch.status().succeeded, batch.status().state) == (3, "complete")
+
+    # When that member is settled (its callbacks published) and a stray end of a settled
+    # one comes again (a message recovered by another worker, say): no message holds what
+    # it fires, so the batch goes to the firing index, for the workers' sweep
+    assert settler._send_group([("a", "settle", held)]) == [1]
+    assert settler._send_group([entry[settled]]) == [["complete", "success"]]
+    assert broker.client.zscore(f"{state.prefix}~firing", batch.id) is not None
 
 
 def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it_is_claimed(broker: Any) -> None:

@@ -11,12 +11,12 @@
 -- the end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
 -- by settling.py), so it is durable no later than the acknowledgement and costs no call of
 -- its own. The ends of a call go to batch_end together, one call of it per batch keys'
--- prefix: each batch is looked up, its counts changed and what fires decided once per
--- call, not once per member (each redis.call costs Redis a microsecond or more besides the
--- command). If the ends fire callbacks, they go to the batch's last member in the call:
--- that message is NOT settled and its answer is "fire:<events>": the worker publishes
--- them, then settles it alone (a worker killed in between runs the member again; its
--- repeated end fires them again, with the same ids).
+-- prefix and ttl: each batch is looked up, its counts changed and what fires decided once
+-- per call, not once per member (each redis.call costs Redis a microsecond or more besides
+-- the command). If the ends fire callbacks, one message of that batch in the call that
+-- this worker still holds keeps them (see below): it is NOT settled and its answer is
+-- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
+-- between runs the member again; its repeated end fires them again, with the same ids).
 -- A message put back to wait for a limit ("m", dramaturg.flow) is acknowledged and its copy
 -- enqueued in one step: the copy's queue (the delay queue), its Redis id and its body follow.
 -- The copy is written only if the message was still claimed, so a worker taken for dead
@@ -41,29 +41,57 @@ while i <= #ARGV do
         local key = ARGV[i + 1] .. " " .. ARGV[i + 2]
         group = ends[key]
         if group == nil then
-            group = {args = {"owned-end", now, ARGV[i + 2]}, at = {}}
+            group = {args = {"owned-end", now, ARGV[i + 2]}, at = {}, of = {}}
             ends[key] = group
             prefixes[#prefixes + 1] = {key, ARGV[i + 1]}
         end
         i = i + 3
     elseif kind == "A" or kind == "N" then
-        local args = group.args
-        args[#args + 1] = ARGV[i + 3]  -- batch id
+        local args, batch = group.args, ARGV[i + 3]
+        args[#args + 1] = batch
         args[#args + 1] = ARGV[i + 5]  -- end code
         args[#args + 1] = 1
         args[#args + 1] = ARGV[i + 4]  -- member id
         group.at[#group.at + 1] = i
+        local same = group.of[batch]  -- the places of this batch's ends in the call
+        if same == nil then
+            same = {}
+            group.of[batch] = same
+        end
+        same[#same + 1] = i
         i = i + 6
     else
         i = i + 3
     end
 end
-local fires = {}  -- place in ARGV -> the events its end fired
+-- What fires is kept by a message of the batch that this worker still holds (the last
+-- such in the call): it is not settled, and if the worker dies before publishing, the
+-- member runs again and its repeated end fires it again. A batch may have none held here
+-- any more (a call tried again after its reply was lost, whose first try settled them;
+-- messages recovered by another worker meanwhile): then the batch goes to the firing
+-- index, whose sweep publishes what this worker does not, and its last end in the call
+-- answers the events all the same, for this worker to publish at once.
+local fires = {}  -- place in ARGV -> the events it keeps
 for _, found in ipairs(prefixes) do
     local group = ends[found[1]]
     local out = batch_end({found[2]}, group.args)
     for j = 1, #out, 2 do
-        fires[group.at[out[j]]] = out[j + 1]
+        local at = group.at[out[j]]
+        local batch = ARGV[at + 3]
+        local same, holder = group.of[batch], nil
+        for k = #same, 1, -1 do
+            local place = same[k]
+            local claims = namespace .. ":__acks__." .. worker .. "." .. ARGV[place + 1]
+            if redis.call("sismember", claims, ARGV[place + 2]) == 1 then
+                holder = place
+                break
+            end
+        end
+        if holder == nil then
+            batch_end({found[2]}, {"disown", batch})
+            holder = at
+        end
+        fires[holder] = out[j + 1]
     end
 end
 

@@ -13,7 +13,10 @@ many messages as threads ended meanwhile.
 Nothing changes in what a thread can rely on: :meth:`Settler.settle` returns only once
 Redis has done it (or raises the error of the call that carried it, as a lone call
 would), with the same answer per message as a call of its own (1, 0 or -1); so a worker killed
-at any moment leaves its messages exactly as claimed or as settled as before.
+at any moment leaves its messages exactly as claimed or as settled as before. Batch members'
+ends are the one difference: those of a call are written together, and what they fire is
+kept by one message of the batch that the worker still holds, not always by the one whose
+end completed the batch (see settle.lua).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .connection import OwnConnection, script
 
 __all__ = ["Settler"]
 
-#: settle.lua, with batch.lua as the function ``batch_end`` (its "end" step) before it:
+#: settle.lua, with batch.lua as the function ``batch_end`` (its "owned-end" step) before it:
 #: a batch member's end is written in the call that acknowledges it.
 _SETTLE = "local function batch_end(KEYS, ARGV)\n" + _BATCH + "\nend\n" + script("settle")
 _SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
@@ -54,8 +57,9 @@ class Settler:
         """Acknowledge (``kind`` "a") or reject ("n") one claimed message; its answer.
 
         ``end``: the message is a batch member whose end (batch keys' prefix, ttl ms,
-        batch id, member id, code) is written in the same call, first. If that end fires
-        callbacks the message is not settled, and the answer is their events (see settle.lua).
+        batch id, member id, code) is written in the same call, first, with the other ends
+        of the call. If the ends fire callbacks, one member of that batch in the call that
+        this worker still holds is not settled, and its answer is their events (see settle.lua).
         """
         if end is None:
             return self._groups.submit((kind, queue_name, redis_id))
