@@ -51,6 +51,36 @@ def calls_of(broker: Any, gate: threading.Event | None = None) -> list[int]:
     return calls
 
 
+def batch_actors() -> tuple[Any, Any]:
+    """A member actor on "settle" and one for a batch's ``on_complete``, for the test's broker."""
+
+    @dramaturg.actor(queue_name="settle")
+    def member(n: int) -> None:
+        pass
+
+    @dramaturg.actor(queue_name="settle-done")
+    def report(summary: dict[str, Any]) -> None:
+        pass
+
+    return member, report
+
+
+def claimed_ends(broker: Any, count: int) -> dict[str, tuple[Any, ...] | None]:
+    """Claim ``count`` messages of "settle" as a worker's fetch does: each one's Redis id, in
+    the queue's order, and for a batch member its end as the tracker leaves it on the message."""
+    from dramaturg.batches.tracker import BATCH_OPTION, tracker_of
+
+    state: Any = tracker_of(broker).state(broker)
+    ends: dict[str, tuple[Any, ...] | None] = {}
+    for body in broker.do_fetch("settle", count):
+        message = dramatiq.Message.decode(body)
+        batch_id = message.options.get(BATCH_OPTION)
+        end = None if batch_id is None else (state.prefix, state.ttl_ms, batch_id, message.message_id, "s")
+        ends[message.options["redis_message_id"]] = end
+    assert len(ends) == count
+    return ends
+
+
 def messages_in(args: list[Any]) -> int:
     """How many messages a call of settle.lua carries (its entries: see the script)."""
     count, i = 0, 2
@@ -188,27 +218,12 @@ def test_a_worker_settles_every_task_through_it(broker: Any, start_worker: Calla
 
 def test_a_batch_members_end_goes_with_its_acknowledgement_and_one_that_fires_leaves_it_claimed(broker: Any) -> None:
     # Given a sealed batch of two claimed members
-    from dramaturg.batches.tracker import tracker_of
-
-    @dramaturg.actor(queue_name="settle")
-    def member(n: int) -> None:
-        pass
-
-    @dramaturg.actor(queue_name="settle-done")
-    def report(summary: dict[str, Any]) -> None:
-        pass
-
+    member, report = batch_actors()
     batch = dramaturg.batch("settle", on_complete=report.message())
     with batch:
         member.send_many(range(2))
-    messages = [dramatiq.Message.decode(body) for body in broker.do_fetch("settle", 2)]
-    state: Any = tracker_of(broker).state(broker)
-
-    def end_of(message: Any) -> tuple[Any, ...]:
-        return (state.prefix, state.ttl_ms, batch.id, message.message_id, "s")
-
     acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
-    first, last = ((m.options["redis_message_id"], end_of(m)) for m in messages)
+    first, last = claimed_ends(broker, 2).items()
 
     # When the first is acknowledged with its end
     # Then it is settled and counted, in that one call
@@ -239,18 +254,10 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
 ) -> None:
     # Given a batch of three claimed members, two claimed members of a batch of three (its
     # third waits in another queue), and a claimed task of no batch
-    from dramaturg.batches.tracker import tracker_of
-
-    @dramaturg.actor(queue_name="settle")
-    def member(n: int) -> None:
-        pass
+    member, report = batch_actors()
 
     @dramaturg.actor(queue_name="settle-later")
     def later(n: int) -> None:
-        pass
-
-    @dramaturg.actor(queue_name="settle-done")
-    def report(summary: dict[str, Any]) -> None:
         pass
 
     sealed = dramaturg.batch("three", on_complete=report.message())
@@ -261,13 +268,7 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
         member.send_many(range(2))
         later.send(2)
     member.send(9)
-    messages = [dramatiq.Message.decode(body) for body in broker.do_fetch("settle", 6)]
-    state: Any = tracker_of(broker).state(broker)
-    settling: list[tuple[str, tuple[Any, ...] | None]] = []
-    for message in messages:
-        batch_id = message.options.get("dramaturg_batch")
-        end = None if batch_id is None else (state.prefix, state.ttl_ms, batch_id, message.message_id, "s")
-        settling.append((message.options["redis_message_id"], end))
+    ends = claimed_ends(broker, 6)
 
     # When the six are acknowledged in one group (after a first call out alone)
     gate = threading.Event()
@@ -275,7 +276,6 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
     alone = claimed_ids(broker, "other", 1)
     first, threads = in_threads(lambda redis_id: broker.do_ack("other", redis_id), alone)
     poll_until(lambda: len(calls) == 1, "the first call out")
-    ends = dict(settling)
     results, more = in_threads(lambda redis_id: broker.do_ack("settle", redis_id, ends[redis_id]), list(ends))
     poll_until(lambda: broker.settler.waiting == 6, "6 waiting")
     gate.set()
@@ -299,25 +299,12 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
 
 def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: Any) -> None:
     # Given a batch of three claimed members, one of them acknowledged with its end
-    from dramaturg.batches.tracker import tracker_of
-
-    @dramaturg.actor(queue_name="settle")
-    def member(n: int) -> None:
-        pass
-
-    @dramaturg.actor(queue_name="settle-done")
-    def report(summary: dict[str, Any]) -> None:
-        pass
-
+    member, report = batch_actors()
     batch = dramaturg.batch("tried again", on_complete=report.message())
     with batch:
         member.send_many(range(3))
-    state: Any = tracker_of(broker).state(broker)
-    entry = {}
-    for body in broker.do_fetch("settle", 3):
-        message = dramatiq.Message.decode(body)
-        redis_id = message.options["redis_message_id"]
-        entry[redis_id] = ("A", "settle", redis_id, state.prefix, state.ttl_ms, batch.id, message.message_id, "s")
+    # (the entries of settle.lua's call, as Settler.settle makes them)
+    entry = {redis_id: ("A", "settle", redis_id, *end) for redis_id, end in claimed_ends(broker, 3).items() if end}
     first, second, third = entry
     settler = broker.settler
     assert settler._send_group([entry[first]]) == [1]
@@ -342,7 +329,8 @@ def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: A
     # it fires, so the batch goes to the firing index, for the workers' sweep
     assert settler._send_group([("a", "settle", held)]) == [1]
     assert settler._send_group([entry[settled]]) == [["complete", "success"]]
-    assert broker.client.zscore(f"{state.prefix}~firing", batch.id) is not None
+    prefix = entry[settled][3]  # the batch keys' prefix
+    assert broker.client.zscore(f"{prefix}~firing", batch.id) is not None
 
 
 def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it_is_claimed(broker: Any) -> None:
