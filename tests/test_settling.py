@@ -317,20 +317,44 @@ def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: A
     settled = third if held == second else second
     again = settler._send_group([entry[held], entry[settled]])
 
-    # Then the member still claimed keeps the events (it is not settled), whatever the order;
-    # the one settled by the first try answers "gone"
+    # Then the member still claimed keeps the events (it is not settled), though it comes
+    # first now; the one settled by the first try answers "gone"
     assert again == [["complete", "success"], -1]
     acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
     assert broker.client.smembers(acks) == {held.encode()}
     assert (batch.status().succeeded, batch.status().state) == (3, "complete")
+    # and, as a message keeps them, the batch is not in the firing index (the workers' sweep)
+    firing = f"{entry[held][3]}~firing"  # the batch keys' prefix
+    assert broker.client.zscore(firing, batch.id) is None
 
-    # When that member is settled (its callbacks published) and a stray end of a settled
-    # one comes again (a message recovered by another worker, say): no message holds what
-    # it fires, so the batch goes to the firing index, for the workers' sweep
+    # When that member is settled without publishing them, and a stray end of a settled one
+    # comes again (a message recovered by another worker, say): no message holds what it
+    # fires, so the batch goes to the firing index, for the workers' sweep
     assert settler._send_group([("a", "settle", held)]) == [1]
     assert settler._send_group([entry[settled]]) == [["complete", "success"]]
-    prefix = entry[settled][3]  # the batch keys' prefix
-    assert broker.client.zscore(f"{prefix}~firing", batch.id) is not None
+    assert broker.client.zscore(firing, batch.id) is not None
+
+
+def test_a_message_twice_in_a_call_is_left_claimed_for_the_entry_that_keeps_what_fires(broker: Any) -> None:
+    # Given a batch of two claimed members, the first acknowledged with its end
+    member, report = batch_actors()
+    batch = dramaturg.batch("twice", on_complete=report.message())
+    with batch:
+        member.send_many(range(2))
+    entry = {redis_id: ("A", "settle", redis_id, *end) for redis_id, end in claimed_ends(broker, 2).items() if end}
+    first, second = entry
+    assert broker.settler._send_group([entry[first]]) == [1]
+
+    # When the second is acknowledged twice in one call (it ran twice on this worker: taken
+    # for dead meanwhile, it fetched the message again), and its end completes the batch
+    answers = broker.settler._send_group([entry[second], entry[second]])
+
+    # Then one entry keeps the events and the other leaves the message claimed for it
+    assert answers == [0, ["complete", "success"]]
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.settle"
+    assert broker.client.smembers(acks) == {second.encode()}
+    assert broker.client.hexists(f"{broker.namespace}:settle.msgs", second)
+    assert batch.status().succeeded == 2
 
 
 def test_a_put_back_enqueues_its_copy_with_its_acknowledgement_and_only_while_it_is_claimed(broker: Any) -> None:

@@ -40,7 +40,9 @@
 -- fired is "sent". A callback whose publish failed where nothing tries it again (an end
 -- written from a worker's after-hook, a seal) is found there by `stale` and published
 -- again (BatchTracker.refire). What an owned-end fires is not put there: its caller tries
--- until it is out, and if it dies the member is delivered again and fires it again.
+-- until it is out, and if it dies the member is delivered again and fires it again (the
+-- Redis broker's settle.lua disowns a batch none of whose messages in its call is still
+-- held, so that the sweep finds it there).
 --
 -- Members are counted by message id: an end that repeats changes nothing, and a member
 -- leaves "succeeded" never (a redelivered copy of a task that succeeded does not undo it).

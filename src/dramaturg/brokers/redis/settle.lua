@@ -72,6 +72,7 @@ end
 -- index, whose sweep publishes what this worker does not, and its last end in the call
 -- answers the events all the same, for this worker to publish at once.
 local fires = {}  -- place in ARGV -> the events it keeps
+local kept = {}  -- "<queue> <redis id>" of the messages that keep them
 for _, found in ipairs(prefixes) do
     local group = ends[found[1]]
     local out = batch_end({found[2]}, group.args)
@@ -92,6 +93,7 @@ for _, found in ipairs(prefixes) do
             holder = at
         end
         fires[holder] = out[j + 1]
+        kept[ARGV[holder + 1] .. " " .. ARGV[holder + 2]] = true
     end
 end
 
@@ -117,6 +119,11 @@ while i <= #ARGV do
         end
         if fired then
             answer = "fire:" .. fired
+        elseif kept[queue .. " " .. id] then
+            -- The same message twice in the call (run twice here: this worker taken for dead
+            -- meanwhile, and the message fetched again), and its other entry keeps what fired:
+            -- left claimed for it, as if another worker held it.
+            answer = 0
         elseif redis.call("srem", namespace .. ":__acks__." .. worker .. "." .. queue, id) == 1 then
             if kind == "n" then
                 local body = redis.call("hget", bodies, id)
