@@ -72,7 +72,7 @@ end
 -- index, whose sweep publishes what this worker does not, and its last end in the call
 -- answers the events all the same, for this worker to publish at once.
 local fires = {}  -- place in ARGV -> the events it keeps
-local kept = {}  -- "<queue> <redis id>" of the messages that keep them
+local kept = nil  -- "<queue> <redis id>" of the messages that keep them (nil: none)
 for _, found in ipairs(prefixes) do
     local group = ends[found[1]]
     local out = batch_end({found[2]}, group.args)
@@ -93,6 +93,7 @@ for _, found in ipairs(prefixes) do
             holder = at
         end
         fires[holder] = out[j + 1]
+        kept = kept or {}
         kept[ARGV[holder + 1] .. " " .. ARGV[holder + 2]] = true
     end
 end
@@ -119,7 +120,7 @@ while i <= #ARGV do
         end
         if fired then
             answer = "fire:" .. fired
-        elseif kept[queue .. " " .. id] then
+        elseif kept and kept[queue .. " " .. id] then
             -- The same message twice in the call (run twice here: this worker taken for dead
             -- meanwhile, and the message fetched again), and its other entry keeps what fired:
             -- left claimed for it, as if another worker held it.
