@@ -81,6 +81,17 @@ def claimed_ends(broker: Any, count: int) -> dict[str, tuple[Any, ...] | None]:
     return ends
 
 
+def claimed_batch(broker: Any, name: str, count: int) -> tuple[Any, dict[str, tuple[Any, ...]]]:
+    """A batch of ``count`` claimed members, with an ``on_complete``: the batch, and each
+    member's entry in settle.lua's call (as Settler.settle makes it), by Redis id."""
+    member, report = batch_actors()
+    batch = dramaturg.batch(name, on_complete=report.message())
+    with batch:
+        member.send_many(range(count))
+    ends = claimed_ends(broker, count)
+    return batch, {redis_id: ("A", "settle", redis_id, *end) for redis_id, end in ends.items() if end}
+
+
 def messages_in(args: list[Any]) -> int:
     """How many messages a call of settle.lua carries (its entries: see the script)."""
     count, i = 0, 2
@@ -299,12 +310,7 @@ def test_the_batch_ends_of_one_group_are_written_together_and_what_they_fire_kee
 
 def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: Any) -> None:
     # Given a batch of three claimed members, one of them acknowledged with its end
-    member, report = batch_actors()
-    batch = dramaturg.batch("tried again", on_complete=report.message())
-    with batch:
-        member.send_many(range(3))
-    # (the entries of settle.lua's call, as Settler.settle makes them)
-    entry = {redis_id: ("A", "settle", redis_id, *end) for redis_id, end in claimed_ends(broker, 3).items() if end}
+    batch, entry = claimed_batch(broker, "tried again", 3)
     first, second, third = entry
     settler = broker.settler
     assert settler._send_group([entry[first]]) == [1]
@@ -337,11 +343,7 @@ def test_a_call_tried_again_keeps_what_fires_on_a_member_still_claimed(broker: A
 
 def test_a_message_twice_in_a_call_is_left_claimed_for_the_entry_that_keeps_what_fires(broker: Any) -> None:
     # Given a batch of two claimed members, the first acknowledged with its end
-    member, report = batch_actors()
-    batch = dramaturg.batch("twice", on_complete=report.message())
-    with batch:
-        member.send_many(range(2))
-    entry = {redis_id: ("A", "settle", redis_id, *end) for redis_id, end in claimed_ends(broker, 2).items() if end}
+    batch, entry = claimed_batch(broker, "twice", 2)
     first, second = entry
     assert broker.settler._send_group([entry[first]]) == [1]
 

@@ -28,9 +28,10 @@
 -- between them, as above
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 
--- The batch ends, by batch keys' prefix and ttl: batch_end's arguments, and the place in
--- ARGV of each end's message (batch_end answers an end's place among its own).
-local ends, prefixes = {}, {}
+-- The batch ends, by batch keys' prefix and ttl ("B" entries), in the order they come:
+-- batch_end's arguments, and the place in ARGV of each end's message (batch_end answers an
+-- end's place among its own).
+local groups, by_key = {}, {}
 local group
 local i = 3
 while i <= #ARGV do
@@ -39,11 +40,11 @@ while i <= #ARGV do
         i = i + 6
     elseif kind == "B" then
         local key = ARGV[i + 1] .. " " .. ARGV[i + 2]
-        group = ends[key]
+        group = by_key[key]
         if group == nil then
-            group = {args = {"owned-end", now, ARGV[i + 2]}, at = {}, of = {}}
-            ends[key] = group
-            prefixes[#prefixes + 1] = {key, ARGV[i + 1]}
+            group = {prefix = ARGV[i + 1], args = {"owned-end", now, ARGV[i + 2]}, at = {}, of = {}}
+            by_key[key] = group
+            groups[#groups + 1] = group
         end
         i = i + 3
     elseif kind == "A" or kind == "N" then
@@ -73,9 +74,8 @@ end
 -- answers the events all the same, for this worker to publish at once.
 local fires = {}  -- place in ARGV -> the events it keeps
 local kept = nil  -- "<queue> <redis id>" of the messages that keep them (nil: none)
-for _, found in ipairs(prefixes) do
-    local group = ends[found[1]]
-    local out = batch_end({found[2]}, group.args)
+for _, group in ipairs(groups) do
+    local out = batch_end({group.prefix}, group.args)
     for j = 1, #out, 2 do
         local at = group.at[out[j]]
         local batch = ARGV[at + 3]
@@ -89,7 +89,7 @@ for _, found in ipairs(prefixes) do
             end
         end
         if holder == nil then
-            batch_end({found[2]}, {"disown", batch})
+            batch_end({group.prefix}, {"disown", batch})
             holder = at
         end
         fires[holder] = out[j + 1]
