@@ -316,6 +316,78 @@ def test_a_worker_recovers_its_dead_predecessor_when_it_boots(
     )
 
 
+def heartbeat_of(broker: Any) -> float | None:
+    """The last heartbeat of ``broker``'s process in its namespace, if it has one."""
+    return broker.client.zscore(f"{broker.namespace}:__heartbeats__", broker.broker_id)
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_worker_that_stops_cleanly_leaves_no_heartbeat_to_be_taken_for_dead(
+    broker: Any, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a worker that ran a task and beats
+    ran = threading.Event()
+
+    @dramaturg.actor(queue_name="imports")
+    def work(n: int) -> None:
+        ran.set()
+
+    worker = start_worker()
+    work.send(1)
+    assert ran.wait(WAIT_S)
+    poll_until(lambda: heartbeat_of(broker) is not None, "the worker's heartbeat", WAIT_S)
+
+    # When it stops
+    worker.stop()
+
+    # Then it claims nothing and has left the heartbeats: no live worker finds it dead
+    # later (nor SCANs the keyspace for its claims)
+    assert pending_messages(broker, "imports") == 0
+    assert heartbeat_of(broker) is None
+    later = int(time.time() * 1000) + 3_600_000
+    assert RedisRecoverer(DramatiqRedisBroker(client=broker.client, namespace=broker.namespace), 1_000).beat(later) == []
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_worker_that_stops_with_a_claim_left_keeps_its_heartbeat_for_the_others(broker: Any) -> None:
+    # Given a worker's message claimed and still held (a task running past the shutdown timeout)
+    @dramaturg.actor(queue_name="imports")
+    def work(n: int) -> None: ...
+
+    work.send(1)
+    recoverer = RedisRecoverer(broker, 1_000)
+    recoverer.beat(int(time.time() * 1000))
+    (redis_id,) = broker.claims.fetch("imports", 1).remaining_ids()
+
+    # When it departs, it stays in the heartbeats (the others recover that claim once it is old)
+    assert recoverer.depart() is False
+    assert heartbeat_of(broker) is not None
+
+    # and once the claim went back, it departs
+    broker.claims.release("imports", [redis_id])
+    assert broker.claims.reconcile() == 1
+    assert recoverer.depart() is True
+    assert heartbeat_of(broker) is None
+    assert queue_ids(broker, "imports") == [redis_id]
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_process_that_only_sends_writes_no_heartbeat(broker: Any) -> None:
+    # Given a process that runs no worker
+    @dramaturg.actor(queue_name="imports")
+    def work(n: int) -> None: ...
+
+    # When it sends, one message and then many
+    sent = [work.send(1), work.send_with_options(args=(2,), delay=60_000)]
+    work.send_many([(n,) for n in range(3)])
+
+    # Then they are queued, and the process is not in the heartbeats, where the workers
+    # would take it for dead once it falls quiet (Dramatiq's enqueue wrote one)
+    assert pending_messages(broker, "imports") == 5
+    assert queue_ids(broker, "imports")[0] == sent[0].options["redis_message_id"]
+    assert heartbeat_of(broker) is None
+
+
 def test_only_the_redis_brokers_get_the_recovery_middleware() -> None:
     for broker_type, expected in [("redis", True), ("embedded", True), ("rabbitmq", False), ("stub", False)]:
         settings = dramaturg.Settings(broker={"type": broker_type, "heartbeat_timeout": "30s"})

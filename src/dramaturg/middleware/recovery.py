@@ -51,7 +51,13 @@ would otherwise take the others for dead.
 
 When the worker stops, after its threads and consumers are done, it gives back whatever
 it still claims and nothing holds, so a clean stop leaves no claim but those of tasks
-still running past ``worker.shutdown_timeout``.
+still running past ``worker.shutdown_timeout``. If none is left, it takes its own entry
+out of the heartbeats (``depart.lua``, which checks its claim sets are empty in the same
+step), so that nobody takes it for dead later and SCANs the keyspace for its claims. A
+process that only sends writes no heartbeat (Dramatiq's enqueue did, through its dispatch
+script; see ``enqueue.lua``). Before 2026-12-02 each worker stopped and each sender that
+fell quiet cost the workers a SCAN of the whole keyspace, once its heartbeat was old: 1 ms
+of Redis per 1,000 keys, and a keyspace holds a status record per task run in the day.
 
 **Bound.** A dead worker's last heartbeat is at most one tick before it died. Its
 messages are back on their queues within ``heartbeat_timeout`` + one tick
@@ -90,8 +96,8 @@ until one boots; the first tick at boot recovers then.
 **Cost.** On the message path, a dict write per delayed message (which thread's delay
 queue holds it); one round trip per tick per worker process (a small script per lane for
 the dead letters), one SMEMBERS per queue it fetched from, and a SCAN only when a worker
-is dead; every 10 s a short-lived thread and one small script call (a range of a sorted
-set that is empty unless a purge died).
+died (``kill -9``, a lost machine) or is not dramaturg's; every 10 s a short-lived thread
+and one small script call (a range of a sorted set that is empty unless a purge died).
 """
 
 from __future__ import annotations
@@ -196,6 +202,17 @@ class RedisRecovery(dramatiq.Middleware):
                     error,
                     self.heartbeat_timeout_ms,
                 )
+                return
+        # Claiming nothing now, it leaves the heartbeats: otherwise the others take it for
+        # dead once its heartbeat is old, and SCAN the keyspace for its claims. Not while
+        # another worker of this process beats under the same id.
+        with self._lock:
+            others = [other.recoverer.worker_id for other in self._threads.values()]
+        if thread is not None and thread.recoverer.worker_id not in others:
+            try:
+                thread.recoverer.depart()
+            except Exception as error:
+                logger.debug("could not leave the heartbeats: %s", error)
 
 
 class _RecoveryThread(threading.Thread):

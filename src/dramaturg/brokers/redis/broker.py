@@ -6,8 +6,9 @@ priority (:mod:`.placement`);
 and it fetches, acknowledges and rejects through the claims of its worker
 (:mod:`dramaturg.brokers.redis.claims`), the acknowledgements and rejections of its
 threads sent together (:mod:`dramaturg.brokers.redis.settling`). Its scripts:
-``enqueue_many.lua``, ``enqueue_once.lua``, and ``enqueue_joined.lua`` (a new batch member
-joined and enqueued in one step).
+``enqueue.lua`` (one message, as Dramatiq's dispatch script but without a heartbeat for
+the sender), ``enqueue_many.lua``, ``enqueue_once.lua``, and ``enqueue_joined.lua`` (a new
+batch member joined and enqueued in one step).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisBroker", "create_broker"]
 
+_ENQUEUE = script("enqueue")
 _ENQUEUE_MANY = script("enqueue_many")
 _ENQUEUE_ONCE = script("enqueue_once")
 #: enqueue_joined.lua, with batch.lua as the function ``batch`` before it (as settle.lua's).
@@ -88,6 +90,7 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
         )
         self.settings = settings
         self.held = RedisHeldStore(self, settings)
+        self._enqueue_one = self.client.register_script(_ENQUEUE)
         self._enqueue_script = self.client.register_script(_ENQUEUE_MANY)
         self._enqueue_once = self.client.register_script(_ENQUEUE_ONCE)
         self._enqueue_joined = self.client.register_script(_ENQUEUE_JOINED)
@@ -169,6 +172,14 @@ class RedisBroker(HookDispatch, _DramatiqRedisBroker):
                 raise
         self.emit_after("enqueue", message, delay)
         return message
+
+    def do_enqueue(self, queue_name: str, redis_id: str, body: bytes) -> None:
+        """Enqueue one message as Dramatiq's dispatch script does, but without writing a
+        heartbeat for this process (enqueue.lua): a process that only sends is no worker,
+        and a heartbeat that stops when it falls quiet would have the workers take it for
+        dead and look for its claims (:mod:`dramaturg.middleware.recovery`)."""
+        base = f"{self.namespace}:{queue_name}"
+        self._enqueue_one(keys=[base, base + ".msgs"], args=[redis_id, body])
 
     def _enqueue_with_join(self, message: Message[Any], redis_id: str, join: tuple[str, str]) -> None:
         """Enqueue a new batch member and add it to its batch (``join``: the batch keys'

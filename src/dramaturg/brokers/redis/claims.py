@@ -348,6 +348,10 @@ class RedisClaims:
         moved = self._give_back(keys=[self._claims_key(queue), base, base + ".msgs"], args=[keep_order, *redis_ids])
         return [message_id.decode(errors="replace") for message_id in moved]
 
+    def claim_sets(self) -> list[str]:
+        """The claim sets this worker may have: one per queue it fetched from."""
+        return [self._claims_key(queue) for queue in sorted(self._held)]
+
     def _claims_key(self, queue: str) -> str:
         return f"{self.namespace}:__acks__.{self.worker_id}.{queue}"
 

@@ -15,7 +15,7 @@ and dramaturg's::
     __workers__:<queue>          zset  the worker processes consuming a (canonical) queue,
                                        scored by their last heartbeat (ms); see dramaturg.stats
 
-Its scripts: ``recover_claims.lua``, ``expire_dead.lua``, ``forget_worker.lua``.
+Its scripts: ``recover_claims.lua``, ``expire_dead.lua``, ``forget_worker.lua``, ``depart.lua``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = ["DeadWorker", "RecoveredWorker", "RedisRecoverer"]
 _RECOVER_CLAIMS = script("recover_claims")
 _EXPIRE_DEAD = script("expire_dead")
 _FORGET_WORKER = script("forget_worker")
+_DEPART = script("depart")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class RedisRecoverer:
         self.claims_prefix = f"{self.namespace}:__acks__."
         self._recover_claims = self.client.register_script(_RECOVER_CLAIMS)
         self._forget_worker = self.client.register_script(_FORGET_WORKER)
+        self._depart = self.client.register_script(_DEPART)
         self._expire_dead = self.client.register_script(_EXPIRE_DEAD)
         self.dead_message_ttl_ms = int(getattr(broker, "dead_message_ttl", 7 * 86_400_000))
         #: This worker's own claims (None for a broker that is not dramaturg's).
@@ -140,6 +142,16 @@ class RedisRecoverer:
                 for queue in queues:
                     pipe.zrem(self.workers_prefix + queue, self.worker_id)
                 pipe.execute()
+
+    def depart(self) -> bool:
+        """A clean stop: forget this worker's heartbeat if none of its claim sets holds a
+        claim any more (depart.lua), so that no other worker takes it for dead later and
+        SCANs the keyspace for its claims. Returns whether it was forgotten (not while a
+        task still runs past the shutdown timeout: the others recover it once it is old)."""
+        if self.claims is None:
+            return False  # not dramaturg's broker: its claim sets are not known here
+        keys = [self.heartbeats, *self.claims.claim_sets()]
+        return bool(self._depart(keys=keys, args=[self.worker_id]))
 
     def reconcile(self) -> int:
         """Give back this worker's claims that no thread of it holds (see
