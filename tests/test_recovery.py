@@ -349,6 +349,22 @@ def test_a_worker_that_stops_cleanly_leaves_no_heartbeat_to_be_taken_for_dead(
 
 
 @pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_worker_stopping_beside_another_of_its_process_leaves_that_ones_heartbeat(
+    broker: Any, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given two workers of one process, on one broker (one worker id), both beating
+    first = start_worker(queues={"imports"})
+    start_worker(queues={"exports"})
+    poll_until(lambda: heartbeat_of(broker) is not None, "the workers' heartbeat", WAIT_S)
+
+    # When one of them stops
+    first.stop()
+
+    # Then the heartbeat stays, for the one still running
+    assert heartbeat_of(broker) is not None
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
 def test_a_worker_that_stops_with_a_claim_left_keeps_its_heartbeat_for_the_others(broker: Any) -> None:
     # Given a worker's message claimed and still held (a task running past the shutdown timeout)
     @dramaturg.actor(queue_name="imports")

@@ -205,10 +205,13 @@ class RedisRecovery(dramatiq.Middleware):
                 return
         # Claiming nothing now, it leaves the heartbeats: otherwise the others take it for
         # dead once its heartbeat is old, and SCAN the keyspace for its claims. Not while
-        # another worker of this process beats under the same id.
+        # another worker of this process beats under the same id (the lock: none boots
+        # meanwhile; one that boots after writes its heartbeat again).
+        if thread is None:
+            return
         with self._lock:
-            others = [other.recoverer.worker_id for other in self._threads.values()]
-        if thread is not None and thread.recoverer.worker_id not in others:
+            if any(other.recoverer.worker_id == thread.recoverer.worker_id for other in self._threads.values()):
+                return
             try:
                 thread.recoverer.depart()
             except Exception as error:

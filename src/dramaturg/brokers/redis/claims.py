@@ -349,8 +349,14 @@ class RedisClaims:
         return [message_id.decode(errors="replace") for message_id in moved]
 
     def claim_sets(self) -> list[str]:
-        """The claim sets this worker may have: one per queue it fetched from."""
+        """The claim sets this worker may have: one per queue it fetched from (see
+        :meth:`no_new_queues`)."""
         return [self._claims_key(queue) for queue in sorted(self._held)]
+
+    def no_new_queues(self) -> threading.Lock:
+        """Held, no fetch from a queue not fetched from before starts (a queue is noted,
+        under this lock, before its first fetch is sent): :meth:`claim_sets` stays whole."""
+        return self._setup
 
     def _claims_key(self, queue: str) -> str:
         return f"{self.namespace}:__acks__.{self.worker_id}.{queue}"

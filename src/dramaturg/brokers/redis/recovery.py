@@ -5,7 +5,9 @@ Used by :class:`dramaturg.middleware.recovery.RedisRecovery`, which explains why
 Dramatiq's keys (see dramatiq/brokers/redis/dispatch.lua)::
 
     __heartbeats__               zset  worker (broker) id, scored by its last heartbeat (ms);
-                                       a process that only sends writes one too
+                                       with Dramatiq, a process that only sends writes one
+                                       too (dramaturg's enqueue does not; a clean stop
+                                       takes its own out: see depart())
     __acks__.<worker id>.<queue> set   ids that worker fetched and has not acknowledged
     <queue>                      list  ids ready to run: rpush to enqueue, lpop to fetch
     <queue>.msgs                 hash  id -> body, until acknowledged
@@ -150,8 +152,11 @@ class RedisRecoverer:
         task still runs past the shutdown timeout: the others recover it once it is old)."""
         if self.claims is None:
             return False  # not dramaturg's broker: its claim sets are not known here
-        keys = [self.heartbeats, *self.claims.claim_sets()]
-        return bool(self._depart(keys=keys, args=[self.worker_id]))
+        # No queue's first fetch meanwhile (its claim set would not be checked here): one
+        # that waits for this runs fetch.lua after, which writes the heartbeat again.
+        with self.claims.no_new_queues():
+            keys = [self.heartbeats, *self.claims.claim_sets()]
+            return bool(self._depart(keys=keys, args=[self.worker_id]))
 
     def reconcile(self) -> int:
         """Give back this worker's claims that no thread of it holds (see

@@ -17,7 +17,8 @@ on still holds the queue's messages):
 - workers: the worker processes whose heartbeat under ``<ns>:__workers__:<q>`` is newer
   than ``broker.heartbeat_timeout`` (written by :class:`~dramaturg.middleware.RedisRecovery`
   in every dramaturg worker). Dramatiq's own ``__heartbeats__`` cannot say this: it does
-  not record queues, and a process that only sends writes a heartbeat there too.
+  not record queues, and with Dramatiq a process that only sends writes a heartbeat there
+  too.
 
 All of it is read in one MULTI/EXEC, so the numbers are one consistent moment.
 """
