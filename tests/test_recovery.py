@@ -349,6 +349,27 @@ def test_a_worker_that_stops_cleanly_leaves_no_heartbeat_to_be_taken_for_dead(
 
 
 @pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_worker_that_could_not_give_back_its_claims_keeps_its_heartbeat(
+    broker: Any, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a beating worker whose last giving back of claims fails as it stops
+    worker = start_worker(queues={"imports"})
+    poll_until(lambda: heartbeat_of(broker) is not None, "the worker's heartbeat", WAIT_S)
+
+    def refused() -> int:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(broker.claims, "reconcile", refused)
+
+    # When it stops
+    worker.stop()
+
+    # Then it stays in the heartbeats, as its WARNING says: the others recover what it may
+    # still claim once its heartbeat is old
+    assert heartbeat_of(broker) is not None
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
 def test_a_worker_stopping_beside_another_of_its_process_leaves_that_ones_heartbeat(
     broker: Any, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
