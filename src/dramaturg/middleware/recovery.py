@@ -55,9 +55,9 @@ still running past ``worker.shutdown_timeout``. If none is left, it takes its ow
 out of the heartbeats (``depart.lua``, which checks its claim sets are empty in the same
 step), so that nobody takes it for dead later and SCANs the keyspace for its claims. A
 process that only sends writes no heartbeat (Dramatiq's enqueue did, through its dispatch
-script; see ``enqueue.lua``). Before 2026-12-02 each worker stopped and each sender that
-fell quiet cost the workers a SCAN of the whole keyspace, once its heartbeat was old: 1 ms
-of Redis per 1,000 keys, and a keyspace holds a status record per task run in the day.
+script; see ``enqueue.lua``). Each stale heartbeat costs the workers a SCAN of the whole
+keyspace (about 1 ms of Redis per 1,000 keys, and the keyspace holds a status record per
+task of the day).
 
 **Bound.** A dead worker's last heartbeat is at most one tick before it died. Its
 messages are back on their queues within ``heartbeat_timeout`` + one tick
