@@ -1,10 +1,14 @@
-"""What a batch costs the drain: the same no-op tasks drained with and without a batch.
+"""What a batch costs the drain: the same tasks drained with and without a batch.
 
 On a private Redis server (a free port, no persistence; ``--broker rabbitmq``: a private
 RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 
-1. sends N no-op messages to one queue ("plain") and N to another as the members of one
-   batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed);
+1. sends N messages to one queue ("plain") and N to another as the members of one
+   batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed). The tasks are
+   no-ops (the worst case: all a task costs is the queue's own work, of which the batch's
+   is a share), or with ``--task import`` the showcase's user import as ``peers.py`` runs
+   it (``peer_apps/work.py``: check the address, upsert the row into SQLite; a new
+   database each round);
 2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
    left, in the order plain, batch, batch, plain, plain, batch...). A turn starts
    ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
@@ -26,6 +30,7 @@ rate. Numbers in ``docs/batches.md``.
     python benchmarks/batches.py --count 20000 --rounds 1
     python benchmarks/batches.py --broker rabbitmq       # RabbitMQ, batches in a private Redis
     python benchmarks/batches.py --processes 1           # one worker process, as before 2026-12-02
+    python benchmarks/batches.py --task import           # the user import instead of no-ops
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +53,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import dramatiq  # noqa: E402
 from drain_rounds import medians, print_table, private_rabbitmq, private_redis  # noqa: E402
+from peer_apps import work  # noqa: E402
 from throughput import children, counts, cpu_seconds, stop, wait_for  # noqa: E402
 
 import dramaturg  # noqa: E402
@@ -104,18 +111,38 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
     }
 
 
+#: Each ``--task``'s actor in bench_app, and the items its messages are sent with (one a message).
+TASKS: dict[str, tuple[str, Any]] = {
+    "noop": ("noop", range),
+    "import": ("peer_import_user", work.user_rows),
+}
+
+
 def run_round(
-    url: str, state_url: str | None, count: int, processes: int, threads: int, segments: int, prefetch: int | None
+    url: str,
+    state_url: str | None,
+    count: int,
+    processes: int,
+    threads: int,
+    segments: int,
+    prefetch: int | None,
+    task: str = "noop",
 ) -> dict[str, dict[str, float]]:
     """One round: ``count`` tasks of each mode drained in alternating turns; each mode's rate and CPU per task."""
     overrides: dict[str, Any] = {"broker": {"prefetch": prefetch}, "state": {"url": state_url} if state_url else {}}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-batches-"))
+    database = scratch / "users.sqlite3"
+    work.create_database(str(database))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DRAMATURG_", "dramatiq_"))},
         "BENCH_SYSTEM": "dramaturg",
         "BENCH_URL": url,
         "BENCH_SETTINGS": json.dumps(overrides),
+        "BENCH_SQLITE": str(database),  # --task import: its rows
+        "BENCH_PROCESSED_DIR": str(scratch),  # peer_apps.work's own count (bench_app counts as for no-ops)
         "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")]),  # this checkout
     }
+    actor_name, items = TASKS[task]
     # The sender: bench_app's namespace and settings, its actor names, one queue per mode.
     broker = dramaturg.bootstrap(
         dramaturg.Settings(
@@ -129,14 +156,15 @@ def run_round(
         completes.append(summary)
 
     for mode in ("plain", "batch"):
-        noop = dramaturg.actor(queue_name=f"bench-{mode}", actor_name="noop")(lambda number: None)
+        sender = dramaturg.actor(queue_name=f"bench-{mode}", actor_name=actor_name)(lambda item: None)
+        rows = items(count) if mode == "plain" else items(2 * count)[count:]  # the batch's own rows (an import's)
         if mode == "plain":
-            noop.send_many(range(count))
+            sender.send_many(rows)
         else:
             batch = dramaturg.batch("bench", on_complete=batch_done.message())
             with batch:
-                noop.send_many(range(count))
-        broker.actors.pop("noop")  # the next mode's queue
+                sender.send_many(rows)
+        broker.actors.pop(actor_name)  # the next mode's queue
 
     keys = ("tasks", "seconds", "cpu", "busy", "idle")
     spent = {mode: dict.fromkeys(keys, 0.0) for mode in ("plain", "batch")}
@@ -157,7 +185,10 @@ def run_round(
     status = batch.status()
     assert status.succeeded == count and status.state == "complete", status
     assert len(completes) == 1, completes
+    if task == "import":
+        assert work.count_users(str(database)) == 2 * work.valid_rows(count), "the users table is not right"
     dramaturg.shutdown()
+    shutil.rmtree(scratch, ignore_errors=True)  # kept when a check above fails, to look into
     return {
         mode: {
             "rate": s["tasks"] / s["seconds"],
@@ -187,6 +218,12 @@ def main() -> int:
         default="redis",
         help="redis (default), or rabbitmq with a private Redis as its state store",
     )
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="noop",
+        help="noop (default: the worst case), or import (the showcase's user import into SQLite)",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(private_redis("bench-batches-"))
@@ -195,7 +232,9 @@ def main() -> int:
             url, state_url = stack.enter_context(private_rabbitmq("bench-batches-rabbitmq-")), redis_url
         results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
         for round_ in range(args.rounds):
-            result = run_round(url, state_url, args.count, args.processes, args.threads, args.segments, args.prefetch)
+            result = run_round(
+                url, state_url, args.count, args.processes, args.threads, args.segments, args.prefetch, args.task
+            )
             for mode, measured in result.items():
                 results[mode].append(measured)
             print(
@@ -223,6 +262,7 @@ def main() -> int:
         rounds=args.rounds,
         broker=name,
         processes=args.processes,
+        tasks="no-op tasks" if args.task == "noop" else "user-import tasks (validate, upsert into SQLite)",
     )
     return 0
 

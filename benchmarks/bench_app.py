@@ -54,7 +54,7 @@ class Counter(dramatiq.Middleware):
 
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
         self.done = next(self.processed)
-        if message.args and message.args[0] < 0:
+        if message.args and isinstance(message.args[0], int) and message.args[0] < 0:
             self.latencies_ms.append(time.time() * 1000 - message.message_timestamp)
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:

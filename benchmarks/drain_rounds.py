@@ -144,6 +144,7 @@ def print_table(
     broker: str = "Redis",
     labels: Mapping[str, str] | None = None,
     processes: int = 1,
+    tasks: str = "no-op tasks",
 ) -> None:
     """The medians as a Markdown table, each mode's ratio to ``base``'s."""
     labels = labels or {}
@@ -152,7 +153,7 @@ def print_table(
     worker = f"one worker process with {threads} threads"
     if processes > 1:
         worker = f"a worker of {processes} processes with {threads} threads each"
-    print(f"{count:,} no-op tasks, {broker}, {worker}, median of {rounds}")
+    print(f"{count:,} {tasks}, {broker}, {worker}, median of {rounds}")
     print(f"(machine: {os.cpu_count()} cores; python {sys.version.split()[0]})")
     print()
     print(f"| | drain (msgs/s) | CPU (us/msg) | drain / {base} | CPU / {base} |")
