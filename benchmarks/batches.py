@@ -186,7 +186,7 @@ def run_round(
     assert status.succeeded == count and status.state == "complete", status
     assert len(completes) == 1, completes
     if task == "import":
-        assert work.count_users(str(database)) == 2 * work.valid_rows(count), "the users table is not right"
+        assert work.count_users(str(database)) == work.valid_rows(2 * count), "the users table is not right"
     dramaturg.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)  # kept when a check above fails, to look into
     return {
