@@ -7,8 +7,8 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
    batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed). The tasks are
    no-ops (the worst case: all a task costs is the queue's own work, of which the batch's
    is a share), or with ``--task import`` the showcase's user import as ``peers.py`` runs
-   it (``peer_apps/work.py``: check the address, upsert the row into SQLite; a new
-   database each round);
+   it (``peer_apps/work.py``'s stand-in: check the address, upsert the row into SQLite,
+   no welcome e-mail; a new database each round, each mode's own rows);
 2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
    left, in the order plain, batch, batch, plain, plain, batch...). A turn starts
    ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
@@ -111,10 +111,24 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
     }
 
 
-#: Each ``--task``'s actor in bench_app, and the items its messages are sent with (one a message).
+def import_rows(count: int, mode: str) -> list[dict[str, Any]]:
+    """``count`` rows of ``peer_apps.work.user_rows``'s kind for ``mode``: the plain mode's
+    ids even, the batch's odd, so that both insert across the same range of the users
+    table (not one at its end); one in 50 invalid in each, at the same places."""
+    offset = 0 if mode == "plain" else 1
+    rows = []
+    for number in range(count):
+        user = 2 * number + offset
+        email = f"user{user}.example.com" if number % 50 == 49 else f"User{user}@Example.com"
+        rows.append({"id": user, "email": email, "name": f"User {user}"})
+    return rows
+
+
+#: Each ``--task``'s actor in bench_app, and the items its messages are sent with (one a
+#: message): the same numbers for both modes' no-ops, each mode's own rows for an import.
 TASKS: dict[str, tuple[str, Any]] = {
-    "noop": ("noop", range),
-    "import": ("peer_import_user", work.user_rows),
+    "noop": ("noop", lambda count, mode: range(count)),
+    "import": ("peer_import_user", import_rows),
 }
 
 
@@ -132,7 +146,8 @@ def run_round(
     overrides: dict[str, Any] = {"broker": {"prefetch": prefetch}, "state": {"url": state_url} if state_url else {}}
     scratch = Path(tempfile.mkdtemp(prefix="bench-batches-"))
     database = scratch / "users.sqlite3"
-    work.create_database(str(database))
+    if task == "import":
+        work.create_database(str(database))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DRAMATURG_", "dramatiq_"))},
         "BENCH_SYSTEM": "dramaturg",
@@ -157,7 +172,7 @@ def run_round(
 
     for mode in ("plain", "batch"):
         sender = dramaturg.actor(queue_name=f"bench-{mode}", actor_name=actor_name)(lambda item: None)
-        rows = items(count) if mode == "plain" else items(2 * count)[count:]  # the batch's own rows (an import's)
+        rows = items(count, mode)
         if mode == "plain":
             sender.send_many(rows)
         else:
@@ -186,7 +201,8 @@ def run_round(
     assert status.succeeded == count and status.state == "complete", status
     assert len(completes) == 1, completes
     if task == "import":
-        assert work.count_users(str(database)) == work.valid_rows(2 * count), "the users table is not right"
+        users = work.count_users(str(database))
+        assert users == 2 * work.valid_rows(count), f"{users} users in {database}, not {2 * work.valid_rows(count)}"
     dramaturg.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)  # kept when a check above fails, to look into
     return {
