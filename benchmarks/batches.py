@@ -6,9 +6,9 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 1. sends N messages to one queue ("plain") and N to another as the members of one
    batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed). The tasks are
    no-ops (the worst case: all a task costs is the queue's own work, of which the batch's
-   is a share), or with ``--task import`` the showcase's user import as ``peers.py`` runs
-   it (``peer_apps/work.py``'s stand-in: check the address, upsert the row into SQLite,
-   no welcome e-mail; a new database each round, each mode's own rows);
+   is a share), or with ``--task import`` a stand-in for the showcase's user import as
+   ``peers.py`` runs it (``peer_apps/work.py``: check the address, upsert the row into
+   SQLite, no welcome e-mail; a new database each round, each mode's own rows);
 2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
    left, in the order plain, batch, batch, plain, plain, batch...). A turn starts
    ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
@@ -112,16 +112,10 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
 
 
 def import_rows(count: int, mode: str) -> list[dict[str, Any]]:
-    """``count`` rows of ``peer_apps.work.user_rows``'s kind for ``mode``: the plain mode's
-    ids even, the batch's odd, so that both insert across the same range of the users
-    table (not one at its end); one in 50 invalid in each, at the same places."""
-    offset = 0 if mode == "plain" else 1
-    rows = []
-    for number in range(count):
-        user = 2 * number + offset
-        email = f"user{user}.example.com" if number % 50 == 49 else f"User{user}@Example.com"
-        rows.append({"id": user, "email": email, "name": f"User {user}"})
-    return rows
+    """``count`` user rows for ``mode``: the plain mode's ids even, the batch's odd, so that
+    both insert across the same range of the users table (not one at its end); one in 50
+    invalid in each, at the same places."""
+    return work.user_rows(count, step=2, offset=0 if mode == "plain" else 1)
 
 
 #: Each ``--task``'s actor in bench_app, and the items its messages are sent with (one a
@@ -238,7 +232,7 @@ def main() -> int:
         "--task",
         choices=sorted(TASKS),
         default="noop",
-        help="noop (default: the worst case), or import (the showcase's user import into SQLite)",
+        help="noop (default: the worst case), or import (a stand-in for the showcase's user import into SQLite)",
     )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:

@@ -90,16 +90,15 @@ def import_user(row: dict[str, Any]) -> None:
     processed()
 
 
-def user_rows(count: int) -> list[dict[str, Any]]:
-    """``count`` rows to import; one in 50 has a bad address (no "@")."""
-    return [
-        {
-            "id": number,
-            "email": f"user{number}.example.com" if number % 50 == 49 else f"User{number}@Example.com",
-            "name": f"User {number}",
-        }
-        for number in range(count)
-    ]
+def user_rows(count: int, *, step: int = 1, offset: int = 0) -> list[dict[str, Any]]:
+    """``count`` rows to import, the n-th with the id ``n * step + offset``; one in 50 (by
+    n) has a bad address (no "@")."""
+    rows = []
+    for number in range(count):
+        user = number * step + offset
+        email = f"user{user}.example.com" if number % 50 == 49 else f"User{user}@Example.com"
+        rows.append({"id": user, "email": email, "name": f"User {user}"})
+    return rows
 
 
 def valid_rows(count: int) -> int:
