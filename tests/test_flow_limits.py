@@ -642,16 +642,9 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
-#: How soon another tenant's tasks start behind a queue of one tenant's, per task ahead, and
-#: the time to start a worker (see the docs' Fairness): measured 1.9-2.3 ms on Redis and
-#: embedded, 2.8-4.5 ms on RabbitMQ, with 8 threads on the 2-core machine under load.
-FAIRNESS_MS_PER_TASK_AHEAD = {"redis": 4.0, "embedded": 4.0, "rabbitmq": 8.0}
-FAIRNESS_START_S = 2.0
-
-
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)
 def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queue(
-    broker: dramatiq.Broker, broker_kind: str, start_worker: Callable[..., dramatiq.Worker]
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
     # Given 2,000 tasks of store "big" (300 ms each) queued before 10 of store "small", two per store at once
     ahead = 2_000
@@ -686,12 +679,16 @@ def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queu
     began = time.monotonic()
     start_worker(threads=8)
 
-    # Then the small store's ten start within the bound (without the limit: 2,000 x 300 ms / 8
-    # = 75 s for the first), while the big one runs two at a time
-    bound_s = FAIRNESS_START_S + ahead * FAIRNESS_MS_PER_TASK_AHEAD[broker_kind] / 1000
-    poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=bound_s + 30)
-    assert max(started["small"]) - began < bound_s
-    assert len(started["big"]) < 2 * (bound_s / 0.3) + 4
+    # Then the small store's ten start before a quarter of the big store's have: without the
+    # limit all 2,000 would start first (2,000 x 300 ms / 8 = 75 s).
+    # How soon in seconds is the benchmark's to say (benchmarks/fairness.py), not this test's.
+    poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=120)
+    last_small = max(started["small"])
+    with guard:
+        big_before = [t for t in started["big"] if t <= last_small]
+    assert len(big_before) < ahead / 4, len(big_before)
+    # while the big one ran two at a time (each of its two slots starts a task every 300 ms at most)
+    assert len(big_before) <= 2 * ((last_small - began) / 0.3 + 1)
     # and the big store's tasks were put back about once each meanwhile, not again and again
     # (their returns are paced at the rate the store's slots free: dramaturg.flow.pacing)
     assert put_back["big"] < 2 * ahead, put_back
