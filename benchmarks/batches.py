@@ -10,7 +10,8 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
    ``peers.py`` runs it (``peer_apps/work.py``: check the address, upsert the row into
    SQLite, no welcome e-mail; a new database each round, each mode's own rows);
 2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
-   left, in the order plain, batch, batch, plain, plain, batch...). A turn starts
+   left, in the order plain, batch, batch, plain, plain, batch...; every other round the
+   batch is sent first and drains first: batch, plain, plain, batch...). A turn starts
    ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
    ``dramaturg worker`` on 2 cores; ``--threads``), times it from its tenth task in ten
    to the turn's last (the counts its processes write every 10 ms, as ``throughput.py``;
@@ -20,13 +21,19 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
    by 15%, more than the cost measured);
 3. checks that the batch is complete with N succeeded and that ``on_complete`` ran once.
 
+``--control`` sends the batch mode's tasks without a batch: both modes are plain, and the
+ratios show what the benchmark itself makes of two equal drains (on the 2-core machine,
+2026-12-02: drain 0.87-1.005 of plain per round, worker CPU 0.97 of plain), the scatter
+any batch figure is read against. ``--turns`` prints each turn.
+
 Per round and mode: tasks / drain time (msgs/s); the worker processes' CPU per task
 (us/msg); and the machine's, every process counted (the worker, RabbitMQ, Redis), with
 its idle share. Medians over the rounds are printed as a Markdown table with the batch's
 ratio to plain. The issue's bar: a 100,000-member batch costs at most 5% of the drain
 rate. Numbers in ``docs/batches.md``.
 
-    python benchmarks/batches.py                         # Redis, 100,000 tasks each, 10 turns, 3 rounds
+    python benchmarks/batches.py                         # Redis, 100,000 tasks each, 10 turns, 4 rounds
+    python benchmarks/batches.py --control               # the same with no batch in either mode
     python benchmarks/batches.py --count 20000 --rounds 1
     python benchmarks/batches.py --broker rabbitmq       # RabbitMQ, batches in a private Redis
     python benchmarks/batches.py --processes 1           # one worker process, as before 2026-12-02
@@ -135,8 +142,14 @@ def run_round(
     segments: int,
     prefetch: int | None,
     task: str = "noop",
+    show_turns: bool = False,
+    first: str = "plain",
+    control: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """One round: ``count`` tasks of each mode drained in alternating turns; each mode's rate and CPU per task."""
+    """One round: ``count`` tasks of each mode drained in alternating turns, ``first`` sent
+    first and drained first; each mode's rate and CPU per task. ``control``: the "batch"
+    mode's tasks are sent without a batch (both modes plain: what the benchmark itself
+    tells them apart by)."""
     overrides: dict[str, Any] = {"broker": {"prefetch": prefetch}, "state": {"url": state_url} if state_url else {}}
     scratch = Path(tempfile.mkdtemp(prefix="bench-batches-"))
     database = scratch / "users.sqlite3"
@@ -164,10 +177,11 @@ def run_round(
     def batch_done(summary: dict[str, Any]) -> None:
         completes.append(summary)
 
-    for mode in ("plain", "batch"):
+    modes = (first, "batch" if first == "plain" else "plain")
+    for mode in modes:
         sender = dramaturg.actor(queue_name=f"bench-{mode}", actor_name=actor_name)(lambda item: None)
         rows = items(count, mode)
-        if mode == "plain":
+        if mode == "plain" or control:
             sender.send_many(rows)
         else:
             batch = dramaturg.batch("bench", on_complete=batch_done.message())
@@ -177,7 +191,7 @@ def run_round(
 
     keys = ("tasks", "seconds", "cpu", "busy", "idle")
     spent = {mode: dict.fromkeys(keys, 0.0) for mode in ("plain", "batch")}
-    order = [("plain", "batch")[(i + i // 2) % 2] for i in range(2 * segments)]  # plain, batch, batch, plain...
+    order = [modes[(i + i // 2) % 2] for i in range(2 * segments)]  # first, other, other, first, first...
     for i, mode in enumerate(order):
         waiting = dramaturg.queue_stats([f"bench-{mode}"], broker)[0].ready or 0
         if waiting < 2:  # the turns before ran it all (a worker stopping finishes what it has)
@@ -185,15 +199,23 @@ def run_round(
         turn = drain_turn(env, mode, max(2, waiting // order[i:].count(mode)), processes, threads)
         for key in spent[mode]:
             spent[mode][key] += turn[key]
-    worker = dramatiq.Worker(broker, queues={"bench-done"}, worker_threads=1, worker_timeout=100)
-    worker.start()  # the batch's on_complete, once every member has ended
-    deadline = time.monotonic() + 60
-    while not completes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.stop()
-    status = batch.status()
-    assert status.succeeded == count and status.state == "complete", status
-    assert len(completes) == 1, completes
+        if show_turns:
+            print(
+                f"  turn {i + 1} {mode}: {turn['tasks'] / turn['seconds']:,.0f} msgs/s, "
+                f"{turn['cpu'] / turn['tasks'] * 1e6:.1f} us/msg, "
+                f"machine {turn['busy'] / turn['tasks'] * 1e6:.0f} us/msg",
+                flush=True,
+            )
+    if not control:
+        worker = dramatiq.Worker(broker, queues={"bench-done"}, worker_threads=1, worker_timeout=100)
+        worker.start()  # the batch's on_complete, once every member has ended
+        deadline = time.monotonic() + 60
+        while not completes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.stop()
+        status = batch.status()
+        assert status.succeeded == count and status.state == "complete", status
+        assert len(completes) == 1, completes
     if task == "import":
         users = work.count_users(str(database))
         assert users == 2 * work.valid_rows(count), f"{users} users in {database}, not {2 * work.valid_rows(count)}"
@@ -213,7 +235,9 @@ def run_round(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000, help="tasks per drain (default: 100000)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="rounds (default: 4; each mode goes first in every other one)"
+    )
     parser.add_argument("--segments", type=int, default=10, help="turns of each mode in a round (default: 10)")
     parser.add_argument(
         "--processes", type=int, default=2, help="worker processes (default: 2, dramaturg worker's on 2 cores)"
@@ -234,6 +258,12 @@ def main() -> int:
         default="noop",
         help="noop (default: the worst case), or import (a stand-in for the showcase's user import into SQLite)",
     )
+    parser.add_argument("--turns", action="store_true", help="print each turn's figures too")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="send the batch mode's tasks without a batch: both modes plain, to see the benchmark's own bias",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(private_redis("bench-batches-"))
@@ -243,12 +273,23 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
         for round_ in range(args.rounds):
             result = run_round(
-                url, state_url, args.count, args.processes, args.threads, args.segments, args.prefetch, args.task
+                url,
+                state_url,
+                args.count,
+                args.processes,
+                args.threads,
+                args.segments,
+                args.prefetch,
+                args.task,
+                args.turns,
+                first=("plain", "batch")[round_ % 2],
+                control=args.control,
             )
             for mode, measured in result.items():
                 results[mode].append(measured)
             print(
-                f"round {round_ + 1}: plain {result['plain']['rate']:,.0f} msgs/s, "
+                f"round {round_ + 1} ({('plain', 'batch')[round_ % 2]} first): "
+                f"plain {result['plain']['rate']:,.0f} msgs/s, "
                 f"{result['plain']['us_per_msg']:.1f} us/msg; batch {result['batch']['rate']:,.0f} msgs/s, "
                 f"{result['batch']['us_per_msg']:.1f} us/msg; machine CPU (all processes) "
                 f"{result['plain']['machine_us_per_msg']:.0f} and {result['batch']['machine_us_per_msg']:.0f} us/msg, "
