@@ -23,7 +23,7 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 
 ``--control`` sends the batch mode's tasks without a batch: both modes are plain, and the
 ratios show what the benchmark itself makes of two equal drains (on the 2-core machine,
-2026-12-02: drain 0.87-1.005 of plain per round, worker CPU 0.97 of plain), the scatter
+2026-12-02, no-ops: drain 0.87-1.005 of plain per round, worker CPU 0.97 of plain), the scatter
 any batch figure is read against. ``--turns`` prints each turn.
 
 Per round and mode: tasks / drain time (msgs/s); the worker processes' CPU per task
@@ -314,6 +314,7 @@ def main() -> int:
         broker=name,
         processes=args.processes,
         tasks="no-op tasks" if args.task == "noop" else "user-import tasks (validate, upsert into SQLite)",
+        labels={"batch": "batch (--control: sent without a batch)"} if args.control else None,
     )
     return 0
 

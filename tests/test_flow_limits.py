@@ -649,13 +649,20 @@ def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queu
     # Given 2,000 tasks of store "big" (300 ms each) queued before 10 of store "small", two per store at once
     ahead = 2_000
     started: dict[str, list[float]] = {"big": [], "small": []}
+    running = {"big": 0, "small": 0}
+    top = {"big": 0, "small": 0}
     guard = threading.Lock()
 
     @dramaturg.actor(queue_name="flow", max_retries=0, limits=[dramaturg.concurrency(2, key="tenant:{store}")])
     def sync(n: int) -> None:
+        store = dramaturg.current_task().context["store"]
         with guard:
-            started[dramaturg.current_task().context["store"]].append(time.monotonic())
+            started[store].append(time.monotonic())
+            running[store] += 1
+            top[store] = max(top[store], running[store])
         time.sleep(0.3)
+        with guard:
+            running[store] -= 1
 
     with dramaturg.context(store="big"):
         for first in range(0, ahead, 500):
@@ -676,19 +683,20 @@ def test_a_tenant_limit_lets_another_tenants_tasks_start_soon_behind_a_long_queu
         wait(broker, message, *args, **kwargs)
 
     flow._wait = counted_wait  # type: ignore[method-assign]
-    began = time.monotonic()
     start_worker(threads=8)
 
-    # Then the small store's ten start before a quarter of the big store's have: without the
-    # limit all 2,000 would start first (2,000 x 300 ms / 8 = 75 s).
-    # How soon in seconds is the benchmark's to say (benchmarks/fairness.py), not this test's.
-    poll_until(lambda: len(started["small"]) == 10, "the small store's tasks started", timeout=120)
-    last_small = max(started["small"])
+    # Then the small store's ten start before a sixth of the big store's have: without the
+    # limit all 2,000 would start first (2,000 x 300 ms / 8 = 75 s). The big store starts at
+    # most 2 per 300 ms, so that count is a bound of about 50 s; a loaded CI run took 18.5 s.
+    # How soon in seconds is benchmarks/fairness.py's to say, not this test's.
+    poll_until(lambda: len(started["small"]) >= 10, "the small store's tasks started", timeout=120)
     with guard:
+        last_small = max(started["small"])
         big_before = [t for t in started["big"] if t <= last_small]
-    assert len(big_before) < ahead / 4, len(big_before)
-    # while the big one ran two at a time (each of its two slots starts a task every 300 ms at most)
-    assert len(big_before) <= 2 * ((last_small - began) / 0.3 + 1)
+        most_at_once = dict(top)
+    assert len(big_before) < ahead / 6, len(big_before)
+    # while each store ran at most two at a time
+    assert most_at_once["big"] == 2 and most_at_once["small"] <= 2, most_at_once
     # and the big store's tasks were put back about once each meanwhile, not again and again
     # (their returns are paced at the rate the store's slots free: dramaturg.flow.pacing)
     assert put_back["big"] < 2 * ahead, put_back
