@@ -272,6 +272,7 @@ def main() -> int:
             url, state_url = stack.enter_context(private_rabbitmq("bench-batches-rabbitmq-")), redis_url
         results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
         for round_ in range(args.rounds):
+            first = ("plain", "batch")[round_ % 2]
             result = run_round(
                 url,
                 state_url,
@@ -282,13 +283,13 @@ def main() -> int:
                 args.prefetch,
                 args.task,
                 args.turns,
-                first=("plain", "batch")[round_ % 2],
+                first=first,
                 control=args.control,
             )
             for mode, measured in result.items():
                 results[mode].append(measured)
             print(
-                f"round {round_ + 1} ({('plain', 'batch')[round_ % 2]} first): "
+                f"round {round_ + 1} ({first} first): "
                 f"plain {result['plain']['rate']:,.0f} msgs/s, "
                 f"{result['plain']['us_per_msg']:.1f} us/msg; batch {result['batch']['rate']:,.0f} msgs/s, "
                 f"{result['batch']['us_per_msg']:.1f} us/msg; machine CPU (all processes) "
