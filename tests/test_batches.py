@@ -485,12 +485,20 @@ def test_one_call_of_many_ends_counts_as_the_ends_one_by_one(redis_server: Any) 
             state.create(batch_id, {"name": batch_id, "created_at": "1"})
             state.add(batch_id, members)
             state.seal(batch_id)
-        state.note([("one", "r", "r", "")])
+        state.note([("one", "r", "r", ""), ("one", "r", "g", "0.5000|half"), ("one", "a", "g", "0.1000|started")])
         # When all their ends come in one call
         answers = state.end(ends)
         # Then each batch fires in that call (on Redis at its last end there), and its counts are the sums
         if isinstance(state, RedisBatchState):
             assert answers == [[]] * 8 + [["complete"], ["complete"]], answers
+            # each member keeps its last end of the call (read and written once per batch),
+            # and the progress of members that ended is gone
+            members = {b: client.hgetall(f"test-sums:__batch__:{b}:m") for b in ("one", "two")}
+            assert members == {
+                "one": {b"a": b"s", b"b": b"s", b"c": b"s", b"r": b"s", b"stranger": b"f"},
+                "two": {b"x": b"h", b"y": b"c", b"z": b"s"},
+            }
+            assert client.hgetall("test-sums:__batch__:one:p") == {}
         seen.append([tuple(state.read(b)[0].get(name) for name in counts) for b in ("one", "two")])  # type: ignore[index]
     assert seen[0] == seen[1]
     assert seen[0][0][:6] == ("5", "0", "4", "1", "0", "0")
