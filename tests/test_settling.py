@@ -98,7 +98,7 @@ def messages_in(args: list[Any]) -> int:
     while i < len(args):
         kind = args[i]
         count += kind != "B"
-        i += 3 if kind in ("a", "n", "B") else 6
+        i += {"B": 5, "AM": 4, "NM": 4, "m": 6}.get(kind, 3)
     return count
 
 

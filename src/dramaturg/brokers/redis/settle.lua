@@ -5,16 +5,20 @@
 -- is gone (settled already: by an earlier try whose reply was lost, or by the worker that
 -- ran it again). A rejected message goes into its queue's dead letters.
 --
--- A message that is a batch member carries its end ("A" or "N" instead of "a" or "n", then
--- the batch id, the member id, its end code; the batch keys' prefix and the batches' ttl
--- (ms) are those of the last "B" entry before it: "B", prefix, ttl, once per call):
--- the end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
+-- A message that is a batch member carries its end: "A" or "N" instead of "a" or "n", its
+-- member id being its Redis id (as for every message sent new), or "AM" / "NM" with its
+-- member id after its Redis id. The rest of the end comes once per call where it changes,
+-- in a "B" entry before it: the batch keys' prefix, the batches' ttl (ms), the batch id and
+-- the end code. A call of one batch's members sent new has as many arguments as plain
+-- acknowledgements, and five more.
+-- The end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
 -- by settling.py), so it is durable no later than the acknowledgement and costs no call of
 -- its own. The ends of a call go to batch_end together, one call of it per batch keys'
--- prefix and ttl: each batch is looked up, its counts changed and what fires decided once
--- per call, not once per member (each redis.call costs Redis a microsecond or more besides
--- the command). If the ends fire callbacks, one message of that batch in the call that
--- this worker still holds keeps them (see below): it is NOT settled and its answer is
+-- prefix and ttl: each batch is looked up, its members read and written, its counts changed
+-- and what fires decided once per call, not once per member (each redis.call costs Redis a
+-- microsecond or more besides the command). If the ends fire callbacks, one message of that
+-- batch in the call that this worker still holds keeps them (see below): it is NOT settled
+-- and its answer is
 -- "fire:<events>": the worker publishes them, then settles it alone (a worker killed in
 -- between runs the member again; its repeated end fires them again, with the same ids).
 -- A message put back to wait for a limit ("m", dramaturg.flow) is acknowledged and its copy
@@ -24,15 +28,16 @@
 -- after its reply was lost finds the message settled and its copy written once: it answers 2
 -- while that copy still waits (so that the sender's after-enqueue hooks run for it), else -1.
 -- KEYS: namespace; ARGV: worker id, now (ms), then per message: "a", "n" or "m", its queue, its
--- Redis id (and for "A"/"N" the three end fields, for "m" the copy's three); "B" entries
+-- Redis id (for "AM"/"NM" its member id after it, for "m" the copy's three); "B" entries
 -- between them, as above
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
 
--- The batch ends, by batch keys' prefix and ttl ("B" entries), in the order they come:
--- batch_end's arguments, and the place in ARGV of each end's message (batch_end answers an
--- end's place among its own).
-local groups, by_key = {}, {}
-local group
+-- The batch ends, by batch keys' prefix and ttl, in the order they come: batch_end's
+-- arguments (runs of one batch and code under one header: batch, code, count, members),
+-- the place in ARGV of each end's message (batch_end answers an end's place among its
+-- own), and each place's batch.
+local groups, by_key, batch_at = {}, {}, {}
+local group, batch, code, run  -- run: the place in group.args of the current run's count
 local i = 3
 while i <= #ARGV do
     local kind = ARGV[i]
@@ -46,21 +51,28 @@ while i <= #ARGV do
             by_key[key] = group
             groups[#groups + 1] = group
         end
-        i = i + 3
-    elseif kind == "A" or kind == "N" then
-        local args, batch = group.args, ARGV[i + 3]
-        args[#args + 1] = batch
-        args[#args + 1] = ARGV[i + 5]  -- end code
-        args[#args + 1] = 1
-        args[#args + 1] = ARGV[i + 4]  -- member id
+        batch, code, run = ARGV[i + 3], ARGV[i + 4], nil
+        i = i + 5
+    elseif kind == "A" or kind == "N" or kind == "AM" or kind == "NM" then
+        local args = group.args
+        if run == nil then  -- the first end since the "B" entry
+            args[#args + 1] = batch
+            args[#args + 1] = code
+            args[#args + 1] = 0
+            run = #args
+        end
+        args[run] = args[run] + 1
+        local width = (kind == "AM" or kind == "NM") and 4 or 3
+        args[#args + 1] = ARGV[i + width - 1]  -- the member id
         group.at[#group.at + 1] = i
+        batch_at[i] = batch
         local same = group.of[batch]  -- the places of this batch's ends in the call
         if same == nil then
             same = {}
             group.of[batch] = same
         end
         same[#same + 1] = i
-        i = i + 6
+        i = i + width
     else
         i = i + 3
     end
@@ -78,7 +90,7 @@ for _, group in ipairs(groups) do
     local out = batch_end({group.prefix}, group.args)
     for j = 1, #out, 2 do
         local at = group.at[out[j]]
-        local batch = ARGV[at + 3]
+        local batch = batch_at[at]
         local same, holder = group.of[batch], nil
         for k = #same, 1, -1 do
             local place = same[k]
@@ -102,7 +114,7 @@ local answers = {}
 i = 3
 while i <= #ARGV do
     if ARGV[i] == "B" then
-        i = i + 3
+        i = i + 5
     else
         local kind, queue, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
         local bodies = namespace .. ":" .. queue .. ".msgs"
@@ -114,7 +126,10 @@ while i <= #ARGV do
             i = i + 6
         elseif kind == "A" or kind == "N" then
             kind = string.lower(kind)
-            i = i + 6
+            i = i + 3
+        elseif kind == "AM" or kind == "NM" then
+            kind = string.lower(string.sub(kind, 1, 1))
+            i = i + 4
         else
             i = i + 3
         end

@@ -76,14 +76,19 @@ class Settler:
         args: list[Any] = [self._worker_id, current_millis()]
         batches: tuple[Any, ...] = ()
         for settling in group:
-            if settling[0] == "A" or settling[0] == "N":
-                # A batch member's end: its batch keys' prefix and ttl once per call (a "B"
-                # entry, again only where they change), the rest with its message.
-                kind, queue_name, redis_id, prefix, ttl_ms, *end = settling
-                if batches != (prefix, ttl_ms):
-                    batches = (prefix, ttl_ms)
-                    args += ("B", prefix, ttl_ms)
-                args += (kind, queue_name, redis_id, *end)
+            kind = settling[0]
+            if kind == "A" or kind == "N":
+                # A batch member's end: its batch keys' prefix and ttl, batch id and code once
+                # per call (a "B" entry, again only where they change); its member id only
+                # where it is not its Redis id (a message sent new has the one as the other).
+                _, queue_name, redis_id, prefix, ttl_ms, batch_id, member_id, code = settling
+                if batches != (prefix, ttl_ms, batch_id, code):
+                    batches = (prefix, ttl_ms, batch_id, code)
+                    args += ("B", *batches)
+                if member_id == redis_id:
+                    args += (kind, queue_name, redis_id)
+                else:
+                    args += (kind + "M", queue_name, redis_id, member_id)
             else:
                 args += settling
         return [_answer(answer) for answer in self._call(args)]
