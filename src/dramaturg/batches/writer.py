@@ -25,8 +25,12 @@ while the store is down loses such an end.
 news for ``dramaturg batch show``, not counts anything waits for: each process keeps them
 in a buffer that a background thread writes every ``FLUSH_INTERVAL_S`` in one call, like
 the status store's records; the notes of a member whose end was written meanwhile are
-dropped there (a short member costs its end alone). A lost note changes what a status
-shows for a moment, never a count or a callback.
+dropped there (a short member costs its end alone). The members running are kept apart,
+in a dict of this process's running members (:attr:`BatchWriter.running`): a member's
+start sets its entry and its end takes it out again, and each flush writes "running" for
+the members in it that it has not written before, so that a member that starts and ends
+between two flushes costs two dict operations, nothing more. A lost note changes what a
+status shows for a moment, never a count or a callback.
 
 **On the Redis broker** (and embedded), with the batches in the broker's own Redis (no
 ``[state] url``), the end of a member that succeeded is not written here at all: the
@@ -103,6 +107,11 @@ class BatchWriter:
         #: there (a member that started and ended within a flush interval, nearly every
         #: short one, costs its end alone).
         self._ended: set[str] = set()
+        #: This process's members running now: member id -> batch id (set by the tracker
+        #: when one starts, taken out when it ends or runs again later; see the module).
+        self.running: dict[str, str] = {}
+        #: The members of :attr:`running` whose "running" the last flush wrote.
+        self._noted: set[str] = set()
         #: Tasks' last progress, by message id (for task status; a later one replaces it).
         self._progress: dict[str, str] = {}
         self._unwritten: list[End] = []
@@ -122,11 +131,6 @@ class BatchWriter:
         answer = self._ends.submit(end)
         self._ended.add(end[1])
         return answer
-
-    def ending(self, member_id: str) -> None:
-        """A member whose end is written elsewhere (with its acknowledgement): its notes
-        are dropped at the next flush, as those of an end written here."""
-        self._ended.add(member_id)
 
     def _write_ends(self, ends: list[End]) -> list[list[str]]:
         return self.state.end(ends)
@@ -157,6 +161,12 @@ class BatchWriter:
 
     # -- notes: buffered -------------------------------------------------------------------
 
+    def start(self, member_id: str, batch_id: str) -> None:
+        """A member started here: "running" at the next flush, unless it has ended by then."""
+        self.running[member_id] = batch_id
+        if self._thread is None or self._pid != _pid:
+            self._ensure_thread()
+
     def note(self, note: Note) -> None:
         """Keep a note for the next flush (appended without a lock: a deque's append is atomic)."""
         self._notes.append(note)
@@ -181,6 +191,17 @@ class BatchWriter:
         ended, self._ended = self._ended, set()
         if ended:
             notes = [note for note in notes if note[1] not in ended]
+        # "Running" for the members started since the last flush and running still; again
+        # for one that was sent back to wait meanwhile (its "waiting again" goes first).
+        running = self.running.copy()  # one C call: whole, whatever the worker threads do meanwhile
+        again = {note[1] for note in notes if note[2] == "w"}
+        noted = self._noted
+        notes += [
+            (batch_id, member_id, "r", "")
+            for member_id, batch_id in running.items()
+            if member_id not in noted or member_id in again
+        ]
+        self._noted = set(running)
         with self._lock:
             unwritten, self._unwritten = self._unwritten, []
         written: list[tuple[End, list[str]]] = []
