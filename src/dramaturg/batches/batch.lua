@@ -4,7 +4,8 @@
 --   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
 --                     held, cancelled, on_complete/on_success (the callbacks' messages, JSON),
 --                     complete/success ("firing" once fired, "sent" once published),
---                     finished_at, parent, parent_member, cancel_requested_by/_at
+--                     finished_at, parent, parent_member, cancel_requested_by/_at,
+--                     progress ("1" once a member's progress is in <prefix><id>:p)
 --   <prefix><id>:m    hash: member message id -> "p" sent, "r" running, "s" succeeded,
 --                     "f" failed (rejected), "h" held (counted as failed too),
 --                     "c" cancelled (ended, neither succeeded nor failed)
@@ -61,8 +62,9 @@ local function redis_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function fire(meta, now, ttl, repeated, owned)
-  local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled')
+-- `f`: the batch's fields as this HMGET reads them, if the caller has them already.
+local function fire(meta, now, ttl, repeated, owned, f)
+  f = f or redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled')
   if f[1] ~= '1' then return '' end
   local total, succeeded, failed = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
   if succeeded + failed + (tonumber(f[7]) or 0) < total then return '' end
@@ -129,55 +131,42 @@ end
 if op == 'end' or op == 'owned-end' then
   -- The batches are looked up, and what fires is decided, once per batch per call: the
   -- events go to the last of its members here (any thread of the group may publish them:
-  -- none of their messages is acknowledged yet). Each batch's members are read in one
-  -- HMGET and written in one HSET per call, not one HGET and one HSET per member (each
-  -- redis.call costs Redis about a microsecond besides the command).
+  -- none of their messages is acknowledged yet).
   local now, ttl = ARGV[2], tonumber(ARGV[3])
-  local out, live, last, repeats = {}, {}, {}, {}
-  -- Each live batch's members in the call, and then their states (false: not a member).
-  local wanted, state = {}, {}
-  local n, i = 0, 4
-  while i <= #ARGV do
-    local id, count = ARGV[i], tonumber(ARGV[i + 2])
-    if live[id] == nil then
-      live[id] = redis.call('EXISTS', prefix .. id) == 1
-      if live[id] then wanted[id] = {} end
-    end
-    if live[id] then
-      local list = wanted[id]
-      for j = i + 3, i + 2 + count do list[#list + 1] = ARGV[j] end
-    end
-    i = i + 3 + count
-  end
-  for id, list in pairs(wanted) do
-    local states = {}
-    for s = 1, #list, 1000 do  -- unpack() takes a bounded number of values
-      local chunk = {unpack(list, s, math.min(s + 999, #list))}
-      local got = redis.call('HMGET', prefix .. id .. ':m', unpack(chunk))
-      for k = 1, #chunk do states[chunk[k]] = got[k] end
-    end
-    state[id] = states
-  end
+  local out, last, repeats = {}, {}, {}
+  -- Each batch's fields, read once per call, before its first end here (false: no such
+  -- batch): fire()'s, and whether it ever had a member's progress ("progress", set by the
+  -- first "g" note): most have none, and then no member's progress is there to delete.
+  -- One call per batch, not an EXISTS, an EXISTS of the progress hash and fire()'s HMGET.
+  local read = {}
   -- The counts' changes, added up per batch and written once per batch and count after
   -- the loop (nothing in it reads them): two HINCRBYs per call, not two per member.
-  local deltas, written = {}, {}
+  local deltas = {}
   local function add(id, field, by)
     local d = deltas[id]
     if d == nil then d = {}; deltas[id] = d end
     d[field] = (d[field] or 0) + by
   end
-  i = 4
+  local n, i = 0, 4
   while i <= #ARGV do
     local id, new, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-    if not live[id] then
+    local meta = prefix .. id
+    local members = meta .. ':m'
+    local f = read[id]
+    if f == nil then
+      f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled',
+        'progress')
+      if not f[1] then f = false end  -- every batch has "sealed"
+      read[id] = f
+    end
+    if not f then
       n = n + count
     else
-      local states = state[id]
       for j = i + 3, i + 2 + count do
         n = n + 1
         last[id] = n
         local member = ARGV[j]
-        local old = states[member]  -- this call's earlier ends of it included (a member twice)
+        local old = redis.call('HGET', members, member)
         -- A member that had ended already (run again after its worker died, or kicked): the
         -- run before may have left the batch firing, its callbacks unpublished; they go
         -- out again (their ids are the same), however this run ended.
@@ -195,10 +184,7 @@ if op == 'end' or op == 'owned-end' then
           elseif old == 'c' then
             add(id, 'cancelled', -1)
           end
-          states[member] = new
-          local w = written[id]
-          if w == nil then w = {}; written[id] = w end
-          w[#w + 1] = member
+          redis.call('HSET', members, member, new)
           if new == 's' then
             add(id, 'succeeded', 1)
           elseif new == 'c' then
@@ -207,32 +193,11 @@ if op == 'end' or op == 'owned-end' then
             add(id, 'failed', 1)
             if new == 'h' then add(id, 'held', 1) end
           end
+          if f[8] then redis.call('HDEL', meta .. ':p', member) end
         end
       end
     end
     i = i + 3 + count
-  end
-  for id, list in pairs(written) do
-    -- Each changed member once, with its last state here (HSET's fields and values).
-    local states, seen, pairs_ = state[id], {}, {}
-    for _, member in ipairs(list) do
-      if not seen[member] then
-        seen[member] = true
-        pairs_[#pairs_ + 1] = member
-        pairs_[#pairs_ + 1] = states[member]
-      end
-    end
-    for s = 1, #pairs_, 1000 do
-      redis.call('HSET', prefix .. id .. ':m', unpack(pairs_, s, math.min(s + 999, #pairs_)))
-    end
-    -- Most batches have no progress hash, and then no member's progress is there to delete.
-    if redis.call('EXISTS', prefix .. id .. ':p') == 1 then
-      for s = 1, #pairs_, 1000 do
-        local fields = {}
-        for k = s, math.min(s + 999, #pairs_), 2 do fields[#fields + 1] = pairs_[k] end
-        redis.call('HDEL', prefix .. id .. ':p', unpack(fields))
-      end
-    end
   end
   for id, d in pairs(deltas) do
     for field, by in pairs(d) do
@@ -240,7 +205,11 @@ if op == 'end' or op == 'owned-end' then
     end
   end
   for id, index in pairs(last) do
-    local events = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end')
+    -- fire() with the counts as they are now (as read, and what this call added)
+    local f, d = read[id], deltas[id] or {}
+    local now_f = {f[1], tonumber(f[2]) + (d.total or 0), tonumber(f[3]) + (d.succeeded or 0),
+      tonumber(f[4]) + (d.failed or 0), f[5], f[6], (tonumber(f[7]) or 0) + (d.cancelled or 0)}
+    local events = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end', now_f)
     if events ~= '' then
       out[#out + 1] = index
       out[#out + 1] = events
@@ -265,6 +234,7 @@ if op == 'note' then
       redis.call('HDEL', meta .. ':p', member)
     elseif kind == 'g' and (state == 'r' or state == 'p') then
       redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
+      redis.call('HSET', meta, 'progress', '1')  -- the ends of its members look there from now on
     end
   end
   return 0
