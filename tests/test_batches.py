@@ -459,6 +459,48 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         writer.close()
 
 
+def test_running_is_written_for_members_running_at_a_flush_and_again_after_a_retry(redis_server: Any) -> None:
+    # Given a sealed batch of three members and a process's batch writer (flushed by hand:
+    # a long interval keeps its own thread out of the way)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisBatchState(client, namespace="test-running", ttl_ms=60_000)
+    state.create("b", {"name": "running", "created_at": "1"})
+    state.add("b", ["short", "long", "retried"])
+    state.seal("b")
+    writer = BatchWriter(state, flush_interval_s=3600)
+
+    def running() -> tuple[str, dict[bytes, bytes]]:
+        meta, _ = state.read("b")  # type: ignore[misc]
+        return meta.get("running", "0"), client.hgetall("test-running:__batch__:b:m")
+
+    # When one member starts and ends between two flushes, and two are still running at one
+    writer.start("short", "b")
+    writer.running.pop("short")
+    writer.start("long", "b")
+    writer.start("retried", "b")
+    writer.flush()
+    # Then only the two show as running
+    assert running() == ("2", {b"short": b"p", b"long": b"r", b"retried": b"r"})
+
+    # When one is sent back to wait (a retry) and starts again before the next flush
+    writer.running.pop("retried")
+    writer.note(("b", "retried", "w", ""))
+    writer.start("retried", "b")
+    writer.flush()
+    # Then it is running again, counted once
+    assert running() == ("2", {b"short": b"p", b"long": b"r", b"retried": b"r"})
+
+    # When one ends, the other is sent back to wait again, and the next flush finds nothing running
+    writer.running.pop("long")
+    assert writer.end(("b", "long", "s")) == []
+    writer.running.pop("retried")
+    writer.note(("b", "retried", "w", ""))
+    writer.flush()
+    # Then neither counts as running: one succeeded, the other waits
+    assert running() == ("0", {b"short": b"p", b"long": b"s", b"retried": b"p"})
+    writer.close()
+
+
 def test_one_call_of_many_ends_counts_as_the_ends_one_by_one(redis_server: Any) -> None:
     # batch.lua adds up a call's changes per batch and writes each count once: the sums
     # must be those of the ends taken one at a time (the in-memory store's), across two
