@@ -12,7 +12,10 @@ environment (set by throughput.py):
 - ``BENCH_COUNT_DIR``: where each worker process reports how many messages it processed;
 - ``BENCH_DROP``: comma-separated middleware class names taken out of the stack, to see
   what one costs (``BENCH_DROP=CancelWatch``; for experiments, not a configuration);
-- ``BENCH_QUEUE``: the queue (default ``bench``; peers.py uses its own).
+- ``BENCH_QUEUE``: the queue (default ``bench``; peers.py uses its own);
+- ``BENCH_BATCH_FLUSH_S``: how often batch news is written, and ``BENCH_COUNT_EVERY_S``
+  how often the count is (``batch_instructions.py`` stretches both as valgrind slows the
+  worker, so that work done on a timer weighs no more per task than at full speed).
 
 Both systems get the same counting middleware, so its cost is the same on both sides.
 benchmarks/peers.py uses the ``peer_*`` actors instead, whose bodies are
@@ -21,6 +24,7 @@ benchmarks/peers.py uses the ``peer_*`` actors instead, whose bodies are
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
@@ -37,10 +41,12 @@ SYSTEM = os.environ.get("BENCH_SYSTEM", "dramatiq")
 URL = os.environ["BENCH_URL"]
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 NAMESPACE = f"bench-{SYSTEM}"
+COUNT_EVERY_S = float(os.environ.get("BENCH_COUNT_EVERY_S", "0.01"))
 
 
 class Counter(dramatiq.Middleware):
-    """Counts processed messages; a thread writes the count to a file every 10 ms.
+    """Counts processed messages; a thread writes the count to a file every 10 ms
+    (``BENCH_COUNT_EVERY_S``).
 
     Messages sent with a negative number are latency probes: their end-to-end latency
     (sent -> processed) is recorded too.
@@ -66,7 +72,7 @@ class Counter(dramatiq.Middleware):
         while True:
             tmp.write_text(json.dumps({"processed": self.done, "latencies_ms": self.latencies_ms}))
             os.replace(tmp, path)
-            time.sleep(0.01)
+            time.sleep(COUNT_EVERY_S)
 
 
 def _setup() -> tuple[Any, Any]:
@@ -118,6 +124,10 @@ def peer_sleep(number: int) -> None:
 def peer_import_user(row: dict[str, Any]) -> None:
     work.import_user(row)
 
+
+if os.environ.get("BENCH_BATCH_FLUSH_S"):
+    # By its module's name: the package exports a function named ``batches``.
+    importlib.import_module("dramaturg.batches.writer").FLUSH_INTERVAL_S = float(os.environ["BENCH_BATCH_FLUSH_S"])
 
 for _name in filter(None, os.environ.get("BENCH_DROP", "").split(",")):
     broker.middleware[:] = [m for m in broker.middleware if type(m).__name__ != _name]

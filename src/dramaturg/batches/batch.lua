@@ -28,6 +28,9 @@
 --                                              member's message unacknowledged until what
 --                                              fires is published (the acknowledgements'
 --                                              ends): not put in the firing index
+--   owned-end-from <now ms> <ttl ms> <ends> -> owned-end, of the ends the iterator <ends>
+--                                              yields (settle.lua's; only where batch.lua
+--                                              is a Lua function, as settle.lua has it)
 --   note  (<id> <member> <r|w|g> <value>)...  running, waiting again, progress; best effort
 --   sent  <id> <event>                      -> the event's callback was published
 --   disown <id>                             -> its firing events go into the firing index (an
@@ -128,94 +131,104 @@ if op == 'drop' then
   return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
 end
 
-if op == 'end' or op == 'owned-end' then
-  -- The batches are looked up, and what fires is decided, once per batch per call: the
-  -- events go to the last of its members here (any thread of the group may publish them:
-  -- none of their messages is acknowledged yet).
-  local now, ttl = ARGV[2], tonumber(ARGV[3])
-  local out, last, repeats = {}, {}, {}
-  -- Each batch's fields, read once per call, before its first end here (false: no such
-  -- batch): fire()'s, and whether it ever had a member's progress ("progress", set by the
-  -- first "g" note): most have none, and then no member's progress is there to delete.
-  -- One call per batch, not an EXISTS, an EXISTS of the progress hash and fire()'s HMGET.
-  local read = {}
-  -- The counts' changes, added up per batch and written once per batch and count after
-  -- the loop (nothing in it reads them): two HINCRBYs per call, not two per member.
-  local deltas = {}
-  local function add(id, field, by)
-    local d = deltas[id]
-    if d == nil then d = {}; deltas[id] = d end
-    d[field] = (d[field] or 0) + by
-  end
-  local n, i = 0, 4
-  while i <= #ARGV do
-    local id, new, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-    local meta = prefix .. id
-    local members = meta .. ':m'
-    local f = read[id]
-    if f == nil then
-      f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success', 'cancelled',
-        'progress')
-      if not f[1] then f = false end  -- every batch has "sealed"
-      read[id] = f
+-- The ends of members as the iterator `ends` yields them (batch id, end code, member id,
+-- and the end's place, which the answer names), written: each batch's fields read once per
+-- call, in one HMGET that fire() then uses with the call's changes added; each member's
+-- state read and written; the counts' changes added up and written once per batch and
+-- count; what fires decided once per batch, and answered at its last end in the call
+-- (any thread of the group may publish it: none of their messages is acknowledged yet).
+-- One table per batch per call, and none per member (each new Lua table, and each one
+-- that grows, costs Redis more than a redis.call's own work on a small hash).
+-- Answers the ends that fire events, as pairs: the place, the events.
+local function member_ends(now, ttl, owned, ends)
+  local batches, out = {}, {}
+  for id, new, member, place in ends do
+    local st = batches[id]
+    if st == nil then
+      local meta = prefix .. id
+      -- fire()'s fields, and whether the batch ever had a member's progress ("progress",
+      -- set by the first "g" note): most have none, and then none is there to delete.
+      local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success',
+        'cancelled', 'progress')
+      st = {meta = meta, members = meta .. ':m', f = f, live = f[1] ~= false, last = place, repeated = false,
+        total = 0, running = 0, succeeded = 0, failed = 0, held = 0, cancelled = 0}
+      batches[id] = st
     end
-    if not f then
-      n = n + count
-    else
-      for j = i + 3, i + 2 + count do
-        n = n + 1
-        last[id] = n
-        local member = ARGV[j]
-        local old = redis.call('HGET', members, member)
-        -- A member that had ended already (run again after its worker died, or kicked): the
-        -- run before may have left the batch firing, its callbacks unpublished; they go
-        -- out again (their ids are the same), however this run ended.
-        if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then repeats[id] = true end
-        if old ~= new and old ~= 's' then
-          if not old then
-            add(id, 'total', 1)
-          elseif old == 'r' then
-            add(id, 'running', -1)
-          elseif old == 'f' then
-            add(id, 'failed', -1)
-          elseif old == 'h' then
-            add(id, 'failed', -1)
-            add(id, 'held', -1)
-          elseif old == 'c' then
-            add(id, 'cancelled', -1)
-          end
-          redis.call('HSET', members, member, new)
-          if new == 's' then
-            add(id, 'succeeded', 1)
-          elseif new == 'c' then
-            add(id, 'cancelled', 1)
-          else
-            add(id, 'failed', 1)
-            if new == 'h' then add(id, 'held', 1) end
-          end
-          if f[8] then redis.call('HDEL', meta .. ':p', member) end
+    if st.live then  -- every batch has "sealed"; a batch that is gone fires nothing
+      st.last = place
+      local old = redis.call('HGET', st.members, member)
+      -- A member that had ended already (run again after its worker died, or kicked): the
+      -- run before may have left the batch firing, its callbacks unpublished; they go
+      -- out again (their ids are the same), however this run ended.
+      if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then st.repeated = true end
+      if old ~= new and old ~= 's' then
+        if not old then
+          st.total = st.total + 1
+        elseif old == 'r' then
+          st.running = st.running - 1
+        elseif old == 'f' then
+          st.failed = st.failed - 1
+        elseif old == 'h' then
+          st.failed = st.failed - 1
+          st.held = st.held - 1
+        elseif old == 'c' then
+          st.cancelled = st.cancelled - 1
         end
+        redis.call('HSET', st.members, member, new)
+        if new == 's' then
+          st.succeeded = st.succeeded + 1
+        elseif new == 'c' then
+          st.cancelled = st.cancelled + 1
+        else
+          st.failed = st.failed + 1
+          if new == 'h' then st.held = st.held + 1 end
+        end
+        if st.f[8] then redis.call('HDEL', st.meta .. ':p', member) end
       end
     end
-    i = i + 3 + count
   end
-  for id, d in pairs(deltas) do
-    for field, by in pairs(d) do
-      if by ~= 0 then redis.call('HINCRBY', prefix .. id, field, by) end
-    end
-  end
-  for id, index in pairs(last) do
-    -- fire() with the counts as they are now (as read, and what this call added)
-    local f, d = read[id], deltas[id] or {}
-    local now_f = {f[1], tonumber(f[2]) + (d.total or 0), tonumber(f[3]) + (d.succeeded or 0),
-      tonumber(f[4]) + (d.failed or 0), f[5], f[6], (tonumber(f[7]) or 0) + (d.cancelled or 0)}
-    local events = fire(prefix .. id, now, ttl, repeats[id] == true, op == 'owned-end', now_f)
-    if events ~= '' then
-      out[#out + 1] = index
-      out[#out + 1] = events
+  for _, st in pairs(batches) do
+    if st.live then
+      local meta = st.meta
+      if st.total ~= 0 then redis.call('HINCRBY', meta, 'total', st.total) end
+      if st.running ~= 0 then redis.call('HINCRBY', meta, 'running', st.running) end
+      if st.succeeded ~= 0 then redis.call('HINCRBY', meta, 'succeeded', st.succeeded) end
+      if st.failed ~= 0 then redis.call('HINCRBY', meta, 'failed', st.failed) end
+      if st.held ~= 0 then redis.call('HINCRBY', meta, 'held', st.held) end
+      if st.cancelled ~= 0 then redis.call('HINCRBY', meta, 'cancelled', st.cancelled) end
+      local f = st.f  -- with what this call added: the counts as they are now
+      local events = fire(meta, now, ttl, st.repeated, owned, {f[1], tonumber(f[2]) + st.total,
+        tonumber(f[3]) + st.succeeded, tonumber(f[4]) + st.failed, f[5], f[6], (tonumber(f[7]) or 0) + st.cancelled})
+      if events ~= '' then
+        out[#out + 1] = st.last
+        out[#out + 1] = events
+      end
     end
   end
   return out
+end
+
+if op == 'end' or op == 'owned-end' then
+  -- The ends in ARGV's groups (batch id, code, count, members), each's place its number
+  -- among them.
+  local n, i, j, last_j, id, new = 0, 4, 1, 0, nil, nil
+  local function ends()
+    while j > last_j do
+      if i > #ARGV then return nil end
+      id, new = ARGV[i], ARGV[i + 1]
+      j, last_j = i + 3, i + 2 + tonumber(ARGV[i + 2])
+      i = last_j + 1
+    end
+    n, j = n + 1, j + 1
+    return id, new, ARGV[j - 1], n
+  end
+  return member_ends(ARGV[2], tonumber(ARGV[3]), op == 'owned-end', ends)
+end
+
+if op == 'owned-end-from' then
+  -- For settle.lua, which has batch.lua as a function: the ends its iterator ARGV[4] yields
+  -- (the places are its own); as owned-end.
+  return member_ends(ARGV[2], tonumber(ARGV[3]), true, ARGV[4])
 end
 
 if op == 'note' then

@@ -97,9 +97,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class BatchWriter:
     """Writes one process's batch news to a :class:`~dramaturg.batches.state.BatchState` (see the module)."""
 
-    def __init__(self, state: BatchState, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(self, state: BatchState, *, flush_interval_s: float | None = None) -> None:
         self.state = state
-        self.flush_interval_s = flush_interval_s
+        self.flush_interval_s = FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
         self._lock = threading.Lock()
         self._ends: GroupCommit[End, list[str]] = GroupCommit(self._write_ends)
         self._notes: deque[Note] = deque()

@@ -31,52 +31,61 @@
 -- Redis id (for "AM"/"NM" its member id after it, for "m" the copy's three); "B" entries
 -- between them, as above
 local namespace, worker, now = KEYS[1], ARGV[1], ARGV[2]
+local n = #ARGV
 
--- The batch ends, by batch keys' prefix and ttl, in the order they come: batch_end's
--- arguments (runs of one batch and code under one header: batch, code, count, members),
--- the place in ARGV of each end's message (batch_end answers an end's place among its
--- own), and each place's batch.
-local groups, by_key, batch_at = {}, {}, {}
-local group, batch, code, run  -- run: the place in group.args of the current run's count
+-- The batch keys' prefixes and ttls of the call's "B" entries, each once (nearly always one,
+-- or none). Nothing is built per message: the ends are read from ARGV where they are.
+local groups = nil
 local i = 3
-while i <= #ARGV do
+while i <= n do
     local kind = ARGV[i]
-    if kind == "m" then
-        i = i + 6
-    elseif kind == "B" then
-        local key = ARGV[i + 1] .. " " .. ARGV[i + 2]
-        group = by_key[key]
-        if group == nil then
-            group = {prefix = ARGV[i + 1], args = {"owned-end", now, ARGV[i + 2]}, at = {}, of = {}}
-            by_key[key] = group
-            groups[#groups + 1] = group
+    if kind == "B" then
+        local known = false
+        for _, group in ipairs(groups or {}) do
+            known = known or (group[1] == ARGV[i + 1] and group[2] == ARGV[i + 2])
         end
-        batch, code, run = ARGV[i + 3], ARGV[i + 4], nil
+        if not known then
+            groups = groups or {}
+            groups[#groups + 1] = {ARGV[i + 1], ARGV[i + 2]}
+        end
         i = i + 5
-    elseif kind == "A" or kind == "N" or kind == "AM" or kind == "NM" then
-        local args = group.args
-        if run == nil then  -- the first end since the "B" entry
-            args[#args + 1] = batch
-            args[#args + 1] = code
-            args[#args + 1] = 0
-            run = #args
-        end
-        args[run] = args[run] + 1
-        local width = (kind == "AM" or kind == "NM") and 4 or 3
-        args[#args + 1] = ARGV[i + width - 1]  -- the member id
-        group.at[#group.at + 1] = i
-        batch_at[i] = batch
-        local same = group.of[batch]  -- the places of this batch's ends in the call
-        if same == nil then
-            same = {}
-            group.of[batch] = same
-        end
-        same[#same + 1] = i
-        i = i + width
+    elseif kind == "m" then
+        i = i + 6
+    elseif kind == "AM" or kind == "NM" then
+        i = i + 4
     else
         i = i + 3
     end
 end
+
+-- The ends of the call under the batch keys' prefix and ttl of `group`, as batch_end's
+-- owned-end-from takes them: an iterator of batch id, end code, member id and the place in
+-- ARGV of its message. `batch`: only that batch's.
+local function ends_of(group, batch)
+    local k, id, code, mine = 3, nil, nil, false
+    return function()
+        while k <= n do
+            local kind, at = ARGV[k], k
+            if kind == "B" then
+                mine = ARGV[k + 1] == group[1] and ARGV[k + 2] == group[2]
+                id, code = ARGV[k + 3], ARGV[k + 4]
+                k = k + 5
+            elseif kind == "A" or kind == "N" then
+                k = k + 3
+                if mine and (batch == nil or id == batch) then return id, code, ARGV[at + 2], at end
+            elseif kind == "AM" or kind == "NM" then
+                k = k + 4
+                if mine and (batch == nil or id == batch) then return id, code, ARGV[at + 3], at end
+            elseif kind == "m" then
+                k = k + 6
+            else
+                k = k + 3
+            end
+        end
+        return nil
+    end
+end
+
 -- What fires is kept by a message of the batch that this worker still holds (the last
 -- such in the call): it is not settled, and if the worker dies before publishing, the
 -- member runs again and its repeated end fires it again. A batch may have none held here
@@ -86,22 +95,20 @@ end
 -- answers the events all the same, for this worker to publish at once.
 local fires = {}  -- place in ARGV -> the events it keeps
 local kept = nil  -- "<queue> <redis id>" of the messages that keep them (nil: none)
-for _, group in ipairs(groups) do
-    local out = batch_end({group.prefix}, group.args)
+for _, group in ipairs(groups or {}) do
+    local out = batch_end({group[1]}, {"owned-end-from", now, group[2], ends_of(group)})
     for j = 1, #out, 2 do
-        local at = group.at[out[j]]
-        local batch = batch_at[at]
-        local same, holder = group.of[batch], nil
-        for k = #same, 1, -1 do
-            local place = same[k]
+        local at = out[j]
+        local batch, holder = nil, nil
+        for id, _, _, place in ends_of(group) do  -- the batch of the end at `at`
+            if place == at then batch = id end
+        end
+        for _, _, _, place in ends_of(group, batch) do  -- its last end whose message is held here
             local claims = namespace .. ":__acks__." .. worker .. "." .. ARGV[place + 1]
-            if redis.call("sismember", claims, ARGV[place + 2]) == 1 then
-                holder = place
-                break
-            end
+            if redis.call("sismember", claims, ARGV[place + 2]) == 1 then holder = place end
         end
         if holder == nil then
-            batch_end({group.prefix}, {"disown", batch})
+            batch_end({group[1]}, {"disown", batch})
             holder = at
         end
         fires[holder] = out[j + 1]
@@ -112,7 +119,7 @@ end
 
 local answers = {}
 i = 3
-while i <= #ARGV do
+while i <= n do
     if ARGV[i] == "B" then
         i = i + 5
     else
