@@ -135,10 +135,12 @@ def main() -> int:
     try:
         wait_for(lambda: _answers(port), 120, "Redis under valgrind never answered")
         url = f"redis://127.0.0.1:{port}/0"
-        database = str(scratch / "users.sqlite3")
+        # Each mode its own database, so that neither upserts into a table the other filled.
+        databases = {mode: str(scratch / f"users-{mode}.sqlite3") for mode in ("plain", "batch")}
         actor_name = "noop" if args.task == "noop" else "peer_import_user"
         if args.task == "import":
-            work.create_database(database)
+            for database in databases.values():
+                work.create_database(database)
         broker = dramaturg.bootstrap(dramaturg.Settings(broker={"url": url, "namespace": "bench-dramaturg"}))
         for mode in ("plain", "batch"):
             sender = dramaturg.actor(queue_name=f"bench-{mode}", actor_name=actor_name)(lambda item: None)
@@ -159,13 +161,15 @@ def main() -> int:
             "BENCH_SYSTEM": "dramaturg",
             "BENCH_URL": url,
             "BENCH_SETTINGS": json.dumps({}),
-            "BENCH_SQLITE": database,
             "BENCH_PROCESSED_DIR": str(scratch),
             "BENCH_BATCH_FLUSH_S": FLUSH_S,
             "BENCH_COUNT_EVERY_S": COUNT_S,
             "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")]),
         }
-        counted = {mode: count_mode(env, out, server.pid, mode, args.count) for mode in ("plain", "batch")}
+        counted = {
+            mode: count_mode({**env, "BENCH_SQLITE": databases[mode]}, out, server.pid, mode, args.count)
+            for mode in ("plain", "batch")
+        }
     finally:
         server.terminate()
         server.wait()

@@ -501,6 +501,41 @@ def test_running_is_written_for_members_running_at_a_flush_and_again_after_a_ret
     writer.close()
 
 
+@pytest.mark.parametrize("broker_kind", REAL_BROKERS)
+def test_a_member_skipped_after_it_started_is_not_left_running(
+    broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
+) -> None:
+    # Given a middleware after the batch tracker that skips a member's first delivery (as
+    # a limit that puts it back does), and tells when the skip is over
+    skipped = threading.Event()
+
+    class SkipOnce(dramatiq.Middleware):
+        def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            if message.actor_name == "skipped_member" and not skipped.is_set():
+                raise dramatiq.middleware.SkipMessage()
+
+        def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            skipped.set()
+
+    broker.add_middleware(SkipOnce())
+
+    @dramaturg.actor(queue_name="batch-skip")
+    def skipped_member(n: int) -> None:
+        pass
+
+    # When a member is skipped after the tracker saw it start
+    batch = dramaturg.batch("skipped")
+    with batch:
+        skipped_member.send(1)
+    start_worker()
+    assert skipped.wait(10)
+    tracker_of(broker).writer(broker).flush()
+
+    # Then it does not show as running: it waits
+    status = batch.status()
+    assert (status.running, status.pending) == (0, 1), status
+
+
 def test_one_call_of_many_ends_counts_as_the_ends_one_by_one(redis_server: Any) -> None:
     # batch.lua adds up a call's changes per batch and writes each count once: the sums
     # must be those of the ends taken one at a time (the in-memory store's), across two

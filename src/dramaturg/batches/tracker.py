@@ -337,7 +337,9 @@ class BatchTracker(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         batch_id = _options(message).get(BATCH_OPTION)
         if batch_id:
-            self.writer(broker).note((batch_id, message.message_id, "w", ""))
+            writer = self.writer(broker)
+            writer.running.pop(message.message_id, None)  # skipped after this tracker's start
+            writer.note((batch_id, message.message_id, "w", ""))
 
     def _observe_progress(self, task: Task, fraction: float, text: str) -> None:
         broker = self._broker
