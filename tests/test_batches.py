@@ -506,7 +506,8 @@ def test_a_member_skipped_after_it_started_is_not_left_running(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]
 ) -> None:
     # Given a middleware after the batch tracker that skips a member's first delivery (as
-    # a limit that puts it back does), and tells when the skip is over
+    # a limit that puts it back does), and one before it that tells when the skip is over
+    # (after-hooks run in reverse order: the tracker's has run by then)
     skipped = threading.Event()
 
     class SkipOnce(dramatiq.Middleware):
@@ -514,10 +515,12 @@ def test_a_member_skipped_after_it_started_is_not_left_running(
             if message.actor_name == "skipped_member" and not skipped.is_set():
                 raise dramatiq.middleware.SkipMessage()
 
+    class SkipSeen(dramatiq.Middleware):
         def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
             skipped.set()
 
     broker.add_middleware(SkipOnce())
+    broker.add_middleware(SkipSeen(), before=BatchTracker)
 
     @dramaturg.actor(queue_name="batch-skip")
     def skipped_member(n: int) -> None:

@@ -423,3 +423,35 @@ def test_a_delayed_message_now_due_is_moved_by_its_acknowledgement(
     # Then the move was no write of its own: its acknowledgement from the delay queue carried it
     assert enqueued == []
     assert len(calls) >= 2  # the move, then the task's own acknowledgement
+
+
+def test_one_call_settles_members_by_redis_id_or_member_id_and_ends_of_a_gone_batch(broker: Any) -> None:
+    # Given a sealed batch of three claimed members, and two claimed tasks of another queue:
+    # one whose end names a member id other than its Redis id (as a member sent again under
+    # a new Redis id), the other an end of a batch that is gone
+    from dramaturg.batches.tracker import tracker_of
+
+    batch, entries = claimed_batch(broker, "by id", 3)
+    state: Any = tracker_of(broker).state(broker)
+    other, gone = claimed_ids(broker, "other", 2)
+    group = [
+        *entries.values(),
+        ("A", "other", other, state.prefix, state.ttl_ms, batch.id, "sent-again", "s"),
+        ("A", "other", gone, state.prefix, state.ttl_ms, "gone-batch", gone, "s"),
+    ]
+
+    # When they are settled in one call
+    answers = broker.settler._send_group(group)
+
+    # Then the member named by its member id counts (a member the batch did not know, as
+    # an end it does not know counts), and as the batch's last end in the call whose
+    # message is held here it keeps what fired; every other message is settled, the gone
+    # batch's included, and nothing of that batch is made again
+    assert answers == [1, 1, 1, ["complete", "success"], 1]
+    status = batch.status()
+    assert (status.total, status.succeeded, status.state) == (4, 4, "complete")
+    members = broker.client.hgetall(f"{state.prefix}{batch.id}:m")
+    assert members[b"sent-again"] == b"s" and sorted(members.values()) == [b"s"] * 4
+    assert broker.client.exists(f"{state.prefix}gone-batch", f"{state.prefix}gone-batch:m") == 0
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.other"
+    assert broker.client.smembers(acks) == {other.encode()}

@@ -4,8 +4,7 @@
 --   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
 --                     held, cancelled, on_complete/on_success (the callbacks' messages, JSON),
 --                     complete/success ("firing" once fired, "sent" once published),
---                     finished_at, parent, parent_member, cancel_requested_by/_at,
---                     progress ("1" once a member's progress is in <prefix><id>:p)
+--                     finished_at, parent, parent_member, cancel_requested_by/_at
 --   <prefix><id>:m    hash: member message id -> "p" sent, "r" running, "s" succeeded,
 --                     "f" failed (rejected), "h" held (counted as failed too),
 --                     "c" cancelled (ended, neither succeeded nor failed)
@@ -146,12 +145,12 @@ local function member_ends(now, ttl, owned, ends)
     local st = batches[id]
     if st == nil then
       local meta = prefix .. id
-      -- fire()'s fields, and whether the batch ever had a member's progress ("progress",
-      -- set by the first "g" note): most have none, and then none is there to delete.
       local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success',
-        'cancelled', 'progress')
+        'cancelled')
+      -- progress: whether the batch has a progress hash at all, looked up at its first
+      -- member that changes here (most have none, and then no member's is there to delete).
       st = {meta = meta, members = meta .. ':m', f = f, live = f[1] ~= false, last = place, repeated = false,
-        total = 0, running = 0, succeeded = 0, failed = 0, held = 0, cancelled = 0}
+        progress = nil, total = 0, running = 0, succeeded = 0, failed = 0, held = 0, cancelled = 0}
       batches[id] = st
     end
     if st.live then  -- every batch has "sealed"; a batch that is gone fires nothing
@@ -183,7 +182,8 @@ local function member_ends(now, ttl, owned, ends)
           st.failed = st.failed + 1
           if new == 'h' then st.held = st.held + 1 end
         end
-        if st.f[8] then redis.call('HDEL', st.meta .. ':p', member) end
+        if st.progress == nil then st.progress = redis.call('EXISTS', st.meta .. ':p') == 1 end
+        if st.progress then redis.call('HDEL', st.meta .. ':p', member) end
       end
     end
   end
@@ -247,7 +247,6 @@ if op == 'note' then
       redis.call('HDEL', meta .. ':p', member)
     elseif kind == 'g' and (state == 'r' or state == 'p') then
       redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
-      redis.call('HSET', meta, 'progress', '1')  -- the ends of its members look there from now on
     end
   end
   return 0

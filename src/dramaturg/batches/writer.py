@@ -201,7 +201,6 @@ class BatchWriter:
             for member_id, batch_id in running.items()
             if member_id not in noted or member_id in again
         ]
-        self._noted = set(running)
         with self._lock:
             unwritten, self._unwritten = self._unwritten, []
         written: list[tuple[End, list[str]]] = []
@@ -211,6 +210,7 @@ class BatchWriter:
                 unwritten = []
             if notes:
                 self.state.note(notes)
+            self._noted = set(running)  # written (a failed write tries their "running" again)
             if progress:
                 self.state.task_progress(list(progress.items()))
         except Exception as error:

@@ -11,8 +11,8 @@
 -- in a "B" entry before it: the batch keys' prefix, the batches' ttl (ms), the batch id and
 -- the end code. A call of one batch's members sent new has as many arguments as plain
 -- acknowledgements, and five more.
--- The end is written first, in this same script (batch_end, batch.lua's "owned-end" prepended
--- by settling.py), so it is durable no later than the acknowledgement and costs no call of
+-- The end is written first, in this same script (batch_end, batch.lua's "owned-end-from",
+-- batch.lua being prepended by settling.py as a function), so it is durable no later than the acknowledgement and costs no call of
 -- its own. The ends of a call go to batch_end together, one call of it per batch keys'
 -- prefix and ttl: each batch is looked up, its members read and written, its counts changed
 -- and what fires decided once per call, not once per member (each redis.call costs Redis a

@@ -32,7 +32,7 @@ from .connection import OwnConnection, script
 
 __all__ = ["Settler"]
 
-#: settle.lua, with batch.lua as the function ``batch_end`` (its "owned-end" step) before it:
+#: settle.lua, with batch.lua as the function ``batch_end`` (its "owned-end-from" step) before it:
 #: a batch member's end is written in the call that acknowledges it.
 _SETTLE = "local function batch_end(KEYS, ARGV)\n" + _BATCH + "\nend\n" + script("settle")
 _SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
