@@ -450,8 +450,8 @@ def test_one_call_settles_members_by_redis_id_or_member_id_and_ends_of_a_gone_ba
     assert answers == [1, 1, 1, ["complete", "success"], 1]
     status = batch.status()
     assert (status.total, status.succeeded, status.state) == (4, 4, "complete")
-    members = broker.client.hgetall(f"{state.prefix}{batch.id}:m")
-    assert members[b"sent-again"] == b"s" and sorted(members.values()) == [b"s"] * 4
+    members = state.members(batch.id)
+    assert members["sent-again"] == "s" and sorted(members.values()) == ["s"] * 4
     assert broker.client.exists(f"{state.prefix}gone-batch", f"{state.prefix}gone-batch:m") == 0
     acks = f"{broker.namespace}:__acks__.{broker.broker_id}.other"
     assert broker.client.smembers(acks) == {other.encode()}

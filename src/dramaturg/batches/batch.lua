@@ -4,16 +4,20 @@
 --   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
 --                     held, cancelled, on_complete/on_success (the callbacks' messages, JSON),
 --                     complete/success ("firing" once fired, "sent" once published),
---                     finished_at, parent, parent_member, cancel_requested_by/_at
---   <prefix><id>:m    hash: member message id -> "p" sent, "r" running, "s" succeeded,
---                     "f" failed (rejected), "h" held (counted as failed too),
---                     "c" cancelled (ended, neither succeeded nor failed)
+--                     finished_at, parent, parent_member, cancel_requested_by/_at,
+--                     progress ("1" once a member has reported progress: its ends then
+--                     delete the member's entry in <prefix><id>:p)
+--   <prefix><id>:m    hash: member message id -> a number: 1 sent, 2 running; once ended,
+--                     ten times its end (1 succeeded, 2 failed: rejected, 3 held, counted
+--                     as failed too, 4 cancelled: ended, neither succeeded nor failed), plus
+--                     what it was before (0 to 2). So an end is one HINCRBY, whose answer
+--                     tells what the member was: see member_ends
 --   <prefix><id>:p    hash: running member -> "<fraction>|<text>" (its last progress())
 -- ARGV[1]: the operation; the rest are its arguments:
 --   add   <id> <member>...                  -> members new to it (-1: no such batch)
 --   seal  <id> <now ms> <ttl ms>            -> the events that fire (see fire()); -1: no batch
 --   drop  <id> <now ms> <ttl ms> <member>... -> members added but certainly not sent leave
---                                              it (those still "p"); what fires then
+--                                              it (those still sent, not running); what fires then
 --   end   <now ms> <ttl ms> (<id> <s|f|h|c> <count> <member>...)...
 --                                           -> the ends that fire events, as pairs: the
 --                                              end's place in the call (from 1), the events
@@ -102,7 +106,7 @@ if op == 'add' then
   local members = meta .. ':m'
   local added = 0
   for i = 3, #ARGV do
-    added = added + redis.call('HSETNX', members, ARGV[i], 'p')
+    added = added + redis.call('HSETNX', members, ARGV[i], 1)
   end
   if added > 0 then redis.call('HINCRBY', meta, 'total', added) end
   return added
@@ -121,7 +125,7 @@ if op == 'drop' then
   local members = meta .. ':m'
   local dropped = 0
   for i = 5, #ARGV do
-    if redis.call('HGET', members, ARGV[i]) == 'p' then
+    if redis.call('HGET', members, ARGV[i]) == '1' then
       redis.call('HDEL', members, ARGV[i])
       dropped = dropped + 1
     end
@@ -132,12 +136,12 @@ end
 
 -- The ends of members as the iterator `ends` yields them (batch id, end code, member id,
 -- and the end's place, which the answer names), written: each batch's fields read once per
--- call, in one HMGET that fire() then uses with the call's changes added; each member's
--- state read and written; the counts' changes added up and written once per batch and
--- count; what fires decided once per batch, and answered at its last end in the call
--- (any thread of the group may publish it: none of their messages is acknowledged yet).
--- One table per batch per call, and none per member (each new Lua table, and each one
--- that grows, costs Redis more than a redis.call's own work on a small hash).
+-- call, in one HMGET; each member's end one HINCRBY (see below); the counts' changes added
+-- up and written once per batch and count; what fires decided once per batch, and
+-- answered at its last end in the call (any thread of the group may publish it: none of
+-- their messages is acknowledged yet). One table per batch per call, and none per member:
+-- a redis.call costs Redis a microsecond or two (its command, and its reply made and read
+-- back), and each new Lua table some more; those are what a member's end costs here.
 -- Answers the ends that fire events, as pairs: the place, the events.
 local function member_ends(now, ttl, owned, ends)
   local batches, out = {}, {}
@@ -146,62 +150,75 @@ local function member_ends(now, ttl, owned, ends)
     if st == nil then
       local meta = prefix .. id
       local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success',
-        'cancelled')
-      -- progress: whether the batch has a progress hash at all, looked up at its first
-      -- member that changes here (most have none, and then no member's is there to delete).
-      st = {meta = meta, members = meta .. ':m', f = f, live = f[1] ~= false, last = place, repeated = false,
-        progress = nil, total = 0, running = 0, succeeded = 0, failed = 0, held = 0, cancelled = 0}
+        'cancelled', 'progress')
+      -- counts: this call's changes of total, running, succeeded, failed, held, cancelled.
+      st = {meta = meta, members = meta .. ':m', f = f, last = place, repeated = false, counts = {0, 0, 0, 0, 0, 0}}
       batches[id] = st
     end
-    if st.live then  -- every batch has "sealed"; a batch that is gone fires nothing
+    local f = st.f
+    if f[1] then  -- every batch has "sealed"; a batch that is gone fires nothing (no key made again)
       st.last = place
-      local old = redis.call('HGET', st.members, member)
-      -- A member that had ended already (run again after its worker died, or kicked): the
-      -- run before may have left the batch firing, its callbacks unpublished; they go
-      -- out again (their ids are the same), however this run ended.
-      if old == new or old == 's' or old == 'f' or old == 'h' or old == 'c' then st.repeated = true end
-      if old ~= new and old ~= 's' then
-        if not old then
-          st.total = st.total + 1
-        elseif old == 'r' then
-          st.running = st.running - 1
-        elseif old == 'f' then
-          st.failed = st.failed - 1
-        elseif old == 'h' then
-          st.failed = st.failed - 1
-          st.held = st.held - 1
-        elseif old == 'c' then
-          st.cancelled = st.cancelled - 1
-        end
-        redis.call('HSET', st.members, member, new)
-        if new == 's' then
-          st.succeeded = st.succeeded + 1
-        elseif new == 'c' then
-          st.cancelled = st.cancelled + 1
+      local c = st.counts
+      -- The member's number goes up by ten times its end: from 0 (not a member: counted now),
+      -- 1 (sent) or 2 (running) nearly always, its first end, one call. (A string: Redis
+      -- would write a Lua number out with printf's %.17g, a microsecond's work.)
+      local code, by = 4, '40'
+      if new == 's' then code, by = 1, '10' elseif new == 'f' then code, by = 2, '20'
+      elseif new == 'h' then code, by = 3, '30' end
+      local was = redis.call('HINCRBY', st.members, member, by) - 10 * code
+      if was >= 10 then
+        -- It had ended already (run again after its worker died, or kicked): the run before
+        -- may have left the batch firing, its callbacks unpublished; they go out again
+        -- (their ids are the same), however this run ended. Succeeded stays succeeded; a
+        -- failure, held or cancelled member that ends otherwise now moves.
+        st.repeated = true
+        local before = math.floor(was / 10)
+        if before == code or before == 1 then
+          redis.call('HSET', st.members, member, string.format('%d', was))
+          code = nil
         else
-          st.failed = st.failed + 1
-          if new == 'h' then st.held = st.held + 1 end
+          redis.call('HSET', st.members, member, by)
+          if before == 4 then c[6] = c[6] - 1 else c[4] = c[4] - 1 end
+          if before == 3 then c[5] = c[5] - 1 end
         end
-        if st.progress == nil then st.progress = redis.call('EXISTS', st.meta .. ':p') == 1 end
-        if st.progress then redis.call('HDEL', st.meta .. ':p', member) end
+      elseif was == 0 then
+        c[1] = c[1] + 1
+      elseif was == 2 then
+        c[2] = c[2] - 1
+      end
+      if code then
+        if code == 1 then
+          c[3] = c[3] + 1
+        elseif code == 4 then
+          c[6] = c[6] + 1
+        else
+          c[4] = c[4] + 1
+          if code == 3 then c[5] = c[5] + 1 end
+        end
+        if f[8] then redis.call('HDEL', st.meta .. ':p', member) end
       end
     end
   end
   for _, st in pairs(batches) do
-    if st.live then
+    local f, c = st.f, st.counts
+    if f[1] then
       local meta = st.meta
-      if st.total ~= 0 then redis.call('HINCRBY', meta, 'total', st.total) end
-      if st.running ~= 0 then redis.call('HINCRBY', meta, 'running', st.running) end
-      if st.succeeded ~= 0 then redis.call('HINCRBY', meta, 'succeeded', st.succeeded) end
-      if st.failed ~= 0 then redis.call('HINCRBY', meta, 'failed', st.failed) end
-      if st.held ~= 0 then redis.call('HINCRBY', meta, 'held', st.held) end
-      if st.cancelled ~= 0 then redis.call('HINCRBY', meta, 'cancelled', st.cancelled) end
-      local f = st.f  -- with what this call added: the counts as they are now
-      local events = fire(meta, now, ttl, st.repeated, owned, {f[1], tonumber(f[2]) + st.total,
-        tonumber(f[3]) + st.succeeded, tonumber(f[4]) + st.failed, f[5], f[6], (tonumber(f[7]) or 0) + st.cancelled})
-      if events ~= '' then
-        out[#out + 1] = st.last
-        out[#out + 1] = events
+      if c[1] ~= 0 then redis.call('HINCRBY', meta, 'total', string.format('%d', c[1])) end
+      if c[2] ~= 0 then redis.call('HINCRBY', meta, 'running', string.format('%d', c[2])) end
+      if c[3] ~= 0 then redis.call('HINCRBY', meta, 'succeeded', string.format('%d', c[3])) end
+      if c[4] ~= 0 then redis.call('HINCRBY', meta, 'failed', string.format('%d', c[4])) end
+      if c[5] ~= 0 then redis.call('HINCRBY', meta, 'held', string.format('%d', c[5])) end
+      if c[6] ~= 0 then redis.call('HINCRBY', meta, 'cancelled', string.format('%d', c[6])) end
+      -- With what this call added: the counts as they are now. Nothing can fire before every
+      -- member has ended (nearly every call: no fire() and no table for it).
+      local total, succeeded, failed, cancelled = tonumber(f[2]) + c[1], tonumber(f[3]) + c[3],
+        tonumber(f[4]) + c[4], (tonumber(f[7]) or 0) + c[6]
+      if f[1] == '1' and succeeded + failed + cancelled >= total then
+        local events = fire(meta, now, ttl, st.repeated, owned, {f[1], total, succeeded, failed, f[5], f[6], cancelled})
+        if events ~= '' then
+          out[#out + 1] = st.last
+          out[#out + 1] = events
+        end
       end
     end
   end
@@ -238,15 +255,16 @@ if op == 'note' then
     local meta, member, kind = prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local members = meta .. ':m'
     local state = redis.call('HGET', members, member)
-    if kind == 'r' and state == 'p' then
-      redis.call('HSET', members, member, 'r')
+    if kind == 'r' and state == '1' then
+      redis.call('HSET', members, member, 2)
       redis.call('HINCRBY', meta, 'running', 1)
-    elseif kind == 'w' and state == 'r' then
-      redis.call('HSET', members, member, 'p')
+    elseif kind == 'w' and state == '2' then
+      redis.call('HSET', members, member, 1)
       redis.call('HINCRBY', meta, 'running', -1)
       redis.call('HDEL', meta .. ':p', member)
-    elseif kind == 'g' and (state == 'r' or state == 'p') then
+    elseif kind == 'g' and (state == '2' or state == '1') then
       redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
+      redis.call('HSET', meta, 'progress', '1')
     end
   end
   return 0

@@ -93,6 +93,13 @@ class BatchState(Protocol):
     def describe(self, batch_id: str, fields: Mapping[str, str]) -> None: ...
 
 
+def member_state(number: int) -> str:
+    """A member's state by its number in ``batch.lua``'s members hash: 1 "p" (sent), 2 "r"
+    (running), then ten times its end and what it was before: 10-12 "s" (succeeded),
+    20-22 "f" (failed), 30-32 "h" (held), 40-42 "c" (cancelled)."""
+    return "pr"[number - 1] if number < 10 else "sfhc"[number // 10 - 1]
+
+
 class RedisBatchState:
     """Batches in a Redis (the state store's): ``batch.lua`` for every change."""
 
@@ -199,13 +206,17 @@ class RedisBatchState:
             return None
         return _texts(meta), _texts(progress)
 
+    def members(self, batch_id: str) -> dict[str, str]:
+        """Each member of ``batch_id`` and its state, read in steps: "p" sent, "r" running,
+        or how it ended, "s", "f", "h" or "c" (``batch.lua`` keeps them as numbers)."""
+        return {
+            _text(member): member_state(int(number))
+            for member, number in self.client.hscan_iter(self.prefix + batch_id + ":m", count=1000)
+        }
+
     def unended(self, batch_id: str) -> list[str]:
         """The members of ``batch_id`` that have not ended (sent, or running), read in steps."""
-        return [
-            _text(member)
-            for member, state in self.client.hscan_iter(self.prefix + batch_id + ":m", count=1000)
-            if state in (b"p", b"r", "p", "r")
-        ]
+        return [member for member, state in self.members(batch_id).items() if state in ("p", "r")]
 
     def describe(self, batch_id: str, fields: Mapping[str, str]) -> None:
         """Set fields of the batch that only tell something (never a count), if it exists."""
