@@ -32,6 +32,7 @@ from dramatiq.middleware import SkipMessage
 from ..errors import DramaturgError, TaskHeld
 from ..held import HeldTask
 from ..task import outcome_of
+from .proxy import with_fields
 from .stub import StubBroker
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class EagerBroker(StubBroker):
 
     def _run(self, message: Message[Any]) -> HeldTask | None:
         """Process one message as a worker thread would; the held task, if it was held."""
-        proxy = MessageProxy(message)
+        proxy = with_fields(MessageProxy(message))
         _ensure_event_loop()  # async def handlers run on Dramatiq's loop thread, started by workers elsewhere
         try:
             self.emit_before("process_message", proxy)

@@ -23,6 +23,7 @@ from ...durations import format_ms
 from ...held import HeldTask, hold_poison
 from ...masking import mask_url
 from ...queues import canonical_queue
+from ..proxy import with_fields
 from .connection import error_text
 from .ends import CLOSE_WAIT_S as ENDS_CLOSE_WAIT_S
 from .ends import RabbitmqEndWriter, end_writer_of
@@ -503,6 +504,7 @@ class _Delivery(_RabbitmqMessage):
     def __init__(self, consumer: RabbitmqConsumer, redelivered: bool, tag: int, message: Any) -> None:
         super().__init__(redelivered, tag, message)  # type: ignore[no-untyped-call]
         self._dramaturg_consumer = consumer
+        with_fields(self)
 
     def taken_back(self) -> bool:
         """True once the channel it came on is closed: RabbitMQ has it again (see :func:`dramaturg.task.taken_back`)."""

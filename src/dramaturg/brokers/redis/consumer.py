@@ -24,6 +24,7 @@ from ...batches.tracker import BATCH_END, tracker_of
 from ...held import HeldTask, hold_poison
 from ...queues import canonical_queue
 from ...task import RunOutcome, outcome_of
+from ..proxy import with_fields
 from .claims import RedisClaims
 
 #: The attribute of a delivered message whose acknowledgement enqueues a copy of it
@@ -206,9 +207,9 @@ class RedisConsumer(_RedisConsumer):
             # A delayed one is met when it comes back to its queue (Dramatiq does not look its actor up before).
             if message.actor_name in self.broker.actors or message.options.get("eta") is not None:
                 self.queued_message_ids.add(message.message_id)
-                return MessageProxy(message)
+                return with_fields(MessageProxy(message))
             if unknown_actors.settle(self.broker, message, self._queue()):  # given back, or held
-                self.ack(MessageProxy(message))
+                self.ack(with_fields(MessageProxy(message)))
 
     def _next_body(self) -> bytes | None:
         """The next body this consumer claimed, fetching more when it has none; None when
