@@ -459,6 +459,37 @@ def test_a_repeated_end_counts_once_and_a_kicked_member_moves_to_succeeded(redis
         writer.close()
 
 
+def test_members_a_producer_or_worker_of_the_version_before_wrote_as_letters_still_count(redis_server: Any) -> None:
+    # Given a batch whose members the version before 2026-12-03 wrote (as letters: sent,
+    # running, held), sealed, beside one member this version added (a number)
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    state = RedisBatchState(client, namespace="test-letters", ttl_ms=60_000)
+    state.create("b", {"name": "letters", "created_at": "1"})
+    state.add("b", ["new"])
+    client.hset(state.prefix + "b:m", mapping={"sent": "p", "running": "r", "held": "h", "dropped": "p"})
+    client.hset(state.prefix + "b", mapping={"total": 5, "running": 1, "failed": 1, "held": 1})
+    state.seal("b")
+    assert state.members("b") == {"new": "p", "sent": "p", "running": "r", "held": "h", "dropped": "p"}
+
+    # When one is dropped, one noted running, and every other ends in one call (the held
+    # one kicked and succeeded)
+    state.drop("b", ["dropped"])
+    state.note([("b", "sent", "r", "")])
+    answers = state.end([("b", "new", "s"), ("b", "sent", "s"), ("b", "running", "s"), ("b", "held", "s")])
+
+    # Then each counts once, as it would have: the batch completes, all succeeded
+    meta, _ = state.read("b")  # type: ignore[misc]
+    assert answers[-1] == ["complete", "success"]
+    assert {name: meta[name] for name in ("total", "running", "succeeded", "failed", "held")} == {
+        "total": "4",
+        "running": "0",
+        "succeeded": "4",
+        "failed": "0",
+        "held": "0",
+    }
+    assert state.members("b") == {"new": "s", "sent": "s", "running": "s", "held": "s"}
+
+
 def test_running_is_written_for_members_running_at_a_flush_and_again_after_a_retry(redis_server: Any) -> None:
     # Given a sealed batch of three members and a process's batch writer (flushed by hand:
     # a long interval keeps its own thread out of the way)

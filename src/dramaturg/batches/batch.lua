@@ -4,14 +4,15 @@
 --   <prefix><id>      hash: name, created_at, sealed, total, running, succeeded, failed,
 --                     held, cancelled, on_complete/on_success (the callbacks' messages, JSON),
 --                     complete/success ("firing" once fired, "sent" once published),
---                     finished_at, parent, parent_member, cancel_requested_by/_at,
---                     progress ("1" once a member has reported progress: its ends then
---                     delete the member's entry in <prefix><id>:p)
+--                     finished_at, parent, parent_member, cancel_requested_by/_at
 --   <prefix><id>:m    hash: member message id -> a number: 1 sent, 2 running; once ended,
 --                     ten times its end (1 succeeded, 2 failed: rejected, 3 held, counted
 --                     as failed too, 4 cancelled: ended, neither succeeded nor failed), plus
 --                     what it was before (0 to 2). So an end is one HINCRBY, whose answer
---                     tells what the member was: see member_ends
+--                     tells what the member was: see member_ends. (Until 2026-12-03 the
+--                     states were letters, p r s f h c: a member found so is written as
+--                     its number first, see as_number; a producer or worker of that version
+--                     may still write them.)
 --   <prefix><id>:p    hash: running member -> "<fraction>|<text>" (its last progress())
 -- ARGV[1]: the operation; the rest are its arguments:
 --   add   <id> <member>...                  -> members new to it (-1: no such batch)
@@ -106,9 +107,9 @@ if op == 'add' then
   local members = meta .. ':m'
   local added = 0
   for i = 3, #ARGV do
-    added = added + redis.call('HSETNX', members, ARGV[i], 1)
+    added = added + redis.call('HSETNX', members, ARGV[i], '1')
   end
-  if added > 0 then redis.call('HINCRBY', meta, 'total', added) end
+  if added > 0 then redis.call('HINCRBY', meta, 'total', string.format('%d', added)) end
   return added
 end
 
@@ -125,13 +126,21 @@ if op == 'drop' then
   local members = meta .. ':m'
   local dropped = 0
   for i = 5, #ARGV do
-    if redis.call('HGET', members, ARGV[i]) == '1' then
+    local state = redis.call('HGET', members, ARGV[i])
+    if state == '1' or state == 'p' then
       redis.call('HDEL', members, ARGV[i])
       dropped = dropped + 1
     end
   end
-  if dropped > 0 then redis.call('HINCRBY', meta, 'total', -dropped) end
+  if dropped > 0 then redis.call('HINCRBY', meta, 'total', string.format('%d', -dropped)) end
   return fire(meta, ARGV[3], tonumber(ARGV[4]), false)
+end
+
+-- A member's state as the version before wrote it (a letter) as the number it has now.
+local function as_number(letter)
+  if letter == 'p' then return '1' elseif letter == 'r' then return '2' elseif letter == 's' then return '10'
+  elseif letter == 'f' then return '20' elseif letter == 'h' then return '30' elseif letter == 'c' then return '40' end
+  error('batch.lua: a member state neither a number nor a letter: ' .. tostring(letter))
 end
 
 -- The ends of members as the iterator `ends` yields them (batch id, end code, member id,
@@ -150,9 +159,12 @@ local function member_ends(now, ttl, owned, ends)
     if st == nil then
       local meta = prefix .. id
       local f = redis.call('HMGET', meta, 'sealed', 'total', 'succeeded', 'failed', 'complete', 'success',
-        'cancelled', 'progress')
-      -- counts: this call's changes of total, running, succeeded, failed, held, cancelled.
-      st = {meta = meta, members = meta .. ':m', f = f, last = place, repeated = false, counts = {0, 0, 0, 0, 0, 0}}
+        'cancelled')
+      -- counts: this call's changes of total, running, succeeded, failed, held, cancelled;
+      -- progress: whether the batch has a progress hash at all, looked up at its first
+      -- member that changes here (most have none, and then no member's is there to delete).
+      st = {meta = meta, members = meta .. ':m', f = f, last = place, repeated = false, counts = {0, 0, 0, 0, 0, 0},
+        progress = nil}
       batches[id] = st
     end
     local f = st.f
@@ -165,7 +177,12 @@ local function member_ends(now, ttl, owned, ends)
       local code, by = 4, '40'
       if new == 's' then code, by = 1, '10' elseif new == 'f' then code, by = 2, '20'
       elseif new == 'h' then code, by = 3, '30' end
-      local was = redis.call('HINCRBY', st.members, member, by) - 10 * code
+      local was = redis.pcall('HINCRBY', st.members, member, by)
+      if type(was) == 'table' then  -- a letter, written by the version before
+        redis.call('HSET', st.members, member, as_number(redis.call('HGET', st.members, member)))
+        was = redis.call('HINCRBY', st.members, member, by)
+      end
+      was = was - 10 * code
       if was >= 10 then
         -- It had ended already (run again after its worker died, or kicked): the run before
         -- may have left the batch firing, its callbacks unpublished; they go out again
@@ -195,7 +212,8 @@ local function member_ends(now, ttl, owned, ends)
           c[4] = c[4] + 1
           if code == 3 then c[5] = c[5] + 1 end
         end
-        if f[8] then redis.call('HDEL', st.meta .. ':p', member) end
+        if st.progress == nil then st.progress = redis.call('EXISTS', st.meta .. ':p') == 1 end
+        if st.progress then redis.call('HDEL', st.meta .. ':p', member) end
       end
     end
   end
@@ -255,16 +273,15 @@ if op == 'note' then
     local meta, member, kind = prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local members = meta .. ':m'
     local state = redis.call('HGET', members, member)
-    if kind == 'r' and state == '1' then
-      redis.call('HSET', members, member, 2)
-      redis.call('HINCRBY', meta, 'running', 1)
-    elseif kind == 'w' and state == '2' then
-      redis.call('HSET', members, member, 1)
-      redis.call('HINCRBY', meta, 'running', -1)
+    if kind == 'r' and (state == '1' or state == 'p') then
+      redis.call('HSET', members, member, '2')
+      redis.call('HINCRBY', meta, 'running', '1')
+    elseif kind == 'w' and (state == '2' or state == 'r') then
+      redis.call('HSET', members, member, '1')
+      redis.call('HINCRBY', meta, 'running', '-1')
       redis.call('HDEL', meta .. ':p', member)
-    elseif kind == 'g' and (state == '2' or state == '1') then
+    elseif kind == 'g' and (state == '2' or state == '1' or state == 'r' or state == 'p') then
       redis.call('HSET', meta .. ':p', member, ARGV[i + 3])
-      redis.call('HSET', meta, 'progress', '1')
     end
   end
   return 0

@@ -93,10 +93,14 @@ class BatchState(Protocol):
     def describe(self, batch_id: str, fields: Mapping[str, str]) -> None: ...
 
 
-def member_state(number: int) -> str:
+def member_state(stored: str) -> str:
     """A member's state by its number in ``batch.lua``'s members hash: 1 "p" (sent), 2 "r"
     (running), then ten times its end and what it was before: 10-12 "s" (succeeded),
-    20-22 "f" (failed), 30-32 "h" (held), 40-42 "c" (cancelled)."""
+    20-22 "f" (failed), 30-32 "h" (held), 40-42 "c" (cancelled). The version before
+    2026-12-03 stored the letter itself, which a batch of that time may still hold."""
+    if not stored.isdigit():
+        return stored
+    number = int(stored)
     return "pr"[number - 1] if number < 10 else "sfhc"[number // 10 - 1]
 
 
@@ -210,8 +214,8 @@ class RedisBatchState:
         """Each member of ``batch_id`` and its state, read in steps: "p" sent, "r" running,
         or how it ended, "s", "f", "h" or "c" (``batch.lua`` keeps them as numbers)."""
         return {
-            _text(member): member_state(int(number))
-            for member, number in self.client.hscan_iter(self.prefix + batch_id + ":m", count=1000)
+            _text(member): member_state(_text(state))
+            for member, state in self.client.hscan_iter(self.prefix + batch_id + ":m", count=1000)
         }
 
     def unended(self, batch_id: str) -> list[str]:
