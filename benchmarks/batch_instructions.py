@@ -128,7 +128,11 @@ def main() -> int:
     out = scratch / "callgrind"
     port = free_port()
     server = subprocess.Popen(
-        callgrind(out, "redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(scratch)),
+        callgrind(
+            out,
+            *("redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"),
+            *("--dir", str(scratch)),
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -43,7 +43,7 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
         raise SystemExit("redis-server is not on PATH")
     port = free_port()
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", directory],
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", directory],
         stdout=subprocess.DEVNULL,
     )
     import redis

@@ -359,7 +359,9 @@ def test_eager_send_many_stopped_by_a_held_member_leaves_only_what_ran(broker: d
 def test_a_member_is_not_sent_when_the_state_store_is_down(rabbitmq_server: Any, tmp_path: Path) -> None:
     # Given RabbitMQ with a state store of its own, which stops after the batch is made
     port = free_port()
-    store = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+    store = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    )
     try:
         client = redis.Redis(port=port)
         poll_until(lambda: _pings(client), "the state store answers")

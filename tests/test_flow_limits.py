@@ -565,7 +565,7 @@ def test_with_the_state_store_down_limited_tasks_wait_and_all_run_once_it_is_bac
 
     # Given RabbitMQ with a state store of its own, and an actor limited to one at a time
     port = free_port()
-    argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     store = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     worker = None
     try:

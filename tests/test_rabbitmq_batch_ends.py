@@ -39,7 +39,7 @@ class Store:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
-                *("redis-server", "--port", str(self.port), "--save", ""),
+                *("redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""),
                 *("--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)),
             ],
             stdout=subprocess.DEVNULL,
