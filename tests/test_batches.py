@@ -1030,6 +1030,79 @@ def test_on_rabbitmq_the_end_writer_thread_writes_the_ends_of_the_acknowledgemen
 
 
 @pytest.mark.parametrize("broker_kind", ["rabbitmq"])
+def test_on_rabbitmq_a_lone_end_is_written_at_once_and_ends_that_keep_coming_in_rounds(
+    broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dramaturg.brokers.rabbitmq import ends
+
+    # Given a batch of 11 members sent, no worker, and an end writer of its own (its calls
+    # of the state store watched) for a consumer of prefetch 16, whose rounds wait a minute
+    calls: list[int] = []
+    end = RedisBatchState.end
+
+    def watched(state: RedisBatchState, items: Any, **kwargs: Any) -> list[list[str]]:
+        calls.append(len(items))
+        return end(state, items, **kwargs)
+
+    monkeypatch.setattr(RedisBatchState, "end", watched)
+    monkeypatch.setattr(ends, "ROUND_WAIT_S", 60.0)
+
+    @dramaturg.actor(queue_name="batch-members")
+    def member(n: int) -> None:
+        pass
+
+    batch = dramaturg.batch("in rounds")
+    with batch:
+        ids = [member.send(n).message_id for n in range(11)]
+
+    class Consumer:  # what the writer hands back to (RabbitmqConsumer's side of it)
+        ends_dropped = False
+
+        def __init__(self) -> None:
+            self.acked = Runs()
+
+        def ends_written(self, acks: list[int], rejects: list[int]) -> None:
+            for tag in acks:
+                self.acked.add(tag)
+
+    consumer = Consumer()
+    writer = ends.RabbitmqEndWriter(broker)
+    writer.fit(16)
+
+    def submit(tag: int) -> None:
+        writer.submit(consumer, tag, ("", 0, batch.id, ids[tag], "s"))  # type: ignore[arg-type]
+
+    try:
+        # When one end comes to the writer asleep
+        submit(0)
+
+        # Then it is written at once, alone (not a minute later)
+        assert consumer.acked.wait(1) == [0]
+        assert calls == [1]
+
+        # When seven more come while it waits for its next round, then an eighth
+        for tag in range(1, 9):
+            submit(tag)
+
+        # Then the eighth (half the prefetch) starts the round: the eight in one call
+        assert sorted(consumer.acked.wait(9)) == list(range(9))
+        assert calls == [1, 8]
+
+        # When two more come, and the consumer closes before the round is due
+        submit(9)
+        submit(10)
+        writer.release(consumer, 30)  # type: ignore[arg-type]
+
+        # Then the close had them written at once and handed back to be acknowledged
+        assert sorted(consumer.acked.seen) == list(range(11))
+        assert calls == [1, 8, 2]
+        status = dramaturg.batch_status(batch.id)
+        assert (status.total, status.succeeded, status.state) == (11, 11, "complete")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("broker_kind", ["rabbitmq"])
 def test_on_rabbitmq_an_end_that_cannot_be_written_leaves_its_message_unacknowledged_and_it_counts_once(
     broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:

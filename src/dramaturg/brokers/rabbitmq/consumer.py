@@ -120,6 +120,8 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         self._forget_stale_delayed(queue_name)
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.timeout_s = timeout / 1000
+        #: The most deliveries RabbitMQ keeps out to this consumer unacknowledged (its channel's QoS).
+        self.prefetch = prefetch
         self.cancelled = False
         #: The thread that uses the connection (Dramatiq's consumer thread).
         self._owner = threading.current_thread()
@@ -256,6 +258,7 @@ class RabbitmqConsumer(_RabbitmqConsumer):
         writer = self._end_writer
         if writer is None:
             writer = self._end_writer = end_writer_of(self.broker)
+            writer.fit(self.prefetch)
         writer.submit(self, tag, end, reject=reject)
 
     def ends_written(self, acks: list[int], rejects: list[int]) -> None:
