@@ -4,14 +4,17 @@ On a private Redis server (a free port, no persistence; ``--broker rabbitmq``: a
 RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 
 1. sends N messages to one queue ("plain") and N to another as the members of one
-   batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed). The tasks are
+   batch with an ``on_complete`` ("batch"), with ``send_many`` (not timed); the queues
+   are ``bench-a`` and ``bench-b``, the plain mode's on ``bench-a`` in rounds 1 and 2, on
+   ``bench-b`` in rounds 3 and 4 (and so on in fours). The tasks are
    no-ops (the worst case: all a task costs is the queue's own work, of which the batch's
    is a share), or with ``--task import`` a stand-in for the showcase's user import as
    ``peers.py`` runs it (``peer_apps/work.py``: check the address, upsert the row into
    SQLite, no welcome e-mail; a new database each round, each mode's own rows);
 2. drains them in turns, ``--segments`` turns of each (the tasks left over the turns
-   left, in the order plain, batch, batch, plain, plain, batch...; every other round the
-   batch is sent first and drains first: batch, plain, plain, batch...). A turn starts
+   left, in the order plain, batch, batch, plain, plain, batch...; in rounds 2 and 3 (and
+   so on in fours) the batch is sent first and drains first: batch, plain, plain,
+   batch...). A turn starts
    ``dramatiq bench_app -p P -t T -Q <its queue>`` (``--processes``, 2 by default as
    ``dramaturg worker`` on 2 cores; ``--threads``), times it from its tenth task in ten
    to the turn's last (the counts its processes write every 10 ms, as ``throughput.py``;
@@ -24,7 +27,12 @@ RabbitMQ node, with that Redis as its state store), in rounds. Each round:
 ``--control`` sends the batch mode's tasks without a batch: both modes are plain, and the
 ratios show what the benchmark itself makes of two equal drains (on the 2-core machine,
 2026-12-02, no-ops: drain 0.87-1.005 of plain per round, worker CPU 0.97 of plain), the scatter
-any batch figure is read against. ``--turns`` prints each turn.
+any batch figure is read against. Until 2026-12-03 the plain mode was always on one queue
+and went first in rounds 1 and 3: the control's rounds read about 0.93 of plain when plain
+went first and 1.01 when it went second (order and queue could not be told apart), so the
+median of four read 0.954 and 0.964 for two equal drains. Now each of the four rounds is
+one of the four arrangements (plain first or second, on either queue), and the mean of
+the rounds' ratios is the balanced figure. ``--turns`` prints each turn.
 
 Per round and mode: tasks / drain time (msgs/s); the worker processes' CPU per task
 (us/msg); and the machine's, every process counted (the worker, RabbitMQ, Redis), with
@@ -78,8 +86,8 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(fields) - idle) / tick, idle / tick
 
 
-def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threads: int) -> dict[str, float]:
-    """Start ``dramatiq bench_app`` on the queue of ``mode``; time it from its tenth of
+def drain_turn(env: dict[str, str], queue: str, tasks: int, processes: int, threads: int) -> dict[str, float]:
+    """Start ``dramatiq bench_app`` on ``queue``; time it from its tenth of
     ``tasks`` to its ``tasks``-th (from the counts bench_app's processes write every 10 ms),
     then stop it. Not the first tenth: the worker starting, and the deliveries the turn
     before took back when it stopped (RabbitMQ delivers them again, first, flagged
@@ -89,9 +97,9 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
         worker = subprocess.Popen(
             [
                 *(str(Path(sys.executable).with_name("dramatiq")), "bench_app", "--path", str(HERE)),
-                *("--processes", str(processes), "--threads", str(threads), "--queues", f"bench-{mode}"),
+                *("--processes", str(processes), "--threads", str(threads), "--queues", queue),
             ],
-            env={**env, "BENCH_QUEUE": f"bench-{mode}", "BENCH_COUNT_DIR": directory},
+            env={**env, "BENCH_QUEUE": queue, "BENCH_COUNT_DIR": directory},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -105,7 +113,7 @@ def drain_turn(env: dict[str, str], mode: str, tasks: int, processes: int, threa
                 cpu_seconds(pids),
                 machine_cpu(),
             )
-            wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the {mode} turn never finished")
+            wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the turn on {queue} never finished")
             last, done, cpu, (busy, idle) = time.perf_counter(), counts(count_dir)[0], cpu_seconds(pids), machine_cpu()
         finally:
             stop(worker)
@@ -145,11 +153,13 @@ def run_round(
     show_turns: bool = False,
     first: str = "plain",
     control: bool = False,
+    swap: bool = False,
 ) -> dict[str, dict[str, float]]:
     """One round: ``count`` tasks of each mode drained in alternating turns, ``first`` sent
     first and drained first; each mode's rate and CPU per task. ``control``: the "batch"
     mode's tasks are sent without a batch (both modes plain: what the benchmark itself
-    tells them apart by)."""
+    tells them apart by). The modes' queues are ``bench-a`` (plain) and ``bench-b`` (batch),
+    or the other way round with ``swap``."""
     overrides: dict[str, Any] = {"broker": {"prefetch": prefetch}, "state": {"url": state_url} if state_url else {}}
     scratch = Path(tempfile.mkdtemp(prefix="bench-batches-"))
     database = scratch / "users.sqlite3"
@@ -178,8 +188,9 @@ def run_round(
         completes.append(summary)
 
     modes = (first, "batch" if first == "plain" else "plain")
+    queues = {"plain": "bench-b", "batch": "bench-a"} if swap else {"plain": "bench-a", "batch": "bench-b"}
     for mode in modes:
-        sender = dramaturg.actor(queue_name=f"bench-{mode}", actor_name=actor_name)(lambda item: None)
+        sender = dramaturg.actor(queue_name=queues[mode], actor_name=actor_name)(lambda item: None)
         rows = items(count, mode)
         if mode == "plain" or control:
             sender.send_many(rows)
@@ -193,10 +204,10 @@ def run_round(
     spent = {mode: dict.fromkeys(keys, 0.0) for mode in ("plain", "batch")}
     order = [modes[(i + i // 2) % 2] for i in range(2 * segments)]  # first, other, other, first, first...
     for i, mode in enumerate(order):
-        waiting = dramaturg.queue_stats([f"bench-{mode}"], broker)[0].ready or 0
+        waiting = dramaturg.queue_stats([queues[mode]], broker)[0].ready or 0
         if waiting < 2:  # the turns before ran it all (a worker stopping finishes what it has)
             continue
-        turn = drain_turn(env, mode, max(2, waiting // order[i:].count(mode)), processes, threads)
+        turn = drain_turn(env, queues[mode], max(2, waiting // order[i:].count(mode)), processes, threads)
         for key in spent[mode]:
             spent[mode][key] += turn[key]
         if show_turns:
@@ -236,7 +247,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000, help="tasks per drain (default: 100000)")
     parser.add_argument(
-        "--rounds", type=int, default=4, help="rounds (default: 4; each mode goes first in every other one)"
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds (default: 4: each mode first in two, on each queue in two, in each half of the run once)",
     )
     parser.add_argument("--segments", type=int, default=10, help="turns of each mode in a round (default: 10)")
     parser.add_argument(
@@ -272,7 +286,10 @@ def main() -> int:
             url, state_url = stack.enter_context(private_rabbitmq("bench-batches-rabbitmq-")), redis_url
         results: dict[str, list[dict[str, float]]] = {"plain": [], "batch": []}
         for round_ in range(args.rounds):
-            first = ("plain", "batch")[round_ % 2]
+            # Four rounds balance what the control showed apart from a batch: the mode sent and
+            # drained first, the queue each mode is on, and the run's first and second half.
+            first = ("plain", "batch", "batch", "plain")[round_ % 4]
+            swap = round_ % 4 >= 2
             result = run_round(
                 url,
                 state_url,
@@ -285,11 +302,12 @@ def main() -> int:
                 args.turns,
                 first=first,
                 control=args.control,
+                swap=swap,
             )
             for mode, measured in result.items():
                 results[mode].append(measured)
             print(
-                f"round {round_ + 1} ({first} first): "
+                f"round {round_ + 1} ({first} first, plain on bench-{'b' if swap else 'a'}): "
                 f"plain {result['plain']['rate']:,.0f} msgs/s, "
                 f"{result['plain']['us_per_msg']:.1f} us/msg; batch {result['batch']['rate']:,.0f} msgs/s, "
                 f"{result['batch']['us_per_msg']:.1f} us/msg; machine CPU (all processes) "
@@ -303,7 +321,8 @@ def main() -> int:
     print(
         "drain / plain per round: "
         + ", ".join(f"{ratio:.3f}" for ratio in ratios)
-        + f" (median {statistics.median(ratios):.3f}); the table below compares each mode's median"
+        + f" (mean {statistics.fmean(ratios):.3f}, median {statistics.median(ratios):.3f});"
+        " the table below compares each mode's median"
     )
     name = "RabbitMQ (state in Redis)" if args.broker == "rabbitmq" else "Redis"
     print_table(
