@@ -1035,8 +1035,8 @@ def test_on_rabbitmq_a_lone_end_is_written_at_once_and_ends_that_keep_coming_in_
 ) -> None:
     from dramaturg.brokers.rabbitmq import ends
 
-    # Given a batch of 11 members sent, no worker, and an end writer of its own (its calls
-    # of the state store watched) for a consumer of prefetch 16, whose rounds wait a minute
+    # Given a batch of 14 members sent, no worker, and an end writer of its own (its calls
+    # of the state store watched) for a consumer of prefetch 16, whose rounds wait 0.5 s
     calls: list[int] = []
     end = RedisBatchState.end
 
@@ -1045,7 +1045,7 @@ def test_on_rabbitmq_a_lone_end_is_written_at_once_and_ends_that_keep_coming_in_
         return end(state, items, **kwargs)
 
     monkeypatch.setattr(RedisBatchState, "end", watched)
-    monkeypatch.setattr(ends, "ROUND_WAIT_S", 60.0)
+    monkeypatch.setattr(ends, "ROUND_WAIT_S", 0.5)
 
     @dramaturg.actor(queue_name="batch-members")
     def member(n: int) -> None:
@@ -1053,7 +1053,7 @@ def test_on_rabbitmq_a_lone_end_is_written_at_once_and_ends_that_keep_coming_in_
 
     batch = dramaturg.batch("in rounds")
     with batch:
-        ids = [member.send(n).message_id for n in range(11)]
+        ids = [member.send(n).message_id for n in range(14)]
 
     class Consumer:  # what the writer hands back to (RabbitmqConsumer's side of it)
         ends_dropped = False
@@ -1069,35 +1069,46 @@ def test_on_rabbitmq_a_lone_end_is_written_at_once_and_ends_that_keep_coming_in_
     writer = ends.RabbitmqEndWriter(broker)
     writer.fit(16)
 
-    def submit(tag: int) -> None:
-        writer.submit(consumer, tag, ("", 0, batch.id, ids[tag], "s"))  # type: ignore[arg-type]
+    def submit(*tags: int) -> None:
+        for tag in tags:
+            writer.submit(consumer, tag, ("", 0, batch.id, ids[tag], "s"))  # type: ignore[arg-type]
 
     try:
-        # When one end comes to the writer asleep
+        # When one end comes to the writer asleep, then two more at once
         submit(0)
-
-        # Then it is written at once, alone (not a minute later)
         assert consumer.acked.wait(1) == [0]
-        assert calls == [1]
+        submit(1, 2)
+
+        # Then the first was written at once, alone; the two in one round, by its timer
+        assert sorted(consumer.acked.wait(3)) == [0, 1, 2]
+        assert calls == [1, 2]
+
+        # When a round finds nothing (the writer asleep again), rounds wait a minute, and
+        # one end comes
+        poll_until(lambda: writer._asleep, "the writer asleep after an empty round")
+        monkeypatch.setattr(ends, "ROUND_WAIT_S", 60.0)
+        submit(3)
+
+        # Then it is written at once, not a minute later
+        assert sorted(consumer.acked.wait(4)) == [0, 1, 2, 3]
+        assert calls == [1, 2, 1]
 
         # When seven more come while it waits for its next round, then an eighth
-        for tag in range(1, 9):
-            submit(tag)
+        submit(*range(4, 12))
 
         # Then the eighth (half the prefetch) starts the round: the eight in one call
-        assert sorted(consumer.acked.wait(9)) == list(range(9))
-        assert calls == [1, 8]
+        assert sorted(consumer.acked.wait(12)) == list(range(12))
+        assert calls == [1, 2, 1, 8]
 
         # When two more come, and the consumer closes before the round is due
-        submit(9)
-        submit(10)
+        submit(12, 13)
         writer.release(consumer, 30)  # type: ignore[arg-type]
 
         # Then the close had them written at once and handed back to be acknowledged
-        assert sorted(consumer.acked.seen) == list(range(11))
-        assert calls == [1, 8, 2]
+        assert sorted(consumer.acked.wait(14)) == list(range(14))
+        assert calls == [1, 2, 1, 8, 2]
         status = dramaturg.batch_status(batch.id)
-        assert (status.total, status.succeeded, status.state) == (11, 11, "complete")
+        assert (status.total, status.succeeded, status.state) == (14, 14, "complete")
     finally:
         writer.close()
 

@@ -22,9 +22,12 @@ thread switches (the wake-up, the state store's call and answer, the hand-back, 
 taking the GIL back from 8 busy worker threads): written as they came (13 a round in a
 drain of user imports) that was 18 us a member, a tenth of the task; in rounds of about
 60, 8 us (the writer thread's CPU time in ``benchmarks/batches.py --broker rabbitmq
---task import``, 2026-12-03). An acknowledgement waits up to 20 ms longer; the deliveries
-waiting meanwhile are half the consumer's prefetch at most, so they never stop its
-deliveries.
+--task import``, 2026-12-03). An acknowledgement waits up to 20 ms longer. The ends
+waiting for a round are half the prefetch at most (the rest is left to the deliveries
+running and waiting for a thread), plus those that come while a round is written: with
+dramaturg's RabbitMQ prefetch (128) they leave plenty; a prefetch close to the worker's
+threads (Dramatiq's default, twice the threads) can leave threads waiting for a round's
+acknowledgements now and then.
 
 Not in the consumers' threads: they serve pika's connection (heartbeats, deliveries), and
 one waiting on a state store that does not answer would let RabbitMQ close the
@@ -140,34 +143,34 @@ class RabbitmqEndWriter:
         self.pid = 0
 
     def fit(self, prefetch: int) -> None:
-        """A consumer of this ``prefetch`` hands ends here: a round starts once half of it
-        have come, so that the deliveries whose ends wait never fill its prefetch (which
-        would stop its deliveries until the round's timer)."""
-        self.round_max = max(1, min(self.round_max, prefetch // 2))
+        """A consumer of this ``prefetch`` hands ends here: a round starts once half the
+        smallest prefetch of this writer's consumers have come (of all of them together),
+        leaving the rest to the deliveries running and waiting for a thread."""
+        with self._lock:  # two consumers' first ends at once
+            self.round_max = max(1, min(self.round_max, prefetch // 2))
 
     def submit(self, consumer: RabbitmqConsumer, tag: int, end: tuple[Any, ...], *, reject: bool = False) -> None:
         """Write ``end``, then have ``consumer`` acknowledge delivery ``tag`` (or reject it)."""
         self._incoming.append((consumer, tag, end, reject))
         # One wake-up a round: for the first end after a quiet spell, or for a full round.
         if not self._due and (self._asleep or len(self._incoming) >= self.round_max):
-            self._wake_now()
-
-    def _wake_now(self) -> None:
-        self._due = True
-        self._ensure_thread()
-        self._wake.set()
+            self._due = True
+            self._ensure_thread()
+            self._wake.set()
 
     def release(self, consumer: RabbitmqConsumer, wait_s: float) -> None:
         """``consumer`` closes: wait up to ``wait_s`` for the ends of its deliveries to be
         written and handed back (not while writes fail), then drop what is left of them."""
         deadline = time.monotonic() + wait_s
-        if self.failing_since is None and self._holds(consumer):
-            self._wake_now()  # not after the round's wait
         with self._round:
             while self.failing_since is None and self._holds(consumer):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                # Written now, not after the round's wait (again after each round: an end
+                # may come after the first, from a task that finished as the close began).
+                self._due = True
+                self._wake.set()
                 self._round.wait(left)
             consumer.ends_dropped = True
             self._held = [item for item in self._held if item[0] is not consumer]
@@ -198,6 +201,7 @@ class RabbitmqEndWriter:
                 self._wake.wait(ROUND_WAIT_S)  # ends that come meanwhile join the round
             if self._stop.is_set():
                 return
+            self._asleep = False  # ends that come during this round wait for the next
             self._wake.clear()
             self._due = False  # first: an end added after this wakes the next round
             with self._round:
@@ -208,7 +212,6 @@ class RabbitmqEndWriter:
                 self._asleep = True  # first: an end added after this wakes the thread...
                 self._asleep = not self._incoming  # ...and one added before is taken next
                 continue
-            self._asleep = False
             try:
                 self._write(batch)
             except Exception as error:
