@@ -49,11 +49,11 @@ the end was the whole of a member's cost there). That thread writes the ends tha
 of all the consumers, in one call of ``batch.lua`` (in rounds while they keep coming:
 every 20 ms, or sooner once half the smallest prefetch of the consumers has come), and
 then hands their deliveries to their consumers' threads to acknowledge; an end that
-fires callbacks is handed back once it has published them. Not the consumers' threads: they serve pika's
-connection, which a state store that does not answer would stall. While the store does
-not answer, the ends are kept and written again after pauses (0.1 s doubling to 5 s),
-their messages unacknowledged: never given back to the queue to run again, and the full
-prefetch stops deliveries until the store answers.
+fires callbacks is handed back once it has published them. Not the consumers' threads:
+they serve pika's connection, which a state store that does not answer would stall.
+While the store does not answer, the ends are kept and written again after pauses (0.1 s
+doubling to 5 s), their messages unacknowledged: never given back to the queue to run
+again, and the full prefetch stops deliveries until the store answers.
 
 Other ends (held, rejected, cancelled, and every end with the Redis broker and a state
 store of its own) are written here, grouped across threads as above: they are rarer, and
