@@ -21,8 +21,15 @@ so is the count the benchmark's worker writes every 10 ms (``BENCH_COUNT_EVERY_S
 
 Needs valgrind (``apt install valgrind``). About two minutes a mode for 3,000 tasks.
 
+``--keep`` keeps callgrind's files (their directory is printed; part 1 of each process is
+the plain mode's window, part 2 the batch's) for ``callgrind_annotate``, which then splits
+each count by function. Debian's ``redis-server`` has no symbols: for Redis's part, put a
+``redis-server`` built from Debian's source (``apt-get source redis``, ``make
+MALLOC=libc``) first on ``PATH``.
+
     python benchmarks/batch_instructions.py                  # no-ops, 3,000 tasks a mode
     python benchmarks/batch_instructions.py --task import    # the user import
+    python benchmarks/batch_instructions.py --keep           # and keep the files, to split by function
 """
 
 from __future__ import annotations
@@ -55,7 +62,13 @@ FLUSH_S, COUNT_S = "5", "0.5"
 
 
 def callgrind(out: Path, *command: str) -> list[str]:
-    return ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}.%p", *command]
+    # Names written out in every part (not once per file and then referred to by number),
+    # so that callgrind_annotate reads each part alone.
+    return [
+        *("valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no", "--trace-children=yes"),
+        f"--callgrind-out-file={out}.%p",
+        *command,
+    ]
 
 
 def control(pid: int, option: str) -> None:
@@ -120,6 +133,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=3000, help="tasks a mode (default: 3000)")
     parser.add_argument(
         "--task", choices=("noop", "import"), default="noop", help="noop (default), or import (the user import)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep callgrind's files for callgrind_annotate (prints where)"
     )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -194,7 +210,10 @@ def main() -> int:
         f"| both | {both_plain:,.0f} | {both_batch:,.0f} | {both_batch / both_plain:.3f} "
         f"| {both_batch - both_plain:,.0f} |"
     )
-    shutil.rmtree(scratch, ignore_errors=True)
+    if args.keep:
+        print(f"\ncallgrind's files: {scratch} (part 1: plain, part 2: batch)")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
