@@ -44,7 +44,7 @@ batch costs at most 5% of the drain rate. The mean of the rounds' ratios comes w
 (the interval above 0.95), not met (below) or not resolved (the interval holds 0.95):
 on the shared 2-core machine the host's speed changes by about 15% within seconds, and
 a round's ratio scatters by about 5%, so four rounds resolve little and eight about
-±3.5%. Numbers in ``docs/batches.md``.
+±3-4%. Numbers in ``docs/batches.md``.
 
     python benchmarks/batches.py                         # Redis, 100,000 tasks each, 10 turns, 4 rounds
     python benchmarks/batches.py --rounds 8              # a tighter interval (about 16 minutes)
@@ -235,7 +235,8 @@ def run_round(
         if mode == "plain" or control:
             sender.send_many(rows)
         else:
-            batch = dramaturg.batch("bench", on_complete=batch_done.message())  # type: ignore[call-arg]  # the summary comes at fire
+            # The callback's summary argument is added when it fires.
+            batch = dramaturg.batch("bench", on_complete=batch_done.message())  # type: ignore[call-arg]
             with batch:
                 sender.send_many(rows)
         broker.actors.pop(actor_name)  # the next mode's queue
@@ -273,6 +274,7 @@ def run_round(
     if task == "import":
         users = work.count_users(str(database))
         assert users == 2 * work.valid_rows(count), f"{users} users in {database}, not {2 * work.valid_rows(count)}"
+    redis_client.close()
     dramaturg.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)  # kept when a check above fails, to look into
     return {
