@@ -138,22 +138,20 @@ def drain_turn(
         try:
             wait_for(lambda: counts(count_dir)[0] >= max(1, tasks // 10), 120, "the worker never started")
             pids = children(worker.pid)
-            # Each count read with the clock and the CPU times it is timed with.
-            first, done0, cpu0, (busy0, idle0), redis0 = (
-                time.perf_counter(),
-                counts(count_dir)[0],
-                cpu_seconds(pids),
-                machine_cpu(),
-                redis_cpu(redis_client),
-            )
+
+            def readings() -> tuple[float, int, float, tuple[float, float], float]:
+                # Each count read with the clock and the CPU times it is timed with.
+                return (
+                    time.perf_counter(),
+                    counts(count_dir)[0],
+                    cpu_seconds(pids),
+                    machine_cpu(),
+                    redis_cpu(redis_client),
+                )
+
+            first, done0, cpu0, (busy0, idle0), redis0 = readings()
             wait_for(lambda: counts(count_dir)[0] >= tasks, 600, f"the turn on {queue} never finished")
-            last, done, cpu, (busy, idle), redis_ = (
-                time.perf_counter(),
-                counts(count_dir)[0],
-                cpu_seconds(pids),
-                machine_cpu(),
-                redis_cpu(redis_client),
-            )
+            last, done, cpu, (busy, idle), redis_ = readings()
         finally:
             stop(worker)
     return {
