@@ -21,9 +21,10 @@ so is the count the benchmark's worker writes every 10 ms (``BENCH_COUNT_EVERY_S
 
 Needs valgrind (``apt install valgrind``). About two minutes a mode for 3,000 tasks.
 
-``--keep`` keeps callgrind's files (their directory is printed; part 1 of each process is
-the plain mode's window, part 2 the batch's) for ``callgrind_annotate``, which then splits
-each count by function. Debian's ``redis-server`` has no symbols: for Redis's part, put a
+``--keep`` keeps callgrind's files (their directory is printed) for ``callgrind_annotate``,
+which splits each count by function: Redis's part 1 is the plain mode's window and its
+part 2 the batch's; each mode's worker is a process of its own, whose part 1 is its
+window. Debian's ``redis-server`` has no symbols: for Redis's part, put a
 ``redis-server`` built from Debian's source (``apt-get source redis``, ``make
 MALLOC=libc``) first on ``PATH``.
 
@@ -62,13 +63,7 @@ FLUSH_S, COUNT_S = "5", "0.5"
 
 
 def callgrind(out: Path, *command: str) -> list[str]:
-    # Names written out in every part (not once per file and then referred to by number),
-    # so that callgrind_annotate reads each part alone.
-    return [
-        *("valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no", "--trace-children=yes"),
-        f"--callgrind-out-file={out}.%p",
-        *command,
-    ]
+    return ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}.%p", *command]
 
 
 def control(pid: int, option: str) -> None:
@@ -211,7 +206,7 @@ def main() -> int:
         f"| {both_batch - both_plain:,.0f} |"
     )
     if args.keep:
-        print(f"\ncallgrind's files: {scratch} (part 1: plain, part 2: batch)")
+        print(f"\ncallgrind's files: {scratch} (Redis's part 1: plain, part 2: batch; a worker's part 1: its mode)")
     else:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
