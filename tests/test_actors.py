@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import dramatiq
 import pytest
@@ -144,13 +145,20 @@ def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: d
                 errors.append(error)
                 return
 
-    dramaturg.bootstrap(stub_settings)
-    sender = threading.Thread(target=send_forever)
-    sender.start()
-    for _ in range(50):
+    # Switching threads every microsecond makes the sender land inside bootstrap()'s
+    # steps on every run, not on one in a hundred.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
         dramaturg.bootstrap(stub_settings)
-    stop.set()
-    sender.join()
+        sender = threading.Thread(target=send_forever)
+        sender.start()
+        for _ in range(50):
+            dramaturg.bootstrap(stub_settings)
+        stop.set()
+        sender.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert errors == []
 
 

@@ -111,8 +111,10 @@ class Actor(dramatiq.Actor[P, R]):
         if self._broker is broker:
             return
         broker.actors.pop(self.actor_name, None)
-        self._broker = broker
+        # Declare before publishing: a send racing this call reads ``_broker`` without a
+        # lock, and must not find a broker that has no queue for this actor yet.
         broker.declare_actor(self)
+        self._broker = broker
 
     def _unbind(self) -> None:
         self._broker = None
