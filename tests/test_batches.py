@@ -1332,3 +1332,52 @@ def test_a_callback_left_unpublished_is_published_again_by_a_worker(
     state = tracker_of(broker).state(broker)
     poll_until(lambda: (state.read(batch.id) or ({}, {}))[0].get("complete") == "sent", "on_complete marked sent")
     assert len(report.calls.seen) == 1
+
+
+def test_threads_publishing_callbacks_together_past_the_kept_ids_never_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pure logic: a long-lived worker that has published 10,000 callbacks forgets the oldest
+    # id at each new one, from whichever thread published it (acknowledgements, end writers,
+    # seals, the refire sweep). Eight threads fire together, switching every microsecond;
+    # an eviction that another thread's insert breaks raised RuntimeError out of fire().
+    import sys
+
+    from dramaturg.batches import tracker as tracking
+
+    class OneCallbackBatches:  # every batch read has its on_complete stored
+        def read(self, batch_id: str) -> tuple[dict[str, str], dict[str, str]]:
+            callback = json.dumps({"queue_name": "reports", "actor_name": "report", "args": [], "kwargs": {}})
+            return {"name": batch_id, "on_complete": callback, "total": "1", "succeeded": "1"}, {}
+
+        def sent(self, batch_id: str, event: str) -> None: ...
+
+    broker = dramaturg.bootstrap(dramaturg.Settings(broker={"type": "stub"}))
+    batches = BatchTracker(url=None, ttl_ms=60_000)
+    batches._state = OneCallbackBatches()  # type: ignore[assignment]
+    published: list[str] = []
+    monkeypatch.setattr(batches, "_publish", lambda broker, batch_id, *rest: published.append(batch_id))
+    for i in range(tracking.PUBLISHED_KEPT):
+        batches._published[(f"earlier-{i}", "complete")] = None
+    errors: list[BaseException] = []
+
+    def fire_many(thread: int) -> None:
+        for i in range(1_500):
+            try:
+                batches.fire(broker, f"b{thread}-{i}", ["complete"])
+            except BaseException as error:
+                errors.append(error)
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=fire_many, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(published) == 8 * 1_500  # each callback published once
+    assert len(batches._published) == tracking.PUBLISHED_KEPT  # the newest kept, no more
+    assert (f"b7-{1_499}", "complete") in batches._published

@@ -556,3 +556,55 @@ def test_the_reader_interrupts_a_running_task_whose_interrupt_was_lost_and_no_ot
         assert not older.fired.is_set()
     finally:
         watcher.stop()
+
+
+def test_a_kicked_task_taken_while_the_reader_prunes_never_fails() -> None:
+    # Pure logic, with a feed of the test's own: a cancelled task that was kicked (its
+    # request withdrawn, the feed not saying so yet) is looked up when a worker takes it,
+    # and forgotten. The reader prunes old requests meanwhile, once a minute; switching
+    # threads every microsecond, the forgetting landed inside the prune, which raised
+    # RuntimeError (in a worker thread, failing the task before it started).
+    import sys
+
+    from dramaturg.cancelling.watch import CancelWatch, _Watcher
+
+    class Withdrawn:
+        ttl_ms = 60_000
+
+        def feed(self, after: str | None) -> tuple[list[tuple[str, float, bool]], str | None]:
+            return [], after
+
+        def get(self, message_id: str) -> None:
+            return None  # kicked: the request is withdrawn
+
+    watcher = _Watcher(Withdrawn())  # type: ignore[arg-type]
+    watch = CancelWatch(url=None, ttl_ms=60_000)
+    ids = [f"kicked-{j}" for j in range(200)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def take_kicked_tasks() -> None:
+        while not stop.is_set():
+            for message_id in ids:
+                try:
+                    assert not watch._still_requested(watcher, message_id)
+                except BaseException as error:
+                    errors.append(error)
+                    return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    taker = threading.Thread(target=take_kicked_tasks)
+    taker.start()
+    try:
+        for _ in range(300):
+            with watcher._lock:
+                watcher.cancelled.update(dict.fromkeys(ids, 1.0))
+            watcher._newest, watcher._pruned_at = 2.0, float("-inf")  # a prune is due
+            watcher.read()
+    finally:
+        stop.set()
+        taker.join()
+        sys.setswitchinterval(interval)
+        watcher.stop()
+    assert errors == []

@@ -304,7 +304,7 @@ class Task:
         is being interrupted); True otherwise.
         """
         extension = None if ms is None else parse_ms(ms, what="touch")
-        for observer in touch_observers:
+        for observer in tuple(touch_observers):  # a broker closing meanwhile removes its own
             observer(self)
         deadline = self._run.deadline
         if deadline is None:
@@ -324,7 +324,7 @@ class Task:
         value = float(fraction)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"progress: the fraction must be between 0 and 1, got {fraction!r}")
-        for observer in progress_observers:
+        for observer in tuple(progress_observers):  # as in touch()
             observer(self, value, text)
 
     def checkpoint(self, state: Any) -> None:

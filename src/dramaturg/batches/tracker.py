@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -136,7 +137,11 @@ class BatchTracker(dramatiq.Middleware):
         #: The callbacks this process published, (batch id, event), the newest
         #: :data:`PUBLISHED_KEPT`: a fire tried again after its "published" mark failed
         #: (its owner retrying the member's end) marks them, and does not publish them again.
-        self._published: dict[tuple[str, str], None] = {}
+        #: Written by every thread that publishes (acknowledgements, end writers, seals, the
+        #: refire sweep) without a lock: an OrderedDict, whose ``popitem`` evicts the oldest in
+        #: one step (a dict's ``pop(next(iter(...)))`` raised when another thread inserted
+        #: between its iter and its next).
+        self._published: OrderedDict[tuple[str, str], None] = OrderedDict()
         #: (batch id, event) -> when this process's publishes of it began failing (monotonic):
         #: an owner stops keeping its member for it after :data:`REFIRE_AFTER_MS`.
         self._failing_since: dict[tuple[str, str], float] = {}
@@ -168,8 +173,10 @@ class BatchTracker(dramatiq.Middleware):
             state = self.state(broker)
             with self._lock:
                 if self._writer is None:
-                    self._writer = BatchWriter(state)
-                    self._writer.on_written = lambda written: self._fire_written(broker, written)
+                    # Whole before it is published: writer()'s fast path reads it without the lock.
+                    fresh = BatchWriter(state)
+                    fresh.on_written = lambda written: self._fire_written(broker, written)
+                    self._writer = fresh
                 writer = self._writer
         return writer
 
@@ -433,7 +440,7 @@ class BatchTracker(dramatiq.Middleware):
                 self._failing_since.pop(key, None)
                 self._published[key] = None
                 if len(self._published) > PUBLISHED_KEPT:
-                    self._published.pop(next(iter(self._published)), None)
+                    self._published.popitem(last=False)
             mark_error = durable_write(functools.partial(state.sent, batch_id, event))
             if mark_error is not None:
                 # Published, not marked: an owner tries again (and only marks it, see

@@ -294,7 +294,8 @@ class CancelWatch(dramatiq.Middleware):
                 error,
             )
             return True
-        watcher.cancelled.pop(message_id, None)
+        with watcher._lock:  # the reader's prune builds ``cancelled`` anew from its items
+            watcher.cancelled.pop(message_id, None)
         return False
 
     def after_process_message(
