@@ -409,6 +409,49 @@ def test_a_worker_that_stops_with_a_claim_left_keeps_its_heartbeat_for_the_other
 
 
 @pytest.mark.parametrize("broker_kind", REDIS_LIKE)
+def test_a_first_fetch_racing_a_clean_stop_keeps_the_worker_in_the_heartbeats(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker stopping cleanly, its depart paused after it listed its claim sets (all
+    # empty) and before its script forgets the heartbeat
+    @dramaturg.actor(queue_name="exports")
+    def work(n: int) -> None: ...
+
+    sent = work.send(1)
+    recoverer = RedisRecoverer(broker, 1_000)
+    recoverer.beat(int(time.time() * 1000))
+    listed, go_on = threading.Event(), threading.Event()
+    depart_script = recoverer._depart
+
+    def paused(**call: Any) -> Any:
+        listed.set()
+        go_on.wait(WAIT_S)
+        return depart_script(**call)
+
+    monkeypatch.setattr(recoverer, "_depart", paused)
+    departed: list[bool] = []
+    departing = threading.Thread(target=lambda: departed.append(recoverer.depart()))
+    departing.start()
+    assert listed.wait(WAIT_S)
+
+    # When a thread of it makes its first fetch from a queue it never fetched from (given
+    # half a second to run into the depart: without the lock it claims the message then, and
+    # the depart forgets the heartbeat of a worker holding a claim that no one would recover)
+    fetched: list[str] = []
+    fetcher = threading.Thread(target=lambda: fetched.extend(broker.claims.fetch("exports", 1).remaining_ids()))
+    fetcher.start()
+    fetcher.join(timeout=0.5)
+    go_on.set()
+    departing.join()
+    fetcher.join()
+
+    # Then the fetch ran after the depart: the worker is in the heartbeats again, with its claim
+    assert departed == [True]
+    assert fetched == [sent.message_id]
+    assert heartbeat_of(broker) is not None
+
+
+@pytest.mark.parametrize("broker_kind", REDIS_LIKE)
 def test_a_process_that_only_sends_writes_no_heartbeat(broker: Any) -> None:
     # Given a process that runs no worker
     @dramaturg.actor(queue_name="imports")
