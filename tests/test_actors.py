@@ -135,12 +135,13 @@ def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: d
     def job(n: int) -> None: ...
 
     errors: list[BaseException] = []
+    sent: list[str] = []
     stop = threading.Event()
 
     def send_forever() -> None:
         while not stop.is_set():
             try:
-                job.send(1)
+                sent.append(job.send(1).message_id)
             except BaseException as error:
                 errors.append(error)
                 return
@@ -149,17 +150,18 @@ def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: d
     # steps on every run, not on one in a hundred.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
+    dramaturg.bootstrap(stub_settings)
+    sender = threading.Thread(target=send_forever, daemon=True)
+    sender.start()
     try:
-        dramaturg.bootstrap(stub_settings)
-        sender = threading.Thread(target=send_forever)
-        sender.start()
         for _ in range(50):
             dramaturg.bootstrap(stub_settings)
-        stop.set()
-        sender.join()
     finally:
+        stop.set()
+        sender.join(timeout=60)
         sys.setswitchinterval(interval)
     assert errors == []
+    assert sent  # the sender ran alongside
 
 
 @pytest.mark.parametrize(

@@ -888,12 +888,12 @@ def test_on_redis_a_members_end_costs_no_call_of_its_own(
     batch = dramaturg.batch("costs", on_complete=report.actor.message("done"))
     with batch:
         member.send_many(range(100, 200))
+    assert runs.wait(200)[100:] == list(range(100, 200))
+    batched = script_calls()  # read as the plain one was: at the last run (not after the callback's)
     report.calls.wait(1)
-    batched = script_calls()
 
     # Then the batch's drain took about as many script calls as the plain one: each
     # member's end was written by the call that acknowledged it (a call per end would be 100 more)
-    assert runs.wait(200)[100:] == list(range(100, 200))
     assert batched - plain < 30, (plain, batched)
     assert batch.status().succeeded == 100
 
@@ -1350,6 +1350,8 @@ def test_threads_publishing_callbacks_together_past_the_kept_ids_never_fail(monk
 
         def sent(self, batch_id: str, event: str) -> None: ...
 
+        def close(self) -> None: ...
+
     broker = dramaturg.bootstrap(dramaturg.Settings(broker={"type": "stub"}))
     batches = BatchTracker(url=None, ttl_ms=60_000)
     batches._state = OneCallbackBatches()  # type: ignore[assignment]
@@ -1370,14 +1372,16 @@ def test_threads_publishing_callbacks_together_past_the_kept_ids_never_fail(monk
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=fire_many, args=(n,)) for n in range(8)]
+        threads = [threading.Thread(target=fire_many, args=(n,), daemon=True) for n in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=60)
     finally:
         sys.setswitchinterval(interval)
+        batches.close()
     assert errors == []
     assert len(published) == 8 * 1_500  # each callback published once
-    assert len(batches._published) == tracking.PUBLISHED_KEPT  # the newest kept, no more
-    assert (f"b7-{1_499}", "complete") in batches._published
+    # The newest kept, no more: the 12,000 new ids pushed out every one of the 10,000 earlier
+    assert len(batches._published) == tracking.PUBLISHED_KEPT
+    assert not [key for key in batches._published if key[0].startswith("earlier-")]

@@ -210,7 +210,9 @@ def test_ten_thousand_held_tasks_page_without_loading_them_whole(
     # (rows 99, 990 to 999 and 9900 to 9999, filtered on the server from all 10,000)
     assert "111 of 10,000 held match; showing 1 to 50," in pages["/held/imports?reason=row+99"].text
     print(f"render times with 10,000 held: {', '.join(f'{p} {s * 1000:.0f} ms' for p, s in timings.items())}")
-    assert max(timings.values()) < 1.0, timings
+    # A guard against pages that load every row, not a speed figure (those live in benchmarks/):
+    # a loaded 2-core CI machine must not fail it
+    assert max(timings.values()) < 3.0, timings
 
 
 def test_a_non_loopback_bind_is_refused_unless_allowed() -> None:

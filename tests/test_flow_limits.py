@@ -476,8 +476,10 @@ def test_the_lease_of_a_constant_key_follows_the_messages_own_ttr(redis_server: 
 
 
 #: How far the starts the tasks log may stray from the window Redis counted them in: the
-#: time between the script's clock read and the handler's first line, on a loaded machine.
-RATE_TOLERANCE_S = 0.05
+#: time between the script's clock read and the handler's first line, which takes in the
+#: middleware after the limiter (a cancel feed read, the state stores) and a loaded 2-core
+#: machine's waits. A limit that let a sixth start into a window would show gaps near 0.
+RATE_TOLERANCE_S = 0.25
 
 
 @pytest.mark.parametrize("broker_kind", REAL_BROKERS)

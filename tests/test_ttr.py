@@ -56,23 +56,23 @@ def test_a_task_past_its_ttr_is_interrupted_and_held_when_retries_run_out(
 def test_touch_keeps_a_long_task_alive(broker: dramatiq.Broker, start_worker: Callable[..., dramatiq.Worker]) -> None:
     runs = Runs()
 
-    @dramaturg.actor(queue_name="slow", ttr=300, max_retries=0)
+    @dramaturg.actor(queue_name="slow", ttr=1_000, max_retries=0)
     def long_import(rows: int) -> None:
         task = dramaturg.current_task()
         left = []
         for _ in range(rows):
-            busy(0.1)  # 100 ms per row, 900 ms in all: three times the ttr
+            busy(0.3)  # 300 ms per row, 1.8 s in all: nearly twice the ttr (a row's margin 700 ms)
             left.append(task.time_left())
             assert task.touch()
         runs.record(done=True, smallest_time_left=min(left))
 
-    message = long_import.send(9)
+    message = long_import.send(6)
     worker = start_worker()
 
     [run] = runs.wait(1)
     worker.join()
     assert run["done"] is True
-    assert 0 < run["smallest_time_left"] <= 300
+    assert 0 < run["smallest_time_left"] <= 1_000
     assert dramaturg.held_tasks().get(message.message_id) is None
 
 

@@ -100,9 +100,11 @@ def contend(name: str, rounds: int) -> None:
 
 
 def hold(name: str, ttl: str) -> None:
-    """Take the lock ``name`` for ``ttl``, say so, and sleep (to be killed)."""
+    """Take the lock ``name`` for ``ttl``, say so with its token and the time (epoch s) just
+    before it was asked for (its ttl began no earlier), and sleep (to be killed)."""
+    asked_at = time.time()
     lk = dramaturg.lock(name, ttl=ttl).acquire()
-    print(f"holding {lk.token}", flush=True)
+    print(f"holding {lk.token} {asked_at!r}", flush=True)
     threading.Event().wait(600)  # until the test kills this process
 
 
