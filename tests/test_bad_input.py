@@ -16,7 +16,7 @@ import dramaturg
 from dramaturg.cli import common, drain, send, stats
 from dramaturg.errors import UsageError
 
-from .conftest import bin_path, pending_messages, run_cli, write_config
+from .conftest import bin_path, cli_env, pending_messages, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,6 +148,7 @@ def test_config_show_masks_a_percent_encoded_password(tmp_path: Path) -> None:
         ["stats"],
         ["held", "list"],  # no queue to look at: it must still ask, not say "no held tasks"
         ["held", "kick", "default", "--all"],
+        ["drain", "default", "--budget", "1s"],  # asks first: not a worker's wall of reconnecting lines
     ],
 )
 @pytest.mark.parametrize("problem", ["wrong password", "closed port"])
@@ -232,3 +233,141 @@ def test_a_command_line_mistake_is_a_usage_error_not_a_send_error(mistake: Calla
     assert expected in str(raised.value)
     assert isinstance(raised.value, dramaturg.DramaturgError)
     assert not isinstance(raised.value, dramaturg.SendError)
+
+
+# -- found by a hunt for tracebacks (2026-12-03) ----------------------------------------------
+
+
+def usage_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    """argparse's own usage error: its usage, then one line naming the problem; exit 2."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+@pytest.mark.parametrize(
+    ("given", "code", "expected"),
+    [
+        ("argument", 2, "importing 'raiser' failed: RuntimeError: cannot reach redis://u:***@h:1 (a MODULE argument)"),
+        (
+            "worker.modules",
+            78,
+            "worker.modules: importing 'raiser' failed: RuntimeError: cannot reach redis://u:***@h:1",
+        ),
+        ("syntax", 2, "importing 'broken' failed: SyntaxError: invalid syntax"),
+    ],
+)
+def test_a_worker_whose_actor_module_fails_to_import_is_one_masked_line(
+    given: str, code: int, expected: str, settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given an actor module that raises with a password in its message, or does not parse
+    (tmp_path / "raiser.py").write_text('raise RuntimeError("cannot reach redis://u:s3cr3t@h:1")\n')
+    (tmp_path / "broken.py").write_text("def handler(:\n")
+    write_config(tmp_path, settings, **({"modules": ["raiser"]} if given == "worker.modules" else {}))
+    modules = {"argument": ["raiser"], "syntax": ["broken"]}.get(given, [])
+
+    # When a worker is started with it
+    result = run_cli([bin_path("dramaturg"), "worker", "-p", "1", "-t", "1", *modules], cwd=tmp_path)
+
+    # Then it is one line, masked, before any worker process starts (not a traceback from each)
+    one_line_error(result, code, expected)
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "expected"),
+    [
+        (["send", 'default:echo:["x"]', "--delay", "9" * 400 + "s"], {}, 2, "--delay: a duration can be at most"),
+        (["config", "show"], {"DRAMATURG_TASKS_TTR": "99999999999999d"}, 78, "tasks.ttr: '99999999999999d' is not"),
+        (["stats", "--watch", "99999999999999d"], {}, 2, "--watch: a duration can be at most 36500d (100 years)"),
+    ],
+    ids=["--delay", "tasks.ttr", "--watch"],
+)
+def test_a_duration_past_100_years_is_refused_in_one_line(
+    argv: list[str], env: dict[str, str], code: int, expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / "dramaturg.toml").write_text('[broker]\nurl = "stub://"\n')
+
+    result = run_cli([bin_path("dramaturg"), *argv], cwd=tmp_path, **env)
+
+    one_line_error(result, code, expected)
+
+
+@pytest.mark.parametrize(
+    ("config", "env"),
+    [
+        ('[broker]\nurl = "stub://"\n', {"DRAMATURG_BROKER_MANAGEMENT_URL": "admin:s3cr3t@mq:15672"}),
+        ('[broker]\nurl = "stub://"\n\n[dashboard]\ntoken = 5318008\n', {}),
+        ('[broker]\nurl = "stub://"\n\n[dashboard]\ntoken = ["s3cr3t"]\n', {}),
+    ],
+    ids=["management url without a scheme", "a number for a token", "a list for a token"],
+)
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_bad_secret_setting_is_named_and_never_quoted(
+    config: str, env: dict[str, str], log_format: str, tmp_path: Path
+) -> None:
+    (tmp_path / "dramaturg.toml").write_text(config)
+
+    result = run_cli([bin_path("dramaturg"), "--log-format", log_format, "config", "show"], cwd=tmp_path, **env)
+
+    one_line_error(result, 78, "its value (not shown: it may hold a secret) is not valid")
+    assert "s3cr3t" not in result.stdout + result.stderr and "5318008" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["config", "show"], "pyproject.toml: [tool] must be a table, not int"),
+        (["--config", "~nosuchuser/dramaturg.toml", "config", "show"], "config file cannot be used:"),
+        (["--config", "x" * 300 + ".toml", "config", "show"], "config file cannot be used: File name too long"),
+        (["--config", ".", "config", "show"], "config file is not a file:"),
+    ],
+    ids=["tool not a table", "unknown user", "name too long", "a directory"],
+)
+def test_a_config_path_that_cannot_be_read_is_exit_78(argv: list[str], expected: str, tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("tool = 5\n")
+
+    result = run_cli([bin_path("dramaturg"), *argv], cwd=tmp_path)
+
+    one_line_error(result, 78, expected)
+
+
+def test_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path: Path) -> None:
+    # Given a reader that closes its end of the pipe before the command writes (| head -c0)
+    (tmp_path / "dramaturg.toml").write_text('[broker]\nurl = "stub://"\n')
+    process = subprocess.Popen(
+        [bin_path("dramaturg"), "config", "show"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+
+    # Then the command stops quietly, failed
+    errors = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+    assert errors == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["held", "list", "--limit", "0"], "argument --limit: expected 1 to 1,000,000, got 0"),
+        (["held", "list", "--offset", "-1"], "argument --offset: expected 0 to"),
+        (["batch", "list", "--limit", "1" + "0" * 20], "argument --limit: expected 1 to 1,000,000"),
+        (["send", "echo", "--file", "rows.jsonl", "--priority", "1" + "0" * 23], "argument --priority: expected -9,"),
+        (["send", "echo", "--file", "rows.jsonl", "--chunk-size", "1" + "0" * 23], "argument --chunk-size: expected 1"),
+        (["worker", "--processes", "-1"], "argument --processes/-p: expected 1 to 1,024, got -1"),
+        (["worker", "--threads", "0"], "argument --threads/-t: expected 1 to 1,024, got 0"),
+        (["worker", "--metrics-port", "70000"], "argument --metrics-port: expected 1 to 65,535, got 70000"),
+        (["held", "list", "--limit", "\u00b2"], "argument --limit: expected a whole number, got '\u00b2'"),
+    ],
+)
+def test_a_count_out_of_its_range_is_a_usage_error(argv: list[str], expected: str, tmp_path: Path) -> None:
+    (tmp_path / "dramaturg.toml").write_text('[broker]\nurl = "redis://127.0.0.1:1/0"\n')
+
+    usage_error(run_cli([bin_path("dramaturg"), *argv], cwd=tmp_path), expected)

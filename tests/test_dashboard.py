@@ -223,7 +223,7 @@ def test_a_non_loopback_bind_is_refused_unless_allowed() -> None:
     for refused in ("0.0.0.0:8700", "10.1.2.3:80", "dashboard.example:8700"):
         with pytest.raises(UsageError, match="not a loopback address"):
             parse_bind(refused, allow_remote=False)
-    for malformed in ("8700", "127.0.0.1:", "127.0.0.1:99999", ":8700"):
+    for malformed in ("8700", "127.0.0.1:", "127.0.0.1:99999", ":8700", "127.0.0.1:²"):
         with pytest.raises(UsageError, match="8700"):
             parse_bind(malformed, allow_remote=False)
 

@@ -141,13 +141,20 @@ def import_actor_modules(modules: Iterable[str]) -> None:
         importlib.import_module(name)
 
 
-def import_actor_modules_or_explain(modules: Iterable[str]) -> None:
-    """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError.
+def import_actor_modules_or_explain(modules: Iterable[str], *, given_as: str | None = None) -> None:
+    """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError
+    naming ``worker.modules``, or, for modules ``given_as`` a command's arguments (``"a
+    MODULE argument"``), a UsageError naming that.
 
     The working directory goes first on ``sys.path``, as Dramatiq's worker CLI puts it
     (its ``--path .``): a command run where ``dramaturg worker`` runs finds the same modules.
     """
-    from .errors import ConfigError
+    from .errors import ConfigError, DramaturgError, UsageError
+
+    def failed(message: str) -> DramaturgError:
+        if given_as is not None:
+            return UsageError(f"{message} ({given_as})")
+        return ConfigError(f"worker.modules: {message}", key="worker.modules")
 
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
@@ -156,15 +163,12 @@ def import_actor_modules_or_explain(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise ConfigError(
-                f"worker.modules: cannot import {name!r}: {error}; check the name and that its directory is on"
-                " sys.path (run from the project root, or set PYTHONPATH)",
-                key="worker.modules",
+            raise failed(
+                f"cannot import {name!r}: {error}; check the name and that its directory is on"
+                " sys.path (run from the project root, or set PYTHONPATH)"
             ) from None
-        except Exception as error:
-            raise ConfigError(
-                f"worker.modules: importing {name!r} failed: {type(error).__name__}: {error}", key="worker.modules"
-            ) from None
+        except Exception as error:  # SyntaxError among them
+            raise failed(f"importing {name!r} failed: {type(error).__name__}: {error}") from None
 
 
 def register(actor: Actor[..., object]) -> None:

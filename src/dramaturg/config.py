@@ -500,7 +500,7 @@ def find_config_file(start: Path | None = None) -> tuple[Path | None, Path]:
             return _checked(candidate), directory
         pyproject = directory / "pyproject.toml"
         if pyproject.is_file():
-            if "dramaturg" in _read_toml(pyproject).get("tool", {}):
+            if "dramaturg" in _tool_table(_read_toml(pyproject), pyproject):
                 return _checked(pyproject), directory
             return None, directory
         if (directory / ".git").exists() or directory == home:
@@ -590,13 +590,19 @@ def load_settings(
     path: Path | None
     explicit = config_file or env.get(CONFIG_ENV)
     if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_absolute():
-            path = (cwd or Path.cwd()) / path
-        if not path.is_file():
-            how = f"{CONFIG_ENV}={explicit}" if not config_file else f"--config {explicit}"
-            raise ConfigError(f"config file not found: {path} (from {how})")
-        path = path.resolve()
+        how = f"{CONFIG_ENV}={explicit}" if not config_file else f"--config {explicit}"
+        try:
+            path = Path(explicit).expanduser()
+            if not path.is_absolute():
+                path = (cwd or Path.cwd()) / path
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"config file is not a file: {path} (from {how})")
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path} (from {how})")
+            path = path.resolve()
+        except (RuntimeError, OSError) as error:  # ~nosuchuser; a name too long for the system
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise ConfigError(f"config file cannot be used: {reason} (from {how})") from None
         root = path.parent
     else:
         found, root = find_config_file(cwd)
@@ -605,7 +611,7 @@ def load_settings(
     file_data: dict[str, Any] = {}
     if path is not None:
         document = _read_toml(path)
-        file_data = document.get("tool", {}).get("dramaturg", {}) if path.name == "pyproject.toml" else document
+        file_data = _tool_table(document, path).get("dramaturg", {}) if path.name == "pyproject.toml" else document
         if not isinstance(file_data, dict):
             raise ConfigError(f"{path}: [tool.dramaturg] must be a table")
 
@@ -636,6 +642,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+
+
+def _maskable(value: object) -> bool:
+    """Whether masking finds every password in ``value``: each URL in it has a scheme."""
+    if isinstance(value, str):
+        return "://" in value
+    if isinstance(value, (list, tuple)):
+        return all(_maskable(item) for item in value)
+    return isinstance(value, (int, float, bool)) or value is None
+
+
+def _tool_table(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A pyproject.toml's ``[tool]`` table (empty when it has none)."""
+    tool = document.get("tool", {})
+    if not isinstance(tool, dict):
+        raise ConfigError(f"{path}: [tool] must be a table, not {type(tool).__name__}")
+    return tool
 
 
 def _line_of(path: Path, offset: int) -> int:
@@ -712,6 +735,15 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
     reason = problem["msg"]
     if reason.startswith("Value error, "):
         reason = reason[len("Value error, ") :]
+    # Never quoted: a token, a secret whatever its form, and a URL without a scheme, in
+    # which masking cannot find the password (a URL with one is shown masked).
+    leaf = loc[-1] if loc else ""
+    if leaf == "token" or (leaf in _URL_KEYS and not _maskable(value)):
+        return ConfigError(
+            mask_text(f"{key}: its value (not shown: it may hold a secret) is not valid: {reason}{where}"),
+            key=key,
+            source=source,
+        )
     return ConfigError(mask_text(f"{key}: {value!r} is not valid: {reason}{where}"), key=key, source=source)
 
 

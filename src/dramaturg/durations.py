@@ -31,6 +31,10 @@ Duration: TypeAlias = int | timedelta | str
 _TEXT = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
+#: The longest duration taken: 100 years (36,500 days). Past it, what a duration reaches
+#: (a sleep, a socket's timeout, a date) overflows the platform's clocks; no wait is longer.
+MAX_MS = 36_500 * 86_400_000
+
 
 def parse_ms(value: Duration | float, *, what: str | None = None) -> int:
     """Whole milliseconds from a duration in any of its forms (see the module docstring).
@@ -65,7 +69,15 @@ def _parse_ms(value: Duration | float) -> int:
         )
     if amount < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
+    if not amount <= MAX_MS:  # also inf, from a number too long for a float
+        raise ValueError(f"a duration can be at most 36500d (100 years), got {_shown(value)}")
     return int(amount)
+
+
+def _shown(value: object) -> str:
+    """``value`` as an error line quotes it, cut short past 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def format_ms(ms: int) -> str:

@@ -188,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(error), EXIT_USAGE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read the output stopped (``| head``): nothing more to say, and no
+        # traceback; stdout goes nowhere, so that its flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def fail(message: str, code: int) -> int:

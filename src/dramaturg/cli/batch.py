@@ -20,7 +20,7 @@ from ..cancelling import cancel_batch
 from ..errors import BatchNotFound, BrokerUnreachable, ConfigError, StateUnavailable
 from ..exit_codes import EXIT_ALREADY_ENDED, EXIT_FAILURE, EXIT_OK
 from ..masking import mask_text
-from .common import boot, duration_ms
+from .common import LIMIT_MAX, boot, duration_ms, whole
 
 EPILOG = """\
 examples:
@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
     )
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND", required=True)
     listing = commands.add_parser("list", help="the newest batches whose state is kept")
-    listing.add_argument("--limit", type=int, default=50, help="how many, newest first (default: 50)")
+    listing.add_argument("--limit", type=whole(1, LIMIT_MAX), default=50, help="how many, newest first (default: 50)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line (default: text)")
     listing.set_defaults(run=run_list)
     show = commands.add_parser("show", help="where one batch stands")

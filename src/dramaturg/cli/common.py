@@ -49,6 +49,35 @@ def boot(
     return settings, broker
 
 
+def whole(low: int, high: int) -> Any:
+    """An argparse ``type`` for a whole number from ``low`` to ``high``: outside them (or not
+    a number) argparse's own usage error, exit 2, naming the range.
+
+    >>> whole(1, 10)("3")
+    3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected {low:,} to {high:,}, got {text[:40]}")
+        return number
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its messages
+    return parse
+
+
+#: Bounds of the commands' counts: what a listing shows at once, a page's start, a priority
+#: (a 64-bit integer, as a worker reads it), a round trip's messages.
+LIMIT_MAX = 1_000_000
+OFFSET_MAX = 10**12
+PRIORITY_MAX = 2**63 - 1
+CHUNK_MAX = 100_000
+
+
 def duration_ms(text: str | None, option: str) -> int | None:
     """The duration option ``option`` (``--delay``, ``--budget``) as milliseconds
     (``30s``, ``5m``, ``1500``: see :mod:`dramaturg.durations`), or None when not given."""

@@ -55,7 +55,8 @@ def parse_bind(text: str, *, allow_remote: bool) -> tuple[str, int]:
     :class:`~dramaturg.UsageError` for a malformed one, and for one that is not loopback
     unless ``allow_remote``."""
     host, colon, port_text = text.rpartition(":")
-    if not colon or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # isascii: "²" is a digit to isdigit(), not to int()
+    if not colon or not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise UsageError(f"--bind {text!r} is not HOST:PORT, e.g. 127.0.0.1:8700")
     host = host.removeprefix("[").removesuffix("]")
     if not host:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     grace = duration_ms(args.grace, "--grace") or 0
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
-    _, broker = boot(args, echo="as_worker")
+    _, broker = boot(args, echo="as_worker", ping_first=True)  # down: one line, exit 3
     summary = drain(
         args.queues,
         budget=budget,

@@ -24,7 +24,7 @@ from typing import Any
 from .. import brokers
 from ..errors import KickError, UsageError
 from ..held import HeldStore, HeldTask, held_tasks
-from .common import boot, duration_ms
+from .common import LIMIT_MAX, OFFSET_MAX, boot, duration_ms, whole
 
 EPILOG = """\
 examples:
@@ -49,8 +49,8 @@ def add_parser(subparsers: Any) -> None:
 
     listing = actions.add_parser("list", help="a table of held tasks: id, queue, actor, reason, attempts, held at")
     listing.add_argument("queue", nargs="?", help="only this queue (default: every queue)")
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
-    listing.add_argument("--offset", type=int, default=0, help="skip this many first (default: 0)")
+    listing.add_argument("--limit", type=whole(1, LIMIT_MAX), default=50, help="at most this many (default: 50)")
+    listing.add_argument("--offset", type=whole(0, OFFSET_MAX), default=0, help="skip this many first (default: 0)")
     listing.add_argument("--json", action="store_true", help="print JSON lines (default: a table)")
     listing.set_defaults(run=run_list)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import app, brokers
 from ..errors import SendError, UsageError, did_you_mean
-from .common import JsonError, boot, duration_ms, loads, shorten
+from .common import CHUNK_MAX, PRIORITY_MAX, JsonError, boot, duration_ms, loads, shorten, whole
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,12 +50,18 @@ def add_parser(subparsers: Any) -> None:
         default="arg",
         help="with --file, each row is: the one argument, positional arguments, or keyword arguments (default: arg)",
     )
-    parser.add_argument("--priority", type=int, help="with --file: the messages' priority (default: the actor's)")
+    parser.add_argument(
+        "--priority",
+        type=whole(-PRIORITY_MAX, PRIORITY_MAX),
+        help="with --file: the messages' priority (default: the actor's)",
+    )
     parser.add_argument("--ttr", help="with --file: the messages' time to run: 30s, 5m (default: the actor's)")
     parser.add_argument(
         "--context", action="append", default=[], metavar="KEY=VALUE", help="with --file: context for every message"
     )
-    parser.add_argument("--chunk-size", type=int, default=1_000, help="with --file: messages per round trip")
+    parser.add_argument(
+        "--chunk-size", type=whole(1, CHUNK_MAX), default=1_000, help="with --file: messages per round trip"
+    )
     parser.add_argument("--delay", help="run no earlier than this from now: 30s, 5m, 1500 (ms) (default: now)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (default: the id)")
     parser.set_defaults(run=run)

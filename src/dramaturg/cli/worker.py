@@ -31,10 +31,11 @@ import sys
 import tempfile
 from typing import Any, NoReturn
 
-from .. import brokers, logs, worker_group
+from .. import app, brokers, logs, worker_group
 from ..config import CONFIG_ENV, load_settings
 from ..errors import ConfigError
 from ..middleware import metrics
+from .common import whole
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,26 +51,26 @@ def add_parser(subparsers: Any) -> None:
         "  $ dramaturg worker --metrics-port 9191     # Prometheus metrics at http://127.0.0.1:9191/metrics\n",
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="more actor modules to import")
-    parser.add_argument("--processes", "-p", type=int, help="worker processes (default: worker.processes)")
-    parser.add_argument("--threads", "-t", type=int, help="threads per process (default: worker.threads)")
+    parser.add_argument("--processes", "-p", type=whole(1, 1024), help="worker processes (default: worker.processes)")
+    parser.add_argument("--threads", "-t", type=whole(1, 1024), help="threads per process (default: worker.threads)")
     parser.add_argument(
         "--queues", "-Q", nargs="+", metavar="QUEUE", help="queues to consume (default: worker.queues, else all)"
     )
     parser.add_argument(
         "--max-tasks-per-child",
-        type=int,
+        type=whole(1, 10**12),
         metavar="N",
         help="a worker process that has run N tasks starts afresh (default: worker.max_tasks_per_child, else never)",
     )
     parser.add_argument(
         "--max-memory-mb",
-        type=int,
+        type=whole(1, 10**9),
         metavar="MIB",
         help="a worker process using more than MIB MiB starts afresh (default: worker.max_memory_mb, else never)",
     )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=whole(1, 65_535),
         metavar="PORT",
         help="serve Prometheus metrics of all worker processes at http://HOST:PORT/metrics"
         " (default: worker.metrics_port, else off)",
@@ -119,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
                 f"worker.metrics_port: {problem}; choose another port (from {source})", key="worker.metrics_port"
             )
     brokers.ping(settings.broker)
+    # Imported here first, as the commands that send import them: a module that cannot be
+    # imported is one line and exit 78 (2 for a MODULE argument), not a traceback from
+    # every worker process, with whatever its error holds unmasked.
+    app.import_actor_modules_or_explain(settings.worker.modules)
+    app.import_actor_modules_or_explain(args.modules, given_as="a MODULE argument")
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
 
