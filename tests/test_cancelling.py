@@ -298,6 +298,13 @@ def test_the_cancel_commands(
         "dramaturg: no batch 'nope': never made, or expired after it ended ([batch] ttl)"
     ]
 
+    # In JSON mode those lines are JSON objects too
+    for argv in (["cancel", "nope"], ["batch", "cancel", "nope"]):
+        said = run_cli([cli, "--log-format", "json", *argv], cwd=tmp_path, PYTHONPATH=str(REPO))
+        assert said.returncode == 1
+        (line,) = said.stderr.strip().splitlines()
+        assert json.loads(line)["message"].startswith(("no task 'nope'", "no batch 'nope'")), line
+
 
 @pytest.mark.parametrize("broker_kind", ["eager"])
 def test_in_eager_mode_a_task_has_ended_when_send_returns(broker: dramatiq.Broker) -> None:

@@ -50,7 +50,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .durations import parse_ms
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, quoted
 from .masking import MASK, mask_text, mask_url, userinfo_end
 
 __all__ = [
@@ -111,7 +111,10 @@ def _split_list(value: Any) -> Any:
         if text.startswith("["):
             import json
 
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except RecursionError:  # json.JSONDecodeError is a ValueError, which pydantic reports already
+                raise ValueError("a JSON list nested too deeply") from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -744,7 +747,7 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
             key=key,
             source=source,
         )
-    return ConfigError(mask_text(f"{key}: {value!r} is not valid: {reason}{where}"), key=key, source=source)
+    return ConfigError(mask_text(f"{key}: {quoted(value)} is not valid: {reason}{where}"), key=key, source=source)
 
 
 def resolve_broker(settings: Settings, root: Path | None = None, sources: dict[str, str] | None = None) -> Settings:

@@ -23,6 +23,8 @@ import re
 from datetime import timedelta
 from typing import TypeAlias
 
+from .errors import quoted
+
 __all__ = ["Duration", "format_ms", "parse_ms"]
 
 #: What a duration may be given as (see the module docstring).
@@ -70,14 +72,8 @@ def _parse_ms(value: Duration | float) -> int:
     if amount < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     if not amount <= MAX_MS:  # also inf, from a number too long for a float
-        raise ValueError(f"a duration can be at most 36500d (100 years), got {_shown(value)}")
+        raise ValueError(f"a duration can be at most 36500d (100 years), got {quoted(value, 40)}")
     return int(amount)
-
-
-def _shown(value: object) -> str:
-    """``value`` as an error line quotes it, cut short past 40 characters."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def format_ms(ms: int) -> str:

@@ -331,6 +331,16 @@ class Poison(DramaturgError):
         self.message = message
 
 
+def quoted(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error line, cut past ``limit`` characters (saying how long it was).
+
+    >>> quoted("x" * 100, 10)
+    "'xxxxxxxxx... (102 characters)"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}... ({len(text):,} characters)"
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest choice, or ``""`` when none is close."""
     matches = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)

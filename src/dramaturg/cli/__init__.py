@@ -30,7 +30,7 @@ from ..exit_codes import (
     EXIT_OK,
     EXIT_USAGE,
 )
-from ..masking import install_log_masking, mask_text
+from ..masking import install_log_masking
 from . import (
     batch,
     cancel,
@@ -48,6 +48,7 @@ from . import (
     worker,
     workers,
 )
+from .common import complain
 
 __all__ = [
     "EXIT_BROKER_UNREACHABLE",
@@ -199,10 +200,7 @@ def fail(message: str, code: int) -> int:
     """Print ``dramaturg: <message>`` (masked) to stderr and return ``code``.
 
     In json mode the line is a JSON object with ``exit_code``."""
-    if logs.current_format() == "json":
-        print(logs.json_line(logging.ERROR, "dramaturg.cli", message, exit_code=code), file=sys.stderr)
-    else:
-        print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
+    complain(message, exit_code=code)
     return code
 
 

@@ -20,7 +20,7 @@ from ..cancelling import cancel_batch
 from ..errors import BatchNotFound, BrokerUnreachable, ConfigError, StateUnavailable
 from ..exit_codes import EXIT_ALREADY_ENDED, EXIT_FAILURE, EXIT_OK
 from ..masking import mask_text
-from .common import LIMIT_MAX, boot, duration_ms, whole
+from .common import LIMIT_MAX, boot, complain, duration_ms, whole
 
 EPILOG = """\
 examples:
@@ -147,7 +147,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def _unknown(error: BatchNotFound) -> int:
-    print(f"dramaturg: {error}", file=sys.stderr)
+    complain(str(error), exit_code=EXIT_FAILURE)
     return EXIT_FAILURE
 
 

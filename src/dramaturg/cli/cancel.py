@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ..cancelling import request_cancel, settle
 from ..errors import BrokerUnreachable, ConfigError, StateUnavailable, TaskNotFound
 from ..exit_codes import EXIT_ALREADY_ENDED, EXIT_FAILURE, EXIT_OK
 from ..masking import mask_text
-from .common import boot
+from .common import boot, complain
 
 __all__ = ["add_parser", "run"]
 
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             answer = request_cancel(message_id, by=args.by, broker=broker)
         except TaskNotFound as error:
-            print(f"dramaturg: {error}", file=sys.stderr)
+            complain(str(error))
             code = EXIT_FAILURE
             continue
         except StateUnavailable as error:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from typing import Any, Literal
 
 import dramatiq
 
-from .. import app, brokers
+from .. import app, brokers, logs
 from ..app import BUILTIN_ACTORS
 from ..config import Settings, load_settings
 from ..durations import parse_ms
 from ..errors import UsageError
+from ..masking import mask_text
 
 
 def boot(
@@ -47,6 +50,15 @@ def boot(
         app.shutdown()
         raise
     return settings, broker
+
+
+def complain(message: str, **fields: object) -> None:
+    """Print ``dramaturg: <message>`` (masked) to stderr: a command's error line, in the
+    log format chosen (``--log-format json``: a JSON object, with ``fields``)."""
+    if logs.current_format() == "json":
+        print(logs.json_line(logging.ERROR, "dramaturg.cli", message, **fields), file=sys.stderr)
+    else:
+        print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
 
 
 def whole(low: int, high: int) -> Any:
@@ -93,13 +105,25 @@ class JsonError(ValueError):
     """Text that :func:`loads` cannot read; the message says why, in a few words."""
 
 
+def _not_json(name: str) -> float:
+    raise JsonError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise JsonError(f"the number {text[:40]} is too large for a float")
+    return number
+
+
 def loads(text: str | bytes) -> Any:
     """``json.loads``, with every way it can fail as a :class:`JsonError`: a syntax error
     (``Expecting ',' delimiter at column 12``), an integer longer than Python converts
     (``sys.get_int_max_str_digits()``, 4,300 digits by default), or nesting deeper than
-    the parser's recursion allows."""
+    the parser's recursion allows; and what is not JSON but Python's reader takes (NaN,
+    Infinity, a number too large for a float), which would go on the wire as no JSON."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except json.JSONDecodeError as error:
         raise JsonError(f"{error.msg} at column {error.colno}") from None
     except RecursionError:
@@ -111,10 +135,3 @@ def loads(text: str | bytes) -> Any:
             limit = sys.get_int_max_str_digits()
             raise JsonError(f"an integer of more than {limit} digits") from None
         raise JsonError(str(error)) from None
-
-
-def shorten(text: str, limit: int = 80) -> str:
-    """``repr(text)``, cut to about ``limit`` characters for an error line."""
-    if len(text) <= limit:
-        return repr(text)
-    return repr(text[:limit]) + f" ... ({len(text):,} characters)"

@@ -14,13 +14,12 @@ import argparse
 import ipaddress
 import logging
 import socket
-import sys
 from typing import Any
 
 from ..errors import UsageError
 from ..exit_codes import EXIT_FAILURE, EXIT_OK
 from ..masking import mask_text
-from .common import boot
+from .common import boot, complain
 
 EPILOG = """\
 examples:
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         listener.listen(128)  # connections wait in the backlog until uvicorn accepts them
     except OSError as error:
         listener.close()
-        print(f"dramaturg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+        complain(f"cannot listen on {host}:{port}: {error.strerror or error}", exit_code=EXIT_FAILURE)
         return EXIT_FAILURE
     settings, broker = boot(args)
     logging.getLogger("dramaturg.dashboard").setLevel(logging.INFO)

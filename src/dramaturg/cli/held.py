@@ -24,7 +24,7 @@ from typing import Any
 from .. import brokers
 from ..errors import KickError, UsageError
 from ..held import HeldStore, HeldTask, held_tasks
-from .common import LIMIT_MAX, OFFSET_MAX, boot, duration_ms, whole
+from .common import LIMIT_MAX, OFFSET_MAX, boot, complain, duration_ms, whole
 
 EPILOG = """\
 examples:
@@ -215,7 +215,7 @@ def run_kick(args: argparse.Namespace) -> int:
         by_reason.setdefault(why, []).append(message_id)
     for why, failed in by_reason.items():
         named = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
-        print(f"dramaturg: {named} stay{'s' if len(failed) == 1 else ''} held: {why}", file=sys.stderr)
+        complain(f"{named} stay{'s' if len(failed) == 1 else ''} held: {why}")
     missing = len(ids) - kicked - len(failures) if ids is not None else 0
     if missing > 0:
         print(f"({missing} of the given ids were not held in {args.queue})", file=sys.stderr)

@@ -32,7 +32,7 @@ from ..queue_admin import (
     queue_admin,
 )
 from ..stats import queue_stats
-from .common import boot
+from .common import boot, complain
 from .stats import document, table
 
 EPILOG = """\
@@ -145,7 +145,7 @@ def run_delete(args: argparse.Namespace) -> int:
         try:
             deleted = delete_queue(args.queue, force=args.force, broker=broker)
         except QueueInUse as error:
-            print(f"dramaturg: {error}", file=sys.stderr)
+            complain(str(error), exit_code=EXIT_FAILURE)
             return EXIT_FAILURE
         removed = ", ".join(deleted.removed) or "nothing left on the broker"
         print(f"deleted queue {args.queue}: {deleted.dropped} task(s) dropped; removed {removed}")

@@ -25,8 +25,8 @@ import json
 from typing import Any
 
 from .. import app, brokers
-from ..errors import SendError, UsageError, did_you_mean
-from .common import CHUNK_MAX, PRIORITY_MAX, JsonError, boot, duration_ms, loads, shorten, whole
+from ..errors import SendError, UsageError, did_you_mean, quoted
+from .common import CHUNK_MAX, PRIORITY_MAX, JsonError, boot, duration_ms, loads, whole
 
 
 def add_parser(subparsers: Any) -> None:
@@ -76,7 +76,7 @@ def parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
     try:
         payload = loads(raw)
     except JsonError as error:
-        raise UsageError(f"JSON_ARGS is not valid JSON: {error}: {shorten(raw)}") from None
+        raise UsageError(f"JSON_ARGS is not valid JSON: {error}: {quoted(raw)}") from None
     if isinstance(payload, list):
         return queue, actor_name, payload, {}
     if isinstance(payload, dict):

@@ -18,7 +18,7 @@ from ..bulk import Call
 from ..errors import BulkSendError, BulkSendInterrupted, SendError, UsageError, did_you_mean
 from ..exit_codes import EXIT_INTERRUPTED
 from ..task_context import context
-from .common import JsonError, boot, duration_ms, loads
+from .common import JsonError, boot, complain, duration_ms, loads
 
 #: A bad row's line on stderr, and how many of them are printed before they are only counted.
 MAX_REPORTED = 100
@@ -245,7 +245,7 @@ def _report_failure(
             )
         )
     if not interrupted:
-        print(f"dramaturg: sending stopped: {error.reason}", file=sys.stderr)
+        complain(f"sending stopped: {error.reason}")
     unknown = "being sent at the Ctrl-C" if interrupted else "written, but no answer came"
     parts = [f"sent {error.sent:,} tasks to {actor_name}"]
     if lines:
