@@ -45,6 +45,15 @@ rabbitmq_proc = rabbitmq_factories.rabbitmq_proc()
 redis_proc = redis_factories.redis_proc()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A run started in the background by a shell without job control (`nohup make test &`
+    # in a script) inherits SIGINT ignored, and hands that to every command the tests start:
+    # the tests of Ctrl-C could not press it (their commands ran on, or exited 0). This
+    # process takes SIGINT back, so that its children start with it as from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def require(binary: str, what: str) -> None:
     """Skip (locally) or fail (under CI=true) when a server binary is missing."""
     if shutil.which(binary) or Path(binary).is_file():
