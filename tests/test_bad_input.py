@@ -5,6 +5,7 @@ traceback, never a password."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -247,32 +248,71 @@ def usage_error(result: subprocess.CompletedProcess[str], expected: str) -> None
 
 @pytest.mark.parametrize("broker_kind", ["redis"])
 @pytest.mark.parametrize(
-    ("given", "code", "expected"),
+    ("configured", "argument", "code", "expected"),
     [
-        ("argument", 2, "importing 'raiser' failed: RuntimeError: cannot reach redis://u:***@h:1 (a MODULE argument)"),
+        # Raised while it ran (a database not answering yet): 1, which deploy/'s units restart
         (
-            "worker.modules",
-            78,
+            [],
+            "raiser",
+            1,
+            "importing 'raiser' failed: RuntimeError: cannot reach redis://u:***@h:1 (a MODULE argument)",
+        ),
+        (
+            ["raiser"],
+            None,
+            1,
             "worker.modules: importing 'raiser' failed: RuntimeError: cannot reach redis://u:***@h:1",
         ),
-        ("syntax", 2, "importing 'broken' failed: SyntaxError: invalid syntax"),
+        # Cannot be imported, the same at every try: 2 or 78, which they do not
+        ([], "broken", 2, "importing 'broken' failed: SyntaxError:"),
+        (["nosuch"], None, 78, "worker.modules: cannot import 'nosuch': No module named 'nosuch'"),
     ],
+    ids=["raises, argument", "raises, worker.modules", "syntax error, argument", "missing, worker.modules"],
 )
 def test_a_worker_whose_actor_module_fails_to_import_is_one_masked_line(
-    given: str, code: int, expected: str, settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+    configured: list[str],
+    argument: str | None,
+    code: int,
+    expected: str,
+    settings: dramaturg.Settings,
+    broker: dramatiq.Broker,
+    tmp_path: Path,
 ) -> None:
     # Given an actor module that raises with a password in its message, or does not parse
     (tmp_path / "raiser.py").write_text('raise RuntimeError("cannot reach redis://u:s3cr3t@h:1")\n')
     (tmp_path / "broken.py").write_text("def handler(:\n")
-    write_config(tmp_path, settings, **({"modules": ["raiser"]} if given == "worker.modules" else {}))
-    modules = {"argument": ["raiser"], "syntax": ["broken"]}.get(given, [])
+    write_config(tmp_path, settings, **({"modules": configured} if configured else {}))
 
     # When a worker is started with it
-    result = run_cli([bin_path("dramaturg"), "worker", "-p", "1", "-t", "1", *modules], cwd=tmp_path)
+    argv = [bin_path("dramaturg"), "worker", "-p", "1", "-t", "1", *([argument] if argument else [])]
+    result = run_cli(argv, cwd=tmp_path)
 
     # Then it is one line, masked, before any worker process starts (not a traceback from each)
     one_line_error(result, code, expected)
     assert "s3cr3t" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+def test_a_worker_checks_its_modules_with_the_settings_it_was_given(
+    settings: dramaturg.Settings, broker: dramatiq.Broker, tmp_path: Path
+) -> None:
+    # Given a config file where the worker starts and another given with --config, and a
+    # module that looks at the settings as it is imported (then raises, to say what it saw)
+    write_config(tmp_path, settings)
+    (tmp_path / "deploy").mkdir()
+    given = write_config(tmp_path / "deploy", settings)
+    given.write_text(given.read_text().replace(settings.broker.namespace, "from-the-config-flag"))
+    (tmp_path / "checks.py").write_text(
+        "import dramaturg\n"
+        "raise RuntimeError('namespace ' + dramaturg.get_broker().namespace)\n"
+    )
+
+    # When a worker is started with --config
+    argv = [bin_path("dramaturg"), "--config", "deploy/dramaturg.toml", "worker", "-p", "1", "checks"]
+    result = run_cli(argv, cwd=tmp_path)
+
+    # Then the module saw the settings of --config (as a worker process would), not the file found
+    one_line_error(result, 1, "RuntimeError: namespace from-the-config-flag (a MODULE argument)")
 
 
 @pytest.mark.parametrize(
@@ -333,24 +373,33 @@ def test_a_config_path_that_cannot_be_read_is_exit_78(argv: list[str], expected:
     one_line_error(result, 78, expected)
 
 
-def test_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path: Path) -> None:
-    # Given a reader that closes its end of the pipe before the command writes (| head -c0)
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_to_a_reader_that_went_away_ends_without_a_traceback(buffered: bool, tmp_path: Path) -> None:
+    # Given a reader that went away before the command writes (| head -c0): a pipe whose
+    # read end is closed; stdout buffered as in a terminal's pipe (what it writes goes out at
+    # the end), or not
     (tmp_path / "dramaturg.toml").write_text('[broker]\nurl = "stub://"\n')
-    process = subprocess.Popen(
-        [bin_path("dramaturg"), "config", "show"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    process.stdout.close()
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [bin_path("dramaturg"), "config", "show"],
+            cwd=tmp_path,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
 
     # Then the command stops quietly, failed
-    errors = process.stderr.read()
-    assert process.wait(timeout=60) == 1
-    assert errors == ""
+    assert (result.returncode, result.stderr) == (1, "")
 
 
 @pytest.mark.parametrize(

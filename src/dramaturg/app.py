@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import dramatiq
@@ -141,10 +141,17 @@ def import_actor_modules(modules: Iterable[str]) -> None:
         importlib.import_module(name)
 
 
-def import_actor_modules_or_explain(modules: Iterable[str], *, given_as: str | None = None) -> None:
+def import_actor_modules_or_explain(
+    modules: Iterable[str],
+    *,
+    given_as: str | None = None,
+    raised: Callable[[str], Exception] | None = None,
+) -> None:
     """As :func:`import_actor_modules`, for commands: a failure is a one-line ConfigError
     naming ``worker.modules``, or, for modules ``given_as`` a command's arguments (``"a
-    MODULE argument"``), a UsageError naming that.
+    MODULE argument"``), a UsageError naming that. ``raised``: what a module that was found
+    and raised something else while it ran (not a SyntaxError) becomes instead, given the
+    line (``dramaturg worker``: a database not answering yet is worth a restart).
 
     The working directory goes first on ``sys.path``, as Dramatiq's worker CLI puts it
     (its ``--path .``): a command run where ``dramaturg worker`` runs finds the same modules.
@@ -167,8 +174,11 @@ def import_actor_modules_or_explain(modules: Iterable[str], *, given_as: str | N
                 f"cannot import {name!r}: {error}; check the name and that its directory is on"
                 " sys.path (run from the project root, or set PYTHONPATH)"
             ) from None
-        except Exception as error:  # SyntaxError among them
-            raise failed(f"importing {name!r} failed: {type(error).__name__}: {error}") from None
+        except Exception as error:
+            message = f"importing {name!r} failed: {type(error).__name__}: {error}"
+            if raised is not None and not isinstance(error, SyntaxError):
+                raise raised(f"worker.modules: {message}" if given_as is None else f"{message} ({given_as})") from None
+            raise failed(message) from None
 
 
 def register(actor: Actor[..., object]) -> None:

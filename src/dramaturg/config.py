@@ -647,10 +647,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
 
 
+#: A URL as masking reads one: a scheme, then no space (``admin:pw@mq http://x`` is not).
+_URL_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
 def _maskable(value: object) -> bool:
     """Whether masking finds every password in ``value``: each URL in it has a scheme."""
     if isinstance(value, str):
-        return "://" in value
+        return _URL_SHAPE.fullmatch(value) is not None
     if isinstance(value, (list, tuple)):
         return all(_maskable(item) for item in value)
     return isinstance(value, (int, float, bool)) or value is None
@@ -730,7 +734,7 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
         hint = did_you_mean(str(value), choices)
         listed = ", ".join(choices)
         return ConfigError(
-            f"{key}: unknown {value!r}" + (hint or f"; choose one of {listed}") + where,
+            f"{key}: unknown {quoted(value)}" + (hint or f"; choose one of {listed}") + where,
             key=key,
             source=source,
         )

@@ -70,7 +70,7 @@ def _parse_ms(value: Duration | float) -> int:
             f"{value!r} is not a duration; write milliseconds (30000) or a string such as '30s', '5m', '250ms'"
         )
     if amount < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+        raise ValueError(f"a duration cannot be negative, got {quoted(value, 40)}")
     if not amount <= MAX_MS:  # also inf, from a number too long for a float
         raise ValueError(f"a duration can be at most 36500d (100 years), got {quoted(value, 40)}")
     return int(amount)

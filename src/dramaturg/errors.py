@@ -335,7 +335,7 @@ def quoted(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error line, cut past ``limit`` characters (saying how long it was).
 
     >>> quoted("x" * 100, 10)
-    "'xxxxxxxxx... (102 characters)"
+    "'xxxxxxxx... (102 characters)"
     """
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 1]}... ({len(text):,} characters)"

@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.apply(args.log_format or _configured_log_format(args.config) or "text")
     try:
         code: int = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone away is answered below
         return code
     except ConfigError as error:
         return fail(f"configuration error: {error}", EXIT_CONFIG)
@@ -192,8 +193,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Whoever read the output stopped (``| head``): nothing more to say, and no
         # traceback; stdout goes nowhere, so that its flush at exit does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return EXIT_FAILURE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout's descriptor at /dev/null (not where it has none: a test's capture)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation: no descriptor
+        pass
+    finally:
+        os.close(devnull)
 
 
 def fail(message: str, code: int) -> int:

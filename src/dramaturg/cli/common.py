@@ -52,11 +52,12 @@ def boot(
     return settings, broker
 
 
-def complain(message: str, **fields: object) -> None:
-    """Print ``dramaturg: <message>`` (masked) to stderr: a command's error line, in the
-    log format chosen (``--log-format json``: a JSON object, with ``fields``)."""
+def complain(message: str, *, level: int = logging.ERROR, **fields: object) -> None:
+    """Print ``dramaturg: <message>`` (masked) to stderr: a command's error line (or a note,
+    at ``level`` WARNING), in the log format chosen (``--log-format json``: a JSON object,
+    with ``fields``)."""
     if logs.current_format() == "json":
-        print(logs.json_line(logging.ERROR, "dramaturg.cli", message, **fields), file=sys.stderr)
+        print(logs.json_line(level, "dramaturg.cli", message, **fields), file=sys.stderr)
     else:
         print(f"dramaturg: {mask_text(message)}", file=sys.stderr)
 

@@ -131,11 +131,11 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def _report_unreadable(tasks: list[HeldTask]) -> None:
     unreadable = [task.message_id for task in tasks if task.is_unreadable]
     if unreadable:
-        print(
-            f"dramaturg: {len(unreadable)} held entr{'ies' if len(unreadable) != 1 else 'y'} could not be read"
+        complain(
+            f"{len(unreadable)} held entr{'ies' if len(unreadable) != 1 else 'y'} could not be read"
             f" ({', '.join(unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}): listed as unreadable;"
             " `dramaturg held show ID` prints what is stored, `dramaturg held purge QUEUE ID` deletes it",
-            file=sys.stderr,
+            level=logging.WARNING,
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from .. import app
 from ..errors import UsageError, did_you_mean
 from ..schedules import missed_slots
 from ..stats import QueueStats, queue_stats, stats_reader, totals
-from .common import boot, duration_ms
+from .common import boot, complain, duration_ms
 
 EPILOG = """\
 examples:
@@ -158,7 +159,7 @@ def _note_unknown(rows: Sequence[QueueStats], known: set[str]) -> None:
         counts = [getattr(row, field) for _, field in COLUMNS[1:7]]
         if row.queue not in known and not any(counts):
             hint = did_you_mean(row.queue, sorted(known))
-            print(
-                f"dramaturg: note: queue {row.queue!r} is not one of worker.modules' actors' and is empty{hint}",
-                file=sys.stderr,
+            complain(
+                f"note: queue {row.queue!r} is not one of worker.modules' actors' and is empty{hint}",
+                level=logging.WARNING,
             )

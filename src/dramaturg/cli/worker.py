@@ -34,8 +34,9 @@ from typing import Any, NoReturn
 from .. import app, brokers, logs, worker_group
 from ..config import CONFIG_ENV, load_settings
 from ..errors import ConfigError
+from ..exit_codes import EXIT_FAILURE
 from ..middleware import metrics
-from .common import whole
+from .common import complain, whole
 
 
 def add_parser(subparsers: Any) -> None:
@@ -120,13 +121,11 @@ def run(args: argparse.Namespace) -> int:
                 f"worker.metrics_port: {problem}; choose another port (from {source})", key="worker.metrics_port"
             )
     brokers.ping(settings.broker)
-    # Imported here first, as the commands that send import them: a module that cannot be
-    # imported is one line and exit 78 (2 for a MODULE argument), not a traceback from
-    # every worker process, with whatever its error holds unmasked.
-    app.import_actor_modules_or_explain(settings.worker.modules)
-    app.import_actor_modules_or_explain(args.modules, given_as="a MODULE argument")
     if settings.config_file is not None:
         os.environ[CONFIG_ENV] = str(settings.config_file)
+    failed = _check_modules(settings, args.modules)
+    if failed is not None:
+        return failed
 
     worker = settings.worker
     argv = [
@@ -164,6 +163,31 @@ def run(args: argparse.Namespace) -> int:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
     return code
+
+
+class _ModuleRaised(Exception):
+    """An actor module raised while it was imported (not a SyntaxError): the line to print."""
+
+
+def _check_modules(settings: Any, modules: list[str]) -> int | None:
+    """Import the actor modules here first, as each worker process imports them (after
+    bootstrapping, so that a module that sends or bootstraps as it is imported finds these
+    settings), then forget the broker: a failure is one masked line, not a traceback from
+    every worker process with whatever its error holds in clear. A module that cannot be
+    imported (ImportError, SyntaxError: the same at every try) is exit 78, or 2 for a MODULE
+    argument, which the deployment recipes do not restart (see deploy/); one that raised
+    anything else (a database not answering yet) is exit 1, which they restart. Returns
+    that exit code, or None when every module was imported."""
+    app.bootstrap(settings)
+    try:
+        app.import_actor_modules_or_explain(settings.worker.modules, raised=_ModuleRaised)
+        app.import_actor_modules_or_explain(modules, given_as="a MODULE argument", raised=_ModuleRaised)
+    except _ModuleRaised as error:
+        complain(str(error), exit_code=EXIT_FAILURE)
+        return EXIT_FAILURE
+    finally:
+        app.shutdown()
+    return None
 
 
 def _check_schedules(args: argparse.Namespace) -> None:
