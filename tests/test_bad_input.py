@@ -303,8 +303,7 @@ def test_a_worker_checks_its_modules_with_the_settings_it_was_given(
     given = write_config(tmp_path / "deploy", settings)
     given.write_text(given.read_text().replace(settings.broker.namespace, "from-the-config-flag"))
     (tmp_path / "checks.py").write_text(
-        "import dramaturg\n"
-        "raise RuntimeError('namespace ' + dramaturg.get_broker().namespace)\n"
+        "import dramaturg\nraise RuntimeError('namespace ' + dramaturg.get_broker().namespace)\n"
     )
 
     # When a worker is started with --config
