@@ -51,7 +51,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from .durations import parse_ms
 from .errors import ConfigError, did_you_mean, quoted
-from .masking import MASK, mask_text, mask_url, userinfo_end
+from .masking import MASK, mask_text, mask_url, maskable, userinfo_end
 
 __all__ = [
     "BROKER_TYPES",
@@ -647,19 +647,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
 
 
-#: A URL as masking reads one: a scheme, then no space (``admin:pw@mq http://x`` is not).
-_URL_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
-
-
-def _maskable(value: object) -> bool:
-    """Whether masking finds every password in ``value``: each URL in it has a scheme."""
-    if isinstance(value, str):
-        return _URL_SHAPE.fullmatch(value) is not None
-    if isinstance(value, (list, tuple)):
-        return all(_maskable(item) for item in value)
-    return isinstance(value, (int, float, bool)) or value is None
-
-
 def _tool_table(document: dict[str, Any], path: Path) -> dict[str, Any]:
     """A pyproject.toml's ``[tool]`` table (empty when it has none)."""
     tool = document.get("tool", {})
@@ -745,7 +732,7 @@ def _translate(error: ValidationError, sources: dict[str, str]) -> ConfigError:
     # Never quoted: a token, a secret whatever its form, and a URL without a scheme, in
     # which masking cannot find the password (a URL with one is shown masked).
     leaf = loc[-1] if loc else ""
-    if leaf == "token" or (leaf in _URL_KEYS and not _maskable(value)):
+    if leaf == "token" or (leaf in _URL_KEYS and not maskable(value)):
         return ConfigError(
             mask_text(f"{key}: its value (not shown: it may hold a secret) is not valid: {reason}{where}"),
             key=key,

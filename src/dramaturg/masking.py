@@ -13,7 +13,7 @@ import re
 import threading
 from typing import Any
 
-__all__ = ["install_log_masking", "mask_text", "mask_url", "userinfo_end"]
+__all__ = ["install_log_masking", "mask_text", "mask_url", "maskable", "userinfo_end"]
 
 # Where a URL's user information may start: right after "scheme://".
 _SCHEME = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://")
@@ -23,8 +23,21 @@ _HOST = re.compile(r"(?:\[[^\]\s/]*\]|[^\s/?#@:'\"\\,;()<>\[\]{}|`]*)(?::\d*)?(?
 _LINE_END = re.compile(r"[\r\n]")
 # ?password=... in a query string (redis-py accepts it)
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s'\"]+)", re.IGNORECASE)
+# A value that is one URL as masking reads it: a scheme, then no space.
+_WHOLE_URL = re.compile(_SCHEME.pattern + r"\S*")
 
 MASK = "***"
+
+
+def maskable(value: object) -> bool:
+    """Whether :func:`mask_text` finds every password in ``value``, a setting's value: a
+    string that is one URL with its scheme (``admin:pw@mq:15672`` is not, nor is
+    ``admin:pw@mq http://x``), a list of them, or a number."""
+    if isinstance(value, str):
+        return _WHOLE_URL.fullmatch(value) is not None
+    if isinstance(value, (list, tuple)):
+        return all(maskable(item) for item in value)
+    return isinstance(value, (int, float, bool)) or value is None
 
 
 def mask_text(text: str) -> str:
