@@ -12,6 +12,7 @@ tests locally and fails them under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -52,6 +53,18 @@ def pytest_configure(config: pytest.Config) -> None:
     # process takes SIGINT back, so that its children start with it as from a terminal.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def switching_every_microsecond() -> Iterator[None]:
+    """Threads switch every microsecond inside (the interpreter's switch interval, restored
+    after): a race test's threads then land inside each other's steps on every run."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def require(binary: str, what: str) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import dramatiq
 import pytest
 
 import dramaturg
 from dramaturg import app
+
+from .conftest import switching_every_microsecond
 
 
 @pytest.fixture
@@ -148,18 +149,16 @@ def test_sends_racing_a_bootstrap_always_find_their_actor_bound(stub_settings: d
 
     # Switching threads every microsecond makes the sender land inside bootstrap()'s
     # steps on every run, not on one in a hundred.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    dramaturg.bootstrap(stub_settings)
-    sender = threading.Thread(target=send_forever, daemon=True)
-    sender.start()
-    try:
-        for _ in range(50):
-            dramaturg.bootstrap(stub_settings)
-    finally:
-        stop.set()
-        sender.join(timeout=60)
-        sys.setswitchinterval(interval)
+    with switching_every_microsecond():
+        dramaturg.bootstrap(stub_settings)
+        sender = threading.Thread(target=send_forever, daemon=True)
+        sender.start()
+        try:
+            for _ in range(50):
+                dramaturg.bootstrap(stub_settings)
+        finally:
+            stop.set()
+            sender.join(timeout=60)
     assert errors == []
     assert sent  # the sender ran alongside
 

@@ -35,6 +35,7 @@ from .conftest import (
     poll_until,
     run_cli,
     settings_with_state,
+    switching_every_microsecond,
     write_config,
 )
 
@@ -1339,8 +1340,6 @@ def test_threads_publishing_callbacks_together_past_the_kept_ids_never_fail(monk
     # id at each new one, from whichever thread published it (acknowledgements, end writers,
     # seals, the refire sweep). Eight threads fire together, switching every microsecond;
     # an eviction that another thread's insert breaks raised RuntimeError out of fire().
-    import sys
-
     from dramaturg.batches import tracker as tracking
 
     class OneCallbackBatches:  # every batch read has its on_complete stored
@@ -1369,16 +1368,14 @@ def test_threads_publishing_callbacks_together_past_the_kept_ids_never_fail(monk
                 errors.append(error)
                 return
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=fire_many, args=(n,), daemon=True) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        with switching_every_microsecond():
+            threads = [threading.Thread(target=fire_many, args=(n,), daemon=True) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
     finally:
-        sys.setswitchinterval(interval)
         batches.close()
     assert errors == []
     assert len(published) == 8 * 1_500  # each callback published once

@@ -19,7 +19,7 @@ import dramaturg
 from dramaturg.cancelling import settle, watch_of
 from dramaturg.status import state_store
 
-from .conftest import Runs, bin_path, poll_until, run_cli, settings_with_state
+from .conftest import Runs, bin_path, poll_until, run_cli, settings_with_state, switching_every_microsecond
 from .test_status import status_when
 
 REAL_BROKERS = ("rabbitmq", "redis", "embedded")
@@ -573,8 +573,6 @@ def test_a_kicked_task_taken_while_the_reader_prunes_never_fails() -> None:
     # requests then raised RuntimeError: out of this test's read (in a worker thread's read,
     # failing whichever task it was taking; in the reader thread, logged, and the prune put
     # off for a minute).
-    import sys
-
     from dramaturg.cancelling.watch import CancelWatch, _Watcher
 
     class Withdrawn:
@@ -601,19 +599,19 @@ def test_a_kicked_task_taken_while_the_reader_prunes_never_fails() -> None:
                     errors.append(error)
                     return
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    taker = threading.Thread(target=take_kicked_tasks, daemon=True)
-    taker.start()
     try:
-        for _ in range(300):
-            with watcher._lock:
-                watcher.cancelled.update(dict.fromkeys(ids, 1.0))
-            watcher._newest, watcher._pruned_at = 2.0, float("-inf")  # a prune is due
-            watcher.read()
+        with switching_every_microsecond():
+            taker = threading.Thread(target=take_kicked_tasks, daemon=True)
+            taker.start()
+            try:
+                for _ in range(300):
+                    with watcher._lock:
+                        watcher.cancelled.update(dict.fromkeys(ids, 1.0))
+                    watcher._newest, watcher._pruned_at = 2.0, float("-inf")  # a prune is due
+                    watcher.read()
+            finally:
+                stop.set()
+                taker.join(timeout=60)
     finally:
-        stop.set()
-        taker.join(timeout=60)
-        sys.setswitchinterval(interval)
         watcher.stop()
     assert errors == []  # each look-up answered that the request no longer stands
